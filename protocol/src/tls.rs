@@ -1,0 +1,400 @@
+//! Identity on the channel (rcgen + rustls + quinn): the controller's CA and server
+//! certificate, agent key pairs and CSRs, certificate issuance, the agent's CA pin, and the
+//! QUIC endpoint configurations built from them.
+//!
+//! The agent reaches the controller by whatever address it was given, so the server
+//! certificate names a fixed DNS name, [`SERVER_NAME`]; what makes it trustworthy is the
+//! agent's pin of the CA's SHA-256 fingerprint.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+    SerialNumber,
+};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
+
+use crate::ids::{Fingerprint, InstanceName};
+
+/// The DNS name in the controller's server certificate, and the name agents ask for.
+pub const SERVER_NAME: &str = "runctl-controller";
+/// The ALPN protocol both sides require.
+pub const ALPN: &[u8] = b"runctl";
+
+/// Why an identity operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// Generating or signing a certificate failed.
+    #[error("certificate operation failed: {0}")]
+    Rcgen(#[from] rcgen::Error),
+    /// rustls refused a configuration or key.
+    #[error("TLS configuration failed: {0}")]
+    Rustls(#[from] rustls::Error),
+    /// A PEM file did not hold what was expected.
+    #[error("{what} is not valid PEM: {detail}")]
+    Pem { what: &'static str, detail: String },
+    /// The QUIC layer refused the TLS configuration.
+    #[error("QUIC TLS configuration failed: {0}")]
+    Quic(String),
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn now_offset(delta: Duration, back: bool) -> time::OffsetDateTime {
+    let now = time::OffsetDateTime::now_utc();
+    let delta = time::Duration::try_from(delta).unwrap_or(time::Duration::MAX);
+    if back { now - delta } else { now + delta }
+}
+
+fn random_serial() -> SerialNumber {
+    let mut bytes = [0u8; 16];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+        .expect("the system random source is available");
+    bytes[0] &= 0x7f; // keep the serial positive
+    SerialNumber::from_slice(&bytes)
+}
+
+/// The controller's certificate authority: signs its server certificate and agents' CSRs.
+pub struct CertificateAuthority {
+    cert_der: CertificateDer<'static>,
+    cert_pem: String,
+    key: KeyPair,
+}
+
+impl std::fmt::Debug for CertificateAuthority {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CertificateAuthority")
+            .field("fingerprint", &self.fingerprint())
+            .field("key", &"<redacted>")
+            .finish()
+    }
+}
+
+impl CertificateAuthority {
+    /// A fresh CA with a new ECDSA P-256 key, valid for ten years.
+    pub fn generate() -> Result<Self, TlsError> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, "runctl controller CA");
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        params.not_before = now_offset(Duration::from_secs(3600), true);
+        params.not_after = now_offset(Duration::from_secs(10 * 365 * 86_400), false);
+        params.serial_number = Some(random_serial());
+        let cert = params.self_signed(&key)?;
+        Ok(CertificateAuthority {
+            cert_pem: cert.pem(),
+            cert_der: cert.der().clone(),
+            key,
+        })
+    }
+
+    /// Loads a CA saved with [`Self::cert_pem`] and [`Self::key_pem`].
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, TlsError> {
+        let key = KeyPair::from_pem(key_pem)?;
+        let cert_der = pem_certificate(cert_pem, "the CA certificate")?;
+        Ok(CertificateAuthority {
+            cert_der,
+            cert_pem: cert_pem.to_owned(),
+            key,
+        })
+    }
+
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+    /// The private key in PEM. Store it owner-only.
+    pub fn key_pem(&self) -> String {
+        self.key.serialize_pem()
+    }
+    pub fn cert_der(&self) -> &CertificateDer<'static> {
+        &self.cert_der
+    }
+    /// What agents pin.
+    pub fn fingerprint(&self) -> Fingerprint {
+        Fingerprint::of_der(&self.cert_der)
+    }
+
+    fn issuer(&self) -> Result<Issuer<'static, &KeyPair>, TlsError> {
+        Ok(Issuer::from_ca_cert_der(&self.cert_der, &self.key)?)
+    }
+
+    /// A new server key and certificate for [`SERVER_NAME`], signed by this CA.
+    pub fn issue_server_identity(&self) -> Result<Identity, TlsError> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(vec![SERVER_NAME.to_owned()])?;
+        params.distinguished_name = DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, SERVER_NAME);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.not_before = now_offset(Duration::from_secs(3600), true);
+        params.not_after = now_offset(Duration::from_secs(5 * 365 * 86_400), false);
+        params.serial_number = Some(random_serial());
+        let cert = params.signed_by(&key, &self.issuer()?)?;
+        Ok(Identity {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+
+    /// Signs an agent's CSR. Only the CSR's public key is used: the subject is set here to
+    /// the instance the enrollment token was minted for, so an agent cannot name itself.
+    pub fn sign_agent_csr(
+        &self,
+        csr_der: &[u8],
+        instance: &InstanceName,
+        valid_for: Duration,
+    ) -> Result<CertificateDer<'static>, TlsError> {
+        let csr = CertificateSigningRequestParams::from_der(&csr_der.into())?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, instance.as_str());
+        params.distinguished_name = dn;
+        params.subject_alt_names = vec![SanType::DnsName(
+            format!("{}.agent.runctl", instance.as_str()).try_into()?,
+        )];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.not_before = now_offset(Duration::from_secs(3600), true);
+        params.not_after = now_offset(valid_for, false);
+        params.serial_number = Some(random_serial());
+        let cert = params.signed_by(&csr.public_key, &self.issuer()?)?;
+        Ok(cert.der().clone())
+    }
+}
+
+/// A certificate and its private key, both PEM.
+#[derive(Clone)]
+pub struct Identity {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Identity")
+            .field("cert_pem", &self.cert_pem)
+            .field("key_pem", &"<redacted>")
+            .finish()
+    }
+}
+
+impl Identity {
+    fn cert_der(&self) -> Result<CertificateDer<'static>, TlsError> {
+        pem_certificate(&self.cert_pem, "the certificate")
+    }
+    fn key_der(&self) -> Result<PrivateKeyDer<'static>, TlsError> {
+        let key = KeyPair::from_pem(&self.key_pem)?;
+        Ok(PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
+            key.serialize_der(),
+        )))
+    }
+    pub fn fingerprint(&self) -> Result<Fingerprint, TlsError> {
+        Ok(Fingerprint::of_der(&self.cert_der()?))
+    }
+}
+
+/// A new agent key pair and a CSR for it. The key stays on the agent.
+pub fn agent_key_and_csr() -> Result<(String, Vec<u8>), TlsError> {
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "runctl-agent");
+    let csr = params.serialize_request(&key)?;
+    Ok((key.serialize_pem(), csr.der().to_vec()))
+}
+
+/// Converts a DER certificate to PEM, for storing it.
+pub fn der_to_pem(der: &[u8]) -> String {
+    pem::encode(&pem::Pem::new("CERTIFICATE", der.to_vec()))
+}
+
+fn pem_certificate(pem: &str, what: &'static str) -> Result<CertificateDer<'static>, TlsError> {
+    use rustls::pki_types::pem::PemObject;
+    CertificateDer::from_pem_slice(pem.as_bytes()).map_err(|e| TlsError::Pem {
+        what,
+        detail: e.to_string(),
+    })
+}
+
+fn transport() -> Arc<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    // Liveness on both sides: a silent peer is dropped after 30 s, keep-alives every 5 s
+    // keep NAT bindings open while the laptop is awake.
+    t.keep_alive_interval(Some(Duration::from_secs(5)));
+    t.max_idle_timeout(Some(
+        quinn::IdleTimeout::try_from(Duration::from_secs(30)).expect("30 s is a valid timeout"),
+    ));
+    Arc::new(t)
+}
+
+/// The controller's QUIC server configuration: presents `server` (with the CA in its
+/// chain so agents can check their pin), and verifies client certificates against the CA.
+/// A connection without a client certificate is let through the handshake: it may only
+/// enroll, which the controller enforces.
+pub fn server_config(
+    ca: &CertificateAuthority,
+    server: &Identity,
+) -> Result<quinn::ServerConfig, TlsError> {
+    let mut roots = RootCertStore::empty();
+    roots.add(ca.cert_der().clone())?;
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| TlsError::Quic(e.to_string()))?;
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(
+            vec![server.cert_der()?, ca.cert_der().clone()],
+            server.key_der()?,
+        )?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let quic = QuicServerConfig::try_from(tls).map_err(|e| TlsError::Quic(e.to_string()))?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    config.transport_config(transport());
+    Ok(config)
+}
+
+/// The agent's QUIC client configuration. It trusts exactly the CA whose fingerprint is
+/// `ca_pin`, and presents `client` when it has enrolled.
+pub fn client_config(
+    ca_pin: Fingerprint,
+    client: Option<&Identity>,
+) -> Result<quinn::ClientConfig, TlsError> {
+    let verifier = Arc::new(PinnedCaVerifier {
+        pin: ca_pin,
+        algorithms: provider().signature_verification_algorithms,
+    });
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier);
+    let mut tls = match client {
+        Some(id) => builder.with_client_auth_cert(vec![id.cert_der()?], id.key_der()?)?,
+        None => builder.with_no_client_auth(),
+    };
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let quic = QuicClientConfig::try_from(tls).map_err(|e| TlsError::Quic(e.to_string()))?;
+    let mut config = quinn::ClientConfig::new(Arc::new(quic));
+    config.transport_config(transport());
+    Ok(config)
+}
+
+/// The fingerprint of the client certificate a connection presented, if any.
+pub fn peer_fingerprint(conn: &quinn::Connection) -> Option<Fingerprint> {
+    let identity = conn.peer_identity()?;
+    let chain = identity.downcast::<Vec<CertificateDer<'static>>>().ok()?;
+    chain.first().map(|c| Fingerprint::of_der(c))
+}
+
+/// Trusts a server whose chain contains the pinned CA and whose certificate that CA signed.
+#[derive(Debug)]
+struct PinnedCaVerifier {
+    pin: Fingerprint,
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for PinnedCaVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let ca = intermediates
+            .iter()
+            .find(|c| Fingerprint::of_der(c) == self.pin)
+            .ok_or_else(|| {
+                rustls::Error::General(format!(
+                    "the controller's CA does not match the pinned fingerprint {}",
+                    self.pin
+                ))
+            })?;
+        let mut roots = RootCertStore::empty();
+        roots.add(ca.clone().into_owned())?;
+        let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            provider(),
+        )
+        .build()
+        .map_err(|e| rustls::Error::General(e.to_string()))?;
+        inner.verify_server_cert(end_entity, &[], server_name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+/// The server name agents connect with.
+pub fn server_name() -> &'static str {
+    SERVER_NAME
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ca_round_trips_through_pem() {
+        let ca = CertificateAuthority::generate().expect("generate");
+        let back = CertificateAuthority::from_pem(ca.cert_pem(), &ca.key_pem()).expect("load");
+        assert_eq!(back.fingerprint(), ca.fingerprint());
+    }
+
+    #[test]
+    fn der_to_pem_round_trips() {
+        let ca = CertificateAuthority::generate().expect("generate");
+        let pem = der_to_pem(ca.cert_der());
+        assert_eq!(pem_certificate(&pem, "x").expect("parses"), *ca.cert_der());
+    }
+
+    #[test]
+    fn csr_signing_ignores_the_requested_subject() {
+        let ca = CertificateAuthority::generate().expect("generate");
+        let (_key, csr) = agent_key_and_csr().expect("csr");
+        let name: InstanceName = "gpu-1".parse().expect("valid");
+        let cert = ca
+            .sign_agent_csr(&csr, &name, Duration::from_secs(3600))
+            .expect("signs");
+        let text = String::from_utf8_lossy(&cert);
+        assert!(text.contains("gpu-1"));
+        assert!(ca.sign_agent_csr(b"not a csr", &name, Duration::from_secs(1)).is_err());
+    }
+}
