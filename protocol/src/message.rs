@@ -130,7 +130,7 @@ pub enum EventKind {
     Ended(RunEnd),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum Stream {
     Stdout,
     Stderr,

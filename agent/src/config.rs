@@ -1,0 +1,124 @@
+//! The agent's config file: where the controller is, which CA to trust, the enrollment
+//! token, and where to keep state. Written by the controller (user-data on EC2, the local
+//! provider's instance dir) with owner-only permissions.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use protocol::{EnrollToken, Fingerprint, InstanceName};
+use serde::{Deserialize, Serialize};
+
+/// The on-disk form (TOML).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfigFile {
+    /// This instance's name, as the controller knows it.
+    pub instance: InstanceName,
+    /// Controller endpoints (`host:port`), tried in order.
+    pub controller: Vec<String>,
+    /// SHA-256 of the controller CA's certificate (64 hex digits).
+    pub ca_sha256: Fingerprint,
+    /// The single-use enrollment token; unused once the agent has its certificate.
+    pub token: EnrollToken,
+    /// Where the agent keeps its identity, run logs and work trees. Relative paths are
+    /// relative to the config file.
+    pub state_dir: PathBuf,
+    /// Seconds between SIGTERM and SIGKILL when stopping a run.
+    #[serde(default)]
+    pub stop_grace_secs: Option<u64>,
+}
+
+/// The validated config the agent runs with.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub instance: InstanceName,
+    pub controller: Vec<String>,
+    pub ca_pin: Fingerprint,
+    pub token: EnrollToken,
+    pub state_dir: PathBuf,
+    pub stop_grace: Duration,
+}
+
+impl AgentConfig {
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading agent config {}", path.display()))?;
+        let file: AgentConfigFile = toml::from_str(&text)
+            .with_context(|| format!("agent config {} is invalid", path.display()))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::from_file(file, base).with_context(|| format!("agent config {}", path.display()))
+    }
+
+    pub fn from_file(file: AgentConfigFile, base: &Path) -> anyhow::Result<Self> {
+        if file.controller.is_empty() {
+            bail!("`controller` lists no endpoint; give at least one `host:port`");
+        }
+        for endpoint in &file.controller {
+            if endpoint.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).is_none() {
+                bail!("controller endpoint {endpoint:?} is not `host:port` (e.g. `203.0.113.7:7443`)");
+            }
+        }
+        Ok(AgentConfig {
+            instance: file.instance,
+            controller: file.controller,
+            ca_pin: file.ca_sha256,
+            token: file.token,
+            state_dir: base.join(file.state_dir),
+            stop_grace: file
+                .stop_grace_secs
+                .map(Duration::from_secs)
+                .unwrap_or(crate::DEFAULT_STOP_GRACE),
+        })
+    }
+}
+
+/// Resolves `host:port` to a socket address (DNS for names).
+pub async fn resolve(endpoint: &str) -> anyhow::Result<SocketAddr> {
+    tokio::net::lookup_host(endpoint)
+        .await
+        .with_context(|| format!("resolving {endpoint}"))?
+        .next()
+        .with_context(|| format!("{endpoint} resolved to no address"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> anyhow::Result<AgentConfig> {
+        let file: AgentConfigFile = toml::from_str(text)?;
+        AgentConfig::from_file(file, Path::new("/etc/runctl"))
+    }
+
+    const GOOD: &str = r#"
+instance = "gpu-1"
+controller = ["127.0.0.1:7443"]
+ca_sha256 = "0000000000000000000000000000000000000000000000000000000000000000"
+token = "1111111111111111111111111111111111111111111111111111111111111111"
+state_dir = "state"
+"#;
+
+    #[test]
+    fn good_config_resolves_relative_state_dir() {
+        let config = parse(GOOD).expect("valid");
+        assert_eq!(config.state_dir, Path::new("/etc/runctl/state"));
+        assert_eq!(config.stop_grace, crate::DEFAULT_STOP_GRACE);
+    }
+
+    #[test]
+    fn bad_configs_say_what_is_wrong() {
+        let cases = [
+            (GOOD.replace("gpu-1", "GPU 1"), "not a valid instance name"),
+            (GOOD.replace("127.0.0.1:7443", "localhost"), "not `host:port`"),
+            (GOOD.replace("[\"127.0.0.1:7443\"]", "[]"), "lists no endpoint"),
+            (GOOD.replace("state_dir", "stat_dir"), "unknown field"),
+            (GOOD.replace("\"00000", "\"zz000"), "SHA-256"),
+        ];
+        for (text, expected) in cases {
+            let err = format!("{:#}", parse(&text).expect_err(expected));
+            assert!(err.contains(expected), "{err}");
+        }
+    }
+}

@@ -1,0 +1,134 @@
+//! The agent's TLS identity: enrollment (trading the single-use token and a CSR for a
+//! client certificate) and the key and certificate kept, owner-only, in the state dir.
+
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use protocol::framed::{read_frame, write_frame};
+use protocol::tls::{self, Identity};
+use protocol::{AgentMsg, ControllerMsg, ErrorKind, Hello};
+
+use crate::{AgentConfig, Fatal};
+
+fn dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("identity")
+}
+
+/// The identity saved by an earlier enrollment, if any.
+pub fn load(state_dir: &Path) -> anyhow::Result<Option<Identity>> {
+    let dir = dir(state_dir);
+    let (cert, key) = (dir.join("agent.crt"), dir.join("agent.key"));
+    if !cert.exists() || !key.exists() {
+        return Ok(None);
+    }
+    Ok(Some(Identity {
+        cert_pem: std::fs::read_to_string(&cert).with_context(|| format!("reading {}", cert.display()))?,
+        key_pem: std::fs::read_to_string(&key).with_context(|| format!("reading {}", key.display()))?,
+    }))
+}
+
+fn save(state_dir: &Path, identity: &Identity) -> anyhow::Result<()> {
+    let dir = dir(state_dir);
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+        .with_context(|| format!("creating {}", dir.display()))?;
+    // Key first, certificate last: `load` only trusts a directory holding both.
+    write_private(&dir.join("agent.key"), identity.key_pem.as_bytes())?;
+    write_private(&dir.join("agent.crt"), identity.cert_pem.as_bytes())?;
+    Ok(())
+}
+
+/// Writes a file readable by the owner only, through a temporary name.
+pub fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("creating {}", tmp.display()))?;
+    file.write_all(bytes)
+        .and_then(|()| file.sync_all())
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+    Ok(())
+}
+
+/// Enrolls with the controller at `addr` and saves the resulting identity.
+pub async fn enroll(
+    config: &AgentConfig,
+    endpoint: &quinn::Endpoint,
+    addr: std::net::SocketAddr,
+) -> anyhow::Result<Identity> {
+    let (key_pem, csr_der) = tls::agent_key_and_csr()?;
+    let client = tls::client_config(config.ca_pin, None)?;
+    let conn = endpoint
+        .connect_with(client, addr, tls::SERVER_NAME)?
+        .await
+        .with_context(|| format!("connecting to the controller at {addr} to enroll"))?;
+    let (mut send, mut recv) = conn.open_bi().await?;
+    let ours = Hello::new(concat!("runctl-agent ", env!("CARGO_PKG_VERSION")));
+    write_frame(&mut send, &AgentMsg::Hello(ours.clone())).await?;
+    write_frame(
+        &mut send,
+        &AgentMsg::Enroll {
+            token: config.token.clone(),
+            csr_der,
+        },
+    )
+    .await?;
+    let mut answers = Vec::new();
+    for _ in 0..2 {
+        match read_frame::<_, ControllerMsg>(&mut recv).await? {
+            Some(msg) => answers.push(msg),
+            None => break,
+        }
+    }
+    conn.close(0u32.into(), b"enrolled");
+    let mut answers = answers.into_iter();
+    match answers.next() {
+        Some(ControllerMsg::Hello(theirs)) => {
+            if let Err(e) = ours.check_peer(&theirs) {
+                bail!("{e}");
+            }
+        }
+        Some(ControllerMsg::Error(e)) => return Err(refusal(e)),
+        other => bail!("the controller answered enrollment with {other:?}"),
+    }
+    match answers.next() {
+        Some(ControllerMsg::Enrolled { instance, cert_der }) => {
+            if instance != config.instance {
+                tracing::warn!("the controller enrolled this agent as {instance}, not {}", config.instance);
+            }
+            let identity = Identity {
+                cert_pem: tls::der_to_pem(&cert_der),
+                key_pem,
+            };
+            save(&config.state_dir, &identity)?;
+            tracing::info!("enrolled as {instance}");
+            Ok(identity)
+        }
+        Some(ControllerMsg::Error(e)) => Err(refusal(e)),
+        other => bail!("the controller answered enrollment with {other:?}"),
+    }
+}
+
+/// Token and certificate refusals are final: retrying with the same token cannot succeed.
+pub fn refusal(e: protocol::WireError) -> anyhow::Error {
+    match e.kind {
+        ErrorKind::TokenUnknown
+        | ErrorKind::TokenReused
+        | ErrorKind::TokenExpired
+        | ErrorKind::CertificateRevoked => Fatal(format!(
+            "the controller refused this agent: {}. To resolve: launch a new instance (`runctl-controller launch`), which mints a new token",
+            e.message
+        ))
+        .into(),
+        _ => anyhow::anyhow!("the controller refused the request: {}", e.message),
+    }
+}

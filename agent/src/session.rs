@@ -1,0 +1,252 @@
+//! One connection to the controller: enroll if needed, dial with mutual TLS, exchange
+//! `Hello`, report the runs this agent holds, then serve until the connection drops.
+//! The control stream carries requests and events; each new run arrives on a stream of
+//! its own carrying the spec and the work directory.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use protocol::framed::{read_frame, write_frame};
+use protocol::{AgentMsg, ControllerMsg, ErrorKind, FrameError, Hello, RunId, StartRun, WireError};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+
+use crate::eventlog::EventLog;
+use crate::runs::Runs;
+use crate::{AgentConfig, Fatal, identity};
+
+const HEARTBEAT: Duration = Duration::from_secs(10);
+/// Events per frame are bounded by encoded size, well under the frame limit.
+const BATCH_BYTES: usize = 512 * 1024;
+
+/// How a session ended without an error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The connection closed; redial.
+    Disconnected,
+    /// The controller asked the agent to stop everything and exit.
+    Shutdown,
+}
+
+pub fn hello() -> Hello {
+    Hello::new(concat!("runctl-agent ", env!("CARGO_PKG_VERSION")))
+}
+
+/// Dials the first reachable controller endpoint and serves the session.
+pub async fn connect_and_serve(config: &AgentConfig, runs: &Arc<Runs>) -> anyhow::Result<Outcome> {
+    let mut last_err = None;
+    for endpoint in &config.controller {
+        let addr = match crate::config::resolve(endpoint).await {
+            Ok(addr) => addr,
+            Err(e) => {
+                last_err = Some(e);
+                continue;
+            }
+        };
+        let bind: std::net::SocketAddr = if addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }
+            .parse()
+            .expect("a valid wildcard address");
+        let quic = quinn::Endpoint::client(bind).context("opening a UDP socket")?;
+        let identity = match identity::load(&config.state_dir)? {
+            Some(identity) => identity,
+            None => match identity::enroll(config, &quic, addr).await {
+                Ok(identity) => identity,
+                Err(e) if e.is::<Fatal>() => return Err(e),
+                Err(e) => {
+                    last_err = Some(e);
+                    continue;
+                }
+            },
+        };
+        let client = protocol::tls::client_config(config.ca_pin, Some(&identity))?;
+        let conn = match quic.connect_with(client, addr, protocol::tls::SERVER_NAME)?.await {
+            Ok(conn) => conn,
+            Err(e) => {
+                last_err = Some(anyhow::Error::new(e).context(format!("connecting to {addr}")));
+                continue;
+            }
+        };
+        tracing::info!("connected to the controller at {addr}");
+        let outcome = serve(conn.clone(), runs).await;
+        quic.close(0u32.into(), b"");
+        return outcome;
+    }
+    Err(last_err.unwrap_or_else(|| anyhow::anyhow!("no controller endpoint configured")))
+}
+
+enum Event {
+    Inbound(Result<Option<ControllerMsg>, FrameError>),
+    Stream(Result<(quinn::SendStream, quinn::RecvStream), quinn::ConnectionError>),
+    Outbound(AgentMsg),
+    Heartbeat,
+    PumpDone,
+    StoppedAll,
+}
+
+/// Serves one authenticated connection.
+pub async fn serve(conn: quinn::Connection, runs: &Arc<Runs>) -> anyhow::Result<Outcome> {
+    let (mut send, mut recv) = conn.open_bi().await?;
+    let ours = hello();
+    write_frame(&mut send, &AgentMsg::Hello(ours.clone())).await?;
+    match read_frame::<_, ControllerMsg>(&mut recv).await {
+        Ok(Some(ControllerMsg::Hello(theirs))) => {
+            if let Err(e) = ours.check_peer(&theirs) {
+                bail!("{e}");
+            }
+        }
+        Ok(Some(ControllerMsg::Error(e))) => return Err(identity::refusal(e)),
+        Ok(Some(other)) => bail!("the controller opened with {other:?} instead of Hello"),
+        Ok(None) => return Ok(Outcome::Disconnected),
+        // A rejected client certificate surfaces here, on the first read.
+        Err(e) => return Err(anyhow::Error::new(e).context("the controller closed the session")),
+    }
+    write_frame(&mut send, &AgentMsg::Ready { runs: runs.cursors() }).await?;
+
+    // Reads run in their own task: a frame read is not cancel-safe inside `select!`.
+    let (in_tx, mut in_rx) = mpsc::channel(16);
+    let reader = tokio::spawn(async move {
+        loop {
+            let frame = read_frame::<_, ControllerMsg>(&mut recv).await;
+            let done = !matches!(frame, Ok(Some(_)));
+            if in_tx.send(frame).await.is_err() || done {
+                break;
+            }
+        }
+    });
+    let (out_tx, mut out_rx) = mpsc::channel::<AgentMsg>(64);
+    let mut pumps = JoinSet::new();
+    let mut starts = JoinSet::new();
+    let mut stopping: Option<tokio::task::JoinHandle<()>> = None;
+    let mut stopped_all = false;
+    let mut heartbeat = tokio::time::interval(HEARTBEAT);
+
+    let result = loop {
+        let event = tokio::select! {
+            Some(frame) = in_rx.recv() => Event::Inbound(frame),
+            stream = conn.accept_bi() => Event::Stream(stream),
+            Some(msg) = out_rx.recv() => Event::Outbound(msg),
+            _ = heartbeat.tick() => Event::Heartbeat,
+            Some(_) = pumps.join_next(), if !pumps.is_empty() => Event::PumpDone,
+            _ = async { stopping.as_mut().expect("guarded").await }, if stopping.is_some() => Event::StoppedAll,
+        };
+        match event {
+            Event::Inbound(Ok(Some(msg))) => match msg {
+                ControllerMsg::Replay { run, after_seq } => match runs.log(&run) {
+                    Some(log) => {
+                        pumps.spawn(pump(run, log, after_seq, out_tx.clone()));
+                    }
+                    None => {
+                        let e = WireError::new(ErrorKind::NotFound, format!("run {run} is not on this agent"));
+                        write_frame(&mut send, &AgentMsg::Error(e)).await?;
+                    }
+                },
+                ControllerMsg::StopRun { run, grace_ms } => {
+                    if let Err(e) = runs.stop(&run, Duration::from_millis(grace_ms)) {
+                        write_frame(&mut send, &AgentMsg::Error(e)).await?;
+                    }
+                }
+                ControllerMsg::Shutdown { grace_ms } => {
+                    tracing::info!("the controller asked this agent to shut down");
+                    let runs = runs.clone();
+                    let grace = Duration::from_millis(grace_ms);
+                    stopping = Some(tokio::spawn(async move { runs.stop_all(grace).await }));
+                }
+                ControllerMsg::Error(e) => {
+                    if e.kind == ErrorKind::CertificateRevoked {
+                        break Err(identity::refusal(e));
+                    }
+                    tracing::warn!("the controller reported: {}", e.message);
+                }
+                ControllerMsg::Hello(_) | ControllerMsg::Enrolled { .. } => {
+                    tracing::warn!("ignoring an out-of-place message from the controller");
+                }
+            },
+            Event::Inbound(Ok(None)) => break Ok(Outcome::Disconnected),
+            Event::Inbound(Err(e)) => break Err(anyhow::Error::new(e).context("reading from the controller")),
+            Event::Stream(Ok((send, recv))) => {
+                let runs = runs.clone();
+                starts.spawn(async move {
+                    if let Err(e) = handle_start(runs, send, recv).await {
+                        tracing::warn!("starting a run failed: {e:#}");
+                    }
+                });
+            }
+            Event::Stream(Err(_)) => break Ok(Outcome::Disconnected),
+            Event::Outbound(msg) => write_frame(&mut send, &msg).await?,
+            Event::Heartbeat => {
+                write_frame(&mut send, &AgentMsg::Heartbeat { active_runs: runs.active() }).await?;
+            }
+            Event::PumpDone => {}
+            Event::StoppedAll => {
+                stopping = None;
+                stopped_all = true;
+            }
+        }
+        if stopped_all && pumps.is_empty() {
+            // Every run has ended and every event went out: flush, then let the controller close.
+            while let Ok(msg) = out_rx.try_recv() {
+                write_frame(&mut send, &msg).await?;
+            }
+            let _ = send.finish();
+            let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
+            break Ok(Outcome::Shutdown);
+        }
+    };
+    reader.abort();
+    pumps.abort_all();
+    starts.abort_all();
+    result
+}
+
+/// Sends the run's events after `after_seq`, then follows the log until the run ends.
+async fn pump(run: RunId, log: Arc<EventLog>, after_seq: u64, out: mpsc::Sender<AgentMsg>) {
+    let mut cursor = log.subscribe();
+    let mut reader = match log.reader(after_seq) {
+        Ok(reader) => reader,
+        Err(e) => {
+            tracing::error!("cannot read the log of {run}: {e}");
+            return;
+        }
+    };
+    loop {
+        let now = *cursor.borrow_and_update();
+        let batch = match reader.read_batch(now.last_seq, BATCH_BYTES) {
+            Ok(batch) => batch,
+            Err(e) => {
+                tracing::error!("reading the log of {run} failed: {e}");
+                return;
+            }
+        };
+        if !batch.is_empty() {
+            if out.send(AgentMsg::Events { run: run.clone(), events: batch }).await.is_err() {
+                return;
+            }
+            continue;
+        }
+        if now.ended && reader.next_seq() > now.last_seq {
+            return;
+        }
+        if cursor.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// A stream that starts a run: `StartRun`, then the bundle to the end of the stream.
+async fn handle_start(runs: Arc<Runs>, mut send: quinn::SendStream, mut recv: quinn::RecvStream) -> anyhow::Result<()> {
+    let header: StartRun = read_frame(&mut recv)
+        .await?
+        .context("the run stream ended before its header")?;
+    let run = header.spec.run.clone();
+    let result = runs.start(header.spec, &mut recv, header.bundle_bytes).await;
+    match &result {
+        Ok(pid) => tracing::info!(%run, pid, "run started"),
+        Err(e) => tracing::warn!(%run, "run failed to start: {}", e.message),
+    }
+    write_frame(&mut send, &AgentMsg::RunStarted { run, result }).await?;
+    send.finish()?;
+    // Wait until the controller has read the answer (it closes its side), bounded.
+    let _ = tokio::time::timeout(Duration::from_secs(5), send.stopped()).await;
+    Ok(())
+}
