@@ -7,28 +7,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+pub use protocol::agent_config::AgentConfigFile;
 use protocol::{EnrollToken, Fingerprint, InstanceName};
-use serde::{Deserialize, Serialize};
-
-/// The on-disk form (TOML).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AgentConfigFile {
-    /// This instance's name, as the controller knows it.
-    pub instance: InstanceName,
-    /// Controller endpoints (`host:port`), tried in order.
-    pub controller: Vec<String>,
-    /// SHA-256 of the controller CA's certificate (64 hex digits).
-    pub ca_sha256: Fingerprint,
-    /// The single-use enrollment token; unused once the agent has its certificate.
-    pub token: EnrollToken,
-    /// Where the agent keeps its identity, run logs and work trees. Relative paths are
-    /// relative to the config file.
-    pub state_dir: PathBuf,
-    /// Seconds between SIGTERM and SIGKILL when stopping a run.
-    #[serde(default)]
-    pub stop_grace_secs: Option<u64>,
-}
 
 /// The validated config the agent runs with.
 #[derive(Debug, Clone)]

@@ -1,8 +1,7 @@
 //! The agent's TLS identity: enrollment (trading the single-use token and a CSR for a
 //! client certificate) and the key and certificate kept, owner-only, in the state dir.
 
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
@@ -37,25 +36,10 @@ fn save(state_dir: &Path, identity: &Identity) -> anyhow::Result<()> {
         .create(&dir)
         .with_context(|| format!("creating {}", dir.display()))?;
     // Key first, certificate last: `load` only trusts a directory holding both.
-    write_private(&dir.join("agent.key"), identity.key_pem.as_bytes())?;
-    write_private(&dir.join("agent.crt"), identity.cert_pem.as_bytes())?;
-    Ok(())
-}
-
-/// Writes a file readable by the owner only, through a temporary name.
-pub fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("creating {}", tmp.display()))?;
-    file.write_all(bytes)
-        .and_then(|()| file.sync_all())
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+    tls::write_private(&dir.join("agent.key"), identity.key_pem.as_bytes())
+        .with_context(|| format!("saving {}", dir.join("agent.key").display()))?;
+    tls::write_private(&dir.join("agent.crt"), identity.cert_pem.as_bytes())
+        .with_context(|| format!("saving {}", dir.join("agent.crt").display()))?;
     Ok(())
 }
 

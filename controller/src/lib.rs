@@ -1,1 +1,19 @@
+//! runctl-controller: the laptop side. The CLI (`cli`, `commands`, `report`) talks over a
+//! local socket (`ipc`) to a daemon (`daemon`) that it starts on demand. The daemon owns
+//! the QUIC endpoint agents dial, the CA that identifies them (`pki`), and the database
+//! (`db`); it launches instances through providers (`provider`) and sends each run its
+//! work dir (`bundle`).
 
+pub mod bundle;
+pub mod cli;
+pub mod commands;
+pub mod config;
+pub mod daemon;
+pub mod db;
+pub mod detach;
+pub mod error;
+pub mod home;
+pub mod ipc;
+pub mod pki;
+pub mod provider;
+pub mod report;

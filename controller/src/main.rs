@@ -1,1 +1,5 @@
-fn main(){}
+//! `runctl-controller`: see `controller::commands::main`.
+
+fn main() -> std::process::ExitCode {
+    controller::commands::main()
+}

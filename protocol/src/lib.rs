@@ -1,9 +1,10 @@
 //! runctl's wire protocol: the messages both sides exchange, their one codec, and the QUIC
 //! channel (endpoints, mutual TLS, framing) that carries them.
 //!
-//! `ids`, `message` and `codec` are pure: no tokio, no clock, no I/O. `tls` and `framed`
+//! `ids`, `message`, `codec` and `agent_config` are pure: no tokio, no clock, no I/O. `tls` and `framed`
 //! are the thin I/O shell around them.
 
+pub mod agent_config;
 pub mod codec;
 pub mod framed;
 pub mod ids;

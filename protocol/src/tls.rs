@@ -219,6 +219,23 @@ pub fn agent_key_and_csr() -> Result<(String, Vec<u8>), TlsError> {
     Ok((key.serialize_pem(), csr.der().to_vec()))
 }
 
+/// Writes key material readable by the owner only (mode 0600), through a temporary name
+/// so a crash never leaves a half-written key.
+pub fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
 /// Converts a DER certificate to PEM, for storing it.
 pub fn der_to_pem(der: &[u8]) -> String {
     pem::encode(&pem::Pem::new("CERTIFICATE", der.to_vec()))

@@ -1,0 +1,255 @@
+//! The command line: clap types only. `commands` does the work.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use protocol::{InstanceName, RunId};
+
+use crate::ipc::ProviderKind;
+use crate::report::Format;
+
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  success
+  1  unexpected error
+  2  invalid usage, argument or config file
+  3  run or instance not found
+  4  conflicts with the current state (e.g. the run already ended)
+  5  the daemon could not be reached or started
+  6  an agent is unreachable or refused the request
+  `run` and `logs --follow` exit with the remote command's status instead once it has
+  ended: its exit code, 128+N for signal N, 127 if it could not be started.
+
+Examples:
+  runctl-controller run --workdir examples/quickstart -- python3 train.py
+  runctl-controller --output json list
+  runctl-controller logs -f run-3f9a2c1b7d4e";
+
+/// Train on a rented GPU as if it were local. This is the laptop side: it launches
+/// instances, uploads your code, runs your command there, and streams its output back.
+/// A background daemon (started on demand) holds the connections to the agents, so runs
+/// keep going while this terminal or laptop is away.
+#[derive(Debug, Parser)]
+#[command(name = "runctl-controller", version, after_long_help = EXIT_CODES)]
+pub struct Cli {
+    /// Output format: human-readable text, or JSON for scripts (errors too).
+    #[arg(long, global = true, value_enum, default_value = "human", env = "RUNCTL_OUTPUT")]
+    pub output: Format,
+
+    /// The controller's state directory (config, CA, database, socket).
+    #[arg(long, global = true, env = "RUNCTL_HOME", value_name = "DIR")]
+    pub home: Option<PathBuf>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a command on an instance: upload the work dir, start the command there, stream
+    /// its output here, and exit with its exit status.
+    #[command(after_long_help = "\
+Without --on, a fresh instance is launched for the run and terminated when the run ends
+(unless --keep). Ctrl-C stops the remote command gracefully (SIGTERM, then SIGKILL after
+the grace period); a second Ctrl-C detaches and leaves it running.
+
+The command gets RUNCTL_RUN_ID, RUNCTL_CHECKPOINT_DIR and RUNCTL_DATA_DIR in its
+environment, and PYTHONUNBUFFERED=1 so Python output streams live.
+
+Examples:
+  runctl-controller run --workdir examples/quickstart -- python3 train.py
+  runctl-controller run --on gpu-1 --env SEED=3 -- python3 train.py --epochs 5
+  runctl-controller --output json run --detach -- python3 train.py")]
+    Run(RunArgs),
+
+    /// Launch an instance and wait until its agent has connected.
+    #[command(after_long_help = "\
+Examples:
+  runctl-controller launch
+  runctl-controller launch --provider local --name dev-box")]
+    Launch(LaunchArgs),
+
+    /// List instances and runs.
+    #[command(after_long_help = "\
+Examples:
+  runctl-controller list
+  runctl-controller --output json list")]
+    List,
+
+    /// One line: agents connected and runs active.
+    #[command(after_long_help = "\
+Examples:
+  runctl-controller status
+  runctl-controller --output json status")]
+    Status,
+
+    /// Show a run's output; with --follow, keep streaming until the run ends.
+    #[command(after_long_help = "\
+Every line the command printed is kept, numbered, and shown exactly once, in order, even
+across daemon restarts and disconnections.
+
+Examples:
+  runctl-controller logs run-3f9a2c1b7d4e
+  runctl-controller logs -f run-3f9a2c1b7d4e
+  runctl-controller --output json logs run-3f9a2c1b7d4e")]
+    Logs(LogsArgs),
+
+    /// Stop a run: SIGTERM to its process group, SIGKILL after the grace period.
+    #[command(after_long_help = "\
+Examples:
+  runctl-controller stop run-3f9a2c1b7d4e
+  runctl-controller stop --grace 60 run-3f9a2c1b7d4e")]
+    Stop(StopArgs),
+
+    /// Terminate an instance: its agent stops, its certificate is revoked.
+    #[command(after_long_help = "\
+Refuses while the instance has active runs, unless --force (which stops them first).
+
+Examples:
+  runctl-controller terminate local-3fa9c1
+  runctl-controller terminate --force gpu-1")]
+    Terminate(TerminateArgs),
+
+    /// Run the controller daemon in the foreground (other commands start it on demand).
+    #[command(after_long_help = "\
+Logs go to stderr (RUNCTL_LOG=debug for more). Stops cleanly on SIGTERM or Ctrl-C;
+agents and their runs keep going and reconnect when it is back.
+
+Examples:
+  runctl-controller daemon
+  RUNCTL_LOG=debug runctl-controller --home /tmp/rc daemon")]
+    Daemon,
+
+    /// Stop the background daemon. Runs on agents keep going.
+    #[command(after_long_help = "\
+Examples:
+  runctl-controller shutdown")]
+    Shutdown,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Run on this existing instance (see `list`), instead of launching one.
+    #[arg(long, value_name = "NAME", conflicts_with = "provider")]
+    pub on: Option<InstanceName>,
+
+    /// Where to launch the instance for this run.
+    #[arg(long, value_enum, default_value = "local")]
+    pub provider: ProviderKind,
+
+    /// The directory uploaded as the run's work dir (honours .gitignore and .runctlignore).
+    #[arg(long, value_name = "DIR", default_value = ".")]
+    pub workdir: PathBuf,
+
+    /// An environment variable for the command, as KEY=VALUE (repeatable).
+    #[arg(long = "env", short = 'e', value_name = "KEY=VALUE", value_parser = parse_env)]
+    pub env: Vec<(String, String)>,
+
+    /// Return once the command has started, printing the run id, instead of streaming.
+    #[arg(long, short = 'd')]
+    pub detach: bool,
+
+    /// Keep the instance launched for this run after the run ends.
+    #[arg(long, conflicts_with = "on")]
+    pub keep: bool,
+
+    /// The command to run and its arguments, after `--`.
+    #[arg(last = true, required = true, value_name = "COMMAND")]
+    pub command: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct LaunchArgs {
+    /// Where to launch it.
+    #[arg(long, value_enum, default_value = "local")]
+    pub provider: ProviderKind,
+
+    /// The instance's name (default: generated, e.g. local-3fa9c1).
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<InstanceName>,
+}
+
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    /// The run (see `list`), e.g. run-3f9a2c1b7d4e.
+    pub run: RunId,
+
+    /// Keep streaming new output until the run ends, then exit with its status.
+    #[arg(long, short = 'f')]
+    pub follow: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct StopArgs {
+    /// The run to stop, e.g. run-3f9a2c1b7d4e.
+    pub run: RunId,
+
+    /// Seconds between SIGTERM and SIGKILL (default: [daemon] stop_grace_secs, 10).
+    #[arg(long, value_name = "SECS")]
+    pub grace: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+pub struct TerminateArgs {
+    /// The instance to terminate (see `list`).
+    pub name: InstanceName,
+
+    /// Stop its active runs first instead of refusing.
+    #[arg(long)]
+    pub force: bool,
+}
+
+fn parse_env(s: &str) -> Result<(String, String), String> {
+    let (key, value) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not KEY=VALUE (e.g. SEED=3)"))?;
+    let valid = key.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+        && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if !valid {
+        return Err(format!(
+            "{key:?} is not a valid variable name: use letters, digits and '_', not starting with a digit"
+        ));
+    }
+    Ok((key.to_owned(), value.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_well_formed_and_documented() {
+        Cli::command().debug_assert();
+        for sub in Cli::command().get_subcommands() {
+            assert!(sub.get_after_long_help().is_some(), "{} has examples", sub.get_name());
+            for arg in sub.get_arguments() {
+                assert!(arg.get_help().is_some(), "{} --{} has help", sub.get_name(), arg.get_id());
+            }
+        }
+    }
+
+    #[test]
+    fn env_entries() {
+        assert_eq!(parse_env("SEED=3"), Ok(("SEED".into(), "3".into())));
+        assert_eq!(parse_env("A_1=x=y"), Ok(("A_1".into(), "x=y".into())));
+        assert!(parse_env("SEED").expect_err("no =").contains("KEY=VALUE"));
+        assert!(parse_env("1X=2").expect_err("bad name").contains("not a valid variable name"));
+    }
+
+    #[test]
+    fn output_flag_is_global() {
+        let before = Cli::try_parse_from(["runctl-controller", "--output", "json", "status"]).expect("parses");
+        let after = Cli::try_parse_from(["runctl-controller", "status", "--output", "json"]).expect("parses");
+        assert_eq!(before.output, Format::Json);
+        assert_eq!(after.output, Format::Json);
+    }
+
+    #[test]
+    fn ids_are_validated_with_a_helpful_message() {
+        let err = Cli::try_parse_from(["runctl-controller", "logs", "run-1"]).expect_err("bad id");
+        assert!(err.to_string().contains("run-3f9a2c1b7d4e"), "{err}");
+        let err = Cli::try_parse_from(["runctl-controller", "terminate", "Bad Name"]).expect_err("bad name");
+        assert!(err.to_string().contains("starting with a letter"), "{err}");
+    }
+}

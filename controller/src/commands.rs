@@ -1,0 +1,305 @@
+//! What each command does: resolve settings, talk to the daemon, print through the
+//! `Printer`, and choose the exit code.
+
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use clap::Parser;
+use protocol::RunId;
+
+use crate::cli::{Cli, Command, RunArgs};
+use crate::config::Config;
+use crate::daemon::now_ms;
+use crate::error::{ErrorCode, UserError};
+use crate::home::Home;
+use crate::ipc::{Client, Request, Response, RunRequest};
+use crate::report::{self, Format, Printer};
+
+/// The whole CLI: parse, run, print, exit.
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return clap_error(e),
+    };
+    let printer = Printer { format: cli.output };
+    match run(cli, printer) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            let user = UserError::from_anyhow(&e);
+            printer.error(&user);
+            ExitCode::from(user.code.exit_code())
+        }
+    }
+}
+
+/// Clap's own errors, as JSON when JSON output was asked for.
+fn clap_error(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+        let _ = e.print();
+        return ExitCode::SUCCESS;
+    }
+    let args: Vec<String> = std::env::args().collect();
+    let json = args.windows(2).any(|w| w[0] == "--output" && w[1] == "json")
+        || args.iter().any(|a| a == "--output=json")
+        || std::env::var("RUNCTL_OUTPUT").is_ok_and(|v| v == "json");
+    if json {
+        let message = e.render().to_string();
+        let error = UserError::new(ErrorCode::BadInput, message.trim().trim_start_matches("error: "))
+            .resolve("see runctl-controller --help");
+        Printer { format: Format::Json }.error(&error);
+        ExitCode::from(ErrorCode::BadInput.exit_code())
+    } else {
+        let _ = e.print();
+        ExitCode::from(ErrorCode::BadInput.exit_code())
+    }
+}
+
+fn run(cli: Cli, printer: Printer) -> anyhow::Result<u8> {
+    let home = Home::resolve(cli.home)?;
+    // Checked here as well as in the daemon, so a bad file is reported before anything starts.
+    let config = Config::load(&home.config())?;
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Daemon => daemon(home, config).await,
+            Command::Shutdown => shutdown(&home, printer).await,
+            Command::Status => {
+                let Response::Status(status) = Client::call(&home, &Request::Status).await? else {
+                    anyhow::bail!("unexpected answer to status");
+                };
+                printer.data(&status, || report::status_text(&status));
+                Ok(0)
+            }
+            Command::List => {
+                let Response::List(list) = Client::call(&home, &Request::List).await? else {
+                    anyhow::bail!("unexpected answer to list");
+                };
+                printer.data(&list, || report::list_text(&list, now_ms()));
+                Ok(0)
+            }
+            Command::Launch(args) => {
+                printer.progress(&format!("launching a {} instance", args.provider.as_str()));
+                let request = Request::Launch {
+                    provider: args.provider,
+                    name: args.name,
+                };
+                let Response::Launched(view) = Client::call(&home, &request).await? else {
+                    anyhow::bail!("unexpected answer to launch");
+                };
+                printer.data(&view, || format!("{}\n", view.row.name));
+                Ok(0)
+            }
+            Command::Logs(args) => logs(&home, printer, args.run, args.follow).await,
+            Command::Stop(args) => {
+                printer.progress(&format!("stopping {}", args.run));
+                let request = Request::Stop {
+                    run: args.run,
+                    grace_secs: args.grace,
+                };
+                let Response::Run(row) = Client::call(&home, &request).await? else {
+                    anyhow::bail!("unexpected answer to stop");
+                };
+                printer.data(&row, || report::run_summary(&row));
+                Ok(0)
+            }
+            Command::Terminate(args) => {
+                printer.progress(&format!("terminating {}", args.name));
+                let request = Request::Terminate {
+                    name: args.name,
+                    force: args.force,
+                };
+                let Response::Terminated(view) = Client::call(&home, &request).await? else {
+                    anyhow::bail!("unexpected answer to terminate");
+                };
+                printer.data(&view, || format!("terminated {}\n", view.row.name));
+                Ok(0)
+            }
+            Command::Run(args) => run_command(&home, printer, args).await,
+        }
+    })
+}
+
+async fn daemon(home: Home, config: Config) -> anyhow::Result<u8> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("RUNCTL_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    crate::daemon::serve(home, config, async {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut term) = signal(SignalKind::terminate()) else {
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    })
+    .await?;
+    Ok(0)
+}
+
+/// Stops the daemon by signal (not over the socket, so it works across versions too).
+async fn shutdown(home: &Home, printer: Printer) -> anyhow::Result<u8> {
+    let pid = std::fs::read_to_string(home.pid())
+        .ok()
+        .and_then(|s| s.trim().parse::<i32>().ok());
+    let running = Client::connect_existing(home).await.ok().flatten().is_some() || home.socket().exists();
+    let Some(pid) = pid.filter(|_| running) else {
+        printer.data(&serde_json::json!({ "stopped": false, "running": false }), || "no daemon is running".into());
+        return Ok(0);
+    };
+    let target = nix::unistd::Pid::from_raw(pid);
+    nix::sys::signal::kill(target, nix::sys::signal::Signal::SIGTERM).map_err(|e| {
+        UserError::new(ErrorCode::DaemonUnavailable, format!("cannot signal the daemon (pid {pid}): {e}"))
+    })?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while nix::sys::signal::kill(target, None).is_ok() {
+        if tokio::time::Instant::now() >= deadline {
+            return Err(UserError::new(ErrorCode::DaemonUnavailable, format!("the daemon (pid {pid}) did not stop within 15 s"))
+                .resolve(format!("kill it: kill -9 {pid}"))
+                .into());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    printer.data(&serde_json::json!({ "stopped": true, "pid": pid }), || format!("daemon {pid} stopped"));
+    Ok(0)
+}
+
+async fn logs(home: &Home, printer: Printer, run: RunId, follow: bool) -> anyhow::Result<u8> {
+    let mut client = Client::connect(home).await?;
+    client.send(&Request::Logs { run, follow }).await?;
+    loop {
+        match client.next().await? {
+            Some(Response::Event(event)) => printer.event(&event),
+            Some(Response::Progress(_)) => {}
+            Some(Response::Run(row)) => {
+                if printer.format == Format::Json {
+                    printer.data(&row, String::new);
+                } else if row.state.is_terminal() || follow {
+                    printer.progress(&report::run_summary(&row));
+                }
+                return Ok(if follow { report::exit_status(&row) } else { 0 });
+            }
+            Some(Response::Error(e)) => return Err(e.into()),
+            Some(other) => anyhow::bail!("unexpected answer to logs: {other:?}"),
+            None => return Err(UserError::new(ErrorCode::DaemonUnavailable, "the daemon closed the connection").into()),
+        }
+    }
+}
+
+/// What Ctrl-C acts on: the run once the daemon has named it.
+#[derive(Debug, Default)]
+struct Interrupt {
+    run: Option<RunId>,
+    stop_asked: bool,
+}
+
+async fn run_command(home: &Home, printer: Printer, args: RunArgs) -> anyhow::Result<u8> {
+    let workdir = std::fs::canonicalize(&args.workdir).map_err(|e| {
+        UserError::new(ErrorCode::BadInput, format!("the work dir {} is not usable: {e}", args.workdir.display()))
+            .resolve("pass an existing directory with --workdir")
+    })?;
+    let request = Request::Run(RunRequest {
+        workdir,
+        argv: args.command,
+        env: args.env,
+        on: args.on,
+        provider: args.provider,
+        keep: args.keep,
+        detach: args.detach,
+    });
+    let mut client = Client::connect(home).await?;
+    client.send(&request).await?;
+
+    let interrupt = Arc::new(Mutex::new(Interrupt::default()));
+    if !args.detach {
+        tokio::spawn(watch_ctrl_c(home.clone(), printer, interrupt.clone()));
+    }
+    loop {
+        match client.next().await? {
+            Some(Response::Progress(message)) => printer.progress(&message),
+            Some(Response::RunAccepted { run, instance, launched }) => {
+                let on = if launched { format!("new instance {instance}") } else { instance.to_string() };
+                printer.progress(&format!("run {run} on {on}"));
+                let stop_now = {
+                    let mut state = interrupt.lock().expect("interrupt lock");
+                    state.run = Some(run.clone());
+                    state.stop_asked
+                };
+                if stop_now {
+                    request_stop(home, printer, run);
+                }
+            }
+            Some(Response::Event(event)) => printer.event(&event),
+            Some(Response::Run(row)) => {
+                if args.detach {
+                    if row.state.is_terminal() {
+                        printer.data(&row, || report::run_summary(&row));
+                        return Ok(report::exit_status(&row).max(1));
+                    }
+                    printer.data(&row, || format!("{}\n", row.id));
+                    if printer.format == Format::Human {
+                        printer.progress(&format!("follow it with: runctl-controller logs -f {}", row.id));
+                    }
+                    return Ok(0);
+                }
+                if printer.format == Format::Json {
+                    printer.data(&row, String::new);
+                } else {
+                    printer.progress(&report::run_summary(&row));
+                }
+                return Ok(report::exit_status(&row));
+            }
+            Some(Response::Error(e)) => return Err(e.into()),
+            Some(other) => anyhow::bail!("unexpected answer to run: {other:?}"),
+            None => {
+                return Err(UserError::new(ErrorCode::DaemonUnavailable, "the daemon closed the connection during the run")
+                    .resolve("the run may still be going: runctl-controller list")
+                    .into());
+            }
+        }
+    }
+}
+
+fn request_stop(home: &Home, printer: Printer, run: RunId) {
+    let home = home.clone();
+    tokio::spawn(async move {
+        let request = Request::Stop { run, grace_secs: None };
+        if let Err(e) = Client::call(&home, &request).await {
+            printer.error(&e);
+        }
+    });
+}
+
+/// First Ctrl-C: stop the run gracefully and keep streaming. Second: detach.
+async fn watch_ctrl_c(home: Home, printer: Printer, interrupt: Arc<Mutex<Interrupt>>) {
+    if tokio::signal::ctrl_c().await.is_err() {
+        return;
+    }
+    let run = {
+        let mut state = interrupt.lock().expect("interrupt lock");
+        state.stop_asked = true;
+        state.run.clone()
+    };
+    match &run {
+        Some(run) => {
+            printer.progress(&format!("stopping {run} (Ctrl-C again to detach)"));
+            request_stop(&home, printer, run.clone());
+        }
+        None => printer.progress("the run will be stopped as soon as it starts (Ctrl-C again to detach)"),
+    }
+    if tokio::signal::ctrl_c().await.is_err() {
+        return;
+    }
+    let run = interrupt.lock().expect("interrupt lock").run.clone();
+    match run {
+        Some(run) => printer.progress(&format!("detached; {run} goes on. Follow it: runctl-controller logs -f {run}")),
+        None => printer.progress("detached"),
+    }
+    std::process::exit(130);
+}

@@ -1,0 +1,305 @@
+//! The daemon's side of agent connections. A connection without a client certificate may
+//! only enroll; one with a certificate this CA issued (and has not revoked) becomes the
+//! instance's session: the agent reports its runs, the daemon asks for missed events, and
+//! events flow into the database.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use protocol::framed::{read_frame, write_frame};
+use protocol::{
+    AgentMsg, ControllerMsg, ErrorKind, EventKind, FrameError, Hello, InstanceName, RunCursor, WireError,
+};
+use tokio::sync::mpsc;
+
+use super::{AgentLink, Daemon, now_ms};
+use crate::db::{InstanceState, RunState};
+
+/// How long an agent certificate is valid.
+const CERT_LIFETIME: Duration = Duration::from_secs(90 * 86_400);
+
+static NEXT_LINK_ID: AtomicUsize = AtomicUsize::new(1);
+
+fn hello() -> Hello {
+    Hello::new(concat!("runctl-controller ", env!("CARGO_PKG_VERSION")))
+}
+
+pub(super) async fn handle(d: Arc<Daemon>, incoming: quinn::Incoming) {
+    let conn = match incoming.await {
+        Ok(conn) => conn,
+        Err(e) => {
+            tracing::info!("an agent's handshake failed: {e}");
+            return;
+        }
+    };
+    let remote = conn.remote_address();
+    if let Err(e) = session(&d, conn).await {
+        tracing::info!("agent connection from {remote} ended: {e:#}");
+    }
+}
+
+/// Sends a refusal and closes the connection once the agent has had a chance to read it.
+async fn refuse(conn: &quinn::Connection, send: &mut quinn::SendStream, error: WireError) -> anyhow::Result<()> {
+    tracing::warn!("refusing agent at {}: {}", conn.remote_address(), error.message);
+    write_frame(send, &ControllerMsg::Error(error.clone())).await?;
+    let _ = send.finish();
+    let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
+    conn.close(1u32.into(), error.message.as_bytes());
+    anyhow::bail!("refused: {}", error.message)
+}
+
+async fn session(d: &Arc<Daemon>, conn: quinn::Connection) -> anyhow::Result<()> {
+    let (mut send, mut recv) = tokio::time::timeout(Duration::from_secs(10), conn.accept_bi()).await??;
+    let theirs = match read_frame::<_, AgentMsg>(&mut recv).await {
+        Ok(Some(AgentMsg::Hello(h))) => h,
+        Ok(Some(_)) => {
+            return refuse(&conn, &mut send, WireError::new(ErrorKind::BadRequest, "the first message must be Hello")).await;
+        }
+        Ok(None) => return Ok(()),
+        Err(e) => return refuse(&conn, &mut send, frame_refusal(&e)).await,
+    };
+    let ours = hello();
+    if let Err(e) = ours.check_peer(&theirs) {
+        return refuse(&conn, &mut send, e).await;
+    }
+    match protocol::tls::peer_fingerprint(&conn) {
+        None => enroll(d, &conn, send, recv, ours).await,
+        Some(fingerprint) => {
+            let instance = match d.db.cert(fingerprint)? {
+                None => {
+                    let e = WireError::new(ErrorKind::Unauthenticated, "this certificate was not issued by this controller");
+                    return refuse(&conn, &mut send, e).await;
+                }
+                Some((_, true)) => {
+                    let e = WireError::new(
+                        ErrorKind::CertificateRevoked,
+                        "this agent's certificate was revoked: its instance was terminated",
+                    );
+                    return refuse(&conn, &mut send, e).await;
+                }
+                Some((instance, false)) => instance,
+            };
+            write_frame(&mut send, &ControllerMsg::Hello(ours)).await?;
+            serve_agent(d, conn, send, recv, instance).await
+        }
+    }
+}
+
+fn frame_refusal(e: &FrameError) -> WireError {
+    WireError::new(ErrorKind::BadRequest, format!("refused a malformed message: {e}"))
+}
+
+async fn enroll(
+    d: &Arc<Daemon>,
+    conn: &quinn::Connection,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    ours: Hello,
+) -> anyhow::Result<()> {
+    let (token, csr_der) = match read_frame::<_, AgentMsg>(&mut recv).await {
+        Ok(Some(AgentMsg::Enroll { token, csr_der })) => (token, csr_der),
+        Ok(Some(_)) => {
+            let e = WireError::new(
+                ErrorKind::Unauthenticated,
+                "this connection has no client certificate: it may only enroll",
+            );
+            return refuse(conn, &mut send, e).await;
+        }
+        Ok(None) => return Ok(()),
+        Err(e) => return refuse(conn, &mut send, frame_refusal(&e)).await,
+    };
+    let instance = match d.db.consume_token(&token, now_ms())? {
+        Ok(instance) => instance,
+        Err(kind) => {
+            let message = match kind {
+                ErrorKind::TokenReused => "the enrollment token was already used",
+                ErrorKind::TokenExpired => "the enrollment token has expired",
+                _ => "the enrollment token is unknown to this controller",
+            };
+            return refuse(conn, &mut send, WireError::new(kind, message)).await;
+        }
+    };
+    let cert = match d.pki.ca.sign_agent_csr(&csr_der, &instance, CERT_LIFETIME) {
+        Ok(cert) => cert,
+        Err(e) => {
+            let e = WireError::new(ErrorKind::BadRequest, format!("the certificate request is invalid: {e}"));
+            return refuse(conn, &mut send, e).await;
+        }
+    };
+    d.db.record_cert(protocol::Fingerprint::of_der(&cert), &instance, now_ms())?;
+    tracing::info!("enrolled {instance}");
+    write_frame(&mut send, &ControllerMsg::Hello(ours)).await?;
+    write_frame(
+        &mut send,
+        &ControllerMsg::Enrolled {
+            instance,
+            cert_der: cert.to_vec(),
+        },
+    )
+    .await?;
+    let _ = send.finish();
+    let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
+    Ok(())
+}
+
+enum Event {
+    Inbound(Result<Option<AgentMsg>, FrameError>),
+    Outbound(ControllerMsg),
+    Closed,
+}
+
+async fn serve_agent(
+    d: &Arc<Daemon>,
+    conn: quinn::Connection,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    instance: InstanceName,
+) -> anyhow::Result<()> {
+    let runs = match read_frame::<_, AgentMsg>(&mut recv).await {
+        Ok(Some(AgentMsg::Ready { runs })) => runs,
+        Ok(Some(_)) => {
+            let e = WireError::new(ErrorKind::BadRequest, "expected Ready after Hello");
+            return refuse(&conn, &mut send, e).await;
+        }
+        Ok(None) => return Ok(()),
+        Err(e) => return refuse(&conn, &mut send, frame_refusal(&e)).await,
+    };
+    let (tx, mut rx) = mpsc::channel::<ControllerMsg>(64);
+    let id = NEXT_LINK_ID.fetch_add(1, Ordering::Relaxed);
+    let previous = d.agents.lock().expect("agents lock").insert(
+        instance.clone(),
+        AgentLink {
+            conn: conn.clone(),
+            tx: tx.clone(),
+            id,
+        },
+    );
+    if let Some(previous) = previous {
+        previous.conn.close(0u32.into(), b"replaced by a newer connection");
+    }
+    d.db.set_instance_state(&instance, InstanceState::Running, now_ms())?;
+    d.bump_agents();
+    tracing::info!("agent {instance} connected from {}", conn.remote_address());
+
+    reconcile(d, &instance, &runs, &tx).await?;
+
+    let (in_tx, mut in_rx) = mpsc::channel(16);
+    let reader = tokio::spawn(async move {
+        loop {
+            let frame = read_frame::<_, AgentMsg>(&mut recv).await;
+            let done = !matches!(frame, Ok(Some(_)));
+            if in_tx.send(frame).await.is_err() || done {
+                break;
+            }
+        }
+    });
+    let result = loop {
+        let event = tokio::select! {
+            Some(frame) = in_rx.recv() => Event::Inbound(frame),
+            Some(msg) = rx.recv() => Event::Outbound(msg),
+            _ = conn.closed() => Event::Closed,
+            () = d.shutdown.cancelled() => Event::Closed,
+        };
+        match event {
+            Event::Inbound(Ok(Some(msg))) => match msg {
+                AgentMsg::Events { run, events } => {
+                    if let Err(e) = on_events(d, &instance, &run, &events) {
+                        write_frame(&mut send, &ControllerMsg::Error(e)).await?;
+                    }
+                }
+                AgentMsg::Heartbeat { active_runs } => {
+                    tracing::debug!("heartbeat from {instance}: {active_runs} active runs");
+                }
+                AgentMsg::Error(e) => tracing::warn!("agent {instance} reported: {}", e.message),
+                AgentMsg::Hello(_) | AgentMsg::Enroll { .. } | AgentMsg::Ready { .. } | AgentMsg::RunStarted { .. } => {
+                    tracing::warn!("agent {instance} sent an out-of-place message");
+                }
+            },
+            Event::Inbound(Ok(None)) | Event::Closed => break Ok(()),
+            Event::Inbound(Err(e)) => {
+                let _ = write_frame(&mut send, &ControllerMsg::Error(frame_refusal(&e))).await;
+                conn.close(1u32.into(), b"malformed message");
+                break Err(anyhow::Error::new(e).context(format!("reading from {instance}")));
+            }
+            Event::Outbound(msg) => write_frame(&mut send, &msg).await?,
+        }
+    };
+    reader.abort();
+    {
+        let mut agents = d.agents.lock().expect("agents lock");
+        if agents.get(&instance).is_some_and(|link| link.id == id) {
+            agents.remove(&instance);
+        }
+    }
+    d.bump_agents();
+    conn.close(0u32.into(), b"");
+    tracing::info!("agent {instance} disconnected");
+    result
+}
+
+/// Asks the agent for every event the database is missing, and fails runs the agent no
+/// longer knows.
+async fn reconcile(
+    d: &Arc<Daemon>,
+    instance: &InstanceName,
+    cursors: &[RunCursor],
+    tx: &mpsc::Sender<ControllerMsg>,
+) -> anyhow::Result<()> {
+    for cursor in cursors {
+        let Some(row) = d.db.run(&cursor.run)? else { continue };
+        if &row.instance != instance {
+            tracing::warn!("agent {instance} reports run {} of {}", cursor.run, row.instance);
+            continue;
+        }
+        let have = d.db.last_seq(&cursor.run)?;
+        // A live run is followed; an ended one is fetched only if something is missing.
+        if !cursor.ended || have < cursor.last_seq {
+            tx.send(ControllerMsg::Replay {
+                run: cursor.run.clone(),
+                after_seq: have,
+            })
+            .await?;
+        }
+    }
+    for row in d.db.runs_on(instance)? {
+        let known = cursors.iter().any(|c| c.run == row.id);
+        if row.state == RunState::Running && !known {
+            d.db.set_run_state(
+                &row.id,
+                RunState::Failed,
+                now_ms(),
+                Some("the agent no longer has this run (its state was lost)"),
+            )?;
+            d.bump_run(&row.id);
+        }
+    }
+    Ok(())
+}
+
+/// Stores events from `instance` for `run`, refusing runs that belong to another instance.
+fn on_events(
+    d: &Arc<Daemon>,
+    instance: &InstanceName,
+    run: &protocol::RunId,
+    events: &[protocol::RunEvent],
+) -> Result<(), WireError> {
+    let internal = |e: anyhow::Error| WireError::new(ErrorKind::Internal, format!("{e:#}"));
+    let row = d.db.run(run).map_err(internal)?;
+    match row {
+        Some(row) if &row.instance == instance => {}
+        _ => {
+            tracing::warn!("agent {instance} sent events for run {run}, which is not its own");
+            return Err(WireError::new(ErrorKind::NotYourRun, format!("run {run} does not belong to {instance}")));
+        }
+    }
+    if events.iter().any(|e| matches!(e.kind, EventKind::Started { .. })) {
+        d.db.set_run_state(run, RunState::Running, now_ms(), None).map_err(internal)?;
+    }
+    let (_, ended) = d.db.insert_events(run, events).map_err(internal)?;
+    d.bump_run(run);
+    if ended.is_some() {
+        super::runs::on_run_ended(d, run);
+    }
+    Ok(())
+}

@@ -1,0 +1,250 @@
+//! The controller daemon: owns the QUIC endpoint agents dial, the local socket the CLI
+//! talks to, and the database. One instance per home directory, guarded by a lock file.
+//! Stopping it leaves agents and their runs going; they redial when it is back, and it
+//! asks each for the events it missed.
+
+mod agents;
+mod requests;
+mod runs;
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use nix::fcntl::{Flock, FlockArg};
+use protocol::{ControllerMsg, InstanceName, RunId};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::db::Db;
+use crate::error::{ErrorCode, UserError};
+use crate::home::Home;
+use crate::pki::{self, Pki};
+
+/// The settings key that remembers the QUIC port picked for `listen = "...:0"`.
+const PORT_SETTING: &str = "quic_port";
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// A connected agent.
+#[derive(Debug, Clone)]
+struct AgentLink {
+    conn: quinn::Connection,
+    tx: mpsc::Sender<ControllerMsg>,
+    /// Distinguishes this connection from an older one of the same instance.
+    id: usize,
+}
+
+/// State shared by every task of the daemon.
+#[derive(Debug)]
+pub struct Daemon {
+    home: Home,
+    config: Config,
+    db: Db,
+    pki: Pki,
+    quic_addr: SocketAddr,
+    agents: Mutex<HashMap<InstanceName, AgentLink>>,
+    /// Bumped whenever an agent connects or disconnects.
+    agents_changed: watch::Sender<u64>,
+    /// Per run, bumped whenever its events or state change.
+    run_changes: Mutex<HashMap<RunId, watch::Sender<u64>>>,
+    /// Stops asked for while a run was still starting; delivered once it has started.
+    pending_stops: Mutex<HashSet<RunId>>,
+    /// Local agent processes started by this daemon, reaped when they exit.
+    tasks: TaskTracker,
+    shutdown: CancellationToken,
+}
+
+impl Daemon {
+    fn agent(&self, name: &InstanceName) -> Option<AgentLink> {
+        self.agents.lock().expect("agents lock").get(name).cloned()
+    }
+
+    fn connected(&self, name: &InstanceName) -> bool {
+        self.agents.lock().expect("agents lock").contains_key(name)
+    }
+
+    fn connected_count(&self) -> u32 {
+        self.agents.lock().expect("agents lock").len() as u32
+    }
+
+    fn bump_agents(&self) {
+        self.agents_changed.send_modify(|n| *n += 1);
+    }
+
+    fn run_watch(&self, run: &RunId) -> watch::Receiver<u64> {
+        self.run_changes
+            .lock()
+            .expect("run changes lock")
+            .entry(run.clone())
+            .or_insert_with(|| watch::channel(0).0)
+            .subscribe()
+    }
+
+    fn bump_run(&self, run: &RunId) {
+        if let Some(tx) = self.run_changes.lock().expect("run changes lock").get(run) {
+            tx.send_modify(|n| *n += 1);
+        }
+    }
+
+    /// Waits until `name`'s agent is connected, its process dies, or `timeout` passes.
+    async fn wait_for_agent(&self, name: &InstanceName, timeout: Duration, pid: Option<u32>) -> Result<AgentLink, UserError> {
+        let mut changes = self.agents_changed.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(link) = self.agent(name) {
+                return Ok(link);
+            }
+            if let Some(pid) = pid
+                && !crate::provider::local::is_agent_alive(pid)
+            {
+                return Err(UserError::new(
+                    ErrorCode::Agent,
+                    format!(
+                        "the agent of {name} exited before connecting: {}",
+                        crate::provider::local::log_tail(&self.home, name)
+                    ),
+                )
+                .resolve(format!(
+                    "read {}",
+                    self.home.local_instance(name).join("agent.log").display()
+                )));
+            }
+            // Wake on a connection, or every 200 ms to notice a dead agent process.
+            let tick = (deadline - tokio::time::Instant::now()).min(Duration::from_millis(200));
+            if tick.is_zero() {
+                return Err(UserError::new(
+                    ErrorCode::Agent,
+                    format!("the agent of {name} did not connect within {timeout:?}"),
+                )
+                .resolve("check that the agent can reach the daemon's QUIC address (runctl-controller status)")
+                .resolve(format!("then terminate it: runctl-controller terminate {name}")));
+            }
+            let _ = tokio::time::timeout(tick, changes.changed()).await;
+        }
+    }
+}
+
+/// Runs the daemon in the foreground until `shutdown` resolves or a client asks it to stop.
+pub async fn serve(home: Home, config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    home.ensure()?;
+    let lock_file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(home.lock())
+        .with_context(|| format!("opening {}", home.lock().display()))?;
+    let _lock = Flock::lock(lock_file, FlockArg::LockExclusiveNonblock).map_err(|_| {
+        let pid = std::fs::read_to_string(home.pid()).unwrap_or_default();
+        UserError::new(
+            ErrorCode::Conflict,
+            format!("a daemon is already running for {} (pid {})", home.root().display(), pid.trim()),
+        )
+        .resolve("use it as it is, or stop it first: runctl-controller shutdown")
+    })?;
+    std::fs::write(home.pid(), format!("{}\n", std::process::id()))?;
+
+    let db = Db::open(&home.db())?;
+    let pki = pki::load_or_create(&home.pki())?;
+    std::fs::create_dir_all(home.tmp())?;
+
+    let endpoint = bind_quic(&config, &db, &pki)?;
+    let quic_addr = endpoint.local_addr()?;
+
+    let socket_path = home.socket();
+    let _ = std::fs::remove_file(&socket_path);
+    let listener = tokio::net::UnixListener::bind(&socket_path)
+        .with_context(|| format!("binding {}", socket_path.display()))?;
+    std::fs::set_permissions(&socket_path, std::fs::Permissions::from_mode(0o600))?;
+
+    let daemon = Arc::new(Daemon {
+        home: home.clone(),
+        config,
+        db,
+        pki,
+        quic_addr,
+        agents: Mutex::new(HashMap::new()),
+        agents_changed: watch::channel(0).0,
+        run_changes: Mutex::new(HashMap::new()),
+        pending_stops: Mutex::new(HashSet::new()),
+        tasks: TaskTracker::new(),
+        shutdown: CancellationToken::new(),
+    });
+    tracing::info!(
+        "daemon {} listening: QUIC {quic_addr}, socket {}, CA {}",
+        std::process::id(),
+        socket_path.display(),
+        daemon.pki.ca.fingerprint()
+    );
+
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            incoming = endpoint.accept() => {
+                let Some(incoming) = incoming else { break };
+                let d = daemon.clone();
+                daemon.tasks.spawn(async move { agents::handle(d, incoming).await });
+            }
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let d = daemon.clone();
+                    daemon.tasks.spawn(async move { requests::handle(d, stream).await });
+                }
+                Err(e) => tracing::warn!("accepting a local connection failed: {e}"),
+            },
+            () = &mut shutdown => break,
+            () = daemon.shutdown.cancelled() => break,
+        }
+    }
+
+    tracing::info!("daemon stopping");
+    daemon.shutdown.cancel();
+    drop(listener);
+    let _ = std::fs::remove_file(&socket_path);
+    endpoint.close(0u32.into(), b"daemon stopping");
+    daemon.tasks.close();
+    if tokio::time::timeout(Duration::from_secs(5), daemon.tasks.wait()).await.is_err() {
+        tracing::warn!("some tasks did not finish within 5 s of shutdown");
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+    let _ = std::fs::remove_file(home.pid());
+    Ok(())
+}
+
+/// Binds the QUIC endpoint. With port 0 the first start picks a port and every later
+/// start reuses it, so agents that outlive the daemon can find it again.
+fn bind_quic(config: &Config, db: &Db, pki: &Pki) -> anyhow::Result<quinn::Endpoint> {
+    let server = protocol::tls::server_config(&pki.ca, &pki.server)?;
+    let mut addr = config.daemon.listen;
+    let remembered = db.setting(PORT_SETTING)?.and_then(|p| p.parse::<u16>().ok());
+    if addr.port() == 0
+        && let Some(port) = remembered
+    {
+        addr.set_port(port);
+    }
+    let endpoint = quinn::Endpoint::server(server, addr).map_err(|e| {
+        UserError::new(ErrorCode::Conflict, format!("cannot listen for agents on UDP {addr}: {e}"))
+            .resolve("free that port, or set another under [daemon] listen in config.toml (agents launched earlier will not find a new port)")
+    })?;
+    let bound = endpoint.local_addr()?;
+    if config.daemon.listen.port() == 0 && remembered != Some(bound.port()) {
+        db.set_setting(PORT_SETTING, &bound.port().to_string())?;
+    }
+    Ok(endpoint)
+}
+
+/// The directory where a run's bundle is staged before upload.
+fn staging_path(home: &Home, run: &RunId) -> PathBuf {
+    home.tmp().join(format!("{run}.tar.zst"))
+}

@@ -1,0 +1,290 @@
+//! The daemon's side of the local socket: one request per connection, answered with one
+//! response, or a stream of them for runs and logs.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use protocol::framed::{read_frame, write_frame};
+use protocol::{RunId, RunSpec};
+use tokio::net::UnixStream;
+
+use super::{Daemon, now_ms, runs};
+use crate::db::{RunRow, RunState};
+use crate::error::{ErrorCode, UserError};
+use crate::ipc::{
+    ClientHello, DaemonHello, InstanceView, ListReport, Request, Response, RunRequest, StatusReport, VERSION,
+};
+
+/// Events are read from the database in pages of this many.
+const PAGE: u32 = 1000;
+
+pub(super) async fn handle(d: Arc<Daemon>, mut stream: UnixStream) {
+    if let Err(e) = serve(&d, &mut stream).await {
+        tracing::debug!("local client: {e:#}");
+    }
+}
+
+async fn serve(d: &Arc<Daemon>, stream: &mut UnixStream) -> anyhow::Result<()> {
+    let Some(_hello): Option<ClientHello> = read_frame(stream).await? else {
+        return Ok(());
+    };
+    let answer = DaemonHello {
+        version: VERSION.to_owned(),
+        pid: std::process::id(),
+    };
+    write_frame(stream, &answer).await?;
+    let Some(request): Option<Request> = read_frame(stream).await? else {
+        return Ok(());
+    };
+    if let Err(e) = dispatch(d, stream, request).await {
+        let user = UserError::from_anyhow(&e);
+        write_frame(stream, &Response::Error(user)).await?;
+    }
+    Ok(())
+}
+
+fn view(d: &Daemon, row: crate::db::InstanceRow) -> InstanceView {
+    InstanceView {
+        connected: d.connected(&row.name),
+        row,
+    }
+}
+
+async fn dispatch(d: &Arc<Daemon>, stream: &mut UnixStream, request: Request) -> anyhow::Result<()> {
+    match request {
+        Request::Status => {
+            let runs_active = d.db.runs()?.iter().filter(|r| !r.state.is_terminal()).count() as u32;
+            let report = StatusReport {
+                pid: std::process::id(),
+                version: VERSION.to_owned(),
+                quic_addr: d.quic_addr.to_string(),
+                ca_sha256: d.pki.ca.fingerprint().to_string(),
+                agents_connected: d.connected_count(),
+                runs_active,
+            };
+            write_frame(stream, &Response::Status(report)).await?;
+        }
+        Request::List => {
+            let instances = d.db.instances()?.into_iter().map(|row| view(d, row)).collect();
+            let report = ListReport {
+                instances,
+                runs: d.db.runs()?,
+            };
+            write_frame(stream, &Response::List(report)).await?;
+        }
+        Request::Launch { provider, name } => {
+            let row = runs::launch(d, provider, name, None).await?;
+            write_frame(stream, &Response::Launched(view(d, row))).await?;
+        }
+        Request::Run(req) => run(d, stream, req).await?,
+        Request::Logs { run, follow } => {
+            if d.db.run(&run)?.is_none() {
+                return Err(runs::not_found_run(&run).into());
+            }
+            let row = stream_events(d, stream, &run, follow).await?;
+            write_frame(stream, &Response::Run(row)).await?;
+        }
+        Request::Stop { run, grace_secs } => {
+            let grace = grace_secs.map(Duration::from_secs).unwrap_or(d.config.daemon.stop_grace());
+            runs::stop(d, &run, grace).await?;
+            let row = wait_terminal(d, &run, grace + Duration::from_secs(30)).await?;
+            write_frame(stream, &Response::Run(row)).await?;
+        }
+        Request::Terminate { name, force } => {
+            let row = d.db.instance(&name)?.ok_or_else(|| {
+                UserError::new(ErrorCode::NotFound, format!("no instance {name}"))
+                    .resolve("list instances: runctl-controller list")
+            })?;
+            if row.state == crate::db::InstanceState::Terminated {
+                return Err(UserError::new(ErrorCode::Conflict, format!("{name} is already terminated")).into());
+            }
+            let active: Vec<RunId> = d
+                .db
+                .runs_on(&name)?
+                .into_iter()
+                .filter(|r| !r.state.is_terminal())
+                .map(|r| r.id)
+                .collect();
+            if !active.is_empty() && !force {
+                let ids: Vec<String> = active.iter().map(|r| r.to_string()).collect();
+                return Err(UserError::new(
+                    ErrorCode::Conflict,
+                    format!("{name} has active runs: {}", ids.join(", ")),
+                )
+                .resolve(format!("stop them first: runctl-controller stop {}", ids[0]))
+                .resolve(format!("or stop them with the instance: runctl-controller terminate --force {name}"))
+                .into());
+            }
+            runs::terminate_now(d, &name).await;
+            let row = d.db.instance(&name)?.ok_or_else(|| anyhow::anyhow!("instance {name} vanished"))?;
+            write_frame(stream, &Response::Terminated(view(d, row))).await?;
+        }
+    }
+    Ok(())
+}
+
+async fn run(d: &Arc<Daemon>, stream: &mut UnixStream, req: RunRequest) -> anyhow::Result<()> {
+    if req.argv.is_empty() {
+        return Err(UserError::new(ErrorCode::BadInput, "no command given")
+            .resolve("put the command after `--`: runctl-controller run -- python train.py")
+            .into());
+    }
+    if !req.workdir.is_dir() {
+        return Err(UserError::new(
+            ErrorCode::BadInput,
+            format!("the work dir {} is not a directory", req.workdir.display()),
+        )
+        .resolve("pass an existing directory with --workdir, or run from inside the project")
+        .into());
+    }
+    let run_id = RunId::from_random(rand::random());
+    let (instance, launched) = match &req.on {
+        Some(name) => {
+            let row = d.db.instance(name)?.ok_or_else(|| {
+                UserError::new(ErrorCode::NotFound, format!("no instance {name}"))
+                    .resolve("list instances: runctl-controller list")
+                    .resolve("or launch one: runctl-controller launch --provider local")
+            })?;
+            if row.state == crate::db::InstanceState::Terminated {
+                return Err(UserError::new(ErrorCode::Conflict, format!("{name} is terminated"))
+                    .resolve("launch another: runctl-controller launch --provider local")
+                    .into());
+            }
+            (row.name, false)
+        }
+        None => {
+            write_frame(stream, &Response::Progress(format!("launching a {} instance", req.provider.as_str()))).await?;
+            let for_run = (!req.keep).then(|| run_id.clone());
+            let row = runs::launch(d, req.provider, None, for_run).await?;
+            (row.name, true)
+        }
+    };
+    d.db.insert_run(&RunRow {
+        id: run_id.clone(),
+        instance: instance.clone(),
+        argv: req.argv.clone(),
+        workdir: req.workdir.display().to_string(),
+        state: RunState::Pending,
+        created_ms: now_ms(),
+        started_ms: None,
+        ended_ms: None,
+        exit: None,
+        error: None,
+    })?;
+    write_frame(
+        stream,
+        &Response::RunAccepted {
+            run: run_id.clone(),
+            instance: instance.clone(),
+            launched,
+        },
+    )
+    .await?;
+    let spec = RunSpec {
+        run: run_id.clone(),
+        argv: req.argv,
+        env: req.env,
+    };
+    let d2 = d.clone();
+    let (run2, workdir) = (run_id.clone(), req.workdir);
+    d.tasks.spawn(runs::start(d2, run2, instance, workdir, spec));
+
+    if req.detach {
+        let row = wait_started(d, stream, &run_id).await?;
+        write_frame(stream, &Response::Run(row)).await?;
+        return Ok(());
+    }
+    let row = stream_events(d, stream, &run_id, true).await?;
+    write_frame(stream, &Response::Run(row)).await?;
+    Ok(())
+}
+
+/// Reports phases until the run's process has started (or the run ended).
+async fn wait_started(d: &Arc<Daemon>, stream: &mut UnixStream, run: &RunId) -> anyhow::Result<RunRow> {
+    let mut changes = d.run_watch(run);
+    let mut last_state = None;
+    loop {
+        changes.borrow_and_update();
+        let row = d.db.run(run)?.ok_or_else(|| runs::not_found_run(run))?;
+        if last_state != Some(row.state) {
+            if let Some(phase) = phase_message(row.state) {
+                write_frame(stream, &Response::Progress(phase.into())).await?;
+            }
+            last_state = Some(row.state);
+        }
+        if row.state == RunState::Running || row.state.is_terminal() {
+            return Ok(row);
+        }
+        if changes.changed().await.is_err() {
+            return Ok(row);
+        }
+    }
+}
+
+fn phase_message(state: RunState) -> Option<&'static str> {
+    match state {
+        RunState::Syncing => Some("uploading the work dir"),
+        RunState::Running => Some("running"),
+        _ => None,
+    }
+}
+
+/// Sends the run's stored events, and with `follow` keeps sending new ones until the run
+/// has ended and its last event went out. Returns the final row.
+async fn stream_events(d: &Arc<Daemon>, stream: &mut UnixStream, run: &RunId, follow: bool) -> anyhow::Result<RunRow> {
+    let mut changes = d.run_watch(run);
+    let mut after = 0u64;
+    let mut last_state = None;
+    loop {
+        changes.borrow_and_update();
+        // The state is read before the events: a run seen as ended has all of its events
+        // stored already (they land in the same transaction that ends it).
+        let row = d.db.run(run)?.ok_or_else(|| runs::not_found_run(run))?;
+        if follow && last_state != Some(row.state) {
+            if let Some(phase) = phase_message(row.state) {
+                write_frame(stream, &Response::Progress(phase.into())).await?;
+            }
+            last_state = Some(row.state);
+        }
+        loop {
+            let events = d.db.events_after(run, after, PAGE)?;
+            let Some(last) = events.last() else { break };
+            after = last.seq;
+            for event in events {
+                write_frame(stream, &Response::Event(event)).await?;
+            }
+        }
+        if !follow || row.state.is_terminal() {
+            return Ok(row);
+        }
+        tokio::select! {
+            changed = changes.changed() => if changed.is_err() { return Ok(row) },
+            () = d.shutdown.cancelled() => anyhow::bail!(UserError::new(
+                ErrorCode::DaemonUnavailable,
+                "the daemon is stopping; the run goes on",
+            ).resolve(format!("follow it again: runctl-controller logs -f {run}"))),
+        }
+    }
+}
+
+/// Waits until the run is over, bounded.
+async fn wait_terminal(d: &Arc<Daemon>, run: &RunId, bound: Duration) -> anyhow::Result<RunRow> {
+    let mut changes = d.run_watch(run);
+    let deadline = tokio::time::Instant::now() + bound;
+    loop {
+        changes.borrow_and_update();
+        let row = d.db.run(run)?.ok_or_else(|| runs::not_found_run(run))?;
+        if row.state.is_terminal() {
+            return Ok(row);
+        }
+        if tokio::time::timeout_at(deadline, changes.changed()).await.is_err() {
+            return Err(UserError::new(
+                ErrorCode::Agent,
+                format!("run {run} was asked to stop but has not ended within {bound:?}"),
+            )
+            .resolve(format!("check on it: runctl-controller logs {run}"))
+            .into());
+        }
+    }
+}
+

@@ -1,0 +1,230 @@
+//! Instances and runs as the daemon drives them: launching a local instance, starting a
+//! run (pack the work dir, send it with the spec on a stream of its own, then follow the
+//! run's events), stopping runs, and terminating instances (flush, revoke, kill).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use protocol::framed::{read_frame, write_frame};
+use protocol::{AgentMsg, ControllerMsg, InstanceName, RunId, RunSpec, StartRun};
+
+use super::{Daemon, now_ms, staging_path};
+use crate::db::{InstanceRow, InstanceState, RunState};
+use crate::error::{ErrorCode, UserError};
+use crate::ipc::ProviderKind;
+use crate::provider::local;
+
+/// How long a freshly launched agent gets to enroll and connect.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Launches a local instance and waits until its agent is connected.
+pub(super) async fn launch(
+    d: &Arc<Daemon>,
+    provider: ProviderKind,
+    name: Option<InstanceName>,
+    for_run: Option<RunId>,
+) -> Result<InstanceRow, UserError> {
+    let internal = |e: anyhow::Error| UserError::new(ErrorCode::Internal, format!("{e:#}"));
+    let name = name.unwrap_or_else(local::fresh_name);
+    if d.db.instance(&name).map_err(internal)?.is_some() {
+        return Err(UserError::new(ErrorCode::Conflict, format!("an instance named {name} already exists"))
+            .resolve("pick another --name, or leave it out for a generated one"));
+    }
+    let agent_bin = local::agent_binary(&d.config.local)?;
+    let row = InstanceRow {
+        name: name.clone(),
+        provider: provider.as_str().to_owned(),
+        state: InstanceState::Launching,
+        created_ms: now_ms(),
+        terminated_ms: None,
+        pid: None,
+        for_run,
+    };
+    d.db.insert_instance(&row).map_err(internal)?;
+    let expires = now_ms() + d.config.daemon.token_ttl().as_millis() as u64;
+    let token = d.db.mint_token(&name, expires).map_err(internal)?;
+    let mut child = local::launch(
+        &d.home,
+        local::LaunchSpec {
+            name: &name,
+            token,
+            ca_pin: d.pki.ca.fingerprint(),
+            endpoint: d.quic_addr,
+            agent_bin: &agent_bin,
+            stop_grace_secs: d.config.daemon.stop_grace_secs,
+        },
+    )
+    .map_err(|e| {
+        let _ = d.db.set_instance_state(&name, InstanceState::Terminated, now_ms());
+        internal(e)
+    })?;
+    let pid = child.id().unwrap_or(0);
+    d.db.set_instance_pid(&name, pid).map_err(internal)?;
+    // Reap the agent when it exits, as long as this daemon lives.
+    let reaped = name.clone();
+    d.tasks.spawn(async move {
+        let status = child.wait().await;
+        tracing::info!("local agent {reaped} exited: {status:?}");
+    });
+    if let Err(e) = d.wait_for_agent(&name, CONNECT_TIMEOUT, Some(pid)).await {
+        terminate_now(d, &name).await;
+        return Err(e);
+    }
+    d.db.instance(&name).map_err(internal)?.ok_or_else(|| internal(anyhow::anyhow!("instance {name} vanished")))
+}
+
+/// Starts `run` on its instance. Failures end the run as failed with the reason.
+pub(super) async fn start(d: Arc<Daemon>, run: RunId, instance: InstanceName, workdir: PathBuf, spec: RunSpec) {
+    if let Err(e) = try_start(&d, &run, &instance, &workdir, spec).await {
+        let message = format!("{e:#}");
+        tracing::warn!("run {run} failed to start: {message}");
+        let _ = d.db.set_run_state(&run, RunState::Failed, now_ms(), Some(&message));
+        d.bump_run(&run);
+        on_run_ended(&d, &run);
+    }
+    let _ = std::fs::remove_file(staging_path(&d.home, &run));
+}
+
+async fn try_start(
+    d: &Arc<Daemon>,
+    run: &RunId,
+    instance: &InstanceName,
+    workdir: &std::path::Path,
+    spec: RunSpec,
+) -> anyhow::Result<()> {
+    d.db.set_run_state(run, RunState::Syncing, now_ms(), None)?;
+    d.bump_run(run);
+    let staging = staging_path(&d.home, run);
+    let (root, out) = (workdir.to_owned(), staging.clone());
+    let packed = tokio::task::spawn_blocking(move || {
+        let file = std::fs::File::create(&out).with_context(|| format!("creating {}", out.display()))?;
+        crate::bundle::pack(&root, std::io::BufWriter::new(file))
+    })
+    .await??;
+    let bundle_bytes = std::fs::metadata(&staging)?.len();
+    tracing::info!(%run, files = packed.files, bytes = packed.bytes, bundle_bytes, "work dir packed");
+
+    let pid = d.db.instance(instance)?.and_then(|row| row.pid);
+    let link = d.wait_for_agent(instance, CONNECT_TIMEOUT, pid).await?;
+    let (mut send, mut recv) = link.conn.open_bi().await.context("opening a stream to the agent")?;
+    write_frame(&mut send, &StartRun { spec, bundle_bytes }).await?;
+    let mut file = tokio::fs::File::open(&staging).await?;
+    tokio::io::copy(&mut file, &mut send).await.context("sending the work dir")?;
+    send.finish()?;
+    let answer = tokio::time::timeout(Duration::from_secs(600), read_frame::<_, AgentMsg>(&mut recv))
+        .await
+        .context("the agent did not confirm the start within 10 minutes")??;
+    match answer {
+        Some(AgentMsg::RunStarted { result: Ok(pid), .. }) => {
+            tracing::info!(%run, pid, "run started on {instance}");
+            d.db.set_run_state(run, RunState::Running, now_ms(), None)?;
+            d.bump_run(run);
+            if d.pending_stops.lock().expect("pending stops lock").remove(run) {
+                let grace = d.config.daemon.stop_grace().as_millis() as u64;
+                link.tx
+                    .send(ControllerMsg::StopRun { run: run.clone(), grace_ms: grace })
+                    .await?;
+            }
+        }
+        // The agent recorded the failure in the run's log; the replay below brings it here.
+        Some(AgentMsg::RunStarted { result: Err(e), .. }) => tracing::info!(%run, "agent could not start the run: {}", e.message),
+        other => anyhow::bail!("the agent answered the start with {other:?}"),
+    }
+    link.tx
+        .send(ControllerMsg::Replay {
+            run: run.clone(),
+            after_seq: d.db.last_seq(run)?,
+        })
+        .await?;
+    Ok(())
+}
+
+/// Called once a run has reached its end: an instance launched just for it goes too.
+pub(super) fn on_run_ended(d: &Arc<Daemon>, run: &RunId) {
+    d.pending_stops.lock().expect("pending stops lock").remove(run);
+    let Ok(Some(row)) = d.db.run(run) else { return };
+    let Ok(Some(instance)) = d.db.instance(&row.instance) else { return };
+    if instance.for_run.as_ref() == Some(run) && instance.state != InstanceState::Terminated {
+        let d2 = d.clone();
+        d.tasks.spawn(async move {
+            tracing::info!("run {} ended; terminating {}, launched for it", row.id, instance.name);
+            terminate_now(&d2, &instance.name).await;
+        });
+    }
+}
+
+/// Asks a run to stop; a run still starting is stopped as soon as it has started.
+pub(super) async fn stop(d: &Arc<Daemon>, run: &RunId, grace: Duration) -> Result<(), UserError> {
+    let internal = |e: anyhow::Error| UserError::new(ErrorCode::Internal, format!("{e:#}"));
+    let row = d.db.run(run).map_err(internal)?.ok_or_else(|| not_found_run(run))?;
+    match row.state {
+        s if s.is_terminal() => Err(UserError::new(
+            ErrorCode::Conflict,
+            format!("run {run} already ended ({})", crate::report::state_word(s)),
+        )
+        .resolve(format!("see its output: runctl-controller logs {run}"))),
+        RunState::Pending | RunState::Syncing => {
+            d.pending_stops.lock().expect("pending stops lock").insert(run.clone());
+            Ok(())
+        }
+        _ => {
+            let link = d.agent(&row.instance).ok_or_else(|| {
+                UserError::new(ErrorCode::Agent, format!("the agent of {} is not connected", row.instance))
+                    .resolve("wait for it to reconnect (runctl-controller list shows it), then retry")
+            })?;
+            link.tx
+                .send(ControllerMsg::StopRun {
+                    run: run.clone(),
+                    grace_ms: grace.as_millis() as u64,
+                })
+                .await
+                .map_err(|_| UserError::new(ErrorCode::Agent, format!("the agent of {} just disconnected", row.instance)))?;
+            Ok(())
+        }
+    }
+}
+
+/// Terminates an instance: the agent stops its runs and flushes their events, its
+/// certificate is revoked, and its process is gone when this returns.
+pub(super) async fn terminate_now(d: &Arc<Daemon>, name: &InstanceName) {
+    let grace = d.config.daemon.stop_grace();
+    if let Some(link) = d.agent(name) {
+        let _ = link
+            .tx
+            .send(ControllerMsg::Shutdown {
+                grace_ms: grace.as_millis() as u64,
+            })
+            .await;
+        // The agent finishes sending events, then ends its stream; wait for the disconnect.
+        let _ = tokio::time::timeout(grace + Duration::from_secs(10), link.conn.closed()).await;
+    }
+    let now = now_ms();
+    if let Err(e) = d.db.revoke_instance(name, now) {
+        tracing::error!("revoking {name}'s certificate failed: {e:#}");
+    }
+    if let Some(link) = d.agent(name) {
+        link.conn.close(0u32.into(), b"instance terminated");
+    }
+    if let Ok(Some(row)) = d.db.instance(name)
+        && let Some(pid) = row.pid
+    {
+        local::kill_agent(pid);
+    }
+    if let Err(e) = d.db.set_instance_state(name, InstanceState::Terminated, now) {
+        tracing::error!("recording {name} as terminated failed: {e:#}");
+    }
+    // Runs that never reported their end are over with their instance.
+    if let Ok(rows) = d.db.runs_on(name) {
+        for row in rows.into_iter().filter(|r| !r.state.is_terminal()) {
+            let _ = d.db.set_run_state(&row.id, RunState::Failed, now, Some("its instance was terminated"));
+            d.bump_run(&row.id);
+        }
+    }
+    d.bump_agents();
+}
+
+pub(super) fn not_found_run(run: &RunId) -> UserError {
+    UserError::new(ErrorCode::NotFound, format!("no run {run}")).resolve("list runs: runctl-controller list")
+}

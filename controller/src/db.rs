@@ -1,0 +1,565 @@
+//! The daemon's embedded database (SQLite): instances, enrollment tokens, issued
+//! certificates, runs and every run event. The cloud is the truth for what exists; this is
+//! what runctl did. All access goes through one connection behind a mutex: statements are
+//! short, and a single writer keeps token burning and event insertion atomic.
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use anyhow::Context;
+use protocol::{EnrollToken, ErrorKind, EventKind, Fingerprint, InstanceName, RunEnd, RunEvent, RunId};
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::{Deserialize, Serialize};
+
+const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA: &str = "
+CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE instances (
+    name TEXT PRIMARY KEY,
+    provider TEXT NOT NULL,
+    state TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    terminated_ms INTEGER,
+    pid INTEGER,
+    for_run TEXT
+);
+CREATE TABLE tokens (
+    hash TEXT PRIMARY KEY,
+    instance TEXT NOT NULL,
+    expires_ms INTEGER NOT NULL,
+    used_ms INTEGER
+);
+CREATE TABLE certs (
+    fingerprint TEXT PRIMARY KEY,
+    instance TEXT NOT NULL,
+    issued_ms INTEGER NOT NULL,
+    revoked_ms INTEGER
+);
+CREATE TABLE runs (
+    id TEXT PRIMARY KEY,
+    instance TEXT NOT NULL,
+    argv TEXT NOT NULL,
+    workdir TEXT NOT NULL,
+    state TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    started_ms INTEGER,
+    ended_ms INTEGER,
+    exit TEXT,
+    error TEXT
+);
+CREATE INDEX runs_by_instance ON runs(instance);
+CREATE TABLE run_events (
+    run_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    at_ms INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    PRIMARY KEY (run_id, seq)
+) WITHOUT ROWID;
+";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InstanceState {
+    /// Created; its agent has not connected yet.
+    Launching,
+    Running,
+    Terminated,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunState {
+    Pending,
+    Syncing,
+    Running,
+    Succeeded,
+    Failed,
+    Stopped,
+}
+
+impl RunState {
+    pub fn is_terminal(self) -> bool {
+        matches!(self, RunState::Succeeded | RunState::Failed | RunState::Stopped)
+    }
+
+    /// The state a run's end puts it in. A non-zero exit is a failure unless the user asked
+    /// for the stop.
+    pub fn after(end: &RunEnd) -> Self {
+        match end {
+            RunEnd::Exited { code: 0, .. } => RunState::Succeeded,
+            RunEnd::Exited { stop_requested: true, .. } | RunEnd::Signaled { stop_requested: true, .. } => {
+                RunState::Stopped
+            }
+            RunEnd::Exited { .. } | RunEnd::Signaled { .. } | RunEnd::SpawnFailed { .. } | RunEnd::Lost { .. } => {
+                RunState::Failed
+            }
+        }
+    }
+}
+
+fn text<T: Serialize>(value: &T) -> String {
+    serde_json::to_value(value)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+fn parse<T: for<'de> Deserialize<'de>>(s: &str) -> rusqlite::Result<T> {
+    serde_json::from_value(serde_json::Value::String(s.to_owned()))
+        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e)))
+}
+
+fn parse_json<T: for<'de> Deserialize<'de>>(s: &str) -> rusqlite::Result<T> {
+    serde_json::from_str(s)
+        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e)))
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceRow {
+    pub name: InstanceName,
+    pub provider: String,
+    pub state: InstanceState,
+    pub created_ms: u64,
+    pub terminated_ms: Option<u64>,
+    pub pid: Option<u32>,
+    /// The run this instance was launched for; it is terminated when that run ends.
+    pub for_run: Option<RunId>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunRow {
+    pub id: RunId,
+    pub instance: InstanceName,
+    pub argv: Vec<String>,
+    pub workdir: String,
+    pub state: RunState,
+    pub created_ms: u64,
+    pub started_ms: Option<u64>,
+    pub ended_ms: Option<u64>,
+    pub exit: Option<RunEnd>,
+    pub error: Option<String>,
+}
+
+#[derive(Debug)]
+pub struct Db {
+    conn: Mutex<Connection>,
+}
+
+fn token_hash(token: &EnrollToken) -> String {
+    Fingerprint::of_der(token.expose().as_bytes()).to_string()
+}
+
+impl Db {
+    pub fn open(path: &Path) -> anyhow::Result<Self> {
+        let conn = Connection::open(path).with_context(|| format!("opening database {}", path.display()))?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        match version {
+            0 => {
+                conn.execute_batch(&format!("BEGIN; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"))
+                    .context("creating the database schema")?;
+            }
+            SCHEMA_VERSION => {}
+            other => anyhow::bail!(
+                "database {} has schema version {other}, newer than this runctl-controller understands ({SCHEMA_VERSION}); install a newer runctl-controller",
+                path.display()
+            ),
+        }
+        Ok(Db { conn: Mutex::new(conn) })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.conn.lock().expect("database lock is never poisoned")
+    }
+
+    pub fn setting(&self, key: &str) -> anyhow::Result<Option<String>> {
+        Ok(self
+            .lock()
+            .query_row("SELECT value FROM settings WHERE key = ?1", [key], |r| r.get(0))
+            .optional()?)
+    }
+
+    pub fn set_setting(&self, key: &str, value: &str) -> anyhow::Result<()> {
+        self.lock().execute(
+            "INSERT INTO settings (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = ?2",
+            [key, value],
+        )?;
+        Ok(())
+    }
+
+    // --- instances -------------------------------------------------------------------
+
+    pub fn insert_instance(&self, row: &InstanceRow) -> anyhow::Result<()> {
+        self.lock().execute(
+            "INSERT INTO instances (name, provider, state, created_ms, terminated_ms, pid, for_run) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                row.name.as_str(),
+                row.provider,
+                text(&row.state),
+                row.created_ms,
+                row.terminated_ms,
+                row.pid,
+                row.for_run.as_ref().map(|r| r.as_str())
+            ],
+        )?;
+        Ok(())
+    }
+
+    pub fn set_instance_pid(&self, name: &InstanceName, pid: u32) -> anyhow::Result<()> {
+        self.lock()
+            .execute("UPDATE instances SET pid = ?2 WHERE name = ?1", params![name.as_str(), pid])?;
+        Ok(())
+    }
+
+    pub fn set_instance_state(&self, name: &InstanceName, state: InstanceState, now_ms: u64) -> anyhow::Result<()> {
+        let terminated = (state == InstanceState::Terminated).then_some(now_ms);
+        self.lock().execute(
+            "UPDATE instances SET state = ?2, terminated_ms = COALESCE(terminated_ms, ?3) WHERE name = ?1",
+            params![name.as_str(), text(&state), terminated],
+        )?;
+        Ok(())
+    }
+
+    pub fn instance(&self, name: &InstanceName) -> anyhow::Result<Option<InstanceRow>> {
+        Ok(self
+            .lock()
+            .query_row(
+                "SELECT name, provider, state, created_ms, terminated_ms, pid, for_run FROM instances WHERE name = ?1",
+                [name.as_str()],
+                instance_row,
+            )
+            .optional()?)
+    }
+
+    pub fn instances(&self) -> anyhow::Result<Vec<InstanceRow>> {
+        let conn = self.lock();
+        let mut stmt = conn.prepare(
+            "SELECT name, provider, state, created_ms, terminated_ms, pid, for_run FROM instances ORDER BY created_ms, name",
+        )?;
+        let rows = stmt.query_map([], instance_row)?.collect::<Result<_, _>>()?;
+        Ok(rows)
+    }
+
+    // --- tokens and certificates -----------------------------------------------------
+
+    /// Mints a single-use token for `instance`, valid until `expires_ms`. Only its hash is kept.
+    pub fn mint_token(&self, instance: &InstanceName, expires_ms: u64) -> anyhow::Result<EnrollToken> {
+        let token = EnrollToken::from_random(rand::random());
+        self.lock().execute(
+            "INSERT INTO tokens (hash, instance, expires_ms) VALUES (?1, ?2, ?3)",
+            params![token_hash(&token), instance.as_str(), expires_ms],
+        )?;
+        Ok(token)
+    }
+
+    /// Burns `token` and returns the instance it was minted for. Checking and burning are
+    /// one statement under the connection lock, so a token can never be used twice.
+    pub fn consume_token(&self, token: &EnrollToken, now_ms: u64) -> anyhow::Result<Result<InstanceName, ErrorKind>> {
+        let conn = self.lock();
+        let hash = token_hash(token);
+        let row: Option<(String, u64, Option<u64>)> = conn
+            .query_row(
+                "SELECT instance, expires_ms, used_ms FROM tokens WHERE hash = ?1",
+                [&hash],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()?;
+        let Some((instance, expires_ms, used_ms)) = row else {
+            return Ok(Err(ErrorKind::TokenUnknown));
+        };
+        if used_ms.is_some() {
+            return Ok(Err(ErrorKind::TokenReused));
+        }
+        if now_ms >= expires_ms {
+            return Ok(Err(ErrorKind::TokenExpired));
+        }
+        let burnt = conn.execute(
+            "UPDATE tokens SET used_ms = ?2 WHERE hash = ?1 AND used_ms IS NULL",
+            params![hash, now_ms],
+        )?;
+        if burnt != 1 {
+            return Ok(Err(ErrorKind::TokenReused));
+        }
+        Ok(Ok(instance.parse()?))
+    }
+
+    pub fn record_cert(&self, fingerprint: Fingerprint, instance: &InstanceName, now_ms: u64) -> anyhow::Result<()> {
+        self.lock().execute(
+            "INSERT INTO certs (fingerprint, instance, issued_ms) VALUES (?1, ?2, ?3)",
+            params![fingerprint.to_string(), instance.as_str(), now_ms],
+        )?;
+        Ok(())
+    }
+
+    /// The instance a certificate was issued to, and whether it has been revoked.
+    pub fn cert(&self, fingerprint: Fingerprint) -> anyhow::Result<Option<(InstanceName, bool)>> {
+        let row: Option<(String, Option<u64>)> = self
+            .lock()
+            .query_row(
+                "SELECT instance, revoked_ms FROM certs WHERE fingerprint = ?1",
+                [fingerprint.to_string()],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        row.map(|(instance, revoked)| Ok((instance.parse()?, revoked.is_some())))
+            .transpose()
+    }
+
+    /// Revokes every certificate issued to `instance`, and any token not yet used.
+    pub fn revoke_instance(&self, instance: &InstanceName, now_ms: u64) -> anyhow::Result<usize> {
+        let conn = self.lock();
+        let revoked = conn.execute(
+            "UPDATE certs SET revoked_ms = ?2 WHERE instance = ?1 AND revoked_ms IS NULL",
+            params![instance.as_str(), now_ms],
+        )?;
+        conn.execute(
+            "UPDATE tokens SET used_ms = ?2 WHERE instance = ?1 AND used_ms IS NULL",
+            params![instance.as_str(), now_ms],
+        )?;
+        Ok(revoked)
+    }
+
+    // --- runs --------------------------------------------------------------------------
+
+    pub fn insert_run(&self, row: &RunRow) -> anyhow::Result<()> {
+        self.lock().execute(
+            "INSERT INTO runs (id, instance, argv, workdir, state, created_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                row.id.as_str(),
+                row.instance.as_str(),
+                serde_json::to_string(&row.argv)?,
+                row.workdir,
+                text(&row.state),
+                row.created_ms
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Moves a run to `state` unless it already ended; returns whether it changed.
+    pub fn set_run_state(&self, id: &RunId, state: RunState, now_ms: u64, error: Option<&str>) -> anyhow::Result<bool> {
+        let started = (state == RunState::Running).then_some(now_ms);
+        let ended = state.is_terminal().then_some(now_ms);
+        let changed = self.lock().execute(
+            "UPDATE runs SET state = ?2, started_ms = COALESCE(started_ms, ?3), ended_ms = COALESCE(ended_ms, ?4), error = COALESCE(?5, error)
+             WHERE id = ?1 AND state NOT IN ('succeeded', 'failed', 'stopped')",
+            params![id.as_str(), text(&state), started, ended, error],
+        )?;
+        Ok(changed == 1)
+    }
+
+    pub fn run(&self, id: &RunId) -> anyhow::Result<Option<RunRow>> {
+        Ok(self
+            .lock()
+            .query_row(&format!("{RUN_SELECT} WHERE id = ?1"), [id.as_str()], run_row)
+            .optional()?)
+    }
+
+    pub fn runs(&self) -> anyhow::Result<Vec<RunRow>> {
+        let conn = self.lock();
+        let mut stmt = conn.prepare(&format!("{RUN_SELECT} ORDER BY created_ms, id"))?;
+        let rows = stmt.query_map([], run_row)?.collect::<Result<_, _>>()?;
+        Ok(rows)
+    }
+
+    pub fn runs_on(&self, instance: &InstanceName) -> anyhow::Result<Vec<RunRow>> {
+        let conn = self.lock();
+        let mut stmt = conn.prepare(&format!("{RUN_SELECT} WHERE instance = ?1 ORDER BY created_ms"))?;
+        let rows = stmt.query_map([instance.as_str()], run_row)?.collect::<Result<_, _>>()?;
+        Ok(rows)
+    }
+
+    /// Stores events (ignoring any already stored) and, when the run's `Ended` event is
+    /// among them, ends the run in the same transaction. Returns the highest stored sequence
+    /// number and the run's new terminal state, if it just ended.
+    pub fn insert_events(&self, run: &RunId, events: &[RunEvent]) -> anyhow::Result<(u64, Option<RunState>)> {
+        let mut conn = self.lock();
+        let tx = conn.transaction()?;
+        let mut ended = None;
+        {
+            let mut insert =
+                tx.prepare_cached("INSERT OR IGNORE INTO run_events (run_id, seq, at_ms, kind) VALUES (?1, ?2, ?3, ?4)")?;
+            for event in events {
+                insert.execute(params![run.as_str(), event.seq, event.at_ms, serde_json::to_string(&event.kind)?])?;
+                if let EventKind::Ended(end) = &event.kind {
+                    ended = Some((end.clone(), event.at_ms));
+                }
+            }
+        }
+        let mut new_state = None;
+        if let Some((end, at_ms)) = ended {
+            let state = RunState::after(&end);
+            let error = match &end {
+                RunEnd::SpawnFailed { message } | RunEnd::Lost { message } => Some(message.clone()),
+                _ => None,
+            };
+            let changed = tx.execute(
+                "UPDATE runs SET state = ?2, ended_ms = COALESCE(ended_ms, ?3), exit = ?4, error = COALESCE(error, ?5)
+                 WHERE id = ?1 AND exit IS NULL",
+                params![run.as_str(), text(&state), at_ms, serde_json::to_string(&end)?, error],
+            )?;
+            if changed == 1 {
+                new_state = Some(state);
+            }
+        }
+        let last: u64 = tx.query_row(
+            "SELECT COALESCE(MAX(seq), 0) FROM run_events WHERE run_id = ?1",
+            [run.as_str()],
+            |r| r.get(0),
+        )?;
+        tx.commit()?;
+        Ok((last, new_state))
+    }
+
+    pub fn last_seq(&self, run: &RunId) -> anyhow::Result<u64> {
+        Ok(self.lock().query_row(
+            "SELECT COALESCE(MAX(seq), 0) FROM run_events WHERE run_id = ?1",
+            [run.as_str()],
+            |r| r.get(0),
+        )?)
+    }
+
+    /// Up to `limit` events of `run` after `after_seq`, in order.
+    pub fn events_after(&self, run: &RunId, after_seq: u64, limit: u32) -> anyhow::Result<Vec<RunEvent>> {
+        let conn = self.lock();
+        let mut stmt = conn.prepare_cached(
+            "SELECT seq, at_ms, kind FROM run_events WHERE run_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+        )?;
+        let rows = stmt
+            .query_map(params![run.as_str(), after_seq, limit], |r| {
+                let kind: String = r.get(2)?;
+                Ok(RunEvent {
+                    seq: r.get(0)?,
+                    at_ms: r.get(1)?,
+                    kind: parse_json(&kind)?,
+                })
+            })?
+            .collect::<Result<_, _>>()?;
+        Ok(rows)
+    }
+}
+
+const RUN_SELECT: &str =
+    "SELECT id, instance, argv, workdir, state, created_ms, started_ms, ended_ms, exit, error FROM runs";
+
+fn instance_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<InstanceRow> {
+    let name: String = r.get(0)?;
+    let state: String = r.get(2)?;
+    let for_run: Option<String> = r.get(6)?;
+    Ok(InstanceRow {
+        name: parse(&name)?,
+        provider: r.get(1)?,
+        state: parse(&state)?,
+        created_ms: r.get(3)?,
+        terminated_ms: r.get(4)?,
+        pid: r.get(5)?,
+        for_run: for_run.map(|s| parse(&s)).transpose()?,
+    })
+}
+
+fn run_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RunRow> {
+    let id: String = r.get(0)?;
+    let instance: String = r.get(1)?;
+    let argv: String = r.get(2)?;
+    let state: String = r.get(4)?;
+    let exit: Option<String> = r.get(8)?;
+    Ok(RunRow {
+        id: parse(&id)?,
+        instance: parse(&instance)?,
+        argv: parse_json(&argv)?,
+        workdir: r.get(3)?,
+        state: parse(&state)?,
+        created_ms: r.get(5)?,
+        started_ms: r.get(6)?,
+        ended_ms: r.get(7)?,
+        exit: exit.map(|e| parse_json(&e)).transpose()?,
+        error: r.get(9)?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn db() -> (tempfile::TempDir, Db) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = Db::open(&dir.path().join("state.db")).expect("open");
+        (dir, db)
+    }
+
+    fn name(s: &str) -> InstanceName {
+        s.parse().expect("valid name")
+    }
+
+    #[test]
+    fn tokens_are_single_use_and_expire() {
+        let (_dir, db) = db();
+        let token = db.mint_token(&name("gpu-1"), 1_000).expect("mint");
+        assert_eq!(db.consume_token(&token, 999).expect("db"), Ok(name("gpu-1")));
+        assert_eq!(db.consume_token(&token, 999).expect("db"), Err(ErrorKind::TokenReused));
+        let late = db.mint_token(&name("gpu-1"), 1_000).expect("mint");
+        assert_eq!(db.consume_token(&late, 1_000).expect("db"), Err(ErrorKind::TokenExpired));
+        let unknown = EnrollToken::from_random([9; 32]);
+        assert_eq!(db.consume_token(&unknown, 0).expect("db"), Err(ErrorKind::TokenUnknown));
+    }
+
+    #[test]
+    fn revocation_covers_certs_and_unused_tokens() {
+        let (_dir, db) = db();
+        let fp = Fingerprint::of_der(b"cert");
+        db.record_cert(fp, &name("gpu-1"), 5).expect("record");
+        let token = db.mint_token(&name("gpu-1"), 1_000).expect("mint");
+        assert_eq!(db.cert(fp).expect("db"), Some((name("gpu-1"), false)));
+        assert_eq!(db.revoke_instance(&name("gpu-1"), 6).expect("revoke"), 1);
+        assert_eq!(db.cert(fp).expect("db"), Some((name("gpu-1"), true)));
+        assert!(db.consume_token(&token, 7).expect("db").is_err());
+    }
+
+    #[test]
+    fn events_are_stored_once_and_end_the_run() {
+        let (_dir, db) = db();
+        let run = RunId::from_random([1; 6]);
+        db.insert_run(&RunRow {
+            id: run.clone(),
+            instance: name("local-1"),
+            argv: vec!["true".into()],
+            workdir: "/w".into(),
+            state: RunState::Running,
+            created_ms: 1,
+            started_ms: None,
+            ended_ms: None,
+            exit: None,
+            error: None,
+        })
+        .expect("insert");
+        let out = |seq| RunEvent {
+            seq,
+            at_ms: seq,
+            kind: EventKind::Output { stream: protocol::Stream::Stdout, line: format!("{seq}") },
+        };
+        assert_eq!(db.insert_events(&run, &[out(1), out(2)]).expect("insert"), (2, None));
+        let end = RunEvent { seq: 3, at_ms: 3, kind: EventKind::Ended(RunEnd::Exited { code: 2, stop_requested: false }) };
+        assert_eq!(db.insert_events(&run, &[out(2), end.clone()]).expect("insert"), (3, Some(RunState::Failed)));
+        assert_eq!(db.insert_events(&run, &[end]).expect("replay").1, None, "ending twice is a no-op");
+        let seqs: Vec<u64> = db.events_after(&run, 0, 100).expect("read").iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, [1, 2, 3]);
+        let row = db.run(&run).expect("db").expect("exists");
+        assert_eq!(row.state, RunState::Failed);
+        assert!(!db.set_run_state(&run, RunState::Running, 9, None).expect("db"), "terminal states stick");
+    }
+
+    #[test]
+    fn run_end_states() {
+        let check = |end: RunEnd, state: RunState| assert_eq!(RunState::after(&end), state, "{end:?}");
+        check(RunEnd::Exited { code: 0, stop_requested: true }, RunState::Succeeded);
+        check(RunEnd::Exited { code: 1, stop_requested: false }, RunState::Failed);
+        check(RunEnd::Exited { code: 143, stop_requested: true }, RunState::Stopped);
+        check(RunEnd::Signaled { signal: 15, stop_requested: true }, RunState::Stopped);
+        check(RunEnd::Signaled { signal: 9, stop_requested: false }, RunState::Failed);
+        check(RunEnd::SpawnFailed { message: String::new() }, RunState::Failed);
+        check(RunEnd::Lost { message: String::new() }, RunState::Failed);
+    }
+}

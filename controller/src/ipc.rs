@@ -1,0 +1,267 @@
+//! The local socket between the CLI and the daemon (`$RUNCTL_HOME/daemon.sock`, owner-only):
+//! the request and response types, and the client, which starts the daemon when none is
+//! running. Frames use the same codec as the agent channel.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use protocol::framed::{read_frame, write_frame};
+use protocol::{InstanceName, RunEvent, RunId};
+use serde::{Deserialize, Serialize};
+use tokio::net::UnixStream;
+
+use crate::db::{InstanceRow, RunRow};
+use crate::error::{ErrorCode, UserError};
+use crate::home::Home;
+
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The first frame from the CLI.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClientHello {
+    pub version: String,
+}
+
+/// The daemon's answer to `ClientHello`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DaemonHello {
+    pub version: String,
+    pub pid: u32,
+}
+
+/// Where instances come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum ProviderKind {
+    /// An agent process on this machine, with its own work dir (no cloud account needed).
+    Local,
+}
+
+impl ProviderKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProviderKind::Local => "local",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunRequest {
+    /// Absolute path of the directory to upload as the run's work dir.
+    pub workdir: PathBuf,
+    pub argv: Vec<String>,
+    pub env: Vec<(String, String)>,
+    /// Run on this existing instance; otherwise launch one with `provider`.
+    pub on: Option<InstanceName>,
+    pub provider: ProviderKind,
+    /// Keep an instance launched for this run after the run ends.
+    pub keep: bool,
+    /// Answer once the process has started instead of streaming its output.
+    pub detach: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Request {
+    Status,
+    List,
+    Launch {
+        provider: ProviderKind,
+        name: Option<InstanceName>,
+    },
+    Run(RunRequest),
+    Logs {
+        run: RunId,
+        follow: bool,
+    },
+    Stop {
+        run: RunId,
+        grace_secs: Option<u64>,
+    },
+    Terminate {
+        name: InstanceName,
+        force: bool,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub pid: u32,
+    pub version: String,
+    pub quic_addr: String,
+    pub ca_sha256: String,
+    pub agents_connected: u32,
+    pub runs_active: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceView {
+    #[serde(flatten)]
+    pub row: InstanceRow,
+    pub connected: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListReport {
+    pub instances: Vec<InstanceView>,
+    pub runs: Vec<RunRow>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Response {
+    Status(StatusReport),
+    List(ListReport),
+    Launched(InstanceView),
+    /// The run exists; `launched` says whether an instance was launched for it.
+    RunAccepted {
+        run: RunId,
+        instance: InstanceName,
+        launched: bool,
+    },
+    /// A phase of getting a run going, for stderr.
+    Progress(String),
+    Event(RunEvent),
+    /// The final state of a run: after `Logs`, `Stop`, a finished `Run`, or a detached
+    /// `Run` once its process started.
+    Run(RunRow),
+    Terminated(InstanceView),
+    Error(UserError),
+}
+
+/// A connection to the daemon.
+#[derive(Debug)]
+pub struct Client {
+    stream: UnixStream,
+}
+
+impl Client {
+    /// Connects to the daemon, starting it in the background if it is not running.
+    pub async fn connect(home: &Home) -> Result<Self, UserError> {
+        if let Ok(client) = Self::try_connect(&home.socket()).await {
+            return client.handshake().await;
+        }
+        let mut child = spawn_daemon(home)?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(client) = Self::try_connect(&home.socket()).await {
+                return client.handshake().await;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                // Another CLI may have started one at the same moment; that one wins.
+                if let Ok(client) = Self::try_connect(&home.socket()).await {
+                    return client.handshake().await;
+                }
+                return Err(UserError::new(
+                    ErrorCode::DaemonUnavailable,
+                    format!("the daemon exited ({status}) while starting: {}", log_tail(&home.daemon_log())),
+                )
+                .resolve(format!("read {}", home.daemon_log().display()))
+                .resolve("run it in the foreground to see why: runctl-controller daemon"));
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(UserError::new(
+                    ErrorCode::DaemonUnavailable,
+                    format!("the daemon did not open {} within 20 s", home.socket().display()),
+                )
+                .resolve(format!("read {}", home.daemon_log().display())));
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// Connects only if a daemon is already running.
+    pub async fn connect_existing(home: &Home) -> Result<Option<Self>, UserError> {
+        match Self::try_connect(&home.socket()).await {
+            Ok(client) => client.handshake().await.map(Some),
+            Err(_) => Ok(None),
+        }
+    }
+
+    async fn try_connect(socket: &Path) -> std::io::Result<Self> {
+        Ok(Client {
+            stream: UnixStream::connect(socket).await?,
+        })
+    }
+
+    async fn handshake(mut self) -> Result<Self, UserError> {
+        let hello = ClientHello {
+            version: VERSION.to_owned(),
+        };
+        write_frame(&mut self.stream, &hello).await.map_err(unavailable)?;
+        let answer: DaemonHello = read_frame(&mut self.stream)
+            .await
+            .map_err(unavailable)?
+            .ok_or_else(|| unavailable("the daemon closed the connection"))?;
+        if answer.version != VERSION {
+            return Err(UserError::new(
+                ErrorCode::DaemonUnavailable,
+                format!(
+                    "the running daemon (pid {}) is version {}, this CLI is {VERSION}",
+                    answer.pid, answer.version
+                ),
+            )
+            .resolve("restart it: runctl-controller shutdown (runs on agents keep going), then retry"));
+        }
+        Ok(self)
+    }
+
+    pub async fn send(&mut self, request: &Request) -> Result<(), UserError> {
+        write_frame(&mut self.stream, request).await.map_err(unavailable)
+    }
+
+    /// The next response; `None` when the daemon closed the connection.
+    pub async fn next(&mut self) -> Result<Option<Response>, UserError> {
+        read_frame(&mut self.stream).await.map_err(unavailable)
+    }
+
+    /// Sends a request that has exactly one response; a `Response::Error` becomes `Err`.
+    pub async fn call(home: &Home, request: &Request) -> Result<Response, UserError> {
+        let mut client = Client::connect(home).await?;
+        client.send(request).await?;
+        match client.next().await? {
+            Some(Response::Error(e)) => Err(e),
+            Some(response) => Ok(response),
+            None => Err(unavailable("the daemon closed the connection without answering")),
+        }
+    }
+}
+
+fn unavailable(e: impl std::fmt::Display) -> UserError {
+    UserError::new(ErrorCode::DaemonUnavailable, format!("talking to the daemon failed: {e}"))
+        .resolve("check it with: runctl-controller status")
+}
+
+fn log_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().rev().take(5).collect();
+    lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
+}
+
+/// Starts `runctl-controller daemon` in its own session, detached from this terminal,
+/// with its output appended to the daemon log.
+fn spawn_daemon(home: &Home) -> Result<std::process::Child, UserError> {
+    let fail = |what: String| {
+        UserError::new(ErrorCode::DaemonUnavailable, what).resolve("run it in the foreground: runctl-controller daemon")
+    };
+    home.ensure().map_err(|e| fail(format!("{e:#}")))?;
+    let exe = std::env::current_exe().map_err(|e| fail(format!("cannot find this executable: {e}")))?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(home.daemon_log())
+        .map_err(|e| fail(format!("cannot open {}: {e}", home.daemon_log().display())))?;
+    let log_err = log
+        .try_clone()
+        .map_err(|e| fail(format!("cannot open {}: {e}", home.daemon_log().display())))?;
+    let mut command = std::process::Command::new(exe);
+    command
+        .arg("--home")
+        .arg(home.root())
+        .arg("daemon")
+        .stdin(std::process::Stdio::null())
+        .stdout(log)
+        .stderr(log_err);
+    crate::detach::new_session(&mut command);
+    command
+        .spawn()
+        .map_err(|e| fail(format!("cannot start the daemon: {e}")))
+}

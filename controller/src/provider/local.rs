@@ -1,0 +1,135 @@
+//! The local provider: an instance is a `runctl-agent` process on this machine, with its
+//! own directory (config, state, log) under `$RUNCTL_HOME/local/NAME`. It enrolls over
+//! loopback exactly as a cloud agent would, token and CA pin included.
+
+use std::net::SocketAddr;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use protocol::agent_config::AgentConfigFile;
+use protocol::{EnrollToken, Fingerprint, InstanceName};
+
+use crate::config::LocalConfig;
+use crate::error::{ErrorCode, UserError};
+use crate::home::Home;
+
+const AGENT_BIN: &str = "runctl-agent";
+
+/// Finds the agent binary: `RUNCTL_AGENT_BIN`, then `[local] agent_binary`, then the
+/// `runctl-agent` beside this executable.
+pub fn agent_binary(config: &LocalConfig) -> Result<PathBuf, UserError> {
+    let candidate = std::env::var_os("RUNCTL_AGENT_BIN")
+        .map(PathBuf::from)
+        .or_else(|| config.agent_binary.clone())
+        .or_else(|| {
+            std::env::current_exe()
+                .ok()
+                .and_then(|exe| exe.parent().map(|dir| dir.join(AGENT_BIN)))
+        });
+    match candidate {
+        Some(path) if path.is_file() => Ok(path),
+        other => Err(UserError::new(
+            ErrorCode::BadInput,
+            match other {
+                Some(path) => format!("the agent binary {} does not exist", path.display()),
+                None => "cannot locate the runctl-agent binary".to_owned(),
+            },
+        )
+        .resolve("build it beside the controller: cargo build -p agent")
+        .resolve("or point to it: RUNCTL_AGENT_BIN=/path/to/runctl-agent, or `agent_binary` under [local] in config.toml")),
+    }
+}
+
+/// A new name for a local instance.
+pub fn fresh_name() -> InstanceName {
+    let suffix: [u8; 3] = rand::random();
+    format!("local-{}", hex::encode(suffix))
+        .parse()
+        .expect("local- and 6 hex digits is a valid instance name")
+}
+
+/// What the daemon needs to start a local agent.
+#[derive(Debug)]
+pub struct LaunchSpec<'a> {
+    pub name: &'a InstanceName,
+    pub token: EnrollToken,
+    pub ca_pin: Fingerprint,
+    pub endpoint: SocketAddr,
+    pub agent_bin: &'a Path,
+    pub stop_grace_secs: u64,
+}
+
+/// Writes the instance's agent config (owner-only) and starts the agent in a session of
+/// its own, so it keeps running when the daemon stops.
+pub fn launch(home: &Home, spec: LaunchSpec<'_>) -> anyhow::Result<tokio::process::Child> {
+    let dir = home.local_instance(spec.name);
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+        .with_context(|| format!("creating {}", dir.display()))?;
+    // A loopback agent dials the loopback address even when the daemon listens on all.
+    let mut endpoint = spec.endpoint;
+    if endpoint.ip().is_unspecified() {
+        endpoint.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let config = AgentConfigFile {
+        instance: spec.name.clone(),
+        controller: vec![endpoint.to_string()],
+        ca_sha256: spec.ca_pin,
+        token: spec.token,
+        state_dir: PathBuf::from("state"),
+        stop_grace_secs: Some(spec.stop_grace_secs),
+    };
+    let config_path = dir.join("agent.toml");
+    protocol::tls::write_private(&config_path, toml::to_string(&config)?.as_bytes())
+        .with_context(|| format!("writing {}", config_path.display()))?;
+    let log_path = dir.join("agent.log");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("opening {}", log_path.display()))?;
+    let mut command = std::process::Command::new(spec.agent_bin);
+    command
+        .arg("--config")
+        .arg(&config_path)
+        .current_dir(&dir)
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    crate::detach::new_session(&mut command);
+    let child = tokio::process::Command::from(command)
+        .spawn()
+        .with_context(|| format!("starting {}", spec.agent_bin.display()))?;
+    Ok(child)
+}
+
+/// Whether `pid` is still a runctl agent (and not a reused pid).
+pub fn is_agent_alive(pid: u32) -> bool {
+    if kill(Pid::from_raw(pid as i32), None).is_err() {
+        return false;
+    }
+    match std::fs::read(format!("/proc/{pid}/cmdline")) {
+        Ok(cmdline) => String::from_utf8_lossy(&cmdline).contains(AGENT_BIN),
+        // Without /proc (macOS) the signal probe is all there is.
+        Err(_) => true,
+    }
+}
+
+/// Kills the agent process (SIGKILL) if it is still running.
+pub fn kill_agent(pid: u32) {
+    if is_agent_alive(pid) {
+        let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+    }
+}
+
+/// The last lines of the instance's agent log, for error messages.
+pub fn log_tail(home: &Home, name: &InstanceName) -> String {
+    let text = std::fs::read_to_string(home.local_instance(name).join("agent.log")).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().rev().take(3).collect();
+    lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
+}

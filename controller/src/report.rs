@@ -1,0 +1,290 @@
+//! Rendering: every command's result goes through the `Printer`, as text for people or as
+//! JSON for programs. Data goes to stdout; progress and human-readable errors to stderr.
+
+use std::io::Write;
+
+use protocol::{EventKind, RunEnd, RunEvent, Stream};
+use serde::Serialize;
+
+use crate::db::{InstanceState, RunRow, RunState};
+use crate::error::UserError;
+use crate::ipc::{InstanceView, ListReport, StatusReport};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// Text for people.
+    Human,
+    /// JSON: one object per result, one line per run event.
+    Json,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Printer {
+    pub format: Format,
+}
+
+fn json_line(value: &impl Serialize) {
+    let mut out = std::io::stdout().lock();
+    let _ = serde_json::to_writer(&mut out, value);
+    let _ = writeln!(out);
+    let _ = out.flush();
+}
+
+impl Printer {
+    /// Prints a result: `value` as JSON, or `human` as text.
+    pub fn data(&self, value: &impl Serialize, human: impl FnOnce() -> String) {
+        match self.format {
+            Format::Json => json_line(value),
+            Format::Human => {
+                let text = human();
+                let mut out = std::io::stdout().lock();
+                let _ = write!(out, "{text}");
+                if !text.ends_with('\n') {
+                    let _ = writeln!(out);
+                }
+            }
+        }
+    }
+
+    /// A step of progress, on stderr.
+    pub fn progress(&self, message: &str) {
+        eprintln!("runctl: {message}");
+    }
+
+    /// One run event: output lines go to the matching local stream; JSON prints the event.
+    pub fn event(&self, event: &RunEvent) {
+        match self.format {
+            Format::Json => json_line(event),
+            Format::Human => match &event.kind {
+                EventKind::Output { stream: Stream::Stdout, line } => {
+                    let mut out = std::io::stdout().lock();
+                    let _ = writeln!(out, "{line}");
+                    let _ = out.flush();
+                }
+                EventKind::Output { stream: Stream::Stderr, line } => eprintln!("{line}"),
+                EventKind::Started { .. } | EventKind::Ended(_) => {}
+            },
+        }
+    }
+
+    pub fn error(&self, error: &UserError) {
+        match self.format {
+            Format::Json => json_line(&serde_json::json!({ "error": error })),
+            Format::Human => eprint!("{}", render_error(error)),
+        }
+    }
+}
+
+pub fn render_error(error: &UserError) -> String {
+    let mut text = format!("error: {}\n", error.message);
+    if !error.to_resolve.is_empty() {
+        text.push_str("\nTo resolve:\n");
+        for step in &error.to_resolve {
+            text.push_str(&format!("  - {step}\n"));
+        }
+    }
+    text
+}
+
+pub fn state_word(state: RunState) -> &'static str {
+    match state {
+        RunState::Pending => "pending",
+        RunState::Syncing => "syncing",
+        RunState::Running => "running",
+        RunState::Succeeded => "succeeded",
+        RunState::Failed => "failed",
+        RunState::Stopped => "stopped",
+    }
+}
+
+fn instance_word(state: InstanceState) -> &'static str {
+    match state {
+        InstanceState::Launching => "launching",
+        InstanceState::Running => "running",
+        InstanceState::Terminated => "terminated",
+    }
+}
+
+/// How a run ended, in a few words: `exit 0`, `signal 15`, or the failure.
+pub fn end_words(row: &RunRow) -> String {
+    match (&row.exit, &row.error) {
+        (Some(RunEnd::Exited { code, .. }), _) => format!("exit {code}"),
+        (Some(RunEnd::Signaled { signal, .. }), _) => format!("signal {signal}"),
+        (Some(RunEnd::SpawnFailed { message } | RunEnd::Lost { message }), _) => message.clone(),
+        (None, Some(error)) => error.clone(),
+        (None, None) => String::new(),
+    }
+}
+
+/// The exit status `run` and `logs -f` report for a finished run: the remote exit code,
+/// 128 + N for signal N (as shells do), 127 when the command could not start.
+pub fn exit_status(row: &RunRow) -> u8 {
+    match &row.exit {
+        Some(RunEnd::Exited { code, .. }) => (*code & 0xff) as u8,
+        Some(RunEnd::Signaled { signal, .. }) => 128u8.saturating_add(*signal as u8),
+        Some(RunEnd::SpawnFailed { .. }) => 127,
+        Some(RunEnd::Lost { .. }) => 1,
+        None if row.state == RunState::Succeeded => 0,
+        None => 1,
+    }
+}
+
+fn age(now_ms: u64, then_ms: u64) -> String {
+    let secs = now_ms.saturating_sub(then_ms) / 1000;
+    let rounded = if secs >= 3600 { secs - secs % 60 } else { secs };
+    format!("{} ago", humantime::format_duration(std::time::Duration::from_secs(rounded)))
+}
+
+fn duration_words(row: &RunRow) -> String {
+    match (row.started_ms, row.ended_ms) {
+        (Some(start), Some(end)) => {
+            let ms = end.saturating_sub(start);
+            format!("{:.1}s", ms as f64 / 1000.0)
+        }
+        _ => String::new(),
+    }
+}
+
+fn table(header: &[&str]) -> comfy_table::Table {
+    let mut table = comfy_table::Table::new();
+    table.load_preset(comfy_table::presets::NOTHING);
+    table.set_header(header.to_vec());
+    table
+}
+
+pub fn status_text(s: &StatusReport) -> String {
+    let plural = |n: u32, word: &str| format!("{n} {word}{}", if n == 1 { "" } else { "s" });
+    format!(
+        "{} connected, {} active (daemon pid {}, v{}, QUIC {})",
+        plural(s.agents_connected, "agent"),
+        plural(s.runs_active, "run"),
+        s.pid,
+        s.version,
+        s.quic_addr
+    )
+}
+
+pub fn list_text(report: &ListReport, now_ms: u64) -> String {
+    let mut instances = table(&["INSTANCE", "PROVIDER", "STATE", "AGENT", "CREATED"]);
+    for InstanceView { row, connected } in &report.instances {
+        instances.add_row(vec![
+            row.name.to_string(),
+            row.provider.clone(),
+            instance_word(row.state).to_owned(),
+            if *connected { "connected" } else { "-" }.to_owned(),
+            age(now_ms, row.created_ms),
+        ]);
+    }
+    let mut runs = table(&["RUN", "INSTANCE", "STATE", "RESULT", "TOOK", "CREATED", "COMMAND"]);
+    for row in &report.runs {
+        runs.add_row(vec![
+            row.id.to_string(),
+            row.instance.to_string(),
+            state_word(row.state).to_owned(),
+            end_words(row),
+            duration_words(row),
+            age(now_ms, row.created_ms),
+            row.argv.join(" "),
+        ]);
+    }
+    let mut text = String::new();
+    if report.instances.is_empty() {
+        text.push_str("no instances\n");
+    } else {
+        text.push_str(&format!("{}\n", instances.trim_fmt()));
+    }
+    text.push('\n');
+    if report.runs.is_empty() {
+        text.push_str("no runs\n");
+    } else {
+        text.push_str(&format!("{}\n", runs.trim_fmt()));
+    }
+    text
+}
+
+pub fn run_summary(row: &RunRow) -> String {
+    let took = duration_words(row);
+    let end = end_words(row);
+    let mut text = format!("run {} {}", row.id, state_word(row.state));
+    if !end.is_empty() {
+        text.push_str(&format!(" ({end})"));
+    }
+    if !took.is_empty() {
+        text.push_str(&format!(" after {took}"));
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::db::InstanceRow;
+
+    fn run_row(state: RunState, exit: Option<RunEnd>) -> RunRow {
+        RunRow {
+            id: protocol::RunId::from_random([0xab; 6]),
+            instance: "local-1".parse().expect("valid"),
+            argv: vec!["python3".into(), "train.py".into()],
+            workdir: "/src".into(),
+            state,
+            created_ms: 1_000,
+            started_ms: Some(2_000),
+            ended_ms: Some(5_500),
+            exit,
+            error: None,
+        }
+    }
+
+    #[test]
+    fn exit_statuses() {
+        let check = |exit: Option<RunEnd>, state: RunState, code: u8| assert_eq!(exit_status(&run_row(state, exit.clone())), code, "{exit:?}");
+        check(Some(RunEnd::Exited { code: 0, stop_requested: false }), RunState::Succeeded, 0);
+        check(Some(RunEnd::Exited { code: 7, stop_requested: false }), RunState::Failed, 7);
+        check(Some(RunEnd::Signaled { signal: 15, stop_requested: true }), RunState::Stopped, 143);
+        check(Some(RunEnd::SpawnFailed { message: "x".into() }), RunState::Failed, 127);
+        check(None, RunState::Failed, 1);
+    }
+
+    #[test]
+    fn list_and_status_snapshots() {
+        let report = ListReport {
+            instances: vec![InstanceView {
+                row: InstanceRow {
+                    name: "local-1".parse().expect("valid"),
+                    provider: "local".into(),
+                    state: InstanceState::Running,
+                    created_ms: 1_000,
+                    terminated_ms: None,
+                    pid: Some(42),
+                    for_run: None,
+                },
+                connected: true,
+            }],
+            runs: vec![run_row(RunState::Failed, Some(RunEnd::Exited { code: 3, stop_requested: false }))],
+        };
+        insta::assert_snapshot!(list_text(&report, 61_000));
+        insta::assert_snapshot!(list_text(&ListReport { instances: vec![], runs: vec![] }, 0));
+        let status = StatusReport {
+            pid: 7,
+            version: "0.1.0".into(),
+            quic_addr: "127.0.0.1:4433".into(),
+            ca_sha256: "00".into(),
+            agents_connected: 1,
+            runs_active: 2,
+        };
+        insta::assert_snapshot!(status_text(&status), @"1 agent connected, 2 runs active (daemon pid 7, v0.1.0, QUIC 127.0.0.1:4433)");
+        insta::assert_snapshot!(run_summary(&report.runs[0]), @"run run-abababababab failed (exit 3) after 3.5s");
+    }
+
+    #[test]
+    fn errors_list_their_fixes() {
+        let e = UserError::new(crate::error::ErrorCode::NotFound, "no run run-000000000000")
+            .resolve("list runs: runctl-controller list");
+        insta::assert_snapshot!(render_error(&e), @r"
+        error: no run run-000000000000
+
+        To resolve:
+          - list runs: runctl-controller list
+        ");
+    }
+}
