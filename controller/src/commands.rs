@@ -128,6 +128,7 @@ async fn daemon(home: Home, config: Config) -> anyhow::Result<u8> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     crate::daemon::serve(home, config, async {
         use tokio::signal::unix::{SignalKind, signal};

@@ -95,7 +95,7 @@ pub struct StatusReport {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InstanceView {
-    #[serde(flatten)]
+    #[serde(rename = "instance")]
     pub row: InstanceRow,
     pub connected: bool,
 }

@@ -152,6 +152,15 @@ fn table(header: &[&str]) -> comfy_table::Table {
     table
 }
 
+fn truncate(text: &str, max_chars: usize) -> String {
+    if text.chars().count() <= max_chars {
+        return text.to_owned();
+    }
+    let mut out: String = text.chars().take(max_chars - 1).collect();
+    out.push('…');
+    out
+}
+
 pub fn status_text(s: &StatusReport) -> String {
     let plural = |n: u32, word: &str| format!("{n} {word}{}", if n == 1 { "" } else { "s" });
     format!(
@@ -181,7 +190,7 @@ pub fn list_text(report: &ListReport, now_ms: u64) -> String {
             row.id.to_string(),
             row.instance.to_string(),
             state_word(row.state).to_owned(),
-            end_words(row),
+            truncate(&end_words(row), 48),
             duration_words(row),
             age(now_ms, row.created_ms),
             row.argv.join(" "),

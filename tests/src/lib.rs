@@ -1,1 +1,137 @@
+//! The end-to-end harness: a private controller home per test, the real
+//! `runctl-controller` and `runctl-agent` binaries, and cleanup that leaves no daemon or
+//! agent process behind.
 
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+/// The directory holding the workspace's binaries (`target/debug`), found from this test
+/// executable's own path (`target/debug/deps/...`).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let deps = exe.parent().expect("deps dir");
+    deps.parent().expect("target profile dir").to_owned()
+}
+
+pub fn bin(name: &str) -> PathBuf {
+    let path = bin_dir().join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: build the binaries first (cargo build --workspace --bins)",
+        path.display()
+    );
+    path
+}
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_owned()
+}
+
+/// A controller home in a temporary directory, with a daemon started on demand.
+#[derive(Debug)]
+pub struct Home {
+    pub dir: tempfile::TempDir,
+}
+
+impl Default for Home {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Home {
+    pub fn new() -> Self {
+        // Short paths: the daemon's Unix socket path must stay under ~100 bytes.
+        let dir = tempfile::Builder::new().prefix("rc").tempdir_in("/tmp").expect("tempdir");
+        std::fs::write(
+            dir.path().join("config.toml"),
+            "[daemon]\nlisten = \"127.0.0.1:0\"\nstop_grace_secs = 3\n",
+        )
+        .expect("write config");
+        Home { dir }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// A `runctl-controller` command bound to this home.
+    pub fn cli(&self) -> Command {
+        let mut cmd = Command::new(bin("runctl-controller"));
+        cmd.env("RUNCTL_HOME", self.path())
+            .env("RUNCTL_AGENT_BIN", bin("runctl-agent"))
+            .env_remove("RUNCTL_OUTPUT")
+            .current_dir(repo_root());
+        cmd
+    }
+
+    /// Runs the CLI to completion with `args`.
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.cli().args(args).output().expect("run runctl-controller")
+    }
+
+    /// Runs the CLI with `--output json` and parses stdout (the last line, for commands
+    /// that print events first).
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let out = self.cli().arg("--output").arg("json").args(args).output().expect("run");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let last = stdout.lines().last().unwrap_or_default();
+        serde_json::from_str(last).unwrap_or_else(|e| {
+            panic!(
+                "{args:?}: stdout is not JSON ({e}): {stdout}\nstderr: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+    }
+
+    pub fn daemon_pid(&self) -> Option<i32> {
+        std::fs::read_to_string(self.path().join("daemon.pid"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+    }
+
+    /// Polls `check` until it holds, failing after `bound`.
+    pub fn wait_until(&self, what: &str, bound: Duration, mut check: impl FnMut() -> bool) {
+        let deadline = Instant::now() + bound;
+        while !check() {
+            assert!(Instant::now() < deadline, "timed out after {bound:?} waiting for {what}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Home {
+    fn drop(&mut self) {
+        // Kill every local agent this home started, then the daemon.
+        let local = self.path().join("local");
+        if let Ok(entries) = std::fs::read_dir(&local) {
+            for entry in entries.flatten() {
+                let config = entry.path().join("agent.toml");
+                kill_processes_with_arg(&config.display().to_string());
+            }
+        }
+        let _ = self.run(&["shutdown"]);
+    }
+}
+
+/// Kills processes whose command line contains `needle` (Linux /proc).
+pub fn kill_processes_with_arg(needle: &str) {
+    let Ok(procs) = std::fs::read_dir("/proc") else { return };
+    for proc in procs.flatten() {
+        let Ok(pid) = proc.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(cmdline) = std::fs::read(proc.path().join("cmdline")) else { continue };
+        if String::from_utf8_lossy(&cmdline).contains(needle) {
+            let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
+        }
+    }
+}
+
+pub fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
