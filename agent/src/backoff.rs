@@ -23,7 +23,11 @@ mod tests {
     use super::*;
 
     fn check(attempt: u32, jitter: f64, expected_ms: u64) {
-        assert_eq!(delay(attempt, jitter), Duration::from_millis(expected_ms), "attempt {attempt}, jitter {jitter}");
+        assert_eq!(
+            delay(attempt, jitter),
+            Duration::from_millis(expected_ms),
+            "attempt {attempt}, jitter {jitter}"
+        );
     }
 
     #[test]

@@ -144,10 +144,14 @@ fn symlink_stays_inside(link: &Path, target: &Path) -> bool {
     }
     let mut depth: Vec<&std::ffi::OsStr> = link
         .parent()
-        .map(|p| p.components().filter_map(|c| match c {
-            Component::Normal(p) => Some(p),
-            _ => None,
-        }).collect())
+        .map(|p| {
+            p.components()
+                .filter_map(|c| match c {
+                    Component::Normal(p) => Some(p),
+                    _ => None,
+                })
+                .collect()
+        })
         .unwrap_or_default();
     for component in target.components() {
         match component {
@@ -231,22 +235,49 @@ mod tests {
             ("up.py", tar::EntryType::Symlink, b"", "src/../run.sh"),
         ]);
         let stats = unpack(&data[..], &dest, 1 << 20).expect("unpacks");
-        assert_eq!(stats, Unpacked { files: 2, bytes: 19 });
-        assert_eq!(std::fs::read(dest.join("src/link.py")).expect("read"), b"print(1)\n");
-        let mode = std::fs::metadata(dest.join("run.sh")).expect("meta").permissions().mode();
+        assert_eq!(
+            stats,
+            Unpacked {
+                files: 2,
+                bytes: 19
+            }
+        );
+        assert_eq!(
+            std::fs::read(dest.join("src/link.py")).expect("read"),
+            b"print(1)\n"
+        );
+        let mode = std::fs::metadata(dest.join("run.sh"))
+            .expect("meta")
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o111, 0o111, "executable bit kept");
     }
 
     #[test]
     fn hostile_entries_are_refused() {
         check_refused(&[("../evil", tar::EntryType::Regular, b"x", "")], "escapes");
-        check_refused(&[("a/../../evil", tar::EntryType::Regular, b"x", "")], "escapes");
-        check_refused(&[("/tmp/evil", tar::EntryType::Regular, b"x", "")], "escapes");
-        check_refused(&[("ln", tar::EntryType::Symlink, b"", "/etc/passwd")], "points outside");
-        check_refused(&[("a/ln", tar::EntryType::Symlink, b"", "../../evil")], "points outside");
+        check_refused(
+            &[("a/../../evil", tar::EntryType::Regular, b"x", "")],
+            "escapes",
+        );
+        check_refused(
+            &[("/tmp/evil", tar::EntryType::Regular, b"x", "")],
+            "escapes",
+        );
+        check_refused(
+            &[("ln", tar::EntryType::Symlink, b"", "/etc/passwd")],
+            "points outside",
+        );
+        check_refused(
+            &[("a/ln", tar::EntryType::Symlink, b"", "../../evil")],
+            "points outside",
+        );
         check_refused(&[("dev", tar::EntryType::Char, b"", "")], "not allowed");
         check_refused(&[("fifo", tar::EntryType::Fifo, b"", "")], "not allowed");
-        check_refused(&[("hard", tar::EntryType::Link, b"", "/etc/passwd")], "not allowed");
+        check_refused(
+            &[("hard", tar::EntryType::Link, b"", "/etc/passwd")],
+            "not allowed",
+        );
     }
 
     #[test]
@@ -256,7 +287,15 @@ mod tests {
         assert!(data.len() < 64 << 10, "a small bundle that expands a lot");
         let dir = tempfile::tempdir().expect("tempdir");
         let err = unpack(&data[..], &dir.path().join("tree"), 1 << 20).expect_err("too large");
-        assert!(matches!(err, BundleError::TooLarge { limit_bytes: 1_048_576 }), "{err}");
+        assert!(
+            matches!(
+                err,
+                BundleError::TooLarge {
+                    limit_bytes: 1_048_576
+                }
+            ),
+            "{err}"
+        );
         assert!(!dir.path().join("tree").exists());
     }
 }

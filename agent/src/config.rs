@@ -36,8 +36,14 @@ impl AgentConfig {
             bail!("`controller` lists no endpoint; give at least one `host:port`");
         }
         for endpoint in &file.controller {
-            if endpoint.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).is_none() {
-                bail!("controller endpoint {endpoint:?} is not `host:port` (e.g. `203.0.113.7:7443`)");
+            if endpoint
+                .rsplit_once(':')
+                .and_then(|(_, p)| p.parse::<u16>().ok())
+                .is_none()
+            {
+                bail!(
+                    "controller endpoint {endpoint:?} is not `host:port` (e.g. `203.0.113.7:7443`)"
+                );
             }
         }
         Ok(AgentConfig {
@@ -91,8 +97,14 @@ state_dir = "state"
     fn bad_configs_say_what_is_wrong() {
         let cases = [
             (GOOD.replace("gpu-1", "GPU 1"), "not a valid instance name"),
-            (GOOD.replace("127.0.0.1:7443", "localhost"), "not `host:port`"),
-            (GOOD.replace("[\"127.0.0.1:7443\"]", "[]"), "lists no endpoint"),
+            (
+                GOOD.replace("127.0.0.1:7443", "localhost"),
+                "not `host:port`",
+            ),
+            (
+                GOOD.replace("[\"127.0.0.1:7443\"]", "[]"),
+                "lists no endpoint",
+            ),
             (GOOD.replace("state_dir", "stat_dir"), "unknown field"),
             (GOOD.replace("\"00000", "\"zz000"), "SHA-256"),
         ];

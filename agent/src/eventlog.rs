@@ -201,13 +201,22 @@ mod tests {
         let batch = reader.read_batch(u64::MAX, usize::MAX).expect("read");
         assert_eq!(batch.iter().map(|e| e.seq).collect::<Vec<_>>(), [3, 4, 5]);
 
-        log.append(EventKind::Ended(RunEnd::Exited { code: 0, stop_requested: false }))
-            .expect("end");
+        log.append(EventKind::Ended(RunEnd::Exited {
+            code: 0,
+            stop_requested: false,
+        }))
+        .expect("end");
         assert!(log.append(out("late")).is_err(), "nothing after Ended");
         drop(log);
 
         let log = EventLog::open(&path).expect("reopen");
-        assert_eq!(log.cursor(), Cursor { last_seq: 6, ended: true });
+        assert_eq!(
+            log.cursor(),
+            Cursor {
+                last_seq: 6,
+                ended: true
+            }
+        );
     }
 
     #[test]
@@ -224,7 +233,11 @@ mod tests {
         let log = EventLog::open(&path).expect("reopen");
         assert_eq!(log.cursor().last_seq, 1);
         assert_eq!(log.append(out("next")).expect("append"), 2);
-        let events = log.reader(0).expect("reader").read_batch(u64::MAX, usize::MAX).expect("read");
+        let events = log
+            .reader(0)
+            .expect("reader")
+            .read_batch(u64::MAX, usize::MAX)
+            .expect("read");
         assert_eq!(events.len(), 2);
     }
 

@@ -23,8 +23,10 @@ pub fn load(state_dir: &Path) -> anyhow::Result<Option<Identity>> {
         return Ok(None);
     }
     Ok(Some(Identity {
-        cert_pem: std::fs::read_to_string(&cert).with_context(|| format!("reading {}", cert.display()))?,
-        key_pem: std::fs::read_to_string(&key).with_context(|| format!("reading {}", key.display()))?,
+        cert_pem: std::fs::read_to_string(&cert)
+            .with_context(|| format!("reading {}", cert.display()))?,
+        key_pem: std::fs::read_to_string(&key)
+            .with_context(|| format!("reading {}", key.display()))?,
     }))
 }
 
@@ -87,7 +89,10 @@ pub async fn enroll(
     match answers.next() {
         Some(ControllerMsg::Enrolled { instance, cert_der }) => {
             if instance != config.instance {
-                tracing::warn!("the controller enrolled this agent as {instance}, not {}", config.instance);
+                tracing::warn!(
+                    "the controller enrolled this agent as {instance}, not {}",
+                    config.instance
+                );
             }
             let identity = Identity {
                 cert_pem: tls::der_to_pem(&cert_der),

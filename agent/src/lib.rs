@@ -39,8 +39,11 @@ pub struct Fatal(pub String);
 /// Runs the agent until the controller shuts it down or `shutdown` resolves.
 pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<Exit> {
     let runs = Arc::new(
-        runs::Runs::open(&config.state_dir.join("runs"), &config.state_dir.join("data"))
-            .with_context(|| format!("opening run state in {}", config.state_dir.display()))?,
+        runs::Runs::open(
+            &config.state_dir.join("runs"),
+            &config.state_dir.join("data"),
+        )
+        .with_context(|| format!("opening run state in {}", config.state_dir.display()))?,
     );
     tokio::pin!(shutdown);
     let mut attempt: u32 = 0;

@@ -9,7 +9,10 @@ use clap::Parser;
 /// mutual TLS, and runs the jobs it is given. Installed and started by cloud-init, the pod
 /// start command, or the controller's local provider; not usually run by hand.
 #[derive(Debug, Parser)]
-#[command(version, after_long_help = "Examples:\n  runctl-agent --config /etc/runctl/agent.toml\n  RUNCTL_AGENT_CONFIG=./agent.toml runctl-agent")]
+#[command(
+    version,
+    after_long_help = "Examples:\n  runctl-agent --config /etc/runctl/agent.toml\n  RUNCTL_AGENT_CONFIG=./agent.toml runctl-agent"
+)]
 struct Args {
     /// The agent's config file (TOML: instance, controller endpoints, CA fingerprint,
     /// enrollment token, state dir), written by the controller.

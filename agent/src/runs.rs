@@ -34,8 +34,10 @@ impl Runs {
     /// Opens the run directory, ending as `Lost` every run that was active when the agent
     /// last stopped: its process is no longer supervised, so it is killed.
     pub fn open(runs_dir: &Path, data_dir: &Path) -> anyhow::Result<Self> {
-        std::fs::create_dir_all(runs_dir).with_context(|| format!("creating {}", runs_dir.display()))?;
-        std::fs::create_dir_all(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+        std::fs::create_dir_all(runs_dir)
+            .with_context(|| format!("creating {}", runs_dir.display()))?;
+        std::fs::create_dir_all(data_dir)
+            .with_context(|| format!("creating {}", data_dir.display()))?;
         let mut entries = HashMap::new();
         for dirent in std::fs::read_dir(runs_dir)? {
             let dirent = dirent?;
@@ -43,7 +45,9 @@ impl Runs {
                 continue;
             };
             let path = dirent.path().join("events.log");
-            let log = Arc::new(EventLog::open(&path).with_context(|| format!("opening {}", path.display()))?);
+            let log = Arc::new(
+                EventLog::open(&path).with_context(|| format!("opening {}", path.display()))?,
+            );
             if !log.cursor().ended {
                 end_lost_run(&log);
             }
@@ -82,7 +86,10 @@ impl Runs {
     }
 
     pub fn active(&self) -> u32 {
-        self.lock().values().filter(|e| !e.log.cursor().ended).count() as u32
+        self.lock()
+            .values()
+            .filter(|e| !e.log.cursor().ended)
+            .count() as u32
     }
 
     /// Receives the run's bundle from `bundle`, unpacks it and starts the process.
@@ -105,7 +112,13 @@ impl Runs {
             std::fs::create_dir_all(&run_dir).map_err(|e| internal(&run_dir, e))?;
             let path = run_dir.join("events.log");
             let log = Arc::new(EventLog::open(&path).map_err(|e| internal(&path, e))?);
-            entries.insert(spec.run.clone(), Entry { log: log.clone(), stop: None });
+            entries.insert(
+                spec.run.clone(),
+                Entry {
+                    log: log.clone(),
+                    stop: None,
+                },
+            );
             log
         };
         match self.prepare(&spec, &run_dir, bundle, bundle_bytes).await {
@@ -118,7 +131,9 @@ impl Runs {
                 Ok(pid)
             }
             Err(message) => {
-                if let Err(e) = log.append(EventKind::Ended(RunEnd::SpawnFailed { message: message.clone() })) {
+                if let Err(e) = log.append(EventKind::Ended(RunEnd::SpawnFailed {
+                    message: message.clone(),
+                })) {
                     tracing::warn!("run log write failed: {e}");
                 }
                 Err(WireError::new(ErrorKind::RunFailed, message))
@@ -151,7 +166,11 @@ impl Runs {
         let unpack_to = work.clone();
         let unpacked = tokio::task::spawn_blocking(move || {
             let file = std::fs::File::open(&unpack_from)?;
-            bundle::unpack(std::io::BufReader::new(file), &unpack_to, bundle::DEFAULT_MAX_UNPACKED_BYTES)
+            bundle::unpack(
+                std::io::BufReader::new(file),
+                &unpack_to,
+                bundle::DEFAULT_MAX_UNPACKED_BYTES,
+            )
         })
         .await
         .map_err(|e| format!("unpacking task failed: {e}"))?
@@ -160,11 +179,18 @@ impl Runs {
         let _ = tokio::fs::remove_file(&archive).await;
 
         let checkpoints = run_dir.join("checkpoints");
-        std::fs::create_dir_all(&checkpoints).map_err(|e| format!("creating {}: {e}", checkpoints.display()))?;
+        std::fs::create_dir_all(&checkpoints)
+            .map_err(|e| format!("creating {}: {e}", checkpoints.display()))?;
         let mut env = vec![
             ("RUNCTL_RUN_ID".to_owned(), spec.run.to_string()),
-            ("RUNCTL_CHECKPOINT_DIR".to_owned(), checkpoints.display().to_string()),
-            ("RUNCTL_DATA_DIR".to_owned(), self.data_dir.display().to_string()),
+            (
+                "RUNCTL_CHECKPOINT_DIR".to_owned(),
+                checkpoints.display().to_string(),
+            ),
+            (
+                "RUNCTL_DATA_DIR".to_owned(),
+                self.data_dir.display().to_string(),
+            ),
             // Output reaches the user live only if Python does not block-buffer the pipe.
             ("PYTHONUNBUFFERED".to_owned(), "1".to_owned()),
         ];
@@ -179,15 +205,21 @@ impl Runs {
     /// Stops one run: SIGTERM to its process group, SIGKILL after `grace`.
     pub fn stop(&self, run: &RunId, grace: Duration) -> Result<(), WireError> {
         let entries = self.lock();
-        let entry = entries
-            .get(run)
-            .ok_or_else(|| WireError::new(ErrorKind::NotFound, format!("run {run} is not on this agent")))?;
+        let entry = entries.get(run).ok_or_else(|| {
+            WireError::new(
+                ErrorKind::NotFound,
+                format!("run {run} is not on this agent"),
+            )
+        })?;
         match &entry.stop {
             Some(stop) if !entry.log.cursor().ended => {
                 stop.stop(grace);
                 Ok(())
             }
-            _ => Err(WireError::new(ErrorKind::RunFailed, format!("run {run} is not running"))),
+            _ => Err(WireError::new(
+                ErrorKind::RunFailed,
+                format!("run {run} is not running"),
+            )),
         }
     }
 
@@ -207,7 +239,10 @@ impl Runs {
         let bound = grace + Duration::from_secs(5);
         for (log, _) in active {
             let mut cursor = log.subscribe();
-            if tokio::time::timeout(bound, cursor.wait_for(|c| c.ended)).await.is_err() {
+            if tokio::time::timeout(bound, cursor.wait_for(|c| c.ended))
+                .await
+                .is_err()
+            {
                 tracing::warn!("a run did not end within {bound:?} of being stopped");
             }
         }
@@ -222,15 +257,20 @@ fn internal(path: &Path, e: std::io::Error) -> WireError {
 /// records the loss.
 fn end_lost_run(log: &EventLog) {
     let pid = log.reader(0).ok().and_then(|mut reader| {
-        reader.read_batch(u64::MAX, usize::MAX).ok()?.into_iter().find_map(|e| match e.kind {
-            EventKind::Started { pid } => Some(pid),
-            _ => None,
-        })
+        reader
+            .read_batch(u64::MAX, usize::MAX)
+            .ok()?
+            .into_iter()
+            .find_map(|e| match e.kind {
+                EventKind::Started { pid } => Some(pid),
+                _ => None,
+            })
     });
     if let Some(pid) = pid {
         let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
     }
-    let message = "the agent restarted while this run was active; its process was stopped".to_owned();
+    let message =
+        "the agent restarted while this run was active; its process was stopped".to_owned();
     if let Err(e) = log.append(EventKind::Ended(RunEnd::Lost { message })) {
         tracing::warn!("run log write failed: {e}");
     }

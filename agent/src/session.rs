@@ -44,9 +44,13 @@ pub async fn connect_and_serve(config: &AgentConfig, runs: &Arc<Runs>) -> anyhow
                 continue;
             }
         };
-        let bind: std::net::SocketAddr = if addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }
-            .parse()
-            .expect("a valid wildcard address");
+        let bind: std::net::SocketAddr = if addr.is_ipv6() {
+            "[::]:0"
+        } else {
+            "0.0.0.0:0"
+        }
+        .parse()
+        .expect("a valid wildcard address");
         let quic = quinn::Endpoint::client(bind).context("opening a UDP socket")?;
         let identity = match identity::load(&config.state_dir)? {
             Some(identity) => identity,
@@ -60,7 +64,10 @@ pub async fn connect_and_serve(config: &AgentConfig, runs: &Arc<Runs>) -> anyhow
             },
         };
         let client = protocol::tls::client_config(config.ca_pin, Some(&identity))?;
-        let conn = match quic.connect_with(client, addr, protocol::tls::SERVER_NAME)?.await {
+        let conn = match quic
+            .connect_with(client, addr, protocol::tls::SERVER_NAME)?
+            .await
+        {
             Ok(conn) => conn,
             Err(e) => {
                 last_err = Some(anyhow::Error::new(e).context(format!("connecting to {addr}")));
@@ -101,7 +108,13 @@ pub async fn serve(conn: quinn::Connection, runs: &Arc<Runs>) -> anyhow::Result<
         // A rejected client certificate surfaces here, on the first read.
         Err(e) => return Err(anyhow::Error::new(e).context("the controller closed the session")),
     }
-    write_frame(&mut send, &AgentMsg::Ready { runs: runs.cursors() }).await?;
+    write_frame(
+        &mut send,
+        &AgentMsg::Ready {
+            runs: runs.cursors(),
+        },
+    )
+    .await?;
 
     // Reads run in their own task: a frame read is not cancel-safe inside `select!`.
     let (in_tx, mut in_rx) = mpsc::channel(16);
@@ -137,7 +150,10 @@ pub async fn serve(conn: quinn::Connection, runs: &Arc<Runs>) -> anyhow::Result<
                         pumps.spawn(pump(run, log, after_seq, out_tx.clone()));
                     }
                     None => {
-                        let e = WireError::new(ErrorKind::NotFound, format!("run {run} is not on this agent"));
+                        let e = WireError::new(
+                            ErrorKind::NotFound,
+                            format!("run {run} is not on this agent"),
+                        );
                         write_frame(&mut send, &AgentMsg::Error(e)).await?;
                     }
                 },
@@ -163,7 +179,9 @@ pub async fn serve(conn: quinn::Connection, runs: &Arc<Runs>) -> anyhow::Result<
                 }
             },
             Event::Inbound(Ok(None)) => break Ok(Outcome::Disconnected),
-            Event::Inbound(Err(e)) => break Err(anyhow::Error::new(e).context("reading from the controller")),
+            Event::Inbound(Err(e)) => {
+                break Err(anyhow::Error::new(e).context("reading from the controller"));
+            }
             Event::Stream(Ok((send, recv))) => {
                 let runs = runs.clone();
                 starts.spawn(async move {
@@ -175,7 +193,13 @@ pub async fn serve(conn: quinn::Connection, runs: &Arc<Runs>) -> anyhow::Result<
             Event::Stream(Err(_)) => break Ok(Outcome::Disconnected),
             Event::Outbound(msg) => write_frame(&mut send, &msg).await?,
             Event::Heartbeat => {
-                write_frame(&mut send, &AgentMsg::Heartbeat { active_runs: runs.active() }).await?;
+                write_frame(
+                    &mut send,
+                    &AgentMsg::Heartbeat {
+                        active_runs: runs.active(),
+                    },
+                )
+                .await?;
             }
             Event::PumpDone => {}
             Event::StoppedAll => {
@@ -219,7 +243,14 @@ async fn pump(run: RunId, log: Arc<EventLog>, after_seq: u64, out: mpsc::Sender<
             }
         };
         if !batch.is_empty() {
-            if out.send(AgentMsg::Events { run: run.clone(), events: batch }).await.is_err() {
+            if out
+                .send(AgentMsg::Events {
+                    run: run.clone(),
+                    events: batch,
+                })
+                .await
+                .is_err()
+            {
                 return;
             }
             continue;
@@ -234,12 +265,18 @@ async fn pump(run: RunId, log: Arc<EventLog>, after_seq: u64, out: mpsc::Sender<
 }
 
 /// A stream that starts a run: `StartRun`, then the bundle to the end of the stream.
-async fn handle_start(runs: Arc<Runs>, mut send: quinn::SendStream, mut recv: quinn::RecvStream) -> anyhow::Result<()> {
+async fn handle_start(
+    runs: Arc<Runs>,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) -> anyhow::Result<()> {
     let header: StartRun = read_frame(&mut recv)
         .await?
         .context("the run stream ended before its header")?;
     let run = header.spec.run.clone();
-    let result = runs.start(header.spec, &mut recv, header.bundle_bytes).await;
+    let result = runs
+        .start(header.spec, &mut recv, header.bundle_bytes)
+        .await;
     match &result {
         Ok(pid) => tracing::info!(%run, pid, "run started"),
         Err(e) => tracing::warn!(%run, "run failed to start: {}", e.message),

@@ -63,7 +63,10 @@ pub fn spawn(launch: Launch, log: Arc<EventLog>) -> Result<(u32, StopHandle), St
         Err(e) => {
             return Err(fail(
                 &log,
-                format!("could not start {program:?} in {}: {e}", launch.cwd.display()),
+                format!(
+                    "could not start {program:?} in {}: {e}",
+                    launch.cwd.display()
+                ),
             ));
         }
     };
@@ -125,9 +128,15 @@ async fn supervise(
     };
 
     // Leftover children may hold the pipes open; give them a moment, then end the group.
-    if tokio::time::timeout(DRAIN_TIMEOUT, drain(&mut readers)).await.is_err() {
+    if tokio::time::timeout(DRAIN_TIMEOUT, drain(&mut readers))
+        .await
+        .is_err()
+    {
         signal_group(pid, Signal::SIGKILL);
-        if tokio::time::timeout(DRAIN_TIMEOUT, drain(&mut readers)).await.is_err() {
+        if tokio::time::timeout(DRAIN_TIMEOUT, drain(&mut readers))
+            .await
+            .is_err()
+        {
             readers.abort_all();
         }
     }
@@ -187,7 +196,10 @@ async fn pump_lines(reader: impl AsyncRead + Unpin, stream: Stream, log: Arc<Eve
         let room = MAX_LINE_BYTES - line.len();
         let (take, complete) = match buf.iter().take(room).position(|&b| b == b'\n') {
             Some(i) => (i + 1, true),
-            None => (buf.len().min(room), line.len() + buf.len() >= MAX_LINE_BYTES),
+            None => (
+                buf.len().min(room),
+                line.len() + buf.len() >= MAX_LINE_BYTES,
+            ),
         };
         line.extend_from_slice(&buf[..take]);
         reader.consume(take);
@@ -217,17 +229,20 @@ mod tests {
             env: vec![("GREETING".into(), "hello".into())],
             cwd: dir.path().to_owned(),
         };
-        if let Ok((_pid, stop)) = spawn(launch, log.clone()) {
-            if let Some(after) = stop_after {
-                tokio::time::sleep(after).await;
-                stop.stop(Duration::from_millis(300));
-            }
+        if let Ok((_pid, stop)) = spawn(launch, log.clone())
+            && let Some(after) = stop_after
+        {
+            tokio::time::sleep(after).await;
+            stop.stop(Duration::from_millis(300));
         }
         tokio::time::timeout(Duration::from_secs(20), cursor.wait_for(|c| c.ended))
             .await
             .expect("the run ends in time")
             .expect("log alive");
-        log.reader(0).expect("reader").read_batch(u64::MAX, usize::MAX).expect("read")
+        log.reader(0)
+            .expect("reader")
+            .read_batch(u64::MAX, usize::MAX)
+            .expect("read")
     }
 
     fn lines(events: &[RunEvent]) -> Vec<(Stream, String)> {
@@ -249,36 +264,79 @@ mod tests {
 
     #[tokio::test]
     async fn output_and_exit_code() {
-        let events = run(&["sh", "-c", "echo \"$GREETING\"; echo oops >&2; printf 'no newline'; exit 3"], None).await;
+        let events = run(
+            &[
+                "sh",
+                "-c",
+                "echo \"$GREETING\"; echo oops >&2; printf 'no newline'; exit 3",
+            ],
+            None,
+        )
+        .await;
         assert!(matches!(events[0].kind, EventKind::Started { .. }));
         let mut got = lines(&events);
         got.sort();
-        assert_eq!(got, [
-            (Stream::Stdout, "hello".to_string()),
-            (Stream::Stdout, "no newline".to_string()),
-            (Stream::Stderr, "oops".to_string()),
-        ]);
-        assert_eq!(end(&events), RunEnd::Exited { code: 3, stop_requested: false });
+        assert_eq!(
+            got,
+            [
+                (Stream::Stdout, "hello".to_string()),
+                (Stream::Stdout, "no newline".to_string()),
+                (Stream::Stderr, "oops".to_string()),
+            ]
+        );
+        assert_eq!(
+            end(&events),
+            RunEnd::Exited {
+                code: 3,
+                stop_requested: false
+            }
+        );
     }
 
     #[tokio::test]
     async fn missing_program_is_a_spawn_failure() {
         let events = run(&["definitely-not-a-program-runctl"], None).await;
         assert_eq!(events.len(), 1);
-        assert!(matches!(end(&events), RunEnd::SpawnFailed { message } if message.contains("definitely-not-a-program-runctl")));
+        assert!(
+            matches!(end(&events), RunEnd::SpawnFailed { message } if message.contains("definitely-not-a-program-runctl"))
+        );
     }
 
     #[tokio::test]
     async fn stop_escalates_to_sigkill_for_a_process_that_ignores_sigterm() {
-        let events = run(&["sh", "-c", "trap 'echo got TERM' TERM; echo ready; while true; do sleep 0.05; done"], Some(Duration::from_millis(300))).await;
-        assert!(lines(&events).iter().any(|(_, l)| l == "got TERM"), "{events:?}");
-        assert_eq!(end(&events), RunEnd::Signaled { signal: 9, stop_requested: true });
+        let events = run(
+            &[
+                "sh",
+                "-c",
+                "trap 'echo got TERM' TERM; echo ready; while true; do sleep 0.05; done",
+            ],
+            Some(Duration::from_millis(300)),
+        )
+        .await;
+        assert!(
+            lines(&events).iter().any(|(_, l)| l == "got TERM"),
+            "{events:?}"
+        );
+        assert_eq!(
+            end(&events),
+            RunEnd::Signaled {
+                signal: 9,
+                stop_requested: true
+            }
+        );
     }
 
     #[tokio::test]
     async fn long_lines_are_split() {
-        let events = run(&["sh", "-c", "head -c 150000 /dev/zero | tr '\\0' 'a'; echo"], None).await;
+        let events = run(
+            &["sh", "-c", "head -c 150000 /dev/zero | tr '\\0' 'a'; echo"],
+            None,
+        )
+        .await;
         let sizes: Vec<usize> = lines(&events).iter().map(|(_, l)| l.len()).collect();
-        assert_eq!(sizes, [MAX_LINE_BYTES, MAX_LINE_BYTES, 150_000 - 2 * MAX_LINE_BYTES]);
+        assert_eq!(
+            sizes,
+            [MAX_LINE_BYTES, MAX_LINE_BYTES, 150_000 - 2 * MAX_LINE_BYTES]
+        );
     }
 }

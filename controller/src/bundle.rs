@@ -35,7 +35,10 @@ pub fn pack(root: &Path, out: impl Write) -> anyhow::Result<Packed> {
         .build();
     for entry in walk {
         let entry = entry.with_context(|| format!("walking {}", root.display()))?;
-        let rel = entry.path().strip_prefix(root).expect("walk stays under its root");
+        let rel = entry
+            .path()
+            .strip_prefix(root)
+            .expect("walk stays under its root");
         if rel.as_os_str().is_empty() {
             continue;
         }
@@ -78,7 +81,13 @@ mod tests {
         let mut names: Vec<String> = archive
             .entries()
             .expect("entries")
-            .map(|e| e.expect("entry").path().expect("path").display().to_string())
+            .map(|e| {
+                e.expect("entry")
+                    .path()
+                    .expect("path")
+                    .display()
+                    .to_string()
+            })
             .collect();
         names.sort();
         assert_eq!(names, [".gitignore", ".runctlignore", "train.py"]);

@@ -33,7 +33,13 @@ Examples:
 #[command(name = "runctl-controller", version, after_long_help = EXIT_CODES)]
 pub struct Cli {
     /// Output format: human-readable text, or JSON for scripts (errors too).
-    #[arg(long, global = true, value_enum, default_value = "human", env = "RUNCTL_OUTPUT")]
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "human",
+        env = "RUNCTL_OUTPUT"
+    )]
     pub output: Format,
 
     /// The controller's state directory (config, CA, database, socket).
@@ -222,9 +228,18 @@ mod tests {
     fn cli_is_well_formed_and_documented() {
         Cli::command().debug_assert();
         for sub in Cli::command().get_subcommands() {
-            assert!(sub.get_after_long_help().is_some(), "{} has examples", sub.get_name());
+            assert!(
+                sub.get_after_long_help().is_some(),
+                "{} has examples",
+                sub.get_name()
+            );
             for arg in sub.get_arguments() {
-                assert!(arg.get_help().is_some(), "{} --{} has help", sub.get_name(), arg.get_id());
+                assert!(
+                    arg.get_help().is_some(),
+                    "{} --{} has help",
+                    sub.get_name(),
+                    arg.get_id()
+                );
             }
         }
     }
@@ -234,13 +249,19 @@ mod tests {
         assert_eq!(parse_env("SEED=3"), Ok(("SEED".into(), "3".into())));
         assert_eq!(parse_env("A_1=x=y"), Ok(("A_1".into(), "x=y".into())));
         assert!(parse_env("SEED").expect_err("no =").contains("KEY=VALUE"));
-        assert!(parse_env("1X=2").expect_err("bad name").contains("not a valid variable name"));
+        assert!(
+            parse_env("1X=2")
+                .expect_err("bad name")
+                .contains("not a valid variable name")
+        );
     }
 
     #[test]
     fn output_flag_is_global() {
-        let before = Cli::try_parse_from(["runctl-controller", "--output", "json", "status"]).expect("parses");
-        let after = Cli::try_parse_from(["runctl-controller", "status", "--output", "json"]).expect("parses");
+        let before = Cli::try_parse_from(["runctl-controller", "--output", "json", "status"])
+            .expect("parses");
+        let after = Cli::try_parse_from(["runctl-controller", "status", "--output", "json"])
+            .expect("parses");
         assert_eq!(before.output, Format::Json);
         assert_eq!(after.output, Format::Json);
     }
@@ -249,7 +270,8 @@ mod tests {
     fn ids_are_validated_with_a_helpful_message() {
         let err = Cli::try_parse_from(["runctl-controller", "logs", "run-1"]).expect_err("bad id");
         assert!(err.to_string().contains("run-3f9a2c1b7d4e"), "{err}");
-        let err = Cli::try_parse_from(["runctl-controller", "terminate", "Bad Name"]).expect_err("bad name");
+        let err = Cli::try_parse_from(["runctl-controller", "terminate", "Bad Name"])
+            .expect_err("bad name");
         assert!(err.to_string().contains("starting with a letter"), "{err}");
     }
 }

@@ -41,14 +41,22 @@ fn clap_error(e: clap::Error) -> ExitCode {
         return ExitCode::SUCCESS;
     }
     let args: Vec<String> = std::env::args().collect();
-    let json = args.windows(2).any(|w| w[0] == "--output" && w[1] == "json")
+    let json = args
+        .windows(2)
+        .any(|w| w[0] == "--output" && w[1] == "json")
         || args.iter().any(|a| a == "--output=json")
         || std::env::var("RUNCTL_OUTPUT").is_ok_and(|v| v == "json");
     if json {
         let message = e.render().to_string();
-        let error = UserError::new(ErrorCode::BadInput, message.trim().trim_start_matches("error: "))
-            .resolve("see runctl-controller --help");
-        Printer { format: Format::Json }.error(&error);
+        let error = UserError::new(
+            ErrorCode::BadInput,
+            message.trim().trim_start_matches("error: "),
+        )
+        .resolve("see runctl-controller --help");
+        Printer {
+            format: Format::Json,
+        }
+        .error(&error);
         ExitCode::from(ErrorCode::BadInput.exit_code())
     } else {
         let _ = e.print();
@@ -149,25 +157,41 @@ async fn shutdown(home: &Home, printer: Printer) -> anyhow::Result<u8> {
     let pid = std::fs::read_to_string(home.pid())
         .ok()
         .and_then(|s| s.trim().parse::<i32>().ok());
-    let running = Client::connect_existing(home).await.ok().flatten().is_some() || home.socket().exists();
+    let running = Client::connect_existing(home)
+        .await
+        .ok()
+        .flatten()
+        .is_some()
+        || home.socket().exists();
     let Some(pid) = pid.filter(|_| running) else {
-        printer.data(&serde_json::json!({ "stopped": false, "running": false }), || "no daemon is running".into());
+        printer.data(
+            &serde_json::json!({ "stopped": false, "running": false }),
+            || "no daemon is running".into(),
+        );
         return Ok(0);
     };
     let target = nix::unistd::Pid::from_raw(pid);
     nix::sys::signal::kill(target, nix::sys::signal::Signal::SIGTERM).map_err(|e| {
-        UserError::new(ErrorCode::DaemonUnavailable, format!("cannot signal the daemon (pid {pid}): {e}"))
+        UserError::new(
+            ErrorCode::DaemonUnavailable,
+            format!("cannot signal the daemon (pid {pid}): {e}"),
+        )
     })?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     while nix::sys::signal::kill(target, None).is_ok() {
         if tokio::time::Instant::now() >= deadline {
-            return Err(UserError::new(ErrorCode::DaemonUnavailable, format!("the daemon (pid {pid}) did not stop within 15 s"))
-                .resolve(format!("kill it: kill -9 {pid}"))
-                .into());
+            return Err(UserError::new(
+                ErrorCode::DaemonUnavailable,
+                format!("the daemon (pid {pid}) did not stop within 15 s"),
+            )
+            .resolve(format!("kill it: kill -9 {pid}"))
+            .into());
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    printer.data(&serde_json::json!({ "stopped": true, "pid": pid }), || format!("daemon {pid} stopped"));
+    printer.data(&serde_json::json!({ "stopped": true, "pid": pid }), || {
+        format!("daemon {pid} stopped")
+    });
     Ok(0)
 }
 
@@ -188,7 +212,13 @@ async fn logs(home: &Home, printer: Printer, run: RunId, follow: bool) -> anyhow
             }
             Some(Response::Error(e)) => return Err(e.into()),
             Some(other) => anyhow::bail!("unexpected answer to logs: {other:?}"),
-            None => return Err(UserError::new(ErrorCode::DaemonUnavailable, "the daemon closed the connection").into()),
+            None => {
+                return Err(UserError::new(
+                    ErrorCode::DaemonUnavailable,
+                    "the daemon closed the connection",
+                )
+                .into());
+            }
         }
     }
 }
@@ -202,8 +232,11 @@ struct Interrupt {
 
 async fn run_command(home: &Home, printer: Printer, args: RunArgs) -> anyhow::Result<u8> {
     let workdir = std::fs::canonicalize(&args.workdir).map_err(|e| {
-        UserError::new(ErrorCode::BadInput, format!("the work dir {} is not usable: {e}", args.workdir.display()))
-            .resolve("pass an existing directory with --workdir")
+        UserError::new(
+            ErrorCode::BadInput,
+            format!("the work dir {} is not usable: {e}", args.workdir.display()),
+        )
+        .resolve("pass an existing directory with --workdir")
     })?;
     let request = Request::Run(RunRequest {
         workdir,
@@ -224,8 +257,16 @@ async fn run_command(home: &Home, printer: Printer, args: RunArgs) -> anyhow::Re
     loop {
         match client.next().await? {
             Some(Response::Progress(message)) => printer.progress(&message),
-            Some(Response::RunAccepted { run, instance, launched }) => {
-                let on = if launched { format!("new instance {instance}") } else { instance.to_string() };
+            Some(Response::RunAccepted {
+                run,
+                instance,
+                launched,
+            }) => {
+                let on = if launched {
+                    format!("new instance {instance}")
+                } else {
+                    instance.to_string()
+                };
                 printer.progress(&format!("run {run} on {on}"));
                 let stop_now = {
                     let mut state = interrupt.lock().expect("interrupt lock");
@@ -245,7 +286,10 @@ async fn run_command(home: &Home, printer: Printer, args: RunArgs) -> anyhow::Re
                     }
                     printer.data(&row, || format!("{}\n", row.id));
                     if printer.format == Format::Human {
-                        printer.progress(&format!("follow it with: runctl-controller logs -f {}", row.id));
+                        printer.progress(&format!(
+                            "follow it with: runctl-controller logs -f {}",
+                            row.id
+                        ));
                     }
                     return Ok(0);
                 }
@@ -259,9 +303,12 @@ async fn run_command(home: &Home, printer: Printer, args: RunArgs) -> anyhow::Re
             Some(Response::Error(e)) => return Err(e.into()),
             Some(other) => anyhow::bail!("unexpected answer to run: {other:?}"),
             None => {
-                return Err(UserError::new(ErrorCode::DaemonUnavailable, "the daemon closed the connection during the run")
-                    .resolve("the run may still be going: runctl-controller list")
-                    .into());
+                return Err(UserError::new(
+                    ErrorCode::DaemonUnavailable,
+                    "the daemon closed the connection during the run",
+                )
+                .resolve("the run may still be going: runctl-controller list")
+                .into());
             }
         }
     }
@@ -270,7 +317,10 @@ async fn run_command(home: &Home, printer: Printer, args: RunArgs) -> anyhow::Re
 fn request_stop(home: &Home, printer: Printer, run: RunId) {
     let home = home.clone();
     tokio::spawn(async move {
-        let request = Request::Stop { run, grace_secs: None };
+        let request = Request::Stop {
+            run,
+            grace_secs: None,
+        };
         if let Err(e) = Client::call(&home, &request).await {
             printer.error(&e);
         }
@@ -292,14 +342,17 @@ async fn watch_ctrl_c(home: Home, printer: Printer, interrupt: Arc<Mutex<Interru
             printer.progress(&format!("stopping {run} (Ctrl-C again to detach)"));
             request_stop(&home, printer, run.clone());
         }
-        None => printer.progress("the run will be stopped as soon as it starts (Ctrl-C again to detach)"),
+        None => printer
+            .progress("the run will be stopped as soon as it starts (Ctrl-C again to detach)"),
     }
     if tokio::signal::ctrl_c().await.is_err() {
         return;
     }
     let run = interrupt.lock().expect("interrupt lock").run.clone();
     match run {
-        Some(run) => printer.progress(&format!("detached; {run} goes on. Follow it: runctl-controller logs -f {run}")),
+        Some(run) => printer.progress(&format!(
+            "detached; {run} goes on. Follow it: runctl-controller logs -f {run}"
+        )),
         None => printer.progress("detached"),
     }
     std::process::exit(130);

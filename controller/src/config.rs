@@ -81,7 +81,10 @@ impl Config {
                     ErrorCode::BadInput,
                     format!("cannot read config file {}: {e}", path.display()),
                 )
-                .resolve(format!("make {} readable, or remove it to use the defaults", path.display())));
+                .resolve(format!(
+                    "make {} readable, or remove it to use the defaults",
+                    path.display()
+                )));
             }
         };
         Self::parse(&text).map_err(|e| {
@@ -89,9 +92,9 @@ impl Config {
                 ErrorCode::BadInput,
                 format!("config file {} is invalid: {}", path.display(), e.trim_end()),
             )
-            .resolve(format!(
-                "fix the file (keys: [daemon] listen, token_ttl_secs, stop_grace_secs; [local] agent_binary), or remove it to use the defaults"
-            ))
+            .resolve(
+                "fix the file (keys: [daemon] listen, token_ttl_secs, stop_grace_secs; [local] agent_binary), or remove it to use the defaults",
+            )
         })
     }
 
@@ -120,8 +123,14 @@ mod tests {
     fn parses_and_refuses() {
         check("", Ok("127.0.0.1:0"));
         check("[daemon]\nlisten = \"0.0.0.0:7443\"\n", Ok("0.0.0.0:7443"));
-        check("[daemon]\nlisten = \"nowhere\"\n", Err("invalid socket address"));
-        check("[daemon]\nlisten = \"127.0.0.1:1\"\nbogus = 1\n", Err("unknown field `bogus`"));
+        check(
+            "[daemon]\nlisten = \"nowhere\"\n",
+            Err("invalid socket address"),
+        );
+        check(
+            "[daemon]\nlisten = \"127.0.0.1:1\"\nbogus = 1\n",
+            Err("unknown field `bogus`"),
+        );
         check("[daemon\n", Err("line 1"));
         check("[daemon]\ntoken_ttl_secs = 0\n", Err("at least 1"));
     }

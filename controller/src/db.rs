@@ -7,7 +7,9 @@ use std::path::Path;
 use std::sync::Mutex;
 
 use anyhow::Context;
-use protocol::{EnrollToken, ErrorKind, EventKind, Fingerprint, InstanceName, RunEnd, RunEvent, RunId};
+use protocol::{
+    EnrollToken, ErrorKind, EventKind, Fingerprint, InstanceName, RunEnd, RunEvent, RunId,
+};
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 
@@ -80,7 +82,10 @@ pub enum RunState {
 
 impl RunState {
     pub fn is_terminal(self) -> bool {
-        matches!(self, RunState::Succeeded | RunState::Failed | RunState::Stopped)
+        matches!(
+            self,
+            RunState::Succeeded | RunState::Failed | RunState::Stopped
+        )
     }
 
     /// The state a run's end puts it in. A non-zero exit is a failure unless the user asked
@@ -88,12 +93,18 @@ impl RunState {
     pub fn after(end: &RunEnd) -> Self {
         match end {
             RunEnd::Exited { code: 0, .. } => RunState::Succeeded,
-            RunEnd::Exited { stop_requested: true, .. } | RunEnd::Signaled { stop_requested: true, .. } => {
-                RunState::Stopped
+            RunEnd::Exited {
+                stop_requested: true,
+                ..
             }
-            RunEnd::Exited { .. } | RunEnd::Signaled { .. } | RunEnd::SpawnFailed { .. } | RunEnd::Lost { .. } => {
-                RunState::Failed
-            }
+            | RunEnd::Signaled {
+                stop_requested: true,
+                ..
+            } => RunState::Stopped,
+            RunEnd::Exited { .. }
+            | RunEnd::Signaled { .. }
+            | RunEnd::SpawnFailed { .. }
+            | RunEnd::Lost { .. } => RunState::Failed,
         }
     }
 }
@@ -106,13 +117,15 @@ fn text<T: Serialize>(value: &T) -> String {
 }
 
 fn parse<T: for<'de> Deserialize<'de>>(s: &str) -> rusqlite::Result<T> {
-    serde_json::from_value(serde_json::Value::String(s.to_owned()))
-        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e)))
+    serde_json::from_value(serde_json::Value::String(s.to_owned())).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
+    })
 }
 
 fn parse_json<T: for<'de> Deserialize<'de>>(s: &str) -> rusqlite::Result<T> {
-    serde_json::from_str(s)
-        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e)))
+    serde_json::from_str(s).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
+    })
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -152,15 +165,18 @@ fn token_hash(token: &EnrollToken) -> String {
 
 impl Db {
     pub fn open(path: &Path) -> anyhow::Result<Self> {
-        let conn = Connection::open(path).with_context(|| format!("opening database {}", path.display()))?;
+        let conn = Connection::open(path)
+            .with_context(|| format!("opening database {}", path.display()))?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
         match version {
             0 => {
-                conn.execute_batch(&format!("BEGIN; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"))
-                    .context("creating the database schema")?;
+                conn.execute_batch(&format!(
+                    "BEGIN; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+                ))
+                .context("creating the database schema")?;
             }
             SCHEMA_VERSION => {}
             other => anyhow::bail!(
@@ -168,7 +184,9 @@ impl Db {
                 path.display()
             ),
         }
-        Ok(Db { conn: Mutex::new(conn) })
+        Ok(Db {
+            conn: Mutex::new(conn),
+        })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
@@ -178,7 +196,9 @@ impl Db {
     pub fn setting(&self, key: &str) -> anyhow::Result<Option<String>> {
         Ok(self
             .lock()
-            .query_row("SELECT value FROM settings WHERE key = ?1", [key], |r| r.get(0))
+            .query_row("SELECT value FROM settings WHERE key = ?1", [key], |r| {
+                r.get(0)
+            })
             .optional()?)
     }
 
@@ -209,12 +229,19 @@ impl Db {
     }
 
     pub fn set_instance_pid(&self, name: &InstanceName, pid: u32) -> anyhow::Result<()> {
-        self.lock()
-            .execute("UPDATE instances SET pid = ?2 WHERE name = ?1", params![name.as_str(), pid])?;
+        self.lock().execute(
+            "UPDATE instances SET pid = ?2 WHERE name = ?1",
+            params![name.as_str(), pid],
+        )?;
         Ok(())
     }
 
-    pub fn set_instance_state(&self, name: &InstanceName, state: InstanceState, now_ms: u64) -> anyhow::Result<()> {
+    pub fn set_instance_state(
+        &self,
+        name: &InstanceName,
+        state: InstanceState,
+        now_ms: u64,
+    ) -> anyhow::Result<()> {
         let terminated = (state == InstanceState::Terminated).then_some(now_ms);
         self.lock().execute(
             "UPDATE instances SET state = ?2, terminated_ms = COALESCE(terminated_ms, ?3) WHERE name = ?1",
@@ -239,14 +266,20 @@ impl Db {
         let mut stmt = conn.prepare(
             "SELECT name, provider, state, created_ms, terminated_ms, pid, for_run FROM instances ORDER BY created_ms, name",
         )?;
-        let rows = stmt.query_map([], instance_row)?.collect::<Result<_, _>>()?;
+        let rows = stmt
+            .query_map([], instance_row)?
+            .collect::<Result<_, _>>()?;
         Ok(rows)
     }
 
     // --- tokens and certificates -----------------------------------------------------
 
     /// Mints a single-use token for `instance`, valid until `expires_ms`. Only its hash is kept.
-    pub fn mint_token(&self, instance: &InstanceName, expires_ms: u64) -> anyhow::Result<EnrollToken> {
+    pub fn mint_token(
+        &self,
+        instance: &InstanceName,
+        expires_ms: u64,
+    ) -> anyhow::Result<EnrollToken> {
         let token = EnrollToken::from_random(rand::random());
         self.lock().execute(
             "INSERT INTO tokens (hash, instance, expires_ms) VALUES (?1, ?2, ?3)",
@@ -257,7 +290,11 @@ impl Db {
 
     /// Burns `token` and returns the instance it was minted for. Checking and burning are
     /// one statement under the connection lock, so a token can never be used twice.
-    pub fn consume_token(&self, token: &EnrollToken, now_ms: u64) -> anyhow::Result<Result<InstanceName, ErrorKind>> {
+    pub fn consume_token(
+        &self,
+        token: &EnrollToken,
+        now_ms: u64,
+    ) -> anyhow::Result<Result<InstanceName, ErrorKind>> {
         let conn = self.lock();
         let hash = token_hash(token);
         let row: Option<(String, u64, Option<u64>)> = conn
@@ -286,7 +323,12 @@ impl Db {
         Ok(Ok(instance.parse()?))
     }
 
-    pub fn record_cert(&self, fingerprint: Fingerprint, instance: &InstanceName, now_ms: u64) -> anyhow::Result<()> {
+    pub fn record_cert(
+        &self,
+        fingerprint: Fingerprint,
+        instance: &InstanceName,
+        now_ms: u64,
+    ) -> anyhow::Result<()> {
         self.lock().execute(
             "INSERT INTO certs (fingerprint, instance, issued_ms) VALUES (?1, ?2, ?3)",
             params![fingerprint.to_string(), instance.as_str(), now_ms],
@@ -340,7 +382,13 @@ impl Db {
     }
 
     /// Moves a run to `state` unless it already ended; returns whether it changed.
-    pub fn set_run_state(&self, id: &RunId, state: RunState, now_ms: u64, error: Option<&str>) -> anyhow::Result<bool> {
+    pub fn set_run_state(
+        &self,
+        id: &RunId,
+        state: RunState,
+        now_ms: u64,
+        error: Option<&str>,
+    ) -> anyhow::Result<bool> {
         let started = (state == RunState::Running).then_some(now_ms);
         let ended = state.is_terminal().then_some(now_ms);
         let changed = self.lock().execute(
@@ -354,7 +402,11 @@ impl Db {
     pub fn run(&self, id: &RunId) -> anyhow::Result<Option<RunRow>> {
         Ok(self
             .lock()
-            .query_row(&format!("{RUN_SELECT} WHERE id = ?1"), [id.as_str()], run_row)
+            .query_row(
+                &format!("{RUN_SELECT} WHERE id = ?1"),
+                [id.as_str()],
+                run_row,
+            )
             .optional()?)
     }
 
@@ -367,15 +419,23 @@ impl Db {
 
     pub fn runs_on(&self, instance: &InstanceName) -> anyhow::Result<Vec<RunRow>> {
         let conn = self.lock();
-        let mut stmt = conn.prepare(&format!("{RUN_SELECT} WHERE instance = ?1 ORDER BY created_ms"))?;
-        let rows = stmt.query_map([instance.as_str()], run_row)?.collect::<Result<_, _>>()?;
+        let mut stmt = conn.prepare(&format!(
+            "{RUN_SELECT} WHERE instance = ?1 ORDER BY created_ms"
+        ))?;
+        let rows = stmt
+            .query_map([instance.as_str()], run_row)?
+            .collect::<Result<_, _>>()?;
         Ok(rows)
     }
 
     /// Stores events (ignoring any already stored) and, when the run's `Ended` event is
     /// among them, ends the run in the same transaction. Returns the highest stored sequence
     /// number and the run's new terminal state, if it just ended.
-    pub fn insert_events(&self, run: &RunId, events: &[RunEvent]) -> anyhow::Result<(u64, Option<RunState>)> {
+    pub fn insert_events(
+        &self,
+        run: &RunId,
+        events: &[RunEvent],
+    ) -> anyhow::Result<(u64, Option<RunState>)> {
         let mut conn = self.lock();
         let tx = conn.transaction()?;
         let mut ended = None;
@@ -383,7 +443,12 @@ impl Db {
             let mut insert =
                 tx.prepare_cached("INSERT OR IGNORE INTO run_events (run_id, seq, at_ms, kind) VALUES (?1, ?2, ?3, ?4)")?;
             for event in events {
-                insert.execute(params![run.as_str(), event.seq, event.at_ms, serde_json::to_string(&event.kind)?])?;
+                insert.execute(params![
+                    run.as_str(),
+                    event.seq,
+                    event.at_ms,
+                    serde_json::to_string(&event.kind)?
+                ])?;
                 if let EventKind::Ended(end) = &event.kind {
                     ended = Some((end.clone(), event.at_ms));
                 }
@@ -423,7 +488,12 @@ impl Db {
     }
 
     /// Up to `limit` events of `run` after `after_seq`, in order.
-    pub fn events_after(&self, run: &RunId, after_seq: u64, limit: u32) -> anyhow::Result<Vec<RunEvent>> {
+    pub fn events_after(
+        &self,
+        run: &RunId,
+        after_seq: u64,
+        limit: u32,
+    ) -> anyhow::Result<Vec<RunEvent>> {
         let conn = self.lock();
         let mut stmt = conn.prepare_cached(
             "SELECT seq, at_ms, kind FROM run_events WHERE run_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
@@ -442,8 +512,7 @@ impl Db {
     }
 }
 
-const RUN_SELECT: &str =
-    "SELECT id, instance, argv, workdir, state, created_ms, started_ms, ended_ms, exit, error FROM runs";
+const RUN_SELECT: &str = "SELECT id, instance, argv, workdir, state, created_ms, started_ms, ended_ms, exit, error FROM runs";
 
 fn instance_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<InstanceRow> {
     let name: String = r.get(0)?;
@@ -498,12 +567,24 @@ mod tests {
     fn tokens_are_single_use_and_expire() {
         let (_dir, db) = db();
         let token = db.mint_token(&name("gpu-1"), 1_000).expect("mint");
-        assert_eq!(db.consume_token(&token, 999).expect("db"), Ok(name("gpu-1")));
-        assert_eq!(db.consume_token(&token, 999).expect("db"), Err(ErrorKind::TokenReused));
+        assert_eq!(
+            db.consume_token(&token, 999).expect("db"),
+            Ok(name("gpu-1"))
+        );
+        assert_eq!(
+            db.consume_token(&token, 999).expect("db"),
+            Err(ErrorKind::TokenReused)
+        );
         let late = db.mint_token(&name("gpu-1"), 1_000).expect("mint");
-        assert_eq!(db.consume_token(&late, 1_000).expect("db"), Err(ErrorKind::TokenExpired));
+        assert_eq!(
+            db.consume_token(&late, 1_000).expect("db"),
+            Err(ErrorKind::TokenExpired)
+        );
         let unknown = EnrollToken::from_random([9; 32]);
-        assert_eq!(db.consume_token(&unknown, 0).expect("db"), Err(ErrorKind::TokenUnknown));
+        assert_eq!(
+            db.consume_token(&unknown, 0).expect("db"),
+            Err(ErrorKind::TokenUnknown)
+        );
     }
 
     #[test]
@@ -538,28 +619,99 @@ mod tests {
         let out = |seq| RunEvent {
             seq,
             at_ms: seq,
-            kind: EventKind::Output { stream: protocol::Stream::Stdout, line: format!("{seq}") },
+            kind: EventKind::Output {
+                stream: protocol::Stream::Stdout,
+                line: format!("{seq}"),
+            },
         };
-        assert_eq!(db.insert_events(&run, &[out(1), out(2)]).expect("insert"), (2, None));
-        let end = RunEvent { seq: 3, at_ms: 3, kind: EventKind::Ended(RunEnd::Exited { code: 2, stop_requested: false }) };
-        assert_eq!(db.insert_events(&run, &[out(2), end.clone()]).expect("insert"), (3, Some(RunState::Failed)));
-        assert_eq!(db.insert_events(&run, &[end]).expect("replay").1, None, "ending twice is a no-op");
-        let seqs: Vec<u64> = db.events_after(&run, 0, 100).expect("read").iter().map(|e| e.seq).collect();
+        assert_eq!(
+            db.insert_events(&run, &[out(1), out(2)]).expect("insert"),
+            (2, None)
+        );
+        let end = RunEvent {
+            seq: 3,
+            at_ms: 3,
+            kind: EventKind::Ended(RunEnd::Exited {
+                code: 2,
+                stop_requested: false,
+            }),
+        };
+        assert_eq!(
+            db.insert_events(&run, &[out(2), end.clone()])
+                .expect("insert"),
+            (3, Some(RunState::Failed))
+        );
+        assert_eq!(
+            db.insert_events(&run, &[end]).expect("replay").1,
+            None,
+            "ending twice is a no-op"
+        );
+        let seqs: Vec<u64> = db
+            .events_after(&run, 0, 100)
+            .expect("read")
+            .iter()
+            .map(|e| e.seq)
+            .collect();
         assert_eq!(seqs, [1, 2, 3]);
         let row = db.run(&run).expect("db").expect("exists");
         assert_eq!(row.state, RunState::Failed);
-        assert!(!db.set_run_state(&run, RunState::Running, 9, None).expect("db"), "terminal states stick");
+        assert!(
+            !db.set_run_state(&run, RunState::Running, 9, None)
+                .expect("db"),
+            "terminal states stick"
+        );
     }
 
     #[test]
     fn run_end_states() {
-        let check = |end: RunEnd, state: RunState| assert_eq!(RunState::after(&end), state, "{end:?}");
-        check(RunEnd::Exited { code: 0, stop_requested: true }, RunState::Succeeded);
-        check(RunEnd::Exited { code: 1, stop_requested: false }, RunState::Failed);
-        check(RunEnd::Exited { code: 143, stop_requested: true }, RunState::Stopped);
-        check(RunEnd::Signaled { signal: 15, stop_requested: true }, RunState::Stopped);
-        check(RunEnd::Signaled { signal: 9, stop_requested: false }, RunState::Failed);
-        check(RunEnd::SpawnFailed { message: String::new() }, RunState::Failed);
-        check(RunEnd::Lost { message: String::new() }, RunState::Failed);
+        let check =
+            |end: RunEnd, state: RunState| assert_eq!(RunState::after(&end), state, "{end:?}");
+        check(
+            RunEnd::Exited {
+                code: 0,
+                stop_requested: true,
+            },
+            RunState::Succeeded,
+        );
+        check(
+            RunEnd::Exited {
+                code: 1,
+                stop_requested: false,
+            },
+            RunState::Failed,
+        );
+        check(
+            RunEnd::Exited {
+                code: 143,
+                stop_requested: true,
+            },
+            RunState::Stopped,
+        );
+        check(
+            RunEnd::Signaled {
+                signal: 15,
+                stop_requested: true,
+            },
+            RunState::Stopped,
+        );
+        check(
+            RunEnd::Signaled {
+                signal: 9,
+                stop_requested: false,
+            },
+            RunState::Failed,
+        );
+        check(
+            RunEnd::SpawnFailed {
+                message: String::new(),
+            },
+            RunState::Failed,
+        );
+        check(
+            RunEnd::Lost {
+                message: String::new(),
+            },
+            RunState::Failed,
+        );
     }
 }

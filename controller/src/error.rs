@@ -100,9 +100,12 @@ mod tests {
 
     #[test]
     fn user_errors_keep_their_code_through_context() {
-        let e = Err::<(), _>(UserError::new(ErrorCode::NotFound, "no run run-000000000000"))
-            .context("stopping")
-            .expect_err("error");
+        let e = Err::<(), _>(UserError::new(
+            ErrorCode::NotFound,
+            "no run run-000000000000",
+        ))
+        .context("stopping")
+        .expect_err("error");
         let user = UserError::from_anyhow(&e);
         assert_eq!(user.code, ErrorCode::NotFound);
         assert_eq!(user.message, "stopping: no run run-000000000000");

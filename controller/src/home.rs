@@ -21,7 +21,8 @@ impl Home {
         if let Some(root) = explicit {
             return Ok(Home::new(root));
         }
-        let home = std::env::var_os("HOME").context("neither --home, RUNCTL_HOME nor HOME is set")?;
+        let home =
+            std::env::var_os("HOME").context("neither --home, RUNCTL_HOME nor HOME is set")?;
         Ok(Home::new(Path::new(&home).join(".runctl")))
     }
 

@@ -152,7 +152,10 @@ impl Client {
                 }
                 return Err(UserError::new(
                     ErrorCode::DaemonUnavailable,
-                    format!("the daemon exited ({status}) while starting: {}", log_tail(&home.daemon_log())),
+                    format!(
+                        "the daemon exited ({status}) while starting: {}",
+                        log_tail(&home.daemon_log())
+                    ),
                 )
                 .resolve(format!("read {}", home.daemon_log().display()))
                 .resolve("run it in the foreground to see why: runctl-controller daemon"));
@@ -160,7 +163,10 @@ impl Client {
             if tokio::time::Instant::now() >= deadline {
                 return Err(UserError::new(
                     ErrorCode::DaemonUnavailable,
-                    format!("the daemon did not open {} within 20 s", home.socket().display()),
+                    format!(
+                        "the daemon did not open {} within 20 s",
+                        home.socket().display()
+                    ),
                 )
                 .resolve(format!("read {}", home.daemon_log().display())));
             }
@@ -186,7 +192,9 @@ impl Client {
         let hello = ClientHello {
             version: VERSION.to_owned(),
         };
-        write_frame(&mut self.stream, &hello).await.map_err(unavailable)?;
+        write_frame(&mut self.stream, &hello)
+            .await
+            .map_err(unavailable)?;
         let answer: DaemonHello = read_frame(&mut self.stream)
             .await
             .map_err(unavailable)?
@@ -199,13 +207,17 @@ impl Client {
                     answer.pid, answer.version
                 ),
             )
-            .resolve("restart it: runctl-controller shutdown (runs on agents keep going), then retry"));
+            .resolve(
+                "restart it: runctl-controller shutdown (runs on agents keep going), then retry",
+            ));
         }
         Ok(self)
     }
 
     pub async fn send(&mut self, request: &Request) -> Result<(), UserError> {
-        write_frame(&mut self.stream, request).await.map_err(unavailable)
+        write_frame(&mut self.stream, request)
+            .await
+            .map_err(unavailable)
     }
 
     /// The next response; `None` when the daemon closed the connection.
@@ -220,14 +232,19 @@ impl Client {
         match client.next().await? {
             Some(Response::Error(e)) => Err(e),
             Some(response) => Ok(response),
-            None => Err(unavailable("the daemon closed the connection without answering")),
+            None => Err(unavailable(
+                "the daemon closed the connection without answering",
+            )),
         }
     }
 }
 
 fn unavailable(e: impl std::fmt::Display) -> UserError {
-    UserError::new(ErrorCode::DaemonUnavailable, format!("talking to the daemon failed: {e}"))
-        .resolve("check it with: runctl-controller status")
+    UserError::new(
+        ErrorCode::DaemonUnavailable,
+        format!("talking to the daemon failed: {e}"),
+    )
+    .resolve("check it with: runctl-controller status")
 }
 
 fn log_tail(path: &Path) -> String {
@@ -240,10 +257,12 @@ fn log_tail(path: &Path) -> String {
 /// with its output appended to the daemon log.
 fn spawn_daemon(home: &Home) -> Result<std::process::Child, UserError> {
     let fail = |what: String| {
-        UserError::new(ErrorCode::DaemonUnavailable, what).resolve("run it in the foreground: runctl-controller daemon")
+        UserError::new(ErrorCode::DaemonUnavailable, what)
+            .resolve("run it in the foreground: runctl-controller daemon")
     };
     home.ensure().map_err(|e| fail(format!("{e:#}")))?;
-    let exe = std::env::current_exe().map_err(|e| fail(format!("cannot find this executable: {e}")))?;
+    let exe =
+        std::env::current_exe().map_err(|e| fail(format!("cannot find this executable: {e}")))?;
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)

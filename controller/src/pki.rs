@@ -74,10 +74,16 @@ mod tests {
         assert_eq!(first.ca.fingerprint(), second.ca.fingerprint());
         assert_eq!(first.server.cert_pem, second.server.cert_pem);
         for name in ["ca.key", "server.key", "ca.crt"] {
-            let mode = std::fs::metadata(pki_dir.join(name)).expect("meta").permissions().mode();
+            let mode = std::fs::metadata(pki_dir.join(name))
+                .expect("meta")
+                .permissions()
+                .mode();
             assert_eq!(mode & 0o777, 0o600, "{name}");
         }
-        let mode = std::fs::metadata(&pki_dir).expect("meta").permissions().mode();
+        let mode = std::fs::metadata(&pki_dir)
+            .expect("meta")
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o700);
     }
 }

@@ -56,12 +56,18 @@ impl Printer {
         match self.format {
             Format::Json => json_line(event),
             Format::Human => match &event.kind {
-                EventKind::Output { stream: Stream::Stdout, line } => {
+                EventKind::Output {
+                    stream: Stream::Stdout,
+                    line,
+                } => {
                     let mut out = std::io::stdout().lock();
                     let _ = writeln!(out, "{line}");
                     let _ = out.flush();
                 }
-                EventKind::Output { stream: Stream::Stderr, line } => eprintln!("{line}"),
+                EventKind::Output {
+                    stream: Stream::Stderr,
+                    line,
+                } => eprintln!("{line}"),
                 EventKind::Started { .. } | EventKind::Ended(_) => {}
             },
         }
@@ -132,7 +138,10 @@ pub fn exit_status(row: &RunRow) -> u8 {
 fn age(now_ms: u64, then_ms: u64) -> String {
     let secs = now_ms.saturating_sub(then_ms) / 1000;
     let rounded = if secs >= 3600 { secs - secs % 60 } else { secs };
-    format!("{} ago", humantime::format_duration(std::time::Duration::from_secs(rounded)))
+    format!(
+        "{} ago",
+        humantime::format_duration(std::time::Duration::from_secs(rounded))
+    )
 }
 
 fn duration_words(row: &RunRow) -> String {
@@ -184,7 +193,9 @@ pub fn list_text(report: &ListReport, now_ms: u64) -> String {
             age(now_ms, row.created_ms),
         ]);
     }
-    let mut runs = table(&["RUN", "INSTANCE", "STATE", "RESULT", "TOOK", "CREATED", "COMMAND"]);
+    let mut runs = table(&[
+        "RUN", "INSTANCE", "STATE", "RESULT", "TOOK", "CREATED", "COMMAND",
+    ]);
     for row in &report.runs {
         runs.add_row(vec![
             row.id.to_string(),
@@ -246,11 +257,40 @@ mod tests {
 
     #[test]
     fn exit_statuses() {
-        let check = |exit: Option<RunEnd>, state: RunState, code: u8| assert_eq!(exit_status(&run_row(state, exit.clone())), code, "{exit:?}");
-        check(Some(RunEnd::Exited { code: 0, stop_requested: false }), RunState::Succeeded, 0);
-        check(Some(RunEnd::Exited { code: 7, stop_requested: false }), RunState::Failed, 7);
-        check(Some(RunEnd::Signaled { signal: 15, stop_requested: true }), RunState::Stopped, 143);
-        check(Some(RunEnd::SpawnFailed { message: "x".into() }), RunState::Failed, 127);
+        let check = |exit: Option<RunEnd>, state: RunState, code: u8| {
+            assert_eq!(exit_status(&run_row(state, exit.clone())), code, "{exit:?}")
+        };
+        check(
+            Some(RunEnd::Exited {
+                code: 0,
+                stop_requested: false,
+            }),
+            RunState::Succeeded,
+            0,
+        );
+        check(
+            Some(RunEnd::Exited {
+                code: 7,
+                stop_requested: false,
+            }),
+            RunState::Failed,
+            7,
+        );
+        check(
+            Some(RunEnd::Signaled {
+                signal: 15,
+                stop_requested: true,
+            }),
+            RunState::Stopped,
+            143,
+        );
+        check(
+            Some(RunEnd::SpawnFailed {
+                message: "x".into(),
+            }),
+            RunState::Failed,
+            127,
+        );
         check(None, RunState::Failed, 1);
     }
 
@@ -269,10 +309,22 @@ mod tests {
                 },
                 connected: true,
             }],
-            runs: vec![run_row(RunState::Failed, Some(RunEnd::Exited { code: 3, stop_requested: false }))],
+            runs: vec![run_row(
+                RunState::Failed,
+                Some(RunEnd::Exited {
+                    code: 3,
+                    stop_requested: false,
+                }),
+            )],
         };
         insta::assert_snapshot!(list_text(&report, 61_000));
-        insta::assert_snapshot!(list_text(&ListReport { instances: vec![], runs: vec![] }, 0));
+        insta::assert_snapshot!(list_text(
+            &ListReport {
+                instances: vec![],
+                runs: vec![]
+            },
+            0
+        ));
         let status = StatusReport {
             pid: 7,
             version: "0.1.0".into(),

@@ -92,15 +92,23 @@ mod tests {
     #[test]
     fn oversized_frames_are_refused_both_ways() {
         let err = body_len(u32::MAX.to_be_bytes(), MAX_FRAME_BYTES).expect_err("too large");
-        assert!(matches!(err, FrameError::TooLarge { len_bytes, .. } if len_bytes == u32::MAX as usize));
+        assert!(
+            matches!(err, FrameError::TooLarge { len_bytes, .. } if len_bytes == u32::MAX as usize)
+        );
         let big = vec![0u8; MAX_FRAME_BYTES + 1];
-        assert!(matches!(encode(&big), Err(FrameError::TooLarge { .. }) | Err(FrameError::Encode(_))));
+        assert!(matches!(
+            encode(&big),
+            Err(FrameError::TooLarge { .. }) | Err(FrameError::Encode(_))
+        ));
     }
 
     #[test]
     fn garbage_and_trailing_bytes_are_refused() {
         assert!(decode::<String>(&[0xff, 0xff, 0xff]).is_err());
-        assert!(matches!(decode::<u8>(&[1, 2]), Err(FrameError::Trailing(1))));
+        assert!(matches!(
+            decode::<u8>(&[1, 2]),
+            Err(FrameError::Trailing(1))
+        ));
         // A length field inside the body that claims more than the limit allows.
         assert!(decode::<Vec<u8>>(&[0xfc, 0xff, 0xff, 0xff, 0x7f]).is_err());
     }

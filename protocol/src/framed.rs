@@ -54,20 +54,45 @@ mod tests {
     async fn round_trip_and_clean_eof() {
         let (mut a, mut b) = tokio::io::duplex(64);
         let writer = tokio::spawn(async move {
-            write_frame(&mut a, &"one".to_string()).await.expect("write");
-            write_frame(&mut a, &"two".to_string()).await.expect("write");
+            write_frame(&mut a, &"one".to_string())
+                .await
+                .expect("write");
+            write_frame(&mut a, &"two".to_string())
+                .await
+                .expect("write");
         });
-        assert_eq!(read_frame::<_, String>(&mut b).await.expect("read").as_deref(), Some("one"));
-        assert_eq!(read_frame::<_, String>(&mut b).await.expect("read").as_deref(), Some("two"));
+        assert_eq!(
+            read_frame::<_, String>(&mut b)
+                .await
+                .expect("read")
+                .as_deref(),
+            Some("one")
+        );
+        assert_eq!(
+            read_frame::<_, String>(&mut b)
+                .await
+                .expect("read")
+                .as_deref(),
+            Some("two")
+        );
         writer.await.expect("writer");
-        assert!(read_frame::<_, String>(&mut b).await.expect("eof").is_none());
+        assert!(
+            read_frame::<_, String>(&mut b)
+                .await
+                .expect("eof")
+                .is_none()
+        );
     }
 
     #[tokio::test]
     async fn oversized_header_is_refused_before_reading_the_body() {
         let (mut a, mut b) = tokio::io::duplex(64);
-        a.write_all(&(MAX_FRAME_BYTES as u32 + 1).to_be_bytes()).await.expect("write");
-        let err = read_frame::<_, String>(&mut b).await.expect_err("too large");
+        a.write_all(&(MAX_FRAME_BYTES as u32 + 1).to_be_bytes())
+            .await
+            .expect("write");
+        let err = read_frame::<_, String>(&mut b)
+            .await
+            .expect_err("too large");
         assert!(matches!(err, FrameError::TooLarge { .. }), "{err}");
     }
 
@@ -76,7 +101,9 @@ mod tests {
         let (mut a, mut b) = tokio::io::duplex(64);
         a.write_all(&[0, 0, 0, 10, 1, 2]).await.expect("write");
         drop(a);
-        let err = read_frame::<_, String>(&mut b).await.expect_err("truncated");
+        let err = read_frame::<_, String>(&mut b)
+            .await
+            .expect_err("truncated");
         assert!(matches!(err, FrameError::Truncated), "{err}");
     }
 }

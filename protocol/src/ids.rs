@@ -11,10 +11,14 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum IdError {
     /// A run id is `run-` followed by 12 lowercase hex digits.
-    #[error("{0:?} is not a run id: a run id looks like `run-3f9a2c1b7d4e` (`run-` and 12 lowercase hex digits)")]
+    #[error(
+        "{0:?} is not a run id: a run id looks like `run-3f9a2c1b7d4e` (`run-` and 12 lowercase hex digits)"
+    )]
     RunId(String),
     /// An instance name is 1-40 characters of `a-z`, `0-9` and `-`, starting with a letter.
-    #[error("{0:?} is not a valid instance name: use 1-40 characters of a-z, 0-9 and '-', starting with a letter (e.g. `local-1` or `gpu-box`)")]
+    #[error(
+        "{0:?} is not a valid instance name: use 1-40 characters of a-z, 0-9 and '-', starting with a letter (e.g. `local-1` or `gpu-box`)"
+    )]
     InstanceName(String),
     /// A token is 64 lowercase hex digits.
     #[error("the enrollment token is malformed: a token is 64 lowercase hex digits")]
@@ -25,7 +29,8 @@ pub enum IdError {
 }
 
 fn is_lower_hex(s: &str) -> bool {
-    s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    s.bytes()
+        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// Identifies one run: `run-` and 12 lowercase hex digits.
@@ -213,7 +218,10 @@ mod tests {
         check::<RunId>("run-0123456789a", false);
         check::<RunId>("0123456789ab", false);
         check::<RunId>("run-0123456789abc", false);
-        assert_eq!(RunId::from_random([0, 1, 2, 3, 4, 255]).as_str(), "run-0001020304ff");
+        assert_eq!(
+            RunId::from_random([0, 1, 2, 3, 4, 255]).as_str(),
+            "run-0001020304ff"
+        );
     }
 
     #[test]

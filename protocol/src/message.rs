@@ -49,16 +49,23 @@ pub enum AgentMsg {
     },
     /// On an authenticated session, after `Hello`: the runs this agent knows, so the
     /// controller can ask for what it missed.
-    Ready { runs: Vec<RunCursor> },
+    Ready {
+        runs: Vec<RunCursor>,
+    },
     /// Periodic liveness and a summary of the agent's work.
-    Heartbeat { active_runs: u32 },
+    Heartbeat {
+        active_runs: u32,
+    },
     /// The result of `StartRun`: the process was spawned (or the start failed).
     RunStarted {
         run: RunId,
         result: Result<u32, WireError>,
     },
     /// Run events in sequence order, sent in answer to `Replay` and then live.
-    Events { run: RunId, events: Vec<RunEvent> },
+    Events {
+        run: RunId,
+        events: Vec<RunEvent>,
+    },
     /// A request failed or was refused.
     Error(WireError),
 }
@@ -74,11 +81,19 @@ pub enum ControllerMsg {
     },
     /// Send the events of `run` with a sequence number above `after_seq`, then keep
     /// sending new ones as they happen, until the run's `Ended` event has been sent.
-    Replay { run: RunId, after_seq: u64 },
+    Replay {
+        run: RunId,
+        after_seq: u64,
+    },
     /// Stop a run: SIGTERM to its process group, SIGKILL after the grace period.
-    StopRun { run: RunId, grace_ms: u64 },
+    StopRun {
+        run: RunId,
+        grace_ms: u64,
+    },
     /// Stop every run (with their grace periods) and exit: the instance is being terminated.
-    Shutdown { grace_ms: u64 },
+    Shutdown {
+        grace_ms: u64,
+    },
     /// A request failed or was refused; the connection may be closed after it.
     Error(WireError),
 }

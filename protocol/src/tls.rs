@@ -12,8 +12,7 @@ use std::time::Duration;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
-    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
-    SerialNumber,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
@@ -412,6 +411,9 @@ mod tests {
             .expect("signs");
         let text = String::from_utf8_lossy(&cert);
         assert!(text.contains("gpu-1"));
-        assert!(ca.sign_agent_csr(b"not a csr", &name, Duration::from_secs(1)).is_err());
+        assert!(
+            ca.sign_agent_csr(b"not a csr", &name, Duration::from_secs(1))
+                .is_err()
+        );
     }
 }

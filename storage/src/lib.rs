@@ -13,7 +13,9 @@ use std::path::Path;
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The key is empty, absolute, or would escape the store (`..`, empty segments).
-    #[error("{key:?} is not a valid object key: use relative '/'-separated names without '..' or empty segments")]
+    #[error(
+        "{key:?} is not a valid object key: use relative '/'-separated names without '..' or empty segments"
+    )]
     InvalidKey { key: String },
     /// No object has this key.
     #[error("no object at {key:?}")]
@@ -50,9 +52,15 @@ pub trait ObjectStore: Send + Sync {
         dest: &Path,
     ) -> impl Future<Output = Result<ObjectInfo, StoreError>> + Send;
     /// The object at `key`, if there is one.
-    fn head(&self, key: &str) -> impl Future<Output = Result<Option<ObjectInfo>, StoreError>> + Send;
+    fn head(
+        &self,
+        key: &str,
+    ) -> impl Future<Output = Result<Option<ObjectInfo>, StoreError>> + Send;
     /// Every object whose key starts with `prefix`, sorted by key.
-    fn list(&self, prefix: &str) -> impl Future<Output = Result<Vec<ObjectInfo>, StoreError>> + Send;
+    fn list(
+        &self,
+        prefix: &str,
+    ) -> impl Future<Output = Result<Vec<ObjectInfo>, StoreError>> + Send;
     /// Removes the object at `key`; removing a missing object is not an error.
     fn delete(&self, key: &str) -> impl Future<Output = Result<(), StoreError>> + Send;
 }

@@ -38,14 +38,23 @@ impl LocalStore {
         tokio::fs::create_dir_all(dir)
             .await
             .map_err(io(format!("creating {}", dir.display())))?;
-        let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = dest
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let tmp = dir.join(format!("{TEMP_PREFIX}{}-{name}", std::process::id()));
         let result = async {
-            let size = tokio::fs::copy(src, &tmp)
+            let size = tokio::fs::copy(src, &tmp).await.map_err(io(format!(
+                "copying {} to {}",
+                src.display(),
+                tmp.display()
+            )))?;
+            let file = tokio::fs::File::open(&tmp)
                 .await
-                .map_err(io(format!("copying {} to {}", src.display(), tmp.display())))?;
-            let file = tokio::fs::File::open(&tmp).await.map_err(io(format!("opening {}", tmp.display())))?;
-            file.sync_all().await.map_err(io(format!("syncing {}", tmp.display())))?;
+                .map_err(io(format!("opening {}", tmp.display())))?;
+            file.sync_all()
+                .await
+                .map_err(io(format!("syncing {}", tmp.display())))?;
             tokio::fs::rename(&tmp, dest)
                 .await
                 .map_err(io(format!("renaming into {}", dest.display())))?;
@@ -158,22 +167,49 @@ mod tests {
         let src = dir.path().join("src.bin");
         std::fs::write(&src, b"checkpoint bytes").expect("write");
 
-        store.put_file("runs/r1/ckpt-2.pt", &src).await.expect("put");
-        store.put_file("runs/r1/ckpt-1.pt", &src).await.expect("put");
-        store.put_file("runs/r2/ckpt-1.pt", &src).await.expect("put");
+        store
+            .put_file("runs/r1/ckpt-2.pt", &src)
+            .await
+            .expect("put");
+        store
+            .put_file("runs/r1/ckpt-1.pt", &src)
+            .await
+            .expect("put");
+        store
+            .put_file("runs/r2/ckpt-1.pt", &src)
+            .await
+            .expect("put");
 
-        let keys: Vec<String> = store.list("runs/r1/").await.expect("list").into_iter().map(|o| o.key).collect();
+        let keys: Vec<String> = store
+            .list("runs/r1/")
+            .await
+            .expect("list")
+            .into_iter()
+            .map(|o| o.key)
+            .collect();
         assert_eq!(keys, ["runs/r1/ckpt-1.pt", "runs/r1/ckpt-2.pt"]);
         assert_eq!(store.list("runs/r").await.expect("list").len(), 3);
 
         let dest = dir.path().join("out/fetched.pt");
-        let info = store.get_file("runs/r1/ckpt-1.pt", &dest).await.expect("get");
+        let info = store
+            .get_file("runs/r1/ckpt-1.pt", &dest)
+            .await
+            .expect("get");
         assert_eq!(info.size_bytes, 16);
         assert_eq!(std::fs::read(&dest).expect("read"), b"checkpoint bytes");
 
         store.delete("runs/r1/ckpt-1.pt").await.expect("delete");
-        store.delete("runs/r1/ckpt-1.pt").await.expect("delete is idempotent");
-        assert!(store.head("runs/r1/ckpt-1.pt").await.expect("head").is_none());
+        store
+            .delete("runs/r1/ckpt-1.pt")
+            .await
+            .expect("delete is idempotent");
+        assert!(
+            store
+                .head("runs/r1/ckpt-1.pt")
+                .await
+                .expect("head")
+                .is_none()
+        );
         assert!(matches!(
             store.get_file("runs/r1/ckpt-1.pt", &dest).await,
             Err(StoreError::NotFound { .. })
@@ -186,7 +222,10 @@ mod tests {
         let store = LocalStore::open(dir.path().join("store")).expect("open");
         let src = dir.path().join("src.bin");
         std::fs::write(&src, b"x").expect("write");
-        let err = store.put_file("../outside", &src).await.expect_err("refused");
+        let err = store
+            .put_file("../outside", &src)
+            .await
+            .expect_err("refused");
         assert!(matches!(err, StoreError::InvalidKey { .. }));
         assert!(!dir.path().join("outside").exists());
     }

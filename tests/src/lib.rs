@@ -26,7 +26,10 @@ pub fn bin(name: &str) -> PathBuf {
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_owned()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_owned()
 }
 
 /// A controller home in a temporary directory, with a daemon started on demand.
@@ -44,7 +47,10 @@ impl Default for Home {
 impl Home {
     pub fn new() -> Self {
         // Short paths: the daemon's Unix socket path must stay under ~100 bytes.
-        let dir = tempfile::Builder::new().prefix("rc").tempdir_in("/tmp").expect("tempdir");
+        let dir = tempfile::Builder::new()
+            .prefix("rc")
+            .tempdir_in("/tmp")
+            .expect("tempdir");
         std::fs::write(
             dir.path().join("config.toml"),
             "[daemon]\nlisten = \"127.0.0.1:0\"\nstop_grace_secs = 3\n",
@@ -69,13 +75,22 @@ impl Home {
 
     /// Runs the CLI to completion with `args`.
     pub fn run(&self, args: &[&str]) -> Output {
-        self.cli().args(args).output().expect("run runctl-controller")
+        self.cli()
+            .args(args)
+            .output()
+            .expect("run runctl-controller")
     }
 
     /// Runs the CLI with `--output json` and parses stdout (the last line, for commands
     /// that print events first).
     pub fn json(&self, args: &[&str]) -> serde_json::Value {
-        let out = self.cli().arg("--output").arg("json").args(args).output().expect("run");
+        let out = self
+            .cli()
+            .arg("--output")
+            .arg("json")
+            .args(args)
+            .output()
+            .expect("run");
         let stdout = String::from_utf8_lossy(&out.stdout);
         let last = stdout.lines().last().unwrap_or_default();
         serde_json::from_str(last).unwrap_or_else(|e| {
@@ -96,7 +111,10 @@ impl Home {
     pub fn wait_until(&self, what: &str, bound: Duration, mut check: impl FnMut() -> bool) {
         let deadline = Instant::now() + bound;
         while !check() {
-            assert!(Instant::now() < deadline, "timed out after {bound:?} waiting for {what}");
+            assert!(
+                Instant::now() < deadline,
+                "timed out after {bound:?} waiting for {what}"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -118,10 +136,16 @@ impl Drop for Home {
 
 /// Kills processes whose command line contains `needle` (Linux /proc).
 pub fn kill_processes_with_arg(needle: &str) {
-    let Ok(procs) = std::fs::read_dir("/proc") else { return };
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return;
+    };
     for proc in procs.flatten() {
-        let Ok(pid) = proc.file_name().to_string_lossy().parse::<i32>() else { continue };
-        let Ok(cmdline) = std::fs::read(proc.path().join("cmdline")) else { continue };
+        let Ok(pid) = proc.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(proc.path().join("cmdline")) else {
+            continue;
+        };
         if String::from_utf8_lossy(&cmdline).contains(needle) {
             let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
         }

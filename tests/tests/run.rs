@@ -7,36 +7,63 @@ use std::time::Duration;
 use tests::{Home, repo_root, stderr, stdout};
 
 fn quickstart() -> String {
-    repo_root().join("examples/quickstart").display().to_string()
+    repo_root()
+        .join("examples/quickstart")
+        .display()
+        .to_string()
 }
 
 #[test]
 fn quickstart_runs_end_to_end() {
     let home = Home::new();
     let out = home.run(&[
-        "run", "--workdir", &quickstart(), "--env", "EPOCHS=6", "--env", "STEP_SECONDS=0.01", "--", "python3", "train.py",
+        "run",
+        "--workdir",
+        &quickstart(),
+        "--env",
+        "EPOCHS=6",
+        "--env",
+        "STEP_SECONDS=0.01",
+        "--",
+        "python3",
+        "train.py",
     ]);
     let (out_text, err_text) = (stdout(&out), stderr(&out));
-    assert_eq!(out.status.code(), Some(0), "stdout: {out_text}\nstderr: {err_text}");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stdout: {out_text}\nstderr: {err_text}"
+    );
     assert!(out_text.contains("epoch   6/6"), "{out_text}");
-    assert!(out_text.contains("saved checkpoint ckpt-0005.json"), "{out_text}");
+    assert!(
+        out_text.contains("saved checkpoint ckpt-0005.json"),
+        "{out_text}"
+    );
     assert!(out_text.contains("done: w="), "{out_text}");
-    assert!(!out_text.contains("runctl:"), "nothing but the remote output on stdout: {out_text}");
+    assert!(
+        !out_text.contains("runctl:"),
+        "nothing but the remote output on stdout: {out_text}"
+    );
     assert!(err_text.contains("succeeded (exit 0)"), "{err_text}");
 
     // The checkpoints exist on the agent side, where $RUNCTL_CHECKPOINT_DIR pointed.
     let list = home.json(&["list"]);
     let run = list["runs"][0]["id"].as_str().expect("run id").to_owned();
-    let instance = list["runs"][0]["instance"].as_str().expect("instance").to_owned();
-    let ckpt = home
-        .path()
-        .join(format!("local/{instance}/state/runs/{run}/checkpoints/ckpt-0006.json"));
+    let instance = list["runs"][0]["instance"]
+        .as_str()
+        .expect("instance")
+        .to_owned();
+    let ckpt = home.path().join(format!(
+        "local/{instance}/state/runs/{run}/checkpoints/ckpt-0006.json"
+    ));
     assert!(ckpt.is_file(), "{} exists", ckpt.display());
 
     // The instance launched for the run is terminated once the run is over.
-    home.wait_until("the run's instance to be terminated", Duration::from_secs(20), || {
-        home.json(&["list"])["instances"][0]["instance"]["state"] == "terminated"
-    });
+    home.wait_until(
+        "the run's instance to be terminated",
+        Duration::from_secs(20),
+        || home.json(&["list"])["instances"][0]["instance"]["state"] == "terminated",
+    );
 }
 
 #[test]
@@ -49,18 +76,32 @@ fn exit_codes_and_streams_propagate() {
     assert!(stderr(&out).contains("failed (exit 7)"), "{}", stderr(&out));
 
     let out = home.run(&["run", "--", "sh", "-c", "kill -USR1 $$"]);
-    assert_eq!(out.status.code(), Some(128 + 10), "a signal death is 128+N: {}", stderr(&out));
+    assert_eq!(
+        out.status.code(),
+        Some(128 + 10),
+        "a signal death is 128+N: {}",
+        stderr(&out)
+    );
 
     let out = home.run(&["run", "--", "no-such-program-runctl"]);
     assert_eq!(out.status.code(), Some(127), "{}", stderr(&out));
-    assert!(stderr(&out).contains("could not start \"no-such-program-runctl\""), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("could not start \"no-such-program-runctl\""),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
 fn detach_then_logs_list_and_status() {
     let home = Home::new();
     let started = home.json(&[
-        "run", "--detach", "--keep", "--", "python3", "-c",
+        "run",
+        "--detach",
+        "--keep",
+        "--",
+        "python3",
+        "-c",
         "import time\nfor i in range(5):\n    print('tick', i)\n    time.sleep(0.2)",
     ]);
     let run = started["id"].as_str().expect("run id in JSON").to_owned();
@@ -72,17 +113,32 @@ fn detach_then_logs_list_and_status() {
 
     let list = home.json(&["list"]);
     assert_eq!(list["runs"][0]["state"], "succeeded");
-    assert_eq!(list["instances"][0]["connected"], true, "--keep kept the instance");
+    assert_eq!(
+        list["instances"][0]["connected"], true,
+        "--keep kept the instance"
+    );
     let status = home.run(&["status"]);
-    assert!(stdout(&status).starts_with("1 agent connected, 0 runs active"), "{}", stdout(&status));
+    assert!(
+        stdout(&status).starts_with("1 agent connected, 0 runs active"),
+        "{}",
+        stdout(&status)
+    );
 
     // JSON logs: one event per line, then the run.
-    let out = home.cli().args(["--output", "json", "logs", &run]).output().expect("logs");
+    let out = home
+        .cli()
+        .args(["--output", "json", "logs", &run])
+        .output()
+        .expect("logs");
     let lines: Vec<serde_json::Value> = stdout(&out)
         .lines()
         .map(|l| serde_json::from_str(l).expect("JSON line"))
         .collect();
-    assert_eq!(lines[0]["kind"]["started"]["pid"].is_u64(), true, "{:?}", lines[0]);
+    assert!(
+        lines[0]["kind"]["started"]["pid"].is_u64(),
+        "{:?}",
+        lines[0]
+    );
     assert_eq!(lines[1]["kind"]["output"]["line"], "tick 0");
     assert_eq!(lines.last().expect("final")["state"], "succeeded");
 }
@@ -94,7 +150,9 @@ fn stop_runs_the_trainers_sigterm_handler() {
     let script = "import signal, sys, time\n\
 def bye(*_):\n    print('handler ran', flush=True)\n    sys.exit(143)\n\
 signal.signal(signal.SIGTERM, bye)\nprint('ready', flush=True)\nwhile True:\n    time.sleep(0.05)";
-    let started = home.json(&["run", "--on", "box", "--detach", "--", "python3", "-c", script]);
+    let started = home.json(&[
+        "run", "--on", "box", "--detach", "--", "python3", "-c", script,
+    ]);
     let run = started["id"].as_str().expect("run id").to_owned();
     home.wait_until("the trainer to be ready", Duration::from_secs(20), || {
         stdout(&home.run(&["logs", &run])).contains("ready")
@@ -105,8 +163,16 @@ signal.signal(signal.SIGTERM, bye)\nprint('ready', flush=True)\nwhile True:\n   
     assert!(stdout(&home.run(&["logs", &run])).contains("handler ran"));
 
     let again = home.run(&["stop", &run]);
-    assert_eq!(again.status.code(), Some(4), "stopping an ended run is a conflict");
-    assert!(stderr(&again).contains("already ended"), "{}", stderr(&again));
+    assert_eq!(
+        again.status.code(),
+        Some(4),
+        "stopping an ended run is a conflict"
+    );
+    assert!(
+        stderr(&again).contains("already ended"),
+        "{}",
+        stderr(&again)
+    );
 }
 
 #[test]
@@ -129,9 +195,16 @@ signal.signal(signal.SIGTERM, bye)\nprint('ready', flush=True)\nwhile True:\n   
         nix::sys::signal::Signal::SIGINT,
     )
     .expect("SIGINT");
-    assert_eq!(lines.next().expect("a line").expect("utf-8"), "graceful exit");
+    assert_eq!(
+        lines.next().expect("a line").expect("utf-8"),
+        "graceful exit"
+    );
     let status = child.wait().expect("wait");
-    assert_eq!(status.code(), Some(3), "the CLI exits with the remote status");
+    assert_eq!(
+        status.code(),
+        Some(3),
+        "the CLI exits with the remote status"
+    );
 }
 
 #[test]
@@ -143,15 +216,28 @@ fn terminate_refuses_active_runs_unless_forced() {
 
     let refused = home.run(&["terminate", "busy"]);
     assert_eq!(refused.status.code(), Some(4));
-    assert!(stderr(&refused).contains(&format!("busy has active runs: {run}")), "{}", stderr(&refused));
-    assert!(stderr(&refused).contains("To resolve:"), "{}", stderr(&refused));
+    assert!(
+        stderr(&refused).contains(&format!("busy has active runs: {run}")),
+        "{}",
+        stderr(&refused)
+    );
+    assert!(
+        stderr(&refused).contains("To resolve:"),
+        "{}",
+        stderr(&refused)
+    );
 
     let forced = home.json(&["terminate", "--force", "busy"]);
     assert_eq!(forced["instance"]["state"], "terminated");
     let list = home.json(&["list"]);
     assert!(list["runs"][0]["state"] != "running", "{list}");
-    let pid = list["instances"][0]["instance"]["pid"].as_u64().expect("pid");
-    assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "the agent process is gone");
+    let pid = list["instances"][0]["instance"]["pid"]
+        .as_u64()
+        .expect("pid");
+    assert!(
+        !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "the agent process is gone"
+    );
 
     let again = home.run(&["run", "--on", "busy", "--", "true"]);
     assert_eq!(again.status.code(), Some(4), "{}", stderr(&again));
@@ -163,12 +249,18 @@ fn daemon_killed_mid_run_loses_and_duplicates_no_log_line() {
     let script = "import time\nfor i in range(1, 401):\n    print(f'line {i}', flush=True)\n    time.sleep(0.01)";
     let started = home.json(&["run", "--detach", "--keep", "--", "python3", "-c", script]);
     let run = started["id"].as_str().expect("run id").to_owned();
-    home.wait_until("some output to reach the daemon", Duration::from_secs(20), || {
-        stdout(&home.run(&["logs", &run])).lines().count() >= 30
-    });
+    home.wait_until(
+        "some output to reach the daemon",
+        Duration::from_secs(20),
+        || stdout(&home.run(&["logs", &run])).lines().count() >= 30,
+    );
 
     let pid = home.daemon_pid().expect("daemon pid");
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).expect("kill daemon");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill daemon");
     home.wait_until("the daemon to die", Duration::from_secs(10), || {
         !std::path::Path::new(&format!("/proc/{pid}")).exists()
     });
@@ -190,10 +282,16 @@ fn the_daemon_restarts_cleanly_and_keeps_its_state() {
     let status = home.json(&["status"]);
     let stopped = home.run(&["shutdown"]);
     assert!(stdout(&stopped).contains("stopped"), "{}", stdout(&stopped));
-    assert!(!home.path().join("daemon.sock").exists(), "the socket is removed");
+    assert!(
+        !home.path().join("daemon.sock").exists(),
+        "the socket is removed"
+    );
     let again = home.json(&["status"]);
     assert_ne!(again["pid"], status["pid"]);
-    assert_eq!(again["quic_addr"], status["quic_addr"], "the QUIC port survives restarts");
+    assert_eq!(
+        again["quic_addr"], status["quic_addr"],
+        "the QUIC port survives restarts"
+    );
     assert_eq!(again["ca_sha256"], status["ca_sha256"], "so does the CA");
     let list = home.json(&["list"]);
     assert_eq!(list["runs"][0]["argv"][1], "before");
@@ -202,11 +300,23 @@ fn the_daemon_restarts_cleanly_and_keeps_its_state() {
 #[test]
 fn bad_input_gets_clear_errors() {
     let home = Home::new();
-    std::fs::write(home.path().join("config.toml"), "[daemon]\nlisten = \"127.0.0.1:0\"\nbogus = true\n").expect("write");
+    std::fs::write(
+        home.path().join("config.toml"),
+        "[daemon]\nlisten = \"127.0.0.1:0\"\nbogus = true\n",
+    )
+    .expect("write");
     let out = home.run(&["status"]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(stderr(&out).contains("config.toml is invalid"), "{}", stderr(&out));
-    assert!(stderr(&out).contains("unknown field `bogus`"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("config.toml is invalid"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        stderr(&out).contains("unknown field `bogus`"),
+        "{}",
+        stderr(&out)
+    );
     assert!(stderr(&out).contains("line 3"), "{}", stderr(&out));
     let json = home.json(&["status"]);
     assert_eq!(json["error"]["code"], "bad_input");
@@ -214,15 +324,30 @@ fn bad_input_gets_clear_errors() {
     let home = Home::new();
     let out = home.run(&["logs", "run-1"]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(stderr(&out).contains("run-3f9a2c1b7d4e"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("run-3f9a2c1b7d4e"),
+        "{}",
+        stderr(&out)
+    );
     let json = home.json(&["logs", "run-1"]);
-    assert_eq!(json["error"]["code"], "bad_input", "clap errors are JSON too");
+    assert_eq!(
+        json["error"]["code"], "bad_input",
+        "clap errors are JSON too"
+    );
     let out = home.run(&["run", "--workdir", "/nonexistent/dir", "--", "true"]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(stderr(&out).contains("/nonexistent/dir"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("/nonexistent/dir"),
+        "{}",
+        stderr(&out)
+    );
     let out = home.run(&["logs", "run-000000000000"]);
     assert_eq!(out.status.code(), Some(3));
     let out = home.run(&["run", "--env", "1BAD=x", "--", "true"]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(stderr(&out).contains("not a valid variable name"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("not a valid variable name"),
+        "{}",
+        stderr(&out)
+    );
 }

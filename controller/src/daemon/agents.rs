@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use protocol::framed::{read_frame, write_frame};
 use protocol::{
-    AgentMsg, ControllerMsg, ErrorKind, EventKind, FrameError, Hello, InstanceName, RunCursor, WireError,
+    AgentMsg, ControllerMsg, ErrorKind, EventKind, FrameError, Hello, InstanceName, RunCursor,
+    WireError,
 };
 use tokio::sync::mpsc;
 
@@ -40,8 +41,16 @@ pub(super) async fn handle(d: Arc<Daemon>, incoming: quinn::Incoming) {
 }
 
 /// Sends a refusal and closes the connection once the agent has had a chance to read it.
-async fn refuse(conn: &quinn::Connection, send: &mut quinn::SendStream, error: WireError) -> anyhow::Result<()> {
-    tracing::warn!("refusing agent at {}: {}", conn.remote_address(), error.message);
+async fn refuse(
+    conn: &quinn::Connection,
+    send: &mut quinn::SendStream,
+    error: WireError,
+) -> anyhow::Result<()> {
+    tracing::warn!(
+        "refusing agent at {}: {}",
+        conn.remote_address(),
+        error.message
+    );
     write_frame(send, &ControllerMsg::Error(error.clone())).await?;
     let _ = send.finish();
     let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
@@ -50,11 +59,17 @@ async fn refuse(conn: &quinn::Connection, send: &mut quinn::SendStream, error: W
 }
 
 async fn session(d: &Arc<Daemon>, conn: quinn::Connection) -> anyhow::Result<()> {
-    let (mut send, mut recv) = tokio::time::timeout(Duration::from_secs(10), conn.accept_bi()).await??;
+    let (mut send, mut recv) =
+        tokio::time::timeout(Duration::from_secs(10), conn.accept_bi()).await??;
     let theirs = match read_frame::<_, AgentMsg>(&mut recv).await {
         Ok(Some(AgentMsg::Hello(h))) => h,
         Ok(Some(_)) => {
-            return refuse(&conn, &mut send, WireError::new(ErrorKind::BadRequest, "the first message must be Hello")).await;
+            return refuse(
+                &conn,
+                &mut send,
+                WireError::new(ErrorKind::BadRequest, "the first message must be Hello"),
+            )
+            .await;
         }
         Ok(None) => return Ok(()),
         Err(e) => return refuse(&conn, &mut send, frame_refusal(&e)).await,
@@ -68,7 +83,10 @@ async fn session(d: &Arc<Daemon>, conn: quinn::Connection) -> anyhow::Result<()>
         Some(fingerprint) => {
             let instance = match d.db.cert(fingerprint)? {
                 None => {
-                    let e = WireError::new(ErrorKind::Unauthenticated, "this certificate was not issued by this controller");
+                    let e = WireError::new(
+                        ErrorKind::Unauthenticated,
+                        "this certificate was not issued by this controller",
+                    );
                     return refuse(&conn, &mut send, e).await;
                 }
                 Some((_, true)) => {
@@ -87,7 +105,10 @@ async fn session(d: &Arc<Daemon>, conn: quinn::Connection) -> anyhow::Result<()>
 }
 
 fn frame_refusal(e: &FrameError) -> WireError {
-    WireError::new(ErrorKind::BadRequest, format!("refused a malformed message: {e}"))
+    WireError::new(
+        ErrorKind::BadRequest,
+        format!("refused a malformed message: {e}"),
+    )
 }
 
 async fn enroll(
@@ -123,7 +144,10 @@ async fn enroll(
     let cert = match d.pki.ca.sign_agent_csr(&csr_der, &instance, CERT_LIFETIME) {
         Ok(cert) => cert,
         Err(e) => {
-            let e = WireError::new(ErrorKind::BadRequest, format!("the certificate request is invalid: {e}"));
+            let e = WireError::new(
+                ErrorKind::BadRequest,
+                format!("the certificate request is invalid: {e}"),
+            );
             return refuse(conn, &mut send, e).await;
         }
     };
@@ -176,7 +200,9 @@ async fn serve_agent(
         },
     );
     if let Some(previous) = previous {
-        previous.conn.close(0u32.into(), b"replaced by a newer connection");
+        previous
+            .conn
+            .close(0u32.into(), b"replaced by a newer connection");
     }
     d.db.set_instance_state(&instance, InstanceState::Running, now_ms())?;
     d.bump_agents();
@@ -212,7 +238,10 @@ async fn serve_agent(
                     tracing::debug!("heartbeat from {instance}: {active_runs} active runs");
                 }
                 AgentMsg::Error(e) => tracing::warn!("agent {instance} reported: {}", e.message),
-                AgentMsg::Hello(_) | AgentMsg::Enroll { .. } | AgentMsg::Ready { .. } | AgentMsg::RunStarted { .. } => {
+                AgentMsg::Hello(_)
+                | AgentMsg::Enroll { .. }
+                | AgentMsg::Ready { .. }
+                | AgentMsg::RunStarted { .. } => {
                     tracing::warn!("agent {instance} sent an out-of-place message");
                 }
             },
@@ -247,9 +276,15 @@ async fn reconcile(
     tx: &mpsc::Sender<ControllerMsg>,
 ) -> anyhow::Result<()> {
     for cursor in cursors {
-        let Some(row) = d.db.run(&cursor.run)? else { continue };
+        let Some(row) = d.db.run(&cursor.run)? else {
+            continue;
+        };
         if &row.instance != instance {
-            tracing::warn!("agent {instance} reports run {} of {}", cursor.run, row.instance);
+            tracing::warn!(
+                "agent {instance} reports run {} of {}",
+                cursor.run,
+                row.instance
+            );
             continue;
         }
         let have = d.db.last_seq(&cursor.run)?;
@@ -290,11 +325,18 @@ fn on_events(
         Some(row) if &row.instance == instance => {}
         _ => {
             tracing::warn!("agent {instance} sent events for run {run}, which is not its own");
-            return Err(WireError::new(ErrorKind::NotYourRun, format!("run {run} does not belong to {instance}")));
+            return Err(WireError::new(
+                ErrorKind::NotYourRun,
+                format!("run {run} does not belong to {instance}"),
+            ));
         }
     }
-    if events.iter().any(|e| matches!(e.kind, EventKind::Started { .. })) {
-        d.db.set_run_state(run, RunState::Running, now_ms(), None).map_err(internal)?;
+    if events
+        .iter()
+        .any(|e| matches!(e.kind, EventKind::Started { .. }))
+    {
+        d.db.set_run_state(run, RunState::Running, now_ms(), None)
+            .map_err(internal)?;
     }
     let (_, ended) = d.db.insert_events(run, events).map_err(internal)?;
     d.bump_run(run);

@@ -99,7 +99,12 @@ impl Daemon {
     }
 
     /// Waits until `name`'s agent is connected, its process dies, or `timeout` passes.
-    async fn wait_for_agent(&self, name: &InstanceName, timeout: Duration, pid: Option<u32>) -> Result<AgentLink, UserError> {
+    async fn wait_for_agent(
+        &self,
+        name: &InstanceName,
+        timeout: Duration,
+        pid: Option<u32>,
+    ) -> Result<AgentLink, UserError> {
         let mut changes = self.agents_changed.subscribe();
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
@@ -137,7 +142,11 @@ impl Daemon {
 }
 
 /// Runs the daemon in the foreground until `shutdown` resolves or a client asks it to stop.
-pub async fn serve(home: Home, config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+pub async fn serve(
+    home: Home,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
     home.ensure()?;
     let lock_file = std::fs::OpenOptions::new()
         .create(true)
@@ -149,7 +158,11 @@ pub async fn serve(home: Home, config: Config, shutdown: impl Future<Output = ()
         let pid = std::fs::read_to_string(home.pid()).unwrap_or_default();
         UserError::new(
             ErrorCode::Conflict,
-            format!("a daemon is already running for {} (pid {})", home.root().display(), pid.trim()),
+            format!(
+                "a daemon is already running for {} (pid {})",
+                home.root().display(),
+                pid.trim()
+            ),
         )
         .resolve("use it as it is, or stop it first: runctl-controller shutdown")
     })?;
@@ -214,7 +227,10 @@ pub async fn serve(home: Home, config: Config, shutdown: impl Future<Output = ()
     let _ = std::fs::remove_file(&socket_path);
     endpoint.close(0u32.into(), b"daemon stopping");
     daemon.tasks.close();
-    if tokio::time::timeout(Duration::from_secs(5), daemon.tasks.wait()).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(5), daemon.tasks.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!("some tasks did not finish within 5 s of shutdown");
     }
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
@@ -227,7 +243,9 @@ pub async fn serve(home: Home, config: Config, shutdown: impl Future<Output = ()
 fn bind_quic(config: &Config, db: &Db, pki: &Pki) -> anyhow::Result<quinn::Endpoint> {
     let server = protocol::tls::server_config(&pki.ca, &pki.server)?;
     let mut addr = config.daemon.listen;
-    let remembered = db.setting(PORT_SETTING)?.and_then(|p| p.parse::<u16>().ok());
+    let remembered = db
+        .setting(PORT_SETTING)?
+        .and_then(|p| p.parse::<u16>().ok());
     if addr.port() == 0
         && let Some(port) = remembered
     {

@@ -12,7 +12,8 @@ use super::{Daemon, now_ms, runs};
 use crate::db::{RunRow, RunState};
 use crate::error::{ErrorCode, UserError};
 use crate::ipc::{
-    ClientHello, DaemonHello, InstanceView, ListReport, Request, Response, RunRequest, StatusReport, VERSION,
+    ClientHello, DaemonHello, InstanceView, ListReport, Request, Response, RunRequest,
+    StatusReport, VERSION,
 };
 
 /// Events are read from the database in pages of this many.
@@ -50,10 +51,18 @@ fn view(d: &Daemon, row: crate::db::InstanceRow) -> InstanceView {
     }
 }
 
-async fn dispatch(d: &Arc<Daemon>, stream: &mut UnixStream, request: Request) -> anyhow::Result<()> {
+async fn dispatch(
+    d: &Arc<Daemon>,
+    stream: &mut UnixStream,
+    request: Request,
+) -> anyhow::Result<()> {
     match request {
         Request::Status => {
-            let runs_active = d.db.runs()?.iter().filter(|r| !r.state.is_terminal()).count() as u32;
+            let runs_active =
+                d.db.runs()?
+                    .iter()
+                    .filter(|r| !r.state.is_terminal())
+                    .count() as u32;
             let report = StatusReport {
                 pid: std::process::id(),
                 version: VERSION.to_owned(),
@@ -65,7 +74,11 @@ async fn dispatch(d: &Arc<Daemon>, stream: &mut UnixStream, request: Request) ->
             write_frame(stream, &Response::Status(report)).await?;
         }
         Request::List => {
-            let instances = d.db.instances()?.into_iter().map(|row| view(d, row)).collect();
+            let instances =
+                d.db.instances()?
+                    .into_iter()
+                    .map(|row| view(d, row))
+                    .collect();
             let report = ListReport {
                 instances,
                 runs: d.db.runs()?,
@@ -85,7 +98,9 @@ async fn dispatch(d: &Arc<Daemon>, stream: &mut UnixStream, request: Request) ->
             write_frame(stream, &Response::Run(row)).await?;
         }
         Request::Stop { run, grace_secs } => {
-            let grace = grace_secs.map(Duration::from_secs).unwrap_or(d.config.daemon.stop_grace());
+            let grace = grace_secs
+                .map(Duration::from_secs)
+                .unwrap_or(d.config.daemon.stop_grace());
             runs::stop(d, &run, grace).await?;
             let row = wait_terminal(d, &run, grace + Duration::from_secs(30)).await?;
             write_frame(stream, &Response::Run(row)).await?;
@@ -96,27 +111,37 @@ async fn dispatch(d: &Arc<Daemon>, stream: &mut UnixStream, request: Request) ->
                     .resolve("list instances: runctl-controller list")
             })?;
             if row.state == crate::db::InstanceState::Terminated {
-                return Err(UserError::new(ErrorCode::Conflict, format!("{name} is already terminated")).into());
+                return Err(UserError::new(
+                    ErrorCode::Conflict,
+                    format!("{name} is already terminated"),
+                )
+                .into());
             }
-            let active: Vec<RunId> = d
-                .db
-                .runs_on(&name)?
-                .into_iter()
-                .filter(|r| !r.state.is_terminal())
-                .map(|r| r.id)
-                .collect();
+            let active: Vec<RunId> =
+                d.db.runs_on(&name)?
+                    .into_iter()
+                    .filter(|r| !r.state.is_terminal())
+                    .map(|r| r.id)
+                    .collect();
             if !active.is_empty() && !force {
                 let ids: Vec<String> = active.iter().map(|r| r.to_string()).collect();
                 return Err(UserError::new(
                     ErrorCode::Conflict,
                     format!("{name} has active runs: {}", ids.join(", ")),
                 )
-                .resolve(format!("stop them first: runctl-controller stop {}", ids[0]))
-                .resolve(format!("or stop them with the instance: runctl-controller terminate --force {name}"))
+                .resolve(format!(
+                    "stop them first: runctl-controller stop {}",
+                    ids[0]
+                ))
+                .resolve(format!(
+                    "or stop them with the instance: runctl-controller terminate --force {name}"
+                ))
                 .into());
             }
             runs::terminate_now(d, &name).await;
-            let row = d.db.instance(&name)?.ok_or_else(|| anyhow::anyhow!("instance {name} vanished"))?;
+            let row =
+                d.db.instance(&name)?
+                    .ok_or_else(|| anyhow::anyhow!("instance {name} vanished"))?;
             write_frame(stream, &Response::Terminated(view(d, row))).await?;
         }
     }
@@ -146,14 +171,20 @@ async fn run(d: &Arc<Daemon>, stream: &mut UnixStream, req: RunRequest) -> anyho
                     .resolve("or launch one: runctl-controller launch --provider local")
             })?;
             if row.state == crate::db::InstanceState::Terminated {
-                return Err(UserError::new(ErrorCode::Conflict, format!("{name} is terminated"))
-                    .resolve("launch another: runctl-controller launch --provider local")
-                    .into());
+                return Err(
+                    UserError::new(ErrorCode::Conflict, format!("{name} is terminated"))
+                        .resolve("launch another: runctl-controller launch --provider local")
+                        .into(),
+                );
             }
             (row.name, false)
         }
         None => {
-            write_frame(stream, &Response::Progress(format!("launching a {} instance", req.provider.as_str()))).await?;
+            write_frame(
+                stream,
+                &Response::Progress(format!("launching a {} instance", req.provider.as_str())),
+            )
+            .await?;
             let for_run = (!req.keep).then(|| run_id.clone());
             let row = runs::launch(d, req.provider, None, for_run).await?;
             (row.name, true)
@@ -187,7 +218,8 @@ async fn run(d: &Arc<Daemon>, stream: &mut UnixStream, req: RunRequest) -> anyho
     };
     let d2 = d.clone();
     let (run2, workdir) = (run_id.clone(), req.workdir);
-    d.tasks.spawn(runs::start(d2, run2, instance, workdir, spec));
+    d.tasks
+        .spawn(runs::start(d2, run2, instance, workdir, spec));
 
     if req.detach {
         let row = wait_started(d, stream, &run_id).await?;
@@ -200,7 +232,11 @@ async fn run(d: &Arc<Daemon>, stream: &mut UnixStream, req: RunRequest) -> anyho
 }
 
 /// Reports phases until the run's process has started (or the run ended).
-async fn wait_started(d: &Arc<Daemon>, stream: &mut UnixStream, run: &RunId) -> anyhow::Result<RunRow> {
+async fn wait_started(
+    d: &Arc<Daemon>,
+    stream: &mut UnixStream,
+    run: &RunId,
+) -> anyhow::Result<RunRow> {
     let mut changes = d.run_watch(run);
     let mut last_state = None;
     loop {
@@ -231,7 +267,12 @@ fn phase_message(state: RunState) -> Option<&'static str> {
 
 /// Sends the run's stored events, and with `follow` keeps sending new ones until the run
 /// has ended and its last event went out. Returns the final row.
-async fn stream_events(d: &Arc<Daemon>, stream: &mut UnixStream, run: &RunId, follow: bool) -> anyhow::Result<RunRow> {
+async fn stream_events(
+    d: &Arc<Daemon>,
+    stream: &mut UnixStream,
+    run: &RunId,
+    follow: bool,
+) -> anyhow::Result<RunRow> {
     let mut changes = d.run_watch(run);
     let mut after = 0u64;
     let mut last_state = None;
@@ -277,7 +318,10 @@ async fn wait_terminal(d: &Arc<Daemon>, run: &RunId, bound: Duration) -> anyhow:
         if row.state.is_terminal() {
             return Ok(row);
         }
-        if tokio::time::timeout_at(deadline, changes.changed()).await.is_err() {
+        if tokio::time::timeout_at(deadline, changes.changed())
+            .await
+            .is_err()
+        {
             return Err(UserError::new(
                 ErrorCode::Agent,
                 format!("run {run} was asked to stop but has not ended within {bound:?}"),
@@ -287,4 +331,3 @@ async fn wait_terminal(d: &Arc<Daemon>, run: &RunId, bound: Duration) -> anyhow:
         }
     }
 }
-

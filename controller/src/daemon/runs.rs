@@ -29,8 +29,11 @@ pub(super) async fn launch(
     let internal = |e: anyhow::Error| UserError::new(ErrorCode::Internal, format!("{e:#}"));
     let name = name.unwrap_or_else(local::fresh_name);
     if d.db.instance(&name).map_err(internal)?.is_some() {
-        return Err(UserError::new(ErrorCode::Conflict, format!("an instance named {name} already exists"))
-            .resolve("pick another --name, or leave it out for a generated one"));
+        return Err(UserError::new(
+            ErrorCode::Conflict,
+            format!("an instance named {name} already exists"),
+        )
+        .resolve("pick another --name, or leave it out for a generated one"));
     }
     let agent_bin = local::agent_binary(&d.config.local)?;
     let row = InstanceRow {
@@ -57,7 +60,8 @@ pub(super) async fn launch(
         },
     )
     .map_err(|e| {
-        let _ = d.db.set_instance_state(&name, InstanceState::Terminated, now_ms());
+        let _ =
+            d.db.set_instance_state(&name, InstanceState::Terminated, now_ms());
         internal(e)
     })?;
     let pid = child.id().unwrap_or(0);
@@ -72,15 +76,24 @@ pub(super) async fn launch(
         terminate_now(d, &name).await;
         return Err(e);
     }
-    d.db.instance(&name).map_err(internal)?.ok_or_else(|| internal(anyhow::anyhow!("instance {name} vanished")))
+    d.db.instance(&name)
+        .map_err(internal)?
+        .ok_or_else(|| internal(anyhow::anyhow!("instance {name} vanished")))
 }
 
 /// Starts `run` on its instance. Failures end the run as failed with the reason.
-pub(super) async fn start(d: Arc<Daemon>, run: RunId, instance: InstanceName, workdir: PathBuf, spec: RunSpec) {
+pub(super) async fn start(
+    d: Arc<Daemon>,
+    run: RunId,
+    instance: InstanceName,
+    workdir: PathBuf,
+    spec: RunSpec,
+) {
     if let Err(e) = try_start(&d, &run, &instance, &workdir, spec).await {
         let message = format!("{e:#}");
         tracing::warn!("run {run} failed to start: {message}");
-        let _ = d.db.set_run_state(&run, RunState::Failed, now_ms(), Some(&message));
+        let _ =
+            d.db.set_run_state(&run, RunState::Failed, now_ms(), Some(&message));
         d.bump_run(&run);
         on_run_ended(&d, &run);
     }
@@ -99,7 +112,8 @@ async fn try_start(
     let staging = staging_path(&d.home, run);
     let (root, out) = (workdir.to_owned(), staging.clone());
     let packed = tokio::task::spawn_blocking(move || {
-        let file = std::fs::File::create(&out).with_context(|| format!("creating {}", out.display()))?;
+        let file =
+            std::fs::File::create(&out).with_context(|| format!("creating {}", out.display()))?;
         crate::bundle::pack(&root, std::io::BufWriter::new(file))
     })
     .await??;
@@ -108,28 +122,48 @@ async fn try_start(
 
     let pid = d.db.instance(instance)?.and_then(|row| row.pid);
     let link = d.wait_for_agent(instance, CONNECT_TIMEOUT, pid).await?;
-    let (mut send, mut recv) = link.conn.open_bi().await.context("opening a stream to the agent")?;
+    let (mut send, mut recv) = link
+        .conn
+        .open_bi()
+        .await
+        .context("opening a stream to the agent")?;
     write_frame(&mut send, &StartRun { spec, bundle_bytes }).await?;
     let mut file = tokio::fs::File::open(&staging).await?;
-    tokio::io::copy(&mut file, &mut send).await.context("sending the work dir")?;
-    send.finish()?;
-    let answer = tokio::time::timeout(Duration::from_secs(600), read_frame::<_, AgentMsg>(&mut recv))
+    tokio::io::copy(&mut file, &mut send)
         .await
-        .context("the agent did not confirm the start within 10 minutes")??;
+        .context("sending the work dir")?;
+    send.finish()?;
+    let answer = tokio::time::timeout(
+        Duration::from_secs(600),
+        read_frame::<_, AgentMsg>(&mut recv),
+    )
+    .await
+    .context("the agent did not confirm the start within 10 minutes")??;
     match answer {
-        Some(AgentMsg::RunStarted { result: Ok(pid), .. }) => {
+        Some(AgentMsg::RunStarted {
+            result: Ok(pid), ..
+        }) => {
             tracing::info!(%run, pid, "run started on {instance}");
             d.db.set_run_state(run, RunState::Running, now_ms(), None)?;
             d.bump_run(run);
-            if d.pending_stops.lock().expect("pending stops lock").remove(run) {
+            if d.pending_stops
+                .lock()
+                .expect("pending stops lock")
+                .remove(run)
+            {
                 let grace = d.config.daemon.stop_grace().as_millis() as u64;
                 link.tx
-                    .send(ControllerMsg::StopRun { run: run.clone(), grace_ms: grace })
+                    .send(ControllerMsg::StopRun {
+                        run: run.clone(),
+                        grace_ms: grace,
+                    })
                     .await?;
             }
         }
         // The agent recorded the failure in the run's log; the replay below brings it here.
-        Some(AgentMsg::RunStarted { result: Err(e), .. }) => tracing::info!(%run, "agent could not start the run: {}", e.message),
+        Some(AgentMsg::RunStarted { result: Err(e), .. }) => {
+            tracing::info!(%run, "agent could not start the run: {}", e.message)
+        }
         other => anyhow::bail!("the agent answered the start with {other:?}"),
     }
     link.tx
@@ -143,13 +177,22 @@ async fn try_start(
 
 /// Called once a run has reached its end: an instance launched just for it goes too.
 pub(super) fn on_run_ended(d: &Arc<Daemon>, run: &RunId) {
-    d.pending_stops.lock().expect("pending stops lock").remove(run);
+    d.pending_stops
+        .lock()
+        .expect("pending stops lock")
+        .remove(run);
     let Ok(Some(row)) = d.db.run(run) else { return };
-    let Ok(Some(instance)) = d.db.instance(&row.instance) else { return };
+    let Ok(Some(instance)) = d.db.instance(&row.instance) else {
+        return;
+    };
     if instance.for_run.as_ref() == Some(run) && instance.state != InstanceState::Terminated {
         let d2 = d.clone();
         d.tasks.spawn(async move {
-            tracing::info!("run {} ended; terminating {}, launched for it", row.id, instance.name);
+            tracing::info!(
+                "run {} ended; terminating {}, launched for it",
+                row.id,
+                instance.name
+            );
             terminate_now(&d2, &instance.name).await;
         });
     }
@@ -158,7 +201,10 @@ pub(super) fn on_run_ended(d: &Arc<Daemon>, run: &RunId) {
 /// Asks a run to stop; a run still starting is stopped as soon as it has started.
 pub(super) async fn stop(d: &Arc<Daemon>, run: &RunId, grace: Duration) -> Result<(), UserError> {
     let internal = |e: anyhow::Error| UserError::new(ErrorCode::Internal, format!("{e:#}"));
-    let row = d.db.run(run).map_err(internal)?.ok_or_else(|| not_found_run(run))?;
+    let row =
+        d.db.run(run)
+            .map_err(internal)?
+            .ok_or_else(|| not_found_run(run))?;
     match row.state {
         s if s.is_terminal() => Err(UserError::new(
             ErrorCode::Conflict,
@@ -166,13 +212,19 @@ pub(super) async fn stop(d: &Arc<Daemon>, run: &RunId, grace: Duration) -> Resul
         )
         .resolve(format!("see its output: runctl-controller logs {run}"))),
         RunState::Pending | RunState::Syncing => {
-            d.pending_stops.lock().expect("pending stops lock").insert(run.clone());
+            d.pending_stops
+                .lock()
+                .expect("pending stops lock")
+                .insert(run.clone());
             Ok(())
         }
         _ => {
             let link = d.agent(&row.instance).ok_or_else(|| {
-                UserError::new(ErrorCode::Agent, format!("the agent of {} is not connected", row.instance))
-                    .resolve("wait for it to reconnect (runctl-controller list shows it), then retry")
+                UserError::new(
+                    ErrorCode::Agent,
+                    format!("the agent of {} is not connected", row.instance),
+                )
+                .resolve("wait for it to reconnect (runctl-controller list shows it), then retry")
             })?;
             link.tx
                 .send(ControllerMsg::StopRun {
@@ -180,7 +232,12 @@ pub(super) async fn stop(d: &Arc<Daemon>, run: &RunId, grace: Duration) -> Resul
                     grace_ms: grace.as_millis() as u64,
                 })
                 .await
-                .map_err(|_| UserError::new(ErrorCode::Agent, format!("the agent of {} just disconnected", row.instance)))?;
+                .map_err(|_| {
+                    UserError::new(
+                        ErrorCode::Agent,
+                        format!("the agent of {} just disconnected", row.instance),
+                    )
+                })?;
             Ok(())
         }
     }
@@ -212,13 +269,20 @@ pub(super) async fn terminate_now(d: &Arc<Daemon>, name: &InstanceName) {
     {
         local::kill_agent(pid);
     }
-    if let Err(e) = d.db.set_instance_state(name, InstanceState::Terminated, now) {
+    if let Err(e) =
+        d.db.set_instance_state(name, InstanceState::Terminated, now)
+    {
         tracing::error!("recording {name} as terminated failed: {e:#}");
     }
     // Runs that never reported their end are over with their instance.
     if let Ok(rows) = d.db.runs_on(name) {
         for row in rows.into_iter().filter(|r| !r.state.is_terminal()) {
-            let _ = d.db.set_run_state(&row.id, RunState::Failed, now, Some("its instance was terminated"));
+            let _ = d.db.set_run_state(
+                &row.id,
+                RunState::Failed,
+                now,
+                Some("its instance was terminated"),
+            );
             d.bump_run(&row.id);
         }
     }
@@ -226,5 +290,6 @@ pub(super) async fn terminate_now(d: &Arc<Daemon>, name: &InstanceName) {
 }
 
 pub(super) fn not_found_run(run: &RunId) -> UserError {
-    UserError::new(ErrorCode::NotFound, format!("no run {run}")).resolve("list runs: runctl-controller list")
+    UserError::new(ErrorCode::NotFound, format!("no run {run}"))
+        .resolve("list runs: runctl-controller list")
 }
