@@ -145,8 +145,11 @@ impl Client {
             if let Ok(client) = Self::try_connect(&home.socket()).await {
                 return client.handshake().await;
             }
-            if let Ok(Some(status)) = child.try_wait() {
-                // Another CLI may have started one at the same moment; that one wins.
+            // Our daemon may have exited because another CLI started one at the same
+            // moment: that one holds the lock and is about to open the socket.
+            if let Ok(Some(status)) = child.try_wait()
+                && !daemon_lock_held(home)
+            {
                 if let Ok(client) = Self::try_connect(&home.socket()).await {
                     return client.handshake().await;
                 }
@@ -245,6 +248,14 @@ fn unavailable(e: impl std::fmt::Display) -> UserError {
         format!("talking to the daemon failed: {e}"),
     )
     .resolve("check it with: runctl-controller status")
+}
+
+/// Whether some daemon holds this home's lock (is running or starting).
+fn daemon_lock_held(home: &Home) -> bool {
+    let Ok(file) = std::fs::OpenOptions::new().write(true).open(home.lock()) else {
+        return false;
+    };
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).is_err()
 }
 
 fn log_tail(path: &Path) -> String {

@@ -147,7 +147,10 @@ pub fn kill_processes_with_arg(needle: &str) {
             continue;
         };
         if String::from_utf8_lossy(&cmdline).contains(needle) {
-            let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
         }
     }
 }

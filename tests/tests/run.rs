@@ -1,6 +1,7 @@
 //! The run path end to end: CLI -> daemon -> QUIC -> agent -> a real process, and back.
 
 use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -287,6 +288,11 @@ fn the_daemon_restarts_cleanly_and_keeps_its_state() {
         "the socket is removed"
     );
     let again = home.json(&["status"]);
+    let socket_mode = std::fs::metadata(home.path().join("daemon.sock"))
+        .expect("socket")
+        .permissions()
+        .mode();
+    assert_eq!(socket_mode & 0o777, 0o600, "the socket is owner-only");
     assert_ne!(again["pid"], status["pid"]);
     assert_eq!(
         again["quic_addr"], status["quic_addr"],
@@ -350,4 +356,43 @@ fn bad_input_gets_clear_errors() {
         "{}",
         stderr(&out)
     );
+}
+
+#[test]
+fn a_restarted_agent_reconnects_with_its_certificate_and_reports_lost_runs() {
+    let home = Home::new();
+    assert!(home.run(&["launch", "--name", "flaky"]).status.success());
+    let started = home.json(&["run", "--on", "flaky", "--detach", "--", "sleep", "60"]);
+    let run = started["id"].as_str().expect("run id").to_owned();
+    let list = home.json(&["list"]);
+    let pid = list["instances"][0]["instance"]["pid"]
+        .as_i64()
+        .expect("pid") as i32;
+
+    // The agent dies hard; its token is already burnt, so only its saved identity can
+    // bring it back.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill agent");
+    // No wait for the daemon to notice: the new connection replaces the dead one.
+    let config = home.path().join("local/flaky/agent.toml");
+    let mut agent = std::process::Command::new(tests::bin("runctl-agent"))
+        .arg("--config")
+        .arg(&config)
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("restart the agent");
+    let out = home.run(&["logs", "-f", &run]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("the agent restarted while this run was active"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(home.json(&["list"])["instances"][0]["connected"], true);
+
+    let _ = agent.kill();
+    let _ = agent.wait();
 }

@@ -208,7 +208,10 @@ async fn serve_agent(
     d.bump_agents();
     tracing::info!("agent {instance} connected from {}", conn.remote_address());
 
-    reconcile(d, &instance, &runs, &tx).await?;
+    // Written before the loop starts draining `rx`, so they go straight to the stream.
+    for msg in reconcile(d, &instance, &runs)? {
+        write_frame(&mut send, &msg).await?;
+    }
 
     let (in_tx, mut in_rx) = mpsc::channel(16);
     let reader = tokio::spawn(async move {
@@ -267,14 +270,14 @@ async fn serve_agent(
     result
 }
 
-/// Asks the agent for every event the database is missing, and fails runs the agent no
-/// longer knows.
-async fn reconcile(
+/// The replays that fetch every event the database is missing; runs the agent no longer
+/// knows are failed.
+fn reconcile(
     d: &Arc<Daemon>,
     instance: &InstanceName,
     cursors: &[RunCursor],
-    tx: &mpsc::Sender<ControllerMsg>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Vec<ControllerMsg>> {
+    let mut replays = Vec::new();
     for cursor in cursors {
         let Some(row) = d.db.run(&cursor.run)? else {
             continue;
@@ -290,11 +293,10 @@ async fn reconcile(
         let have = d.db.last_seq(&cursor.run)?;
         // A live run is followed; an ended one is fetched only if something is missing.
         if !cursor.ended || have < cursor.last_seq {
-            tx.send(ControllerMsg::Replay {
+            replays.push(ControllerMsg::Replay {
                 run: cursor.run.clone(),
                 after_seq: have,
-            })
-            .await?;
+            });
         }
     }
     for row in d.db.runs_on(instance)? {
@@ -309,7 +311,7 @@ async fn reconcile(
             d.bump_run(&row.id);
         }
     }
-    Ok(())
+    Ok(replays)
 }
 
 /// Stores events from `instance` for `run`, refusing runs that belong to another instance.

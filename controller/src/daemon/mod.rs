@@ -61,7 +61,7 @@ pub struct Daemon {
     run_changes: Mutex<HashMap<RunId, watch::Sender<u64>>>,
     /// Stops asked for while a run was still starting; delivered once it has started.
     pending_stops: Mutex<HashSet<RunId>>,
-    /// Local agent processes started by this daemon, reaped when they exit.
+    /// Every task the daemon spawns that must finish (or be cut off) on shutdown.
     tasks: TaskTracker,
     shutdown: CancellationToken,
 }
@@ -112,7 +112,7 @@ impl Daemon {
                 return Ok(link);
             }
             if let Some(pid) = pid
-                && !crate::provider::local::is_agent_alive(pid)
+                && !crate::provider::local::is_agent_alive(&self.home, name, pid)
             {
                 return Err(UserError::new(
                     ErrorCode::Agent,

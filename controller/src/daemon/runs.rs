@@ -66,9 +66,10 @@ pub(super) async fn launch(
     })?;
     let pid = child.id().unwrap_or(0);
     d.db.set_instance_pid(&name, pid).map_err(internal)?;
-    // Reap the agent when it exits, as long as this daemon lives.
+    // Reap the agent when it exits, as long as this daemon lives. Untracked: the agent
+    // outlives the daemon, and shutdown must not wait for it.
     let reaped = name.clone();
-    d.tasks.spawn(async move {
+    tokio::spawn(async move {
         let status = child.wait().await;
         tracing::info!("local agent {reaped} exited: {status:?}");
     });
@@ -267,7 +268,7 @@ pub(super) async fn terminate_now(d: &Arc<Daemon>, name: &InstanceName) {
     if let Ok(Some(row)) = d.db.instance(name)
         && let Some(pid) = row.pid
     {
-        local::kill_agent(pid);
+        local::kill_agent(&d.home, name, pid);
     }
     if let Err(e) =
         d.db.set_instance_state(name, InstanceState::Terminated, now)

@@ -84,7 +84,7 @@ pub fn launch(home: &Home, spec: LaunchSpec<'_>) -> anyhow::Result<tokio::proces
         state_dir: PathBuf::from("state"),
         stop_grace_secs: Some(spec.stop_grace_secs),
     };
-    let config_path = dir.join("agent.toml");
+    let config_path = config_path(home, spec.name);
     protocol::tls::write_private(&config_path, toml::to_string(&config)?.as_bytes())
         .with_context(|| format!("writing {}", config_path.display()))?;
     let log_path = dir.join("agent.log");
@@ -108,21 +108,28 @@ pub fn launch(home: &Home, spec: LaunchSpec<'_>) -> anyhow::Result<tokio::proces
     Ok(child)
 }
 
-/// Whether `pid` is still a runctl agent (and not a reused pid).
-pub fn is_agent_alive(pid: u32) -> bool {
+fn config_path(home: &Home, name: &InstanceName) -> PathBuf {
+    home.local_instance(name).join("agent.toml")
+}
+
+/// Whether `pid` is still the agent of instance `name`, and not a reused pid: its
+/// command line names the instance's own config file.
+pub fn is_agent_alive(home: &Home, name: &InstanceName, pid: u32) -> bool {
     if kill(Pid::from_raw(pid as i32), None).is_err() {
         return false;
     }
     match std::fs::read(format!("/proc/{pid}/cmdline")) {
-        Ok(cmdline) => String::from_utf8_lossy(&cmdline).contains(AGENT_BIN),
+        Ok(cmdline) => {
+            String::from_utf8_lossy(&cmdline).contains(&*config_path(home, name).to_string_lossy())
+        }
         // Without /proc (macOS) the signal probe is all there is.
         Err(_) => true,
     }
 }
 
-/// Kills the agent process (SIGKILL) if it is still running.
-pub fn kill_agent(pid: u32) {
-    if is_agent_alive(pid) {
+/// Kills the agent of `name` (SIGKILL) if it is still running.
+pub fn kill_agent(home: &Home, name: &InstanceName, pid: u32) {
+    if is_agent_alive(home, name, pid) {
         let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
     }
 }
