@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use protocol::framed::{read_frame, write_frame};
+use protocol::framed::{read_frame, spawn_reader, write_frame};
 use protocol::{AgentMsg, ControllerMsg, ErrorKind, FrameError, Hello, RunId, StartRun, WireError};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -116,17 +116,7 @@ pub async fn serve(conn: quinn::Connection, runs: &Arc<Runs>) -> anyhow::Result<
     )
     .await?;
 
-    // Reads run in their own task: a frame read is not cancel-safe inside `select!`.
-    let (in_tx, mut in_rx) = mpsc::channel(16);
-    let reader = tokio::spawn(async move {
-        loop {
-            let frame = read_frame::<_, ControllerMsg>(&mut recv).await;
-            let done = !matches!(frame, Ok(Some(_)));
-            if in_tx.send(frame).await.is_err() || done {
-                break;
-            }
-        }
-    });
+    let (reader, mut in_rx) = spawn_reader::<_, ControllerMsg>(recv);
     let (out_tx, mut out_rx) = mpsc::channel::<AgentMsg>(64);
     let mut pumps = JoinSet::new();
     let mut starts = JoinSet::new();

@@ -46,6 +46,33 @@ where
     codec::decode(&body).map(Some)
 }
 
+/// Reads frames in a task of its own and hands them over a channel, so a `select!` loop
+/// can wait on them: a frame read is not cancel-safe, a channel receive is. The task ends
+/// after the stream ends or fails (that last result is delivered too), or when the
+/// receiver is dropped; abort the handle to stop it sooner.
+pub fn spawn_reader<R, T>(
+    mut r: R,
+) -> (
+    tokio::task::JoinHandle<()>,
+    tokio::sync::mpsc::Receiver<Result<Option<T>, FrameError>>,
+)
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    T: DeserializeOwned + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let handle = tokio::spawn(async move {
+        loop {
+            let frame = read_frame::<_, T>(&mut r).await;
+            let done = !matches!(frame, Ok(Some(_)));
+            if tx.send(frame).await.is_err() || done {
+                break;
+            }
+        }
+    });
+    (handle, rx)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

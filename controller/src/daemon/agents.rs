@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use protocol::framed::{read_frame, write_frame};
+use protocol::framed::{read_frame, spawn_reader, write_frame};
 use protocol::{
     AgentMsg, ControllerMsg, ErrorKind, EventKind, FrameError, Hello, InstanceName, RunCursor,
     WireError,
@@ -213,16 +213,7 @@ async fn serve_agent(
         write_frame(&mut send, &msg).await?;
     }
 
-    let (in_tx, mut in_rx) = mpsc::channel(16);
-    let reader = tokio::spawn(async move {
-        loop {
-            let frame = read_frame::<_, AgentMsg>(&mut recv).await;
-            let done = !matches!(frame, Ok(Some(_)));
-            if in_tx.send(frame).await.is_err() || done {
-                break;
-            }
-        }
-    });
+    let (reader, mut in_rx) = spawn_reader::<_, AgentMsg>(recv);
     let result = loop {
         let event = tokio::select! {
             Some(frame) = in_rx.recv() => Event::Inbound(frame),
