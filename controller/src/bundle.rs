@@ -1,7 +1,7 @@
 //! Packs a work directory into a zstd-compressed tar, streamed to a file: the files a run
 //! needs, honouring `.gitignore`, `.git/info/exclude` and `.runctlignore`, never `.git`.
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::Path;
 
 use anyhow::Context;
@@ -17,7 +17,9 @@ pub struct Packed {
 }
 
 /// Packs `root` into `out` (tar.zst). Symlinks are stored as links, not followed.
-pub fn pack(root: &Path, out: impl Write) -> anyhow::Result<Packed> {
+/// Nothing under `private` is packed: the controller's own home (its CA key) must never
+/// leave the laptop, even when a run's work dir contains it.
+pub fn pack(root: &Path, private: &Path, out: impl Write) -> anyhow::Result<Packed> {
     let encoder = zstd::stream::write::Encoder::new(out, 3)?;
     let mut tar = tar::Builder::new(encoder);
     tar.follow_symlinks(false);
@@ -30,7 +32,10 @@ pub fn pack(root: &Path, out: impl Write) -> anyhow::Result<Packed> {
         .git_global(false)
         .require_git(false)
         .add_custom_ignore_filename(IGNORE_FILE)
-        .filter_entry(|e| e.file_name() != ".git")
+        .filter_entry({
+            let private = private.to_owned();
+            move |e| e.file_name() != ".git" && !e.path().starts_with(&private)
+        })
         .sort_by_file_name(|a, b| a.cmp(b))
         .build();
     for entry in walk {
@@ -45,15 +50,69 @@ pub fn pack(root: &Path, out: impl Write) -> anyhow::Result<Packed> {
         let file_type = entry.file_type().context("reading a file type")?;
         if file_type.is_file() {
             packed.files += 1;
-            packed.bytes += entry.metadata().map(|m| m.len()).unwrap_or(0);
         } else if !file_type.is_dir() && !file_type.is_symlink() {
             continue; // sockets, FIFOs and devices have no place in a work tree
         }
-        tar.append_path_with_name(entry.path(), rel)
-            .with_context(|| format!("adding {}", entry.path().display()))?;
+        if file_type.is_file() {
+            packed.bytes += append_file(&mut tar, entry.path(), rel)?;
+        } else {
+            tar.append_path_with_name(entry.path(), rel)
+                .with_context(|| format!("adding {}", entry.path().display()))?;
+        }
     }
     tar.into_inner()?.finish()?.flush()?;
     Ok(packed)
+}
+
+/// Appends a regular file with exactly the size it had when opened. tar's own
+/// `append_path` copies to the end of the file, so a file that grows while it is packed
+/// (a log being written) would corrupt the archive.
+fn append_file<W: Write>(
+    tar: &mut tar::Builder<W>,
+    path: &Path,
+    rel: &Path,
+) -> anyhow::Result<u64> {
+    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let meta = file
+        .metadata()
+        .with_context(|| format!("reading {}", path.display()))?;
+    let mut header = tar::Header::new_gnu();
+    header.set_metadata_in_mode(&meta, tar::HeaderMode::Deterministic);
+    let size_bytes = meta.len();
+    let exact = Exact {
+        inner: file.take(size_bytes),
+        remaining: size_bytes,
+    };
+    tar.append_data(&mut header, rel, exact).with_context(|| {
+        format!(
+            "adding {} (did it change while being packed?)",
+            path.display()
+        )
+    })?;
+    Ok(size_bytes)
+}
+
+/// Yields exactly `remaining` bytes, or fails if the source ends early (a file that shrank).
+struct Exact<R> {
+    inner: R,
+    remaining: u64,
+}
+
+impl<R: Read> Read for Exact<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.remaining == 0 {
+            return Ok(0);
+        }
+        let n = self.inner.read(buf)?;
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the file shrank while it was being packed",
+            ));
+        }
+        self.remaining -= n as u64;
+        Ok(n)
+    }
 }
 
 #[cfg(test)]
@@ -73,8 +132,10 @@ mod tests {
         std::fs::write(root.join("train.py"), "print(1)").expect("write");
         std::fs::write(root.join("out.log"), "noise").expect("write");
 
+        std::fs::create_dir_all(root.join("home/pki")).expect("mkdir");
+        std::fs::write(root.join("home/pki/ca.key"), "secret").expect("write");
         let mut out = Vec::new();
-        let packed = pack(root, &mut out).expect("pack");
+        let packed = pack(root, &root.join("home"), &mut out).expect("pack");
         assert_eq!(packed.files, 3, "train.py, .gitignore, .runctlignore");
         let tar = zstd::decode_all(&out[..]).expect("zstd");
         let mut archive = tar::Archive::new(&tar[..]);

@@ -280,11 +280,12 @@ async fn run_command(home: &Home, printer: Printer, args: RunArgs) -> anyhow::Re
             Some(Response::Event(event)) => printer.event(&event),
             Some(Response::Run(row)) => {
                 if args.detach {
-                    if row.state.is_terminal() {
-                        printer.data(&row, || report::run_summary(&row));
-                        return Ok(report::exit_status(&row).max(1));
-                    }
                     printer.data(&row, || format!("{}\n", row.id));
+                    if row.state.is_terminal() {
+                        // It was over before there was anything to detach from.
+                        printer.progress(&report::run_summary(&row));
+                        return Ok(report::exit_status(&row));
+                    }
                     if printer.format == Format::Human {
                         printer.progress(&format!(
                             "follow it with: runctl-controller logs -f {}",

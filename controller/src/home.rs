@@ -17,13 +17,19 @@ impl Home {
     }
 
     /// `$RUNCTL_HOME` (via the caller), else `~/.runctl`.
+    /// The path is made absolute: the daemon and local agents run from other directories.
     pub fn resolve(explicit: Option<PathBuf>) -> anyhow::Result<Self> {
-        if let Some(root) = explicit {
-            return Ok(Home::new(root));
-        }
-        let home =
-            std::env::var_os("HOME").context("neither --home, RUNCTL_HOME nor HOME is set")?;
-        Ok(Home::new(Path::new(&home).join(".runctl")))
+        let root = match explicit {
+            Some(root) => root,
+            None => {
+                let home = std::env::var_os("HOME")
+                    .context("neither --home, RUNCTL_HOME nor HOME is set")?;
+                Path::new(&home).join(".runctl")
+            }
+        };
+        let root =
+            std::path::absolute(&root).with_context(|| format!("resolving {}", root.display()))?;
+        Ok(Home::new(root))
     }
 
     /// Creates the directory (mode 0700) if missing.

@@ -111,11 +111,15 @@ async fn try_start(
     d.db.set_run_state(run, RunState::Syncing, now_ms(), None)?;
     d.bump_run(run);
     let staging = staging_path(&d.home, run);
-    let (root, out) = (workdir.to_owned(), staging.clone());
+    let (root, out, private) = (
+        workdir.to_owned(),
+        staging.clone(),
+        d.home.root().to_owned(),
+    );
     let packed = tokio::task::spawn_blocking(move || {
         let file =
             std::fs::File::create(&out).with_context(|| format!("creating {}", out.display()))?;
-        crate::bundle::pack(&root, std::io::BufWriter::new(file))
+        crate::bundle::pack(&root, &private, std::io::BufWriter::new(file))
     })
     .await??;
     let bundle_bytes = std::fs::metadata(&staging)?.len();
