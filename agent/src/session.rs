@@ -3,6 +3,7 @@
 //! The control stream carries requests and events; each new run arrives on a stream of
 //! its own carrying the spec and the work directory.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -87,7 +88,7 @@ enum Event {
     Stream(Result<(quinn::SendStream, quinn::RecvStream), quinn::ConnectionError>),
     Outbound(AgentMsg),
     Heartbeat,
-    PumpDone,
+    PumpDone(Option<RunId>),
     StoppedAll,
 }
 
@@ -119,6 +120,8 @@ pub async fn serve(conn: quinn::Connection, runs: &Arc<Runs>) -> anyhow::Result<
     let (reader, mut in_rx) = spawn_reader::<_, ControllerMsg>(recv);
     let (out_tx, mut out_rx) = mpsc::channel::<AgentMsg>(64);
     let mut pumps = JoinSet::new();
+    // Runs being streamed on this connection: a repeated Replay must not stream twice.
+    let mut pumping: HashSet<RunId> = HashSet::new();
     let mut starts = JoinSet::new();
     let mut stopping: Option<tokio::task::JoinHandle<()>> = None;
     let mut stopped_all = false;
@@ -130,14 +133,16 @@ pub async fn serve(conn: quinn::Connection, runs: &Arc<Runs>) -> anyhow::Result<
             stream = conn.accept_bi() => Event::Stream(stream),
             Some(msg) = out_rx.recv() => Event::Outbound(msg),
             _ = heartbeat.tick() => Event::Heartbeat,
-            Some(_) = pumps.join_next(), if !pumps.is_empty() => Event::PumpDone,
+            Some(done) = pumps.join_next(), if !pumps.is_empty() => Event::PumpDone(done.ok()),
             _ = async { stopping.as_mut().expect("guarded").await }, if stopping.is_some() => Event::StoppedAll,
         };
         match event {
             Event::Inbound(Ok(Some(msg))) => match msg {
                 ControllerMsg::Replay { run, after_seq } => match runs.log(&run) {
                     Some(log) => {
-                        pumps.spawn(pump(run, log, after_seq, out_tx.clone()));
+                        if pumping.insert(run.clone()) {
+                            pumps.spawn(pump(run, log, after_seq, out_tx.clone()));
+                        }
                     }
                     None => {
                         let e = WireError::new(
@@ -191,7 +196,11 @@ pub async fn serve(conn: quinn::Connection, runs: &Arc<Runs>) -> anyhow::Result<
                 )
                 .await?;
             }
-            Event::PumpDone => {}
+            Event::PumpDone(run) => {
+                if let Some(run) = run {
+                    pumping.remove(&run);
+                }
+            }
             Event::StoppedAll => {
                 stopping = None;
                 stopped_all = true;
@@ -214,7 +223,22 @@ pub async fn serve(conn: quinn::Connection, runs: &Arc<Runs>) -> anyhow::Result<
 }
 
 /// Sends the run's events after `after_seq`, then follows the log until the run ends.
-async fn pump(run: RunId, log: Arc<EventLog>, after_seq: u64, out: mpsc::Sender<AgentMsg>) {
+async fn pump(
+    run: RunId,
+    log: Arc<EventLog>,
+    after_seq: u64,
+    out: mpsc::Sender<AgentMsg>,
+) -> RunId {
+    stream_events(&run, log, after_seq, out).await;
+    run
+}
+
+async fn stream_events(
+    run: &RunId,
+    log: Arc<EventLog>,
+    after_seq: u64,
+    out: mpsc::Sender<AgentMsg>,
+) {
     let mut cursor = log.subscribe();
     let mut reader = match log.reader(after_seq) {
         Ok(reader) => reader,

@@ -196,31 +196,80 @@ async fn shutdown(home: &Home, printer: Printer) -> anyhow::Result<u8> {
 }
 
 async fn logs(home: &Home, printer: Printer, run: RunId, follow: bool) -> anyhow::Result<u8> {
+    let row = stream_run(home, printer, &run, follow, 0).await?;
+    if printer.format == Format::Json {
+        printer.data(&row, String::new);
+    } else if row.state.is_terminal() || follow {
+        printer.progress(&report::run_summary(&row));
+    }
+    Ok(if follow { report::exit_status(&row) } else { 0 })
+}
+
+/// How often a follower reconnects to a daemon that went away before giving up.
+const RECONNECTS: u32 = 5;
+
+/// Prints the run's events after `after_seq` (with `follow`, until it ends) and returns its
+/// final row. If the daemon goes away meanwhile, it is started again and the stream
+/// resumes after the last event printed: nothing is shown twice or skipped.
+async fn stream_run(
+    home: &Home,
+    printer: Printer,
+    run: &RunId,
+    follow: bool,
+    mut after_seq: u64,
+) -> anyhow::Result<crate::db::RunRow> {
+    let mut lost = 0;
+    loop {
+        let lost_daemon = match stream_once(home, printer, run, follow, &mut after_seq).await {
+            Ok(row) => return Ok(row),
+            Err(e) if e.code == ErrorCode::DaemonUnavailable && lost < RECONNECTS => e,
+            Err(e) => return Err(e.into()),
+        };
+        lost += 1;
+        printer.progress(&format!("{}; reconnecting", lost_daemon.message));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn stream_once(
+    home: &Home,
+    printer: Printer,
+    run: &RunId,
+    follow: bool,
+    after_seq: &mut u64,
+) -> Result<crate::db::RunRow, UserError> {
     let mut client = Client::connect(home).await?;
-    client.send(&Request::Logs { run, follow }).await?;
+    let request = Request::Logs {
+        run: run.clone(),
+        follow,
+        after_seq: *after_seq,
+    };
+    client.send(&request).await?;
     loop {
         match client.next().await? {
-            Some(Response::Event(event)) => printer.event(&event),
+            Some(Response::Event(event)) => {
+                *after_seq = event.seq;
+                printer.event(&event);
+            }
             Some(Response::Progress(_)) => {}
-            Some(Response::Run(row)) => {
-                if printer.format == Format::Json {
-                    printer.data(&row, String::new);
-                } else if row.state.is_terminal() || follow {
-                    printer.progress(&report::run_summary(&row));
-                }
-                return Ok(if follow { report::exit_status(&row) } else { 0 });
-            }
-            Some(Response::Error(e)) => return Err(e.into()),
-            Some(other) => anyhow::bail!("unexpected answer to logs: {other:?}"),
-            None => {
+            Some(Response::Run(row)) => return Ok(row),
+            Some(Response::Error(e)) => return Err(e),
+            Some(other) => {
                 return Err(UserError::new(
-                    ErrorCode::DaemonUnavailable,
-                    "the daemon closed the connection",
-                )
-                .into());
+                    ErrorCode::Internal,
+                    format!("unexpected answer to logs: {other:?}"),
+                ));
             }
+            None => return Err(daemon_gone()),
         }
     }
+}
+
+fn daemon_gone() -> UserError {
+    UserError::new(
+        ErrorCode::DaemonUnavailable,
+        "the daemon closed the connection",
+    )
 }
 
 /// What Ctrl-C acts on: the run once the daemon has named it.
@@ -254,14 +303,38 @@ async fn run_command(home: &Home, printer: Printer, args: RunArgs) -> anyhow::Re
     if !args.detach {
         tokio::spawn(watch_ctrl_c(home.clone(), printer, interrupt.clone()));
     }
-    loop {
-        match client.next().await? {
-            Some(Response::Progress(message)) => printer.progress(&message),
-            Some(Response::RunAccepted {
+    let mut accepted: Option<RunId> = None;
+    let mut last_seq = 0u64;
+    let row = loop {
+        let next = match client.next().await {
+            Ok(Some(Response::Error(e))) if e.code != ErrorCode::DaemonUnavailable => {
+                return Err(e.into());
+            }
+            Ok(Some(Response::Error(e))) | Err(e) => Err(e),
+            Ok(None) => Err(daemon_gone()),
+            Ok(Some(response)) => Ok(response),
+        };
+        let response = match (next, &accepted) {
+            (Ok(response), _) => response,
+            // The daemon went away (killed, restarted, laptop slept): the run goes on, so
+            // follow it from the last event shown.
+            (Err(e), Some(run)) if !args.detach => {
+                printer.progress(&format!("{}; reconnecting", e.message));
+                break stream_run(home, printer, run, true, last_seq).await?;
+            }
+            (Err(e), _) => {
+                return Err(e
+                    .resolve("the run may still be going: runctl-controller list")
+                    .into());
+            }
+        };
+        match response {
+            Response::Progress(message) => printer.progress(&message),
+            Response::RunAccepted {
                 run,
                 instance,
                 launched,
-            }) => {
+            } => {
                 let on = if launched {
                     format!("new instance {instance}")
                 } else {
@@ -274,45 +347,39 @@ async fn run_command(home: &Home, printer: Printer, args: RunArgs) -> anyhow::Re
                     state.stop_asked
                 };
                 if stop_now {
-                    request_stop(home, printer, run);
+                    request_stop(home, printer, run.clone());
                 }
+                accepted = Some(run);
             }
-            Some(Response::Event(event)) => printer.event(&event),
-            Some(Response::Run(row)) => {
-                if args.detach {
-                    printer.data(&row, || format!("{}\n", row.id));
-                    if row.state.is_terminal() {
-                        // It was over before there was anything to detach from.
-                        printer.progress(&report::run_summary(&row));
-                        return Ok(report::exit_status(&row));
-                    }
-                    if printer.format == Format::Human {
-                        printer.progress(&format!(
-                            "follow it with: runctl-controller logs -f {}",
-                            row.id
-                        ));
-                    }
-                    return Ok(0);
-                }
-                if printer.format == Format::Json {
-                    printer.data(&row, String::new);
-                } else {
-                    printer.progress(&report::run_summary(&row));
-                }
-                return Ok(report::exit_status(&row));
+            Response::Event(event) => {
+                last_seq = event.seq;
+                printer.event(&event);
             }
-            Some(Response::Error(e)) => return Err(e.into()),
-            Some(other) => anyhow::bail!("unexpected answer to run: {other:?}"),
-            None => {
-                return Err(UserError::new(
-                    ErrorCode::DaemonUnavailable,
-                    "the daemon closed the connection during the run",
-                )
-                .resolve("the run may still be going: runctl-controller list")
-                .into());
-            }
+            Response::Run(row) => break row,
+            other => anyhow::bail!("unexpected answer to run: {other:?}"),
         }
+    };
+    if args.detach {
+        printer.data(&row, || format!("{}\n", row.id));
+        if row.state.is_terminal() {
+            // It was over before there was anything to detach from.
+            printer.progress(&report::run_summary(&row));
+            return Ok(report::exit_status(&row));
+        }
+        if printer.format == Format::Human {
+            printer.progress(&format!(
+                "follow it with: runctl-controller logs -f {}",
+                row.id
+            ));
+        }
+        return Ok(0);
     }
+    if printer.format == Format::Json {
+        printer.data(&row, String::new);
+    } else {
+        printer.progress(&report::run_summary(&row));
+    }
+    Ok(report::exit_status(&row))
 }
 
 fn request_stop(home: &Home, printer: Printer, run: RunId) {

@@ -69,9 +69,11 @@ pub enum Request {
         name: Option<InstanceName>,
     },
     Run(RunRequest),
+    /// The run's events after `after_seq` (0: all of them), then its row.
     Logs {
         run: RunId,
         follow: bool,
+        after_seq: u64,
     },
     Stop {
         run: RunId,

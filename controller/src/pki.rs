@@ -7,10 +7,23 @@ use std::path::Path;
 use anyhow::Context;
 use protocol::tls::{self, CertificateAuthority, Identity};
 
-#[derive(Debug)]
 pub struct Pki {
     pub ca: CertificateAuthority,
     pub server: Identity,
+    /// Keys the QUIC endpoint's connection ids and stateless resets. Kept across restarts
+    /// so a restarted daemon can tell agents at once that their old connection is gone,
+    /// instead of leaving them to wait out the idle timeout.
+    pub endpoint_secret: [u8; 32],
+}
+
+impl std::fmt::Debug for Pki {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pki")
+            .field("ca", &self.ca)
+            .field("server", &self.server)
+            .field("endpoint_secret", &"<redacted>")
+            .finish()
+    }
 }
 
 fn read(path: &Path) -> anyhow::Result<Option<String>> {
@@ -57,7 +70,25 @@ pub fn load_or_create(dir: &Path) -> anyhow::Result<Pki> {
             server
         }
     };
-    Ok(Pki { ca, server })
+    let secret_path = dir.join("endpoint.key");
+    let endpoint_secret = match read(&secret_path)? {
+        Some(text) => {
+            let mut secret = [0u8; 32];
+            hex::decode_to_slice(text.trim(), &mut secret)
+                .with_context(|| format!("{} is not 64 hex digits", secret_path.display()))?;
+            secret
+        }
+        None => {
+            let secret: [u8; 32] = rand::random();
+            save(&secret_path, &hex::encode(secret))?;
+            secret
+        }
+    };
+    Ok(Pki {
+        ca,
+        server,
+        endpoint_secret,
+    })
 }
 
 #[cfg(test)]
@@ -73,7 +104,8 @@ mod tests {
         let second = load_or_create(&pki_dir).expect("load");
         assert_eq!(first.ca.fingerprint(), second.ca.fingerprint());
         assert_eq!(first.server.cert_pem, second.server.cert_pem);
-        for name in ["ca.key", "server.key", "ca.crt"] {
+        assert_eq!(first.endpoint_secret, second.endpoint_secret);
+        for name in ["ca.key", "server.key", "ca.crt", "endpoint.key"] {
             let mode = std::fs::metadata(pki_dir.join(name))
                 .expect("meta")
                 .permissions()

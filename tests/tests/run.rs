@@ -248,31 +248,50 @@ fn terminate_refuses_active_runs_unless_forced() {
 fn daemon_killed_mid_run_loses_and_duplicates_no_log_line() {
     let home = Home::new();
     let script = "import time\nfor i in range(1, 401):\n    print(f'line {i}', flush=True)\n    time.sleep(0.01)";
-    let started = home.json(&["run", "--detach", "--keep", "--", "python3", "-c", script]);
-    let run = started["id"].as_str().expect("run id").to_owned();
-    home.wait_until(
-        "some output to reach the daemon",
-        Duration::from_secs(20),
-        || stdout(&home.run(&["logs", &run])).lines().count() >= 30,
-    );
+    let mut attached = home
+        .cli()
+        .args(["run", "--keep", "--", "python3", "-c", script])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn run");
+    let mut lines = BufReader::new(attached.stdout.take().expect("stdout")).lines();
+    let mut got: Vec<String> = Vec::new();
+    while got.len() < 30 {
+        got.push(lines.next().expect("a line").expect("utf-8"));
+    }
 
+    // The daemon dies while it streams the run to `run`; the agent and the trainer go on.
     let pid = home.daemon_pid().expect("daemon pid");
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid),
         nix::sys::signal::Signal::SIGKILL,
     )
     .expect("kill daemon");
-    home.wait_until("the daemon to die", Duration::from_secs(10), || {
-        !std::path::Path::new(&format!("/proc/{pid}")).exists()
-    });
 
-    // Any command brings the daemon back; the agent redials and replays what it missed.
-    let out = home.run(&["logs", "-f", &run]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    // `run` brings a daemon back, the agent redials and replays what it missed, and the
+    // stream resumes after the last line shown.
+    got.extend(lines.map(|l| l.expect("utf-8")));
+    let status = attached.wait().expect("wait");
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut attached.stderr.take().expect("stderr"), &mut err)
+        .expect("stderr");
+    assert_eq!(status.code(), Some(0), "{err}");
+    assert!(err.contains("reconnecting"), "{err}");
     let expected: Vec<String> = (1..=400).map(|i| format!("line {i}")).collect();
-    let got: Vec<String> = stdout(&out).lines().map(str::to_owned).collect();
     assert_eq!(got, expected, "every line exactly once, in order");
     assert_ne!(home.daemon_pid(), Some(pid), "a new daemon");
+
+    let run = home.json(&["list"])["runs"][0]["id"]
+        .as_str()
+        .expect("run id")
+        .to_owned();
+    let out = home.run(&["logs", &run]);
+    assert_eq!(
+        stdout(&out).lines().collect::<Vec<_>>(),
+        expected,
+        "and the log holds each once"
+    );
 }
 
 #[test]

@@ -289,6 +289,18 @@ fn reconcile(
                 after_seq: have,
             });
         }
+        // A stop asked for while the agent was out of reach is delivered now.
+        let stop_pending = d
+            .pending_stops
+            .lock()
+            .expect("pending stops lock")
+            .remove(&cursor.run);
+        if stop_pending && !cursor.ended {
+            replays.push(ControllerMsg::StopRun {
+                run: cursor.run.clone(),
+                grace_ms: d.config.daemon.stop_grace().as_millis() as u64,
+            });
+        }
     }
     for row in d.db.runs_on(instance)? {
         let known = cursors.iter().any(|c| c.run == row.id);

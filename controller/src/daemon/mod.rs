@@ -251,7 +251,7 @@ fn bind_quic(config: &Config, db: &Db, pki: &Pki) -> anyhow::Result<quinn::Endpo
     {
         addr.set_port(port);
     }
-    let endpoint = quinn::Endpoint::server(server, addr).map_err(|e| {
+    let endpoint = endpoint(server, addr, &pki.endpoint_secret).map_err(|e| {
         UserError::new(ErrorCode::Conflict, format!("cannot listen for agents on UDP {addr}: {e}"))
             .resolve("free that port, or set another under [daemon] listen in config.toml (agents launched earlier will not find a new port)")
     })?;
@@ -260,6 +260,32 @@ fn bind_quic(config: &Config, db: &Db, pki: &Pki) -> anyhow::Result<quinn::Endpo
         db.set_setting(PORT_SETTING, &bound.port().to_string())?;
     }
     Ok(endpoint)
+}
+
+/// A QUIC server endpoint whose connection ids and stateless-reset tokens derive from
+/// `secret`: after a restart it recognises the previous run's connection ids and answers
+/// packets on them with a stateless reset, which agents verify and act on at once.
+fn endpoint(
+    server: quinn::ServerConfig,
+    addr: SocketAddr,
+    secret: &[u8; 32],
+) -> std::io::Result<quinn::Endpoint> {
+    use ring::hmac;
+    // Two independent keys from one secret: one signs reset tokens, one keys connection ids.
+    let derive = |label: &[u8]| hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, secret), label);
+    let reset_key = hmac::Key::new(hmac::HMAC_SHA256, derive(b"stateless reset").as_ref());
+    let cid_tag = derive(b"connection id");
+    let cid_key = u64::from_le_bytes(
+        cid_tag.as_ref()[..8]
+            .try_into()
+            .expect("an HMAC-SHA256 tag has 32 bytes"),
+    );
+    let mut config = quinn::EndpointConfig::new(Arc::new(reset_key));
+    config.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
+    let socket = std::net::UdpSocket::bind(addr)?;
+    quinn::Endpoint::new(config, Some(server), socket, Arc::new(quinn::TokioRuntime))
 }
 
 /// The directory where a run's bundle is staged before upload.

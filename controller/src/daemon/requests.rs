@@ -90,11 +90,15 @@ async fn dispatch(
             write_frame(stream, &Response::Launched(view(d, row))).await?;
         }
         Request::Run(req) => run(d, stream, req).await?,
-        Request::Logs { run, follow } => {
+        Request::Logs {
+            run,
+            follow,
+            after_seq,
+        } => {
             if d.db.run(&run)?.is_none() {
                 return Err(runs::not_found_run(&run).into());
             }
-            let row = stream_events(d, stream, &run, follow).await?;
+            let row = stream_events(d, stream, &run, follow, after_seq).await?;
             write_frame(stream, &Response::Run(row)).await?;
         }
         Request::Stop { run, grace_secs } => {
@@ -226,7 +230,7 @@ async fn run(d: &Arc<Daemon>, stream: &mut UnixStream, req: RunRequest) -> anyho
         write_frame(stream, &Response::Run(row)).await?;
         return Ok(());
     }
-    let row = stream_events(d, stream, &run_id, true).await?;
+    let row = stream_events(d, stream, &run_id, true, 0).await?;
     write_frame(stream, &Response::Run(row)).await?;
     Ok(())
 }
@@ -272,9 +276,10 @@ async fn stream_events(
     stream: &mut UnixStream,
     run: &RunId,
     follow: bool,
+    after_seq: u64,
 ) -> anyhow::Result<RunRow> {
     let mut changes = d.run_watch(run);
-    let mut after = 0u64;
+    let mut after = after_seq;
     let mut last_state = None;
     loop {
         changes.borrow_and_update();

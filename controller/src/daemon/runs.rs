@@ -156,13 +156,18 @@ async fn try_start(
                 .expect("pending stops lock")
                 .remove(run)
             {
-                let grace = d.config.daemon.stop_grace().as_millis() as u64;
-                link.tx
-                    .send(ControllerMsg::StopRun {
-                        run: run.clone(),
-                        grace_ms: grace,
-                    })
-                    .await?;
+                let grace_ms = d.config.daemon.stop_grace().as_millis() as u64;
+                let stop = ControllerMsg::StopRun {
+                    run: run.clone(),
+                    grace_ms,
+                };
+                if link.tx.send(stop).await.is_err() {
+                    // Delivered when the agent is back (see `reconcile`).
+                    d.pending_stops
+                        .lock()
+                        .expect("pending stops lock")
+                        .insert(run.clone());
+                }
             }
         }
         // The agent recorded the failure in the run's log; the replay below brings it here.
@@ -171,12 +176,15 @@ async fn try_start(
         }
         other => anyhow::bail!("the agent answered the start with {other:?}"),
     }
-    link.tx
-        .send(ControllerMsg::Replay {
-            run: run.clone(),
-            after_seq: d.db.last_seq(run)?,
-        })
-        .await?;
+    // If the connection dropped meanwhile, the agent's next session asks for this run's
+    // events anyway: it reports the run in `Ready`.
+    let replay = ControllerMsg::Replay {
+        run: run.clone(),
+        after_seq: d.db.last_seq(run)?,
+    };
+    if link.tx.send(replay).await.is_err() {
+        tracing::info!(%run, "the agent disconnected right after the start; its reconnect catches up");
+    }
     Ok(())
 }
 
