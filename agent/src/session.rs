@@ -122,7 +122,6 @@ pub async fn serve(conn: quinn::Connection, runs: &Arc<Runs>) -> anyhow::Result<
     let mut pumps = JoinSet::new();
     // Runs being streamed on this connection: a repeated Replay must not stream twice.
     let mut pumping: HashSet<RunId> = HashSet::new();
-    let mut starts = JoinSet::new();
     let mut stopping: Option<tokio::task::JoinHandle<()>> = None;
     let mut stopped_all = false;
     let mut heartbeat = tokio::time::interval(HEARTBEAT);
@@ -179,7 +178,9 @@ pub async fn serve(conn: quinn::Connection, runs: &Arc<Runs>) -> anyhow::Result<
             }
             Event::Stream(Ok((send, recv))) => {
                 let runs = runs.clone();
-                starts.spawn(async move {
+                // Not tied to this session: a start cut off by a disconnect still records
+                // how it ended in the run's log, so no run is left neither started nor ended.
+                tokio::spawn(async move {
                     if let Err(e) = handle_start(runs, send, recv).await {
                         tracing::warn!("starting a run failed: {e:#}");
                     }
@@ -218,7 +219,6 @@ pub async fn serve(conn: quinn::Connection, runs: &Arc<Runs>) -> anyhow::Result<
     };
     reader.abort();
     pumps.abort_all();
-    starts.abort_all();
     result
 }
 
