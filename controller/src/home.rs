@@ -73,3 +73,10 @@ impl Home {
         self.root.join("local").join(name.as_str())
     }
 }
+
+/// The last `lines` lines of a log file, joined with ` | `, for error messages.
+pub fn log_tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let tail: Vec<&str> = text.lines().rev().take(lines).collect();
+    tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+}

@@ -159,7 +159,7 @@ impl Client {
                     ErrorCode::DaemonUnavailable,
                     format!(
                         "the daemon exited ({status}) while starting: {}",
-                        log_tail(&home.daemon_log())
+                        crate::home::log_tail(&home.daemon_log(), 5)
                     ),
                 )
                 .resolve(format!("read {}", home.daemon_log().display()))
@@ -258,12 +258,6 @@ fn daemon_lock_held(home: &Home) -> bool {
         return false;
     };
     nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).is_err()
-}
-
-fn log_tail(path: &Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().rev().take(5).collect();
-    lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
 }
 
 /// Starts `runctl-controller daemon` in its own session, detached from this terminal,

@@ -378,11 +378,6 @@ impl ServerCertVerifier for PinnedCaVerifier {
     }
 }
 
-/// The server name agents connect with.
-pub fn server_name() -> &'static str {
-    SERVER_NAME
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

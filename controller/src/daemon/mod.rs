@@ -288,7 +288,7 @@ fn endpoint(
     quinn::Endpoint::new(config, Some(server), socket, Arc::new(quinn::TokioRuntime))
 }
 
-/// The directory where a run's bundle is staged before upload.
+/// The file a run's bundle is staged in before upload.
 fn staging_path(home: &Home, run: &RunId) -> PathBuf {
     home.tmp().join(format!("{run}.tar.zst"))
 }

@@ -246,12 +246,7 @@ async fn wait_started(
     loop {
         changes.borrow_and_update();
         let row = d.db.run(run)?.ok_or_else(|| runs::not_found_run(run))?;
-        if last_state != Some(row.state) {
-            if let Some(phase) = phase_message(row.state) {
-                write_frame(stream, &Response::Progress(phase.into())).await?;
-            }
-            last_state = Some(row.state);
-        }
+        announce_phase(stream, &mut last_state, row.state).await?;
         if row.state == RunState::Running || row.state.is_terminal() {
             return Ok(row);
         }
@@ -259,6 +254,21 @@ async fn wait_started(
             return Ok(row);
         }
     }
+}
+
+/// Tells the client about a new phase of the run, once per state.
+async fn announce_phase(
+    stream: &mut UnixStream,
+    last: &mut Option<RunState>,
+    state: RunState,
+) -> anyhow::Result<()> {
+    if *last != Some(state) {
+        if let Some(phase) = phase_message(state) {
+            write_frame(stream, &Response::Progress(phase.into())).await?;
+        }
+        *last = Some(state);
+    }
+    Ok(())
 }
 
 fn phase_message(state: RunState) -> Option<&'static str> {
@@ -286,11 +296,8 @@ async fn stream_events(
         // The state is read before the events: a run seen as ended has all of its events
         // stored already (they land in the same transaction that ends it).
         let row = d.db.run(run)?.ok_or_else(|| runs::not_found_run(run))?;
-        if follow && last_state != Some(row.state) {
-            if let Some(phase) = phase_message(row.state) {
-                write_frame(stream, &Response::Progress(phase.into())).await?;
-            }
-            last_state = Some(row.state);
+        if follow {
+            announce_phase(stream, &mut last_state, row.state).await?;
         }
         loop {
             let events = d.db.events_after(run, after, PAGE)?;

@@ -136,8 +136,5 @@ pub fn kill_agent(home: &Home, name: &InstanceName, pid: u32) {
 
 /// The last lines of the instance's agent log, for error messages.
 pub fn log_tail(home: &Home, name: &InstanceName) -> String {
-    let text =
-        std::fs::read_to_string(home.local_instance(name).join("agent.log")).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().rev().take(3).collect();
-    lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
+    crate::home::log_tail(&home.local_instance(name).join("agent.log"), 3)
 }
