@@ -1,18 +1,18 @@
 //! runctl-agent: runs on the GPU host. It dials back to the controller (QUIC, mutual TLS),
-//! enrolls once with a single-use token, and then receives runs: it unpacks each run's
-//! work directory, supervises the process, and keeps every line of output in a durable,
+//! enrolls once with a single-use token, and then receives runs: it applies code-sync deltas to each
+//! run's work tree, supervises the process, and keeps every line of output in a durable,
 //! sequence-numbered event log that the controller replays from wherever it left off.
 //!
 //! The agent keeps working while disconnected: runs go on, and their events wait on disk.
 
 pub mod backoff;
-pub mod bundle;
 pub mod config;
 pub mod eventlog;
 pub mod identity;
 pub mod runs;
 pub mod session;
 pub mod supervisor;
+pub mod tree;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,6 +1,7 @@
-//! The runs this agent holds: each has a directory with its event log, work tree and
-//! checkpoint dir. Starting a run unpacks its bundle and hands the process to the
-//! supervisor; a run the agent lost track of (the agent itself restarted) is ended as `Lost`.
+//! The runs this agent holds: each has a directory with its event log, synced work tree
+//! and checkpoint dir. A run's tree is synced first (see `tree`), then starting it hands
+//! the process to the supervisor; a run the agent lost track of (the agent itself
+//! restarted) is ended as `Lost`. Syncs to one run are serialized.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -11,16 +12,14 @@ use anyhow::Context;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use protocol::{ErrorKind, EventKind, RunCursor, RunEnd, RunId, RunSpec, WireError};
-use tokio::io::{AsyncRead, AsyncReadExt};
-
-use crate::bundle;
 use crate::eventlog::EventLog;
-use crate::supervisor::{self, Launch, StopHandle};
+use crate::supervisor::{self, Handle, Launch};
+use crate::tree::Tree;
 
 #[derive(Debug)]
 struct Entry {
     log: Arc<EventLog>,
-    stop: Option<StopHandle>,
+    stop: Option<Handle>,
 }
 
 #[derive(Debug)]
@@ -28,6 +27,8 @@ pub struct Runs {
     runs_dir: PathBuf,
     data_dir: PathBuf,
     entries: Mutex<HashMap<RunId, Entry>>,
+    /// One lock per run tree: a sync holds it from reading the tree to the swap.
+    trees: Mutex<HashMap<RunId, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl Runs {
@@ -45,6 +46,9 @@ impl Runs {
                 continue;
             };
             let path = dirent.path().join("events.log");
+            if !path.exists() {
+                continue; // synced, never started
+            }
             let log = Arc::new(
                 EventLog::open(&path).with_context(|| format!("opening {}", path.display()))?,
             );
@@ -57,6 +61,7 @@ impl Runs {
             runs_dir: runs_dir.to_owned(),
             data_dir: data_dir.to_owned(),
             entries: Mutex::new(entries),
+            trees: Mutex::default(),
         })
     }
 
@@ -92,25 +97,49 @@ impl Runs {
             .count() as u32
     }
 
-    /// Receives the run's bundle from `bundle`, unpacks it and starts the process.
+    /// The run's directory; its tree is `Tree::work_dir` of it.
+    pub fn run_dir(&self, run: &RunId) -> PathBuf {
+        self.runs_dir.join(run.as_str())
+    }
+
+    /// The lock a sync of `run`'s tree holds.
+    pub fn tree_lock(&self, run: &RunId) -> Arc<tokio::sync::Mutex<()>> {
+        self.trees
+            .lock()
+            .expect("tree locks are never poisoned")
+            .entry(run.clone())
+            .or_default()
+            .clone()
+    }
+
+    /// The process group of the run's running process, if any.
+    pub fn process_group(&self, run: &RunId) -> Option<u32> {
+        self.lock()
+            .get(run)
+            .and_then(|e| e.stop.as_ref())
+            .and_then(Handle::process_group)
+    }
+
+    /// Starts the process of a run whose tree has been synced.
     /// Whatever happens, the run's log exists afterwards; a failure is recorded in it.
-    pub async fn start(
-        &self,
-        spec: RunSpec,
-        bundle: impl AsyncRead + Unpin,
-        bundle_bytes: u64,
-    ) -> Result<u32, WireError> {
-        let run_dir = self.runs_dir.join(spec.run.as_str());
+    pub async fn start(&self, spec: RunSpec) -> Result<u32, WireError> {
+        let run_dir = self.run_dir(&spec.run);
+        let work = Tree::work_dir(&run_dir);
         let log = {
             let mut entries = self.lock();
-            if entries.contains_key(&spec.run) || run_dir.exists() {
+            let path = run_dir.join("events.log");
+            if entries.contains_key(&spec.run) || path.exists() {
                 return Err(WireError::new(
                     ErrorKind::RunFailed,
                     format!("run {} already exists on this agent", spec.run),
                 ));
             }
-            std::fs::create_dir_all(&run_dir).map_err(|e| internal(&run_dir, e))?;
-            let path = run_dir.join("events.log");
+            if !work.is_dir() {
+                return Err(WireError::new(
+                    ErrorKind::RunFailed,
+                    format!("run {} has no synced work tree on this agent", spec.run),
+                ));
+            }
             let log = Arc::new(EventLog::open(&path).map_err(|e| internal(&path, e))?);
             entries.insert(
                 spec.run.clone(),
@@ -121,7 +150,7 @@ impl Runs {
             );
             log
         };
-        match self.prepare(&spec, &run_dir, bundle, bundle_bytes).await {
+        match self.prepare(&spec, &run_dir) {
             Ok(launch) => {
                 let (pid, stop) = supervisor::spawn(launch, log)
                     .map_err(|m| WireError::new(ErrorKind::RunFailed, m))?;
@@ -141,43 +170,20 @@ impl Runs {
         }
     }
 
-    async fn prepare(
-        &self,
-        spec: &RunSpec,
-        run_dir: &Path,
-        bundle: impl AsyncRead + Unpin,
-        bundle_bytes: u64,
-    ) -> Result<Launch, String> {
-        let archive = run_dir.join("bundle.tar.zst");
-        let mut file = tokio::fs::File::create(&archive)
-            .await
-            .map_err(|e| format!("creating {}: {e}", archive.display()))?;
-        let copied = tokio::io::copy(&mut bundle.take(bundle_bytes + 1), &mut file)
-            .await
-            .map_err(|e| format!("receiving the work directory: {e}"))?;
-        if copied != bundle_bytes {
+    fn prepare(&self, spec: &RunSpec, run_dir: &Path) -> Result<Launch, String> {
+        let work = Tree::work_dir(run_dir);
+        let cwd = if spec.cwd.is_empty() {
+            work
+        } else {
+            protocol::manifest::check_path(&spec.cwd).map_err(|e| e.to_string())?;
+            work.join(&spec.cwd)
+        };
+        if !cwd.is_dir() {
             return Err(format!(
-                "the work directory bundle was cut short: {copied} of {bundle_bytes} bytes arrived"
+                "the start directory {:?} is not a directory in the synced tree",
+                spec.cwd
             ));
         }
-        drop(file);
-        let work = run_dir.join("work");
-        let unpack_from = archive.clone();
-        let unpack_to = work.clone();
-        let unpacked = tokio::task::spawn_blocking(move || {
-            let file = std::fs::File::open(&unpack_from)?;
-            bundle::unpack(
-                std::io::BufReader::new(file),
-                &unpack_to,
-                bundle::DEFAULT_MAX_UNPACKED_BYTES,
-            )
-        })
-        .await
-        .map_err(|e| format!("unpacking task failed: {e}"))?
-        .map_err(|e| e.to_string())?;
-        tracing::info!(run = %spec.run, files = unpacked.files, bytes = unpacked.bytes, "work directory unpacked");
-        let _ = tokio::fs::remove_file(&archive).await;
-
         let checkpoints = run_dir.join("checkpoints");
         std::fs::create_dir_all(&checkpoints)
             .map_err(|e| format!("creating {}: {e}", checkpoints.display()))?;
@@ -198,8 +204,31 @@ impl Runs {
         Ok(Launch {
             argv: spec.argv.clone(),
             env,
-            cwd: work,
+            cwd,
         })
+    }
+
+    /// Restarts a running run's process (SIGTERM, SIGKILL after `grace`, start again).
+    pub async fn restart(&self, run: &RunId, grace: Duration) -> Result<u32, WireError> {
+        let handle = {
+            let entries = self.lock();
+            match entries.get(run) {
+                Some(Entry {
+                    stop: Some(handle),
+                    log,
+                }) if !log.cursor().ended => handle.clone(),
+                _ => {
+                    return Err(WireError::new(
+                        ErrorKind::RunFailed,
+                        format!("run {run} is not running, so it cannot be restarted"),
+                    ));
+                }
+            }
+        };
+        handle
+            .restart(grace)
+            .await
+            .map_err(|m| WireError::new(ErrorKind::RunFailed, format!("restarting {run}: {m}")))
     }
 
     /// Stops one run: SIGTERM to its process group, SIGKILL after `grace`.
@@ -225,7 +254,7 @@ impl Runs {
 
     /// Stops every active run and waits (bounded) until each has recorded its end.
     pub async fn stop_all(&self, grace: Duration) {
-        let active: Vec<(Arc<EventLog>, Option<StopHandle>)> = self
+        let active: Vec<(Arc<EventLog>, Option<Handle>)> = self
             .lock()
             .values()
             .filter(|e| !e.log.cursor().ended)

@@ -1,7 +1,7 @@
 //! One connection to the controller: enroll if needed, dial with mutual TLS, exchange
 //! `Hello`, report the runs this agent holds, then serve until the connection drops.
-//! The control stream carries requests and events; each new run arrives on a stream of
-//! its own carrying the spec and the work directory.
+//! The control stream carries requests and events; code syncs and run starts arrive on
+//! streams of their own (`BulkOpen`).
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -9,12 +9,17 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use protocol::framed::{read_frame, spawn_reader, write_frame};
-use protocol::{AgentMsg, ControllerMsg, ErrorKind, FrameError, Hello, RunId, StartRun, WireError};
+use protocol::{
+    AgentMsg, BulkOpen, ControllerMsg, ErrorKind, FrameError, Hello, RunId, SyncApplied,
+    SyncDone, SyncGo, SyncHave, SyncOpen, WireError,
+};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use crate::eventlog::EventLog;
 use crate::runs::Runs;
+use crate::tree::{self, Tree};
+use crate::supervisor;
 use crate::{AgentConfig, Fatal, identity};
 
 const HEARTBEAT: Duration = Duration::from_secs(10);
@@ -179,10 +184,11 @@ pub async fn serve(conn: quinn::Connection, runs: &Arc<Runs>) -> anyhow::Result<
             Event::Stream(Ok((send, recv))) => {
                 let runs = runs.clone();
                 // Not tied to this session: a start cut off by a disconnect still records
-                // how it ended in the run's log, so no run is left neither started nor ended.
+                // how it ended in the run's log, so no run is left neither started nor
+                // ended; a sync cut off leaves its tree whole either way.
                 tokio::spawn(async move {
-                    if let Err(e) = handle_start(runs, send, recv).await {
-                        tracing::warn!("starting a run failed: {e:#}");
+                    if let Err(e) = handle_bulk(runs, send, recv).await {
+                        tracing::warn!("a bulk stream failed: {e:#}");
                     }
                 });
             }
@@ -278,26 +284,121 @@ async fn stream_events(
     }
 }
 
-/// A stream that starts a run: `StartRun`, then the bundle to the end of the stream.
-async fn handle_start(
+/// A stream the controller opened: a run start or a code sync.
+async fn handle_bulk(
     runs: Arc<Runs>,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) -> anyhow::Result<()> {
-    let header: StartRun = read_frame(&mut recv)
+    let open: BulkOpen = read_frame(&mut recv)
         .await?
-        .context("the run stream ended before its header")?;
-    let run = header.spec.run.clone();
-    let result = runs
-        .start(header.spec, &mut recv, header.bundle_bytes)
-        .await;
-    match &result {
-        Ok(pid) => tracing::info!(%run, pid, "run started"),
-        Err(e) => tracing::warn!(%run, "run failed to start: {}", e.message),
+        .context("the stream ended before its header")?;
+    match open {
+        BulkOpen::StartRun(spec) => {
+            let run = spec.run.clone();
+            let result = runs.start(spec).await;
+            match &result {
+                Ok(pid) => tracing::info!(%run, pid, "run started"),
+                Err(e) => tracing::warn!(%run, "run failed to start: {}", e.message),
+            }
+            write_frame(&mut send, &AgentMsg::RunStarted { run, result }).await?;
+        }
+        BulkOpen::Sync(open) => handle_sync(runs, open, &mut send, recv).await?,
     }
-    write_frame(&mut send, &AgentMsg::RunStarted { run, result }).await?;
     send.finish()?;
     // Wait until the controller has read the answer (it closes its side), bounded.
     let _ = tokio::time::timeout(Duration::from_secs(5), send.stopped()).await;
+    Ok(())
+}
+
+/// One code sync (see `BulkOpen::Sync` for the exchange). Syncs of one run take turns.
+async fn handle_sync(
+    runs: Arc<Runs>,
+    open: SyncOpen,
+    send: &mut quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) -> anyhow::Result<()> {
+    let lock = runs.tree_lock(&open.run);
+    let _held = lock.lock().await;
+    let run_dir = runs.run_dir(&open.run);
+    let create = open.create;
+    let opened = tokio::task::spawn_blocking(move || {
+        let mut tree = Tree::open(&run_dir, create)?;
+        tree.refresh()?;
+        let root = tree.manifest().root();
+        Ok::<_, tree::SyncError>((tree, root))
+    })
+    .await?;
+    let (mut tree, root) = match opened {
+        Ok(opened) => opened,
+        Err(e) => {
+            let have = SyncHave {
+                root: Err(e.to_wire()),
+                manifest_bytes: 0,
+            };
+            write_frame(send, &have).await?;
+            return Ok(());
+        }
+    };
+    let manifest = if open.known_root == Some(root) {
+        Vec::new()
+    } else {
+        let blob = protocol::codec::encode_blob(tree.manifest())?;
+        zstd::bulk::compress(&blob, 3)?
+    };
+    let have = SyncHave {
+        root: Ok(root),
+        manifest_bytes: manifest.len() as u64,
+    };
+    write_frame(send, &have).await?;
+    send.write_all(&manifest).await?;
+    let go: SyncGo = read_frame(&mut recv)
+        .await?
+        .context("the controller ended the sync stream early")?;
+    let (delta_bytes, restart_grace_ms) = match go {
+        SyncGo::Cancel => return Ok(()),
+        SyncGo::Apply {
+            delta_bytes,
+            restart_grace_ms,
+        } => (delta_bytes, restart_grace_ms),
+    };
+    let run = open.run.clone();
+    let runs2 = runs.clone();
+    let rt = tokio::runtime::Handle::current();
+    let (applied, recv) = tokio::task::spawn_blocking(move || {
+        let mut bridge = tokio_util::io::SyncIoBridge::new_with_handle(recv, rt);
+        let applied = tree::apply_stream(
+            &mut tree,
+            std::io::BufReader::with_capacity(256 * 1024, &mut bridge),
+            delta_bytes,
+            tree::DEFAULT_MAX_SYNC_BYTES,
+            || runs2.process_group(&run).map(supervisor::freeze),
+        )
+        .map(|_| tree.manifest().root());
+        (applied, bridge.into_inner())
+    })
+    .await?;
+    let result = match applied {
+        Err(e) => {
+            tracing::warn!(run = %open.run, "sync refused or failed: {e}");
+            let mut recv = recv;
+            let _ = recv.stop(0u32.into());
+            Err(e.to_wire())
+        }
+        Ok(root) => match restart_grace_ms {
+            None => Ok(SyncApplied {
+                root,
+                restarted_pid: None,
+            }),
+            Some(grace_ms) => runs
+                .restart(&open.run, Duration::from_millis(grace_ms))
+                .await
+                .map(|pid| SyncApplied {
+                    root,
+                    restarted_pid: Some(pid),
+                }),
+        },
+    };
+    write_frame(send, &SyncDone { result }).await?;
     Ok(())
 }

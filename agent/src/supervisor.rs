@@ -6,13 +6,14 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use protocol::{EventKind, RunEnd, Stream};
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::eventlog::EventLog;
@@ -31,23 +32,67 @@ pub struct Launch {
     pub cwd: PathBuf,
 }
 
-/// Asks a supervised process to stop.
-#[derive(Debug, Clone)]
-pub struct StopHandle(mpsc::UnboundedSender<Duration>);
+/// A request to the supervisor of a run.
+#[derive(Debug)]
+enum Control {
+    /// SIGTERM now, SIGKILL after the grace period; the run ends.
+    Stop(Duration),
+    /// Stop the process the same way, then start it again; answers with the new pid.
+    Restart(Duration, oneshot::Sender<Result<u32, String>>),
+}
 
-impl StopHandle {
+/// A supervised run: stop it, restart it, or find its process group.
+#[derive(Debug, Clone)]
+pub struct Handle {
+    tx: mpsc::UnboundedSender<Control>,
+    /// The current process (and process group) id; 0 while none runs.
+    pid: Arc<AtomicU32>,
+}
+
+impl Handle {
     /// Requests a stop with `grace` between SIGTERM and SIGKILL. Returns false when the
     /// process is already gone.
     pub fn stop(&self, grace: Duration) -> bool {
-        self.0.send(grace).is_ok()
+        self.tx.send(Control::Stop(grace)).is_ok()
+    }
+
+    /// Stops the process (SIGTERM, SIGKILL after `grace`) and starts it again with the
+    /// same command; returns the new pid.
+    pub async fn restart(&self, grace: Duration) -> Result<u32, String> {
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send(Control::Restart(grace, reply))
+            .map_err(|_| "the run has ended".to_owned())?;
+        answer.await.map_err(|_| "the run has ended".to_owned())?
+    }
+
+    /// The process group of the running process, if one runs.
+    pub fn process_group(&self) -> Option<u32> {
+        match self.pid.load(Ordering::SeqCst) {
+            0 => None,
+            pid => Some(pid),
+        }
     }
 }
 
 /// Spawns the process and its supervisor task. On failure, the run's log already records
 /// `SpawnFailed` and the message is returned.
-pub fn spawn(launch: Launch, log: Arc<EventLog>) -> Result<(u32, StopHandle), String> {
+pub fn spawn(launch: Launch, log: Arc<EventLog>) -> Result<(u32, Handle), String> {
+    let child = start(&launch, &log).map_err(|message| fail(&log, message))?;
+    let pid = child.id().expect("a just-spawned child has a pid");
+    let (tx, rx) = mpsc::unbounded_channel();
+    let handle = Handle {
+        tx,
+        pid: Arc::new(AtomicU32::new(pid)),
+    };
+    tokio::spawn(supervise(child, launch, log, rx, handle.pid.clone()));
+    Ok((pid, handle))
+}
+
+/// Starts the process in its own process group and records `Started`.
+fn start(launch: &Launch, log: &EventLog) -> Result<tokio::process::Child, String> {
     let Some((program, args)) = launch.argv.split_first() else {
-        return Err(fail(&log, "the command is empty".into()));
+        return Err("the command is empty".into());
     };
     let mut command = tokio::process::Command::new(program);
     command
@@ -58,27 +103,17 @@ pub fn spawn(launch: Launch, log: Arc<EventLog>) -> Result<(u32, StopHandle), St
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
-    let mut child = match command.spawn() {
-        Ok(child) => child,
-        Err(e) => {
-            return Err(fail(
-                &log,
-                format!(
-                    "could not start {program:?} in {}: {e}",
-                    launch.cwd.display()
-                ),
-            ));
-        }
-    };
+    let child = command.spawn().map_err(|e| {
+        format!(
+            "could not start {program:?} in {}: {e}",
+            launch.cwd.display()
+        )
+    })?;
     let pid = child.id().expect("a just-spawned child has a pid");
     if let Err(e) = log.append(EventKind::Started { pid }) {
         tracing::warn!("run log write failed: {e}");
     }
-    let (stop_tx, stop_rx) = mpsc::unbounded_channel();
-    let stdout = child.stdout.take().expect("stdout is piped");
-    let stderr = child.stderr.take().expect("stderr is piped");
-    tokio::spawn(supervise(child, pid, stdout, stderr, log, stop_rx));
-    Ok((pid, StopHandle(stop_tx)))
+    Ok(child)
 }
 
 fn fail(log: &EventLog, message: String) -> String {
@@ -97,24 +132,69 @@ fn signal_group(pid: u32, signal: Signal) {
     }
 }
 
+/// Supervises the run's processes: the first, and each one a restart starts.
 async fn supervise(
     mut child: tokio::process::Child,
-    pid: u32,
-    stdout: impl AsyncRead + Unpin + Send + 'static,
-    stderr: impl AsyncRead + Unpin + Send + 'static,
+    launch: Launch,
     log: Arc<EventLog>,
-    mut stop_rx: mpsc::UnboundedReceiver<Duration>,
+    mut control: mpsc::UnboundedReceiver<Control>,
+    current: Arc<AtomicU32>,
 ) {
+    loop {
+        let (end, restart) = watch_one(&mut child, &log, &mut control).await;
+        current.store(0, Ordering::SeqCst);
+        let Some(reply) = restart else {
+            if let Err(e) = log.append(EventKind::Ended(end)) {
+                tracing::error!("could not record the end of the run: {e}");
+            }
+            return;
+        };
+        if let Err(e) = log.append(EventKind::Restarted { previous: end }) {
+            tracing::warn!("run log write failed: {e}");
+        }
+        match start(&launch, &log) {
+            Ok(next) => {
+                let pid = next.id().expect("a just-spawned child has a pid");
+                current.store(pid, Ordering::SeqCst);
+                child = next;
+                let _ = reply.send(Ok(pid));
+            }
+            Err(message) => {
+                let _ = reply.send(Err(fail(&log, message)));
+                return;
+            }
+        }
+    }
+}
+
+/// Follows one process to its end, forwarding stop requests; returns how it ended and,
+/// when the stop was for a restart, where to answer.
+async fn watch_one(
+    child: &mut tokio::process::Child,
+    log: &Arc<EventLog>,
+    control: &mut mpsc::UnboundedReceiver<Control>,
+) -> (RunEnd, Option<oneshot::Sender<Result<u32, String>>>) {
+    let pid = child.id().expect("a running child has a pid");
     let mut readers = tokio::task::JoinSet::new();
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let stderr = child.stderr.take().expect("stderr is piped");
     readers.spawn(pump_lines(stdout, Stream::Stdout, log.clone()));
     readers.spawn(pump_lines(stderr, Stream::Stderr, log.clone()));
 
     let mut stop_requested = false;
+    let mut restart = None;
     let mut kill_at: Option<Instant> = None;
     let status = loop {
         tokio::select! {
             status = child.wait() => break status,
-            Some(grace) = stop_rx.recv(), if !stop_requested => {
+            Some(request) = control.recv(), if !stop_requested => {
+                let grace = match request {
+                    Control::Stop(grace) => grace,
+                    Control::Restart(grace, reply) => {
+                        restart = Some(reply);
+                        grace
+                    }
+                };
                 stop_requested = true;
                 signal_group(pid, Signal::SIGTERM);
                 kill_at = Some(Instant::now() + grace);
@@ -159,9 +239,63 @@ async fn supervise(
             message: format!("waiting for the process failed: {e}"),
         },
     };
-    if let Err(e) = log.append(EventKind::Ended(end)) {
-        tracing::error!("could not record the end of the run: {e}");
+    (end, restart)
+}
+
+/// Freezes a process group (SIGSTOP) until the guard is dropped (SIGCONT), waiting until
+/// each of its processes has actually stopped (bounded): a sync swaps files in while the
+/// training process cannot look.
+pub fn freeze(pgid: u32) -> Frozen {
+    signal_group(pgid, Signal::SIGSTOP);
+    let deadline = std::time::Instant::now() + FREEZE_WAIT;
+    while std::time::Instant::now() < deadline && !group_stopped(pgid) {
+        std::thread::sleep(Duration::from_millis(1));
     }
+    Frozen(pgid)
+}
+
+/// Bound on waiting for a frozen group's processes to reach the stopped state.
+const FREEZE_WAIT: Duration = Duration::from_millis(500);
+
+/// Thaws its process group when dropped.
+#[derive(Debug)]
+pub struct Frozen(u32);
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        signal_group(self.0, Signal::SIGCONT);
+    }
+}
+
+/// Whether every thread of every process in the group is stopped (`T` in /proc).
+fn group_stopped(pgid: u32) -> bool {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return true;
+    };
+    for proc in procs.flatten() {
+        let Some(pid) = proc.file_name().to_str().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            continue;
+        };
+        for task in tasks.flatten() {
+            let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+                continue;
+            };
+            // "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses.
+            let Some((_, rest)) = stat.rsplit_once(')') else {
+                continue;
+            };
+            let mut fields = rest.split_whitespace();
+            let state = fields.next().unwrap_or("");
+            let pgrp = fields.nth(1).and_then(|p| p.parse::<u32>().ok());
+            if pgrp == Some(pgid) && !matches!(state, "T" | "t" | "Z" | "X") {
+                return false;
+            }
+        }
+    }
+    true
 }
 
 async fn drain(readers: &mut tokio::task::JoinSet<()>) {

@@ -76,6 +76,35 @@ pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
     Ok(msg)
 }
 
+/// The largest manifest or delta either side accepts (they travel outside frames,
+/// zstd-compressed, on a sync stream): about two million entries.
+pub const MAX_BLOB_BYTES: usize = 256 * 1024 * 1024;
+
+fn blob_config() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<MAX_BLOB_BYTES>()
+}
+
+/// Encodes a manifest or delta (no length prefix: the sync exchange carries the length).
+pub fn encode_blob<T: Serialize>(value: &T) -> Result<Vec<u8>, FrameError> {
+    let out = bincode::serde::encode_to_vec(value, blob_config())?;
+    if out.len() > MAX_BLOB_BYTES {
+        return Err(FrameError::TooLarge {
+            len_bytes: out.len(),
+            max_bytes: MAX_BLOB_BYTES,
+        });
+    }
+    Ok(out)
+}
+
+/// Decodes a manifest or delta, refusing trailing bytes.
+pub fn decode_blob<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
+    let (value, used) = bincode::serde::decode_from_slice(body, blob_config())?;
+    if used != body.len() {
+        return Err(FrameError::Trailing(body.len() - used));
+    }
+    Ok(value)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

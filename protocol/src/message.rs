@@ -5,6 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::ids::{EnrollToken, InstanceName, RunId};
+use crate::manifest::ContentHash;
 
 /// The first message in both directions on every connection.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -98,13 +99,61 @@ pub enum ControllerMsg {
     Error(WireError),
 }
 
-/// The header frame of a bulk stream that starts a run: the spec, followed on the same
-/// stream by the work directory as a zstd-compressed tar, up to the end of the stream.
+/// The first frame on every stream the controller opens beside the control stream.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StartRun {
-    pub spec: RunSpec,
-    /// The compressed size of the tar that follows, so the agent can refuse it up front.
-    pub bundle_bytes: u64,
+pub enum BulkOpen {
+    /// Start a run whose tree is already synced. Answered by `AgentMsg::RunStarted`.
+    StartRun(RunSpec),
+    /// Sync a run's tree. The exchange on the stream, in order:
+    /// 1. agent: `SyncHave`, then, when its root differs from `known_root`, its manifest
+    ///    (`manifest_bytes` of zstd-compressed bincode);
+    /// 2. controller: `SyncGo`; after `Apply`, one zstd stream holding the bincode `Delta`
+    ///    (`delta_bytes` long) and then a tar of new content, entries named by hash, up to
+    ///    the end of the stream;
+    /// 3. agent: `SyncDone`.
+    Sync(SyncOpen),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncOpen {
+    pub run: RunId,
+    /// The root of the tree the controller believes the agent has, if it has one cached.
+    pub known_root: Option<ContentHash>,
+    /// Create the run's tree if the agent has none (a run being started).
+    pub create: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncHave {
+    /// The root of the tree the agent has, re-checked against its disk just now.
+    pub root: Result<ContentHash, WireError>,
+    /// Length of the manifest that follows; 0 when the controller's `known_root` matched.
+    pub manifest_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SyncGo {
+    /// Nothing to send (a dry run, or the controller gave up).
+    Cancel,
+    Apply {
+        delta_bytes: u64,
+        /// Restart the run's process once the tree is in place, with this grace period
+        /// between SIGTERM and SIGKILL.
+        restart_grace_ms: Option<u64>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncDone {
+    pub result: Result<SyncApplied, WireError>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncApplied {
+    /// The root of the agent's tree now.
+    pub root: ContentHash,
+    /// The new process, when a restart was asked for.
+    pub restarted_pid: Option<u32>,
 }
 
 /// What to run and how.
@@ -115,6 +164,8 @@ pub struct RunSpec {
     pub argv: Vec<String>,
     /// Extra environment variables for the process, on top of the agent's own.
     pub env: Vec<(String, String)>,
+    /// The directory to start in, relative to the synced tree's root ("" for the root).
+    pub cwd: String,
 }
 
 /// Where an agent's event log for one run stands.
@@ -142,6 +193,9 @@ pub enum EventKind {
     Started { pid: u32 },
     /// One line of output, without its line terminator; invalid UTF-8 is replaced.
     Output { stream: Stream, line: String },
+    /// The process ended because a restart was asked for (`sync --restart`); a new
+    /// `Started` follows.
+    Restarted { previous: RunEnd },
     /// The run is over. Always the last event of a run.
     Ended(RunEnd),
 }
@@ -204,6 +258,8 @@ pub enum ErrorKind {
     BadRequest,
     /// The run could not be prepared or started.
     RunFailed,
+    /// A code sync was refused or failed; the tree is as it was before it.
+    SyncFailed,
     /// The named run does not exist here.
     NotFound,
     /// Something unexpected failed on the peer.
@@ -277,7 +333,27 @@ mod tests {
             },
             AgentMsg::Error(WireError::new(ErrorKind::BadRequest, "x")),
         ];
-        let rendered: Vec<String> = msgs.iter().map(golden).collect();
+        let mut rendered: Vec<String> = msgs.iter().map(golden).collect();
+        rendered.push(golden(&SyncHave {
+            root: Ok(ContentHash([9; 32])),
+            manifest_bytes: 77,
+        }));
+        rendered.push(golden(&SyncDone {
+            result: Ok(SyncApplied {
+                root: ContentHash([3; 32]),
+                restarted_pid: Some(99),
+            }),
+        }));
+        rendered.push(golden(&RunEvent {
+            seq: 4,
+            at_ms: 1,
+            kind: EventKind::Restarted {
+                previous: RunEnd::Exited {
+                    code: 0,
+                    stop_requested: true,
+                },
+            },
+        }));
         insta::assert_snapshot!(rendered.join("\n"));
     }
 
@@ -300,16 +376,25 @@ mod tests {
             ControllerMsg::Shutdown { grace_ms: 5_000 },
             ControllerMsg::Error(WireError::new(ErrorKind::TokenReused, "used")),
         ];
-        let start = StartRun {
-            spec: RunSpec {
+        let bulk = [
+            BulkOpen::StartRun(RunSpec {
                 run: run_id(),
                 argv: vec!["python3".into(), "train.py".into()],
                 env: vec![("SEED".into(), "1".into())],
-            },
-            bundle_bytes: 1024,
-        };
+                cwd: "src".into(),
+            }),
+            BulkOpen::Sync(SyncOpen {
+                run: run_id(),
+                known_root: Some(ContentHash([7; 32])),
+                create: true,
+            }),
+        ];
         let mut rendered: Vec<String> = msgs.iter().map(golden).collect();
-        rendered.push(golden(&start));
+        rendered.extend(bulk.iter().map(golden));
+        rendered.push(golden(&SyncGo::Apply {
+            delta_bytes: 100,
+            restart_grace_ms: Some(2048),
+        }));
         insta::assert_snapshot!(rendered.join("\n"));
     }
 
@@ -339,7 +424,7 @@ mod tests {
         };
         let err = ours.check_peer(&theirs).expect_err("versions differ");
         assert_eq!(err.kind, ErrorKind::VersionMismatch);
-        assert!(err.message.contains("speaks 1"), "{}", err.message);
+        assert!(err.message.contains("speaks 2"), "{}", err.message);
         assert!(err.message.contains("speaks 999"), "{}", err.message);
         assert!(ours.check_peer(&ours.clone()).is_ok());
     }

@@ -1,0 +1,685 @@
+//! A run's synced work tree on the agent: the manifest of what it holds (kept true to disk
+//! by a stat check before every sync), and applying a delta safely. New content is staged
+//! and verified by hash first; then a journal is written and the changes are made while
+//! the training process is frozen, so it never sees a half-applied tree. An apply cut
+//! short by a crash is rolled forward from the journal the next time the tree is opened.
+//! The wire exchange around this lives in `session`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use protocol::codec;
+use protocol::delta::{Delta, DeltaError, Op, Source};
+use protocol::manifest::{ContentHash, Entry, Manifest, PathError};
+use protocol::{ErrorKind, WireError};
+use serde::{Deserialize, Serialize};
+
+/// The default bound on the content one sync may unpack.
+pub const DEFAULT_MAX_SYNC_BYTES: u64 = 16 * 1024 * 1024 * 1024;
+/// Room allowed per tar entry beyond its content: a header and padding.
+const TAR_OVERHEAD_BYTES: u64 = 1024;
+
+/// Why a sync was refused or failed. The tree is as it was before, unless said otherwise.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    /// A path or symlink in the delta would leave the work tree.
+    #[error(transparent)]
+    Path(#[from] PathError),
+    /// The delta does not fit this tree (made for another, or inconsistent).
+    #[error(transparent)]
+    Delta(#[from] DeltaError),
+    /// The content stream held something other than the content the delta names.
+    #[error("refused content stream: {0}")]
+    Stream(String),
+    /// The decompressed stream grew past its bound.
+    #[error("refused content stream: it unpacks to more than {limit_bytes} bytes")]
+    TooLarge { limit_bytes: u64 },
+    /// A file on the instance changed while the sync read it.
+    #[error("{path} changed on the instance during the sync; sync again")]
+    Changed { path: String },
+    /// The delta wants a file where the instance has a directory of files it did not sync.
+    #[error(
+        "{path} is a directory on the instance holding files runctl did not sync (outputs?); move them away there, or rename {path} locally"
+    )]
+    Conflict { path: String },
+    /// The run has no tree on this agent.
+    #[error("run has no synced tree on this agent")]
+    NoTree,
+    /// Reading or writing failed.
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl SyncError {
+    pub fn to_wire(&self) -> WireError {
+        let kind = match self {
+            SyncError::NoTree => ErrorKind::NotFound,
+            _ => ErrorKind::SyncFailed,
+        };
+        WireError::new(kind, self.to_string())
+    }
+}
+
+fn io_err(context: impl std::fmt::Display) -> impl FnOnce(io::Error) -> SyncError {
+    move |source| SyncError::Io {
+        context: context.to_string(),
+        source,
+    }
+}
+
+/// What the agent last saw of a file, to tell whether it changed since.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+struct FileStat {
+    size_bytes: u64,
+    mtime_ns: i64,
+    ino: u64,
+    mode: u32,
+}
+
+impl FileStat {
+    fn of(meta: &fs::Metadata) -> Self {
+        FileStat {
+            size_bytes: meta.len(),
+            mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
+            ino: meta.ino(),
+            mode: meta.mode(),
+        }
+    }
+}
+
+/// The persisted state: the manifest and the stats it was checked against.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct State {
+    manifest: Manifest,
+    stats: BTreeMap<String, FileStat>,
+}
+
+/// Written after all content is staged and verified, before the tree is touched.
+#[derive(Debug, Serialize, Deserialize)]
+struct Journal {
+    ops: Vec<Op>,
+    manifest: Manifest,
+}
+
+/// What an apply did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Applied {
+    pub ops: u64,
+    pub received_bytes: u64,
+}
+
+/// One run's tree: `<run dir>/work`, with its state and scratch space beside it.
+#[derive(Debug)]
+pub struct Tree {
+    run_dir: PathBuf,
+    state: State,
+}
+
+impl Tree {
+    pub fn work_dir(run_dir: &Path) -> PathBuf {
+        run_dir.join("work")
+    }
+
+    fn work(&self) -> PathBuf {
+        Self::work_dir(&self.run_dir)
+    }
+
+    fn staging(&self) -> PathBuf {
+        self.run_dir.join("sync-staging")
+    }
+
+    fn journal_path(&self) -> PathBuf {
+        self.run_dir.join("sync.journal")
+    }
+
+    fn state_path(&self) -> PathBuf {
+        self.run_dir.join("tree.state")
+    }
+
+    /// Opens a run's tree (creating an empty one when `create`), finishing any apply a
+    /// crash cut short.
+    pub fn open(run_dir: &Path, create: bool) -> Result<Tree, SyncError> {
+        let work = Self::work_dir(run_dir);
+        if !work.is_dir() {
+            if !create {
+                return Err(SyncError::NoTree);
+            }
+            fs::create_dir_all(&work).map_err(io_err(format!("creating {}", work.display())))?;
+        }
+        let mut tree = Tree {
+            run_dir: run_dir.to_owned(),
+            state: State::default(),
+        };
+        match fs::read(tree.state_path()) {
+            Ok(bytes) => match codec::decode_blob(&bytes) {
+                Ok(state) => tree.state = state,
+                // An unreadable state is rebuilt: an empty manifest makes the controller
+                // send everything, which overwrites whatever is there.
+                Err(e) => tracing::warn!("ignoring unreadable {}: {e}", tree.state_path().display()),
+            },
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(format!("reading {}", tree.state_path().display()))(e)),
+        }
+        tree.roll_forward()?;
+        Ok(tree)
+    }
+
+    pub fn manifest(&self) -> &Manifest {
+        &self.state.manifest
+    }
+
+    /// Re-checks the manifest against disk: a file whose stat changed is re-hashed, an
+    /// entry that is gone or changed kind is dropped (so the controller sends it again).
+    pub fn refresh(&mut self) -> Result<(), SyncError> {
+        let work = self.work();
+        let mut updates: Vec<(String, Option<(Entry, Option<FileStat>)>)> = Vec::new();
+        for (path, entry) in &self.state.manifest.entries {
+            let full = work.join(path);
+            let meta = fs::symlink_metadata(&full);
+            match (entry, meta) {
+                (Entry::File { .. }, Ok(meta)) if meta.is_file() => {
+                    let stat = FileStat::of(&meta);
+                    if self.state.stats.get(path) == Some(&stat) {
+                        continue;
+                    }
+                    let hash = hash_file(&full)?;
+                    let now = Entry::File {
+                        hash,
+                        size_bytes: meta.len(),
+                        executable: is_executable(meta.mode()),
+                    };
+                    updates.push((path.clone(), Some((now, Some(stat)))));
+                }
+                (Entry::Symlink { target }, Ok(meta)) if meta.is_symlink() => {
+                    let now = fs::read_link(&full).map_err(io_err(format!("reading {path}")))?;
+                    if now.as_os_str() != target.as_str() {
+                        updates.push((path.clone(), None));
+                    }
+                }
+                (Entry::Dir, Ok(meta)) if meta.is_dir() => {}
+                _ => updates.push((path.clone(), None)),
+            }
+        }
+        if updates.is_empty() {
+            return Ok(());
+        }
+        for (path, update) in updates {
+            match update {
+                Some((entry, stat)) => {
+                    if let Some(stat) = stat {
+                        self.state.stats.insert(path.clone(), stat);
+                    }
+                    self.state.manifest.entries.insert(path, entry);
+                }
+                None => {
+                    self.state.stats.remove(&path);
+                    self.state.manifest.entries.remove(&path);
+                }
+            }
+        }
+        self.save()
+    }
+
+    /// Applies a sync stream: `stream` is the decompressed stream after the delta header,
+    /// i.e. the tar of new content. `freeze` stops the training process for the swap.
+    pub fn apply<F, G>(
+        &mut self,
+        delta: &Delta,
+        stream: &mut Limited<impl Read>,
+        max_bytes: u64,
+        freeze: F,
+    ) -> Result<Applied, SyncError>
+    where
+        F: FnOnce() -> G,
+    {
+        let next = delta.apply_to(&self.state.manifest)?;
+        let summary = delta.summary();
+        if summary.stream_bytes > max_bytes {
+            return Err(SyncError::TooLarge {
+                limit_bytes: max_bytes,
+            });
+        }
+        self.check_conflicts(delta)?;
+        let staging = self.staging();
+        let _ = fs::remove_dir_all(&staging);
+        fs::create_dir_all(&staging).map_err(io_err(format!("creating {}", staging.display())))?;
+
+        stream.set_remaining(summary.stream_bytes + TAR_OVERHEAD_BYTES * (summary.stream_files + 2));
+        let received_bytes = self.receive(delta, stream)?;
+        self.stage_copies(delta)?;
+
+        let journal = Journal {
+            ops: delta.ops.clone(),
+            manifest: next,
+        };
+        write_atomically(
+            &self.journal_path(),
+            &codec::encode_blob(&journal).map_err(|e| SyncError::Stream(e.to_string()))?,
+        )?;
+        let executed = {
+            let _frozen = freeze();
+            execute(&self.work(), &staging, &journal.ops)
+        };
+        if let Err(e) = executed {
+            // Part applied: make the manifest true to disk, so the next sync repairs it.
+            self.finish(journal, false)?;
+            self.refresh()?;
+            return Err(e);
+        }
+        self.finish(journal, true)?;
+        Ok(Applied {
+            ops: delta.ops.len() as u64,
+            received_bytes,
+        })
+    }
+
+    /// Refuses, before anything is touched, a file or symlink that would replace a
+    /// directory holding files the sync does not know about.
+    fn check_conflicts(&self, delta: &Delta) -> Result<(), SyncError> {
+        let work = self.work();
+        for op in &delta.ops {
+            let (Op::Write { path, .. } | Op::Symlink { path, .. }) = op else {
+                continue;
+            };
+            let full = work.join(path);
+            if fs::symlink_metadata(&full).is_ok_and(|m| m.is_dir())
+                && holds_untracked(&full, path, &self.state.manifest)
+            {
+                return Err(SyncError::Conflict { path: path.clone() });
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the content tar into staging, one verified file per distinct hash.
+    fn receive(&self, delta: &Delta, stream: &mut Limited<impl Read>) -> Result<u64, SyncError> {
+        let exceeded = stream.exceeded.clone();
+        let limit = stream.remaining;
+        let map = |e: io::Error| {
+            if exceeded.get() {
+                SyncError::TooLarge { limit_bytes: limit }
+            } else {
+                SyncError::Io {
+                    context: "reading the content stream".into(),
+                    source: e,
+                }
+            }
+        };
+        let mut archive = tar::Archive::new(stream);
+        let mut entries = archive.entries().map_err(map)?;
+        let mut received = 0;
+        for (hash, size_bytes, path) in delta.stream_order() {
+            let mut entry = entries
+                .next()
+                .ok_or_else(|| SyncError::Stream(format!("it ended before the content of {path}")))?
+                .map_err(map)?;
+            let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+            let kind = entry.header().entry_type();
+            if kind != tar::EntryType::Regular {
+                return Err(SyncError::Stream(format!(
+                    "entry {name:?} is a {kind:?} entry; only regular files are accepted"
+                )));
+            }
+            if name != hash.to_hex() || entry.size() != size_bytes {
+                return Err(SyncError::Stream(format!(
+                    "entry {name:?} ({} bytes) is not the content of {path} ({hash}, {size_bytes} bytes)",
+                    entry.size()
+                )));
+            }
+            let staged = self.staging().join(hash.to_hex());
+            let got = copy_hashed(&mut entry, &staged).map_err(|e| match e {
+                SyncError::Io { source, .. } => map(source),
+                other => other,
+            })?;
+            if got != hash {
+                let _ = fs::remove_file(&staged);
+                return Err(SyncError::Stream(format!(
+                    "the content sent for {path} does not match its hash"
+                )));
+            }
+            received += size_bytes;
+        }
+        if let Some(extra) = entries.next() {
+            let name = extra
+                .map(|e| String::from_utf8_lossy(&e.path_bytes()).into_owned())
+                .unwrap_or_default();
+            return Err(SyncError::Stream(format!(
+                "it holds an entry the delta does not name: {name:?}"
+            )));
+        }
+        Ok(received)
+    }
+
+    /// Stages content the agent already has (moved or copied files), verifying it.
+    fn stage_copies(&self, delta: &Delta) -> Result<(), SyncError> {
+        for op in &delta.ops {
+            let Op::Write {
+                hash,
+                source: Source::Copy { from },
+                ..
+            } = op
+            else {
+                continue;
+            };
+            let staged = self.staging().join(hash.to_hex());
+            if staged.exists() {
+                continue;
+            }
+            let src = self.work().join(from);
+            let mut file = fs::File::open(&src).map_err(io_err(format!("opening {from}")))?;
+            if copy_hashed(&mut file, &staged)? != *hash {
+                let _ = fs::remove_file(&staged);
+                return Err(SyncError::Changed { path: from.clone() });
+            }
+        }
+        Ok(())
+    }
+
+    /// Records the journal's manifest as the tree's and clears the journal and staging.
+    /// With `complete`, the files just placed are recorded with their stats; otherwise
+    /// they get none, so the next refresh checks each against disk.
+    fn finish(&mut self, journal: Journal, complete: bool) -> Result<(), SyncError> {
+        let work = self.work();
+        for op in &journal.ops {
+            let path = op.path();
+            self.state.stats.remove(path);
+            if complete
+                && let Op::Write { .. } | Op::Chmod { .. } = op
+                && let Ok(meta) = fs::symlink_metadata(work.join(path))
+                && meta.is_file()
+            {
+                self.state.stats.insert(path.to_owned(), FileStat::of(&meta));
+            }
+        }
+        self.state
+            .stats
+            .retain(|p, _| journal.manifest.entries.contains_key(p));
+        self.state.manifest = journal.manifest;
+        self.save()?;
+        let _ = fs::remove_file(self.journal_path());
+        let _ = fs::remove_dir_all(self.staging());
+        Ok(())
+    }
+
+    /// Completes an apply that a crash interrupted after its journal was written.
+    fn roll_forward(&mut self) -> Result<(), SyncError> {
+        let path = self.journal_path();
+        let bytes = match fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                let _ = fs::remove_dir_all(self.staging());
+                return Ok(());
+            }
+            Err(e) => return Err(io_err(format!("reading {}", path.display()))(e)),
+        };
+        let Ok(journal) = codec::decode_blob::<Journal>(&bytes) else {
+            // A torn journal means the apply never started: the tree is the old one.
+            let _ = fs::remove_file(&path);
+            let _ = fs::remove_dir_all(self.staging());
+            return Ok(());
+        };
+        tracing::info!(
+            "finishing an interrupted sync in {} ({} changes)",
+            self.run_dir.display(),
+            journal.ops.len()
+        );
+        if let Err(e) = execute(&self.work(), &self.staging(), &journal.ops) {
+            tracing::warn!("finishing the interrupted sync failed ({e}); the next sync repairs it");
+        }
+        self.finish(journal, false)?;
+        self.refresh()
+    }
+
+    fn save(&self) -> Result<(), SyncError> {
+        let bytes = codec::encode_blob(&self.state).map_err(|e| SyncError::Stream(e.to_string()))?;
+        write_atomically(&self.state_path(), &bytes)
+    }
+}
+
+/// Makes the journal's changes. Every step can be repeated, so an interrupted run of this
+/// is completed by running it again.
+fn execute(work: &Path, staging: &Path, ops: &[Op]) -> Result<(), SyncError> {
+    let mut uses: HashMap<ContentHash, usize> = HashMap::new();
+    for op in ops {
+        if let Op::Write { hash, .. } = op {
+            *uses.entry(*hash).or_default() += 1;
+        }
+    }
+    for op in ops {
+        let full = work.join(op.path());
+        match op {
+            Op::Delete { path } => match fs::symlink_metadata(&full) {
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err(format!("deleting {path}"))(e)),
+                Ok(meta) if meta.is_dir() => match fs::remove_dir(&full) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    // It holds files the sync did not create (outputs): they stay.
+                    Err(e) if e.kind() == io::ErrorKind::DirectoryNotEmpty => {
+                        tracing::info!("kept {path}: it holds files runctl did not sync");
+                    }
+                    Err(e) => return Err(io_err(format!("deleting {path}"))(e)),
+                },
+                Ok(_) => remove_file(&full).map_err(io_err(format!("deleting {path}")))?,
+            },
+            Op::Mkdir { path } => match fs::symlink_metadata(&full) {
+                Ok(meta) if meta.is_dir() => {}
+                Ok(_) => {
+                    remove_file(&full).map_err(io_err(format!("replacing {path}")))?;
+                    fs::create_dir(&full).map_err(io_err(format!("creating {path}")))?;
+                }
+                Err(_) => fs::create_dir_all(&full).map_err(io_err(format!("creating {path}")))?,
+            },
+            Op::Write {
+                path,
+                hash,
+                executable,
+                ..
+            } => {
+                let left = uses.get_mut(hash).expect("counted above");
+                *left -= 1;
+                let staged = staging.join(hash.to_hex());
+                if !staged.exists() {
+                    continue; // placed before an interruption
+                }
+                let place = io_err(format!("placing {path}"));
+                ensure_parent(&full).map_err(io_err(format!("creating the parent of {path}")))?;
+                if fs::symlink_metadata(&full).is_ok_and(|m| m.is_dir()) {
+                    return Err(SyncError::Conflict { path: path.clone() });
+                }
+                let mode = fs::Permissions::from_mode(file_mode(*executable));
+                if *left > 0 {
+                    let tmp = sibling_tmp(&full);
+                    fs::copy(&staged, &tmp).map_err(io_err(format!("placing {path}")))?;
+                    fs::set_permissions(&tmp, mode).map_err(io_err(format!("placing {path}")))?;
+                    fs::rename(&tmp, &full).map_err(place)?;
+                } else {
+                    fs::set_permissions(&staged, mode).map_err(io_err(format!("placing {path}")))?;
+                    fs::rename(&staged, &full).map_err(place)?;
+                }
+            }
+            Op::Symlink { path, target } => {
+                ensure_parent(&full).map_err(io_err(format!("creating the parent of {path}")))?;
+                if fs::symlink_metadata(&full).is_ok_and(|m| m.is_dir()) {
+                    return Err(SyncError::Conflict { path: path.clone() });
+                }
+                let tmp = sibling_tmp(&full);
+                std::os::unix::fs::symlink(target, &tmp)
+                    .map_err(io_err(format!("linking {path}")))?;
+                fs::rename(&tmp, &full).map_err(io_err(format!("linking {path}")))?;
+            }
+            Op::Chmod { path, executable } => {
+                fs::set_permissions(&full, fs::Permissions::from_mode(file_mode(*executable)))
+                    .map_err(io_err(format!("setting the mode of {path}")))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn remove_file(path: &Path) -> io::Result<()> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
+}
+
+fn ensure_parent(path: &Path) -> io::Result<()> {
+    match path.parent() {
+        Some(parent) if !parent.is_dir() => fs::create_dir_all(parent),
+        _ => Ok(()),
+    }
+}
+
+fn sibling_tmp(path: &Path) -> PathBuf {
+    let name = path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
+    path.with_file_name(format!(".{name}.runctl-{:016x}", rand::random::<u64>()))
+}
+
+/// Executable for the owner means executable: the same rule the controller uses.
+pub fn is_executable(mode: u32) -> bool {
+    mode & 0o100 != 0
+}
+
+fn file_mode(executable: bool) -> u32 {
+    if executable { 0o755 } else { 0o644 }
+}
+
+/// Whether the directory at `full` (tree path `rel`) holds anything the manifest lacks.
+fn holds_untracked(full: &Path, rel: &str, manifest: &Manifest) -> bool {
+    let Ok(dir) = fs::read_dir(full) else {
+        return false;
+    };
+    for entry in dir.flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else {
+            return true;
+        };
+        let child = format!("{rel}/{name}");
+        match manifest.entries.get(&child) {
+            None => return true,
+            Some(Entry::Dir) => {
+                if holds_untracked(&entry.path(), &child, manifest) {
+                    return true;
+                }
+            }
+            Some(_) => {}
+        }
+    }
+    false
+}
+
+pub fn hash_file(path: &Path) -> Result<ContentHash, SyncError> {
+    let mut hasher = blake3::Hasher::new();
+    let file = fs::File::open(path).map_err(io_err(format!("reading {}", path.display())))?;
+    hasher
+        .update_reader(file)
+        .map_err(io_err(format!("reading {}", path.display())))?;
+    Ok(hasher.finalize().into())
+}
+
+/// Copies `from` into a new file at `to`, returning the content's hash.
+fn copy_hashed(from: &mut impl Read, to: &Path) -> Result<ContentHash, SyncError> {
+    let mut out = fs::File::create(to).map_err(io_err(format!("creating {}", to.display())))?;
+    let mut hasher = blake3::Hasher::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(io_err("reading content")(e)),
+        };
+        hasher.update(&buf[..n]);
+        out.write_all(&buf[..n])
+            .map_err(io_err(format!("writing {}", to.display())))?;
+    }
+    Ok(hasher.finalize().into())
+}
+
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), SyncError> {
+    let tmp = path.with_extension("tmp");
+    let write = || -> io::Result<()> {
+        let mut file = fs::File::create(&tmp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        fs::rename(&tmp, path)
+    };
+    write().map_err(io_err(format!("writing {}", path.display())))
+}
+
+/// A reader that fails, and raises its flag, once more than its bound has been read.
+#[derive(Debug)]
+pub struct Limited<R> {
+    inner: R,
+    remaining: u64,
+    exceeded: std::rc::Rc<std::cell::Cell<bool>>,
+}
+
+impl<R: Read> Limited<R> {
+    pub fn new(inner: R, limit_bytes: u64) -> Self {
+        Limited {
+            inner,
+            remaining: limit_bytes,
+            exceeded: Default::default(),
+        }
+    }
+
+    pub fn set_remaining(&mut self, limit_bytes: u64) {
+        self.remaining = limit_bytes;
+    }
+
+    pub fn exceeded(&self) -> bool {
+        self.exceeded.get()
+    }
+}
+
+impl<R: Read> Read for Limited<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if n as u64 > self.remaining {
+            self.exceeded.set(true);
+            return Err(io::Error::other("decompressed size limit exceeded"));
+        }
+        self.remaining -= n as u64;
+        Ok(n)
+    }
+}
+
+/// Reads one whole sync stream (zstd: the delta, then the content tar) and applies it.
+pub fn apply_stream<F, G>(
+    tree: &mut Tree,
+    compressed: impl Read,
+    delta_bytes: u64,
+    max_bytes: u64,
+    freeze: F,
+) -> Result<Applied, SyncError>
+where
+    F: FnOnce() -> G,
+{
+    if delta_bytes > codec::MAX_BLOB_BYTES as u64 {
+        return Err(SyncError::TooLarge {
+            limit_bytes: codec::MAX_BLOB_BYTES as u64,
+        });
+    }
+    let decoder = zstd::stream::read::Decoder::new(compressed)
+        .map_err(io_err("starting to decompress the sync stream"))?;
+    let mut stream = Limited::new(decoder, delta_bytes);
+    let mut header = vec![0u8; delta_bytes as usize];
+    stream
+        .read_exact(&mut header)
+        .map_err(io_err("reading the delta"))?;
+    let delta: Delta =
+        codec::decode_blob(&header).map_err(|e| SyncError::Stream(format!("bad delta: {e}")))?;
+    tree.apply(&delta, &mut stream, max_bytes, freeze)
+}
+
+#[cfg(test)]
+mod tests;
