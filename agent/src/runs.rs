@@ -8,13 +8,13 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::eventlog::EventLog;
+use crate::supervisor::{self, Handle, Launch};
+use crate::tree::Tree;
 use anyhow::Context;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use protocol::{ErrorKind, EventKind, RunCursor, RunEnd, RunId, RunSpec, WireError};
-use crate::eventlog::EventLog;
-use crate::supervisor::{self, Handle, Launch};
-use crate::tree::Tree;
 
 #[derive(Debug)]
 struct Entry {

@@ -10,16 +10,16 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use protocol::framed::{read_frame, spawn_reader, write_frame};
 use protocol::{
-    AgentMsg, BulkOpen, ControllerMsg, ErrorKind, FrameError, Hello, RunId, SyncApplied,
-    SyncDone, SyncGo, SyncHave, SyncOpen, WireError,
+    AgentMsg, BulkOpen, ControllerMsg, ErrorKind, FrameError, Hello, RunId, SyncApplied, SyncDone,
+    SyncGo, SyncHave, SyncOpen, WireError,
 };
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use crate::eventlog::EventLog;
 use crate::runs::Runs;
-use crate::tree::{self, Tree};
 use crate::supervisor;
+use crate::tree::{self, Tree};
 use crate::{AgentConfig, Fatal, identity};
 
 const HEARTBEAT: Duration = Duration::from_secs(10);

@@ -273,7 +273,11 @@ fn group_stopped(pgid: u32) -> bool {
         return true;
     };
     for proc in procs.flatten() {
-        let Some(pid) = proc.file_name().to_str().and_then(|p| p.parse::<u32>().ok()) else {
+        let Some(pid) = proc
+            .file_name()
+            .to_str()
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
             continue;
         };
         let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {

@@ -162,10 +162,16 @@ impl Tree {
                 Ok(state) => tree.state = state,
                 // An unreadable state is rebuilt: an empty manifest makes the controller
                 // send everything, which overwrites whatever is there.
-                Err(e) => tracing::warn!("ignoring unreadable {}: {e}", tree.state_path().display()),
+                Err(e) => {
+                    tracing::warn!("ignoring unreadable {}: {e}", tree.state_path().display())
+                }
             },
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io_err(format!("reading {}", tree.state_path().display()))(e)),
+            Err(e) => {
+                return Err(io_err(format!("reading {}", tree.state_path().display()))(
+                    e,
+                ));
+            }
         }
         tree.roll_forward()?;
         Ok(tree)
@@ -251,7 +257,8 @@ impl Tree {
         let _ = fs::remove_dir_all(&staging);
         fs::create_dir_all(&staging).map_err(io_err(format!("creating {}", staging.display())))?;
 
-        stream.set_remaining(summary.stream_bytes + TAR_OVERHEAD_BYTES * (summary.stream_files + 2));
+        stream
+            .set_remaining(summary.stream_bytes + TAR_OVERHEAD_BYTES * (summary.stream_files + 2));
         let received_bytes = self.receive(delta, stream)?;
         self.stage_copies(delta)?;
 
@@ -395,7 +402,9 @@ impl Tree {
                 && let Ok(meta) = fs::symlink_metadata(work.join(path))
                 && meta.is_file()
             {
-                self.state.stats.insert(path.to_owned(), FileStat::of(&meta));
+                self.state
+                    .stats
+                    .insert(path.to_owned(), FileStat::of(&meta));
             }
         }
         self.state
@@ -438,7 +447,8 @@ impl Tree {
     }
 
     fn save(&self) -> Result<(), SyncError> {
-        let bytes = codec::encode_blob(&self.state).map_err(|e| SyncError::Stream(e.to_string()))?;
+        let bytes =
+            codec::encode_blob(&self.state).map_err(|e| SyncError::Stream(e.to_string()))?;
         write_atomically(&self.state_path(), &bytes)
     }
 }
@@ -501,7 +511,8 @@ fn execute(work: &Path, staging: &Path, ops: &[Op]) -> Result<(), SyncError> {
                     fs::set_permissions(&tmp, mode).map_err(io_err(format!("placing {path}")))?;
                     fs::rename(&tmp, &full).map_err(place)?;
                 } else {
-                    fs::set_permissions(&staged, mode).map_err(io_err(format!("placing {path}")))?;
+                    fs::set_permissions(&staged, mode)
+                        .map_err(io_err(format!("placing {path}")))?;
                     fs::rename(&staged, &full).map_err(place)?;
                 }
             }
@@ -539,7 +550,10 @@ fn ensure_parent(path: &Path) -> io::Result<()> {
 }
 
 fn sibling_tmp(path: &Path) -> PathBuf {
-    let name = path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .unwrap_or_default();
     path.with_file_name(format!(".{name}.runctl-{:016x}", rand::random::<u64>()))
 }
 

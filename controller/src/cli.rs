@@ -23,7 +23,8 @@ Exit codes:
 Examples:
   runctl-controller run --workdir examples/quickstart -- python3 train.py
   runctl-controller --output json list
-  runctl-controller logs -f run-3f9a2c1b7d4e";
+  runctl-controller logs -f run-3f9a2c1b7d4e
+  runctl-controller sync --watch run-3f9a2c1b7d4e";
 
 /// Train on a rented GPU as if it were local. This is the laptop side: it launches
 /// instances, uploads your code, runs your command there, and streams its output back.
@@ -52,8 +53,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run a command on an instance: upload the work dir, start the command there, stream
-    /// its output here, and exit with its exit status.
+    /// Run a command on an instance: sync the project there, start the command, stream its
+    /// output here, and exit with its exit status.
     #[command(after_long_help = "\
 Without --on, a fresh instance is launched for the run and terminated when the run ends
 (unless --keep). Ctrl-C stops the remote command gracefully (SIGTERM, then SIGKILL after
@@ -67,6 +68,22 @@ Examples:
   runctl-controller run --on gpu-1 --env SEED=3 -- python3 train.py --epochs 5
   runctl-controller --output json run --detach -- python3 train.py")]
     Run(RunArgs),
+
+    /// Push local code changes to a run's tree: only what changed travels, and the
+    /// training process never sees a half-applied tree.
+    #[command(after_long_help = "\
+The project root is the one the run was started from, unless --root. Files are compared
+by BLAKE3 hash (a stat cache makes an unchanged tree cheap to check); only new and changed
+content is sent, zstd-compressed; a moved or copied file the instance already has is not
+sent again. Deleted files are deleted there; files the run created itself (outputs) are
+left alone. Without --restart the running process keeps going, and sees each changed file
+whole (it is paused for the moment the files are swapped in).
+
+Examples:
+  runctl-controller sync --dry-run run-3f9a2c1b7d4e
+  runctl-controller sync --restart run-3f9a2c1b7d4e
+  runctl-controller sync --watch --restart run-3f9a2c1b7d4e")]
+    Sync(SyncArgs),
 
     /// Launch an instance and wait until its agent has connected.
     #[command(after_long_help = "\
@@ -143,9 +160,14 @@ pub struct RunArgs {
     #[arg(long, value_enum, default_value = "local")]
     pub provider: ProviderKind,
 
-    /// The directory uploaded as the run's work dir (honours .gitignore and .runctlignore).
+    /// The directory to start the command in. The project holding it (its git root, else
+    /// the directory itself) is synced, honouring .gitignore and .runctlignore.
     #[arg(long, value_name = "DIR", default_value = ".")]
     pub workdir: PathBuf,
+
+    /// Sync this directory as the project root instead of the git root.
+    #[arg(long, value_name = "DIR")]
+    pub root: Option<PathBuf>,
 
     /// An environment variable for the command, as KEY=VALUE (repeatable).
     #[arg(long = "env", short = 'e', value_name = "KEY=VALUE", value_parser = parse_env)]
@@ -162,6 +184,30 @@ pub struct RunArgs {
     /// The command to run and its arguments, after `--`.
     #[arg(last = true, required = true, value_name = "COMMAND")]
     pub command: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct SyncArgs {
+    /// The run whose tree to update, e.g. run-3f9a2c1b7d4e.
+    pub run: RunId,
+
+    /// The local project root to sync (default: the one the run was started from).
+    #[arg(long, value_name = "DIR")]
+    pub root: Option<PathBuf>,
+
+    /// List what would change, and change nothing.
+    #[arg(long, conflicts_with_all = ["watch", "restart"])]
+    pub dry_run: bool,
+
+    /// Keep watching the project and push each change within half a second of a save;
+    /// Ctrl-C ends it.
+    #[arg(long)]
+    pub watch: bool,
+
+    /// Restart the run's command after each sync (SIGTERM, SIGKILL after the grace
+    /// period, then start it again in the new tree).
+    #[arg(long)]
+    pub restart: bool,
 }
 
 #[derive(Debug, Args)]

@@ -8,12 +8,12 @@ use std::time::Duration;
 use clap::Parser;
 use protocol::RunId;
 
-use crate::cli::{Cli, Command, RunArgs};
+use crate::cli::{Cli, Command, RunArgs, SyncArgs};
 use crate::config::Config;
 use crate::daemon::now_ms;
 use crate::error::{ErrorCode, UserError};
 use crate::home::Home;
-use crate::ipc::{Client, Request, Response, RunRequest};
+use crate::ipc::{Client, Request, Response, RunRequest, SyncReport, SyncRequest};
 use crate::report::{self, Format, Printer};
 
 /// The whole CLI: parse, run, print, exit.
@@ -100,6 +100,7 @@ fn run(cli: Cli, printer: Printer) -> anyhow::Result<u8> {
                 Ok(0)
             }
             Command::Logs(args) => logs(&home, printer, args.run, args.follow).await,
+            Command::Sync(args) => sync_command(&home, printer, args).await,
             Command::Stop(args) => {
                 printer.progress(&format!("stopping {}", args.run));
                 let request = Request::Stop {
@@ -195,6 +196,96 @@ async fn shutdown(home: &Home, printer: Printer) -> anyhow::Result<u8> {
     Ok(0)
 }
 
+/// `sync`: once, or with `--watch` after every burst of local changes until Ctrl-C.
+async fn sync_command(home: &Home, printer: Printer, args: SyncArgs) -> anyhow::Result<u8> {
+    let root = match &args.root {
+        Some(root) => Some(crate::sync::root::resolve(root, Some(root))?.root),
+        None => None,
+    };
+    let request = SyncRequest {
+        run: args.run,
+        root,
+        dry_run: args.dry_run,
+        restart: args.restart,
+    };
+    let first = sync_once(home, printer, &request).await?;
+    printer.data(&first, || report::sync_text(&first));
+    if !args.watch {
+        return Ok(0);
+    }
+    let root = std::path::PathBuf::from(&first.root);
+    let mut watch = crate::sync::watch::ProjectWatch::new(&root, home.root())?;
+    printer.progress(&format!("watching {} (Ctrl-C to stop)", root.display()));
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    loop {
+        tokio::select! {
+            _ = &mut ctrl_c => return Ok(0),
+            changed = watch.changed() => {
+                if changed.is_none() {
+                    anyhow::bail!("the file watcher stopped");
+                }
+            }
+        }
+        match sync_once(home, printer, &request).await {
+            Ok(report) => printer.data(&report, || report::sync_text(&report)),
+            // Passing trouble (the agent reconnecting, a file edited mid-sync): the next
+            // change tries again.
+            Err(e) if matches!(e.code, ErrorCode::Agent | ErrorCode::BadInput) => printer.error(&e),
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// One sync through the daemon, drawing its progress on stderr when that is a terminal.
+async fn sync_once(
+    home: &Home,
+    printer: Printer,
+    request: &SyncRequest,
+) -> Result<SyncReport, UserError> {
+    let mut client = Client::connect(home).await?;
+    client.send(&Request::Sync(request.clone())).await?;
+    let mut bar: Option<indicatif::ProgressBar> = None;
+    let result = loop {
+        match client.next().await {
+            Ok(Some(Response::SyncProgress(p))) => {
+                if printer.format == Format::Human && p.total_bytes > 0 {
+                    let bar = bar.get_or_insert_with(|| progress_bar(p.total_bytes));
+                    bar.set_position(p.bytes);
+                    bar.set_message(format!("{}/{} files", p.files, p.total_files));
+                }
+            }
+            Ok(Some(Response::Synced(report))) => break Ok(report),
+            Ok(Some(Response::Error(e))) | Err(e) => break Err(e),
+            Ok(Some(other)) => {
+                break Err(UserError::new(
+                    ErrorCode::Internal,
+                    format!("unexpected answer to sync: {other:?}"),
+                ));
+            }
+            Ok(None) => break Err(daemon_gone()),
+        }
+    };
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    result
+}
+
+fn progress_bar(total_bytes: u64) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::with_draw_target(
+        Some(total_bytes),
+        indicatif::ProgressDrawTarget::stderr(),
+    );
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "syncing {msg} {bytes}/{total_bytes} ({bytes_per_sec}) {wide_bar}",
+        )
+        .expect("a valid template"),
+    );
+    bar
+}
+
 async fn logs(home: &Home, printer: Printer, run: RunId, follow: bool) -> anyhow::Result<u8> {
     let row = stream_run(home, printer, &run, follow, 0).await?;
     if printer.format == Format::Json {
@@ -280,15 +371,10 @@ struct Interrupt {
 }
 
 async fn run_command(home: &Home, printer: Printer, args: RunArgs) -> anyhow::Result<u8> {
-    let workdir = std::fs::canonicalize(&args.workdir).map_err(|e| {
-        UserError::new(
-            ErrorCode::BadInput,
-            format!("the work dir {} is not usable: {e}", args.workdir.display()),
-        )
-        .resolve("pass an existing directory with --workdir")
-    })?;
+    let project = crate::sync::root::resolve(&args.workdir, args.root.as_deref())?;
     let request = Request::Run(RunRequest {
-        workdir,
+        root: project.root,
+        cwd: project.cwd,
         argv: args.command,
         env: args.env,
         on: args.on,

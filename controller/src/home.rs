@@ -56,6 +56,10 @@ impl Home {
     pub fn pid(&self) -> PathBuf {
         self.root.join("daemon.pid")
     }
+    /// The daemon's sync memory: stat caches per project, agents' trees per run.
+    pub fn sync_dir(&self) -> PathBuf {
+        self.root.join("sync")
+    }
     pub fn daemon_log(&self) -> PathBuf {
         self.root.join("daemon.log")
     }
@@ -64,9 +68,6 @@ impl Home {
     }
     pub fn pki(&self) -> PathBuf {
         self.root.join("pki")
-    }
-    pub fn tmp(&self) -> PathBuf {
-        self.root.join("tmp")
     }
     /// Where the local provider keeps an instance's config, state and log.
     pub fn local_instance(&self, name: &protocol::InstanceName) -> PathBuf {

@@ -10,6 +10,7 @@ use protocol::{InstanceName, RunEvent, RunId};
 use serde::{Deserialize, Serialize};
 use tokio::net::UnixStream;
 
+pub use crate::daemon::sync::{Progress as SyncProgress, SyncReport};
 use crate::db::{InstanceRow, RunRow};
 use crate::error::{ErrorCode, UserError};
 use crate::home::Home;
@@ -47,8 +48,10 @@ impl ProviderKind {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RunRequest {
-    /// Absolute path of the directory to upload as the run's work dir.
-    pub workdir: PathBuf,
+    /// The project root to sync, absolute.
+    pub root: PathBuf,
+    /// Where to start, relative to the root ("" for the root).
+    pub cwd: String,
     pub argv: Vec<String>,
     pub env: Vec<(String, String)>,
     /// Run on this existing instance; otherwise launch one with `provider`.
@@ -61,6 +64,15 @@ pub struct RunRequest {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SyncRequest {
+    pub run: RunId,
+    /// The project root (absolute); `None` for the run's own.
+    pub root: Option<PathBuf>,
+    pub dry_run: bool,
+    pub restart: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum Request {
     Status,
     List,
@@ -70,6 +82,7 @@ pub enum Request {
     },
     Run(RunRequest),
     /// The run's events after `after_seq` (0: all of them), then its row.
+    Sync(SyncRequest),
     Logs {
         run: RunId,
         follow: bool,
@@ -121,6 +134,8 @@ pub enum Response {
     },
     /// A phase of getting a run going, for stderr.
     Progress(String),
+    SyncProgress(SyncProgress),
+    Synced(SyncReport),
     Event(RunEvent),
     /// The final state of a run: after `Logs`, `Stop`, a finished `Run`, or a detached
     /// `Run` once its process started.

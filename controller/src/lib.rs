@@ -1,10 +1,9 @@
 //! runctl-controller: the laptop side. The CLI (`cli`, `commands`, `report`) talks over a
 //! local socket (`ipc`) to a daemon (`daemon`) that it starts on demand. The daemon owns
 //! the QUIC endpoint agents dial, the CA that identifies them (`pki`), and the database
-//! (`db`); it launches instances through providers (`provider`) and sends each run its
-//! work dir (`bundle`).
+//! (`db`); it launches instances through providers (`provider`) and keeps each run's
+//! tree in step with the project (`sync`, driven by `daemon::sync`).
 
-pub mod bundle;
 pub mod cli;
 pub mod commands;
 pub mod config;
@@ -17,3 +16,4 @@ pub mod ipc;
 pub mod pki;
 pub mod provider;
 pub mod report;
+pub mod sync;

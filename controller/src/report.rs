@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use crate::db::{InstanceState, RunRow, RunState};
 use crate::error::UserError;
-use crate::ipc::{InstanceView, ListReport, StatusReport};
+use crate::ipc::{InstanceView, ListReport, StatusReport, SyncReport};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
@@ -68,6 +68,9 @@ impl Printer {
                     stream: Stream::Stderr,
                     line,
                 } => eprintln!("{line}"),
+                EventKind::Restarted { previous } => {
+                    eprintln!("runctl: restarting the command ({})", end_text(previous))
+                }
                 EventKind::Started { .. } | EventKind::Ended(_) => {}
             },
         }
@@ -90,6 +93,87 @@ pub fn render_error(error: &UserError) -> String {
         }
     }
     text
+}
+
+/// How a process ended, in words.
+fn end_text(end: &RunEnd) -> String {
+    match end {
+        RunEnd::Exited { code, .. } => format!("the previous process exited with {code}"),
+        RunEnd::Signaled { signal, .. } => {
+            format!("the previous process was killed by signal {signal}")
+        }
+        RunEnd::SpawnFailed { message } | RunEnd::Lost { message } => message.clone(),
+    }
+}
+
+/// Bytes for people: 1.2 MB, 512 B.
+pub fn bytes_words(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KB", "MB", "GB", "TB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1000.0 && unit < UNITS.len() - 1 {
+        value /= 1000.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+/// A sync's result: the change list for a dry run, else one summary line.
+pub fn sync_text(r: &SyncReport) -> String {
+    let s = &r.summary;
+    let mut out = String::new();
+    if r.dry_run && !r.changes.is_empty() {
+        let mut t = table(&["CHANGE", "PATH"]);
+        for c in &r.changes {
+            t.add_row([c.op.as_str(), c.path.as_str()]);
+        }
+        out.push_str(&format!("{t}\n"));
+    }
+    for skipped in &r.skipped {
+        out.push_str(&format!("skipped {skipped}\n"));
+    }
+    let total = s.written + s.copied + s.deleted + s.dirs + s.symlinks + s.chmods;
+    if total == 0 {
+        out.push_str(&format!(
+            "{} is up to date ({} files checked in {} ms)",
+            r.run, r.files, r.elapsed_ms
+        ));
+    } else {
+        let mut parts = vec![format!(
+            "{} written ({})",
+            s.written,
+            bytes_words(s.stream_bytes)
+        )];
+        for (n, what) in [
+            (s.copied, "copied from the instance's own files"),
+            (s.deleted, "deleted"),
+            (s.dirs, "directories made"),
+            (s.symlinks, "links"),
+            (s.chmods, "modes changed"),
+        ] {
+            if n > 0 {
+                parts.push(format!("{n} {what}"));
+            }
+        }
+        let verb = if r.dry_run { "would sync" } else { "synced" };
+        out.push_str(&format!("{verb} {}: {}", r.run, parts.join(", ")));
+        if !r.dry_run {
+            out.push_str(&format!(
+                " in {} ms, {} on the wire",
+                r.elapsed_ms,
+                bytes_words(r.wire_bytes)
+            ));
+        }
+    }
+    if let Some(pid) = r.restarted_pid {
+        out.push_str(&format!("; restarted (pid {pid})"));
+    }
+    out.push('\n');
+    out
 }
 
 pub fn state_word(state: RunState) -> &'static str {
@@ -245,7 +329,7 @@ mod tests {
             id: protocol::RunId::from_random([0xab; 6]),
             instance: "local-1".parse().expect("valid"),
             argv: vec!["python3".into(), "train.py".into()],
-            workdir: "/src".into(),
+            root: "/src".into(),
             state,
             created_ms: 1_000,
             started_ms: Some(2_000),

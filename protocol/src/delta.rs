@@ -22,8 +22,12 @@ pub enum Source {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Op {
     /// Remove a file, symlink or (empty of synced files) directory.
-    Delete { path: String },
-    Mkdir { path: String },
+    Delete {
+        path: String,
+    },
+    Mkdir {
+        path: String,
+    },
     Write {
         path: String,
         hash: ContentHash,
@@ -31,9 +35,15 @@ pub enum Op {
         executable: bool,
         source: Source,
     },
-    Symlink { path: String, target: String },
+    Symlink {
+        path: String,
+        target: String,
+    },
     /// Same content, new executable bit.
-    Chmod { path: String, executable: bool },
+    Chmod {
+        path: String,
+        executable: bool,
+    },
 }
 
 impl Op {
@@ -348,8 +358,16 @@ mod tests {
             ("run.sh", file("run", true)),
         ]);
         check(&base, &base, &[]);
-        check(&empty, &base, &["mkdir src", "write run.sh", "write src/a.py"]);
-        check(&base, &empty, &["delete src/a.py", "delete src", "delete run.sh"]);
+        check(
+            &empty,
+            &base,
+            &["mkdir src", "write run.sh", "write src/a.py"],
+        );
+        check(
+            &base,
+            &empty,
+            &["delete src/a.py", "delete src", "delete run.sh"],
+        );
         // A rename: the new path copies what the agent has; the old one goes.
         check(
             &base,
@@ -366,9 +384,12 @@ mod tests {
                 ("src", Entry::Dir),
                 ("src/a.py", file("a2", false)),
                 ("run.sh", file("run", false)),
-                ("link", Entry::Symlink {
-                    target: "src/a.py".into(),
-                }),
+                (
+                    "link",
+                    Entry::Symlink {
+                        target: "src/a.py".into(),
+                    },
+                ),
                 ("empty", Entry::Dir),
             ]),
             &[
@@ -381,7 +402,10 @@ mod tests {
         // A directory replaced by a file: its children and itself go first.
         check(
             &base,
-            &tree(&[("src", file("now a file", false)), ("run.sh", file("run", true))]),
+            &tree(&[
+                ("src", file("now a file", false)),
+                ("run.sh", file("run", true)),
+            ]),
             &["delete src/a.py", "delete src", "write src"],
         );
     }
@@ -422,7 +446,10 @@ mod tests {
             },
         ] {
             assert!(
-                matches!(hostile(op.clone()).apply_to(&base), Err(DeltaError::Path(_))),
+                matches!(
+                    hostile(op.clone()).apply_to(&base),
+                    Err(DeltaError::Path(_))
+                ),
                 "{op:?}"
             );
         }

@@ -48,7 +48,9 @@ pub enum Entry {
         executable: bool,
     },
     /// A symlink, stored as its target text; it must resolve inside the tree.
-    Symlink { target: String },
+    Symlink {
+        target: String,
+    },
     Dir,
 }
 
@@ -190,7 +192,11 @@ mod tests {
     }
 
     fn check_link(link: &str, target: &str, ok: bool) {
-        assert_eq!(check_symlink(link, target).is_ok(), ok, "{link} -> {target}");
+        assert_eq!(
+            check_symlink(link, target).is_ok(),
+            ok,
+            "{link} -> {target}"
+        );
     }
 
     #[test]

@@ -24,9 +24,13 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
-/// The repository root.
+/// The repository root. Read at run time (cargo sets it for tests): a test binary reused
+/// from a shared target dir may have been compiled in another checkout.
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    let manifest_dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    Path::new(&manifest_dir)
         .parent()
         .expect("workspace root")
         .to_owned()

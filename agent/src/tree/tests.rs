@@ -46,7 +46,10 @@ fn stream(delta: &Delta, content: &HashMap<ContentHash, Vec<u8>>) -> (Vec<u8>, u
     }
     let mut raw = blob.clone();
     raw.extend(tar.into_inner().expect("finish"));
-    (zstd::encode_all(&raw[..], 3).expect("zstd"), blob.len() as u64)
+    (
+        zstd::encode_all(&raw[..], 3).expect("zstd"),
+        blob.len() as u64,
+    )
 }
 
 /// Syncs `want` into the tree and checks disk and manifest match it exactly.
@@ -117,8 +120,8 @@ fn round_trips_changes_deletes_renames_and_modes() {
     let v2 = [
         ("lib", Want::Dir),
         ("lib/model.py", Want::File(b"class Model: pass\n", false)), // renamed
-        ("src", Want::File(b"now a file\n", false)),                  // dir -> file
-        ("run.sh", Want::File(b"#!/bin/sh\necho hi\n", false)),       // mode only
+        ("src", Want::File(b"now a file\n", false)),                 // dir -> file
+        ("run.sh", Want::File(b"#!/bin/sh\necho hi\n", false)),      // mode only
         ("latest", Want::Link("lib/model.py")),
         ("copy-b", Want::File(b"changed", true)),
     ];
@@ -145,7 +148,10 @@ fn a_rename_is_not_sent_again() {
 #[test]
 fn untracked_outputs_stay_and_block_only_a_replacing_file() {
     let dir = tempfile::tempdir().expect("tempdir");
-    sync(dir.path(), &[("out", Want::Dir), ("train.py", Want::File(b"1", false))]);
+    sync(
+        dir.path(),
+        &[("out", Want::Dir), ("train.py", Want::File(b"1", false))],
+    );
     let work = Tree::work_dir(dir.path());
     fs::write(work.join("out/ckpt.pt"), b"weights").expect("write");
     // Deleting `out` locally keeps it remotely: it holds a file runctl did not sync.
@@ -154,7 +160,10 @@ fn untracked_outputs_stay_and_block_only_a_replacing_file() {
     let delta = plan(&local, tree.manifest());
     let (bytes, n) = stream(&delta, &content);
     apply_stream(&mut tree, &bytes[..], n, 1 << 30, || ()).expect("applies");
-    assert_eq!(fs::read(work.join("out/ckpt.pt")).expect("kept"), b"weights");
+    assert_eq!(
+        fs::read(work.join("out/ckpt.pt")).expect("kept"),
+        b"weights"
+    );
     // A file where that directory is: refused before anything changes.
     let (local, content) = manifest(&[("out", Want::File(b"x", false))]);
     let delta = plan(&local, tree.manifest());
@@ -201,9 +210,17 @@ fn an_interrupted_apply_is_finished_on_open() {
         ops: delta.ops.clone(),
         manifest: delta.apply_to(tree.manifest()).expect("fits"),
     };
-    write_atomically(&tree.journal_path(), &codec::encode_blob(&journal).expect("enc"))
-        .expect("journal");
-    execute(&Tree::work_dir(dir.path()), &tree.staging(), &delta.ops[..1]).expect("part");
+    write_atomically(
+        &tree.journal_path(),
+        &codec::encode_blob(&journal).expect("enc"),
+    )
+    .expect("journal");
+    execute(
+        &Tree::work_dir(dir.path()),
+        &tree.staging(),
+        &delta.ops[..1],
+    )
+    .expect("part");
     drop(tree);
     let mut reopened = Tree::open(dir.path(), false).expect("rolls forward");
     assert_eq!(reopened.manifest(), &local);
@@ -241,7 +258,10 @@ fn check_refused(delta: &Delta, raw_tar: Vec<u8>, max_bytes: u64, expected: &str
     assert!(err.to_string().contains(expected), "{err}");
     let mut left = Vec::new();
     list(&Tree::work_dir(&run), "", &mut left);
-    assert!(left.is_empty(), "nothing is applied after a refusal: {left:?}");
+    assert!(
+        left.is_empty(),
+        "nothing is applied after a refusal: {left:?}"
+    );
     assert!(!dir.path().join("evil").exists());
 }
 
@@ -289,8 +309,18 @@ fn hostile_streams_are_refused() {
     let name = ContentHash::of(data).to_hex();
     let ok_tar = raw_tar(&name, tar::EntryType::Regular, data, "");
     // Paths that leave the tree, in the delta itself.
-    check_refused(&one_file("../evil", data), ok_tar.clone(), 1 << 20, "escapes");
-    check_refused(&one_file("/tmp/evil", data), ok_tar.clone(), 1 << 20, "escapes");
+    check_refused(
+        &one_file("../evil", data),
+        ok_tar.clone(),
+        1 << 20,
+        "escapes",
+    );
+    check_refused(
+        &one_file("/tmp/evil", data),
+        ok_tar.clone(),
+        1 << 20,
+        "escapes",
+    );
     let mut link = one_file("a", data);
     link.ops = vec![Op::Symlink {
         path: "ln".into(),
@@ -306,10 +336,25 @@ fn hostile_streams_are_refused() {
         tar::EntryType::Block,
         tar::EntryType::Fifo,
     ] {
-        check_refused(&delta, raw_tar(&name, kind, b"", "/etc/passwd"), 1 << 20, "only regular files");
+        check_refused(
+            &delta,
+            raw_tar(&name, kind, b"", "/etc/passwd"),
+            1 << 20,
+            "only regular files",
+        );
     }
-    check_refused(&delta, raw_tar("../evil", tar::EntryType::Regular, data, ""), 1 << 20, "is not the content");
-    check_refused(&delta, raw_tar(&name, tar::EntryType::Regular, b"payloaX", ""), 1 << 20, "does not match its hash");
+    check_refused(
+        &delta,
+        raw_tar("../evil", tar::EntryType::Regular, data, ""),
+        1 << 20,
+        "is not the content",
+    );
+    check_refused(
+        &delta,
+        raw_tar(&name, tar::EntryType::Regular, b"payloaX", ""),
+        1 << 20,
+        "does not match its hash",
+    );
     let mut two = ok_tar.clone();
     two.truncate(two.len() - 1024); // drop the end-of-archive blocks
     two.extend(raw_tar("extra", tar::EntryType::Regular, b"x", ""));
@@ -320,7 +365,12 @@ fn hostile_streams_are_refused() {
 fn decompression_is_bounded() {
     let big = vec![0u8; 4 << 20];
     let delta = one_file("zeros.bin", &big);
-    let tar = raw_tar(&ContentHash::of(&big).to_hex(), tar::EntryType::Regular, &big, "");
+    let tar = raw_tar(
+        &ContentHash::of(&big).to_hex(),
+        tar::EntryType::Regular,
+        &big,
+        "",
+    );
     // Over the agent's bound: refused before reading the content.
     check_refused(&delta, tar.clone(), 1 << 20, "more than 1048576 bytes");
     // A stream longer than the delta declares: the tar entry is cut at the bound.

@@ -6,11 +6,12 @@
 mod agents;
 mod requests;
 mod runs;
+pub mod sync;
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
+
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -61,6 +62,8 @@ pub struct Daemon {
     run_changes: Mutex<HashMap<RunId, watch::Sender<u64>>>,
     /// Stops asked for while a run was still starting; delivered once it has started.
     pending_stops: Mutex<HashSet<RunId>>,
+    /// Stat caches and what each agent's trees hold.
+    sync: sync::SyncState,
     /// Every task the daemon spawns that must finish (or be cut off) on shutdown.
     tasks: TaskTracker,
     shutdown: CancellationToken,
@@ -170,7 +173,6 @@ pub async fn serve(
 
     let db = Db::open(&home.db())?;
     let pki = pki::load_or_create(&home.pki())?;
-    std::fs::create_dir_all(home.tmp())?;
 
     let endpoint = bind_quic(&config, &db, &pki)?;
     let quic_addr = endpoint.local_addr()?;
@@ -191,6 +193,7 @@ pub async fn serve(
         agents_changed: watch::channel(0).0,
         run_changes: Mutex::new(HashMap::new()),
         pending_stops: Mutex::new(HashSet::new()),
+        sync: sync::SyncState::new(sync::load_trees(&home.sync_dir())),
         tasks: TaskTracker::new(),
         shutdown: CancellationToken::new(),
     });
@@ -286,9 +289,4 @@ fn endpoint(
     });
     let socket = std::net::UdpSocket::bind(addr)?;
     quinn::Endpoint::new(config, Some(server), socket, Arc::new(quinn::TokioRuntime))
-}
-
-/// The file a run's bundle is staged in before upload.
-fn staging_path(home: &Home, run: &RunId) -> PathBuf {
-    home.tmp().join(format!("{run}.tar.zst"))
 }

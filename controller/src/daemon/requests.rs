@@ -1,6 +1,7 @@
 //! The daemon's side of the local socket: one request per connection, answered with one
 //! response, or a stream of them for runs and logs.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -8,12 +9,12 @@ use protocol::framed::{read_frame, write_frame};
 use protocol::{RunId, RunSpec};
 use tokio::net::UnixStream;
 
-use super::{Daemon, now_ms, runs};
+use super::{Daemon, now_ms, runs, sync};
 use crate::db::{RunRow, RunState};
 use crate::error::{ErrorCode, UserError};
 use crate::ipc::{
     ClientHello, DaemonHello, InstanceView, ListReport, Request, Response, RunRequest,
-    StatusReport, VERSION,
+    StatusReport, SyncRequest, VERSION,
 };
 
 /// Events are read from the database in pages of this many.
@@ -101,6 +102,7 @@ async fn dispatch(
             let row = stream_events(d, stream, &run, follow, after_seq).await?;
             write_frame(stream, &Response::Run(row)).await?;
         }
+        Request::Sync(req) => sync_request(d, stream, req).await?,
         Request::Stop { run, grace_secs } => {
             let grace = grace_secs
                 .map(Duration::from_secs)
@@ -152,16 +154,95 @@ async fn dispatch(
     Ok(())
 }
 
+/// `sync`: checks the run can take it, then syncs, forwarding progress as it goes.
+async fn sync_request(
+    d: &Arc<Daemon>,
+    stream: &mut UnixStream,
+    req: SyncRequest,
+) -> anyhow::Result<()> {
+    let row =
+        d.db.run(&req.run)?
+            .ok_or_else(|| runs::not_found_run(&req.run))?;
+    if matches!(row.state, RunState::Pending | RunState::Syncing) {
+        return Err(UserError::new(
+            ErrorCode::Conflict,
+            format!("run {} is still starting", req.run),
+        )
+        .resolve("sync once it runs: runctl-controller list shows its state")
+        .into());
+    }
+    if req.restart && row.state.is_terminal() {
+        return Err(UserError::new(
+            ErrorCode::Conflict,
+            format!(
+                "run {} already ended ({}): there is no process to restart",
+                req.run,
+                crate::report::state_word(row.state)
+            ),
+        )
+        .resolve("sync without --restart, or start a new run: runctl-controller run -- COMMAND")
+        .into());
+    }
+    let instance = d.db.instance(&row.instance)?;
+    if instance.is_none_or(|i| i.state == crate::db::InstanceState::Terminated) {
+        return Err(UserError::new(
+            ErrorCode::Conflict,
+            format!(
+                "the instance of run {} ({}) is terminated",
+                req.run, row.instance
+            ),
+        )
+        .resolve("start a new run: runctl-controller run -- COMMAND")
+        .into());
+    }
+    let link = d.agent(&row.instance).ok_or_else(|| {
+        UserError::new(
+            ErrorCode::Agent,
+            format!("the agent of {} is not connected", row.instance),
+        )
+        .resolve("wait for it to reconnect (runctl-controller list shows it), then retry")
+    })?;
+    let root = req.root.unwrap_or_else(|| PathBuf::from(&row.root));
+    if !root.is_dir() {
+        return Err(UserError::new(
+            ErrorCode::BadInput,
+            format!("the project root {} is not a directory", root.display()),
+        )
+        .resolve("pass the project with --root DIR")
+        .into());
+    }
+    let params = sync::Params {
+        run: req.run,
+        root,
+        dry_run: req.dry_run,
+        restart: req.restart.then(|| d.config.daemon.stop_grace()),
+        create: false,
+    };
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let work = sync::sync(d, &link.conn, params, move |p| {
+        let _ = tx.send(p);
+    });
+    tokio::pin!(work);
+    let report = loop {
+        tokio::select! {
+            report = &mut work => break report?,
+            Some(p) = rx.recv() => write_frame(stream, &Response::SyncProgress(p)).await?,
+        }
+    };
+    write_frame(stream, &Response::Synced(report)).await?;
+    Ok(())
+}
+
 async fn run(d: &Arc<Daemon>, stream: &mut UnixStream, req: RunRequest) -> anyhow::Result<()> {
     if req.argv.is_empty() {
         return Err(UserError::new(ErrorCode::BadInput, "no command given")
             .resolve("put the command after `--`: runctl-controller run -- python train.py")
             .into());
     }
-    if !req.workdir.is_dir() {
+    if !req.root.is_dir() {
         return Err(UserError::new(
             ErrorCode::BadInput,
-            format!("the work dir {} is not a directory", req.workdir.display()),
+            format!("the project root {} is not a directory", req.root.display()),
         )
         .resolve("pass an existing directory with --workdir, or run from inside the project")
         .into());
@@ -198,7 +279,7 @@ async fn run(d: &Arc<Daemon>, stream: &mut UnixStream, req: RunRequest) -> anyho
         id: run_id.clone(),
         instance: instance.clone(),
         argv: req.argv.clone(),
-        workdir: req.workdir.display().to_string(),
+        root: req.root.display().to_string(),
         state: RunState::Pending,
         created_ms: now_ms(),
         started_ms: None,
@@ -219,11 +300,11 @@ async fn run(d: &Arc<Daemon>, stream: &mut UnixStream, req: RunRequest) -> anyho
         run: run_id.clone(),
         argv: req.argv,
         env: req.env,
+        cwd: req.cwd,
     };
     let d2 = d.clone();
-    let (run2, workdir) = (run_id.clone(), req.workdir);
-    d.tasks
-        .spawn(runs::start(d2, run2, instance, workdir, spec));
+    let (run2, root) = (run_id.clone(), req.root);
+    d.tasks.spawn(runs::start(d2, run2, instance, root, spec));
 
     if req.detach {
         let row = wait_started(d, stream, &run_id).await?;

@@ -1,6 +1,6 @@
 //! Instances and runs as the daemon drives them: launching a local instance, starting a
-//! run (pack the work dir, send it with the spec on a stream of its own, then follow the
-//! run's events), stopping runs, and terminating instances (flush, revoke, kill).
+//! run (sync the project to the run's tree, start the spec on a stream of its own, then
+//! follow the run's events), stopping runs, and terminating instances (flush, revoke, kill).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use protocol::framed::{read_frame, write_frame};
-use protocol::{AgentMsg, ControllerMsg, InstanceName, RunId, RunSpec, StartRun};
+use protocol::{AgentMsg, BulkOpen, ControllerMsg, InstanceName, RunId, RunSpec};
 
-use super::{Daemon, now_ms, staging_path};
+use super::{Daemon, now_ms, sync};
 use crate::db::{InstanceRow, InstanceState, RunState};
 use crate::error::{ErrorCode, UserError};
 use crate::ipc::ProviderKind;
@@ -87,10 +87,10 @@ pub(super) async fn start(
     d: Arc<Daemon>,
     run: RunId,
     instance: InstanceName,
-    workdir: PathBuf,
+    root: PathBuf,
     spec: RunSpec,
 ) {
-    if let Err(e) = try_start(&d, &run, &instance, &workdir, spec).await {
+    if let Err(e) = try_start(&d, &run, &instance, root, spec).await {
         let message = format!("{e:#}");
         tracing::warn!("run {run} failed to start: {message}");
         let _ =
@@ -98,45 +98,36 @@ pub(super) async fn start(
         d.bump_run(&run);
         on_run_ended(&d, &run);
     }
-    let _ = std::fs::remove_file(staging_path(&d.home, &run));
 }
 
 async fn try_start(
     d: &Arc<Daemon>,
     run: &RunId,
     instance: &InstanceName,
-    workdir: &std::path::Path,
+    root: PathBuf,
     spec: RunSpec,
 ) -> anyhow::Result<()> {
     d.db.set_run_state(run, RunState::Syncing, now_ms(), None)?;
     d.bump_run(run);
-    let staging = staging_path(&d.home, run);
-    let (root, out, private) = (
-        workdir.to_owned(),
-        staging.clone(),
-        d.home.root().to_owned(),
-    );
-    let packed = tokio::task::spawn_blocking(move || {
-        let file =
-            std::fs::File::create(&out).with_context(|| format!("creating {}", out.display()))?;
-        crate::bundle::pack(&root, &private, std::io::BufWriter::new(file))
-    })
-    .await??;
-    let bundle_bytes = std::fs::metadata(&staging)?.len();
-    tracing::info!(%run, files = packed.files, bytes = packed.bytes, bundle_bytes, "work dir packed");
-
     let pid = d.db.instance(instance)?.and_then(|row| row.pid);
     let link = d.wait_for_agent(instance, CONNECT_TIMEOUT, pid).await?;
+    let params = sync::Params {
+        run: run.clone(),
+        root,
+        dry_run: false,
+        restart: None,
+        create: true,
+    };
+    let report = sync::sync(d, &link.conn, params, |_| {})
+        .await
+        .map_err(|e| anyhow::anyhow!("syncing the project failed: {e}"))?;
+    tracing::info!(%run, files = report.summary.written, bytes = report.summary.stream_bytes, elapsed_ms = report.elapsed_ms, "project synced");
     let (mut send, mut recv) = link
         .conn
         .open_bi()
         .await
         .context("opening a stream to the agent")?;
-    write_frame(&mut send, &StartRun { spec, bundle_bytes }).await?;
-    let mut file = tokio::fs::File::open(&staging).await?;
-    tokio::io::copy(&mut file, &mut send)
-        .await
-        .context("sending the work dir")?;
+    write_frame(&mut send, &BulkOpen::StartRun(spec)).await?;
     send.finish()?;
     let answer = tokio::time::timeout(
         Duration::from_secs(600),

@@ -1,0 +1,428 @@
+//! Drives one code sync with an agent (the exchange `BulkOpen::Sync` describes): scan the
+//! project, learn what the agent has (its root hash, and its manifest only when the
+//! daemon's cached copy is stale), plan the delta, stream it, and record the agent's new
+//! tree. Syncs of one run take turns.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use protocol::codec::{self, MAX_BLOB_BYTES};
+use protocol::delta::{self, Delta, Op, Source, Summary};
+use protocol::framed::{read_frame, write_frame};
+use protocol::{
+    BulkOpen, ContentHash, ErrorKind, Manifest, RunId, SyncDone, SyncGo, SyncHave, SyncOpen,
+};
+use serde::{Deserialize, Serialize};
+
+use super::Daemon;
+use crate::error::{ErrorCode, UserError};
+use crate::sync::pack::{self, Sent};
+use crate::sync::scan::{self, StatCache};
+
+/// What to sync and how.
+#[derive(Debug, Clone)]
+pub struct Params {
+    pub run: RunId,
+    pub root: PathBuf,
+    pub dry_run: bool,
+    /// Restart the run's process after the sync, with this stop grace.
+    pub restart: Option<Duration>,
+    /// The run is being started: its tree may not exist yet.
+    pub create: bool,
+}
+
+/// One change, for listings (`--dry-run`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Change {
+    pub op: String,
+    pub path: String,
+}
+
+/// The result of a sync.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncReport {
+    pub run: RunId,
+    pub root: String,
+    pub dry_run: bool,
+    pub summary: Summary,
+    /// Every change when a dry run; otherwise empty.
+    pub changes: Vec<Change>,
+    /// Files in the project, and files hashed because the stat cache could not vouch.
+    pub files: u64,
+    pub hashed_files: u64,
+    /// Paths left out of the sync, with why.
+    pub skipped: Vec<String>,
+    /// UDP bytes both ways on the agent's connection during the sync (QUIC and TLS
+    /// overhead included).
+    pub wire_bytes: u64,
+    pub elapsed_ms: u64,
+    pub restarted_pid: Option<u32>,
+}
+
+/// Progress of a running sync, polled by whoever shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Progress {
+    pub files: u64,
+    pub total_files: u64,
+    pub bytes: u64,
+    pub total_bytes: u64,
+}
+
+/// The daemon's memory of projects and agents' trees.
+#[derive(Debug, Default)]
+pub struct SyncState {
+    caches: std::sync::Mutex<HashMap<PathBuf, StatCache>>,
+    /// Per run, the manifest the agent was last known to have.
+    trees: std::sync::Mutex<HashMap<RunId, Manifest>>,
+    locks: std::sync::Mutex<HashMap<RunId, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// Syncs `params.root` to the run's tree. `progress` is called as content goes out.
+pub async fn sync(
+    d: &Arc<Daemon>,
+    conn: &quinn::Connection,
+    params: Params,
+    mut progress: impl FnMut(Progress),
+) -> Result<SyncReport, UserError> {
+    let lock = d
+        .sync
+        .locks
+        .lock()
+        .expect("sync locks")
+        .entry(params.run.clone())
+        .or_default()
+        .clone();
+    let _turn = lock.lock().await;
+    let started = Instant::now();
+    let before = wire_bytes(conn);
+    let scan = scan_project(d, &params.root).await?;
+    let known = d
+        .sync
+        .trees
+        .lock()
+        .expect("trees")
+        .get(&params.run)
+        .cloned();
+    let result = exchange(d, conn, &params, &scan.manifest, known, &mut progress).await;
+    let (delta, restarted_pid) = match result {
+        Ok(done) => done,
+        Err(e) => {
+            // Whatever the agent has now, learn it afresh next time.
+            forget_tree(d, &params.run);
+            return Err(e);
+        }
+    };
+    let summary = delta.summary();
+    let changes = if params.dry_run {
+        delta.ops.iter().map(change).collect()
+    } else {
+        Vec::new()
+    };
+    Ok(SyncReport {
+        run: params.run,
+        root: params.root.display().to_string(),
+        dry_run: params.dry_run,
+        summary,
+        changes,
+        files: scan.manifest.files().count() as u64,
+        hashed_files: scan.hashed_files,
+        skipped: scan.skipped,
+        wire_bytes: wire_bytes(conn).saturating_sub(before),
+        elapsed_ms: started.elapsed().as_millis() as u64,
+        restarted_pid,
+    })
+}
+
+fn wire_bytes(conn: &quinn::Connection) -> u64 {
+    let stats = conn.stats();
+    stats.udp_tx.bytes + stats.udp_rx.bytes
+}
+
+async fn scan_project(d: &Arc<Daemon>, root: &Path) -> Result<scan::Scan, UserError> {
+    let mut cache = d
+        .sync
+        .caches
+        .lock()
+        .expect("caches")
+        .remove(root)
+        .or_else(|| load_cache(&d.home.sync_dir(), root))
+        .unwrap_or_default();
+    let (root2, private) = (root.to_owned(), d.home.root().to_owned());
+    let (scanned, cache) = tokio::task::spawn_blocking(move || {
+        let scanned = scan::scan(&root2, &private, &mut cache);
+        (scanned, cache)
+    })
+    .await
+    .map_err(|e| UserError::new(ErrorCode::Internal, format!("scan task: {e}")))?;
+    let scanned = scanned.map_err(|e| {
+        UserError::new(ErrorCode::BadInput, format!("{e:#}")).resolve(format!(
+            "fix the project at {}, then sync again",
+            root.display()
+        ))
+    })?;
+    if scanned.hashed_files > 0 {
+        save_cache(&d.home.sync_dir(), root, &cache);
+    }
+    d.sync
+        .caches
+        .lock()
+        .expect("caches")
+        .insert(root.to_owned(), cache);
+    Ok(scanned)
+}
+
+/// The exchange on one stream. Returns the delta that was (or, dry, would be) applied.
+async fn exchange(
+    d: &Arc<Daemon>,
+    conn: &quinn::Connection,
+    params: &Params,
+    local: &Manifest,
+    known: Option<Manifest>,
+    progress: &mut impl FnMut(Progress),
+) -> Result<(Delta, Option<u32>), UserError> {
+    let lost = |e: &dyn std::fmt::Display| {
+        UserError::new(
+            ErrorCode::Agent,
+            format!("the sync of {} was cut off: {e}", params.run),
+        )
+        .resolve("sync again once the agent is connected (runctl-controller list shows it)")
+    };
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| lost(&e))?;
+    let open = SyncOpen {
+        run: params.run.clone(),
+        known_root: known.as_ref().map(Manifest::root),
+        create: params.create,
+    };
+    write_frame(&mut send, &BulkOpen::Sync(open))
+        .await
+        .map_err(|e| lost(&e))?;
+    let have: SyncHave = read_frame(&mut recv)
+        .await
+        .map_err(|e| lost(&e))?
+        .ok_or_else(|| lost(&"the agent closed the stream"))?;
+    let root = have.root.map_err(|e| refused(&params.run, e))?;
+    let remote = if have.manifest_bytes == 0 {
+        known.filter(|k| k.root() == root).ok_or_else(|| {
+            lost(&"the agent sent no manifest for a tree the daemon does not know")
+        })?
+    } else {
+        read_manifest(&mut recv, have.manifest_bytes)
+            .await
+            .map_err(|e| lost(&format!("{e:#}")))?
+    };
+    let delta = delta::plan(local, &remote);
+    let restart_grace_ms = params.restart.map(|g| g.as_millis() as u64);
+    if params.dry_run || (delta.is_empty() && restart_grace_ms.is_none()) {
+        write_frame(&mut send, &SyncGo::Cancel)
+            .await
+            .map_err(|e| lost(&e))?;
+        let _ = send.finish();
+        if have.manifest_bytes > 0 {
+            remember_tree(d, &params.run, remote);
+        }
+        return Ok((delta, None));
+    }
+    let blob = codec::encode_blob(&delta)
+        .map_err(|e| UserError::new(ErrorCode::Internal, format!("encoding the delta: {e}")))?;
+    let go = SyncGo::Apply {
+        delta_bytes: blob.len() as u64,
+        restart_grace_ms,
+    };
+    write_frame(&mut send, &go).await.map_err(|e| lost(&e))?;
+
+    let summary = delta.summary();
+    let sent = Arc::new(Sent::default());
+    let rt = tokio::runtime::Handle::current();
+    let (root_dir, delta2, sent2) = (params.root.clone(), delta.clone(), sent.clone());
+    let mut writer = tokio::task::spawn_blocking(move || {
+        let mut bridge = tokio_util::io::SyncIoBridge::new_with_handle(send, rt);
+        let out = std::io::BufWriter::with_capacity(256 * 1024, &mut bridge);
+        let written = pack::write_stream(&root_dir, &delta2, &blob, out, &sent2);
+        let mut send = bridge.into_inner();
+        match &written {
+            Ok(()) => {
+                let _ = send.finish();
+            }
+            // Cut the stream: the agent sees it end early and keeps its old tree.
+            Err(_) => {
+                let _ = send.reset(1u32.into());
+            }
+        }
+        written
+    });
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let written = loop {
+        tokio::select! {
+            done = &mut writer => break done,
+            _ = tick.tick() => progress(snapshot(&sent, &summary)),
+        }
+    };
+    progress(snapshot(&sent, &summary));
+    let written = written.map_err(|e| UserError::new(ErrorCode::Internal, format!("{e}")))?;
+    let done: Option<SyncDone> = read_frame(&mut recv).await.map_err(|e| lost(&e))?;
+    if let Err(e) = written {
+        return Err(UserError::new(ErrorCode::BadInput, format!("{e:#}"))
+            .resolve("sync again; files edited during a sync are sent by the next one"));
+    }
+    let done = done.ok_or_else(|| lost(&"the agent closed the stream before confirming"))?;
+    let applied = done.result.map_err(|e| refused(&params.run, e))?;
+    if applied.root != local.root() {
+        return Err(UserError::new(
+            ErrorCode::Agent,
+            format!(
+                "the agent's tree for {} does not match after the sync",
+                params.run
+            ),
+        )
+        .resolve("sync again"));
+    }
+    remember_tree(d, &params.run, local.clone());
+    Ok((delta, applied.restarted_pid))
+}
+
+fn snapshot(sent: &Sent, summary: &Summary) -> Progress {
+    use std::sync::atomic::Ordering;
+    Progress {
+        files: sent.files.load(Ordering::Relaxed),
+        total_files: summary.stream_files,
+        bytes: sent.bytes.load(Ordering::Relaxed),
+        total_bytes: summary.stream_bytes,
+    }
+}
+
+fn refused(run: &RunId, e: protocol::WireError) -> UserError {
+    let code = match e.kind {
+        ErrorKind::NotFound => ErrorCode::NotFound,
+        ErrorKind::RunFailed => ErrorCode::Conflict,
+        _ => ErrorCode::Agent,
+    };
+    UserError::new(
+        code,
+        format!("the agent refused the sync of {run}: {}", e.message),
+    )
+    .resolve("the run's tree on the instance is as it was before this sync")
+}
+
+async fn read_manifest(recv: &mut quinn::RecvStream, len: u64) -> anyhow::Result<Manifest> {
+    anyhow::ensure!(
+        len <= MAX_BLOB_BYTES as u64,
+        "the agent's manifest is {len} bytes, over the limit"
+    );
+    let mut compressed = vec![0u8; len as usize];
+    recv.read_exact(&mut compressed)
+        .await
+        .context("reading the agent's manifest")?;
+    let blob = zstd::bulk::decompress(&compressed, MAX_BLOB_BYTES)
+        .context("decompressing the agent's manifest")?;
+    let manifest: Manifest = codec::decode_blob(&blob)?;
+    manifest.check()?;
+    Ok(manifest)
+}
+
+fn change(op: &Op) -> Change {
+    let (op_name, path) = match op {
+        Op::Delete { path } => ("delete", path.clone()),
+        Op::Mkdir { path } => ("mkdir", path.clone()),
+        Op::Write {
+            path,
+            source: Source::Stream,
+            ..
+        } => ("write", path.clone()),
+        Op::Write {
+            path,
+            source: Source::Copy { from },
+            ..
+        } => ("copy", format!("{from} -> {path}")),
+        Op::Symlink { path, target } => ("link", format!("{path} -> {target}")),
+        Op::Chmod { path, executable } => (
+            if *executable { "chmod +x" } else { "chmod -x" },
+            path.clone(),
+        ),
+    };
+    Change {
+        op: op_name.to_owned(),
+        path,
+    }
+}
+
+fn remember_tree(d: &Daemon, run: &RunId, manifest: Manifest) {
+    let path = d.home.sync_dir().join(format!("{run}.tree"));
+    if let Err(e) = write_blob(&path, &manifest) {
+        tracing::warn!("saving {}: {e:#}", path.display());
+    }
+    d.sync
+        .trees
+        .lock()
+        .expect("trees")
+        .insert(run.clone(), manifest);
+}
+
+fn forget_tree(d: &Daemon, run: &RunId) {
+    d.sync.trees.lock().expect("trees").remove(run);
+    let _ = std::fs::remove_file(d.home.sync_dir().join(format!("{run}.tree")));
+}
+
+/// Loads the remembered trees of every run (at daemon start).
+pub fn load_trees(dir: &Path) -> HashMap<RunId, Manifest> {
+    let mut trees = HashMap::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return trees;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(run) = name
+            .to_str()
+            .and_then(|n| n.strip_suffix(".tree"))
+            .and_then(|n| n.parse::<RunId>().ok())
+        else {
+            continue;
+        };
+        if let Some(manifest) = read_blob::<Manifest>(&entry.path()) {
+            trees.insert(run, manifest);
+        }
+    }
+    trees
+}
+
+impl SyncState {
+    pub fn new(trees: HashMap<RunId, Manifest>) -> Self {
+        SyncState {
+            trees: std::sync::Mutex::new(trees),
+            ..Default::default()
+        }
+    }
+}
+
+fn cache_path(dir: &Path, root: &Path) -> PathBuf {
+    let key = ContentHash::of(root.as_os_str().as_encoded_bytes());
+    dir.join(format!("stat-{}.cache", &key.to_hex()[..16]))
+}
+
+fn load_cache(dir: &Path, root: &Path) -> Option<StatCache> {
+    read_blob(&cache_path(dir, root))
+}
+
+fn save_cache(dir: &Path, root: &Path, cache: &StatCache) {
+    let path = cache_path(dir, root);
+    if let Err(e) = write_blob(&path, cache) {
+        tracing::warn!("saving {}: {e:#}", path.display());
+    }
+}
+
+fn read_blob<T: serde::de::DeserializeOwned>(path: &Path) -> Option<T> {
+    let bytes = std::fs::read(path).ok()?;
+    let blob = zstd::bulk::decompress(&bytes, MAX_BLOB_BYTES).ok()?;
+    codec::decode_blob(&blob).ok()
+}
+
+fn write_blob<T: Serialize>(path: &Path, value: &T) -> anyhow::Result<()> {
+    std::fs::create_dir_all(path.parent().expect("a file in a dir"))?;
+    let blob = zstd::bulk::compress(&codec::encode_blob(value)?, 1)?;
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, blob)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}

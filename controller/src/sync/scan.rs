@@ -1,0 +1,232 @@
+//! Scans a project root into a manifest: gitignore rules (`.gitignore`,
+//! `.git/info/exclude`) plus `.runctlignore`, whose `!pattern` lines bring back paths the
+//! others ignore; never `.git` or the controller's own home. Files are hashed with BLAKE3
+//! unless the stat cache says they have not changed, so an unchanged tree costs one stat
+//! per file.
+
+use std::collections::HashMap;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use protocol::manifest::{ContentHash, Entry, Manifest, check_symlink};
+use serde::{Deserialize, Serialize};
+
+/// The per-project ignore file, in `.gitignore` syntax.
+pub const IGNORE_FILE: &str = ".runctlignore";
+
+/// A file modified this close to a scan may change again within the same timestamp tick
+/// (file systems stamp with a coarse clock, 1 to 10 ms), so its hash is not cached: the
+/// "racily clean" problem git also guards against.
+const RACY_WINDOW: Duration = Duration::from_millis(100);
+
+/// What a scan remembers about each file: its stat then, and its hash.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct StatCache {
+    files: HashMap<String, Cached>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+struct Cached {
+    size_bytes: u64,
+    mtime_ns: i64,
+    ctime_ns: i64,
+    ino: u64,
+    hash: ContentHash,
+}
+
+/// A scan's result.
+#[derive(Debug, Default)]
+pub struct Scan {
+    pub manifest: Manifest,
+    /// Files read and hashed because the cache could not vouch for them.
+    pub hashed_files: u64,
+    /// Things left out, for the user: symlinks that leave the tree, special files.
+    pub skipped: Vec<String>,
+}
+
+/// Scans `root`, leaving out everything under `private` (the controller's home: its CA
+/// key must never leave the laptop, even when a project contains it).
+pub fn scan(root: &Path, private: &Path, cache: &mut StatCache) -> anyhow::Result<Scan> {
+    scan_at(root, private, cache, SystemTime::now())
+}
+
+/// `scan` as of `now`, which decides which files are too fresh to cache.
+fn scan_at(
+    root: &Path,
+    private: &Path,
+    cache: &mut StatCache,
+    now: SystemTime,
+) -> anyhow::Result<Scan> {
+    let started_ns = ns(now);
+    let mut out = Scan::default();
+    let mut next = HashMap::with_capacity(cache.files.len());
+    let walk = ignore::WalkBuilder::new(root)
+        .hidden(false)
+        .git_ignore(true)
+        .git_exclude(true)
+        .git_global(false)
+        .require_git(false)
+        .add_custom_ignore_filename(IGNORE_FILE)
+        .filter_entry({
+            let private = private.to_owned();
+            move |e| e.file_name() != ".git" && !e.path().starts_with(&private)
+        })
+        .build();
+    for entry in walk {
+        let entry = entry.with_context(|| format!("scanning {}", root.display()))?;
+        let rel = entry
+            .path()
+            .strip_prefix(root)
+            .expect("the walk stays under its root");
+        if rel.as_os_str().is_empty() {
+            continue;
+        }
+        let rel = rel.to_str().with_context(|| {
+            format!(
+                "{} has a name that is not UTF-8; rename it, or list it in {IGNORE_FILE}",
+                entry.path().display()
+            )
+        })?;
+        let meta = entry
+            .metadata()
+            .with_context(|| format!("reading {}", entry.path().display()))?;
+        let file_type = meta.file_type();
+        let item = if file_type.is_dir() {
+            Entry::Dir
+        } else if file_type.is_symlink() {
+            let target = std::fs::read_link(entry.path())
+                .with_context(|| format!("reading the link {}", entry.path().display()))?;
+            match target.to_str() {
+                Some(target) if check_symlink(rel, target).is_ok() => Entry::Symlink {
+                    target: target.to_owned(),
+                },
+                _ => {
+                    out.skipped.push(format!(
+                        "{rel} -> {}: a link that leaves the project is not synced",
+                        target.display()
+                    ));
+                    continue;
+                }
+            }
+        } else if file_type.is_file() {
+            let stat = Cached {
+                size_bytes: meta.len(),
+                mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
+                ctime_ns: meta.ctime() * 1_000_000_000 + meta.ctime_nsec(),
+                ino: meta.ino(),
+                hash: ContentHash([0; 32]),
+            };
+            let hash = match cache.files.get(rel) {
+                Some(c)
+                    if Cached {
+                        hash: c.hash,
+                        ..stat
+                    } == *c =>
+                {
+                    c.hash
+                }
+                _ => {
+                    out.hashed_files += 1;
+                    hash_file(entry.path())?
+                }
+            };
+            if started_ns - stat.mtime_ns.max(stat.ctime_ns) > RACY_WINDOW.as_nanos() as i64 {
+                next.insert(rel.to_owned(), Cached { hash, ..stat });
+            }
+            Entry::File {
+                hash,
+                size_bytes: meta.len(),
+                executable: meta.mode() & 0o100 != 0,
+            }
+        } else {
+            out.skipped
+                .push(format!("{rel}: sockets, FIFOs and devices are not synced"));
+            continue;
+        };
+        out.manifest.entries.insert(rel.to_owned(), item);
+    }
+    cache.files = next;
+    Ok(out)
+}
+
+pub fn hash_file(path: &Path) -> anyhow::Result<ContentHash> {
+    let file = std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut hasher = blake3::Hasher::new();
+    hasher
+        .update_reader(file)
+        .with_context(|| format!("reading {}", path.display()))?;
+    Ok(hasher.finalize().into())
+}
+
+fn ns(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos() as i64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(scan: &Scan) -> Vec<&str> {
+        scan.manifest.entries.keys().map(String::as_str).collect()
+    }
+
+    #[test]
+    fn honours_ignore_files_with_overrides_and_skips_git_and_home() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path();
+        let write = |p: &str, s: &str| {
+            let p = root.join(p);
+            std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+            std::fs::write(p, s).expect("write");
+        };
+        write(".git/HEAD", "ref");
+        write(".gitignore", "*.log\ndata/\n");
+        write(IGNORE_FILE, "scratch/\n!data/\ndata/raw/\n");
+        write("data/labels.csv", "a,b");
+        write("data/raw/huge.bin", "x");
+        write("scratch/tmp.txt", "x");
+        write("train.py", "print(1)");
+        write("out.log", "noise");
+        write("home/pki/ca.key", "secret");
+        std::os::unix::fs::symlink("/etc/passwd", root.join("outside")).expect("link");
+        std::os::unix::fs::symlink("train.py", root.join("inside")).expect("link");
+        let scan = scan(root, &root.join("home"), &mut StatCache::default()).expect("scan");
+        assert_eq!(
+            names(&scan),
+            [
+                ".gitignore",
+                IGNORE_FILE,
+                "data",
+                "data/labels.csv",
+                "inside",
+                "train.py"
+            ]
+        );
+        assert_eq!(scan.skipped.len(), 1, "{:?}", scan.skipped);
+    }
+
+    #[test]
+    fn the_stat_cache_spares_rehashing_unchanged_files() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("model.py");
+        std::fs::write(&path, "v1").expect("write");
+        let home = dir.path().join("home");
+        let mut cache = StatCache::default();
+        let mut hashed = |now| {
+            scan_at(dir.path(), &home, &mut cache, now)
+                .expect("scan")
+                .hashed_files
+        };
+        let later = SystemTime::now() + Duration::from_secs(60);
+        assert_eq!(hashed(later), 1);
+        assert_eq!(hashed(later), 0, "unchanged: the cache vouches for it");
+        std::fs::write(&path, "v2").expect("write");
+        assert_eq!(hashed(SystemTime::now()), 1, "changed");
+        // Just written: inside the racy window, so not cached and hashed again.
+        assert_eq!(hashed(SystemTime::now()), 1);
+        assert_eq!(hashed(later), 1);
+        assert_eq!(hashed(later), 0);
+    }
+}
