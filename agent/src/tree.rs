@@ -185,7 +185,8 @@ impl Tree {
     /// entry that is gone or changed kind is dropped (so the controller sends it again).
     pub fn refresh(&mut self) -> Result<(), SyncError> {
         let work = self.work();
-        let mut updates: Vec<(String, Option<(Entry, Option<FileStat>)>)> = Vec::new();
+        // Per path: its entry and stat now, or `None` when it must leave the manifest.
+        let mut updates: Vec<(String, Option<(Entry, FileStat)>)> = Vec::new();
         for (path, entry) in &self.state.manifest.entries {
             let full = work.join(path);
             let meta = fs::symlink_metadata(&full);
@@ -201,7 +202,7 @@ impl Tree {
                         size_bytes: meta.len(),
                         executable: is_executable(meta.mode()),
                     };
-                    updates.push((path.clone(), Some((now, Some(stat)))));
+                    updates.push((path.clone(), Some((now, stat))));
                 }
                 (Entry::Symlink { target }, Ok(meta)) if meta.is_symlink() => {
                     let now = fs::read_link(&full).map_err(io_err(format!("reading {path}")))?;
@@ -219,9 +220,7 @@ impl Tree {
         for (path, update) in updates {
             match update {
                 Some((entry, stat)) => {
-                    if let Some(stat) = stat {
-                        self.state.stats.insert(path.clone(), stat);
-                    }
+                    self.state.stats.insert(path.clone(), stat);
                     self.state.manifest.entries.insert(path, entry);
                 }
                 None => {

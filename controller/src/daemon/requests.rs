@@ -17,6 +17,9 @@ use crate::ipc::{
     StatusReport, SyncRequest, VERSION,
 };
 
+/// How long a request that needs an agent waits for it to (re)connect.
+const AGENT_GRACE: Duration = Duration::from_secs(20);
+
 /// Events are read from the database in pages of this many.
 const PAGE: u32 = 1000;
 
@@ -184,7 +187,10 @@ async fn sync_request(
         .into());
     }
     let instance = d.db.instance(&row.instance)?;
-    if instance.is_none_or(|i| i.state == crate::db::InstanceState::Terminated) {
+    if instance
+        .as_ref()
+        .is_none_or(|i| i.state == crate::db::InstanceState::Terminated)
+    {
         return Err(UserError::new(
             ErrorCode::Conflict,
             format!(
@@ -195,13 +201,9 @@ async fn sync_request(
         .resolve("start a new run: runctl-controller run -- COMMAND")
         .into());
     }
-    let link = d.agent(&row.instance).ok_or_else(|| {
-        UserError::new(
-            ErrorCode::Agent,
-            format!("the agent of {} is not connected", row.instance),
-        )
-        .resolve("wait for it to reconnect (runctl-controller list shows it), then retry")
-    })?;
+    // A daemon that just started gives agents a moment to redial.
+    let pid = instance.and_then(|i| i.pid);
+    let link = d.wait_for_agent(&row.instance, AGENT_GRACE, pid).await?;
     let root = req.root.unwrap_or_else(|| PathBuf::from(&row.root));
     if !root.is_dir() {
         return Err(UserError::new(

@@ -56,8 +56,11 @@ pub struct SyncReport {
     /// Paths left out of the sync, with why.
     pub skipped: Vec<String>,
     /// UDP bytes both ways on the agent's connection during the sync (QUIC and TLS
-    /// overhead included).
+    /// overhead included, and anything else the connection carried meanwhile).
     pub wire_bytes: u64,
+    /// Size of the manifest the agent had to send because the daemon's copy of its tree
+    /// was missing or stale (0 when the daemon knew it).
+    pub agent_manifest_bytes: u64,
     pub elapsed_ms: u64,
     pub restarted_pid: Option<u32>,
 }
@@ -107,7 +110,7 @@ pub async fn sync(
         .get(&params.run)
         .cloned();
     let result = exchange(d, conn, &params, &scan.manifest, known, &mut progress).await;
-    let (delta, restarted_pid) = match result {
+    let (delta, restarted_pid, agent_manifest_bytes) = match result {
         Ok(done) => done,
         Err(e) => {
             // Whatever the agent has now, learn it afresh next time.
@@ -131,6 +134,7 @@ pub async fn sync(
         hashed_files: scan.hashed_files,
         skipped: scan.skipped,
         wire_bytes: wire_bytes(conn).saturating_sub(before),
+        agent_manifest_bytes,
         elapsed_ms: started.elapsed().as_millis() as u64,
         restarted_pid,
     })
@@ -174,7 +178,8 @@ async fn scan_project(d: &Arc<Daemon>, root: &Path) -> Result<scan::Scan, UserEr
     Ok(scanned)
 }
 
-/// The exchange on one stream. Returns the delta that was (or, dry, would be) applied.
+/// The exchange on one stream. Returns the delta that was (or, dry, would be) applied,
+/// the restarted process, and the size of the manifest the agent sent.
 async fn exchange(
     d: &Arc<Daemon>,
     conn: &quinn::Connection,
@@ -182,7 +187,7 @@ async fn exchange(
     local: &Manifest,
     known: Option<Manifest>,
     progress: &mut impl FnMut(Progress),
-) -> Result<(Delta, Option<u32>), UserError> {
+) -> Result<(Delta, Option<u32>, u64), UserError> {
     let lost = |e: &dyn std::fmt::Display| {
         UserError::new(
             ErrorCode::Agent,
@@ -223,7 +228,7 @@ async fn exchange(
         if have.manifest_bytes > 0 {
             remember_tree(d, &params.run, remote);
         }
-        return Ok((delta, None));
+        return Ok((delta, None, have.manifest_bytes));
     }
     let blob = codec::encode_blob(&delta)
         .map_err(|e| UserError::new(ErrorCode::Internal, format!("encoding the delta: {e}")))?;
@@ -280,7 +285,7 @@ async fn exchange(
         .resolve("sync again"));
     }
     remember_tree(d, &params.run, local.clone());
-    Ok((delta, applied.restarted_pid))
+    Ok((delta, applied.restarted_pid, have.manifest_bytes))
 }
 
 fn snapshot(sent: &Sent, summary: &Summary) -> Progress {
