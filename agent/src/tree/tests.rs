@@ -198,7 +198,7 @@ fn an_interrupted_apply_is_finished_on_open() {
     ];
     sync(dir.path(), &v1);
     let (local, content) = manifest(&v2);
-    let mut tree = Tree::open(dir.path(), false).expect("opens");
+    let tree = Tree::open(dir.path(), false).expect("opens");
     let delta = plan(&local, tree.manifest());
     let (bytes, n) = stream(&delta, &content);
     // Everything up to the journal, then only the first change: the agent "dies" there.
