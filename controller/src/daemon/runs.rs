@@ -278,8 +278,12 @@ pub(super) async fn terminate_now(d: &Arc<Daemon>, name: &InstanceName) {
     {
         tracing::error!("recording {name} as terminated failed: {e:#}");
     }
-    // Runs that never reported their end are over with their instance.
+    // Runs that never reported their end are over with their instance, and their trees
+    // are gone with it.
     if let Ok(rows) = d.db.runs_on(name) {
+        for row in &rows {
+            sync::forget_tree(d, &row.id);
+        }
         for row in rows.into_iter().filter(|r| !r.state.is_terminal()) {
             let _ = d.db.set_run_state(
                 &row.id,

@@ -365,7 +365,8 @@ fn remember_tree(d: &Daemon, run: &RunId, manifest: Manifest) {
         .insert(run.clone(), manifest);
 }
 
-fn forget_tree(d: &Daemon, run: &RunId) {
+/// Drops what the daemon remembers of a run's tree (its instance is gone).
+pub(super) fn forget_tree(d: &Daemon, run: &RunId) {
     d.sync.trees.lock().expect("trees").remove(run);
     let _ = std::fs::remove_file(d.home.sync_dir().join(format!("{run}.tree")));
 }
