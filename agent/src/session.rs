@@ -57,7 +57,14 @@ pub async fn connect_and_serve(config: &AgentConfig, runs: &Arc<Runs>) -> anyhow
         }
         .parse()
         .expect("a valid wildcard address");
-        let quic = quinn::Endpoint::client(bind).context("opening a UDP socket")?;
+        let socket = protocol::tls::bind_udp(bind).context("opening a UDP socket")?;
+        let quic = quinn::Endpoint::new(
+            protocol::tls::endpoint_config(quinn::EndpointConfig::default()),
+            None,
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .context("opening a UDP socket")?;
         let identity = match identity::load(&config.state_dir)? {
             Some(identity) => identity,
             None => match identity::enroll(config, &quic, addr).await {
@@ -322,6 +329,7 @@ async fn handle_sync(
     let _held = lock.lock().await;
     let run_dir = runs.run_dir(&open.run);
     let create = open.create;
+    let started = std::time::Instant::now();
     let opened = tokio::task::spawn_blocking(move || {
         let mut tree = Tree::open(&run_dir, create)?;
         tree.refresh()?;
@@ -340,6 +348,7 @@ async fn handle_sync(
             return Ok(());
         }
     };
+    tracing::debug!(run = %open.run, ms = started.elapsed().as_millis() as u64, "tree checked");
     let manifest = if open.known_root == Some(root) {
         Vec::new()
     } else {

@@ -12,7 +12,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use protocol::codec;
-use protocol::delta::{Delta, DeltaError, Op, Source};
+use protocol::delta::{Delta, DeltaError, Op, Source, entry_name};
 use protocol::manifest::{ContentHash, Entry, Manifest, PathError};
 use protocol::{ErrorKind, WireError};
 use serde::{Deserialize, Serialize};
@@ -258,8 +258,10 @@ impl Tree {
 
         stream
             .set_remaining(summary.stream_bytes + TAR_OVERHEAD_BYTES * (summary.stream_files + 2));
+        let started = std::time::Instant::now();
         let received_bytes = self.receive(delta, stream)?;
         self.stage_copies(delta)?;
+        let staged_ms = started.elapsed().as_millis() as u64;
 
         let journal = Journal {
             ops: delta.ops.clone(),
@@ -279,7 +281,15 @@ impl Tree {
             self.refresh()?;
             return Err(e);
         }
+        let swapped_ms = started.elapsed().as_millis() as u64;
         self.finish(journal, true)?;
+        tracing::debug!(
+            staged_ms,
+            swapped_ms,
+            done_ms = started.elapsed().as_millis() as u64,
+            ops = delta.ops.len(),
+            "sync applied"
+        );
         Ok(Applied {
             ops: delta.ops.len() as u64,
             received_bytes,
@@ -321,7 +331,7 @@ impl Tree {
         let mut archive = tar::Archive::new(stream);
         let mut entries = archive.entries().map_err(map)?;
         let mut received = 0;
-        for (hash, size_bytes, path) in delta.stream_order() {
+        for (index, (hash, size_bytes, path)) in delta.stream_order().into_iter().enumerate() {
             let mut entry = entries
                 .next()
                 .ok_or_else(|| SyncError::Stream(format!("it ended before the content of {path}")))?
@@ -333,7 +343,7 @@ impl Tree {
                     "entry {name:?} is a {kind:?} entry; only regular files are accepted"
                 )));
             }
-            if name != hash.to_hex() || entry.size() != size_bytes {
+            if name != entry_name(index) || entry.size() != size_bytes {
                 return Err(SyncError::Stream(format!(
                     "entry {name:?} ({} bytes) is not the content of {path} ({hash}, {size_bytes} bytes)",
                     entry.size()

@@ -283,10 +283,11 @@ fn endpoint(
             .try_into()
             .expect("an HMAC-SHA256 tag has 32 bytes"),
     );
-    let mut config = quinn::EndpointConfig::new(Arc::new(reset_key));
+    let mut config =
+        protocol::tls::endpoint_config(quinn::EndpointConfig::new(Arc::new(reset_key)));
     config.cid_generator(move || {
         Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
     });
-    let socket = std::net::UdpSocket::bind(addr)?;
+    let socket = protocol::tls::bind_udp(addr)?;
     quinn::Endpoint::new(config, Some(server), socket, Arc::new(quinn::TokioRuntime))
 }

@@ -102,6 +102,7 @@ pub async fn sync(
     let started = Instant::now();
     let before = wire_bytes(conn);
     let scan = scan_project(d, &params.root).await?;
+    tracing::debug!(run = %params.run, files = scan.manifest.entries.len(), hashed = scan.hashed_files, ms = started.elapsed().as_millis() as u64, "scanned");
     let known = d
         .sync
         .trees
@@ -266,6 +267,7 @@ async fn exchange(
         }
     };
     progress(snapshot(&sent, &summary));
+    tracing::debug!(run = %params.run, path = ?conn.stats().path, "stream written");
     let written = written.map_err(|e| UserError::new(ErrorCode::Internal, format!("{e}")))?;
     let done: Option<SyncDone> = read_frame(&mut recv).await.map_err(|e| lost(&e))?;
     if let Err(e) = written {

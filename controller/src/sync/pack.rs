@@ -1,5 +1,5 @@
 //! Writes a sync stream: one zstd stream holding the encoded delta and then a tar of the
-//! new content, one entry per distinct hash, named by it. Files are read as they are
+//! new content, one entry per distinct hash, in the delta's stream order. Files are read as they are
 //! written out, never whole in memory, and each is checked against the hash the delta
 //! promises, so a file edited mid-sync fails the sync instead of corrupting the tree.
 
@@ -32,7 +32,7 @@ pub fn write_stream(
     let mut encoder = zstd::stream::write::Encoder::new(out, LEVEL)?;
     encoder.write_all(delta_blob)?;
     let mut tar = tar::Builder::new(encoder);
-    for (hash, size_bytes, path) in delta.stream_order() {
+    for (index, (hash, size_bytes, path)) in delta.stream_order().into_iter().enumerate() {
         let full = root.join(path);
         let file =
             std::fs::File::open(&full).with_context(|| format!("opening {}", full.display()))?;
@@ -46,8 +46,12 @@ pub fn write_stream(
             hasher: blake3::Hasher::new(),
             sent,
         };
-        tar.append_data(&mut header, hash.to_hex(), &mut checked)
-            .with_context(|| format!("sending {path}"))?;
+        tar.append_data(
+            &mut header,
+            protocol::delta::entry_name(index),
+            &mut checked,
+        )
+        .with_context(|| format!("sending {path}"))?;
         if protocol::ContentHash::from(checked.hasher.finalize()) != hash {
             anyhow::bail!("{path} changed while it was being synced; sync again");
         }
