@@ -22,13 +22,17 @@ struct Entry {
     stop: Option<Handle>,
 }
 
+/// A run's tree, open or not, behind the lock its syncs take turns on.
+pub type TreeSlot = Arc<tokio::sync::Mutex<Option<Tree>>>;
+
 #[derive(Debug)]
 pub struct Runs {
     runs_dir: PathBuf,
     data_dir: PathBuf,
     entries: Mutex<HashMap<RunId, Entry>>,
-    /// One lock per run tree: a sync holds it from reading the tree to the swap.
-    trees: Mutex<HashMap<RunId, Arc<tokio::sync::Mutex<()>>>>,
+    /// Per run, its tree (kept open between syncs) behind the lock a sync holds from
+    /// reading the tree to the swap.
+    trees: Mutex<HashMap<RunId, TreeSlot>>,
 }
 
 impl Runs {
@@ -102,8 +106,8 @@ impl Runs {
         self.runs_dir.join(run.as_str())
     }
 
-    /// The lock a sync of `run`'s tree holds.
-    pub fn tree_lock(&self, run: &RunId) -> Arc<tokio::sync::Mutex<()>> {
+    /// The run's tree slot: lock it to sync; it holds the tree if one is open.
+    pub fn tree_slot(&self, run: &RunId) -> TreeSlot {
         self.trees
             .lock()
             .expect("tree locks are never poisoned")

@@ -325,13 +325,19 @@ async fn handle_sync(
     send: &mut quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) -> anyhow::Result<()> {
-    let lock = runs.tree_lock(&open.run);
-    let _held = lock.lock().await;
+    let slot = runs.tree_slot(&open.run);
+    // Held to the end: syncs of one run take turns. The tree stays open between syncs;
+    // one cut off midway is simply opened from disk again next time.
+    let mut held = slot.lock().await;
+    let cached = held.take();
     let run_dir = runs.run_dir(&open.run);
     let create = open.create;
     let started = std::time::Instant::now();
     let opened = tokio::task::spawn_blocking(move || {
-        let mut tree = Tree::open(&run_dir, create)?;
+        let mut tree = match cached {
+            Some(tree) => tree,
+            None => Tree::open(&run_dir, create)?,
+        };
         tree.refresh()?;
         let root = tree.manifest().root();
         Ok::<_, tree::SyncError>((tree, root))
@@ -365,7 +371,10 @@ async fn handle_sync(
         .await?
         .context("the controller ended the sync stream early")?;
     let (delta_bytes, restart_grace_ms) = match go {
-        SyncGo::Cancel => return Ok(()),
+        SyncGo::Cancel => {
+            *held = Some(tree);
+            return Ok(());
+        }
         SyncGo::Apply {
             delta_bytes,
             restart_grace_ms,
@@ -374,19 +383,21 @@ async fn handle_sync(
     let run = open.run.clone();
     let runs2 = runs.clone();
     let rt = tokio::runtime::Handle::current();
-    let (applied, recv) = tokio::task::spawn_blocking(move || {
+    let (applied, recv, tree) = tokio::task::spawn_blocking(move || {
         let mut bridge = tokio_util::io::SyncIoBridge::new_with_handle(recv, rt);
         let applied = tree::apply_stream(
             &mut tree,
             std::io::BufReader::with_capacity(256 * 1024, &mut bridge),
             delta_bytes,
             tree::DEFAULT_MAX_SYNC_BYTES,
+            runs2.process_group(&run).is_some(),
             || runs2.process_group(&run).map(supervisor::freeze),
         )
         .map(|_| tree.manifest().root());
-        (applied, bridge.into_inner())
+        (applied, bridge.into_inner(), tree)
     })
     .await?;
+    *held = Some(tree);
     let result = match applied {
         Err(e) => {
             tracing::warn!(run = %open.run, "sync refused or failed: {e}");

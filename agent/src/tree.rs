@@ -233,12 +233,14 @@ impl Tree {
     }
 
     /// Applies a sync stream: `stream` is the decompressed stream after the delta header,
-    /// i.e. the tar of new content. `freeze` stops the training process for the swap.
+    /// i.e. the tar of new content. `freeze` stops the training process for the swap;
+    /// `running` says whether there is one.
     pub fn apply<F, G>(
         &mut self,
         delta: &Delta,
         stream: &mut Limited<impl Read>,
         max_bytes: u64,
+        running: bool,
         freeze: F,
     ) -> Result<Applied, SyncError>
     where
@@ -251,16 +253,21 @@ impl Tree {
                 limit_bytes: max_bytes,
             });
         }
+        stream
+            .set_remaining(summary.stream_bytes + TAR_OVERHEAD_BYTES * (summary.stream_files + 2));
+        if !running && self.is_empty() {
+            return self.apply_fresh(delta, next, stream);
+        }
         self.check_conflicts(delta)?;
         let staging = self.staging();
         let _ = fs::remove_dir_all(&staging);
         fs::create_dir_all(&staging).map_err(io_err(format!("creating {}", staging.display())))?;
-
-        stream
-            .set_remaining(summary.stream_bytes + TAR_OVERHEAD_BYTES * (summary.stream_files + 2));
         let started = std::time::Instant::now();
-        let received_bytes = self.receive(delta, stream)?;
-        self.stage_copies(delta)?;
+        let mut staged = Staged::new(delta);
+        let received_bytes = self.receive(delta, stream, &mut staged, &|hash, _| {
+            staging.join(hash.to_hex())
+        })?;
+        self.stage_copies(delta, &mut staged)?;
         let staged_ms = started.elapsed().as_millis() as u64;
 
         let journal = Journal {
@@ -273,16 +280,19 @@ impl Tree {
         )?;
         let executed = {
             let _frozen = freeze();
-            execute(&self.work(), &staging, &journal.ops)
+            execute(&self.work(), &staging, &journal.ops, &staged.stats)
         };
-        if let Err(e) = executed {
-            // Part applied: make the manifest true to disk, so the next sync repairs it.
-            self.finish(journal, false)?;
-            self.refresh()?;
-            return Err(e);
-        }
+        let placed = match executed {
+            Ok(placed) => placed,
+            Err(e) => {
+                // Part applied: make the manifest true to disk, so the next sync repairs it.
+                self.finish(journal, None)?;
+                self.refresh()?;
+                return Err(e);
+            }
+        };
         let swapped_ms = started.elapsed().as_millis() as u64;
-        self.finish(journal, true)?;
+        self.finish(journal, Some(placed))?;
         tracing::debug!(
             staged_ms,
             swapped_ms,
@@ -294,6 +304,114 @@ impl Tree {
             ops: delta.ops.len() as u64,
             received_bytes,
         })
+    }
+
+    /// Whether the tree holds nothing at all, synced or not.
+    fn is_empty(&self) -> bool {
+        self.state.manifest.entries.is_empty()
+            && fs::read_dir(self.work()).is_ok_and(|mut d| d.next().is_none())
+    }
+
+    /// The first sync of a tree, with no process to disturb: the whole tree is built
+    /// beside the empty one, each file written straight to its place, and then renamed
+    /// over it in one step. Nothing to journal: until that rename the old (empty) tree
+    /// stands, and a leftover half-built tree is removed on the next attempt.
+    fn apply_fresh(
+        &mut self,
+        delta: &Delta,
+        next: Manifest,
+        stream: &mut Limited<impl Read>,
+    ) -> Result<Applied, SyncError> {
+        let started = std::time::Instant::now();
+        let new = self.run_dir.join("work.new");
+        let _ = fs::remove_dir_all(&new);
+        fs::create_dir_all(&new).map_err(io_err(format!("creating {}", new.display())))?;
+        let built = self.build_fresh(delta, stream, &new);
+        let placed = match built {
+            Ok(placed) => placed,
+            Err(e) => {
+                let _ = fs::remove_dir_all(&new);
+                return Err(e);
+            }
+        };
+        fs::rename(&new, self.work()).map_err(io_err("putting the new tree in place"))?;
+        let received_bytes = delta.summary().stream_bytes;
+        let journal = Journal {
+            ops: Vec::new(),
+            manifest: next,
+        };
+        self.state.stats = placed;
+        self.finish(journal, Some(HashMap::new()))?;
+        tracing::debug!(
+            done_ms = started.elapsed().as_millis() as u64,
+            ops = delta.ops.len(),
+            "fresh tree built"
+        );
+        Ok(Applied {
+            ops: delta.ops.len() as u64,
+            received_bytes,
+        })
+    }
+
+    fn build_fresh(
+        &self,
+        delta: &Delta,
+        stream: &mut Limited<impl Read>,
+        new: &Path,
+    ) -> Result<BTreeMap<String, FileStat>, SyncError> {
+        for op in &delta.ops {
+            match op {
+                Op::Mkdir { path } => fs::create_dir_all(new.join(path))
+                    .map_err(io_err(format!("creating {path}")))?,
+                Op::Symlink { path, target } => {
+                    let full = new.join(path);
+                    ensure_parent(&full)
+                        .map_err(io_err(format!("creating the parent of {path}")))?;
+                    std::os::unix::fs::symlink(target, &full)
+                        .map_err(io_err(format!("linking {path}")))?;
+                }
+                // Nothing to delete or re-mode in an empty tree; writes come below.
+                Op::Delete { .. } | Op::Chmod { .. } | Op::Write { .. } => {}
+            }
+        }
+        let mut staged = Staged::new(delta);
+        self.receive(delta, stream, &mut staged, &|_, path| new.join(path))?;
+        // Each distinct content was written to its first path; the others get copies.
+        let mut first: HashMap<ContentHash, &str> = HashMap::new();
+        for (hash, _, path) in delta.stream_order() {
+            first.insert(hash, path);
+        }
+        let mut stats = BTreeMap::new();
+        for op in &delta.ops {
+            let Op::Write {
+                path,
+                hash,
+                executable,
+                ..
+            } = op
+            else {
+                continue;
+            };
+            let Some(from) = first.get(hash) else {
+                // A copy source on an empty tree: `apply_to` refuses those already.
+                return Err(SyncError::Stream(format!("no content for {path}")));
+            };
+            let full = new.join(path);
+            if *from == path.as_str() {
+                if let Some(stat) = staged.stats.get(hash) {
+                    stats.insert(path.clone(), *stat);
+                }
+                continue;
+            }
+            ensure_parent(&full).map_err(io_err(format!("creating the parent of {path}")))?;
+            fs::copy(new.join(from), &full).map_err(io_err(format!("writing {path}")))?;
+            fs::set_permissions(&full, fs::Permissions::from_mode(file_mode(*executable)))
+                .map_err(io_err(format!("writing {path}")))?;
+            if let Ok(meta) = fs::metadata(&full) {
+                stats.insert(path.clone(), FileStat::of(&meta));
+            }
+        }
+        Ok(stats)
     }
 
     /// Refuses, before anything is touched, a file or symlink that would replace a
@@ -314,8 +432,15 @@ impl Tree {
         Ok(())
     }
 
-    /// Reads the content tar into staging, one verified file per distinct hash.
-    fn receive(&self, delta: &Delta, stream: &mut Limited<impl Read>) -> Result<u64, SyncError> {
+    /// Reads the content tar, writing the content for (hash, first path) to `dest`'s
+    /// answer and verifying it there.
+    fn receive(
+        &self,
+        delta: &Delta,
+        stream: &mut Limited<impl Read>,
+        staged: &mut Staged,
+        dest: &dyn Fn(&ContentHash, &str) -> PathBuf,
+    ) -> Result<u64, SyncError> {
         let exceeded = stream.exceeded.clone();
         let limit = stream.remaining;
         let map = |e: io::Error| {
@@ -349,15 +474,15 @@ impl Tree {
                     entry.size()
                 )));
             }
-            let staged = self.staging().join(hash.to_hex());
-            let got = copy_hashed(&mut entry, &staged).map_err(|e| match e {
+            let to = dest(&hash, path);
+            let got = staged.put(&mut entry, &to, hash).map_err(|e| match e {
                 SyncError::Io { source, .. } => map(source),
                 other => other,
             })?;
             if got != hash {
-                let _ = fs::remove_file(&staged);
+                let _ = fs::remove_file(&to);
                 return Err(SyncError::Stream(format!(
-                    "the content sent for {path} does not match its hash"
+                    "the content sent for {path} does not match its hash (edited during the sync? sync again)"
                 )));
             }
             received += size_bytes;
@@ -374,7 +499,7 @@ impl Tree {
     }
 
     /// Stages content the agent already has (moved or copied files), verifying it.
-    fn stage_copies(&self, delta: &Delta) -> Result<(), SyncError> {
+    fn stage_copies(&self, delta: &Delta, staged: &mut Staged) -> Result<(), SyncError> {
         for op in &delta.ops {
             let Op::Write {
                 hash,
@@ -384,14 +509,14 @@ impl Tree {
             else {
                 continue;
             };
-            let staged = self.staging().join(hash.to_hex());
-            if staged.exists() {
+            if staged.stats.contains_key(hash) {
                 continue;
             }
+            let to = self.staging().join(hash.to_hex());
             let src = self.work().join(from);
             let mut file = fs::File::open(&src).map_err(io_err(format!("opening {from}")))?;
-            if copy_hashed(&mut file, &staged)? != *hash {
-                let _ = fs::remove_file(&staged);
+            if staged.put(&mut file, &to, *hash)? != *hash {
+                let _ = fs::remove_file(&to);
                 return Err(SyncError::Changed { path: from.clone() });
             }
         }
@@ -399,21 +524,28 @@ impl Tree {
     }
 
     /// Records the journal's manifest as the tree's and clears the journal and staging.
-    /// With `complete`, the files just placed are recorded with their stats; otherwise
-    /// they get none, so the next refresh checks each against disk.
-    fn finish(&mut self, journal: Journal, complete: bool) -> Result<(), SyncError> {
+    /// With `placed` (the apply completed), files keep the stats they were placed with;
+    /// otherwise the journal's paths get none, so the next refresh checks each on disk.
+    fn finish(
+        &mut self,
+        journal: Journal,
+        placed: Option<HashMap<String, FileStat>>,
+    ) -> Result<(), SyncError> {
         let work = self.work();
         for op in &journal.ops {
             let path = op.path();
             self.state.stats.remove(path);
-            if complete
-                && let Op::Write { .. } | Op::Chmod { .. } = op
-                && let Ok(meta) = fs::symlink_metadata(work.join(path))
-                && meta.is_file()
-            {
-                self.state
-                    .stats
-                    .insert(path.to_owned(), FileStat::of(&meta));
+            let Some(placed) = &placed else { continue };
+            let stat = match op {
+                Op::Write { .. } => placed.get(path).copied(),
+                Op::Chmod { .. } => fs::symlink_metadata(work.join(path))
+                    .ok()
+                    .filter(fs::Metadata::is_file)
+                    .map(|m| FileStat::of(&m)),
+                _ => None,
+            };
+            if let Some(stat) = stat {
+                self.state.stats.insert(path.to_owned(), stat);
             }
         }
         self.state
@@ -448,10 +580,10 @@ impl Tree {
             self.run_dir.display(),
             journal.ops.len()
         );
-        if let Err(e) = execute(&self.work(), &self.staging(), &journal.ops) {
+        if let Err(e) = execute(&self.work(), &self.staging(), &journal.ops, &HashMap::new()) {
             tracing::warn!("finishing the interrupted sync failed ({e}); the next sync repairs it");
         }
-        self.finish(journal, false)?;
+        self.finish(journal, None)?;
         self.refresh()
     }
 
@@ -463,14 +595,21 @@ impl Tree {
 }
 
 /// Makes the journal's changes. Every step can be repeated, so an interrupted run of this
-/// is completed by running it again.
-fn execute(work: &Path, staging: &Path, ops: &[Op]) -> Result<(), SyncError> {
+/// is completed by running it again. Staged files already carry their final mode (see
+/// `Staged`), so placing one is a single rename. Returns the stats of the files placed.
+fn execute(
+    work: &Path,
+    staging: &Path,
+    ops: &[Op],
+    staged_stats: &HashMap<ContentHash, FileStat>,
+) -> Result<HashMap<String, FileStat>, SyncError> {
     let mut uses: HashMap<ContentHash, usize> = HashMap::new();
     for op in ops {
         if let Op::Write { hash, .. } = op {
             *uses.entry(*hash).or_default() += 1;
         }
     }
+    let mut placed = HashMap::new();
     for op in ops {
         let full = work.join(op.path());
         match op {
@@ -488,11 +627,13 @@ fn execute(work: &Path, staging: &Path, ops: &[Op]) -> Result<(), SyncError> {
                 },
                 Ok(_) => remove_file(&full).map_err(io_err(format!("deleting {path}")))?,
             },
-            Op::Mkdir { path } => match fs::symlink_metadata(&full) {
-                Ok(meta) if meta.is_dir() => {}
-                Ok(_) => {
-                    remove_file(&full).map_err(io_err(format!("replacing {path}")))?;
-                    fs::create_dir(&full).map_err(io_err(format!("creating {path}")))?;
+            Op::Mkdir { path } => match fs::create_dir(&full) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                    if !fs::symlink_metadata(&full).is_ok_and(|m| m.is_dir()) {
+                        remove_file(&full).map_err(io_err(format!("replacing {path}")))?;
+                        fs::create_dir(&full).map_err(io_err(format!("creating {path}")))?;
+                    }
                 }
                 Err(_) => fs::create_dir_all(&full).map_err(io_err(format!("creating {path}")))?,
             },
@@ -505,35 +646,53 @@ fn execute(work: &Path, staging: &Path, ops: &[Op]) -> Result<(), SyncError> {
                 let left = uses.get_mut(hash).expect("counted above");
                 *left -= 1;
                 let staged = staging.join(hash.to_hex());
-                if !staged.exists() {
-                    continue; // placed before an interruption
-                }
-                let place = io_err(format!("placing {path}"));
-                ensure_parent(&full).map_err(io_err(format!("creating the parent of {path}")))?;
-                if fs::symlink_metadata(&full).is_ok_and(|m| m.is_dir()) {
-                    return Err(SyncError::Conflict { path: path.clone() });
-                }
-                let mode = fs::Permissions::from_mode(file_mode(*executable));
                 if *left > 0 {
+                    if !staged.exists() {
+                        continue; // placed before an interruption
+                    }
+                    // Not the last use: place a copy, with this path's own mode.
                     let tmp = sibling_tmp(&full);
+                    ensure_parent(&full)
+                        .map_err(io_err(format!("creating the parent of {path}")))?;
                     fs::copy(&staged, &tmp).map_err(io_err(format!("placing {path}")))?;
+                    let mode = fs::Permissions::from_mode(file_mode(*executable));
                     fs::set_permissions(&tmp, mode).map_err(io_err(format!("placing {path}")))?;
-                    fs::rename(&tmp, &full).map_err(place)?;
-                } else {
-                    fs::set_permissions(&staged, mode)
-                        .map_err(io_err(format!("placing {path}")))?;
-                    fs::rename(&staged, &full).map_err(place)?;
+                    let stat = fs::metadata(&tmp).map(|m| FileStat::of(&m));
+                    place(&tmp, &full, path)?;
+                    if let Ok(stat) = stat {
+                        placed.insert(path.clone(), stat);
+                    }
+                    continue;
+                }
+                match place(&staged, &full, path) {
+                    Ok(()) => {}
+                    Err(SyncError::Io { source, .. })
+                        if source.kind() == io::ErrorKind::NotFound && !staged.exists() =>
+                    {
+                        continue; // placed before an interruption
+                    }
+                    Err(SyncError::Io { source, .. })
+                        if source.kind() == io::ErrorKind::NotFound =>
+                    {
+                        ensure_parent(&full)
+                            .map_err(io_err(format!("creating the parent of {path}")))?;
+                        place(&staged, &full, path)?;
+                    }
+                    Err(e) => return Err(e),
+                }
+                if let Some(stat) = staged_stats.get(hash) {
+                    placed.insert(path.clone(), *stat);
                 }
             }
             Op::Symlink { path, target } => {
                 ensure_parent(&full).map_err(io_err(format!("creating the parent of {path}")))?;
-                if fs::symlink_metadata(&full).is_ok_and(|m| m.is_dir()) {
-                    return Err(SyncError::Conflict { path: path.clone() });
-                }
                 let tmp = sibling_tmp(&full);
                 std::os::unix::fs::symlink(target, &tmp)
                     .map_err(io_err(format!("linking {path}")))?;
-                fs::rename(&tmp, &full).map_err(io_err(format!("linking {path}")))?;
+                if let Err(e) = place(&tmp, &full, path) {
+                    let _ = fs::remove_file(&tmp);
+                    return Err(e);
+                }
             }
             Op::Chmod { path, executable } => {
                 fs::set_permissions(&full, fs::Permissions::from_mode(file_mode(*executable)))
@@ -541,7 +700,80 @@ fn execute(work: &Path, staging: &Path, ops: &[Op]) -> Result<(), SyncError> {
             }
         }
     }
-    Ok(())
+    Ok(placed)
+}
+
+/// Renames `from` over the tree path `full`; a directory there is a conflict (it can only
+/// be one holding files the sync did not create: synced ones were deleted first).
+fn place(from: &Path, full: &Path, path: &str) -> Result<(), SyncError> {
+    match fs::rename(from, full) {
+        Ok(()) => Ok(()),
+        Err(e)
+            if e.kind() == io::ErrorKind::IsADirectory
+                || e.kind() == io::ErrorKind::DirectoryNotEmpty =>
+        {
+            Err(SyncError::Conflict {
+                path: path.to_owned(),
+            })
+        }
+        Err(e) => Err(io_err(format!("placing {path}"))(e)),
+    }
+}
+
+/// Content staged for an apply, one file per distinct hash, each already given the mode
+/// of the last path it will be renamed to; one copy buffer for them all.
+struct Staged {
+    modes: HashMap<ContentHash, bool>,
+    stats: HashMap<ContentHash, FileStat>,
+    buf: Vec<u8>,
+}
+
+impl Staged {
+    fn new(delta: &Delta) -> Self {
+        let mut modes = HashMap::new();
+        for op in &delta.ops {
+            if let Op::Write {
+                hash, executable, ..
+            } = op
+            {
+                modes.insert(*hash, *executable);
+            }
+        }
+        Staged {
+            modes,
+            stats: HashMap::new(),
+            buf: vec![0u8; 256 * 1024],
+        }
+    }
+
+    /// Copies `from` into a new staged file at `to`, returning the content's hash.
+    fn put(
+        &mut self,
+        from: &mut impl Read,
+        to: &Path,
+        hash: ContentHash,
+    ) -> Result<ContentHash, SyncError> {
+        let mut out = fs::File::create(to).map_err(io_err(format!("creating {}", to.display())))?;
+        let mut hasher = blake3::Hasher::new();
+        loop {
+            let n = match from.read(&mut self.buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(io_err("reading content")(e)),
+            };
+            hasher.update(&self.buf[..n]);
+            out.write_all(&self.buf[..n])
+                .map_err(io_err(format!("writing {}", to.display())))?;
+        }
+        let executable = self.modes.get(&hash).copied().unwrap_or(false);
+        out.set_permissions(fs::Permissions::from_mode(file_mode(executable)))
+            .map_err(io_err(format!("writing {}", to.display())))?;
+        if let Ok(meta) = out.metadata() {
+            self.stats.insert(hash, FileStat::of(&meta));
+        }
+        Ok(hasher.finalize().into())
+    }
 }
 
 fn remove_file(path: &Path) -> io::Result<()> {
@@ -608,25 +840,6 @@ pub fn hash_file(path: &Path) -> Result<ContentHash, SyncError> {
     Ok(hasher.finalize().into())
 }
 
-/// Copies `from` into a new file at `to`, returning the content's hash.
-fn copy_hashed(from: &mut impl Read, to: &Path) -> Result<ContentHash, SyncError> {
-    let mut out = fs::File::create(to).map_err(io_err(format!("creating {}", to.display())))?;
-    let mut hasher = blake3::Hasher::new();
-    let mut buf = vec![0u8; 256 * 1024];
-    loop {
-        let n = match from.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(io_err("reading content")(e)),
-        };
-        hasher.update(&buf[..n]);
-        out.write_all(&buf[..n])
-            .map_err(io_err(format!("writing {}", to.display())))?;
-    }
-    Ok(hasher.finalize().into())
-}
-
 fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), SyncError> {
     let tmp = path.with_extension("tmp");
     let write = || -> io::Result<()> {
@@ -682,6 +895,7 @@ pub fn apply_stream<F, G>(
     compressed: impl Read,
     delta_bytes: u64,
     max_bytes: u64,
+    running: bool,
     freeze: F,
 ) -> Result<Applied, SyncError>
 where
@@ -701,7 +915,7 @@ where
         .map_err(io_err("reading the delta"))?;
     let delta: Delta =
         codec::decode_blob(&header).map_err(|e| SyncError::Stream(format!("bad delta: {e}")))?;
-    tree.apply(&delta, &mut stream, max_bytes, freeze)
+    tree.apply(&delta, &mut stream, max_bytes, running, freeze)
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 
-use crate::manifest::{ContentHash, Entry, Manifest, PathError, check_path, check_symlink};
+use crate::manifest::{ContentHash, Entry, Manifest, PathError, check_path, check_symlink, parent};
 
 /// Where a written file's content comes from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -86,6 +86,10 @@ pub enum DeltaError {
     /// Applying the ops does not give the tree the delta names.
     #[error("the delta does not produce the tree it names")]
     WrongTarget,
+    /// A path whose parent is not a directory of the tree: writing it would go through a
+    /// symlink (possibly out of the tree).
+    #[error("refused path {path:?}: its parent is not a directory in the tree")]
+    NotUnderDir { path: String },
 }
 
 /// How many of each change a delta holds, and how much content must travel.
@@ -302,6 +306,15 @@ impl Delta {
             }
         }
         let result = Manifest { entries };
+        // Every parent must be a real directory: a path through a symlink could lead
+        // anywhere, whatever its text says.
+        for path in result.entries.keys() {
+            if let Some(parent) = parent(path)
+                && !matches!(result.entries.get(parent), Some(Entry::Dir))
+            {
+                return Err(DeltaError::NotUnderDir { path: path.clone() });
+            }
+        }
         if result.root() != self.target {
             return Err(DeltaError::WrongTarget);
         }
@@ -473,6 +486,28 @@ mod tests {
         assert!(matches!(
             hostile(copy).apply_to(&base),
             Err(DeltaError::BadCopy { .. })
+        ));
+        // Through a symlink: `l -> d` is inside, but `l/x` would be written via the link.
+        let through = Delta {
+            base: base.root(),
+            target: base.root(),
+            ops: vec![
+                Op::Mkdir { path: "d".into() },
+                Op::Symlink {
+                    path: "l".into(),
+                    target: "d".into(),
+                },
+                write("l/x"),
+            ],
+        };
+        assert!(matches!(
+            through.apply_to(&base),
+            Err(DeltaError::NotUnderDir { .. })
+        ));
+        // A parent that is not in the tree at all.
+        assert!(matches!(
+            hostile(write("nodir/x")).apply_to(&base),
+            Err(DeltaError::NotUnderDir { .. })
         ));
         let mut stale = hostile(write("a"));
         stale.base = ContentHash::of(b"another tree");

@@ -208,6 +208,17 @@ async fn hostile_sync_streams_are_refused_over_the_wire() {
         "points outside",
     );
 
+    let through = vec![
+        Op::Mkdir { path: "d".into() },
+        Op::Symlink {
+            path: "l".into(),
+            target: "d".into(),
+        },
+        write_op("l/evil", data),
+    ];
+    let done = h.sync(through, entry.clone(), None).await;
+    check(&done, "its parent is not a directory");
+
     let device = tar_entry("0", tar::EntryType::Char, b"");
     let done = h.sync(vec![write_op("evil", data)], device, None).await;
     check(&done, "only regular files");

@@ -101,8 +101,6 @@ pub async fn sync(
     let _turn = lock.lock().await;
     let started = Instant::now();
     let before = wire_bytes(conn);
-    let scan = scan_project(d, &params.root).await?;
-    tracing::debug!(run = %params.run, files = scan.manifest.entries.len(), hashed = scan.hashed_files, ms = started.elapsed().as_millis() as u64, "scanned");
     let known = d
         .sync
         .trees
@@ -110,8 +108,15 @@ pub async fn sync(
         .expect("trees")
         .get(&params.run)
         .cloned();
-    let result = exchange(d, conn, &params, &scan.manifest, known, &mut progress).await;
-    let (delta, restarted_pid, agent_manifest_bytes) = match result {
+    let scan = async {
+        let scan = scan_project(d, &params.root).await;
+        if let Ok(scan) = &scan {
+            tracing::debug!(run = %params.run, files = scan.manifest.entries.len(), hashed = scan.hashed_files, ms = started.elapsed().as_millis() as u64, "scanned");
+        }
+        scan
+    };
+    let result = exchange(d, conn, &params, scan, known, &mut progress).await;
+    let (scan, delta, restarted_pid, agent_manifest_bytes) = match result {
         Ok(done) => done,
         Err(e) => {
             // Whatever the agent has now, learn it afresh next time.
@@ -169,7 +174,10 @@ async fn scan_project(d: &Arc<Daemon>, root: &Path) -> Result<scan::Scan, UserEr
         ))
     })?;
     if scanned.hashed_files > 0 {
-        save_cache(&d.home.sync_dir(), root, &cache);
+        // Off the sync's path: losing it costs only a re-hash.
+        let (dir, root2, copy) = (d.home.sync_dir(), root.to_owned(), cache.clone());
+        d.tasks
+            .spawn_blocking(move || save_cache(&dir, &root2, &copy));
     }
     d.sync
         .caches
@@ -179,16 +187,17 @@ async fn scan_project(d: &Arc<Daemon>, root: &Path) -> Result<scan::Scan, UserEr
     Ok(scanned)
 }
 
-/// The exchange on one stream. Returns the delta that was (or, dry, would be) applied,
-/// the restarted process, and the size of the manifest the agent sent.
+/// The exchange on one stream. The project is scanned while the agent checks its tree.
+/// Returns the scan, the delta that was (or, dry, would be) applied, the restarted
+/// process, and the size of the manifest the agent sent.
 async fn exchange(
     d: &Arc<Daemon>,
     conn: &quinn::Connection,
     params: &Params,
-    local: &Manifest,
+    scan: impl Future<Output = Result<scan::Scan, UserError>>,
     known: Option<Manifest>,
     progress: &mut impl FnMut(Progress),
-) -> Result<(Delta, Option<u32>, u64), UserError> {
+) -> Result<(scan::Scan, Delta, Option<u32>, u64), UserError> {
     let lost = |e: &dyn std::fmt::Display| {
         UserError::new(
             ErrorCode::Agent,
@@ -205,10 +214,20 @@ async fn exchange(
     write_frame(&mut send, &BulkOpen::Sync(open))
         .await
         .map_err(|e| lost(&e))?;
+    let scanned = scan.await;
     let have: SyncHave = read_frame(&mut recv)
         .await
         .map_err(|e| lost(&e))?
         .ok_or_else(|| lost(&"the agent closed the stream"))?;
+    let scanned = match scanned {
+        Ok(scanned) => scanned,
+        Err(e) => {
+            let _ = write_frame(&mut send, &SyncGo::Cancel).await;
+            let _ = send.finish();
+            return Err(e);
+        }
+    };
+    let local = &scanned.manifest;
     let root = have.root.map_err(|e| refused(&params.run, e))?;
     let remote = if have.manifest_bytes == 0 {
         known.filter(|k| k.root() == root).ok_or_else(|| {
@@ -229,7 +248,7 @@ async fn exchange(
         if have.manifest_bytes > 0 {
             remember_tree(d, &params.run, remote);
         }
-        return Ok((delta, None, have.manifest_bytes));
+        return Ok((scanned, delta, None, have.manifest_bytes));
     }
     let blob = codec::encode_blob(&delta)
         .map_err(|e| UserError::new(ErrorCode::Internal, format!("encoding the delta: {e}")))?;
@@ -287,7 +306,7 @@ async fn exchange(
         .resolve("sync again"));
     }
     remember_tree(d, &params.run, local.clone());
-    Ok((delta, applied.restarted_pid, have.manifest_bytes))
+    Ok((scanned, delta, applied.restarted_pid, have.manifest_bytes))
 }
 
 fn snapshot(sent: &Sent, summary: &Summary) -> Progress {
@@ -429,7 +448,7 @@ fn read_blob<T: serde::de::DeserializeOwned>(path: &Path) -> Option<T> {
 fn write_blob<T: Serialize>(path: &Path, value: &T) -> anyhow::Result<()> {
     std::fs::create_dir_all(path.parent().expect("a file in a dir"))?;
     let blob = zstd::bulk::compress(&codec::encode_blob(value)?, 1)?;
-    let tmp = path.with_extension("tmp");
+    let tmp = path.with_extension(format!("tmp-{:016x}", rand::random::<u64>()));
     std::fs::write(&tmp, blob)?;
     std::fs::rename(&tmp, path)?;
     Ok(())

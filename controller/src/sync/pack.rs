@@ -1,7 +1,8 @@
 //! Writes a sync stream: one zstd stream holding the encoded delta and then a tar of the
-//! new content, one entry per distinct hash, in the delta's stream order. Files are read as they are
-//! written out, never whole in memory, and each is checked against the hash the delta
-//! promises, so a file edited mid-sync fails the sync instead of corrupting the tree.
+//! new content, one entry per distinct hash, in the delta's stream order. Files are read
+//! as they are written out, never whole in memory. A file edited between the scan and now
+//! no longer has the hash the delta promises: the agent's check of every entry refuses
+//! the sync (its tree untouched), so it is not hashed a second time here.
 
 use std::io::{self, Read, Write};
 use std::path::Path;
@@ -32,7 +33,7 @@ pub fn write_stream(
     let mut encoder = zstd::stream::write::Encoder::new(out, LEVEL)?;
     encoder.write_all(delta_blob)?;
     let mut tar = tar::Builder::new(encoder);
-    for (index, (hash, size_bytes, path)) in delta.stream_order().into_iter().enumerate() {
+    for (index, (_, size_bytes, path)) in delta.stream_order().into_iter().enumerate() {
         let full = root.join(path);
         let file =
             std::fs::File::open(&full).with_context(|| format!("opening {}", full.display()))?;
@@ -40,36 +41,27 @@ pub fn write_stream(
         header.set_size(size_bytes);
         header.set_mode(0o644);
         header.set_entry_type(tar::EntryType::Regular);
-        let mut checked = Checked {
+        let mut exact = Exact {
             inner: file.take(size_bytes),
             remaining: size_bytes,
-            hasher: blake3::Hasher::new(),
             sent,
         };
-        tar.append_data(
-            &mut header,
-            protocol::delta::entry_name(index),
-            &mut checked,
-        )
-        .with_context(|| format!("sending {path}"))?;
-        if protocol::ContentHash::from(checked.hasher.finalize()) != hash {
-            anyhow::bail!("{path} changed while it was being synced; sync again");
-        }
+        tar.append_data(&mut header, protocol::delta::entry_name(index), &mut exact)
+            .with_context(|| format!("sending {path}"))?;
         sent.files.fetch_add(1, Ordering::Relaxed);
     }
     tar.into_inner()?.finish()?.flush()?;
     Ok(())
 }
 
-/// Yields exactly `remaining` bytes, hashing them, or fails if the file shrank.
-struct Checked<'a, R> {
+/// Yields exactly `remaining` bytes, counting them, or fails if the file shrank.
+struct Exact<'a, R> {
     inner: R,
     remaining: u64,
-    hasher: blake3::Hasher,
     sent: &'a Sent,
 }
 
-impl<R: Read> Read for Checked<'_, R> {
+impl<R: Read> Read for Exact<'_, R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         if self.remaining == 0 {
             return Ok(0);
@@ -81,7 +73,6 @@ impl<R: Read> Read for Checked<'_, R> {
                 "the file shrank while it was being synced",
             ));
         }
-        self.hasher.update(&buf[..n]);
         self.remaining -= n as u64;
         self.sent.bytes.fetch_add(n as u64, Ordering::Relaxed);
         Ok(n)

@@ -6,7 +6,9 @@
 
 use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
@@ -62,6 +64,9 @@ fn scan_at(
     let started_ns = ns(now);
     let mut out = Scan::default();
     let mut next = HashMap::with_capacity(cache.files.len());
+    let racy_ns = RACY_WINDOW.as_nanos() as i64;
+    // Files the cache cannot vouch for: hashed after the walk, in parallel.
+    let mut to_hash: Vec<(String, PathBuf, Cached, bool)> = Vec::new();
     let walk = ignore::WalkBuilder::new(root)
         .hidden(false)
         .git_ignore(true)
@@ -118,27 +123,27 @@ fn scan_at(
                 ino: meta.ino(),
                 hash: ContentHash([0; 32]),
             };
-            let hash = match cache.files.get(rel) {
+            let executable = meta.mode() & 0o100 != 0;
+            match cache.files.get(rel) {
                 Some(c)
                     if Cached {
                         hash: c.hash,
                         ..stat
                     } == *c =>
                 {
-                    c.hash
+                    if started_ns - stat.mtime_ns.max(stat.ctime_ns) > racy_ns {
+                        next.insert(rel.to_owned(), *c);
+                    }
+                    Entry::File {
+                        hash: c.hash,
+                        size_bytes: stat.size_bytes,
+                        executable,
+                    }
                 }
                 _ => {
-                    out.hashed_files += 1;
-                    hash_file(entry.path())?
+                    to_hash.push((rel.to_owned(), entry.into_path(), stat, executable));
+                    continue;
                 }
-            };
-            if started_ns - stat.mtime_ns.max(stat.ctime_ns) > RACY_WINDOW.as_nanos() as i64 {
-                next.insert(rel.to_owned(), Cached { hash, ..stat });
-            }
-            Entry::File {
-                hash,
-                size_bytes: meta.len(),
-                executable: meta.mode() & 0o100 != 0,
             }
         } else {
             out.skipped
@@ -147,8 +152,59 @@ fn scan_at(
         };
         out.manifest.entries.insert(rel.to_owned(), item);
     }
+    out.hashed_files = to_hash.len() as u64;
+    let hashes = hash_all(&to_hash)?;
+    for ((rel, _, stat, executable), hash) in to_hash.into_iter().zip(hashes) {
+        if started_ns - stat.mtime_ns.max(stat.ctime_ns) > racy_ns {
+            next.insert(rel.clone(), Cached { hash, ..stat });
+        }
+        let entry = Entry::File {
+            hash,
+            size_bytes: stat.size_bytes,
+            executable,
+        };
+        out.manifest.entries.insert(rel, entry);
+    }
     cache.files = next;
     Ok(out)
+}
+
+/// Hashes files on every core: a first scan of a large project is bound by hashing.
+fn hash_all(files: &[(String, PathBuf, Cached, bool)]) -> anyhow::Result<Vec<ContentHash>> {
+    let workers = std::thread::available_parallelism()
+        .map(usize::from)
+        .unwrap_or(1)
+        .min(files.len().div_ceil(64).max(1));
+    let next = AtomicUsize::new(0);
+    let results: Vec<Mutex<Option<ContentHash>>> = files.iter().map(|_| Mutex::new(None)).collect();
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..workers)
+            .map(|_| {
+                scope.spawn(|| -> anyhow::Result<()> {
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some((_, path, _, _)) = files.get(i) else {
+                            return Ok(());
+                        };
+                        let hash = hash_file(path)?;
+                        *results[i].lock().expect("never poisoned") = Some(hash);
+                    }
+                })
+            })
+            .collect();
+        for handle in handles {
+            handle.join().expect("a hashing thread does not panic")?;
+        }
+        Ok::<_, anyhow::Error>(())
+    })?;
+    Ok(results
+        .into_iter()
+        .map(|r| {
+            r.into_inner()
+                .expect("never poisoned")
+                .expect("every file hashed")
+        })
+        .collect())
 }
 
 pub fn hash_file(path: &Path) -> anyhow::Result<ContentHash> {
