@@ -767,9 +767,15 @@ impl Staged {
                 .map_err(io_err(format!("writing {}", to.display())))?;
         }
         let executable = self.modes.get(&hash).copied().unwrap_or(false);
-        out.set_permissions(fs::Permissions::from_mode(file_mode(executable)))
-            .map_err(io_err(format!("writing {}", to.display())))?;
-        if let Ok(meta) = out.metadata() {
+        let mode = file_mode(executable);
+        let mut meta = out.metadata().ok();
+        // Created as 0666 less the umask: usually already right for a plain file.
+        if meta.as_ref().is_none_or(|m| m.mode() & 0o7777 != mode) {
+            out.set_permissions(fs::Permissions::from_mode(mode))
+                .map_err(io_err(format!("writing {}", to.display())))?;
+            meta = out.metadata().ok();
+        }
+        if let Some(meta) = meta {
             self.stats.insert(hash, FileStat::of(&meta));
         }
         Ok(hasher.finalize().into())
