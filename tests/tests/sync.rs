@@ -214,14 +214,12 @@ fn sync_round_trips_a_real_tree_with_deletes_renames_and_a_200_mb_file() {
     let wire = report["wire_bytes"].as_u64().expect("wire");
     assert!(wire < 1024, "a no-op sync costs {wire} bytes");
 
-    // The daemon restarting loses its memory of the tree only in RAM; the agent's root
-    // still matches what it saved.
+    assert_eq!(report["agent_manifest_bytes"], 0, "{report}");
+
+    // A restarted daemon still knows the agent's tree: the agent need not send it.
     assert!(s.home.run(&["shutdown"]).status.success());
     let report = s.sync(&[]);
-    assert!(
-        report["wire_bytes"].as_u64().expect("wire") < 1024,
-        "{report}"
-    );
+    assert_eq!(report["agent_manifest_bytes"], 0, "{report}");
     s.assert_in_step(&ignored);
 }
 
