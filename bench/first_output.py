@@ -50,8 +50,8 @@ def main():
         status = json.loads(run("--output", "json", "status").stdout)
         run("launch", "--name", "warm")
         cmd = ["--", "sh", "-c", "echo first"]
-        fresh = [time_to_first_line(cli, env, ["run", "--workdir", workdir, *cmd]) for _ in range(opts.runs)]
-        warm = [time_to_first_line(cli, env, ["run", "--on", "warm", "--workdir", workdir, *cmd]) for _ in range(opts.runs)]
+        fresh = [time_to_first_line(cli, env, ["run", "--workdir", workdir, "--root", workdir, *cmd]) for _ in range(opts.runs)]
+        warm = [time_to_first_line(cli, env, ["run", "--on", "warm", "--workdir", workdir, "--root", workdir, *cmd]) for _ in range(opts.runs)]
         time.sleep(12)  # let both sides settle into idle (a heartbeat or two)
         listing = json.loads(run("--output", "json", "list").stdout)
         agent_pid = next(i["instance"]["pid"] for i in listing["instances"] if i["instance"]["name"] == "warm")

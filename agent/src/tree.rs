@@ -277,6 +277,7 @@ impl Tree {
         write_atomically(
             &self.journal_path(),
             &codec::encode_blob(&journal).map_err(|e| SyncError::Stream(e.to_string()))?,
+            Durability::Synced,
         )?;
         let executed = {
             let _frozen = freeze();
@@ -327,6 +328,7 @@ impl Tree {
         let _ = fs::remove_dir_all(&new);
         fs::create_dir_all(&new).map_err(io_err(format!("creating {}", new.display())))?;
         let built = self.build_fresh(delta, stream, &new);
+        tracing::debug!(ms = started.elapsed().as_millis() as u64, "fresh tree received");
         let placed = match built {
             Ok(placed) => placed,
             Err(e) => {
@@ -590,7 +592,7 @@ impl Tree {
     fn save(&self) -> Result<(), SyncError> {
         let bytes =
             codec::encode_blob(&self.state).map_err(|e| SyncError::Stream(e.to_string()))?;
-        write_atomically(&self.state_path(), &bytes)
+        write_atomically(&self.state_path(), &bytes, Durability::Cached)
     }
 }
 
@@ -846,12 +848,24 @@ pub fn hash_file(path: &Path) -> Result<ContentHash, SyncError> {
     Ok(hasher.finalize().into())
 }
 
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), SyncError> {
+/// Whether a write must reach the disk before it counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Durability {
+    /// fsync before the rename: the journal, which a roll-forward trusts.
+    Synced,
+    /// Page cache only: the tree state, which `refresh` checks against disk anyway (a
+    /// lost or torn state means a full resend, never a wrong tree).
+    Cached,
+}
+
+fn write_atomically(path: &Path, bytes: &[u8], durability: Durability) -> Result<(), SyncError> {
     let tmp = path.with_extension("tmp");
     let write = || -> io::Result<()> {
         let mut file = fs::File::create(&tmp)?;
         file.write_all(bytes)?;
-        file.sync_all()?;
+        if durability == Durability::Synced {
+            file.sync_all()?;
+        }
         fs::rename(&tmp, path)
     };
     write().map_err(io_err(format!("writing {}", path.display())))

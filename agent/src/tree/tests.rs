@@ -218,6 +218,7 @@ fn an_interrupted_apply_is_finished_on_open() {
     write_atomically(
         &tree.journal_path(),
         &codec::encode_blob(&journal).expect("enc"),
+        Durability::Synced,
     )
     .expect("journal");
     execute(
