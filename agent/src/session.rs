@@ -380,7 +380,6 @@ async fn handle_sync(
             restart_grace_ms,
         } => (delta_bytes, restart_grace_ms),
     };
-    tracing::debug!(run = %open.run, ms = started.elapsed().as_millis() as u64, "sync go");
     let run = open.run.clone();
     let runs2 = runs.clone();
     let rt = tokio::runtime::Handle::current();

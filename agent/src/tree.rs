@@ -328,7 +328,6 @@ impl Tree {
         let _ = fs::remove_dir_all(&new);
         fs::create_dir_all(&new).map_err(io_err(format!("creating {}", new.display())))?;
         let built = self.build_fresh(delta, stream, &new);
-        tracing::debug!(ms = started.elapsed().as_millis() as u64, "fresh tree received");
         let placed = match built {
             Ok(placed) => placed,
             Err(e) => {
