@@ -204,8 +204,9 @@ pub struct SyncArgs {
     #[arg(long)]
     pub watch: bool,
 
-    /// Restart the run's command after each sync (SIGTERM, SIGKILL after the grace
-    /// period, then start it again in the new tree).
+    /// Restart the run's command after the sync (SIGTERM, SIGKILL after the grace period,
+    /// then start it again in the new tree). With --watch, only after syncs that changed
+    /// something.
     #[arg(long)]
     pub restart: bool,
 }

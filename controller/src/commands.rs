@@ -13,7 +13,7 @@ use crate::config::Config;
 use crate::daemon::now_ms;
 use crate::error::{ErrorCode, UserError};
 use crate::home::Home;
-use crate::ipc::{Client, Request, Response, RunRequest, SyncReport, SyncRequest};
+use crate::ipc::{Client, Request, Response, Restart, RunRequest, SyncReport, SyncRequest};
 use crate::report::{self, Format, Printer};
 
 /// The whole CLI: parse, run, print, exit.
@@ -206,7 +206,11 @@ async fn sync_command(home: &Home, printer: Printer, args: SyncArgs) -> anyhow::
         run: args.run,
         root,
         dry_run: args.dry_run,
-        restart: args.restart,
+        restart: match (args.restart, args.watch) {
+            (false, _) => Restart::Never,
+            (true, false) => Restart::Always,
+            (true, true) => Restart::IfChanged,
+        },
     };
     let first = sync_once(home, printer, &request).await?;
     printer.data(&first, || report::sync_text(&first));

@@ -69,7 +69,17 @@ pub struct SyncRequest {
     /// The project root (absolute); `None` for the run's own.
     pub root: Option<PathBuf>,
     pub dry_run: bool,
-    pub restart: bool,
+    pub restart: Restart,
+}
+
+/// Whether a sync restarts the run's command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Restart {
+    Never,
+    /// Even when nothing changed (`sync --restart`: "restart it on the current code").
+    Always,
+    /// Only when the sync changed something (`sync --watch --restart`).
+    IfChanged,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -13,7 +13,7 @@ use super::{Daemon, now_ms, runs, sync};
 use crate::db::{RunRow, RunState};
 use crate::error::{ErrorCode, UserError};
 use crate::ipc::{
-    ClientHello, DaemonHello, InstanceView, ListReport, Request, Response, RunRequest,
+    ClientHello, DaemonHello, InstanceView, ListReport, Request, Response, Restart, RunRequest,
     StatusReport, SyncRequest, VERSION,
 };
 
@@ -174,7 +174,7 @@ async fn sync_request(
         .resolve("sync once it runs: runctl-controller list shows its state")
         .into());
     }
-    if req.restart && row.state.is_terminal() {
+    if req.restart != Restart::Never && row.state.is_terminal() {
         return Err(UserError::new(
             ErrorCode::Conflict,
             format!(
@@ -217,7 +217,11 @@ async fn sync_request(
         run: req.run,
         root,
         dry_run: req.dry_run,
-        restart: req.restart.then(|| d.config.daemon.stop_grace()),
+        restart: match req.restart {
+            Restart::Never => None,
+            Restart::Always => Some((d.config.daemon.stop_grace(), false)),
+            Restart::IfChanged => Some((d.config.daemon.stop_grace(), true)),
+        },
         create: false,
     };
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();

@@ -28,8 +28,9 @@ pub struct Params {
     pub run: RunId,
     pub root: PathBuf,
     pub dry_run: bool,
-    /// Restart the run's process after the sync, with this stop grace.
-    pub restart: Option<Duration>,
+    /// Restart the run's process after the sync, with this stop grace; with `true`, only
+    /// if the sync changed something.
+    pub restart: Option<(Duration, bool)>,
     /// The run is being started: its tree may not exist yet.
     pub create: bool,
 }
@@ -239,7 +240,7 @@ async fn exchange(
             .map_err(|e| lost(&format!("{e:#}")))?
     };
     let delta = delta::plan(local, &remote);
-    let restart_grace_ms = params.restart.map(|g| g.as_millis() as u64);
+    let restart_grace_ms = restart_grace_ms(params.restart, delta.is_empty());
     if params.dry_run || (delta.is_empty() && restart_grace_ms.is_none()) {
         write_frame(&mut send, &SyncGo::Cancel)
             .await
@@ -307,6 +308,15 @@ async fn exchange(
     }
     remember_tree(d, &params.run, local.clone());
     Ok((scanned, delta, applied.restarted_pid, have.manifest_bytes))
+}
+
+/// Whether (and with what grace) to restart: `(grace, only_if_changed)` as asked.
+fn restart_grace_ms(restart: Option<(Duration, bool)>, unchanged: bool) -> Option<u64> {
+    match restart {
+        Some((_, true)) if unchanged => None,
+        Some((grace, _)) => Some(grace.as_millis() as u64),
+        None => None,
+    }
 }
 
 fn snapshot(sent: &Sent, summary: &Summary) -> Progress {
@@ -452,4 +462,26 @@ fn write_blob<T: Serialize>(path: &Path, value: &T) -> anyhow::Result<()> {
     std::fs::write(&tmp, blob)?;
     std::fs::rename(&tmp, path)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restarts_as_asked() {
+        let grace = Duration::from_secs(3);
+        let check = |restart, unchanged, expected| {
+            assert_eq!(
+                restart_grace_ms(restart, unchanged),
+                expected,
+                "{restart:?} {unchanged}"
+            );
+        };
+        check(None, false, None);
+        check(Some((grace, false)), true, Some(3000));
+        check(Some((grace, false)), false, Some(3000));
+        check(Some((grace, true)), true, None);
+        check(Some((grace, true)), false, Some(3000));
+    }
 }
