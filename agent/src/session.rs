@@ -390,7 +390,6 @@ async fn handle_sync(
             std::io::BufReader::with_capacity(256 * 1024, &mut bridge),
             delta_bytes,
             tree::DEFAULT_MAX_SYNC_BYTES,
-            runs2.process_group(&run).is_some(),
             || runs2.process_group(&run).map(supervisor::freeze),
         )
         .map(|_| tree.manifest().root());

@@ -173,6 +173,7 @@ impl Tree {
                 ));
             }
         }
+        let _ = fs::remove_dir_all(run_dir.join("work.new"));
         tree.roll_forward()?;
         Ok(tree)
     }
@@ -233,14 +234,12 @@ impl Tree {
     }
 
     /// Applies a sync stream: `stream` is the decompressed stream after the delta header,
-    /// i.e. the tar of new content. `freeze` stops the training process for the swap;
-    /// `running` says whether there is one.
+    /// i.e. the tar of new content. `freeze` stops the training process for the swap.
     pub fn apply<F, G>(
         &mut self,
         delta: &Delta,
         stream: &mut Limited<impl Read>,
         max_bytes: u64,
-        running: bool,
         freeze: F,
     ) -> Result<Applied, SyncError>
     where
@@ -255,8 +254,8 @@ impl Tree {
         }
         stream
             .set_remaining(summary.stream_bytes + TAR_OVERHEAD_BYTES * (summary.stream_files + 2));
-        if !running && self.is_empty() {
-            return self.apply_fresh(delta, next, stream);
+        if self.is_empty() {
+            return self.apply_fresh(delta, next, stream, freeze);
         }
         self.check_conflicts(delta)?;
         let staging = self.staging();
@@ -313,16 +312,21 @@ impl Tree {
             && fs::read_dir(self.work()).is_ok_and(|mut d| d.next().is_none())
     }
 
-    /// The first sync of a tree, with no process to disturb: the whole tree is built
-    /// beside the empty one, each file written straight to its place, and then renamed
-    /// over it in one step. Nothing to journal: until that rename the old (empty) tree
-    /// stands, and a leftover half-built tree is removed on the next attempt.
-    fn apply_fresh(
+    /// The first sync of a tree: the whole tree is built beside the empty one, each file
+    /// written straight to its place and verified, and then its top-level entries are
+    /// moved in (a handful of renames, the process frozen meanwhile) instead of renaming
+    /// every file. Nothing to journal: a move cut short leaves a tree the state does not
+    /// describe yet, which the next sync overwrites as a whole.
+    fn apply_fresh<F, G>(
         &mut self,
         delta: &Delta,
         next: Manifest,
         stream: &mut Limited<impl Read>,
-    ) -> Result<Applied, SyncError> {
+        freeze: F,
+    ) -> Result<Applied, SyncError>
+    where
+        F: FnOnce() -> G,
+    {
         let started = std::time::Instant::now();
         let new = self.run_dir.join("work.new");
         let _ = fs::remove_dir_all(&new);
@@ -335,7 +339,19 @@ impl Tree {
                 return Err(e);
             }
         };
-        fs::rename(&new, self.work()).map_err(io_err("putting the new tree in place"))?;
+        let work = self.work();
+        let moved = {
+            let _frozen = freeze();
+            fs::read_dir(&new).and_then(|entries| {
+                for entry in entries {
+                    let entry = entry?;
+                    fs::rename(entry.path(), work.join(entry.file_name()))?;
+                }
+                Ok(())
+            })
+        };
+        moved.map_err(io_err("putting the new tree in place"))?;
+        let _ = fs::remove_dir(&new);
         let received_bytes = delta.summary().stream_bytes;
         let journal = Journal {
             ops: Vec::new(),
@@ -727,6 +743,10 @@ struct Staged {
     modes: HashMap<ContentHash, bool>,
     stats: HashMap<ContentHash, FileStat>,
     buf: Vec<u8>,
+    /// The directory files were last created in: files arrive grouped by directory, and
+    /// creating each relative to an open directory spares the kernel the walk down the
+    /// whole path (measured: path lookups were a tenth of a first sync's CPU).
+    dir: Option<(PathBuf, std::os::fd::OwnedFd)>,
 }
 
 impl Staged {
@@ -744,7 +764,33 @@ impl Staged {
             modes,
             stats: HashMap::new(),
             buf: vec![0u8; 256 * 1024],
+            dir: None,
         }
+    }
+
+    /// Creates (or truncates) the file at `path`, relative to its open parent directory.
+    fn create(&mut self, path: &Path) -> io::Result<fs::File> {
+        use nix::fcntl::{OFlag, open, openat};
+        use nix::sys::stat::Mode;
+        let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
+            return fs::File::create(path);
+        };
+        if self.dir.as_ref().is_none_or(|(p, _)| p != parent) {
+            let fd = open(
+                parent,
+                OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+                Mode::empty(),
+            )?;
+            self.dir = Some((parent.to_owned(), fd));
+        }
+        let (_, dir) = self.dir.as_ref().expect("just set");
+        let fd = openat(
+            dir,
+            name,
+            OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_TRUNC | OFlag::O_CLOEXEC,
+            Mode::from_bits_truncate(0o666),
+        )?;
+        Ok(fs::File::from(fd))
     }
 
     /// Copies `from` into a new staged file at `to`, returning the content's hash.
@@ -754,7 +800,9 @@ impl Staged {
         to: &Path,
         hash: ContentHash,
     ) -> Result<ContentHash, SyncError> {
-        let mut out = fs::File::create(to).map_err(io_err(format!("creating {}", to.display())))?;
+        let mut out = self
+            .create(to)
+            .map_err(io_err(format!("creating {}", to.display())))?;
         let mut hasher = blake3::Hasher::new();
         loop {
             let n = match from.read(&mut self.buf) {
@@ -914,7 +962,6 @@ pub fn apply_stream<F, G>(
     compressed: impl Read,
     delta_bytes: u64,
     max_bytes: u64,
-    running: bool,
     freeze: F,
 ) -> Result<Applied, SyncError>
 where
@@ -934,7 +981,7 @@ where
         .map_err(io_err("reading the delta"))?;
     let delta: Delta =
         codec::decode_blob(&header).map_err(|e| SyncError::Stream(format!("bad delta: {e}")))?;
-    tree.apply(&delta, &mut stream, max_bytes, running, freeze)
+    tree.apply(&delta, &mut stream, max_bytes, freeze)
 }
 
 #[cfg(test)]
