@@ -419,5 +419,16 @@ async fn handle_sync(
         },
     };
     write_frame(send, &SyncDone { result }).await?;
+    // Saved after answering, still holding the run's turn.
+    if let Some(mut tree) = held.take() {
+        let tree = tokio::task::spawn_blocking(move || {
+            if let Err(e) = tree.persist() {
+                tracing::warn!("saving a tree's state: {e}");
+            }
+            tree
+        })
+        .await?;
+        *held = Some(tree);
+    }
     Ok(())
 }

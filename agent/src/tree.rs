@@ -120,6 +120,16 @@ pub struct Applied {
 pub struct Tree {
     run_dir: PathBuf,
     state: State,
+    /// The in-memory state is ahead of `tree.state` (see `persist`).
+    unsaved: bool,
+}
+
+impl Drop for Tree {
+    fn drop(&mut self) {
+        if let Err(e) = self.persist() {
+            tracing::warn!("saving the tree state of {}: {e}", self.run_dir.display());
+        }
+    }
 }
 
 impl Tree {
@@ -156,6 +166,7 @@ impl Tree {
         let mut tree = Tree {
             run_dir: run_dir.to_owned(),
             state: State::default(),
+            unsaved: false,
         };
         match fs::read(tree.state_path()) {
             Ok(bytes) => match codec::decode_blob(&bytes) {
@@ -230,7 +241,8 @@ impl Tree {
                 }
             }
         }
-        self.save()
+        self.unsaved = true;
+        self.persist()
     }
 
     /// Applies a sync stream: `stream` is the decompressed stream after the delta header,
@@ -288,6 +300,7 @@ impl Tree {
                 // Part applied: make the manifest true to disk, so the next sync repairs it.
                 self.finish(journal, None)?;
                 self.refresh()?;
+                self.persist()?;
                 return Err(e);
             }
         };
@@ -569,7 +582,20 @@ impl Tree {
             .stats
             .retain(|p, _| journal.manifest.entries.contains_key(p));
         self.state.manifest = journal.manifest;
+        self.unsaved = true;
+        Ok(())
+    }
+
+    /// Writes the state, then drops the journal and staging. A successful apply leaves this
+    /// to its caller, after it has answered the controller: until then a crash costs only
+    /// a replay of the (idempotent) journal or a resend, never a wrong tree, because
+    /// `refresh` checks the state against disk before every sync.
+    pub fn persist(&mut self) -> Result<(), SyncError> {
+        if !self.unsaved {
+            return Ok(());
+        }
         self.save()?;
+        self.unsaved = false;
         let _ = fs::remove_file(self.journal_path());
         let _ = fs::remove_dir_all(self.staging());
         Ok(())
@@ -601,7 +627,8 @@ impl Tree {
             tracing::warn!("finishing the interrupted sync failed ({e}); the next sync repairs it");
         }
         self.finish(journal, None)?;
-        self.refresh()
+        self.refresh()?;
+        self.persist()
     }
 
     fn save(&self) -> Result<(), SyncError> {

@@ -61,6 +61,7 @@ fn sync(run_dir: &Path, want: &[(&str, Want)]) {
     let (bytes, delta_bytes) = stream(&delta, &content);
     apply_stream(&mut tree, &bytes[..], delta_bytes, 1 << 30, || ()).expect("applies");
     assert_eq!(tree.manifest(), &local);
+    tree.persist().expect("persist");
     assert_disk(run_dir, want);
     let mut reopened = Tree::open(run_dir, false).expect("reopens");
     reopened.refresh().expect("refresh");
