@@ -41,12 +41,16 @@ pub fn write_stream(
         header.set_size(size_bytes);
         header.set_mode(0o644);
         header.set_entry_type(tar::EntryType::Regular);
-        let mut exact = Exact {
+        let exact = Exact {
             inner: file.take(size_bytes),
             remaining: size_bytes,
             sent,
         };
-        tar.append_data(&mut header, protocol::delta::entry_name(index), &mut exact)
+        // Large reads: io::copy drains a BufReader through its own buffer, so a big file
+        // goes to the compressor in 256 KiB pieces rather than 8 KiB ones.
+        let capacity = (size_bytes as usize).clamp(8 * 1024, 256 * 1024);
+        let mut reader = std::io::BufReader::with_capacity(capacity, exact);
+        tar.append_data(&mut header, protocol::delta::entry_name(index), &mut reader)
             .with_context(|| format!("sending {path}"))?;
         sent.files.fetch_add(1, Ordering::Relaxed);
     }
