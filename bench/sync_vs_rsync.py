@@ -78,7 +78,7 @@ def generate(dest, files, total_mb, seed=1):
 def text_files(tree):
     out = []
     for dirpath, _, names in os.walk(tree):
-        out += [os.path.join(dirpath, n) for n in names if n.endswith((".py", ".txt", ".md", ".yaml", ".toml"))]
+        out += [os.path.join(dirpath, n) for n in names if n.endswith((".py", ".txt", ".md", ".yaml", ".toml", ".rs", ".c", ".h", ".js", ".ts", ".go", ".sh", ".json", ".cfg"))]
     return sorted(out)
 
 
@@ -236,29 +236,23 @@ def main():
             run = runctl.new_run()
             rdst = os.path.join(scratch, f"rsync-dst-{r}")
             tdst = os.path.join(scratch, f"tar-dst-{r}")
-            # First sync into an empty destination.
-            t, b, _ = runctl.sync(run, src)
-            results["first"]["runctl"].append(t); results["first"]["runctl_b"].append(b)
-            t, b = rsync(sshd, src, rdst, bool(opts.dir))
-            results["first"]["rsync"].append(t); results["first"]["rsync_b"].append(b)
-            t, b = tar_zstd_ssh(sshd, src, tdst, bool(opts.dir))
-            results["first"]["tar"].append(t); results["first"]["tar_b"].append(b)
-            # No change.
-            t, b, _ = runctl.sync(run, src)
-            results["noop"]["runctl"].append(t); results["noop"]["runctl_b"].append(b)
-            t, b = rsync(sshd, src, rdst, bool(opts.dir))
-            results["noop"]["rsync"].append(t); results["noop"]["rsync_b"].append(b)
-            t, b = tar_zstd_ssh(sshd, src, tdst, bool(opts.dir))
-            results["noop"]["tar"].append(t); results["noop"]["tar_b"].append(b)
-            # 20 edited files.
+            tools = {
+                "runctl": lambda: runctl.sync(run, src)[:2],
+                "rsync": lambda: rsync(sshd, src, rdst, bool(opts.dir)),
+                "tar": lambda: tar_zstd_ssh(sshd, src, tdst, bool(opts.dir)),
+            }
+
+            def measure(case):
+                for name, sync in tools.items():
+                    t, b = sync()
+                    results[case][name].append(t)
+                    results[case][name + "_b"].append(b)
+
+            measure("first")  # into empty destinations
+            measure("noop")
             changed = change_20(src, editable, r)
             results["change20"]["zstd_changed"].append(zstd_size(changed))
-            t, b, _ = runctl.sync(run, src)
-            results["change20"]["runctl"].append(t); results["change20"]["runctl_b"].append(b)
-            t, b = rsync(sshd, src, rdst, bool(opts.dir))
-            results["change20"]["rsync"].append(t); results["change20"]["rsync_b"].append(b)
-            t, b = tar_zstd_ssh(sshd, src, tdst, bool(opts.dir))
-            results["change20"]["tar"].append(t); results["change20"]["tar_b"].append(b)
+            measure("change20")
             shutil.rmtree(rdst, ignore_errors=True)
             shutil.rmtree(tdst, ignore_errors=True)
 

@@ -108,13 +108,6 @@ struct Journal {
     manifest: Manifest,
 }
 
-/// What an apply did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Applied {
-    pub ops: u64,
-    pub received_bytes: u64,
-}
-
 /// One run's tree: `<run dir>/work`, with its state and scratch space beside it.
 #[derive(Debug)]
 pub struct Tree {
@@ -253,7 +246,7 @@ impl Tree {
         stream: &mut Limited<impl Read>,
         max_bytes: u64,
         freeze: F,
-    ) -> Result<Applied, SyncError>
+    ) -> Result<(), SyncError>
     where
         F: FnOnce() -> G,
     {
@@ -311,12 +304,10 @@ impl Tree {
             swapped_ms,
             done_ms = started.elapsed().as_millis() as u64,
             ops = delta.ops.len(),
+            received_bytes,
             "sync applied"
         );
-        Ok(Applied {
-            ops: delta.ops.len() as u64,
-            received_bytes,
-        })
+        Ok(())
     }
 
     /// Whether the tree holds nothing at all, synced or not.
@@ -336,7 +327,7 @@ impl Tree {
         next: Manifest,
         stream: &mut Limited<impl Read>,
         freeze: F,
-    ) -> Result<Applied, SyncError>
+    ) -> Result<(), SyncError>
     where
         F: FnOnce() -> G,
     {
@@ -365,7 +356,6 @@ impl Tree {
         };
         moved.map_err(io_err("putting the new tree in place"))?;
         let _ = fs::remove_dir(&new);
-        let received_bytes = delta.summary().stream_bytes;
         let journal = Journal {
             ops: Vec::new(),
             manifest: next,
@@ -377,10 +367,7 @@ impl Tree {
             ops = delta.ops.len(),
             "fresh tree built"
         );
-        Ok(Applied {
-            ops: delta.ops.len() as u64,
-            received_bytes,
-        })
+        Ok(())
     }
 
     fn build_fresh(
@@ -990,7 +977,7 @@ pub fn apply_stream<F, G>(
     delta_bytes: u64,
     max_bytes: u64,
     freeze: F,
-) -> Result<Applied, SyncError>
+) -> Result<(), SyncError>
 where
     F: FnOnce() -> G,
 {

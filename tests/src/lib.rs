@@ -111,6 +111,30 @@ impl Home {
             .and_then(|s| s.trim().parse().ok())
     }
 
+    /// Kills the agent of the first listed instance with SIGKILL, as a crash would.
+    pub fn kill_agent(&self) {
+        let list = self.json(&["list"]);
+        let pid = list["instances"][0]["instance"]["pid"]
+            .as_i64()
+            .expect("the instance has an agent pid") as i32;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .expect("kill the agent");
+    }
+
+    /// Starts the local agent of `instance` again from its config, as systemd would.
+    pub fn restart_agent(&self, instance: &str) -> std::process::Child {
+        let config = self.path().join(format!("local/{instance}/agent.toml"));
+        Command::new(bin("runctl-agent"))
+            .arg("--config")
+            .arg(&config)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("restart the agent")
+    }
+
     /// Polls `check` until it holds, failing after `bound`.
     pub fn wait_until(&self, what: &str, bound: Duration, mut check: impl FnMut() -> bool) {
         let deadline = Instant::now() + bound;

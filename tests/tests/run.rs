@@ -383,26 +383,11 @@ fn a_restarted_agent_reconnects_with_its_certificate_and_reports_lost_runs() {
     assert!(home.run(&["launch", "--name", "flaky"]).status.success());
     let started = home.json(&["run", "--on", "flaky", "--detach", "--", "sleep", "60"]);
     let run = started["id"].as_str().expect("run id").to_owned();
-    let list = home.json(&["list"]);
-    let pid = list["instances"][0]["instance"]["pid"]
-        .as_i64()
-        .expect("pid") as i32;
-
     // The agent dies hard; its token is already burnt, so only its saved identity can
-    // bring it back.
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .expect("kill agent");
-    // No wait for the daemon to notice: the new connection replaces the dead one.
-    let config = home.path().join("local/flaky/agent.toml");
-    let mut agent = std::process::Command::new(tests::bin("runctl-agent"))
-        .arg("--config")
-        .arg(&config)
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("restart the agent");
+    // bring it back. No wait for the daemon to notice: the new connection replaces the
+    // dead one.
+    home.kill_agent();
+    let mut agent = home.restart_agent("flaky");
     let out = home.run(&["logs", "-f", &run]);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert!(

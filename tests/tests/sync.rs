@@ -342,15 +342,7 @@ fn an_agent_killed_mid_apply_keeps_its_tree_and_the_next_sync_completes() {
                 .map(|d| d.flatten().any(|e| e.metadata().is_ok_and(|m| m.len() > 0)))
                 .unwrap_or(false)
         });
-    let list = s.home.json(&["list"]);
-    let pid = list["instances"][0]["instance"]["pid"]
-        .as_i64()
-        .expect("pid") as i32;
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .expect("kill agent");
+    s.home.kill_agent();
     let out = sync.wait_with_output().expect("sync ends");
     assert!(
         !out.status.success(),
@@ -363,16 +355,7 @@ fn an_agent_killed_mid_apply_keeps_its_tree_and_the_next_sync_completes() {
         "the previous tree is intact"
     );
 
-    let config = s
-        .home
-        .path()
-        .join(format!("local/{}/agent.toml", s.instance));
-    let mut agent = std::process::Command::new(tests::bin("runctl-agent"))
-        .arg("--config")
-        .arg(&config)
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("restart the agent");
+    let mut agent = s.home.restart_agent(&s.instance);
     s.home
         .wait_until("the agent to reconnect", Duration::from_secs(30), || {
             s.home.json(&["list"])["instances"][0]["connected"] == true
