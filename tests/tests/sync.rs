@@ -343,6 +343,9 @@ fn an_agent_killed_mid_apply_keeps_its_tree_and_the_next_sync_completes() {
                 .unwrap_or(false)
         });
     s.home.kill_agent();
+    // Restarted at once, as systemd would: its new connection replaces the dead one, so
+    // the cut-off sync fails now rather than at the idle timeout.
+    let mut agent = s.home.restart_agent(&s.instance);
     let out = sync.wait_with_output().expect("sync ends");
     assert!(
         !out.status.success(),
@@ -355,7 +358,6 @@ fn an_agent_killed_mid_apply_keeps_its_tree_and_the_next_sync_completes() {
         "the previous tree is intact"
     );
 
-    let mut agent = s.home.restart_agent(&s.instance);
     s.home
         .wait_until("the agent to reconnect", Duration::from_secs(30), || {
             s.home.json(&["list"])["instances"][0]["connected"] == true
