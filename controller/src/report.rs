@@ -132,9 +132,15 @@ pub fn sync_text(r: &SyncReport) -> String {
             t.add_row([c.op.as_str(), c.path.as_str()]);
         }
         out.push_str(&format!("{t}\n"));
+        if r.unlisted > 0 {
+            out.push_str(&format!("... and {} more changes\n", r.unlisted));
+        }
     }
     for skipped in &r.skipped {
         out.push_str(&format!("skipped {skipped}\n"));
+    }
+    if r.unlisted_skipped > 0 {
+        out.push_str(&format!("... and {} more skipped\n", r.unlisted_skipped));
     }
     let total = s.written + s.copied + s.deleted + s.dirs + s.symlinks + s.chmods;
     if total == 0 {
@@ -163,7 +169,7 @@ pub fn sync_text(r: &SyncReport) -> String {
         out.push_str(&format!("{verb} {}: {}", r.run, parts.join(", ")));
         if !r.dry_run {
             out.push_str(&format!(
-                " in {} ms, {} on the wire",
+                " ({} ms, {} on the wire)",
                 r.elapsed_ms,
                 bytes_words(r.wire_bytes)
             ));
@@ -323,6 +329,7 @@ pub fn run_summary(row: &RunRow) -> String {
 mod tests {
     use super::*;
     use crate::db::InstanceRow;
+    use protocol::RunId;
 
     fn run_row(state: RunState, exit: Option<RunEnd>) -> RunRow {
         RunRow {
@@ -376,6 +383,51 @@ mod tests {
             127,
         );
         check(None, RunState::Failed, 1);
+    }
+
+    #[test]
+    fn sync_report_snapshots() {
+        let mut report = SyncReport {
+            run: RunId::from_random([0xab; 6]),
+            root: "/src/project".into(),
+            dry_run: false,
+            summary: protocol::delta::Summary::default(),
+            changes: Vec::new(),
+            unlisted: 0,
+            files: 10_000,
+            hashed_files: 0,
+            skipped: Vec::new(),
+            unlisted_skipped: 0,
+            wire_bytes: 206,
+            agent_manifest_bytes: 0,
+            elapsed_ms: 48,
+            restarted_pid: None,
+        };
+        let mut rendered = sync_text(&report);
+        report.summary.written = 20;
+        report.summary.stream_bytes = 123_456;
+        report.summary.deleted = 2;
+        report.summary.copied = 1;
+        report.wire_bytes = 29_000;
+        report.restarted_pid = Some(4242);
+        rendered.push_str(&sync_text(&report));
+        report.dry_run = true;
+        report.restarted_pid = None;
+        report.changes = vec![
+            crate::daemon::sync::Change {
+                op: "write".into(),
+                path: "train.py".into(),
+            },
+            crate::daemon::sync::Change {
+                op: "copy".into(),
+                path: "a.bin -> b.bin".into(),
+            },
+        ];
+        report.unlisted = 21;
+        report.skipped =
+            vec!["data -> /mnt/data: a link that leaves the project is not synced".into()];
+        rendered.push_str(&sync_text(&report));
+        insta::assert_snapshot!(rendered);
     }
 
     #[test]

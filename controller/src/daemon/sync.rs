@@ -22,6 +22,10 @@ use crate::error::{ErrorCode, UserError};
 use crate::sync::pack::{self, Sent};
 use crate::sync::scan::{self, StatCache};
 
+/// At most this many changes or skipped paths are listed in a report: it travels in one
+/// frame to the CLI, and a screenful of a hundred thousand paths helps no one.
+pub const MAX_LISTED: usize = 10_000;
+
 /// What to sync and how.
 #[derive(Debug, Clone)]
 pub struct Params {
@@ -49,13 +53,17 @@ pub struct SyncReport {
     pub root: String,
     pub dry_run: bool,
     pub summary: Summary,
-    /// Every change when a dry run; otherwise empty.
+    /// The changes when a dry run (the first [`MAX_LISTED`]); otherwise empty.
     pub changes: Vec<Change>,
+    /// Changes beyond those listed.
+    pub unlisted: u64,
     /// Files in the project, and files hashed because the stat cache could not vouch.
     pub files: u64,
     pub hashed_files: u64,
-    /// Paths left out of the sync, with why.
+    /// Paths left out of the sync, with why (the first [`MAX_LISTED`]).
     pub skipped: Vec<String>,
+    /// Paths left out beyond those listed.
+    pub unlisted_skipped: u64,
     /// UDP bytes both ways on the agent's connection during the sync (QUIC and TLS
     /// overhead included, and anything else the connection carried meanwhile).
     pub wire_bytes: u64,
@@ -126,11 +134,19 @@ pub async fn sync(
         }
     };
     let summary = delta.summary();
-    let changes = if params.dry_run {
-        delta.ops.iter().map(change).collect()
+    let changes: Vec<Change> = if params.dry_run {
+        delta.ops.iter().take(MAX_LISTED).map(change).collect()
     } else {
         Vec::new()
     };
+    let unlisted = if params.dry_run {
+        delta.ops.len().saturating_sub(MAX_LISTED) as u64
+    } else {
+        0
+    };
+    let mut skipped = scan.skipped;
+    let unlisted_skipped = skipped.len().saturating_sub(MAX_LISTED) as u64;
+    skipped.truncate(MAX_LISTED);
     Ok(SyncReport {
         run: params.run,
         root: params.root.display().to_string(),
@@ -139,7 +155,9 @@ pub async fn sync(
         changes,
         files: scan.manifest.files().count() as u64,
         hashed_files: scan.hashed_files,
-        skipped: scan.skipped,
+        skipped,
+        unlisted_skipped,
+        unlisted,
         wire_bytes: wire_bytes(conn).saturating_sub(before),
         agent_manifest_bytes,
         elapsed_ms: started.elapsed().as_millis() as u64,
