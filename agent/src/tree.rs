@@ -900,13 +900,10 @@ fn holds_untracked(full: &Path, rel: &str, manifest: &Manifest) -> bool {
     false
 }
 
-pub fn hash_file(path: &Path) -> Result<ContentHash, SyncError> {
-    let mut hasher = blake3::Hasher::new();
-    let file = fs::File::open(path).map_err(io_err(format!("reading {}", path.display())))?;
-    hasher
-        .update_reader(file)
-        .map_err(io_err(format!("reading {}", path.display())))?;
-    Ok(hasher.finalize().into())
+fn hash_file(path: &Path) -> Result<ContentHash, SyncError> {
+    fs::File::open(path)
+        .and_then(ContentHash::of_reader)
+        .map_err(io_err(format!("reading {}", path.display())))
 }
 
 /// Whether a write must reach the disk before it counts.
@@ -951,10 +948,6 @@ impl<R: Read> Limited<R> {
 
     pub fn set_remaining(&mut self, limit_bytes: u64) {
         self.remaining = limit_bytes;
-    }
-
-    pub fn exceeded(&self) -> bool {
-        self.exceeded.get()
     }
 }
 

@@ -16,6 +16,13 @@ impl ContentHash {
         ContentHash(*blake3::hash(bytes).as_bytes())
     }
 
+    /// The hash of everything `reader` yields (a file's content, say).
+    pub fn of_reader(reader: impl std::io::Read) -> std::io::Result<Self> {
+        let mut hasher = blake3::Hasher::new();
+        hasher.update_reader(reader)?;
+        Ok(hasher.finalize().into())
+    }
+
     pub fn to_hex(&self) -> String {
         hex::encode(self.0)
     }
@@ -52,16 +59,6 @@ pub enum Entry {
         target: String,
     },
     Dir,
-}
-
-impl Entry {
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Entry::File { .. } => "file",
-            Entry::Symlink { .. } => "symlink",
-            Entry::Dir => "directory",
-        }
-    }
 }
 
 /// A work tree: relative, `/`-separated paths (see [`check_path`]) to entries.
@@ -108,11 +105,6 @@ impl Manifest {
             } => Some((path, hash, *size_bytes)),
             _ => None,
         })
-    }
-
-    /// Total size of the files.
-    pub fn size_bytes(&self) -> u64 {
-        self.files().map(|(_, _, size)| size).sum()
     }
 
     /// Checks every path and symlink; a manifest from the wire is checked before use.

@@ -207,13 +207,10 @@ fn hash_all(files: &[(String, PathBuf, Cached, bool)]) -> anyhow::Result<Vec<Con
         .collect())
 }
 
-pub fn hash_file(path: &Path) -> anyhow::Result<ContentHash> {
-    let file = std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
-    let mut hasher = blake3::Hasher::new();
-    hasher
-        .update_reader(file)
-        .with_context(|| format!("reading {}", path.display()))?;
-    Ok(hasher.finalize().into())
+fn hash_file(path: &Path) -> anyhow::Result<ContentHash> {
+    std::fs::File::open(path)
+        .and_then(ContentHash::of_reader)
+        .with_context(|| format!("reading {}", path.display()))
 }
 
 fn ns(t: SystemTime) -> i64 {
