@@ -19,6 +19,12 @@ pub struct AgentConfig {
     pub token: EnrollToken,
     pub state_dir: PathBuf,
     pub stop_grace: Duration,
+    pub stats_interval: Duration,
+    pub nvidia_smi: PathBuf,
+    pub idle_timeout: Option<Duration>,
+    pub poweroff_command: Option<Vec<String>>,
+    pub metadata_endpoint: Option<String>,
+    pub log_max_bytes: u64,
 }
 
 impl AgentConfig {
@@ -46,7 +52,35 @@ impl AgentConfig {
                 );
             }
         }
+        if file.stats_interval_ms == Some(0) {
+            bail!("`stats_interval_ms` must be at least 1 (1000 samples once a second)");
+        }
+        if file.idle_timeout_secs == Some(0) {
+            bail!(
+                "`idle_timeout_secs` must be at least 1; leave it out to never power off when idle"
+            );
+        }
+        if file.poweroff_command.as_ref().is_some_and(|c| c.is_empty()) {
+            bail!(
+                "`poweroff_command` is empty; give a program and its arguments, e.g. [\"systemctl\", \"poweroff\"]"
+            );
+        }
+        if let Some(endpoint) = &file.metadata_endpoint
+            && !endpoint.starts_with("http://")
+        {
+            bail!(
+                "`metadata_endpoint` {endpoint:?} is not an http:// URL (e.g. \"http://169.254.169.254\")"
+            );
+        }
         Ok(AgentConfig {
+            stats_interval: Duration::from_millis(file.stats_interval_ms.unwrap_or(1000)),
+            nvidia_smi: file.nvidia_smi.unwrap_or_else(|| "nvidia-smi".into()),
+            idle_timeout: file.idle_timeout_secs.map(Duration::from_secs),
+            poweroff_command: file.poweroff_command,
+            metadata_endpoint: file.metadata_endpoint,
+            log_max_bytes: file
+                .log_max_bytes
+                .unwrap_or(crate::eventlog::DEFAULT_MAX_BYTES),
             instance: file.instance,
             controller: file.controller,
             ca_pin: file.ca_sha256,
@@ -107,6 +141,12 @@ state_dir = "state"
             ),
             (GOOD.replace("state_dir", "stat_dir"), "unknown field"),
             (GOOD.replace("\"00000", "\"zz000"), "SHA-256"),
+            (format!("{GOOD}idle_timeout_secs = 0\n"), "at least 1"),
+            (format!("{GOOD}poweroff_command = []\n"), "is empty"),
+            (
+                format!("{GOOD}metadata_endpoint = \"169.254.169.254\"\n"),
+                "not an http:// URL",
+            ),
         ];
         for (text, expected) in cases {
             let err = format!("{:#}", parse(&text).expect_err(expected));

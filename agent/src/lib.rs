@@ -6,18 +6,30 @@
 //! The agent keeps working while disconnected: runs go on, and their events wait on disk.
 
 pub mod backoff;
+pub mod checkpoints;
 pub mod config;
 pub mod eventlog;
+pub mod gpu;
 pub mod identity;
+pub mod lifecycle;
+pub mod lines;
+pub mod reaper;
+pub mod restart;
 pub mod runs;
 pub mod session;
+pub mod setup;
+pub mod spot;
+pub mod stats;
 pub mod supervisor;
 pub mod tree;
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
+use protocol::{EndAction, StatsSample};
+use tokio::sync::watch;
 
 pub use config::AgentConfig;
 
@@ -28,6 +40,9 @@ pub enum Exit {
     Shutdown,
     /// The local shutdown future fired (SIGTERM from systemd, Ctrl-C).
     Interrupted,
+    /// The instance was powered off (a run's end action, or the idle timeout); without a
+    /// power-off command, the agent just exits.
+    PoweredOff(String),
 }
 
 /// An error after which retrying cannot help: enrollment was refused or the agent's
@@ -36,25 +51,104 @@ pub enum Exit {
 #[error("{0}")]
 pub struct Fatal(pub String);
 
-/// Runs the agent until the controller shuts it down or `shutdown` resolves.
+/// How long a run's last events get to reach the controller before an end action powers
+/// the instance off; they stay on the agent's disk either way.
+const DELIVERY_BOUND: Duration = Duration::from_secs(30);
+
+/// Runs the agent until the controller shuts it down, the instance powers off, or
+/// `shutdown` resolves.
 pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<Exit> {
+    let (ended_tx, mut ended_rx) = tokio::sync::mpsc::unbounded_channel();
     let runs = Arc::new(
         runs::Runs::open(
             &config.state_dir.join("runs"),
             &config.state_dir.join("data"),
+            config.log_max_bytes,
+            ended_tx,
         )
         .with_context(|| format!("opening run state in {}", config.state_dir.display()))?,
     );
+    let connected = Arc::new(AtomicBool::new(false));
+    let (stats_tx, stats_rx) = watch::channel::<Option<Arc<StatsSample>>>(None);
+    let mut background = tokio::task::JoinSet::new();
+    background.spawn(reaper::run());
+    let gpus = gpu::Monitor::start(config.nvidia_smi.clone(), config.stats_interval);
+    match stats::Sampler::new(&config.state_dir, gpus) {
+        Ok(sampler) => {
+            background.spawn(sample(
+                sampler,
+                runs.clone(),
+                config.stats_interval,
+                stats_tx,
+            ));
+        }
+        Err(e) => tracing::warn!("no resource stats on this host: {e}"),
+    }
+    if let Some(endpoint) = config.metadata_endpoint.clone() {
+        background.spawn(spot::watch(endpoint, runs.clone()));
+    }
+
+    // A task of its own: the session must keep serving while this loop waits (e.g. for a
+    // run's last events to reach the controller before powering off).
+    let mut sessions = tokio::spawn(serve_controller(
+        config.clone(),
+        runs.clone(),
+        connected.clone(),
+        stats_rx,
+    ));
+    let _abort_sessions = AbortOnDrop(sessions.abort_handle());
     tokio::pin!(shutdown);
-    let mut attempt: u32 = 0;
-    loop {
-        let outcome = tokio::select! {
-            outcome = session::connect_and_serve(&config, &runs) => outcome,
+    let mut idle = config.idle_timeout.map(lifecycle::Idle::new);
+    let mut idle_tick = tokio::time::interval(Duration::from_secs(1));
+    let reason = loop {
+        tokio::select! {
+            exit = &mut sessions => {
+                return exit.unwrap_or_else(|e| Err(anyhow::anyhow!("the session task failed: {e}")));
+            }
             () = &mut shutdown => {
                 runs.stop_all(config.stop_grace).await;
                 return Ok(Exit::Interrupted);
             }
-        };
+            Some((run, action)) = ended_rx.recv() => {
+                if action == EndAction::Keep {
+                    continue;
+                }
+                if runs.active() > 0 {
+                    tracing::info!("run {run} ended with end action {action:?}, but other runs are active: the instance stays up");
+                    continue;
+                }
+                runs.wait_delivered(&run, DELIVERY_BOUND).await;
+                break lifecycle::Reason::RunEnded(format!("run {run} ended, end action {action:?}"));
+            }
+            _ = idle_tick.tick(), if idle.is_some() => {
+                let busy = runs.active() > 0 || connected.load(Ordering::SeqCst);
+                let idle = idle.as_mut().expect("guarded");
+                if idle.observe(tokio::time::Instant::now().into_std(), busy) {
+                    break lifecycle::Reason::Idle(config.idle_timeout.unwrap_or_default());
+                }
+            }
+        }
+    };
+    runs.stop_all(config.stop_grace).await;
+    if let Err(e) = lifecycle::power_off(config.poweroff_command.as_deref(), &reason).await {
+        tracing::error!("{e}");
+    }
+    background.shutdown().await;
+    Ok(Exit::PoweredOff(reason.to_string()))
+}
+
+/// Dials the controller and serves it, redialling with backoff, until the controller
+/// shuts the agent down or refuses it for good.
+async fn serve_controller(
+    config: AgentConfig,
+    runs: Arc<runs::Runs>,
+    connected: Arc<AtomicBool>,
+    stats: watch::Receiver<Option<Arc<StatsSample>>>,
+) -> anyhow::Result<Exit> {
+    let mut attempt: u32 = 0;
+    loop {
+        let outcome = session::connect_and_serve(&config, &runs, &connected, stats.clone()).await;
+        connected.store(false, Ordering::SeqCst);
         match outcome {
             Ok(session::Outcome::Shutdown) => return Ok(Exit::Shutdown),
             Ok(session::Outcome::Disconnected) => {
@@ -70,13 +164,47 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
         }
         let delay = backoff::delay(attempt, rand::random::<f64>());
         attempt = attempt.saturating_add(1);
-        tokio::select! {
-            () = tokio::time::sleep(delay) => {}
-            () = &mut shutdown => {
-                runs.stop_all(config.stop_grace).await;
-                return Ok(Exit::Interrupted);
-            }
-        }
+        tokio::time::sleep(delay).await;
+    }
+}
+
+/// Aborts a task when dropped: the session task ends with the agent's main loop.
+#[derive(Debug)]
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Samples resource use at `interval`, publishing each sample for the session to send.
+async fn sample(
+    mut sampler: stats::Sampler,
+    runs: Arc<runs::Runs>,
+    interval: Duration,
+    out: watch::Sender<Option<Arc<StatsSample>>>,
+) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let groups = runs.process_groups();
+        let at_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let Ok((back, sample)) = tokio::task::spawn_blocking(move || {
+            let sample = sampler.sample(&groups, at_ms);
+            (sampler, sample)
+        })
+        .await
+        else {
+            tracing::error!("the stats sampler panicked; no more samples");
+            return;
+        };
+        sampler = back;
+        out.send_replace(Some(Arc::new(sample)));
     }
 }
 

@@ -1,7 +1,8 @@
-//! The runs this agent holds: each has a directory with its event log, synced work tree
-//! and checkpoint dir. A run's tree is synced first (see `tree`), then starting it hands
-//! the process to the supervisor; a run the agent lost track of (the agent itself
-//! restarted) is ended as `Lost`. Syncs to one run are serialized.
+//! The runs this agent holds: each has a directory with its event log, synced work tree,
+//! checkpoint dir and (when setup makes one) venv. A run's tree is synced first (see
+//! `tree`), then starting it checks the spec, plans its setup and hands it to the
+//! supervisor; a run the agent lost track of (the agent itself restarted) is ended as
+//! `Lost`. Syncs to one run are serialized.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -9,12 +10,16 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::eventlog::EventLog;
-use crate::supervisor::{self, Handle, Launch};
+use crate::setup;
+use crate::supervisor::{self, Handle, Job};
 use crate::tree::Tree;
 use anyhow::Context;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
-use protocol::{ErrorKind, EventKind, RunCursor, RunEnd, RunId, RunSpec, WireError};
+use protocol::{
+    EndAction, ErrorKind, EventKind, Notice, RunCursor, RunEnd, RunId, RunSpec, WireError,
+};
+use tokio::sync::{Notify, mpsc};
 
 #[derive(Debug)]
 struct Entry {
@@ -29,6 +34,12 @@ pub type TreeSlot = Arc<tokio::sync::Mutex<Option<Tree>>>;
 pub struct Runs {
     runs_dir: PathBuf,
     data_dir: PathBuf,
+    log_max_bytes: u64,
+    /// Told when a run ends, with its end action.
+    ended: mpsc::UnboundedSender<(RunId, EndAction)>,
+    /// Per run, the highest sequence number handed to a controller connection.
+    delivered: Mutex<HashMap<RunId, u64>>,
+    delivered_changed: Notify,
     entries: Mutex<HashMap<RunId, Entry>>,
     /// Per run, its tree (kept open between syncs) behind the lock a sync holds from
     /// reading the tree to the swap.
@@ -38,7 +49,12 @@ pub struct Runs {
 impl Runs {
     /// Opens the run directory, ending as `Lost` every run that was active when the agent
     /// last stopped: its process is no longer supervised, so it is killed.
-    pub fn open(runs_dir: &Path, data_dir: &Path) -> anyhow::Result<Self> {
+    pub fn open(
+        runs_dir: &Path,
+        data_dir: &Path,
+        log_max_bytes: u64,
+        ended: mpsc::UnboundedSender<(RunId, EndAction)>,
+    ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(runs_dir)
             .with_context(|| format!("creating {}", runs_dir.display()))?;
         std::fs::create_dir_all(data_dir)
@@ -49,12 +65,13 @@ impl Runs {
             let Ok(run) = dirent.file_name().to_string_lossy().parse::<RunId>() else {
                 continue;
             };
-            let path = dirent.path().join("events.log");
+            let path = dirent.path().join(LOG_DIR);
             if !path.exists() {
                 continue; // synced, never started
             }
             let log = Arc::new(
-                EventLog::open(&path).with_context(|| format!("opening {}", path.display()))?,
+                EventLog::open(&path, log_max_bytes)
+                    .with_context(|| format!("opening {}", path.display()))?,
             );
             if !log.cursor().ended {
                 end_lost_run(&log);
@@ -64,6 +81,10 @@ impl Runs {
         Ok(Runs {
             runs_dir: runs_dir.to_owned(),
             data_dir: data_dir.to_owned(),
+            log_max_bytes,
+            ended,
+            delivered: Mutex::default(),
+            delivered_changed: Notify::new(),
             entries: Mutex::new(entries),
             trees: Mutex::default(),
         })
@@ -124,14 +145,15 @@ impl Runs {
             .and_then(Handle::process_group)
     }
 
-    /// Starts the process of a run whose tree has been synced.
-    /// Whatever happens, the run's log exists afterwards; a failure is recorded in it.
-    pub async fn start(&self, spec: RunSpec) -> Result<u32, WireError> {
+    /// Starts a run whose tree has been synced: checks the spec, plans its setup and
+    /// hands it to the supervisor. Whatever happens, the run's log exists afterwards; a
+    /// failure is recorded in it.
+    pub async fn start(&self, spec: RunSpec) -> Result<(), WireError> {
         let run_dir = self.run_dir(&spec.run);
         let work = Tree::work_dir(&run_dir);
         let log = {
             let mut entries = self.lock();
-            let path = run_dir.join("events.log");
+            let path = run_dir.join(LOG_DIR);
             if entries.contains_key(&spec.run) || path.exists() {
                 return Err(WireError::new(
                     ErrorKind::RunFailed,
@@ -144,7 +166,9 @@ impl Runs {
                     format!("run {} has no synced work tree on this agent", spec.run),
                 ));
             }
-            let log = Arc::new(EventLog::open(&path).map_err(|e| internal(&path, e))?);
+            let log = Arc::new(
+                EventLog::open(&path, self.log_max_bytes).map_err(|e| internal(&path, e))?,
+            );
             entries.insert(
                 spec.run.clone(),
                 Entry {
@@ -155,18 +179,28 @@ impl Runs {
             log
         };
         match self.prepare(&spec, &run_dir) {
-            Ok(launch) => {
-                let (pid, stop) = supervisor::spawn(launch, log)
-                    .map_err(|m| WireError::new(ErrorKind::RunFailed, m))?;
+            Ok(job) => {
+                let mut cursor = log.subscribe();
+                let handle = supervisor::spawn(job, log);
                 if let Some(entry) = self.lock().get_mut(&spec.run) {
-                    entry.stop = Some(stop);
+                    entry.stop = Some(handle);
                 }
-                Ok(pid)
+                let (ended, run, action) = (self.ended.clone(), spec.run.clone(), spec.end);
+                tokio::spawn(async move {
+                    if cursor.wait_for(|c| c.ended).await.is_ok() {
+                        let _ = ended.send((run, action));
+                    }
+                });
+                Ok(())
             }
-            Err(message) => {
-                if let Err(e) = log.append(EventKind::Ended(RunEnd::SpawnFailed {
-                    message: message.clone(),
-                })) {
+            Err(end) => {
+                let message = match &end {
+                    RunEnd::SetupFailed { message } | RunEnd::SpawnFailed { message } => {
+                        message.clone()
+                    }
+                    other => format!("{other:?}"),
+                };
+                if let Err(e) = log.append(EventKind::Ended(end)) {
                     tracing::warn!("run log write failed: {e}");
                 }
                 Err(WireError::new(ErrorKind::RunFailed, message))
@@ -174,23 +208,40 @@ impl Runs {
         }
     }
 
-    fn prepare(&self, spec: &RunSpec, run_dir: &Path) -> Result<Launch, String> {
+    /// Checks the spec and plans the run; an error is how the run ends.
+    fn prepare(&self, spec: &RunSpec, run_dir: &Path) -> Result<Job, RunEnd> {
+        let spawn_failed = |message: String| RunEnd::SpawnFailed { message };
+        if spec.argv.is_empty() || spec.argv[0].is_empty() {
+            return Err(spawn_failed("the command is empty".into()));
+        }
+        for (key, value) in &spec.env {
+            check_env(key, value).map_err(spawn_failed)?;
+        }
+        let spot_signal = Signal::try_from(spec.spot_signal).map_err(|_| {
+            spawn_failed(format!(
+                "{} is not a signal number (e.g. 15 for SIGTERM, 10 for SIGUSR1)",
+                spec.spot_signal
+            ))
+        })?;
         let work = Tree::work_dir(run_dir);
         let cwd = if spec.cwd.is_empty() {
             work
         } else {
-            protocol::manifest::check_path(&spec.cwd).map_err(|e| e.to_string())?;
+            protocol::manifest::check_path(&spec.cwd).map_err(|e| spawn_failed(e.to_string()))?;
             work.join(&spec.cwd)
         };
         if !cwd.is_dir() {
-            return Err(format!(
+            return Err(spawn_failed(format!(
                 "the start directory {:?} is not a directory in the synced tree",
                 spec.cwd
-            ));
+            )));
         }
         let checkpoints = run_dir.join("checkpoints");
         std::fs::create_dir_all(&checkpoints)
-            .map_err(|e| format!("creating {}: {e}", checkpoints.display()))?;
+            .map_err(|e| spawn_failed(format!("creating {}: {e}", checkpoints.display())))?;
+        let facts = setup::Facts::gather(&cwd, &spec.argv);
+        let plan = setup::plan(&spec.setup, &spec.argv, &facts, &run_dir.join("venv"))
+            .map_err(|message| RunEnd::SetupFailed { message })?;
         let mut env = vec![
             ("RUNCTL_RUN_ID".to_owned(), spec.run.to_string()),
             (
@@ -204,12 +255,92 @@ impl Runs {
             // Output reaches the user live only if Python does not block-buffer the pipe.
             ("PYTHONUNBUFFERED".to_owned(), "1".to_owned()),
         ];
+        env.extend(plan.env);
         env.extend(spec.env.iter().cloned());
-        Ok(Launch {
-            argv: spec.argv.clone(),
+        Ok(Job {
+            steps: plan.steps,
+            argv: plan.argv,
             env,
             cwd,
+            restart: spec.restart,
+            stop_grace: Duration::from_millis(spec.stop_grace_ms),
+            spot_signal,
+            checkpoints,
         })
+    }
+
+    /// Tells every active run about a spot interruption: the notice goes in its log and
+    /// its process group gets its spot signal.
+    pub fn interrupt_all(&self, action: &str, time: &str) {
+        for entry in self.lock().values() {
+            if entry.log.cursor().ended {
+                continue;
+            }
+            let Some(handle) = &entry.stop else { continue };
+            let signal = handle.spot_signal() as i32;
+            let notice = Notice::SpotInterruption {
+                action: action.to_owned(),
+                time: time.to_owned(),
+                signal,
+            };
+            if let Err(e) = entry.log.append(EventKind::Notice(notice)) {
+                tracing::warn!("run log write failed: {e}");
+            }
+            handle.interrupt();
+        }
+    }
+
+    /// Records a notice in every active run's log.
+    pub fn notify_all(&self, notice: Notice) {
+        for entry in self.lock().values() {
+            if !entry.log.cursor().ended
+                && let Err(e) = entry.log.append(EventKind::Notice(notice.clone()))
+            {
+                tracing::warn!("run log write failed: {e}");
+            }
+        }
+    }
+
+    /// Records that a connection took the run's events through `seq`.
+    pub fn mark_delivered(&self, run: &RunId, seq: u64) {
+        self.delivered
+            .lock()
+            .expect("delivery lock is never poisoned")
+            .insert(run.clone(), seq);
+        self.delivered_changed.notify_waiters();
+    }
+
+    /// Waits (at most `bound`) until every event of `run` was handed to a controller.
+    pub async fn wait_delivered(&self, run: &RunId, bound: Duration) {
+        let Some(log) = self.log(run) else { return };
+        let deadline = tokio::time::Instant::now() + bound;
+        loop {
+            let changed = self.delivered_changed.notified();
+            let delivered = self
+                .delivered
+                .lock()
+                .expect("delivery lock is never poisoned")
+                .get(run)
+                .copied()
+                .unwrap_or(0);
+            if delivered >= log.cursor().last_seq {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                tracing::warn!(
+                    "run {run}'s last events did not reach the controller within {bound:?}; they stay on this disk"
+                );
+                return;
+            }
+        }
+    }
+
+    /// The process groups of active runs, for the stats sampler.
+    pub fn process_groups(&self) -> Vec<(RunId, u32)> {
+        self.lock()
+            .iter()
+            .filter_map(|(run, e)| Some((run.clone(), e.stop.as_ref()?.process_group()?)))
+            .collect()
     }
 
     /// Restarts a running run's process (SIGTERM, SIGKILL after `grace`, start again).
@@ -246,7 +377,7 @@ impl Runs {
         })?;
         match &entry.stop {
             Some(stop) if !entry.log.cursor().ended => {
-                stop.stop(grace);
+                stop.stop(Some(grace));
                 Ok(())
             }
             _ => Err(WireError::new(
@@ -266,7 +397,7 @@ impl Runs {
             .collect();
         for (_, stop) in &active {
             if let Some(stop) = stop {
-                stop.stop(grace);
+                stop.stop(Some(grace));
             }
         }
         let bound = grace + Duration::from_secs(5);
@@ -282,6 +413,23 @@ impl Runs {
     }
 }
 
+/// A run's event log directory, inside its run directory.
+const LOG_DIR: &str = "log";
+
+/// An environment entry the OS can carry: a non-empty name without `=` or NUL, a value
+/// without NUL.
+fn check_env(key: &str, value: &str) -> Result<(), String> {
+    if key.is_empty() || key.contains(['=', '\0']) {
+        return Err(format!(
+            "{key:?} is not a valid environment variable name (no '=' or NUL, not empty)"
+        ));
+    }
+    if value.contains('\0') {
+        return Err(format!("the value of {key} contains a NUL byte"));
+    }
+    Ok(())
+}
+
 fn internal(path: &Path, e: std::io::Error) -> WireError {
     WireError::new(ErrorKind::Internal, format!("{}: {e}", path.display()))
 }
@@ -294,10 +442,11 @@ fn end_lost_run(log: &EventLog) {
             .read_batch(u64::MAX, usize::MAX)
             .ok()?
             .into_iter()
-            .find_map(|e| match e.kind {
-                EventKind::Started { pid } => Some(pid),
+            .filter_map(|e| match e.kind {
+                EventKind::Started { pid, .. } => Some(pid),
                 _ => None,
             })
+            .last()
     });
     if let Some(pid) = pid {
         let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);

@@ -5,15 +5,16 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use protocol::framed::{read_frame, spawn_reader, write_frame};
 use protocol::{
-    AgentMsg, BulkOpen, ControllerMsg, ErrorKind, FrameError, Hello, RunId, SyncApplied, SyncDone,
-    SyncGo, SyncHave, SyncOpen, WireError,
+    AgentMsg, BulkOpen, ControllerMsg, ErrorKind, FrameError, Hello, RunId, StatsSample,
+    SyncApplied, SyncDone, SyncGo, SyncHave, SyncOpen, WireError,
 };
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
 use crate::eventlog::EventLog;
@@ -40,7 +41,12 @@ pub fn hello() -> Hello {
 }
 
 /// Dials the first reachable controller endpoint and serves the session.
-pub async fn connect_and_serve(config: &AgentConfig, runs: &Arc<Runs>) -> anyhow::Result<Outcome> {
+pub async fn connect_and_serve(
+    config: &AgentConfig,
+    runs: &Arc<Runs>,
+    connected: &AtomicBool,
+    stats: watch::Receiver<Option<Arc<StatsSample>>>,
+) -> anyhow::Result<Outcome> {
     let mut last_err = None;
     for endpoint in &config.controller {
         let addr = match crate::config::resolve(endpoint).await {
@@ -88,7 +94,7 @@ pub async fn connect_and_serve(config: &AgentConfig, runs: &Arc<Runs>) -> anyhow
             }
         };
         tracing::info!("connected to the controller at {addr}");
-        let outcome = serve(conn.clone(), runs).await;
+        let outcome = serve(conn.clone(), runs, connected, stats).await;
         quic.close(0u32.into(), b"");
         return outcome;
     }
@@ -100,12 +106,18 @@ enum Event {
     Stream(Result<(quinn::SendStream, quinn::RecvStream), quinn::ConnectionError>),
     Outbound(AgentMsg),
     Heartbeat,
+    Stats,
     PumpDone(Option<RunId>),
     StoppedAll,
 }
 
 /// Serves one authenticated connection.
-pub async fn serve(conn: quinn::Connection, runs: &Arc<Runs>) -> anyhow::Result<Outcome> {
+pub async fn serve(
+    conn: quinn::Connection,
+    runs: &Arc<Runs>,
+    connected: &AtomicBool,
+    mut stats: watch::Receiver<Option<Arc<StatsSample>>>,
+) -> anyhow::Result<Outcome> {
     let (mut send, mut recv) = conn.open_bi().await?;
     let ours = hello();
     write_frame(&mut send, &AgentMsg::Hello(ours.clone())).await?;
@@ -128,6 +140,8 @@ pub async fn serve(conn: quinn::Connection, runs: &Arc<Runs>) -> anyhow::Result<
         },
     )
     .await?;
+    connected.store(true, Ordering::SeqCst);
+    stats.mark_unchanged();
 
     let (reader, mut in_rx) = spawn_reader::<_, ControllerMsg>(recv);
     let (out_tx, mut out_rx) = mpsc::channel::<AgentMsg>(64);
@@ -144,6 +158,7 @@ pub async fn serve(conn: quinn::Connection, runs: &Arc<Runs>) -> anyhow::Result<
             stream = conn.accept_bi() => Event::Stream(stream),
             Some(msg) = out_rx.recv() => Event::Outbound(msg),
             _ = heartbeat.tick() => Event::Heartbeat,
+            Ok(()) = stats.changed() => Event::Stats,
             Some(done) = pumps.join_next(), if !pumps.is_empty() => Event::PumpDone(done.ok()),
             _ = async { stopping.as_mut().expect("guarded").await }, if stopping.is_some() => Event::StoppedAll,
         };
@@ -200,7 +215,20 @@ pub async fn serve(conn: quinn::Connection, runs: &Arc<Runs>) -> anyhow::Result<
                 });
             }
             Event::Stream(Err(_)) => break Ok(Outcome::Disconnected),
-            Event::Outbound(msg) => write_frame(&mut send, &msg).await?,
+            Event::Outbound(msg) => {
+                write_frame(&mut send, &msg).await?;
+                if let AgentMsg::Events { run, events } = &msg
+                    && let Some(last) = events.last()
+                {
+                    runs.mark_delivered(run, last.seq);
+                }
+            }
+            Event::Stats => {
+                let sample = stats.borrow_and_update().clone();
+                if let Some(sample) = sample {
+                    write_frame(&mut send, &AgentMsg::Stats(Box::new((*sample).clone()))).await?;
+                }
+            }
             Event::Heartbeat => {
                 write_frame(
                     &mut send,
@@ -305,7 +333,7 @@ async fn handle_bulk(
             let run = spec.run.clone();
             let result = runs.start(spec).await;
             match &result {
-                Ok(pid) => tracing::info!(%run, pid, "run started"),
+                Ok(()) => tracing::info!(%run, "run started"),
                 Err(e) => tracing::warn!(%run, "run failed to start: {}", e.message),
             }
             write_frame(&mut send, &AgentMsg::RunStarted { run, result }).await?;

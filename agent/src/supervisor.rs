@@ -1,6 +1,8 @@
-//! Supervises one training process: spawns it in its own process group, records every line
-//! of its output in the run's event log, forwards stop requests (SIGTERM to the group, then
-//! SIGKILL after the grace period), and records how it really ended.
+//! Supervises one run: runs its setup steps, then its command, each in its own process
+//! group; records every line of output in the run's event log; forwards stop requests
+//! (SIGTERM to the group, then SIGKILL after the grace period) and spot signals; records
+//! how each attempt really ended; and starts the command again as the restart policy says,
+//! with `RUNCTL_RESUME_FROM` set to the newest checkpoint.
 
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
@@ -11,48 +13,60 @@ use std::time::Duration;
 
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
-use protocol::{EventKind, RunEnd, Stream};
-use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use protocol::{EventKind, RestartPolicy, RunEnd, Stream};
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
+use crate::checkpoints;
 use crate::eventlog::EventLog;
+use crate::lines::{LineSplitter, Piece};
+use crate::restart::{self, History};
+use crate::setup::Step;
 
-/// Output lines longer than this are split into several events.
-pub const MAX_LINE_BYTES: usize = 64 * 1024;
 /// After the process exits, how long its output pipes may stay open (held by leftover
 /// children) before the rest of its process group is killed.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often an `Ended` event that could not be written (a full disk) is tried again.
+const END_RETRY: Duration = Duration::from_secs(5);
 
-/// What to start.
+/// What to run.
 #[derive(Debug, Clone)]
-pub struct Launch {
+pub struct Job {
+    pub steps: Vec<Step>,
     pub argv: Vec<String>,
     pub env: Vec<(String, String)>,
     pub cwd: PathBuf,
+    pub restart: RestartPolicy,
+    pub stop_grace: Duration,
+    pub spot_signal: Signal,
+    pub checkpoints: PathBuf,
 }
 
 /// A request to the supervisor of a run.
 #[derive(Debug)]
 enum Control {
-    /// SIGTERM now, SIGKILL after the grace period; the run ends.
-    Stop(Duration),
+    /// SIGTERM now, SIGKILL after the grace period (the job's own when `None`); the run ends.
+    Stop(Option<Duration>),
     /// Stop the process the same way, then start it again; answers with the new pid.
     Restart(Duration, oneshot::Sender<Result<u32, String>>),
+    /// A spot interruption: send the job's spot signal; the run is not restarted after.
+    Interrupt,
 }
 
-/// A supervised run: stop it, restart it, or find its process group.
+/// A supervised run: stop it, restart it, interrupt it, or find its process group.
 #[derive(Debug, Clone)]
 pub struct Handle {
     tx: mpsc::UnboundedSender<Control>,
     /// The current process (and process group) id; 0 while none runs.
     pid: Arc<AtomicU32>,
+    spot_signal: Signal,
 }
 
 impl Handle {
-    /// Requests a stop with `grace` between SIGTERM and SIGKILL. Returns false when the
-    /// process is already gone.
-    pub fn stop(&self, grace: Duration) -> bool {
+    /// Requests a stop with `grace` between SIGTERM and SIGKILL (the job's own grace when
+    /// `None`). Returns false when the run is already over.
+    pub fn stop(&self, grace: Option<Duration>) -> bool {
         self.tx.send(Control::Stop(grace)).is_ok()
     }
 
@@ -66,7 +80,17 @@ impl Handle {
         answer.await.map_err(|_| "the run has ended".to_owned())?
     }
 
-    /// The process group of the running process, if one runs.
+    /// Sends the job's spot signal to the current process group; no restart follows.
+    pub fn interrupt(&self) -> bool {
+        self.tx.send(Control::Interrupt).is_ok()
+    }
+
+    /// The signal a spot interruption sends.
+    pub fn spot_signal(&self) -> Signal {
+        self.spot_signal
+    }
+
+    /// The process group of the running process (setup step or command), if one runs.
     pub fn process_group(&self) -> Option<u32> {
         match self.pid.load(Ordering::SeqCst) {
             0 => None,
@@ -75,54 +99,228 @@ impl Handle {
     }
 }
 
-/// Spawns the process and its supervisor task. On failure, the run's log already records
-/// `SpawnFailed` and the message is returned.
-pub fn spawn(launch: Launch, log: Arc<EventLog>) -> Result<(u32, Handle), String> {
-    let child = start(&launch, &log).map_err(|message| fail(&log, message))?;
-    let pid = child.id().expect("a just-spawned child has a pid");
+/// Starts supervising `job`; everything from here on, failures included, is recorded in
+/// the run's log, which ends with `Ended`.
+pub fn spawn(job: Job, log: Arc<EventLog>) -> Handle {
     let (tx, rx) = mpsc::unbounded_channel();
     let handle = Handle {
         tx,
-        pid: Arc::new(AtomicU32::new(pid)),
+        pid: Arc::new(AtomicU32::new(0)),
+        spot_signal: job.spot_signal,
     };
-    tokio::spawn(supervise(child, launch, log, rx, handle.pid.clone()));
-    Ok((pid, handle))
+    let pid = handle.pid.clone();
+    tokio::spawn(async move {
+        let end = supervise(&job, &log, rx, &pid).await;
+        pid.store(0, Ordering::SeqCst);
+        record_end(&log, end).await;
+    });
+    handle
 }
 
-/// Starts the process in its own process group and records `Started`.
-fn start(launch: &Launch, log: &EventLog) -> Result<tokio::process::Child, String> {
-    let Some((program, args)) = launch.argv.split_first() else {
+fn append(log: &EventLog, kind: EventKind) {
+    if let Err(e) = log.append(kind) {
+        tracing::warn!("run log write failed: {e}");
+    }
+}
+
+/// Writes the run's last event, retrying while the disk is full: a run must not stay
+/// "active" forever because its end could not be written once.
+async fn record_end(log: &EventLog, end: RunEnd) {
+    loop {
+        match log.append(EventKind::Ended(end.clone())) {
+            Ok(_) => return,
+            Err(_) if log.cursor().ended => return,
+            Err(e) => {
+                tracing::error!("could not record the end of a run (retrying): {e}");
+                tokio::time::sleep(END_RETRY).await;
+            }
+        }
+    }
+}
+
+/// What a stop or restart request left behind for the caller.
+#[derive(Debug, Default)]
+struct Requests {
+    restart: Option<oneshot::Sender<Result<u32, String>>>,
+    interrupted: bool,
+}
+
+/// Runs the setup steps and the attempts; returns how the run ended.
+async fn supervise(
+    job: &Job,
+    log: &Arc<EventLog>,
+    mut control: mpsc::UnboundedReceiver<Control>,
+    current: &AtomicU32,
+) -> RunEnd {
+    let mut interrupted = false;
+    for step in &job.steps {
+        append(
+            log,
+            EventKind::Setup {
+                command: step.shown.clone(),
+            },
+        );
+        let mut env = job.env.clone();
+        env.extend(step.env.iter().cloned());
+        let mut child = match start(&step.argv, &env, job) {
+            Ok(child) => child,
+            Err(message) => return RunEnd::SetupFailed { message },
+        };
+        current.store(pid_of(&child), Ordering::SeqCst);
+        let (end, requests) = watch_one(&mut child, log, &mut control, job).await;
+        current.store(0, Ordering::SeqCst);
+        interrupted |= requests.interrupted;
+        if let Some(reply) = requests.restart {
+            let _ = reply.send(Err("the run is still setting up".into()));
+        }
+        match end {
+            RunEnd::Exited { code: 0, .. } => {}
+            RunEnd::Exited {
+                stop_requested: true,
+                ..
+            }
+            | RunEnd::Signaled {
+                stop_requested: true,
+                ..
+            } => return end,
+            other => {
+                return RunEnd::SetupFailed {
+                    message: format!("setup step `{}` {}", step.shown, describe(&other)),
+                };
+            }
+        }
+    }
+
+    let mut history = History::default();
+    let mut attempt = 0u32;
+    let mut resume_from: Option<PathBuf> = None;
+    let mut pending_reply: Option<oneshot::Sender<Result<u32, String>>> = None;
+    loop {
+        attempt += 1;
+        let mut env = job.env.clone();
+        if let Some(checkpoint) = &resume_from {
+            env.push((
+                "RUNCTL_RESUME_FROM".into(),
+                checkpoint.display().to_string(),
+            ));
+        }
+        let mut child = match start(&job.argv, &env, job) {
+            Ok(child) => child,
+            Err(message) => {
+                if let Some(reply) = pending_reply.take() {
+                    let _ = reply.send(Err(message.clone()));
+                }
+                return RunEnd::SpawnFailed { message };
+            }
+        };
+        let pid = pid_of(&child);
+        append(log, EventKind::Started { pid, attempt });
+        current.store(pid, Ordering::SeqCst);
+        if let Some(reply) = pending_reply.take() {
+            let _ = reply.send(Ok(pid));
+        }
+        let began = Instant::now();
+        let (end, requests) = watch_one(&mut child, log, &mut control, job).await;
+        current.store(0, Ordering::SeqCst);
+        interrupted |= requests.interrupted;
+        if let Some(reply) = requests.restart {
+            append(log, EventKind::Restarted { previous: end });
+            pending_reply = Some(reply);
+            continue;
+        }
+        let Some(delay) = restart::decide(
+            job.restart,
+            &end,
+            began.elapsed(),
+            interrupted,
+            &mut history,
+        ) else {
+            return end;
+        };
+        resume_from = checkpoints::newest_in(&job.checkpoints);
+        append(
+            log,
+            EventKind::Retrying {
+                previous: end.clone(),
+                delay_ms: delay.as_millis() as u64,
+                resume_from: resume_from.as_ref().map(|p| p.display().to_string()),
+            },
+        );
+        // Waiting out the backoff: a stop ends the run here, a restart starts it now.
+        let wake = Instant::now() + delay;
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep_until(wake) => break,
+                request = control.recv() => match request {
+                    Some(Control::Stop(_)) | None => return stopped(end),
+                    Some(Control::Interrupt) => return end,
+                    Some(Control::Restart(_, reply)) => {
+                        pending_reply = Some(reply);
+                        break;
+                    }
+                },
+            }
+        }
+    }
+}
+
+/// `end`, marked as ended by a stop the user asked for.
+fn stopped(end: RunEnd) -> RunEnd {
+    match end {
+        RunEnd::Exited { code, .. } => RunEnd::Exited {
+            code,
+            stop_requested: true,
+        },
+        RunEnd::Signaled { signal, .. } => RunEnd::Signaled {
+            signal,
+            stop_requested: true,
+        },
+        other => other,
+    }
+}
+
+fn describe(end: &RunEnd) -> String {
+    match end {
+        RunEnd::Exited { code, .. } => format!("exited with code {code}"),
+        RunEnd::Signaled { signal, .. } => format!("was killed by signal {signal}"),
+        RunEnd::SpawnFailed { message }
+        | RunEnd::SetupFailed { message }
+        | RunEnd::Lost { message } => message.clone(),
+    }
+}
+
+fn pid_of(child: &tokio::process::Child) -> u32 {
+    child.id().expect("a just-spawned child has a pid")
+}
+
+/// Starts `argv` in the job's directory, in its own process group.
+fn start(
+    argv: &[String],
+    env: &[(String, String)],
+    job: &Job,
+) -> Result<tokio::process::Child, String> {
+    let Some((program, args)) = argv.split_first() else {
         return Err("the command is empty".into());
     };
     let mut command = tokio::process::Command::new(program);
     command
         .args(args)
-        .current_dir(&launch.cwd)
-        .envs(launch.env.iter().map(|(k, v)| (k, v)))
+        .current_dir(&job.cwd)
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
-    let child = command.spawn().map_err(|e| {
-        format!(
-            "could not start {program:?} in {}: {e}",
-            launch.cwd.display()
-        )
-    })?;
-    let pid = child.id().expect("a just-spawned child has a pid");
-    if let Err(e) = log.append(EventKind::Started { pid }) {
-        tracing::warn!("run log write failed: {e}");
-    }
-    Ok(child)
-}
-
-fn fail(log: &EventLog, message: String) -> String {
-    if let Err(e) = log.append(EventKind::Ended(RunEnd::SpawnFailed {
-        message: message.clone(),
-    })) {
-        tracing::warn!("run log write failed: {e}");
-    }
-    message
+    crate::reaper::spawn(&mut command).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound if !job.cwd.is_dir() => format!(
+            "could not start {program:?}: the directory {} does not exist",
+            job.cwd.display()
+        ),
+        std::io::ErrorKind::NotFound => {
+            format!("could not start {program:?}: no such program (is it installed and in PATH?)")
+        }
+        _ => format!("could not start {program:?} in {}: {e}", job.cwd.display()),
+    })
 }
 
 fn signal_group(pid: u32, signal: Signal) {
@@ -132,66 +330,38 @@ fn signal_group(pid: u32, signal: Signal) {
     }
 }
 
-/// Supervises the run's processes: the first, and each one a restart starts.
-async fn supervise(
-    mut child: tokio::process::Child,
-    launch: Launch,
-    log: Arc<EventLog>,
-    mut control: mpsc::UnboundedReceiver<Control>,
-    current: Arc<AtomicU32>,
-) {
-    loop {
-        let (end, restart) = watch_one(&mut child, &log, &mut control).await;
-        current.store(0, Ordering::SeqCst);
-        let Some(reply) = restart else {
-            if let Err(e) = log.append(EventKind::Ended(end)) {
-                tracing::error!("could not record the end of the run: {e}");
-            }
-            return;
-        };
-        if let Err(e) = log.append(EventKind::Restarted { previous: end }) {
-            tracing::warn!("run log write failed: {e}");
-        }
-        match start(&launch, &log) {
-            Ok(next) => {
-                let pid = next.id().expect("a just-spawned child has a pid");
-                current.store(pid, Ordering::SeqCst);
-                child = next;
-                let _ = reply.send(Ok(pid));
-            }
-            Err(message) => {
-                let _ = reply.send(Err(fail(&log, message)));
-                return;
-            }
-        }
-    }
-}
-
-/// Follows one process to its end, forwarding stop requests; returns how it ended and,
-/// when the stop was for a restart, where to answer.
+/// Follows one process to its end, forwarding stop, restart and interrupt requests.
 async fn watch_one(
     child: &mut tokio::process::Child,
     log: &Arc<EventLog>,
     control: &mut mpsc::UnboundedReceiver<Control>,
-) -> (RunEnd, Option<oneshot::Sender<Result<u32, String>>>) {
-    let pid = child.id().expect("a running child has a pid");
+    job: &Job,
+) -> (RunEnd, Requests) {
+    let pid = pid_of(child);
     let mut readers = tokio::task::JoinSet::new();
     let stdout = child.stdout.take().expect("stdout is piped");
     let stderr = child.stderr.take().expect("stderr is piped");
     readers.spawn(pump_lines(stdout, Stream::Stdout, log.clone()));
     readers.spawn(pump_lines(stderr, Stream::Stderr, log.clone()));
 
+    let mut requests = Requests::default();
     let mut stop_requested = false;
-    let mut restart = None;
     let mut kill_at: Option<Instant> = None;
     let status = loop {
         tokio::select! {
             status = child.wait() => break status,
-            Some(request) = control.recv(), if !stop_requested => {
+            Some(request) = control.recv() => {
                 let grace = match request {
-                    Control::Stop(grace) => grace,
+                    Control::Interrupt => {
+                        requests.interrupted = true;
+                        tracing::info!("spot interruption: sending {} to process group {pid}", job.spot_signal);
+                        signal_group(pid, job.spot_signal);
+                        continue;
+                    }
+                    _ if stop_requested => continue,
+                    Control::Stop(grace) => grace.unwrap_or(job.stop_grace),
                     Control::Restart(grace, reply) => {
-                        restart = Some(reply);
+                        requests.restart = Some(reply);
                         grace
                     }
                 };
@@ -206,6 +376,7 @@ async fn watch_one(
             }
         }
     };
+    crate::reaper::forget(pid);
 
     // Leftover children may hold the pipes open; give them a moment, then end the group.
     if tokio::time::timeout(DRAIN_TIMEOUT, drain(&mut readers))
@@ -239,7 +410,7 @@ async fn watch_one(
             message: format!("waiting for the process failed: {e}"),
         },
     };
-    (end, restart)
+    (end, requests)
 }
 
 /// Freezes a process group (SIGSTOP) until the guard is dropped (SIGCONT), waiting until
@@ -306,51 +477,36 @@ async fn drain(readers: &mut tokio::task::JoinSet<()>) {
     while readers.join_next().await.is_some() {}
 }
 
-/// Splits a stream into lines (at most [`MAX_LINE_BYTES`] each) and logs them.
-async fn pump_lines(reader: impl AsyncRead + Unpin, stream: Stream, log: Arc<EventLog>) {
-    let mut reader = BufReader::with_capacity(MAX_LINE_BYTES, reader);
-    let mut line: Vec<u8> = Vec::new();
-    let emit = |line: &mut Vec<u8>| {
-        if line.last() == Some(&b'\r') {
-            line.pop();
-        }
-        let text = String::from_utf8_lossy(line).into_owned();
-        line.clear();
-        if let Err(e) = log.append(EventKind::Output { stream, line: text }) {
-            tracing::warn!("run log write failed: {e}");
+/// Reads a stream, splits it into lines and progress updates, and logs them.
+async fn pump_lines(mut reader: impl AsyncRead + Unpin, stream: Stream, log: Arc<EventLog>) {
+    let mut splitter = LineSplitter::default();
+    let mut buf = vec![0u8; 64 * 1024];
+    let emit = |pieces: Vec<Piece>| {
+        for piece in pieces {
+            let kind = match piece {
+                Piece::Line(line) => EventKind::Output { stream, line },
+                Piece::Progress(line) => EventKind::Progress { stream, line },
+            };
+            append(&log, kind);
         }
     };
     loop {
-        let buf = match reader.fill_buf().await {
-            Ok(buf) => buf,
-            Err(e) => {
-                tracing::warn!("reading the process's {stream:?} failed: {e}");
-                break;
+        let deadline = splitter.next_deadline();
+        tokio::select! {
+            read = reader.read(&mut buf) => match read {
+                Ok(0) => break,
+                Ok(n) => emit(splitter.push(&buf[..n], std::time::Instant::now())),
+                Err(e) => {
+                    tracing::warn!("reading the process's {stream:?} failed: {e}");
+                    break;
+                }
+            },
+            () = async { tokio::time::sleep_until(deadline.expect("guarded").into()).await }, if deadline.is_some() => {
+                emit(splitter.tick(std::time::Instant::now()));
             }
-        };
-        if buf.is_empty() {
-            break;
-        }
-        let room = MAX_LINE_BYTES - line.len();
-        let (take, complete) = match buf.iter().take(room).position(|&b| b == b'\n') {
-            Some(i) => (i + 1, true),
-            None => (
-                buf.len().min(room),
-                line.len() + buf.len() >= MAX_LINE_BYTES,
-            ),
-        };
-        line.extend_from_slice(&buf[..take]);
-        reader.consume(take);
-        if complete {
-            if line.last() == Some(&b'\n') {
-                line.pop();
-            }
-            emit(&mut line);
         }
     }
-    if !line.is_empty() {
-        emit(&mut line);
-    }
+    emit(splitter.finish());
 }
 
 #[cfg(test)]
@@ -358,22 +514,33 @@ mod tests {
     use super::*;
     use protocol::RunEvent;
 
-    async fn run(argv: &[&str], stop_after: Option<Duration>) -> Vec<RunEvent> {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let log = Arc::new(EventLog::open(&dir.path().join("events.log")).expect("open"));
-        let mut cursor = log.subscribe();
-        let launch = Launch {
+    fn job(dir: &std::path::Path, argv: &[&str], restart: RestartPolicy) -> Job {
+        Job {
+            steps: Vec::new(),
             argv: argv.iter().map(|s| s.to_string()).collect(),
             env: vec![("GREETING".into(), "hello".into())],
-            cwd: dir.path().to_owned(),
-        };
-        if let Ok((_pid, stop)) = spawn(launch, log.clone())
-            && let Some(after) = stop_after
-        {
-            tokio::time::sleep(after).await;
-            stop.stop(Duration::from_millis(300));
+            cwd: dir.to_owned(),
+            restart,
+            stop_grace: Duration::from_millis(300),
+            spot_signal: Signal::SIGUSR1,
+            checkpoints: dir.join("checkpoints"),
         }
-        tokio::time::timeout(Duration::from_secs(20), cursor.wait_for(|c| c.ended))
+    }
+
+    /// Supervises `job` to its end (stopping it after `stop_after`); all its events.
+    async fn run_job(
+        dir: &std::path::Path,
+        job: Job,
+        stop_after: Option<Duration>,
+    ) -> Vec<RunEvent> {
+        let log = Arc::new(EventLog::open(&dir.join("log"), u64::MAX).expect("open"));
+        let mut cursor = log.subscribe();
+        let handle = spawn(job, log.clone());
+        if let Some(after) = stop_after {
+            tokio::time::sleep(after).await;
+            handle.stop(None);
+        }
+        tokio::time::timeout(Duration::from_secs(30), cursor.wait_for(|c| c.ended))
             .await
             .expect("the run ends in time")
             .expect("log alive");
@@ -381,6 +548,12 @@ mod tests {
             .expect("reader")
             .read_batch(u64::MAX, usize::MAX)
             .expect("read")
+    }
+
+    async fn run(argv: &[&str], stop_after: Option<Duration>) -> Vec<RunEvent> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let job = job(dir.path(), argv, RestartPolicy::Never);
+        run_job(dir.path(), job, stop_after).await
     }
 
     fn lines(events: &[RunEvent]) -> Vec<(Stream, String)> {
@@ -411,7 +584,10 @@ mod tests {
             None,
         )
         .await;
-        assert!(matches!(events[0].kind, EventKind::Started { .. }));
+        assert!(matches!(
+            events[0].kind,
+            EventKind::Started { attempt: 1, .. }
+        ));
         let mut got = lines(&events);
         got.sort();
         assert_eq!(
@@ -436,7 +612,8 @@ mod tests {
         let events = run(&["definitely-not-a-program-runctl"], None).await;
         assert_eq!(events.len(), 1);
         assert!(
-            matches!(end(&events), RunEnd::SpawnFailed { message } if message.contains("definitely-not-a-program-runctl"))
+            matches!(end(&events), RunEnd::SpawnFailed { message } if message.contains("no such program")),
+            "{events:?}"
         );
     }
 
@@ -465,16 +642,140 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn long_lines_are_split() {
+    async fn a_ten_megabyte_line_is_split_and_kept() {
         let events = run(
-            &["sh", "-c", "head -c 150000 /dev/zero | tr '\\0' 'a'; echo"],
+            &[
+                "sh",
+                "-c",
+                "head -c 10000000 /dev/zero | tr '\\0' 'a'; echo; echo next",
+            ],
             None,
         )
         .await;
-        let sizes: Vec<usize> = lines(&events).iter().map(|(_, l)| l.len()).collect();
+        let got = lines(&events);
+        let total: usize = got.iter().map(|(_, l)| l.len()).sum();
+        assert_eq!(total, 10_000_000 + "next".len());
+        assert!(
+            got.iter()
+                .all(|(_, l)| l.len() <= crate::lines::MAX_LINE_BYTES)
+        );
+        assert_eq!(got.last().map(|(_, l)| l.as_str()), Some("next"));
+    }
+
+    #[tokio::test]
+    async fn on_failure_restarts_with_the_newest_checkpoint_then_gives_up() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir(dir.path().join("checkpoints")).expect("mkdir");
+        let script = "echo \"resume=${RUNCTL_RESUME_FROM:-none}\"; \
+                      n=$(ls \"$RUNCTL_CP\" | wc -l); touch \"$RUNCTL_CP/step-$n.pt\"; exit 2";
+        let mut job = job(
+            dir.path(),
+            &["sh", "-c", script],
+            RestartPolicy::OnFailure { max_restarts: 2 },
+        );
+        job.env.push((
+            "RUNCTL_CP".into(),
+            dir.path().join("checkpoints").display().to_string(),
+        ));
+        let events = run_job(dir.path(), job, None).await;
+        let cp = |n: u32| dir.path().join(format!("checkpoints/step-{n}.pt"));
+        let resumes: Vec<String> = lines(&events).into_iter().map(|(_, l)| l).collect();
         assert_eq!(
-            sizes,
-            [MAX_LINE_BYTES, MAX_LINE_BYTES, 150_000 - 2 * MAX_LINE_BYTES]
+            resumes,
+            [
+                "resume=none".to_string(),
+                format!("resume={}", cp(0).display()),
+                format!("resume={}", cp(1).display()),
+            ]
+        );
+        let attempts: Vec<u32> = events
+            .iter()
+            .filter_map(|e| match e.kind {
+                EventKind::Started { attempt, .. } => Some(attempt),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(attempts, [1, 2, 3]);
+        let retries = events
+            .iter()
+            .filter(|e| matches!(e.kind, EventKind::Retrying { .. }))
+            .count();
+        assert_eq!(retries, 2);
+        assert_eq!(
+            end(&events),
+            RunEnd::Exited {
+                code: 2,
+                stop_requested: false
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failing_setup_step_fails_the_run_with_its_output() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut job = job(
+            dir.path(),
+            &["sh", "-c", "echo never"],
+            RestartPolicy::Always,
+        );
+        job.steps = vec![
+            crate::setup::Step {
+                shown: "first".into(),
+                argv: vec!["sh".into(), "-c".into(), "echo one".into()],
+                env: Vec::new(),
+            },
+            crate::setup::Step {
+                shown: "second".into(),
+                argv: vec!["sh".into(), "-c".into(), "echo broken >&2; exit 4".into()],
+                env: Vec::new(),
+            },
+        ];
+        let events = run_job(dir.path(), job, None).await;
+        let kinds: Vec<&EventKind> = events.iter().map(|e| &e.kind).collect();
+        assert!(matches!(kinds[0], EventKind::Setup { command } if command == "first"));
+        assert!(lines(&events).contains(&(Stream::Stdout, "one".into())));
+        assert!(lines(&events).contains(&(Stream::Stderr, "broken".into())));
+        assert!(!lines(&events).iter().any(|(_, l)| l == "never"));
+        assert_eq!(
+            end(&events),
+            RunEnd::SetupFailed {
+                message: "setup step `second` exited with code 4".into()
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn progress_lines_are_kept_apart_from_output() {
+        let events = run(
+            &[
+                "sh",
+                "-c",
+                "printf '10%%\\r50%%\\r100%%\\n'; printf 'a\\r'; sleep 1.2; echo done",
+            ],
+            None,
+        )
+        .await;
+        let kinds: Vec<EventKind> = events
+            .into_iter()
+            .map(|e| e.kind)
+            .filter(|k| matches!(k, EventKind::Output { .. } | EventKind::Progress { .. }))
+            .collect();
+        let progress = |l: &str| EventKind::Progress {
+            stream: Stream::Stdout,
+            line: l.into(),
+        };
+        let output = |l: &str| EventKind::Output {
+            stream: Stream::Stdout,
+            line: l.into(),
+        };
+        assert_eq!(
+            kinds,
+            [
+                progress("10%"),
+                output("100%"),
+                progress("a"),
+                output("done")
+            ]
         );
     }
 }

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
-use protocol::{InstanceName, RunId};
+use protocol::{EndAction, InstanceName, RestartPolicy, RunId};
 
 use crate::ipc::ProviderKind;
 use crate::report::Format;
@@ -61,11 +61,19 @@ Without --on, a fresh instance is launched for the run and terminated when the r
 the grace period); a second Ctrl-C detaches and leaves it running.
 
 The command gets RUNCTL_RUN_ID, RUNCTL_CHECKPOINT_DIR and RUNCTL_DATA_DIR in its
-environment, and PYTHONUNBUFFERED=1 so Python output streams live.
+environment, and PYTHONUNBUFFERED=1 so Python output streams live. After a restart (see
+--restart), RUNCTL_RESUME_FROM names the newest checkpoint in RUNCTL_CHECKPOINT_DIR.
+
+Setup (--setup auto, the default) looks at the start directory: a pyproject.toml or
+uv.lock runs `uv sync`; a requirements.txt is installed with uv (or python3 -m pip without
+uv); a `python script.py` whose script has PEP 723 inline metadata runs with `uv run`.
+Packages go into a venv of the run's own, which comes first in the command's PATH.
 
 Examples:
   runctl-controller run --workdir examples/quickstart -- python3 train.py
   runctl-controller run --on gpu-1 --env SEED=3 -- python3 train.py --epochs 5
+  runctl-controller run --restart on-failure:5 --spot-signal USR1 -- python3 train.py
+  runctl-controller run --setup 'make data' --setup 'pip install -e .' -- python3 train.py
   runctl-controller --output json run --detach -- python3 train.py")]
     Run(RunArgs),
 
@@ -109,13 +117,27 @@ Examples:
     /// Show a run's output; with --follow, keep streaming until the run ends.
     #[command(after_long_help = "\
 Every line the command printed is kept, numbered, and shown exactly once, in order, even
-across daemon restarts and disconnections.
+across daemon restarts and disconnections. Setup steps, restarts and notices (spot
+interruptions, lines lost to a full disk) are shown on stderr among the lines.
 
 Examples:
   runctl-controller logs run-3f9a2c1b7d4e
-  runctl-controller logs -f run-3f9a2c1b7d4e
+  runctl-controller logs -f --tail 20 run-3f9a2c1b7d4e
+  runctl-controller logs --since 10m run-3f9a2c1b7d4e
   runctl-controller --output json logs run-3f9a2c1b7d4e")]
     Logs(LogsArgs),
+
+    /// Live resource use: CPU, memory, disk, network, each run's processes, and GPUs.
+    #[command(after_long_help = "\
+Samples arrive once a second from each connected agent. With a run, only its instance and
+its process tree are shown. GPU figures come from nvidia-smi on the instance and are absent
+where it has no NVIDIA driver. Ctrl-C ends it.
+
+Examples:
+  runctl-controller top
+  runctl-controller top run-3f9a2c1b7d4e
+  runctl-controller --output json top run-3f9a2c1b7d4e")]
+    Top(TopArgs),
 
     /// Stop a run: SIGTERM to its process group, SIGKILL after the grace period.
     #[command(after_long_help = "\
@@ -178,8 +200,33 @@ pub struct RunArgs {
     pub detach: bool,
 
     /// Keep the instance launched for this run after the run ends.
-    #[arg(long, conflicts_with = "on")]
+    #[arg(long, conflicts_with_all = ["on", "end"])]
     pub keep: bool,
+
+    /// Setup before the command: `auto` (detect uv/pip, the default), `none`, or a shell
+    /// command (repeatable; run in order, the first failure fails the run).
+    #[arg(long, value_name = "auto|none|COMMAND")]
+    pub setup: Vec<String>,
+
+    /// Start the command again when it ends by itself: `never`, `on-failure[:N]` (at most N
+    /// times, default 3) or `always`; with backoff from 1 s to 60 s.
+    #[arg(long, value_name = "POLICY", default_value = "never", value_parser = parse_restart)]
+    pub restart: RestartPolicy,
+
+    /// Seconds between SIGTERM and SIGKILL when the command is stopped (default:
+    /// [daemon] stop_grace_secs, 10).
+    #[arg(long, value_name = "SECS")]
+    pub stop_grace: Option<u64>,
+
+    /// What the instance does when the run ends (default: terminate an instance launched
+    /// for the run, keep one given with --on).
+    #[arg(long, value_enum, value_name = "ACTION")]
+    pub end: Option<EndArg>,
+
+    /// The signal sent to the command when a spot interruption notice arrives, so it can
+    /// checkpoint: TERM, INT, HUP, QUIT, USR1 or USR2.
+    #[arg(long, value_name = "SIGNAL", default_value = "TERM", value_parser = parse_signal)]
+    pub spot_signal: i32,
 
     /// The command to run and its arguments, after `--`.
     #[arg(last = true, required = true, value_name = "COMMAND")]
@@ -230,6 +277,92 @@ pub struct LogsArgs {
     /// Keep streaming new output until the run ends, then exit with its status.
     #[arg(long, short = 'f')]
     pub follow: bool,
+
+    /// Only output since this long ago (e.g. 10m, 2h) or this time (RFC 3339, e.g.
+    /// 2026-11-28T09:00:00Z).
+    #[arg(long, value_name = "WHEN", value_parser = parse_since)]
+    pub since: Option<std::time::SystemTime>,
+
+    /// Only the last N lines of output (and what follows them).
+    #[arg(long, value_name = "N")]
+    pub tail: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+pub struct TopArgs {
+    /// Only this run's instance and processes, e.g. run-3f9a2c1b7d4e.
+    pub run: Option<RunId>,
+}
+
+/// `--end` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum EndArg {
+    /// Leave the instance running (an idle timeout configured on the agent still applies).
+    Keep,
+    /// Power the instance off, restartable.
+    Stop,
+    /// Power the instance off for good.
+    Terminate,
+}
+
+impl From<EndArg> for EndAction {
+    fn from(arg: EndArg) -> Self {
+        match arg {
+            EndArg::Keep => EndAction::Keep,
+            EndArg::Stop => EndAction::Stop,
+            EndArg::Terminate => EndAction::Terminate,
+        }
+    }
+}
+
+fn parse_restart(s: &str) -> Result<RestartPolicy, String> {
+    const HELP: &str = "use never, always, on-failure or on-failure:N (e.g. on-failure:5)";
+    match s {
+        "never" => Ok(RestartPolicy::Never),
+        "always" => Ok(RestartPolicy::Always),
+        "on-failure" => Ok(RestartPolicy::OnFailure { max_restarts: 3 }),
+        _ => {
+            let n = s
+                .strip_prefix("on-failure:")
+                .ok_or_else(|| format!("{s:?} is not a restart policy: {HELP}"))?;
+            let max_restarts = n
+                .parse()
+                .map_err(|_| format!("{n:?} is not a number of restarts: {HELP}"))?;
+            Ok(RestartPolicy::OnFailure { max_restarts })
+        }
+    }
+}
+
+/// Signal names as Linux numbers them.
+const SIGNALS: [(&str, i32); 6] = [
+    ("HUP", 1),
+    ("INT", 2),
+    ("QUIT", 3),
+    ("USR1", 10),
+    ("USR2", 12),
+    ("TERM", 15),
+];
+
+fn parse_signal(s: &str) -> Result<i32, String> {
+    let name = s.trim_start_matches("SIG").to_ascii_uppercase();
+    SIGNALS
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, number)| *number)
+        .ok_or_else(|| {
+            format!("{s:?} is not a signal runctl sends: use TERM, INT, HUP, QUIT, USR1 or USR2")
+        })
+}
+
+fn parse_since(s: &str) -> Result<std::time::SystemTime, String> {
+    if let Ok(ago) = humantime::parse_duration(s) {
+        return std::time::SystemTime::now()
+            .checked_sub(ago)
+            .ok_or_else(|| format!("{s:?} is too long ago"));
+    }
+    humantime::parse_rfc3339_weak(s).map_err(|_| {
+        format!("{s:?} is neither a duration (e.g. 10m, 2h) nor a time (e.g. 2026-11-28T09:00:00Z)")
+    })
 }
 
 #[derive(Debug, Args)]
@@ -300,6 +433,39 @@ mod tests {
             parse_env("1X=2")
                 .expect_err("bad name")
                 .contains("not a valid variable name")
+        );
+    }
+
+    #[test]
+    fn run_policies_and_signals() {
+        assert_eq!(parse_restart("never"), Ok(RestartPolicy::Never));
+        assert_eq!(
+            parse_restart("on-failure"),
+            Ok(RestartPolicy::OnFailure { max_restarts: 3 })
+        );
+        assert_eq!(
+            parse_restart("on-failure:7"),
+            Ok(RestartPolicy::OnFailure { max_restarts: 7 })
+        );
+        assert!(
+            parse_restart("sometimes")
+                .expect_err("bad")
+                .contains("on-failure:N")
+        );
+        assert!(
+            parse_restart("on-failure:x")
+                .expect_err("bad")
+                .contains("not a number")
+        );
+        assert_eq!(parse_signal("USR1"), Ok(10));
+        assert_eq!(parse_signal("SIGTERM"), Ok(15));
+        assert!(parse_signal("KILL").expect_err("bad").contains("USR1"));
+        assert!(parse_since("10m").is_ok());
+        assert!(parse_since("2026-11-28T09:00:00Z").is_ok());
+        assert!(
+            parse_since("yesterday")
+                .expect_err("bad")
+                .contains("e.g. 10m")
         );
     }
 

@@ -6,9 +6,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clap::Parser;
-use protocol::RunId;
+use protocol::{RunId, Setup};
 
-use crate::cli::{Cli, Command, RunArgs, SyncArgs};
+use crate::cli::{Cli, Command, LogsArgs, RunArgs, SyncArgs, TopArgs};
 use crate::config::Config;
 use crate::daemon::now_ms;
 use crate::error::{ErrorCode, UserError};
@@ -22,7 +22,11 @@ pub fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => return clap_error(e),
     };
-    let printer = Printer { format: cli.output };
+    use std::io::IsTerminal;
+    let printer = Printer {
+        format: cli.output,
+        tty: std::io::stdout().is_terminal() && std::io::stderr().is_terminal(),
+    };
     match run(cli, printer) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
@@ -55,6 +59,7 @@ fn clap_error(e: clap::Error) -> ExitCode {
         .resolve("see runctl-controller --help");
         Printer {
             format: Format::Json,
+            tty: false,
         }
         .error(&error);
         ExitCode::from(ErrorCode::BadInput.exit_code())
@@ -99,7 +104,8 @@ fn run(cli: Cli, printer: Printer) -> anyhow::Result<u8> {
                 printer.data(&view, || format!("{}\n", view.row.name));
                 Ok(0)
             }
-            Command::Logs(args) => logs(&home, printer, args.run, args.follow).await,
+            Command::Logs(args) => logs(&home, printer, args).await,
+            Command::Top(args) => top(&home, printer, args).await,
             Command::Sync(args) => sync_command(&home, printer, args).await,
             Command::Stop(args) => {
                 printer.progress(&format!("stopping {}", args.run));
@@ -290,8 +296,18 @@ fn progress_bar(total_bytes: u64) -> indicatif::ProgressBar {
     bar
 }
 
-async fn logs(home: &Home, printer: Printer, run: RunId, follow: bool) -> anyhow::Result<u8> {
-    let row = stream_run(home, printer, &run, follow, 0).await?;
+async fn logs(home: &Home, printer: Printer, args: LogsArgs) -> anyhow::Result<u8> {
+    let follow = args.follow;
+    let since_ms = args.since.map(|t| {
+        t.duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0)
+    });
+    let window = Window {
+        since_ms,
+        tail: args.tail,
+    };
+    let row = stream_run(home, printer, &args.run, follow, 0, window).await?;
     if printer.format == Format::Json {
         printer.data(&row, String::new);
     } else if row.state.is_terminal() || follow {
@@ -312,18 +328,27 @@ async fn stream_run(
     run: &RunId,
     follow: bool,
     mut after_seq: u64,
+    window: Window,
 ) -> anyhow::Result<crate::db::RunRow> {
     let mut lost = 0;
     loop {
-        let lost_daemon = match stream_once(home, printer, run, follow, &mut after_seq).await {
-            Ok(row) => return Ok(row),
-            Err(e) if e.code == ErrorCode::DaemonUnavailable && lost < RECONNECTS => e,
-            Err(e) => return Err(e.into()),
-        };
+        let lost_daemon =
+            match stream_once(home, printer, run, follow, &mut after_seq, window).await {
+                Ok(row) => return Ok(row),
+                Err(e) if e.code == ErrorCode::DaemonUnavailable && lost < RECONNECTS => e,
+                Err(e) => return Err(e.into()),
+            };
         lost += 1;
         printer.progress(&format!("{}; reconnecting", lost_daemon.message));
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Which part of a run's log `logs` shows (after any resume point).
+#[derive(Debug, Clone, Copy, Default)]
+struct Window {
+    since_ms: Option<u64>,
+    tail: Option<u64>,
 }
 
 async fn stream_once(
@@ -332,12 +357,15 @@ async fn stream_once(
     run: &RunId,
     follow: bool,
     after_seq: &mut u64,
+    window: Window,
 ) -> Result<crate::db::RunRow, UserError> {
     let mut client = Client::connect(home).await?;
     let request = Request::Logs {
         run: run.clone(),
         follow,
         after_seq: *after_seq,
+        since_ms: window.since_ms,
+        tail: window.tail,
     };
     client.send(&request).await?;
     loop {
@@ -385,6 +413,11 @@ async fn run_command(home: &Home, printer: Printer, args: RunArgs) -> anyhow::Re
         provider: args.provider,
         keep: args.keep,
         detach: args.detach,
+        setup: setup_from(&args.setup)?,
+        restart: args.restart,
+        stop_grace_secs: args.stop_grace,
+        end: args.end.map(Into::into),
+        spot_signal: args.spot_signal,
     });
     let mut client = Client::connect(home).await?;
     client.send(&request).await?;
@@ -410,7 +443,7 @@ async fn run_command(home: &Home, printer: Printer, args: RunArgs) -> anyhow::Re
             // follow it from the last event shown.
             (Err(e), Some(run)) if !args.detach => {
                 printer.progress(&format!("{}; reconnecting", e.message));
-                break stream_run(home, printer, run, true, last_seq).await?;
+                break stream_run(home, printer, run, true, last_seq, Window::default()).await?;
             }
             (Err(e), _) => {
                 return Err(e
@@ -470,6 +503,74 @@ async fn run_command(home: &Home, printer: Printer, args: RunArgs) -> anyhow::Re
         printer.progress(&report::run_summary(&row));
     }
     Ok(report::exit_status(&row))
+}
+
+/// `--setup` values: none given is `auto`; `auto` or `none` stand alone; anything else is
+/// a list of shell commands.
+fn setup_from(values: &[String]) -> Result<Setup, UserError> {
+    match values {
+        [] => Ok(Setup::Auto),
+        [only] if only == "auto" => Ok(Setup::Auto),
+        [only] if only == "none" => Ok(Setup::Skip),
+        many if many.iter().any(|v| v == "auto" || v == "none") => Err(UserError::new(
+            ErrorCode::BadInput,
+            "--setup auto and --setup none cannot be combined with other --setup values",
+        )
+        .resolve("give either one of auto/none, or only commands")),
+        many if many.iter().any(|v| v.trim().is_empty()) => Err(UserError::new(
+            ErrorCode::BadInput,
+            "--setup was given an empty command",
+        )
+        .resolve("give a shell command, e.g. --setup 'pip install -e .'")),
+        many => Ok(Setup::Commands(many.to_vec())),
+    }
+}
+
+/// `top`: redraws the latest samples in place on a terminal; JSON lines otherwise.
+async fn top(home: &Home, printer: Printer, args: TopArgs) -> anyhow::Result<u8> {
+    let mut client = Client::connect(home).await?;
+    client
+        .send(&Request::Top {
+            run: args.run.clone(),
+        })
+        .await?;
+    let mut waited = false;
+    loop {
+        let next = tokio::select! {
+            next = client.next() => next?,
+            _ = tokio::signal::ctrl_c() => return Ok(0),
+            () = tokio::time::sleep(Duration::from_secs(5)), if !waited => {
+                waited = true;
+                printer.progress("waiting for samples: no agent connected has sent one yet");
+                continue;
+            }
+        };
+        match next {
+            Some(Response::Stats(shown)) => {
+                waited = true;
+                match printer.format {
+                    Format::Json => printer.data(&shown, String::new),
+                    Format::Human => {
+                        let text = report::top_text(&shown);
+                        let clear = if printer.tty { "\x1b[H\x1b[2J" } else { "" };
+                        print!("{clear}{text}");
+                        if !printer.tty {
+                            println!();
+                        }
+                        use std::io::Write;
+                        let _ = std::io::stdout().flush();
+                    }
+                }
+            }
+            Some(Response::Run(row)) => {
+                printer.progress(&report::run_summary(&row));
+                return Ok(0);
+            }
+            Some(Response::Error(e)) => return Err(e.into()),
+            Some(other) => anyhow::bail!("unexpected answer to top: {other:?}"),
+            None => return Err(daemon_gone().into()),
+        }
+    }
 }
 
 fn request_stop(home: &Home, printer: Printer, run: RunId) {

@@ -39,6 +39,23 @@ pub struct LocalConfig {
     /// The `runctl-agent` binary the local provider starts. Default: `RUNCTL_AGENT_BIN`,
     /// else the `runctl-agent` beside this executable.
     pub agent_binary: Option<PathBuf>,
+    /// Settings written into each local agent's config.
+    #[serde(default)]
+    pub agent: LocalAgentConfig,
+}
+
+/// `[local.agent]`: what local agents are told (the agent config's keys of the same names).
+/// A local instance has no power-off command by default: "powering off" ends its agent.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalAgentConfig {
+    pub stats_interval_ms: Option<u64>,
+    pub nvidia_smi: Option<PathBuf>,
+    pub idle_timeout_secs: Option<u64>,
+    pub poweroff_command: Option<Vec<String>>,
+    /// An instance metadata endpoint (a local double, to rehearse spot notices).
+    pub metadata_endpoint: Option<String>,
+    pub log_max_bytes: Option<u64>,
 }
 
 fn default_listen() -> SocketAddr {

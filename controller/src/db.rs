@@ -74,25 +74,29 @@ pub enum InstanceState {
 pub enum RunState {
     Pending,
     Syncing,
+    SettingUp,
     Running,
     Succeeded,
     Failed,
     Stopped,
+    /// Ended after a spot interruption notice: the instance was taken back.
+    Interrupted,
 }
 
 impl RunState {
     pub fn is_terminal(self) -> bool {
         matches!(
             self,
-            RunState::Succeeded | RunState::Failed | RunState::Stopped
+            RunState::Succeeded | RunState::Failed | RunState::Stopped | RunState::Interrupted
         )
     }
 
     /// The state a run's end puts it in. A non-zero exit is a failure unless the user asked
-    /// for the stop.
-    pub fn after(end: &RunEnd) -> Self {
+    /// for the stop, or a spot interruption notice came first.
+    pub fn after(end: &RunEnd, spot_notice: bool) -> Self {
         match end {
             RunEnd::Exited { code: 0, .. } => RunState::Succeeded,
+            _ if spot_notice => RunState::Interrupted,
             RunEnd::Exited {
                 stop_requested: true,
                 ..
@@ -104,6 +108,7 @@ impl RunState {
             RunEnd::Exited { .. }
             | RunEnd::Signaled { .. }
             | RunEnd::SpawnFailed { .. }
+            | RunEnd::SetupFailed { .. }
             | RunEnd::Lost { .. } => RunState::Failed,
         }
     }
@@ -394,7 +399,7 @@ impl Db {
         let ended = state.is_terminal().then_some(now_ms);
         let changed = self.lock().execute(
             "UPDATE runs SET state = ?2, started_ms = COALESCE(started_ms, ?3), ended_ms = COALESCE(ended_ms, ?4), error = COALESCE(?5, error)
-             WHERE id = ?1 AND state NOT IN ('succeeded', 'failed', 'stopped')",
+             WHERE id = ?1 AND state NOT IN ('succeeded', 'failed', 'stopped', 'interrupted')",
             params![id.as_str(), text(&state), started, ended, error],
         )?;
         Ok(changed == 1)
@@ -457,9 +462,16 @@ impl Db {
         }
         let mut new_state = None;
         if let Some((end, at_ms)) = ended {
-            let state = RunState::after(&end);
+            let spot_notice: bool = tx.query_row(
+                "SELECT EXISTS (SELECT 1 FROM run_events WHERE run_id = ?1 AND kind LIKE '{\"notice\":{\"spot_interruption\"%')",
+                [run.as_str()],
+                |r| r.get(0),
+            )?;
+            let state = RunState::after(&end, spot_notice);
             let error = match &end {
-                RunEnd::SpawnFailed { message } | RunEnd::Lost { message } => Some(message.clone()),
+                RunEnd::SpawnFailed { message }
+                | RunEnd::SetupFailed { message }
+                | RunEnd::Lost { message } => Some(message.clone()),
                 _ => None,
             };
             let changed = tx.execute(
@@ -486,6 +498,52 @@ impl Db {
             [run.as_str()],
             |r| r.get(0),
         )?)
+    }
+
+    /// Where to start showing a run's events: after the sequence number before the first
+    /// event at or after `since_ms`, and before the last `tail` output lines.
+    pub fn start_after(
+        &self,
+        run: &RunId,
+        since_ms: Option<u64>,
+        tail: Option<u64>,
+    ) -> anyhow::Result<u64> {
+        let conn = self.lock();
+        let mut after = 0u64;
+        if let Some(since) = since_ms {
+            let first: Option<u64> = conn.query_row(
+                "SELECT MIN(seq) FROM run_events WHERE run_id = ?1 AND at_ms >= ?2",
+                params![run.as_str(), since],
+                |r| r.get(0),
+            )?;
+            after = match first {
+                Some(first) => first - 1,
+                None => conn.query_row(
+                    "SELECT COALESCE(MAX(seq), 0) FROM run_events WHERE run_id = ?1",
+                    [run.as_str()],
+                    |r| r.get(0),
+                )?,
+            };
+        }
+        if let Some(n) = tail {
+            let nth_last: Option<u64> = if n == 0 {
+                conn.query_row(
+                    "SELECT MAX(seq) FROM run_events WHERE run_id = ?1",
+                    [run.as_str()],
+                    |r| r.get(0),
+                )?
+            } else {
+                conn.query_row(
+                    "SELECT seq FROM run_events WHERE run_id = ?1 AND kind LIKE '{\"output\":%' ORDER BY seq DESC LIMIT 1 OFFSET ?2",
+                    params![run.as_str(), n - 1],
+                    |r| r.get(0),
+                )
+                .optional()?
+                .map(|seq: u64| seq - 1)
+            };
+            after = after.max(nth_last.unwrap_or(0));
+        }
+        Ok(after)
     }
 
     /// Up to `limit` events of `run` after `after_seq`, in order.
@@ -665,8 +723,36 @@ mod tests {
 
     #[test]
     fn run_end_states() {
-        let check =
-            |end: RunEnd, state: RunState| assert_eq!(RunState::after(&end), state, "{end:?}");
+        let check = |end: RunEnd, state: RunState| {
+            assert_eq!(RunState::after(&end, false), state, "{end:?}")
+        };
+        let spot = |end: RunEnd, state: RunState| {
+            assert_eq!(
+                RunState::after(&end, true),
+                state,
+                "{end:?} after a spot notice"
+            )
+        };
+        spot(
+            RunEnd::Signaled {
+                signal: 15,
+                stop_requested: false,
+            },
+            RunState::Interrupted,
+        );
+        spot(
+            RunEnd::Exited {
+                code: 0,
+                stop_requested: false,
+            },
+            RunState::Succeeded,
+        );
+        check(
+            RunEnd::SetupFailed {
+                message: "uv sync failed".into(),
+            },
+            RunState::Failed,
+        );
         check(
             RunEnd::Exited {
                 code: 0,

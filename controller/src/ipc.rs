@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use protocol::framed::{read_frame, write_frame};
-use protocol::{InstanceName, RunEvent, RunId};
+use protocol::{EndAction, InstanceName, RestartPolicy, RunEvent, RunId, Setup, StatsSample};
 use serde::{Deserialize, Serialize};
 use tokio::net::UnixStream;
 
@@ -61,6 +61,15 @@ pub struct RunRequest {
     pub keep: bool,
     /// Answer once the process has started instead of streaming its output.
     pub detach: bool,
+    pub setup: Setup,
+    pub restart: RestartPolicy,
+    /// Seconds between SIGTERM and SIGKILL; `None` for the daemon's default.
+    pub stop_grace_secs: Option<u64>,
+    /// What the agent does with the instance when the run ends; `None`: terminate an
+    /// instance launched for the run (unless `keep`), keep an existing one.
+    pub end: Option<EndAction>,
+    /// The signal a spot interruption notice sends (a Linux signal number).
+    pub spot_signal: i32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -97,6 +106,14 @@ pub enum Request {
         run: RunId,
         follow: bool,
         after_seq: u64,
+        /// Only events at or after this time (ms since the epoch).
+        since_ms: Option<u64>,
+        /// Only from the last this many output lines on.
+        tail: Option<u64>,
+    },
+    /// Resource samples as they arrive: of every connected instance, or of one run's.
+    Top {
+        run: Option<RunId>,
     },
     Stop {
         run: RunId,
@@ -106,6 +123,12 @@ pub enum Request {
         name: InstanceName,
         force: bool,
     },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InstanceStats {
+    pub instance: InstanceName,
+    pub sample: StatsSample,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -147,6 +170,8 @@ pub enum Response {
     SyncProgress(SyncProgress),
     Synced(SyncReport),
     Event(RunEvent),
+    /// The latest sample of each instance shown by `top`.
+    Stats(Vec<InstanceStats>),
     /// The final state of a run: after `Logs`, `Stop`, a finished `Run`, or a detached
     /// `Run` once its process started.
     Run(RunRow),

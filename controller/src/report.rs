@@ -3,7 +3,7 @@
 
 use std::io::Write;
 
-use protocol::{EventKind, RunEnd, RunEvent, Stream};
+use protocol::{EventKind, Notice, RunEnd, RunEvent, Stream};
 use serde::Serialize;
 
 use crate::db::{InstanceState, RunRow, RunState};
@@ -21,6 +21,8 @@ pub enum Format {
 #[derive(Debug, Clone, Copy)]
 pub struct Printer {
     pub format: Format,
+    /// Whether stderr is a terminal: progress updates then redraw one line in place.
+    pub tty: bool,
 }
 
 fn json_line(value: &impl Serialize) {
@@ -68,9 +70,41 @@ impl Printer {
                     stream: Stream::Stderr,
                     line,
                 } => eprintln!("{line}"),
+                EventKind::Progress { stream, line } => {
+                    // A terminal redraws the line in place, as it would have locally.
+                    let end = if self.tty { "\r" } else { "\n" };
+                    match stream {
+                        Stream::Stdout => {
+                            let mut out = std::io::stdout().lock();
+                            let _ = write!(out, "{line}{end}");
+                            let _ = out.flush();
+                        }
+                        Stream::Stderr => eprint!("{line}{end}"),
+                    }
+                }
+                EventKind::Setup { command } => eprintln!("runctl: setup: {command}"),
                 EventKind::Restarted { previous } => {
                     eprintln!("runctl: restarting the command ({})", end_text(previous))
                 }
+                EventKind::Retrying {
+                    previous,
+                    delay_ms,
+                    resume_from,
+                } => {
+                    let resume = resume_from
+                        .as_ref()
+                        .map(|p| format!(", resuming from {p}"))
+                        .unwrap_or_default();
+                    eprintln!(
+                        "runctl: {}; restarting in {}{resume}",
+                        end_text(previous),
+                        humantime::format_duration(std::time::Duration::from_millis(*delay_ms))
+                    )
+                }
+                EventKind::Started { attempt, .. } if *attempt > 1 => {
+                    eprintln!("runctl: attempt {attempt} started")
+                }
+                EventKind::Notice(notice) => eprintln!("runctl: {}", notice_text(notice)),
                 EventKind::Started { .. } | EventKind::Ended(_) => {}
             },
         }
@@ -102,8 +136,90 @@ fn end_text(end: &RunEnd) -> String {
         RunEnd::Signaled { signal, .. } => {
             format!("the previous process was killed by signal {signal}")
         }
-        RunEnd::SpawnFailed { message } | RunEnd::Lost { message } => message.clone(),
+        RunEnd::SpawnFailed { message }
+        | RunEnd::SetupFailed { message }
+        | RunEnd::Lost { message } => message.clone(),
     }
+}
+
+/// A notice, in words.
+pub fn notice_text(notice: &Notice) -> String {
+    match notice {
+        Notice::SpotInterruption {
+            action,
+            time,
+            signal,
+        } => format!(
+            "spot interruption notice: the instance will {action} at {time}; sent signal {signal} to the command"
+        ),
+        Notice::RebalanceRecommended { time } => {
+            format!("EC2 recommends moving off this spot instance (notice at {time})")
+        }
+        Notice::LinesDropped { lines, reason } => {
+            format!("{lines} lines of output were lost: {reason}")
+        }
+        Notice::LogTruncated { through_seq } => format!(
+            "the agent's log reached its size cap; events through #{through_seq} were deleted there"
+        ),
+    }
+}
+
+/// One screen of `top`: per instance, the host line, its runs, its GPUs.
+pub fn top_text(shown: &[crate::ipc::InstanceStats]) -> String {
+    let mut out = String::new();
+    for s in shown {
+        let h = &s.sample.host;
+        out.push_str(&format!(
+            "{}  cpu {:.0}% of {}  mem {} / {}  disk {} / {}  net rx {}/s tx {}/s\n",
+            s.instance,
+            h.cpu_percent,
+            h.cpus,
+            bytes_words(h.mem_used_bytes),
+            bytes_words(h.mem_total_bytes),
+            bytes_words(h.disk_used_bytes),
+            bytes_words(h.disk_total_bytes),
+            bytes_words(h.net_rx_bytes_per_sec),
+            bytes_words(h.net_tx_bytes_per_sec),
+        ));
+        if !s.sample.runs.is_empty() {
+            let mut t = table(&["RUN", "PROCS", "THREADS", "CPU", "RSS", "GPU MEM"]);
+            for r in &s.sample.runs {
+                t.add_row([
+                    r.run.to_string(),
+                    r.processes.to_string(),
+                    r.threads.to_string(),
+                    format!("{:.0}%", r.cpu_percent),
+                    bytes_words(r.rss_bytes),
+                    r.gpu_mem_bytes
+                        .map(bytes_words)
+                        .unwrap_or_else(|| "-".into()),
+                ]);
+            }
+            out.push_str(&format!("{t}\n"));
+        }
+        if s.sample.gpus.is_empty() {
+            out.push_str("no GPU figures (no NVIDIA driver on this instance)\n");
+        } else {
+            let mut t = table(&["GPU", "NAME", "UTIL", "MEM", "TEMP", "POWER"]);
+            let or_dash = |v: Option<String>| v.unwrap_or_else(|| "-".into());
+            for g in &s.sample.gpus {
+                t.add_row([
+                    g.index.to_string(),
+                    g.name.clone(),
+                    or_dash(g.util_percent.map(|u| format!("{u:.0}%"))),
+                    format!(
+                        "{} / {}",
+                        or_dash(g.mem_used_bytes.map(bytes_words)),
+                        or_dash(g.mem_total_bytes.map(bytes_words))
+                    ),
+                    or_dash(g.temp_c.map(|t| format!("{t:.0} C"))),
+                    or_dash(g.power_w.map(|p| format!("{p:.0} W"))),
+                ]);
+            }
+            out.push_str(&format!("{t}\n"));
+        }
+    }
+    out
 }
 
 /// Bytes for people: 1.2 MB, 512 B.
@@ -186,10 +302,12 @@ pub fn state_word(state: RunState) -> &'static str {
     match state {
         RunState::Pending => "pending",
         RunState::Syncing => "syncing",
+        RunState::SettingUp => "setting up",
         RunState::Running => "running",
         RunState::Succeeded => "succeeded",
         RunState::Failed => "failed",
         RunState::Stopped => "stopped",
+        RunState::Interrupted => "interrupted",
     }
 }
 
@@ -206,7 +324,14 @@ pub fn end_words(row: &RunRow) -> String {
     match (&row.exit, &row.error) {
         (Some(RunEnd::Exited { code, .. }), _) => format!("exit {code}"),
         (Some(RunEnd::Signaled { signal, .. }), _) => format!("signal {signal}"),
-        (Some(RunEnd::SpawnFailed { message } | RunEnd::Lost { message }), _) => message.clone(),
+        (
+            Some(
+                RunEnd::SpawnFailed { message }
+                | RunEnd::SetupFailed { message }
+                | RunEnd::Lost { message },
+            ),
+            _,
+        ) => message.clone(),
         (None, Some(error)) => error.clone(),
         (None, None) => String::new(),
     }
@@ -219,7 +344,7 @@ pub fn exit_status(row: &RunRow) -> u8 {
         Some(RunEnd::Exited { code, .. }) => (*code & 0xff) as u8,
         Some(RunEnd::Signaled { signal, .. }) => 128u8.saturating_add(*signal as u8),
         Some(RunEnd::SpawnFailed { .. }) => 127,
-        Some(RunEnd::Lost { .. }) => 1,
+        Some(RunEnd::SetupFailed { .. } | RunEnd::Lost { .. }) => 1,
         None if row.state == RunState::Succeeded => 0,
         None => 1,
     }

@@ -25,4 +25,27 @@ pub struct AgentConfigFile {
     /// Seconds between SIGTERM and SIGKILL when stopping a run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stop_grace_secs: Option<u64>,
+    /// Milliseconds between resource samples (default 1000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stats_interval_ms: Option<u64>,
+    /// The `nvidia-smi` to run for GPU figures (default: `nvidia-smi` from `PATH`; none
+    /// found means no GPU figures).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nvidia_smi: Option<PathBuf>,
+    /// Power the instance off after this many seconds with no active run and no
+    /// controller connection (default: never).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout_secs: Option<u64>,
+    /// The command that powers the instance off (e.g. `["systemctl", "poweroff"]`).
+    /// Without one, "powering off" ends the agent process (a local instance).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub poweroff_command: Option<Vec<String>>,
+    /// The EC2 instance metadata endpoint (e.g. `http://169.254.169.254`); when set and
+    /// the instance is spot, it is polled for interruption notices every 5 s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata_endpoint: Option<String>,
+    /// Per-run cap on the agent's log of a run, in bytes (default 1 GiB); the oldest
+    /// quarter is deleted when it is reached.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_max_bytes: Option<u64>,
 }

@@ -1,7 +1,7 @@
 //! runctl's wire protocol: the messages both sides exchange, their one codec, and the QUIC
 //! channel (endpoints, mutual TLS, framing) that carries them.
 //!
-//! `ids`, `message`, `codec`, `manifest`, `delta` and `agent_config` are pure: no tokio, no clock, no I/O. `tls` and `framed`
+//! `ids`, `message`, `stats`, `codec`, `manifest`, `delta` and `agent_config` are pure: no tokio, no clock, no I/O. `tls` and `framed`
 //! are the thin I/O shell around them.
 
 pub mod agent_config;
@@ -11,13 +11,15 @@ pub mod framed;
 pub mod ids;
 pub mod manifest;
 pub mod message;
+pub mod stats;
 pub mod tls;
 
 pub use codec::{FrameError, MAX_FRAME_BYTES};
 pub use ids::{EnrollToken, Fingerprint, IdError, InstanceName, RunId};
 pub use manifest::{ContentHash, Manifest};
 pub use message::*;
+pub use stats::{GpuStats, HostStats, RunStats, StatsSample};
 
 /// The version of the agent-controller protocol this build speaks. Bump it on any change
 /// to the messages; the golden encodings in `message` tests make such a change visible.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;

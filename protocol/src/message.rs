@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::ids::{EnrollToken, InstanceName, RunId};
 use crate::manifest::ContentHash;
+use crate::stats::StatsSample;
 
 /// The first message in both directions on every connection.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -39,7 +40,7 @@ impl Hello {
 }
 
 /// Messages from the agent to the controller.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum AgentMsg {
     Hello(Hello),
     /// On an enrollment connection: trade a single-use token for a client certificate.
@@ -57,16 +58,19 @@ pub enum AgentMsg {
     Heartbeat {
         active_runs: u32,
     },
-    /// The result of `StartRun`: the process was spawned (or the start failed).
+    /// The result of `StartRun`: the run is under supervision (its setup and process
+    /// follow as events), or it could not be started (the reason is also its `Ended`).
     RunStarted {
         run: RunId,
-        result: Result<u32, WireError>,
+        result: Result<(), WireError>,
     },
     /// Run events in sequence order, sent in answer to `Replay` and then live.
     Events {
         run: RunId,
         events: Vec<RunEvent>,
     },
+    /// One sample of the host's and its runs' resource use, sent at the sampling interval.
+    Stats(Box<StatsSample>),
     /// A request failed or was refused.
     Error(WireError),
 }
@@ -166,6 +170,55 @@ pub struct RunSpec {
     pub env: Vec<(String, String)>,
     /// The directory to start in, relative to the synced tree's root ("" for the root).
     pub cwd: String,
+    /// What to run before the command, once per run.
+    pub setup: Setup,
+    pub restart: RestartPolicy,
+    /// Between SIGTERM and SIGKILL when the process is stopped (by the user, a restart,
+    /// or the agent shutting down).
+    pub stop_grace_ms: u64,
+    /// What happens to the instance once the run has ended.
+    pub end: EndAction,
+    /// The signal sent to the process group when a spot interruption notice arrives, so
+    /// the trainer can checkpoint (e.g. 15 for SIGTERM, 10 for SIGUSR1).
+    pub spot_signal: i32,
+}
+
+/// The setup steps of a run, run in the start directory with output streamed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Setup {
+    /// Detect from the project: `uv sync` for a pyproject, `uv pip install -r` (or pip)
+    /// for requirements.txt, `uv run` for a PEP 723 script; nothing when none applies.
+    Auto,
+    /// No setup.
+    Skip,
+    /// These shell commands (`sh -c`), in order; the first failure fails the run.
+    Commands(Vec<String>),
+}
+
+/// When a run's process is started again after it ends by itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RestartPolicy {
+    Never,
+    /// After a failure (non-zero exit or a signal), at most `max_restarts` times.
+    OnFailure {
+        max_restarts: u32,
+    },
+    /// After every end that was not asked for, success included.
+    Always,
+}
+
+/// What the agent does with its instance when a run ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EndAction {
+    /// Leave the instance running (the idle timeout still applies).
+    Keep,
+    /// Power the instance off (stopped, restartable; on EC2 its shutdown behaviour decides).
+    Stop,
+    /// Power the instance off for good.
+    Terminate,
 }
 
 /// Where an agent's event log for one run stands.
@@ -189,15 +242,47 @@ pub struct RunEvent {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum EventKind {
-    /// The process was spawned.
-    Started { pid: u32 },
+    /// A setup step started; its output follows as `Output` events.
+    Setup { command: String },
+    /// The process was spawned; `attempt` counts from 1 and grows with each restart.
+    Started { pid: u32, attempt: u32 },
     /// One line of output, without its line terminator; invalid UTF-8 is replaced.
     Output { stream: Stream, line: String },
+    /// A carriage-return progress update (a progress bar redrawing its line); the next
+    /// `Progress` or `Output` of the stream replaces it. Rate-limited by the agent.
+    Progress { stream: Stream, line: String },
     /// The process ended because a restart was asked for (`sync --restart`); a new
     /// `Started` follows.
     Restarted { previous: RunEnd },
+    /// The process ended by itself and the restart policy starts it again after `delay_ms`,
+    /// with `RUNCTL_RESUME_FROM` set to `resume_from` when a checkpoint exists.
+    Retrying {
+        previous: RunEnd,
+        delay_ms: u64,
+        resume_from: Option<String>,
+    },
+    /// Something the user should know that is not output: a spot notice, lost lines.
+    Notice(Notice),
     /// The run is over. Always the last event of a run.
     Ended(RunEnd),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Notice {
+    /// EC2 will interrupt this spot instance (`action` is stop, hibernate or terminate, at
+    /// `time`, ISO 8601); the process group was sent `signal`.
+    SpotInterruption {
+        action: String,
+        time: String,
+        signal: i32,
+    },
+    /// EC2 recommends moving off this spot instance soon (no signal is sent).
+    RebalanceRecommended { time: String },
+    /// Output lines that could not be written to the agent's disk (e.g. it was full).
+    LinesDropped { lines: u64, reason: String },
+    /// The log reached its size cap; events up to `through_seq` were deleted on the agent.
+    LogTruncated { through_seq: u64 },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -217,6 +302,8 @@ pub enum RunEnd {
     Signaled { signal: i32, stop_requested: bool },
     /// The process could not be started (program not found, work dir unusable, ...).
     SpawnFailed { message: String },
+    /// A setup step failed (its output is in the run's log before this).
+    SetupFailed { message: String },
     /// The agent lost track of the process (e.g. the agent itself was restarted).
     Lost { message: String },
 }
@@ -299,7 +386,7 @@ mod tests {
             AgentMsg::Heartbeat { active_runs: 2 },
             AgentMsg::RunStarted {
                 run: run_id(),
-                result: Ok(4242),
+                result: Ok(()),
             },
             AgentMsg::RunStarted {
                 run: run_id(),
@@ -311,7 +398,7 @@ mod tests {
                     RunEvent {
                         seq: 1,
                         at_ms: 1_700_000_000_000,
-                        kind: EventKind::Started { pid: 7 },
+                        kind: EventKind::Started { pid: 7, attempt: 1 },
                     },
                     RunEvent {
                         seq: 2,
@@ -344,6 +431,72 @@ mod tests {
                 restarted_pid: Some(99),
             }),
         }));
+        let more_events = [
+            EventKind::Setup {
+                command: "uv sync".into(),
+            },
+            EventKind::Progress {
+                stream: Stream::Stderr,
+                line: "50%".into(),
+            },
+            EventKind::Retrying {
+                previous: RunEnd::SetupFailed {
+                    message: "x".into(),
+                },
+                delay_ms: 1000,
+                resume_from: Some("/c/step-9.pt".into()),
+            },
+            EventKind::Notice(Notice::SpotInterruption {
+                action: "terminate".into(),
+                time: "2026-11-28T08:22:00Z".into(),
+                signal: 15,
+            }),
+            EventKind::Notice(Notice::RebalanceRecommended {
+                time: "2026-11-28T08:20:00Z".into(),
+            }),
+            EventKind::Notice(Notice::LinesDropped {
+                lines: 3,
+                reason: "disk full".into(),
+            }),
+            EventKind::Notice(Notice::LogTruncated { through_seq: 99 }),
+        ];
+        rendered.extend(more_events.into_iter().map(|kind| {
+            golden(&RunEvent {
+                seq: 5,
+                at_ms: 2,
+                kind,
+            })
+        }));
+        rendered.push(golden(&AgentMsg::Stats(Box::new(StatsSample {
+            at_ms: 3,
+            host: crate::stats::HostStats {
+                cpus: 16,
+                cpu_percent: 12.5,
+                mem_used_bytes: 1 << 30,
+                mem_total_bytes: 1 << 34,
+                disk_used_bytes: 5,
+                disk_total_bytes: 10,
+                net_rx_bytes_per_sec: 100,
+                net_tx_bytes_per_sec: 200,
+            },
+            runs: vec![crate::stats::RunStats {
+                run: run_id(),
+                processes: 2,
+                threads: 9,
+                cpu_percent: 99.5,
+                rss_bytes: 1 << 28,
+                gpu_mem_bytes: Some(1 << 33),
+            }],
+            gpus: vec![crate::stats::GpuStats {
+                index: 0,
+                name: "NVIDIA H200".into(),
+                util_percent: Some(97.0),
+                mem_used_bytes: Some(1 << 33),
+                mem_total_bytes: None,
+                temp_c: Some(61.0),
+                power_w: Some(500.5),
+            }],
+        }))));
         rendered.push(golden(&RunEvent {
             seq: 4,
             at_ms: 1,
@@ -382,6 +535,11 @@ mod tests {
                 argv: vec!["python3".into(), "train.py".into()],
                 env: vec![("SEED".into(), "1".into())],
                 cwd: "src".into(),
+                setup: Setup::Commands(vec!["uv sync".into()]),
+                restart: RestartPolicy::OnFailure { max_restarts: 3 },
+                stop_grace_ms: 10_000,
+                end: EndAction::Terminate,
+                spot_signal: 10,
             }),
             BulkOpen::Sync(SyncOpen {
                 run: run_id(),
@@ -424,7 +582,7 @@ mod tests {
         };
         let err = ours.check_peer(&theirs).expect_err("versions differ");
         assert_eq!(err.kind, ErrorKind::VersionMismatch);
-        assert!(err.message.contains("speaks 2"), "{}", err.message);
+        assert!(err.message.contains("speaks 3"), "{}", err.message);
         assert!(err.message.contains("speaks 999"), "{}", err.message);
         assert!(ours.check_peer(&ours.clone()).is_ok());
     }

@@ -47,6 +47,8 @@ async fn hostile_controller() -> Hostile {
         Runs::open(
             &dir.path().join("state/runs"),
             &dir.path().join("state/data"),
+            agent::eventlog::DEFAULT_MAX_BYTES,
+            tokio::sync::mpsc::unbounded_channel().0,
         )
         .expect("runs"),
     );
@@ -62,7 +64,9 @@ async fn hostile_controller() -> Hostile {
         conn.expect("controller side"),
     );
     let agent = tokio::spawn(async move {
-        let _ = agent::session::serve(agent_conn, &runs).await;
+        let connected = std::sync::atomic::AtomicBool::new(false);
+        let (_stats_tx, stats) = tokio::sync::watch::channel(None);
+        let _ = agent::session::serve(agent_conn, &runs, &connected, stats).await;
         drop(client);
     });
     let (mut send, mut recv) = conn.accept_bi().await.expect("control stream");

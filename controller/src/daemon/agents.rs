@@ -228,6 +228,13 @@ async fn serve_agent(
                         write_frame(&mut send, &ControllerMsg::Error(e)).await?;
                     }
                 }
+                AgentMsg::Stats(sample) => {
+                    d.stats
+                        .lock()
+                        .expect("stats lock")
+                        .insert(instance.clone(), Arc::new(*sample));
+                    d.stats_changed.send_modify(|n| *n += 1);
+                }
                 AgentMsg::Heartbeat { active_runs } => {
                     tracing::debug!("heartbeat from {instance}: {active_runs} active runs");
                 }
@@ -253,6 +260,7 @@ async fn serve_agent(
         let mut agents = d.agents.lock().expect("agents lock");
         if agents.get(&instance).is_some_and(|link| link.id == id) {
             agents.remove(&instance);
+            d.stats.lock().expect("stats lock").remove(&instance);
         }
     }
     d.bump_agents();
@@ -304,7 +312,7 @@ fn reconcile(
     }
     for row in d.db.runs_on(instance)? {
         let known = cursors.iter().any(|c| c.run == row.id);
-        if row.state == RunState::Running && !known {
+        if matches!(row.state, RunState::Running | RunState::SettingUp) && !known {
             d.db.set_run_state(
                 &row.id,
                 RunState::Failed,
@@ -336,11 +344,14 @@ fn on_events(
             ));
         }
     }
-    if events
-        .iter()
-        .any(|e| matches!(e.kind, EventKind::Started { .. }))
-    {
-        d.db.set_run_state(run, RunState::Running, now_ms(), None)
+    // The latest phase among the events: setup steps come before the first start.
+    let phase = events.iter().rev().find_map(|e| match e.kind {
+        EventKind::Started { .. } => Some(RunState::Running),
+        EventKind::Setup { .. } => Some(RunState::SettingUp),
+        _ => None,
+    });
+    if let Some(state) = phase {
+        d.db.set_run_state(run, state, now_ms(), None)
             .map_err(internal)?;
     }
     let (_, ended) = d.db.insert_events(run, events).map_err(internal)?;

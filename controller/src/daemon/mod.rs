@@ -64,6 +64,9 @@ pub struct Daemon {
     pending_stops: Mutex<HashSet<RunId>>,
     /// Stat caches and what each agent's trees hold.
     sync: sync::SyncState,
+    /// The latest resource sample of each connected agent, and a counter bumped on each.
+    stats: Mutex<HashMap<InstanceName, Arc<protocol::StatsSample>>>,
+    stats_changed: watch::Sender<u64>,
     /// Every task the daemon spawns that must finish (or be cut off) on shutdown.
     tasks: TaskTracker,
     shutdown: CancellationToken,
@@ -194,6 +197,8 @@ pub async fn serve(
         run_changes: Mutex::new(HashMap::new()),
         pending_stops: Mutex::new(HashSet::new()),
         sync: sync::SyncState::new(sync::load_trees(&home.sync_dir())),
+        stats: Mutex::default(),
+        stats_changed: watch::channel(0).0,
         tasks: TaskTracker::new(),
         shutdown: CancellationToken::new(),
     });

@@ -6,15 +6,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use protocol::framed::{read_frame, write_frame};
-use protocol::{RunId, RunSpec};
+use protocol::{EndAction, RunId, RunSpec};
 use tokio::net::UnixStream;
 
 use super::{Daemon, now_ms, runs, sync};
 use crate::db::{RunRow, RunState};
 use crate::error::{ErrorCode, UserError};
 use crate::ipc::{
-    ClientHello, DaemonHello, InstanceView, ListReport, Request, Response, Restart, RunRequest,
-    StatusReport, SyncRequest, VERSION,
+    ClientHello, DaemonHello, InstanceStats, InstanceView, ListReport, Request, Response, Restart,
+    RunRequest, StatusReport, SyncRequest, VERSION,
 };
 
 /// How long a request that needs an agent waits for it to (re)connect.
@@ -98,13 +98,17 @@ async fn dispatch(
             run,
             follow,
             after_seq,
+            since_ms,
+            tail,
         } => {
             if d.db.run(&run)?.is_none() {
                 return Err(runs::not_found_run(&run).into());
             }
-            let row = stream_events(d, stream, &run, follow, after_seq).await?;
+            let start = d.db.start_after(&run, since_ms, tail)?;
+            let row = stream_events(d, stream, &run, follow, after_seq.max(start)).await?;
             write_frame(stream, &Response::Run(row)).await?;
         }
+        Request::Top { run } => top(d, stream, run).await?,
         Request::Sync(req) => sync_request(d, stream, req).await?,
         Request::Stop { run, grace_secs } => {
             let grace = grace_secs
@@ -302,11 +306,25 @@ async fn run(d: &Arc<Daemon>, stream: &mut UnixStream, req: RunRequest) -> anyho
         },
     )
     .await?;
+    let end = req.end.unwrap_or(if launched && !req.keep {
+        EndAction::Terminate
+    } else {
+        EndAction::Keep
+    });
     let spec = RunSpec {
         run: run_id.clone(),
         argv: req.argv,
         env: req.env,
         cwd: req.cwd,
+        setup: req.setup,
+        restart: req.restart,
+        stop_grace_ms: req
+            .stop_grace_secs
+            .map(Duration::from_secs)
+            .unwrap_or(d.config.daemon.stop_grace())
+            .as_millis() as u64,
+        end,
+        spot_signal: req.spot_signal,
     };
     let d2 = d.clone();
     let (run2, root) = (run_id.clone(), req.root);
@@ -361,6 +379,7 @@ async fn announce_phase(
 fn phase_message(state: RunState) -> Option<&'static str> {
     match state {
         RunState::Syncing => Some("uploading the work dir"),
+        RunState::SettingUp => Some("setting up"),
         RunState::Running => Some("running"),
         _ => None,
     }
@@ -403,6 +422,67 @@ async fn stream_events(
                 ErrorCode::DaemonUnavailable,
                 "the daemon is stopping; the run goes on",
             ).resolve(format!("follow it again: runctl-controller logs -f {run}"))),
+        }
+    }
+}
+
+/// Streams the latest resource samples (of one run's instance, with only that run's
+/// processes, when `run` is given) until the client goes away or the run ends.
+async fn top(d: &Arc<Daemon>, stream: &mut UnixStream, run: Option<RunId>) -> anyhow::Result<()> {
+    let row = match &run {
+        Some(run) => Some(d.db.run(run)?.ok_or_else(|| runs::not_found_run(run))?),
+        None => None,
+    };
+    if let Some(row) = &row
+        && row.state.is_terminal()
+    {
+        return Err(UserError::new(
+            ErrorCode::Conflict,
+            format!(
+                "run {} already ended ({})",
+                row.id,
+                crate::report::state_word(row.state)
+            ),
+        )
+        .resolve(format!("see its output: runctl-controller logs {}", row.id))
+        .into());
+    }
+    let mut changes = d.stats_changed.subscribe();
+    let mut run_changes = run.as_ref().map(|r| d.run_watch(r));
+    loop {
+        changes.borrow_and_update();
+        let mut shown: Vec<InstanceStats> = d
+            .stats
+            .lock()
+            .expect("stats lock")
+            .iter()
+            .filter(|(name, _)| row.as_ref().is_none_or(|r| &r.instance == *name))
+            .map(|(name, sample)| InstanceStats {
+                instance: name.clone(),
+                sample: (**sample).clone(),
+            })
+            .collect();
+        shown.sort_by(|a, b| a.instance.cmp(&b.instance));
+        if let Some(run) = &run {
+            for s in &mut shown {
+                s.sample.runs.retain(|r| &r.run == run);
+            }
+        }
+        if !shown.is_empty() {
+            write_frame(stream, &Response::Stats(shown)).await?;
+        }
+        tokio::select! {
+            changed = changes.changed() => if changed.is_err() { return Ok(()) },
+            ended = async { run_changes.as_mut().expect("guarded").changed().await }, if run_changes.is_some() => {
+                let state = run.as_ref().and_then(|r| d.db.run(r).ok().flatten()).map(|r| r.state);
+                if ended.is_err() || state.is_none_or(RunState::is_terminal) {
+                    if let Some(row) = run.as_ref().and_then(|r| d.db.run(r).ok().flatten()) {
+                        write_frame(stream, &Response::Run(row)).await?;
+                    }
+                    return Ok(());
+                }
+            }
+            () = d.shutdown.cancelled() => return Ok(()),
         }
     }
 }

@@ -57,6 +57,7 @@ pub(super) async fn launch(
             endpoint: d.quic_addr,
             agent_bin: &agent_bin,
             stop_grace_secs: d.config.daemon.stop_grace_secs,
+            agent: &d.config.local.agent,
         },
     )
     .map_err(|e| {
@@ -136,12 +137,9 @@ async fn try_start(
     .await
     .context("the agent did not confirm the start within 10 minutes")??;
     match answer {
-        Some(AgentMsg::RunStarted {
-            result: Ok(pid), ..
-        }) => {
-            tracing::info!(%run, pid, "run started on {instance}");
-            d.db.set_run_state(run, RunState::Running, now_ms(), None)?;
-            d.bump_run(run);
+        Some(AgentMsg::RunStarted { result: Ok(()), .. }) => {
+            // Its events (setup steps, the process start) move its state from here on.
+            tracing::info!(%run, "run started on {instance}");
             if d.pending_stops
                 .lock()
                 .expect("pending stops lock")

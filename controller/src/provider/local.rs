@@ -60,6 +60,8 @@ pub struct LaunchSpec<'a> {
     pub endpoint: SocketAddr,
     pub agent_bin: &'a Path,
     pub stop_grace_secs: u64,
+    /// Agent settings from `[local.agent]` in the controller's config.
+    pub agent: &'a crate::config::LocalAgentConfig,
 }
 
 /// Writes the instance's agent config (owner-only) and starts the agent in a session of
@@ -83,6 +85,12 @@ pub fn launch(home: &Home, spec: LaunchSpec<'_>) -> anyhow::Result<tokio::proces
         token: spec.token,
         state_dir: PathBuf::from("state"),
         stop_grace_secs: Some(spec.stop_grace_secs),
+        stats_interval_ms: spec.agent.stats_interval_ms,
+        nvidia_smi: spec.agent.nvidia_smi.clone(),
+        idle_timeout_secs: spec.agent.idle_timeout_secs,
+        poweroff_command: spec.agent.poweroff_command.clone(),
+        metadata_endpoint: spec.agent.metadata_endpoint.clone(),
+        log_max_bytes: spec.agent.log_max_bytes,
     };
     let config_path = config_path(home, spec.name);
     protocol::tls::write_private(&config_path, toml::to_string(&config)?.as_bytes())

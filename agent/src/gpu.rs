@@ -1,0 +1,265 @@
+//! GPU figures from `nvidia-smi`, never NVML: the agent is a static binary, and a dlopen of
+//! the driver's library from one crashes when the host's glibc differs from the build's.
+//! Two long-lived children stream CSV (`-lms`): one line per GPU per interval, and one
+//! line per compute process per interval. The parsers are pure and table-tested; the
+//! monitor keeps the latest of each, and is simply absent on a host without a driver.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use protocol::GpuStats;
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+/// The `--query-gpu` fields, in the order [`parse_gpu_line`] reads them.
+pub const GPU_QUERY: &str =
+    "index,name,utilization.gpu,memory.used,memory.total,temperature.gpu,power.draw";
+/// The `--query-compute-apps` fields, in the order [`parse_app_line`] reads them.
+pub const APP_QUERY: &str = "pid,used_memory";
+const MIB: u64 = 1024 * 1024;
+/// A driver that is absent or broken is looked for again after this long.
+const RETRY: Duration = Duration::from_secs(60);
+
+/// A number field; `[N/A]`, `[Not Supported]` and the like are absent.
+fn number(field: &str) -> Option<f64> {
+    field.trim().parse::<f64>().ok().filter(|v| v.is_finite())
+}
+
+/// One line of `--query-gpu=GPU_QUERY --format=csv,noheader,nounits`.
+pub fn parse_gpu_line(line: &str) -> Option<GpuStats> {
+    let fields: Vec<&str> = line.split(',').map(str::trim).collect();
+    if fields.len() != 7 {
+        return None;
+    }
+    Some(GpuStats {
+        index: fields[0].parse().ok()?,
+        name: fields[1].to_owned(),
+        util_percent: number(fields[2]).map(|v| v as f32),
+        mem_used_bytes: number(fields[3]).map(|v| (v * MIB as f64) as u64),
+        mem_total_bytes: number(fields[4]).map(|v| (v * MIB as f64) as u64),
+        temp_c: number(fields[5]).map(|v| v as f32),
+        power_w: number(fields[6]).map(|v| v as f32),
+    })
+}
+
+/// One line of `--query-compute-apps=APP_QUERY --format=csv,noheader,nounits`: a process
+/// and the GPU memory it holds on one GPU.
+pub fn parse_app_line(line: &str) -> Option<(u32, u64)> {
+    let (pid, mem) = line.split_once(',')?;
+    let pid = pid.trim().parse().ok()?;
+    let mem = number(mem)?;
+    Some((pid, (mem * MIB as f64) as u64))
+}
+
+#[derive(Debug, Default)]
+struct Latest {
+    gpus: BTreeMap<u32, (GpuStats, Instant)>,
+    /// Per pid: memory summed over the GPUs reported in the current interval.
+    apps: HashMap<u32, (u64, Instant)>,
+}
+
+/// The latest figures from the `nvidia-smi` children.
+#[derive(Debug, Clone)]
+pub struct Monitor {
+    latest: Arc<Mutex<Latest>>,
+    interval: Duration,
+}
+
+impl Monitor {
+    /// Starts the children (and restarts them when they fail). `None` when `nvidia_smi`
+    /// cannot be run at all on this host.
+    pub fn start(nvidia_smi: PathBuf, interval: Duration) -> Option<Self> {
+        let probe = std::process::Command::new(&nvidia_smi)
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        if !probe.is_ok_and(|s| s.success()) {
+            tracing::info!(
+                "{} is not available: no GPU figures on this host",
+                nvidia_smi.display()
+            );
+            return None;
+        }
+        let monitor = Monitor {
+            latest: Arc::default(),
+            interval,
+        };
+        let ms = interval.as_millis().max(100).to_string();
+        let gpu_args = vec![
+            format!("--query-gpu={GPU_QUERY}"),
+            "--format=csv,noheader,nounits".to_owned(),
+            "-lms".to_owned(),
+            ms.clone(),
+        ];
+        let app_args = vec![
+            format!("--query-compute-apps={APP_QUERY}"),
+            "--format=csv,noheader,nounits".to_owned(),
+            "-lms".to_owned(),
+            ms,
+        ];
+        tokio::spawn(follow(
+            nvidia_smi.clone(),
+            gpu_args,
+            monitor.clone(),
+            Kind::Gpu,
+        ));
+        tokio::spawn(follow(nvidia_smi, app_args, monitor.clone(), Kind::App));
+        Some(monitor)
+    }
+
+    /// The GPUs, as of their latest lines (stale ones dropped).
+    pub fn gpus(&self, now: Instant) -> Vec<GpuStats> {
+        let latest = self.latest.lock().expect("gpu lock is never poisoned");
+        latest
+            .gpus
+            .values()
+            .filter(|(_, seen)| now.duration_since(*seen) < self.interval * 3)
+            .map(|(g, _)| g.clone())
+            .collect()
+    }
+
+    /// GPU memory held by `pids`, summed.
+    pub fn memory_of(&self, pids: &[u32], now: Instant) -> u64 {
+        let latest = self.latest.lock().expect("gpu lock is never poisoned");
+        pids.iter()
+            .filter_map(|pid| latest.apps.get(pid))
+            .filter(|(_, seen)| now.duration_since(*seen) < self.interval * 3)
+            .map(|(mem, _)| mem)
+            .sum()
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Gpu,
+    App,
+}
+
+/// Runs one `nvidia-smi` child for as long as the agent lives, restarting it after a pause
+/// when it ends.
+async fn follow(program: PathBuf, args: Vec<String>, monitor: Monitor, kind: Kind) {
+    loop {
+        let mut command = tokio::process::Command::new(&program);
+        command
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true);
+        match crate::reaper::spawn(&mut command) {
+            Ok(mut child) => {
+                let pid = child.id().unwrap_or(0);
+                if let Some(stdout) = child.stdout.take() {
+                    let mut lines = BufReader::new(stdout).lines();
+                    while let Ok(Some(line)) = lines.next_line().await {
+                        monitor.record(kind, &line, Instant::now());
+                    }
+                }
+                let status = child.wait().await;
+                crate::reaper::forget(pid);
+                tracing::warn!(
+                    "{} ended ({status:?}); restarting it in {RETRY:?}",
+                    program.display()
+                );
+            }
+            Err(e) => tracing::warn!("starting {}: {e}", program.display()),
+        }
+        tokio::time::sleep(RETRY).await;
+    }
+}
+
+impl Monitor {
+    fn record(&self, kind: Kind, line: &str, now: Instant) {
+        let mut latest = self.latest.lock().expect("gpu lock is never poisoned");
+        match kind {
+            Kind::Gpu => {
+                if let Some(gpu) = parse_gpu_line(line) {
+                    latest.gpus.insert(gpu.index, (gpu, now));
+                }
+            }
+            Kind::App => {
+                if let Some((pid, mem)) = parse_app_line(line) {
+                    // A process on several GPUs has one line per GPU in the same interval.
+                    let entry = latest.apps.entry(pid).or_insert((0, now));
+                    if now.duration_since(entry.1) > self.interval / 2 {
+                        *entry = (0, now);
+                    }
+                    entry.0 += mem;
+                    entry.1 = now;
+                }
+                let interval = self.interval;
+                latest
+                    .apps
+                    .retain(|_, (_, seen)| now.duration_since(*seen) < interval * 3);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check_gpu(line: &str, expected: Option<GpuStats>) {
+        assert_eq!(parse_gpu_line(line), expected, "{line:?}");
+    }
+
+    #[test]
+    fn gpu_lines() {
+        check_gpu(
+            "0, NVIDIA H200, 97, 80521, 143771, 64, 512.34",
+            Some(GpuStats {
+                index: 0,
+                name: "NVIDIA H200".into(),
+                util_percent: Some(97.0),
+                mem_used_bytes: Some(80_521 * MIB),
+                mem_total_bytes: Some(143_771 * MIB),
+                temp_c: Some(64.0),
+                power_w: Some(512.34),
+            }),
+        );
+        check_gpu(
+            "3, Tesla T4, [N/A], 0, 15360, 31, [Not Supported]",
+            Some(GpuStats {
+                index: 3,
+                name: "Tesla T4".into(),
+                util_percent: None,
+                mem_used_bytes: Some(0),
+                mem_total_bytes: Some(15_360 * MIB),
+                temp_c: Some(31.0),
+                power_w: None,
+            }),
+        );
+        check_gpu("", None);
+        check_gpu("No devices were found", None);
+        check_gpu("x, NVIDIA A10G, 1, 2, 3, 4, 5", None);
+        check_gpu("0, a, 1, 2, 3, 4", None);
+    }
+
+    #[test]
+    fn app_lines() {
+        assert_eq!(parse_app_line("4242, 10240"), Some((4242, 10_240 * MIB)));
+        assert_eq!(parse_app_line(" 7 , [N/A]"), None);
+        assert_eq!(parse_app_line("No running processes found"), None);
+        assert_eq!(parse_app_line(""), None);
+    }
+
+    #[test]
+    fn a_process_on_two_gpus_is_summed_per_interval() {
+        let monitor = Monitor {
+            latest: Arc::default(),
+            interval: Duration::from_secs(1),
+        };
+        let t0 = Instant::now();
+        monitor.record(Kind::App, "10, 100", t0);
+        monitor.record(Kind::App, "10, 50", t0);
+        assert_eq!(monitor.memory_of(&[10], t0), 150 * MIB);
+        let t1 = t0 + Duration::from_secs(1);
+        monitor.record(Kind::App, "10, 70", t1);
+        assert_eq!(monitor.memory_of(&[10, 11], t1), 70 * MIB);
+        assert_eq!(monitor.memory_of(&[10], t1 + Duration::from_secs(5)), 0);
+    }
+}

@@ -1,0 +1,92 @@
+//! Child processes and orphans. Every process the agent starts goes through [`spawn`],
+//! which remembers it until its owner has waited for it. When the agent is PID 1 (the
+//! start command of a container), orphaned grandchildren are re-parented to it and must be
+//! reaped or they stay zombies: [`run`] reaps every zombie child that nobody is waiting on.
+
+use std::collections::BTreeSet;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use nix::sys::wait::{WaitPidFlag, waitpid};
+use nix::unistd::Pid;
+
+/// Pids of children whose owners wait for them (tokio reaps those).
+static OWNED: Mutex<BTreeSet<u32>> = Mutex::new(BTreeSet::new());
+
+fn owned() -> std::sync::MutexGuard<'static, BTreeSet<u32>> {
+    OWNED
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Spawns `command`, remembering the child as owned. The lock is held across the spawn so
+/// the reaper never sees the new child unowned.
+pub fn spawn(command: &mut tokio::process::Command) -> std::io::Result<tokio::process::Child> {
+    let mut owned = owned();
+    let child = command.spawn()?;
+    if let Some(pid) = child.id() {
+        owned.insert(pid);
+    }
+    Ok(child)
+}
+
+/// The owner of `pid` has waited for it.
+pub fn forget(pid: u32) {
+    owned().remove(&pid);
+}
+
+/// Reaps orphans once a second, when this process is PID 1; otherwise returns at once
+/// (the system's init reaps them).
+pub async fn run() {
+    if std::process::id() != 1 {
+        return;
+    }
+    tracing::info!("running as PID 1: reaping orphaned processes");
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let reaped = reap_orphans();
+        if reaped > 0 {
+            tracing::debug!("reaped {reaped} orphaned processes");
+        }
+    }
+}
+
+/// Reaps zombie children of this process that nobody owns; returns how many.
+pub fn reap_orphans() -> usize {
+    let me = std::process::id();
+    let owned = owned();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    let mut reaped = 0;
+    for proc in procs.flatten() {
+        let Some(pid) = proc
+            .file_name()
+            .to_str()
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if owned.contains(&pid) {
+            continue;
+        }
+        let Ok(stat) = std::fs::read_to_string(proc.path().join("stat")) else {
+            continue;
+        };
+        // "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let mut fields = rest.split_whitespace();
+        let state = fields.next();
+        let ppid = fields.next().and_then(|p| p.parse::<u32>().ok());
+        if state == Some("Z")
+            && ppid == Some(me)
+            && waitpid(Pid::from_raw(pid as i32), Some(WaitPidFlag::WNOHANG)).is_ok()
+        {
+            reaped += 1;
+        }
+    }
+    reaped
+}
