@@ -90,3 +90,43 @@ pub fn reap_orphans() -> usize {
     }
     reaped
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state_of(pid: u32) -> Option<String> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let (_, rest) = stat.rsplit_once(')')?;
+        rest.split_whitespace().next().map(str::to_owned)
+    }
+
+    #[test]
+    fn unowned_zombie_children_are_reaped_and_owned_ones_are_not() {
+        let orphan = std::process::Command::new("sh")
+            .args(["-c", "exit 0"])
+            .spawn()
+            .expect("sh runs");
+        let pid = orphan.id();
+        // Stands in for an orphan re-parented to PID 1: nobody will wait for it.
+        std::mem::forget(orphan);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while state_of(pid).as_deref() != Some("Z") {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{pid} became a zombie"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        owned().insert(pid);
+        reap_orphans();
+        assert_eq!(
+            state_of(pid).as_deref(),
+            Some("Z"),
+            "an owned child is left alone"
+        );
+        forget(pid);
+        assert!(reap_orphans() >= 1);
+        assert_eq!(state_of(pid), None, "the zombie is gone");
+    }
+}

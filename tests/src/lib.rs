@@ -36,6 +36,11 @@ pub fn repo_root() -> PathBuf {
         .to_owned()
 }
 
+/// The test doubles in `tests/fixtures` (IMDS, nvidia-smi).
+pub fn fixture(name: &str) -> PathBuf {
+    repo_root().join("tests/fixtures").join(name)
+}
+
 /// A controller home in a temporary directory, with a daemon started on demand.
 #[derive(Debug)]
 pub struct Home {
@@ -50,6 +55,12 @@ impl Default for Home {
 
 impl Home {
     pub fn new() -> Self {
+        Self::with_config("")
+    }
+
+    /// A home whose config.toml holds `extra` after the test defaults (e.g. a
+    /// `[local.agent]` table).
+    pub fn with_config(extra: &str) -> Self {
         // Short paths: the daemon's Unix socket path must stay under ~100 bytes.
         let dir = tempfile::Builder::new()
             .prefix("rc")
@@ -57,7 +68,7 @@ impl Home {
             .expect("tempdir");
         std::fs::write(
             dir.path().join("config.toml"),
-            "[daemon]\nlisten = \"127.0.0.1:0\"\nstop_grace_secs = 3\n",
+            format!("[daemon]\nlisten = \"127.0.0.1:0\"\nstop_grace_secs = 3\n{extra}"),
         )
         .expect("write config");
         Home { dir }
