@@ -442,11 +442,11 @@ fn end_lost_run(log: &EventLog) {
             .read_batch(u64::MAX, usize::MAX)
             .ok()?
             .into_iter()
-            .filter_map(|e| match e.kind {
+            .rev()
+            .find_map(|e| match e.kind {
                 EventKind::Started { pid, .. } => Some(pid),
                 _ => None,
             })
-            .last()
     });
     if let Some(pid) = pid {
         let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);

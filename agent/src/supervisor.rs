@@ -247,19 +247,13 @@ async fn supervise(
             },
         );
         // Waiting out the backoff: a stop ends the run here, a restart starts it now.
-        let wake = Instant::now() + delay;
-        loop {
-            tokio::select! {
-                () = tokio::time::sleep_until(wake) => break,
-                request = control.recv() => match request {
-                    Some(Control::Stop(_)) | None => return stopped(end),
-                    Some(Control::Interrupt) => return end,
-                    Some(Control::Restart(_, reply)) => {
-                        pending_reply = Some(reply);
-                        break;
-                    }
-                },
-            }
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            request = control.recv() => match request {
+                Some(Control::Stop(_)) | None => return stopped(end),
+                Some(Control::Interrupt) => return end,
+                Some(Control::Restart(_, reply)) => pending_reply = Some(reply),
+            },
         }
     }
 }
