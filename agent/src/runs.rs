@@ -457,3 +457,18 @@ fn end_lost_run(log: &EventLog) {
         tracing::warn!("run log write failed: {e}");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_entries_the_os_cannot_carry_are_refused() {
+        assert!(check_env("SEED", "3").is_ok());
+        assert!(check_env("A_B", "").is_ok());
+        let refused = [("", "x"), ("A=B", "x"), ("A\0", "x"), ("A", "x\0y")];
+        for (key, value) in refused {
+            assert!(check_env(key, value).is_err(), "{key:?}={value:?}");
+        }
+    }
+}
