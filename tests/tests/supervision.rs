@@ -601,3 +601,92 @@ fn logs_tail_and_since_pick_the_window() {
     assert_eq!(bad.status.code(), Some(2));
     assert!(stderr(&bad).contains("e.g. 10m"), "{}", stderr(&bad));
 }
+
+/// Zombie processes whose parent is `ppid`.
+fn zombie_children(ppid: u32) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .expect("/proc")
+        .flatten()
+        .filter_map(|p| {
+            let pid: u32 = p.file_name().to_string_lossy().parse().ok()?;
+            let stat = std::fs::read_to_string(p.path().join("stat")).ok()?;
+            let (_, rest) = stat.rsplit_once(')')?;
+            let mut fields = rest.split_whitespace();
+            let state = fields.next()?;
+            let parent: u32 = fields.next()?.parse().ok()?;
+            (state == "Z" && parent == ppid).then_some(pid)
+        })
+        .collect()
+}
+
+#[test]
+fn as_pid_1_the_agent_reaps_orphaned_processes() {
+    let can_unshare = Command::new("unshare")
+        .args(["--pid", "--fork", "--mount-proc", "true"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !can_unshare {
+        eprintln!(
+            "SKIPPED as_pid_1_the_agent_reaps_orphaned_processes: needs root for a PID namespace (unshare)"
+        );
+        return;
+    }
+    let home = Home::new();
+    let launched = home.json(&["launch", "--name", "init"]);
+    assert_eq!(launched["connected"], true, "{launched}");
+    home.kill_agent();
+    // The agent again, now as PID 1 of a PID namespace of its own, as in a container.
+    let config = home.path().join("local/init/agent.toml");
+    let mut unshare = Command::new("unshare")
+        .args(["--pid", "--fork", "--mount-proc"])
+        .arg(tests::bin("runctl-agent"))
+        .arg("--config")
+        .arg(&config)
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("unshare");
+    let mut agent = None;
+    home.wait_until(
+        "the agent in its namespace",
+        Duration::from_secs(10),
+        || {
+            agent = std::fs::read_dir("/proc")
+                .expect("/proc")
+                .flatten()
+                .find_map(|p| {
+                    let pid: u32 = p.file_name().to_string_lossy().parse().ok()?;
+                    let stat = std::fs::read_to_string(p.path().join("stat")).ok()?;
+                    let parent: u32 = stat
+                        .rsplit_once(')')?
+                        .1
+                        .split_whitespace()
+                        .nth(1)?
+                        .parse()
+                        .ok()?;
+                    (parent == unshare.id()).then_some(pid)
+                });
+            agent.is_some()
+        },
+    );
+    let agent = agent.expect("found");
+    // Each subshell starts a short sleep in the background and exits: the sleeps are
+    // orphaned, re-parented to the agent, and become zombies when they end.
+    let run = detach(
+        &home,
+        &["--on", "init"],
+        &[
+            "sh",
+            "-c",
+            "for i in 1 2 3 4 5; do (sleep 0.1 &); done; sleep 0.5; echo orphans-ended; sleep 30",
+        ],
+    );
+    wait_for_line(&home, &run, "orphans-ended");
+    home.wait_until("the orphans to be reaped", Duration::from_secs(10), || {
+        zombie_children(agent).is_empty()
+    });
+    // They were the agent's: the namespace has no other PID 1 to take them.
+    let out = home.run(&["stop", &run]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let _ = unshare.kill();
+    let _ = unshare.wait();
+}
