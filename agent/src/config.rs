@@ -18,7 +18,6 @@ pub struct AgentConfig {
     pub ca_pin: Fingerprint,
     pub token: EnrollToken,
     pub state_dir: PathBuf,
-    pub stop_grace: Duration,
     pub stats_interval: Duration,
     pub nvidia_smi: PathBuf,
     pub idle_timeout: Option<Duration>,
@@ -86,10 +85,6 @@ impl AgentConfig {
             ca_pin: file.ca_sha256,
             token: file.token,
             state_dir: base.join(file.state_dir),
-            stop_grace: file
-                .stop_grace_secs
-                .map(Duration::from_secs)
-                .unwrap_or(crate::DEFAULT_STOP_GRACE),
         })
     }
 }
@@ -124,7 +119,7 @@ state_dir = "state"
     fn good_config_resolves_relative_state_dir() {
         let config = parse(GOOD).expect("valid");
         assert_eq!(config.state_dir, Path::new("/etc/runctl/state"));
-        assert_eq!(config.stop_grace, crate::DEFAULT_STOP_GRACE);
+        assert_eq!(config.stats_interval, Duration::from_secs(1));
     }
 
     #[test]

@@ -90,11 +90,13 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
 
     // A task of its own: the session must keep serving while this loop waits (e.g. for a
     // run's last events to reach the controller before powering off).
+    let (closing_tx, closing_rx) = watch::channel(false);
     let mut sessions = tokio::spawn(serve_controller(
         config.clone(),
         runs.clone(),
         connected.clone(),
         stats_rx,
+        closing_rx,
     ));
     let _abort_sessions = AbortOnDrop(sessions.abort_handle());
     tokio::pin!(shutdown);
@@ -106,7 +108,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
                 return exit.unwrap_or_else(|e| Err(anyhow::anyhow!("the session task failed: {e}")));
             }
             () = &mut shutdown => {
-                runs.stop_all(config.stop_grace).await;
+                runs.stop_all(None).await;
                 return Ok(Exit::Interrupted);
             }
             Some((run, action)) = ended_rx.recv() => {
@@ -129,7 +131,10 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
             }
         }
     };
-    runs.stop_all(config.stop_grace).await;
+    runs.stop_all(None).await;
+    // Close the session cleanly: the controller sees the agent go at once.
+    closing_tx.send_replace(true);
+    let _ = tokio::time::timeout(Duration::from_secs(3), &mut sessions).await;
     if let Err(e) = lifecycle::power_off(config.poweroff_command.as_deref(), &reason).await {
         tracing::error!("{e}");
     }
@@ -144,10 +149,16 @@ async fn serve_controller(
     runs: Arc<runs::Runs>,
     connected: Arc<AtomicBool>,
     stats: watch::Receiver<Option<Arc<StatsSample>>>,
+    closing: watch::Receiver<bool>,
 ) -> anyhow::Result<Exit> {
     let mut attempt: u32 = 0;
     loop {
-        let outcome = session::connect_and_serve(&config, &runs, &connected, stats.clone()).await;
+        if *closing.borrow() {
+            return Ok(Exit::Shutdown);
+        }
+        let outcome =
+            session::connect_and_serve(&config, &runs, &connected, stats.clone(), closing.clone())
+                .await;
         connected.store(false, Ordering::SeqCst);
         match outcome {
             Ok(session::Outcome::Shutdown) => return Ok(Exit::Shutdown),
@@ -207,6 +218,3 @@ async fn sample(
         out.send_replace(Some(Arc::new(sample)));
     }
 }
-
-/// How long a stopped process gets between SIGTERM and SIGKILL unless told otherwise.
-pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(10);

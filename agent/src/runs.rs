@@ -344,7 +344,7 @@ impl Runs {
     }
 
     /// Restarts a running run's process (SIGTERM, SIGKILL after `grace`, start again).
-    pub async fn restart(&self, run: &RunId, grace: Duration) -> Result<u32, WireError> {
+    pub async fn restart(&self, run: &RunId) -> Result<u32, WireError> {
         let handle = {
             let entries = self.lock();
             match entries.get(run) {
@@ -361,13 +361,13 @@ impl Runs {
             }
         };
         handle
-            .restart(grace)
+            .restart()
             .await
             .map_err(|m| WireError::new(ErrorKind::RunFailed, format!("restarting {run}: {m}")))
     }
 
     /// Stops one run: SIGTERM to its process group, SIGKILL after `grace`.
-    pub fn stop(&self, run: &RunId, grace: Duration) -> Result<(), WireError> {
+    pub fn stop(&self, run: &RunId, grace: Option<Duration>) -> Result<(), WireError> {
         let entries = self.lock();
         let entry = entries.get(run).ok_or_else(|| {
             WireError::new(
@@ -377,7 +377,7 @@ impl Runs {
         })?;
         match &entry.stop {
             Some(stop) if !entry.log.cursor().ended => {
-                stop.stop(Some(grace));
+                stop.stop(grace);
                 Ok(())
             }
             _ => Err(WireError::new(
@@ -388,7 +388,7 @@ impl Runs {
     }
 
     /// Stops every active run and waits (bounded) until each has recorded its end.
-    pub async fn stop_all(&self, grace: Duration) {
+    pub async fn stop_all(&self, grace: Option<Duration>) {
         let active: Vec<(Arc<EventLog>, Option<Handle>)> = self
             .lock()
             .values()
@@ -397,10 +397,10 @@ impl Runs {
             .collect();
         for (_, stop) in &active {
             if let Some(stop) = stop {
-                stop.stop(Some(grace));
+                stop.stop(grace);
             }
         }
-        let bound = grace + Duration::from_secs(5);
+        let bound = grace.unwrap_or(STOP_ALL_BOUND) + Duration::from_secs(5);
         for (log, _) in active {
             let mut cursor = log.subscribe();
             if tokio::time::timeout(bound, cursor.wait_for(|c| c.ended))
@@ -412,6 +412,9 @@ impl Runs {
         }
     }
 }
+
+/// How long stopping every run (each with its own grace period) may take.
+const STOP_ALL_BOUND: Duration = Duration::from_secs(600);
 
 /// A run's event log directory, inside its run directory.
 const LOG_DIR: &str = "log";

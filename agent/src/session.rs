@@ -46,6 +46,7 @@ pub async fn connect_and_serve(
     runs: &Arc<Runs>,
     connected: &AtomicBool,
     stats: watch::Receiver<Option<Arc<StatsSample>>>,
+    closing: watch::Receiver<bool>,
 ) -> anyhow::Result<Outcome> {
     let mut last_err = None;
     for endpoint in &config.controller {
@@ -94,8 +95,10 @@ pub async fn connect_and_serve(
             }
         };
         tracing::info!("connected to the controller at {addr}");
-        let outcome = serve(conn.clone(), runs, connected, stats).await;
+        let outcome = serve(conn.clone(), runs, connected, stats, closing).await;
         quic.close(0u32.into(), b"");
+        // Let the close reach the controller, so it sees the agent go at once.
+        let _ = tokio::time::timeout(Duration::from_secs(1), quic.wait_idle()).await;
         return outcome;
     }
     Err(last_err.unwrap_or_else(|| anyhow::anyhow!("no controller endpoint configured")))
@@ -107,6 +110,8 @@ enum Event {
     Outbound(AgentMsg),
     Heartbeat,
     Stats,
+    /// The agent is powering off: end the session.
+    Closing,
     PumpDone(Option<RunId>),
     StoppedAll,
 }
@@ -117,6 +122,7 @@ pub async fn serve(
     runs: &Arc<Runs>,
     connected: &AtomicBool,
     mut stats: watch::Receiver<Option<Arc<StatsSample>>>,
+    mut closing: watch::Receiver<bool>,
 ) -> anyhow::Result<Outcome> {
     let (mut send, mut recv) = conn.open_bi().await?;
     let ours = hello();
@@ -159,6 +165,7 @@ pub async fn serve(
             Some(msg) = out_rx.recv() => Event::Outbound(msg),
             _ = heartbeat.tick() => Event::Heartbeat,
             Ok(()) = stats.changed() => Event::Stats,
+            Ok(()) = closing.changed() => Event::Closing,
             Some(done) = pumps.join_next(), if !pumps.is_empty() => Event::PumpDone(done.ok()),
             _ = async { stopping.as_mut().expect("guarded").await }, if stopping.is_some() => Event::StoppedAll,
         };
@@ -179,14 +186,14 @@ pub async fn serve(
                     }
                 },
                 ControllerMsg::StopRun { run, grace_ms } => {
-                    if let Err(e) = runs.stop(&run, Duration::from_millis(grace_ms)) {
+                    if let Err(e) = runs.stop(&run, grace_ms.map(Duration::from_millis)) {
                         write_frame(&mut send, &AgentMsg::Error(e)).await?;
                     }
                 }
                 ControllerMsg::Shutdown { grace_ms } => {
                     tracing::info!("the controller asked this agent to shut down");
                     let runs = runs.clone();
-                    let grace = Duration::from_millis(grace_ms);
+                    let grace = grace_ms.map(Duration::from_millis);
                     stopping = Some(tokio::spawn(async move { runs.stop_all(grace).await }));
                 }
                 ControllerMsg::Error(e) => {
@@ -241,6 +248,15 @@ pub async fn serve(
             Event::PumpDone(run) => {
                 if let Some(run) = run {
                     pumping.remove(&run);
+                }
+            }
+            Event::Closing => {
+                if *closing.borrow() {
+                    // The controller closes the connection once it has read everything up
+                    // to the end of this stream; closing first would drop unsent events.
+                    let _ = send.finish();
+                    let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
+                    break Ok(Outcome::Shutdown);
                 }
             }
             Event::StoppedAll => {
@@ -398,15 +414,15 @@ async fn handle_sync(
     let go: SyncGo = read_frame(&mut recv)
         .await?
         .context("the controller ended the sync stream early")?;
-    let (delta_bytes, restart_grace_ms) = match go {
+    let (delta_bytes, restart) = match go {
         SyncGo::Cancel => {
             *held = Some(tree);
             return Ok(());
         }
         SyncGo::Apply {
             delta_bytes,
-            restart_grace_ms,
-        } => (delta_bytes, restart_grace_ms),
+            restart,
+        } => (delta_bytes, restart),
     };
     let run = open.run.clone();
     let runs2 = runs.clone();
@@ -432,18 +448,15 @@ async fn handle_sync(
             let _ = recv.stop(0u32.into());
             Err(e.to_wire())
         }
-        Ok(root) => match restart_grace_ms {
-            None => Ok(SyncApplied {
+        Ok(root) => match restart {
+            false => Ok(SyncApplied {
                 root,
                 restarted_pid: None,
             }),
-            Some(grace_ms) => runs
-                .restart(&open.run, Duration::from_millis(grace_ms))
-                .await
-                .map(|pid| SyncApplied {
-                    root,
-                    restarted_pid: Some(pid),
-                }),
+            true => runs.restart(&open.run).await.map(|pid| SyncApplied {
+                root,
+                restarted_pid: Some(pid),
+            }),
         },
     };
     write_frame(send, &SyncDone { result }).await?;

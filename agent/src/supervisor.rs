@@ -49,7 +49,7 @@ enum Control {
     /// SIGTERM now, SIGKILL after the grace period (the job's own when `None`); the run ends.
     Stop(Option<Duration>),
     /// Stop the process the same way, then start it again; answers with the new pid.
-    Restart(Duration, oneshot::Sender<Result<u32, String>>),
+    Restart(oneshot::Sender<Result<u32, String>>),
     /// A spot interruption: send the job's spot signal; the run is not restarted after.
     Interrupt,
 }
@@ -70,12 +70,12 @@ impl Handle {
         self.tx.send(Control::Stop(grace)).is_ok()
     }
 
-    /// Stops the process (SIGTERM, SIGKILL after `grace`) and starts it again with the
-    /// same command; returns the new pid.
-    pub async fn restart(&self, grace: Duration) -> Result<u32, String> {
+    /// Stops the process (SIGTERM, SIGKILL after the job's grace period) and starts it
+    /// again with the same command; returns the new pid.
+    pub async fn restart(&self) -> Result<u32, String> {
         let (reply, answer) = oneshot::channel();
         self.tx
-            .send(Control::Restart(grace, reply))
+            .send(Control::Restart(reply))
             .map_err(|_| "the run has ended".to_owned())?;
         answer.await.map_err(|_| "the run has ended".to_owned())?
     }
@@ -252,7 +252,7 @@ async fn supervise(
             request = control.recv() => match request {
                 Some(Control::Stop(_)) | None => return stopped(end),
                 Some(Control::Interrupt) => return end,
-                Some(Control::Restart(_, reply)) => pending_reply = Some(reply),
+                Some(Control::Restart(reply)) => pending_reply = Some(reply),
             },
         }
     }
@@ -354,9 +354,9 @@ async fn watch_one(
                     }
                     _ if stop_requested => continue,
                     Control::Stop(grace) => grace.unwrap_or(job.stop_grace),
-                    Control::Restart(grace, reply) => {
+                    Control::Restart(reply) => {
                         requests.restart = Some(reply);
-                        grace
+                        job.stop_grace
                     }
                 };
                 stop_requested = true;

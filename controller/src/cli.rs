@@ -370,7 +370,8 @@ pub struct StopArgs {
     /// The run to stop, e.g. run-3f9a2c1b7d4e.
     pub run: RunId,
 
-    /// Seconds between SIGTERM and SIGKILL (default: [daemon] stop_grace_secs, 10).
+    /// Seconds between SIGTERM and SIGKILL (default: the run's own, from `run
+    /// --stop-grace`, else [daemon] stop_grace_secs, 10).
     #[arg(long, value_name = "SECS")]
     pub grace: Option<u64>,
 }

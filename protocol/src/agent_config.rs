@@ -22,9 +22,6 @@ pub struct AgentConfigFile {
     /// Where the agent keeps its identity, run logs and work trees. A relative path is
     /// taken relative to the config file.
     pub state_dir: PathBuf,
-    /// Seconds between SIGTERM and SIGKILL when stopping a run.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub stop_grace_secs: Option<u64>,
     /// Milliseconds between resource samples (default 1000).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stats_interval_ms: Option<u64>,

@@ -90,14 +90,16 @@ pub enum ControllerMsg {
         run: RunId,
         after_seq: u64,
     },
-    /// Stop a run: SIGTERM to its process group, SIGKILL after the grace period.
+    /// Stop a run: SIGTERM to its process group, SIGKILL after the grace period (the
+    /// run's own, from its spec, when `None`).
     StopRun {
         run: RunId,
-        grace_ms: u64,
+        grace_ms: Option<u64>,
     },
-    /// Stop every run (with their grace periods) and exit: the instance is being terminated.
+    /// Stop every run (each with its own grace period unless one is given) and exit: the
+    /// instance is being terminated.
     Shutdown {
-        grace_ms: u64,
+        grace_ms: Option<u64>,
     },
     /// A request failed or was refused; the connection may be closed after it.
     Error(WireError),
@@ -141,9 +143,9 @@ pub enum SyncGo {
     Cancel,
     Apply {
         delta_bytes: u64,
-        /// Restart the run's process once the tree is in place, with this grace period
-        /// between SIGTERM and SIGKILL.
-        restart_grace_ms: Option<u64>,
+        /// Restart the run's process once the tree is in place (SIGTERM, SIGKILL after the
+        /// run's grace period).
+        restart: bool,
     },
 }
 
@@ -524,9 +526,9 @@ mod tests {
             },
             ControllerMsg::StopRun {
                 run: run_id(),
-                grace_ms: 10_000,
+                grace_ms: Some(10_000),
             },
-            ControllerMsg::Shutdown { grace_ms: 5_000 },
+            ControllerMsg::Shutdown { grace_ms: None },
             ControllerMsg::Error(WireError::new(ErrorKind::TokenReused, "used")),
         ];
         let bulk = [
@@ -551,7 +553,7 @@ mod tests {
         rendered.extend(bulk.iter().map(golden));
         rendered.push(golden(&SyncGo::Apply {
             delta_bytes: 100,
-            restart_grace_ms: Some(2048),
+            restart: true,
         }));
         insta::assert_snapshot!(rendered.join("\n"));
     }

@@ -66,7 +66,8 @@ async fn hostile_controller() -> Hostile {
     let agent = tokio::spawn(async move {
         let connected = std::sync::atomic::AtomicBool::new(false);
         let (_stats_tx, stats) = tokio::sync::watch::channel(None);
-        let _ = agent::session::serve(agent_conn, &runs, &connected, stats).await;
+        let (_closing_tx, closing) = tokio::sync::watch::channel(false);
+        let _ = agent::session::serve(agent_conn, &runs, &connected, stats, closing).await;
         drop(client);
     });
     let (mut send, mut recv) = conn.accept_bi().await.expect("control stream");
@@ -131,7 +132,7 @@ impl Hostile {
         let blob = protocol::codec::encode_blob(&delta).expect("encode");
         let go = SyncGo::Apply {
             delta_bytes: delta_bytes.unwrap_or(blob.len() as u64),
-            restart_grace_ms: None,
+            restart: false,
         };
         write_frame(&mut send, &go).await.expect("go");
         let mut raw = blob;

@@ -306,7 +306,7 @@ fn reconcile(
         if stop_pending && !cursor.ended {
             replays.push(ControllerMsg::StopRun {
                 run: cursor.run.clone(),
-                grace_ms: d.config.daemon.stop_grace().as_millis() as u64,
+                grace_ms: None,
             });
         }
     }

@@ -20,6 +20,9 @@ use crate::ipc::{
 /// How long a request that needs an agent waits for it to (re)connect.
 const AGENT_GRACE: Duration = Duration::from_secs(20);
 
+/// How long `stop` waits for a run stopped with its own grace period (unknown here).
+const STOP_BOUND: Duration = Duration::from_secs(600);
+
 /// Events are read from the database in pages of this many.
 const PAGE: u32 = 1000;
 
@@ -111,11 +114,11 @@ async fn dispatch(
         Request::Top { run } => top(d, stream, run).await?,
         Request::Sync(req) => sync_request(d, stream, req).await?,
         Request::Stop { run, grace_secs } => {
-            let grace = grace_secs
-                .map(Duration::from_secs)
-                .unwrap_or(d.config.daemon.stop_grace());
+            // Without --grace, the run's own grace period (from its spec) applies.
+            let grace = grace_secs.map(Duration::from_secs);
             runs::stop(d, &run, grace).await?;
-            let row = wait_terminal(d, &run, grace + Duration::from_secs(30)).await?;
+            let bound = grace.unwrap_or(STOP_BOUND) + Duration::from_secs(30);
+            let row = wait_terminal(d, &run, bound).await?;
             write_frame(stream, &Response::Run(row)).await?;
         }
         Request::Terminate { name, force } => {
@@ -221,11 +224,7 @@ async fn sync_request(
         run: req.run,
         root,
         dry_run: req.dry_run,
-        restart: match req.restart {
-            Restart::Never => None,
-            Restart::Always => Some((d.config.daemon.stop_grace(), false)),
-            Restart::IfChanged => Some((d.config.daemon.stop_grace(), true)),
-        },
+        restart: req.restart,
         create: false,
     };
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();

@@ -16,6 +16,10 @@ use crate::error::{ErrorCode, UserError};
 use crate::ipc::ProviderKind;
 use crate::provider::local;
 
+/// How long a terminated instance's agent gets to stop its runs (each with its own grace
+/// period) and close.
+const SHUTDOWN_BOUND: Duration = Duration::from_secs(610);
+
 /// How long a freshly launched agent gets to enroll and connect.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -56,7 +60,6 @@ pub(super) async fn launch(
             ca_pin: d.pki.ca.fingerprint(),
             endpoint: d.quic_addr,
             agent_bin: &agent_bin,
-            stop_grace_secs: d.config.daemon.stop_grace_secs,
             agent: &d.config.local.agent,
         },
     )
@@ -116,7 +119,7 @@ async fn try_start(
         run: run.clone(),
         root,
         dry_run: false,
-        restart: None,
+        restart: crate::ipc::Restart::Never,
         create: true,
     };
     let report = sync::sync(d, &link.conn, params, |_| {})
@@ -145,10 +148,9 @@ async fn try_start(
                 .expect("pending stops lock")
                 .remove(run)
             {
-                let grace_ms = d.config.daemon.stop_grace().as_millis() as u64;
                 let stop = ControllerMsg::StopRun {
                     run: run.clone(),
-                    grace_ms,
+                    grace_ms: None,
                 };
                 if link.tx.send(stop).await.is_err() {
                     // Delivered when the agent is back (see `reconcile`).
@@ -201,7 +203,11 @@ pub(super) fn on_run_ended(d: &Arc<Daemon>, run: &RunId) {
 }
 
 /// Asks a run to stop; a run still starting is stopped as soon as it has started.
-pub(super) async fn stop(d: &Arc<Daemon>, run: &RunId, grace: Duration) -> Result<(), UserError> {
+pub(super) async fn stop(
+    d: &Arc<Daemon>,
+    run: &RunId,
+    grace: Option<Duration>,
+) -> Result<(), UserError> {
     let internal = |e: anyhow::Error| UserError::new(ErrorCode::Internal, format!("{e:#}"));
     let row =
         d.db.run(run)
@@ -231,7 +237,7 @@ pub(super) async fn stop(d: &Arc<Daemon>, run: &RunId, grace: Duration) -> Resul
             link.tx
                 .send(ControllerMsg::StopRun {
                     run: run.clone(),
-                    grace_ms: grace.as_millis() as u64,
+                    grace_ms: grace.map(|g| g.as_millis() as u64),
                 })
                 .await
                 .map_err(|_| {
@@ -248,16 +254,27 @@ pub(super) async fn stop(d: &Arc<Daemon>, run: &RunId, grace: Duration) -> Resul
 /// Terminates an instance: the agent stops its runs and flushes their events, its
 /// certificate is revoked, and its process is gone when this returns.
 pub(super) async fn terminate_now(d: &Arc<Daemon>, name: &InstanceName) {
-    let grace = d.config.daemon.stop_grace();
     if let Some(link) = d.agent(name) {
+        // Each run stops with its own grace period.
         let _ = link
             .tx
-            .send(ControllerMsg::Shutdown {
-                grace_ms: grace.as_millis() as u64,
-            })
+            .send(ControllerMsg::Shutdown { grace_ms: None })
             .await;
-        // The agent finishes sending events, then ends its stream; wait for the disconnect.
-        let _ = tokio::time::timeout(grace + Duration::from_secs(10), link.conn.closed()).await;
+        // The agent finishes sending events, then ends its stream; wait for the disconnect
+        // (or, for a local instance, for its process to be gone).
+        let pid = d.db.instance(name).ok().flatten().and_then(|row| row.pid);
+        let gone = async {
+            loop {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                if pid.is_some_and(|pid| !local::is_agent_alive(&d.home, name, pid)) {
+                    return;
+                }
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::timeout(SHUTDOWN_BOUND, link.conn.closed()) => {}
+            () = gone => {}
+        }
     }
     let now = now_ms();
     if let Err(e) = d.db.revoke_instance(name, now) {

@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use super::Daemon;
 use crate::error::{ErrorCode, UserError};
+use crate::ipc::Restart;
 use crate::sync::pack::{self, Sent};
 use crate::sync::scan::{self, StatCache};
 
@@ -32,9 +33,8 @@ pub struct Params {
     pub run: RunId,
     pub root: PathBuf,
     pub dry_run: bool,
-    /// Restart the run's process after the sync, with this stop grace; with `true`, only
-    /// if the sync changed something.
-    pub restart: Option<(Duration, bool)>,
+    /// Whether the run's process restarts after the sync (with its own grace period).
+    pub restart: Restart,
     /// The run is being started: its tree may not exist yet.
     pub create: bool,
 }
@@ -258,8 +258,8 @@ async fn exchange(
             .map_err(|e| lost(&format!("{e:#}")))?
     };
     let delta = delta::plan(local, &remote);
-    let restart_grace_ms = restart_grace_ms(params.restart, delta.is_empty());
-    if params.dry_run || (delta.is_empty() && restart_grace_ms.is_none()) {
+    let restart = restarts(params.restart, delta.is_empty());
+    if params.dry_run || (delta.is_empty() && !restart) {
         write_frame(&mut send, &SyncGo::Cancel)
             .await
             .map_err(|e| lost(&e))?;
@@ -273,7 +273,7 @@ async fn exchange(
         .map_err(|e| UserError::new(ErrorCode::Internal, format!("encoding the delta: {e}")))?;
     let go = SyncGo::Apply {
         delta_bytes: blob.len() as u64,
-        restart_grace_ms,
+        restart,
     };
     write_frame(&mut send, &go).await.map_err(|e| lost(&e))?;
 
@@ -328,12 +328,12 @@ async fn exchange(
     Ok((scanned, delta, applied.restarted_pid, have.manifest_bytes))
 }
 
-/// Whether (and with what grace) to restart: `(grace, only_if_changed)` as asked.
-fn restart_grace_ms(restart: Option<(Duration, bool)>, unchanged: bool) -> Option<u64> {
+/// Whether this sync restarts the run's process, as asked.
+fn restarts(restart: Restart, unchanged: bool) -> bool {
     match restart {
-        Some((_, true)) if unchanged => None,
-        Some((grace, _)) => Some(grace.as_millis() as u64),
-        None => None,
+        Restart::Never => false,
+        Restart::Always => true,
+        Restart::IfChanged => !unchanged,
     }
 }
 
@@ -488,18 +488,17 @@ mod tests {
 
     #[test]
     fn restarts_as_asked() {
-        let grace = Duration::from_secs(3);
         let check = |restart, unchanged, expected| {
             assert_eq!(
-                restart_grace_ms(restart, unchanged),
+                restarts(restart, unchanged),
                 expected,
                 "{restart:?} {unchanged}"
             );
         };
-        check(None, false, None);
-        check(Some((grace, false)), true, Some(3000));
-        check(Some((grace, false)), false, Some(3000));
-        check(Some((grace, true)), true, None);
-        check(Some((grace, true)), false, Some(3000));
+        check(Restart::Never, false, false);
+        check(Restart::Always, true, true);
+        check(Restart::Always, false, true);
+        check(Restart::IfChanged, true, false);
+        check(Restart::IfChanged, false, true);
     }
 }

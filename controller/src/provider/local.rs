@@ -59,7 +59,6 @@ pub struct LaunchSpec<'a> {
     pub ca_pin: Fingerprint,
     pub endpoint: SocketAddr,
     pub agent_bin: &'a Path,
-    pub stop_grace_secs: u64,
     /// Agent settings from `[local.agent]` in the controller's config.
     pub agent: &'a crate::config::LocalAgentConfig,
 }
@@ -84,7 +83,6 @@ pub fn launch(home: &Home, spec: LaunchSpec<'_>) -> anyhow::Result<tokio::proces
         ca_sha256: spec.ca_pin,
         token: spec.token,
         state_dir: PathBuf::from("state"),
-        stop_grace_secs: Some(spec.stop_grace_secs),
         stats_interval_ms: spec.agent.stats_interval_ms,
         nvidia_smi: spec.agent.nvidia_smi.clone(),
         idle_timeout_secs: spec.agent.idle_timeout_secs,
