@@ -2,7 +2,8 @@
 //! the driver's library from one crashes when the host's glibc differs from the build's.
 //! Two long-lived children stream CSV (`-lms`): one line per GPU per interval, and one
 //! line per compute process per interval. The parsers are pure and table-tested; the
-//! monitor keeps the latest of each, and is simply absent on a host without a driver.
+//! monitor keeps the latest of each. On a host without a driver there are simply no GPU
+//! figures; the children are tried again every minute (a driver may load after the agent).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -19,7 +20,9 @@ pub const GPU_QUERY: &str =
 /// The `--query-compute-apps` fields, in the order [`parse_app_line`] reads them.
 pub const APP_QUERY: &str = "pid,used_memory";
 const MIB: u64 = 1024 * 1024;
-/// A driver that is absent or broken is looked for again after this long.
+/// How long `nvidia-smi --version` may take before the host counts as having no driver.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(15);
+/// A child that ended or could not start is started again after this long.
 const RETRY: Duration = Duration::from_secs(60);
 
 /// A number field; `[N/A]`, `[Not Supported]` and the like are absent.
@@ -68,20 +71,33 @@ pub struct Monitor {
 }
 
 impl Monitor {
-    /// Starts the children (and restarts them when they fail). `None` when `nvidia_smi`
-    /// cannot be run at all on this host.
-    pub fn start(nvidia_smi: PathBuf, interval: Duration) -> Option<Self> {
-        let probe = std::process::Command::new(&nvidia_smi)
+    /// Starts the children (and restarts them when they fail or cannot start).
+    pub async fn start(nvidia_smi: PathBuf, interval: Duration) -> Self {
+        let mut probe = tokio::process::Command::new(&nvidia_smi);
+        probe
             .arg("--version")
+            .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
-            .status();
-        if !probe.is_ok_and(|s| s.success()) {
+            .kill_on_drop(true);
+        let answered = match crate::reaper::spawn(&mut probe) {
+            Ok(mut child) => {
+                let pid = child.id().unwrap_or(0);
+                let status = tokio::time::timeout(PROBE_TIMEOUT, child.wait()).await;
+                if status.is_err() {
+                    let _ = child.kill().await;
+                }
+                crate::reaper::forget(pid);
+                matches!(status, Ok(Ok(s)) if s.success())
+            }
+            Err(_) => false,
+        };
+        if !answered {
             tracing::info!(
-                "{} is not available: no GPU figures on this host",
-                nvidia_smi.display()
+                "{} is not available: no GPU figures on this host (tried again every {}s)",
+                nvidia_smi.display(),
+                RETRY.as_secs()
             );
-            return None;
         }
         let monitor = Monitor {
             latest: Arc::default(),
@@ -107,7 +123,15 @@ impl Monitor {
             Kind::Gpu,
         ));
         tokio::spawn(follow(nvidia_smi, app_args, monitor.clone(), Kind::App));
-        Some(monitor)
+        monitor
+    }
+
+    /// A monitor with no children: no GPU figures (for tests).
+    pub fn idle(interval: Duration) -> Self {
+        Monitor {
+            latest: Arc::default(),
+            interval,
+        }
     }
 
     /// The GPUs, as of their latest lines (stale ones dropped).
@@ -121,14 +145,20 @@ impl Monitor {
             .collect()
     }
 
-    /// GPU memory held by `pids`, summed.
-    pub fn memory_of(&self, pids: &[u32], now: Instant) -> u64 {
+    /// GPU memory held by `pids`, summed; `None` while no GPU reports (no driver).
+    pub fn memory_of(&self, pids: &[u32], now: Instant) -> Option<u64> {
         let latest = self.latest.lock().expect("gpu lock is never poisoned");
-        pids.iter()
+        let fresh = |seen: &Instant| now.duration_since(*seen) < self.interval * 3;
+        if !latest.gpus.values().any(|(_, seen)| fresh(seen)) {
+            return None;
+        }
+        let held = pids
+            .iter()
             .filter_map(|pid| latest.apps.get(pid))
             .filter(|(_, seen)| now.duration_since(*seen) < self.interval * 3)
             .map(|(mem, _)| mem)
-            .sum()
+            .sum();
+        Some(held)
     }
 }
 
@@ -165,7 +195,9 @@ async fn follow(program: PathBuf, args: Vec<String>, monitor: Monitor, kind: Kin
                     program.display()
                 );
             }
-            Err(e) => tracing::warn!("starting {}: {e}", program.display()),
+            // The start-up probe already said so; a host without a driver is not news
+            // every minute.
+            Err(e) => tracing::debug!("starting {}: {e}", program.display()),
         }
         tokio::time::sleep(RETRY).await;
     }
@@ -254,12 +286,22 @@ mod tests {
             interval: Duration::from_secs(1),
         };
         let t0 = Instant::now();
+        monitor.record(Kind::Gpu, "0, H200, 1, 2, 3, 4, 5", t0);
         monitor.record(Kind::App, "10, 100", t0);
         monitor.record(Kind::App, "10, 50", t0);
-        assert_eq!(monitor.memory_of(&[10], t0), 150 * MIB);
+        assert_eq!(monitor.memory_of(&[10], t0), Some(150 * MIB));
         let t1 = t0 + Duration::from_secs(1);
+        monitor.record(Kind::Gpu, "0, H200, 1, 2, 3, 4, 5", t1);
         monitor.record(Kind::App, "10, 70", t1);
-        assert_eq!(monitor.memory_of(&[10, 11], t1), 70 * MIB);
-        assert_eq!(monitor.memory_of(&[10], t1 + Duration::from_secs(5)), 0);
+        assert_eq!(monitor.memory_of(&[10, 11], t1), Some(70 * MIB));
+        let t2 = t1 + Duration::from_secs(5);
+        monitor.record(Kind::Gpu, "0, H200, 1, 2, 3, 4, 5", t2);
+        assert_eq!(monitor.memory_of(&[10], t2), Some(0), "its process is gone");
+        let later = t2 + Duration::from_secs(10);
+        assert_eq!(
+            monitor.memory_of(&[10], later),
+            None,
+            "no GPU reports any more"
+        );
     }
 }

@@ -125,7 +125,10 @@ pub async fn watch(endpoint: String, runs: Arc<Runs>) {
     let mut imds = Imds::new(&endpoint);
     // Whether this is a spot instance; asked until the endpoint answers.
     loop {
-        let (back, answer) = blocking(imds, |imds| imds.get("instance-life-cycle")).await;
+        let Some((back, answer)) = blocking(imds, |imds| imds.get("instance-life-cycle")).await
+        else {
+            return;
+        };
         imds = back;
         match answer {
             Ok(Some(kind)) if kind.trim() == "spot" => break,
@@ -148,13 +151,16 @@ pub async fn watch(endpoint: String, runs: Arc<Runs>) {
     let mut tick = tokio::time::interval(POLL);
     loop {
         tick.tick().await;
-        let (back, answers) = blocking(imds, |imds| {
+        let Some((back, answers)) = blocking(imds, |imds| {
             (
                 imds.get("spot/instance-action"),
                 imds.get("events/recommendations/rebalance"),
             )
         })
-        .await;
+        .await
+        else {
+            return;
+        };
         imds = back;
         match answers.0 {
             Ok(Some(body)) => {
@@ -189,21 +195,22 @@ pub async fn watch(endpoint: String, runs: Arc<Runs>) {
     }
 }
 
-/// Runs `f` on a blocking thread with the client, and hands the client back.
+/// Runs `f` on a blocking thread with the client, and hands the client back; `None`
+/// (logged) if the thread failed, which ends the watch.
 async fn blocking<T: Send + 'static>(
     mut imds: Imds,
     f: impl FnOnce(&mut Imds) -> T + Send + 'static,
-) -> (Imds, T) {
+) -> Option<(Imds, T)> {
     let endpoint = imds.endpoint.clone();
-    match tokio::task::spawn_blocking(move || {
+    let result = tokio::task::spawn_blocking(move || {
         let out = f(&mut imds);
         (imds, out)
     })
-    .await
-    {
-        Ok(pair) => pair,
-        Err(e) => panic!("a metadata request to {endpoint} panicked: {e}"),
+    .await;
+    if let Err(e) = &result {
+        tracing::error!("a metadata request to {endpoint} failed ({e}); no more spot notices");
     }
+    result.ok()
 }
 
 #[cfg(test)]

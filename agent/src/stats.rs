@@ -21,11 +21,11 @@ pub struct Sampler {
     networks: Networks,
     state_dir: PathBuf,
     last_net: Instant,
-    gpus: Option<gpu::Monitor>,
+    gpus: gpu::Monitor,
 }
 
 impl Sampler {
-    pub fn new(state_dir: &Path, gpus: Option<gpu::Monitor>) -> Result<Self, sysinfo::Error> {
+    pub fn new(state_dir: &Path, gpus: gpu::Monitor) -> Result<Self, sysinfo::Error> {
         let system = System::new_with_specifics(
             RefreshKind::nothing()
                 .with_cpu(CpuRefreshKind::nothing().with_usage())
@@ -92,7 +92,7 @@ impl Sampler {
             at_ms,
             host,
             runs,
-            gpus: self.gpus.as_ref().map(|g| g.gpus(now)).unwrap_or_default(),
+            gpus: self.gpus.gpus(now),
         }
     }
 
@@ -132,7 +132,7 @@ impl Sampler {
             stats.threads += threads(pid.as_u32());
         }
         let pids: Vec<u32> = members.iter().map(|p| p.as_u32()).collect();
-        stats.gpu_mem_bytes = self.gpus.as_ref().map(|g| g.memory_of(&pids, now));
+        stats.gpu_mem_bytes = self.gpus.memory_of(&pids, now);
         stats
     }
 }
@@ -168,7 +168,8 @@ mod tests {
         let mut line = String::new();
         std::io::BufRead::read_line(&mut out, &mut line).expect("ready line");
         let run: RunId = "run-aaaaaaaaaaaa".parse().expect("valid id");
-        let mut sampler = Sampler::new(dir.path(), None).expect("sysinfo works here");
+        let gpus = gpu::Monitor::idle(std::time::Duration::from_secs(1));
+        let mut sampler = Sampler::new(dir.path(), gpus).expect("sysinfo works here");
         let sample = sampler.sample(&[(run.clone(), child.id())], 1);
         let _ = child.kill();
         let _ = child.wait();
