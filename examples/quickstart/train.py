@@ -13,6 +13,8 @@ import time
 
 EPOCHS = int(os.environ.get("EPOCHS", "20"))
 STEP_SECONDS = float(os.environ.get("STEP_SECONDS", "0.15"))
+# Simulates a crash at this epoch (first attempt only), to try `run --restart on-failure`.
+CRASH_AT_EPOCH = int(os.environ.get("CRASH_AT_EPOCH", "0"))
 CHECKPOINT_EVERY = 5
 
 stop_requested = False
@@ -69,6 +71,9 @@ def main():
             print(f"saved checkpoint {os.path.basename(path)}")
         if stop_requested:
             sys.exit(143)
+        if epoch == CRASH_AT_EPOCH and not resume:
+            print(f"simulated crash at epoch {epoch}", file=sys.stderr, flush=True)
+            sys.exit(1)
         time.sleep(STEP_SECONDS)
     print(f"done: w={w:.3f} b={b:.3f} (true 3.000, 0.500), final loss {loss:.5f}")
 
