@@ -54,7 +54,8 @@ struct Writer {
     drop_reason: String,
 }
 
-fn now_ms() -> u64 {
+/// Wall-clock milliseconds since the Unix epoch (0 if the clock is before it).
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)

@@ -13,6 +13,7 @@ pub mod gpu;
 pub mod identity;
 pub mod lifecycle;
 pub mod lines;
+pub mod procstat;
 pub mod reaper;
 pub mod restart;
 pub mod runs;
@@ -25,7 +26,7 @@ pub mod tree;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::Context;
 use protocol::{EndAction, StatsSample};
@@ -201,10 +202,7 @@ async fn sample(
     loop {
         tick.tick().await;
         let groups = runs.process_groups();
-        let at_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
+        let at_ms = eventlog::now_ms();
         let Ok((back, sample)) = tokio::task::spawn_blocking(move || {
             let sample = sampler.sample(&groups, at_ms);
             (sampler, sample)

@@ -10,6 +10,8 @@ use std::time::Duration;
 use nix::sys::wait::{WaitPidFlag, waitpid};
 use nix::unistd::Pid;
 
+use crate::procstat::{self, ProcStat};
+
 /// Pids of children whose owners wait for them (tokio reaps those).
 static OWNED: Mutex<BTreeSet<u32>> = Mutex::new(BTreeSet::new());
 
@@ -56,33 +58,16 @@ pub async fn run() {
 pub fn reap_orphans() -> usize {
     let me = std::process::id();
     let owned = owned();
-    let Ok(procs) = std::fs::read_dir("/proc") else {
-        return 0;
-    };
     let mut reaped = 0;
-    for proc in procs.flatten() {
-        let Some(pid) = proc
-            .file_name()
-            .to_str()
-            .and_then(|p| p.parse::<u32>().ok())
-        else {
-            continue;
-        };
+    for pid in procstat::pids() {
         if owned.contains(&pid) {
             continue;
         }
-        let Ok(stat) = std::fs::read_to_string(proc.path().join("stat")) else {
+        let Some(stat) = ProcStat::of(pid) else {
             continue;
         };
-        // "pid (comm) state ppid ...": comm may hold spaces and parentheses.
-        let Some((_, rest)) = stat.rsplit_once(')') else {
-            continue;
-        };
-        let mut fields = rest.split_whitespace();
-        let state = fields.next();
-        let ppid = fields.next().and_then(|p| p.parse::<u32>().ok());
-        if state == Some("Z")
-            && ppid == Some(me)
+        if stat.state == 'Z'
+            && stat.ppid == me
             && waitpid(Pid::from_raw(pid as i32), Some(WaitPidFlag::WNOHANG)).is_ok()
         {
             reaped += 1;
@@ -95,10 +80,8 @@ pub fn reap_orphans() -> usize {
 mod tests {
     use super::*;
 
-    fn state_of(pid: u32) -> Option<String> {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        let (_, rest) = stat.rsplit_once(')')?;
-        rest.split_whitespace().next().map(str::to_owned)
+    fn state_of(pid: u32) -> Option<char> {
+        ProcStat::of(pid).map(|s| s.state)
     }
 
     #[test]
@@ -111,7 +94,7 @@ mod tests {
         // Stands in for an orphan re-parented to PID 1: nobody will wait for it.
         std::mem::forget(orphan);
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while state_of(pid).as_deref() != Some("Z") {
+        while state_of(pid) != Some('Z') {
             assert!(
                 std::time::Instant::now() < deadline,
                 "{pid} became a zombie"
@@ -120,11 +103,7 @@ mod tests {
         }
         owned().insert(pid);
         reap_orphans();
-        assert_eq!(
-            state_of(pid).as_deref(),
-            Some("Z"),
-            "an owned child is left alone"
-        );
+        assert_eq!(state_of(pid), Some('Z'), "an owned child is left alone");
         forget(pid);
         assert!(reap_orphans() >= 1);
         assert_eq!(state_of(pid), None, "the zombie is gone");

@@ -13,6 +13,7 @@ use sysinfo::{
 };
 
 use crate::gpu;
+use crate::procstat::ProcStat;
 
 #[derive(Debug)]
 pub struct Sampler {
@@ -129,23 +130,12 @@ impl Sampler {
             stats.processes += 1;
             stats.cpu_percent += process.cpu_usage();
             stats.rss_bytes += process.memory();
-            stats.threads += threads(pid.as_u32());
+            stats.threads += ProcStat::of(pid.as_u32()).map_or(1, |s| s.threads);
         }
         let pids: Vec<u32> = members.iter().map(|p| p.as_u32()).collect();
         stats.gpu_mem_bytes = self.gpus.memory_of(&pids, now);
         stats
     }
-}
-
-/// The thread count of a process (field 20 of /proc/PID/stat); 1 when unreadable.
-fn threads(pid: u32) -> u32 {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|stat| {
-            let (_, rest) = stat.rsplit_once(')')?;
-            rest.split_whitespace().nth(17)?.parse().ok()
-        })
-        .unwrap_or(1)
 }
 
 #[cfg(test)]

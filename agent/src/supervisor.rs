@@ -434,32 +434,15 @@ impl Drop for Frozen {
 
 /// Whether every thread of every process in the group is stopped (`T` in /proc).
 fn group_stopped(pgid: u32) -> bool {
-    let Ok(procs) = std::fs::read_dir("/proc") else {
-        return true;
-    };
-    for proc in procs.flatten() {
-        let Some(pid) = proc
-            .file_name()
-            .to_str()
-            .and_then(|p| p.parse::<u32>().ok())
-        else {
-            continue;
-        };
+    for pid in crate::procstat::pids() {
         let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
             continue;
         };
         for task in tasks.flatten() {
-            let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+            let Some(stat) = crate::procstat::ProcStat::read(&task.path().join("stat")) else {
                 continue;
             };
-            // "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses.
-            let Some((_, rest)) = stat.rsplit_once(')') else {
-                continue;
-            };
-            let mut fields = rest.split_whitespace();
-            let state = fields.next().unwrap_or("");
-            let pgrp = fields.nth(1).and_then(|p| p.parse::<u32>().ok());
-            if pgrp == Some(pgid) && !matches!(state, "T" | "t" | "Z" | "X") {
+            if stat.pgrp == pgid && !matches!(stat.state, 'T' | 't' | 'Z' | 'X') {
                 return false;
             }
         }

@@ -8,6 +8,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use agent::procstat::{self, ProcStat};
 use serde_json::Value;
 use tests::{Home, fixture, stderr, stdout};
 
@@ -605,18 +606,8 @@ fn logs_tail_and_since_pick_the_window() {
 
 /// Zombie processes whose parent is `ppid`.
 fn zombie_children(ppid: u32) -> Vec<u32> {
-    std::fs::read_dir("/proc")
-        .expect("/proc")
-        .flatten()
-        .filter_map(|p| {
-            let pid: u32 = p.file_name().to_string_lossy().parse().ok()?;
-            let stat = std::fs::read_to_string(p.path().join("stat")).ok()?;
-            let (_, rest) = stat.rsplit_once(')')?;
-            let mut fields = rest.split_whitespace();
-            let state = fields.next()?;
-            let parent: u32 = fields.next()?.parse().ok()?;
-            (state == "Z" && parent == ppid).then_some(pid)
-        })
+    procstat::pids()
+        .filter(|pid| ProcStat::of(*pid).is_some_and(|s| s.state == 'Z' && s.ppid == ppid))
         .collect()
 }
 
