@@ -548,18 +548,22 @@ async fn top(home: &Home, printer: Printer, args: TopArgs) -> anyhow::Result<u8>
         match next {
             Some(Response::Stats(shown)) => {
                 waited = true;
-                match printer.format {
-                    Format::Json => printer.data(&shown, String::new),
-                    Format::Human => {
-                        let text = report::top_text(&shown);
-                        let clear = if printer.tty { "\x1b[H\x1b[2J" } else { "" };
-                        print!("{clear}{text}");
-                        if !printer.tty {
-                            println!();
-                        }
-                        use std::io::Write;
-                        let _ = std::io::stdout().flush();
+                use std::io::Write;
+                let text = match printer.format {
+                    Format::Json => format!("{}\n", serde_json::to_string(&shown)?),
+                    // A terminal redraws in place; a pipe gets one block per sample.
+                    Format::Human if printer.tty => {
+                        format!("\x1b[H\x1b[2J{}", report::top_text(&shown))
                     }
+                    Format::Human => format!("{}\n", report::top_text(&shown)),
+                };
+                let mut out = std::io::stdout().lock();
+                if out
+                    .write_all(text.as_bytes())
+                    .and_then(|()| out.flush())
+                    .is_err()
+                {
+                    return Ok(0); // the reader went away (e.g. `| head`)
                 }
             }
             Some(Response::Run(row)) => {
