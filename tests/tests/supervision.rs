@@ -661,6 +661,16 @@ fn as_pid_1_the_agent_reaps_orphaned_processes() {
         },
     );
     let agent = agent.expect("found");
+    // Start the run only once the daemon has taken the new connection in place of the
+    // killed agent's, or the start may go to the dead one.
+    home.wait_until(
+        "the new agent's connection",
+        Duration::from_secs(20),
+        || {
+            std::fs::read_to_string(home.path().join("daemon.log"))
+                .is_ok_and(|log| log.matches("agent init connected").count() >= 2)
+        },
+    );
     // Each subshell starts a short sleep in the background and exits: the sleeps are
     // orphaned, re-parented to the agent, and become zombies when they end.
     let run = detach(
