@@ -20,8 +20,6 @@ pub const GPU_QUERY: &str =
 /// The `--query-compute-apps` fields, in the order [`parse_app_line`] reads them.
 pub const APP_QUERY: &str = "pid,used_memory";
 const MIB: u64 = 1024 * 1024;
-/// How long `nvidia-smi --version` may take before the host counts as having no driver.
-const PROBE_TIMEOUT: Duration = Duration::from_secs(15);
 /// A child that ended or could not start is started again after this long.
 const RETRY: Duration = Duration::from_secs(60);
 
@@ -71,34 +69,9 @@ pub struct Monitor {
 }
 
 impl Monitor {
-    /// Starts the children (and restarts them when they fail or cannot start).
-    pub async fn start(nvidia_smi: PathBuf, interval: Duration) -> Self {
-        let mut probe = tokio::process::Command::new(&nvidia_smi);
-        probe
-            .arg("--version")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true);
-        let answered = match crate::reaper::spawn(&mut probe) {
-            Ok(mut child) => {
-                let pid = child.id().unwrap_or(0);
-                let status = tokio::time::timeout(PROBE_TIMEOUT, child.wait()).await;
-                if status.is_err() {
-                    let _ = child.kill().await;
-                }
-                crate::reaper::forget(pid);
-                matches!(status, Ok(Ok(s)) if s.success())
-            }
-            Err(_) => false,
-        };
-        if !answered {
-            tracing::info!(
-                "{} is not available: no GPU figures on this host (tried again every {}s)",
-                nvidia_smi.display(),
-                RETRY.as_secs()
-            );
-        }
+    /// Starts the children (and restarts them when they fail or cannot start). Nothing
+    /// waits on them: the agent dials its controller meanwhile.
+    pub fn start(nvidia_smi: PathBuf, interval: Duration) -> Self {
         let monitor = Monitor {
             latest: Arc::default(),
             interval,
@@ -171,6 +144,7 @@ enum Kind {
 /// Runs one `nvidia-smi` child for as long as the agent lives, restarting it after a pause
 /// when it ends.
 async fn follow(program: PathBuf, args: Vec<String>, monitor: Monitor, kind: Kind) {
+    let mut said = false;
     loop {
         let mut command = tokio::process::Command::new(&program);
         command
@@ -195,9 +169,19 @@ async fn follow(program: PathBuf, args: Vec<String>, monitor: Monitor, kind: Kin
                     program.display()
                 );
             }
-            // The start-up probe already said so; a host without a driver is not news
+            // Said once (by the GPU query's child); a host without a driver is not news
             // every minute.
-            Err(e) => tracing::debug!("starting {}: {e}", program.display()),
+            Err(e) if said || matches!(kind, Kind::App) => {
+                tracing::debug!("starting {}: {e}", program.display())
+            }
+            Err(e) => {
+                said = true;
+                tracing::info!(
+                    "{} cannot run ({e}): no GPU figures on this host; trying again every {}s",
+                    program.display(),
+                    RETRY.as_secs()
+                );
+            }
         }
         tokio::time::sleep(RETRY).await;
     }

@@ -473,9 +473,9 @@ async fn top(d: &Arc<Daemon>, stream: &mut UnixStream, run: Option<RunId>) -> an
         tokio::select! {
             changed = changes.changed() => if changed.is_err() { return Ok(()) },
             ended = async { run_changes.as_mut().expect("guarded").changed().await }, if run_changes.is_some() => {
-                let state = run.as_ref().and_then(|r| d.db.run(r).ok().flatten()).map(|r| r.state);
-                if ended.is_err() || state.is_none_or(RunState::is_terminal) {
-                    if let Some(row) = run.as_ref().and_then(|r| d.db.run(r).ok().flatten()) {
+                let now = run.as_ref().and_then(|r| d.db.run(r).ok().flatten());
+                if ended.is_err() || now.as_ref().is_none_or(|row| row.state.is_terminal()) {
+                    if let Some(row) = now {
                         write_frame(stream, &Response::Run(row)).await?;
                     }
                     return Ok(());
