@@ -2,6 +2,8 @@
 //! `runctl-controller` and `runctl-agent` binaries, and cleanup that leaves no daemon or
 //! agent process behind.
 
+pub mod s3;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};

@@ -1,0 +1,103 @@
+//! Which backend a store uses and how to reach it.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::{LocalStore, S3Store, Store, StoreError};
+
+/// How to reach the object store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreConfig {
+    /// Buckets are directories under `root` (the embedded default: no cloud account).
+    Local { root: PathBuf },
+    /// S3 or any S3-compatible server, with the standard AWS credential chain (environment,
+    /// shared profiles, SSO, instance profile).
+    S3 {
+        region: Option<String>,
+        /// E.g. `http://127.0.0.1:8333` for a local server; AWS's own when `None`.
+        endpoint_url: Option<String>,
+        /// `http://host/bucket/key` rather than `http://bucket.host/key`.
+        force_path_style: bool,
+        /// A named profile from `~/.aws/config`.
+        profile: Option<String>,
+    },
+}
+
+/// An open connection to a store, cheap to clone; [`Connection::bucket`] gives a store.
+#[derive(Debug, Clone)]
+pub struct Connection {
+    backend: Backend,
+}
+
+#[derive(Debug, Clone)]
+enum Backend {
+    Local(PathBuf),
+    S3(aws_sdk_s3::Client),
+}
+
+/// The region requests are signed for when none is configured anywhere (S3-compatible
+/// servers accept any).
+const FALLBACK_REGION: &str = "us-east-1";
+
+/// Opens a connection: for S3, loads the AWS configuration and credential chain once.
+pub async fn connect(config: &StoreConfig) -> Result<Connection, StoreError> {
+    let backend = match config {
+        StoreConfig::Local { root } => {
+            std::fs::create_dir_all(root)
+                .map_err(StoreError::io(format!("creating {}", root.display())))?;
+            Backend::Local(root.clone())
+        }
+        StoreConfig::S3 {
+            region,
+            endpoint_url,
+            force_path_style,
+            profile,
+        } => {
+            use aws_config::{BehaviorVersion, Region};
+            use aws_smithy_http_client::tls::{self, rustls_provider::CryptoMode};
+            let http = aws_smithy_http_client::Builder::new()
+                .tls_provider(tls::Provider::Rustls(CryptoMode::Ring))
+                .build_https();
+            let timeouts = aws_config::timeout::TimeoutConfig::builder()
+                .connect_timeout(Duration::from_secs(5))
+                .read_timeout(Duration::from_secs(30))
+                .build();
+            let mut loader = aws_config::defaults(BehaviorVersion::latest())
+                .http_client(http)
+                .timeout_config(timeouts);
+            if let Some(region) = region {
+                loader = loader.region(Region::new(region.clone()));
+            }
+            if let Some(endpoint) = endpoint_url {
+                loader = loader.endpoint_url(endpoint);
+            }
+            if let Some(profile) = profile {
+                loader = loader.profile_name(profile);
+            }
+            let sdk = loader.load().await;
+            let mut s3 =
+                aws_sdk_s3::config::Builder::from(&sdk).force_path_style(*force_path_style);
+            if sdk.region().is_none() {
+                s3 = s3.region(Region::new(FALLBACK_REGION));
+            }
+            Backend::S3(aws_sdk_s3::Client::from_conf(s3.build()))
+        }
+    };
+    Ok(Connection { backend })
+}
+
+impl Connection {
+    /// The store for one bucket (for the local backend, a directory under the root).
+    pub fn bucket(&self, bucket: &str) -> Result<Store, StoreError> {
+        match &self.backend {
+            Backend::Local(root) => {
+                crate::validate_key(bucket).map_err(|_| StoreError::InvalidUrl {
+                    url: format!("s3://{bucket}"),
+                    reason: "not a usable bucket name".into(),
+                })?;
+                Ok(Store::Local(LocalStore::new(root.join(bucket), bucket)))
+            }
+            Backend::S3(client) => Ok(Store::S3(S3Store::new(client.clone(), bucket))),
+        }
+    }
+}

@@ -1,0 +1,186 @@
+//! The S3 server the storage tests run against (SeaweedFS `weed mini`, started on loopback
+//! by `scripts/test.sh`), and a TCP proxy in front of it that can cut connections, to make
+//! a server drop mid-transfer on cue.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// Where the test S3 server is, from the environment `scripts/test.sh` sets.
+#[derive(Debug, Clone)]
+pub struct S3Env {
+    pub endpoint: String,
+    pub bucket: String,
+    pub access_key: String,
+    pub secret_key: String,
+}
+
+impl S3Env {
+    /// The server, or `None` (with a loud SKIPPED line) when it is not running. Under
+    /// `scripts/test.sh` (`RUNCTL_REQUIRE_S3=1`) a missing server fails the test instead.
+    pub fn get(test: &str) -> Option<S3Env> {
+        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        match (
+            var("RUNCTL_TEST_S3_ENDPOINT"),
+            var("RUNCTL_TEST_S3_BUCKET"),
+            var("AWS_ACCESS_KEY_ID"),
+            var("AWS_SECRET_ACCESS_KEY"),
+        ) {
+            (Some(endpoint), Some(bucket), Some(access_key), Some(secret_key)) => Some(S3Env {
+                endpoint,
+                bucket,
+                access_key,
+                secret_key,
+            }),
+            _ => {
+                assert!(
+                    var("RUNCTL_REQUIRE_S3").is_none(),
+                    "{test}: RUNCTL_TEST_S3_ENDPOINT and friends are not set but the S3 server is required"
+                );
+                eprintln!("SKIPPED {test}: no S3 server (run scripts/test.sh, which starts one)");
+                None
+            }
+        }
+    }
+
+    /// The `[storage]` section of a controller config for this server.
+    pub fn config_toml(&self, endpoint: &str) -> String {
+        format!(
+            "[storage]\nbackend = \"s3\"\nendpoint_url = \"{endpoint}\"\nregion = \"us-east-1\"\nforce_path_style = true\n"
+        )
+    }
+
+    /// The environment a CLI, daemon or agent needs for this server.
+    pub fn envs(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("AWS_ACCESS_KEY_ID", self.access_key.clone()),
+            ("AWS_SECRET_ACCESS_KEY", self.secret_key.clone()),
+            ("AWS_REGION", "us-east-1".into()),
+            ("AWS_EC2_METADATA_DISABLED", "true".into()),
+        ]
+    }
+
+    /// A fresh key prefix, so tests sharing the bucket never meet.
+    pub fn unique_prefix(test: &str) -> String {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        format!(
+            "t/{test}-{}-{}-{}/",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis())
+                .unwrap_or(0)
+        )
+    }
+}
+
+/// What the proxy does with traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Forward everything.
+    Pass,
+    /// Cut every connection once it has carried this many bytes from the server; new
+    /// connections work (a flaky server: retries succeed).
+    DropEachAfter(u64),
+    /// After this many bytes from the server in all, cut everything and refuse every new
+    /// connection (the server went away).
+    DownAfter(u64),
+    /// Accept connections and forward nothing (a hung server).
+    Blackhole,
+}
+
+/// A loopback TCP proxy to `upstream` whose behaviour can be changed at any time.
+#[derive(Debug, Clone)]
+pub struct FaultProxy {
+    pub addr: std::net::SocketAddr,
+    fault: Arc<Mutex<Fault>>,
+    total: Arc<AtomicU64>,
+}
+
+impl FaultProxy {
+    /// Starts the proxy on the current tokio runtime.
+    pub async fn start(upstream: &str) -> FaultProxy {
+        let upstream = upstream
+            .trim_start_matches("http://")
+            .trim_end_matches('/')
+            .to_owned();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind proxy");
+        let proxy = FaultProxy {
+            addr: listener.local_addr().expect("proxy addr"),
+            fault: Arc::new(Mutex::new(Fault::Pass)),
+            total: Arc::default(),
+        };
+        let this = proxy.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let this = this.clone();
+                let upstream = upstream.clone();
+                tokio::spawn(async move { this.serve(client, &upstream).await });
+            }
+        });
+        proxy
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn set(&self, fault: Fault) {
+        *self.fault.lock().expect("fault lock") = fault;
+        self.total.store(0, Ordering::SeqCst);
+    }
+
+    fn fault(&self) -> Fault {
+        *self.fault.lock().expect("fault lock")
+    }
+
+    async fn serve(&self, mut client: tokio::net::TcpStream, upstream: &str) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        match self.fault() {
+            Fault::DownAfter(limit) if self.total.load(Ordering::SeqCst) >= limit => return,
+            Fault::Blackhole => {
+                let mut sink = [0u8; 65536];
+                while matches!(client.read(&mut sink).await, Ok(n) if n > 0) {}
+                return;
+            }
+            _ => {}
+        }
+        let Ok(server) = tokio::net::TcpStream::connect(upstream).await else {
+            return;
+        };
+        let (mut cr, mut cw) = client.into_split();
+        let (mut sr, mut sw) = server.into_split();
+        let up = tokio::spawn(async move {
+            let _ = tokio::io::copy(&mut cr, &mut sw).await;
+            let _ = sw.shutdown().await;
+        });
+        let mut carried = 0u64;
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = match sr.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            let allowed = match self.fault() {
+                Fault::Pass => n,
+                Fault::DropEachAfter(limit) => (limit.saturating_sub(carried) as usize).min(n),
+                Fault::DownAfter(limit) => {
+                    let total = self.total.load(Ordering::SeqCst);
+                    (limit.saturating_sub(total) as usize).min(n)
+                }
+                Fault::Blackhole => 0,
+            };
+            if allowed > 0 && cw.write_all(&buf[..allowed]).await.is_err() {
+                break;
+            }
+            carried += allowed as u64;
+            self.total.fetch_add(allowed as u64, Ordering::SeqCst);
+            if allowed < n {
+                break; // cut mid-transfer
+            }
+        }
+        up.abort();
+    }
+}
