@@ -183,6 +183,51 @@ pub struct RunSpec {
     /// The signal sent to the process group when a spot interruption notice arrives, so
     /// the trainer can checkpoint (e.g. 15 for SIGTERM, 10 for SIGUSR1).
     pub spot_signal: i32,
+    /// How the agent reaches the object store; needed for data, checkpoints and resuming.
+    pub storage: Option<StoreSpec>,
+    /// Data pulled into `RUNCTL_DATA_DIR` before the process starts.
+    pub data: Vec<DataSource>,
+    /// Start the process while the data is still being pulled, instead of after.
+    pub pull_alongside: bool,
+    /// Where every checkpoint saved in `RUNCTL_CHECKPOINT_DIR` is pushed.
+    pub checkpoints: Option<CheckpointPush>,
+    /// A checkpoint prefix (`s3://bucket/prefix/<run>/`, holding a `LATEST` record) whose
+    /// newest complete checkpoint is fetched before the process starts, its local path
+    /// given as `RUNCTL_RESUME_FROM`.
+    pub resume_from: Option<String>,
+}
+
+/// How to reach the object store (no secrets: the agent uses the standard AWS credential
+/// chain of its host: instance profile, environment, shared profiles).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StoreSpec {
+    /// Buckets are directories under `root` on the agent's host.
+    Local { root: String },
+    S3 {
+        region: Option<String>,
+        endpoint_url: Option<String>,
+        force_path_style: bool,
+        profile: Option<String>,
+    },
+}
+
+/// One data source: every object under `source` (`s3://bucket/prefix`, or one object) is
+/// pulled to `dest`, a relative path inside the data dir.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataSource {
+    pub source: String,
+    pub dest: String,
+}
+
+/// Where checkpoints go and how many stay.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointPush {
+    /// This run's prefix, `s3://bucket/prefix/<run>/`.
+    pub dest: String,
+    /// Keep the newest `keep` complete checkpoints (0 keeps all); the newest complete one
+    /// is never deleted.
+    pub keep: u32,
 }
 
 /// The setup steps of a run, run in the start directory with output streamed.
@@ -263,10 +308,52 @@ pub enum EventKind {
         delay_ms: u64,
         resume_from: Option<String>,
     },
+    /// Where the data pull stands; sent about once a second while it runs, and once with
+    /// `done` when it has finished.
+    Pull(PullProgress),
+    /// Something happened to a checkpoint: uploaded (complete, `LATEST` written), failed,
+    /// pruned by retention, or fetched to resume from.
+    Checkpoint(CheckpointEvent),
     /// Something the user should know that is not output: a spot notice, lost lines.
     Notice(Notice),
     /// The run is over. Always the last event of a run.
     Ended(RunEnd),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PullProgress {
+    pub files_done: u64,
+    pub files_total: u64,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    /// Files already present and identical, not fetched again.
+    pub skipped: u64,
+    pub done: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointEvent {
+    /// The checkpoint's name in the checkpoint dir (a file or a directory).
+    pub name: String,
+    /// Where it is in the store.
+    pub url: String,
+    pub bytes: u64,
+    pub files: u32,
+    pub outcome: CheckpointOutcome,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CheckpointOutcome {
+    /// Every part is in the store and `LATEST` names it (or a newer one); `ms` from the
+    /// save to the record.
+    Uploaded { ms: u64 },
+    /// The upload failed; it is tried again (and on the agent's next start).
+    Failed { message: String },
+    /// Deleted from the store by the retention setting.
+    Pruned,
+    /// Fetched to `path` on the agent, for `RUNCTL_RESUME_FROM`.
+    Fetched { path: String },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -306,6 +393,8 @@ pub enum RunEnd {
     SpawnFailed { message: String },
     /// A setup step failed (its output is in the run's log before this).
     SetupFailed { message: String },
+    /// The data pull, or fetching the checkpoint to resume from, failed.
+    DataFailed { message: String },
     /// The agent lost track of the process (e.g. the agent itself was restarted).
     Lost { message: String },
 }
@@ -409,6 +498,29 @@ mod tests {
                             stream: Stream::Stderr,
                             line: "epoch 1".into(),
                         },
+                    },
+                    RunEvent {
+                        seq: 3,
+                        at_ms: 1_700_000_000_002,
+                        kind: EventKind::Pull(PullProgress {
+                            files_done: 1,
+                            files_total: 2,
+                            bytes_done: 3,
+                            bytes_total: 4,
+                            skipped: 1,
+                            done: false,
+                        }),
+                    },
+                    RunEvent {
+                        seq: 4,
+                        at_ms: 1_700_000_000_002,
+                        kind: EventKind::Checkpoint(CheckpointEvent {
+                            name: "ckpt-1.pt".into(),
+                            url: "s3://ckpt/runs/r-1/ckpt-1.pt".into(),
+                            bytes: 1 << 30,
+                            files: 1,
+                            outcome: CheckpointOutcome::Uploaded { ms: 9_000 },
+                        }),
                     },
                     RunEvent {
                         seq: 3,
@@ -542,6 +654,22 @@ mod tests {
                 stop_grace_ms: 10_000,
                 end: EndAction::Terminate,
                 spot_signal: 10,
+                storage: Some(StoreSpec::S3 {
+                    region: Some("eu-west-1".into()),
+                    endpoint_url: None,
+                    force_path_style: false,
+                    profile: None,
+                }),
+                data: vec![DataSource {
+                    source: "s3://data/imagenet/".into(),
+                    dest: "imagenet".into(),
+                }],
+                pull_alongside: false,
+                checkpoints: Some(CheckpointPush {
+                    dest: "s3://ckpt/runs/r-1/".into(),
+                    keep: 3,
+                }),
+                resume_from: Some("s3://ckpt/runs/r-0/".into()),
             }),
             BulkOpen::Sync(SyncOpen {
                 run: run_id(),
@@ -584,7 +712,7 @@ mod tests {
         };
         let err = ours.check_peer(&theirs).expect_err("versions differ");
         assert_eq!(err.kind, ErrorKind::VersionMismatch);
-        assert!(err.message.contains("speaks 3"), "{}", err.message);
+        assert!(err.message.contains("speaks 4"), "{}", err.message);
         assert!(err.message.contains("speaks 999"), "{}", err.message);
         assert!(ours.check_peer(&ours.clone()).is_ok());
     }

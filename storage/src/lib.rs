@@ -7,6 +7,7 @@
 //! PUT, multipart upload, paginated LIST, DELETE), so the engine decides parallelism, part
 //! sizes, retries and integrity once, for both backends.
 
+pub mod checkpoints;
 mod config;
 mod local;
 mod s3;
