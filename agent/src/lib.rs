@@ -8,12 +8,14 @@
 pub mod backoff;
 pub mod checkpoints;
 pub mod config;
+pub mod data;
 pub mod eventlog;
 pub mod gpu;
 pub mod identity;
 pub mod lifecycle;
 pub mod lines;
 pub mod procstat;
+pub mod pusher;
 pub mod reaper;
 pub mod restart;
 pub mod runs;

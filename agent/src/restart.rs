@@ -37,7 +37,10 @@ pub fn decide(
             stop_requested,
         } => (*code != 0, *stop_requested),
         RunEnd::Signaled { stop_requested, .. } => (true, *stop_requested),
-        RunEnd::SpawnFailed { .. } | RunEnd::SetupFailed { .. } | RunEnd::Lost { .. } => {
+        RunEnd::SpawnFailed { .. }
+        | RunEnd::SetupFailed { .. }
+        | RunEnd::DataFailed { .. }
+        | RunEnd::Lost { .. } => {
             return None;
         }
     };

@@ -9,9 +9,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::data;
 use crate::eventlog::EventLog;
+use crate::pusher::Pusher;
 use crate::setup;
-use crate::supervisor::{self, Handle, Job};
+use crate::supervisor::{self, Handle, Job, Storage};
 use crate::tree::Tree;
 use anyhow::Context;
 use nix::sys::signal::{Signal, killpg};
@@ -74,7 +76,10 @@ impl Runs {
                     .with_context(|| format!("opening {}", path.display()))?,
             );
             if !log.cursor().ended {
-                end_lost_run(&log);
+                match std::fs::read(dirent.path().join(data::SAVED_FILE)) {
+                    Ok(saved) => finish_lost_run(dirent.path(), saved, log.clone()),
+                    Err(_) => end_lost_run(&log),
+                }
             }
             entries.insert(run, Entry { log, stop: None });
         }
@@ -178,7 +183,11 @@ impl Runs {
             );
             log
         };
-        match self.prepare(&spec, &run_dir) {
+        let prepared = match self.prepare(&spec, &run_dir) {
+            Ok((job, plan)) => self.attach_storage(job, plan, &spec, &run_dir, &log).await,
+            Err(end) => Err(end),
+        };
+        match prepared {
             Ok(job) => {
                 let mut cursor = log.subscribe();
                 let handle = supervisor::spawn(job, log);
@@ -195,9 +204,9 @@ impl Runs {
             }
             Err(end) => {
                 let message = match &end {
-                    RunEnd::SetupFailed { message } | RunEnd::SpawnFailed { message } => {
-                        message.clone()
-                    }
+                    RunEnd::SetupFailed { message }
+                    | RunEnd::SpawnFailed { message }
+                    | RunEnd::DataFailed { message } => message.clone(),
                     other => format!("{other:?}"),
                 };
                 if let Err(e) = log.append(EventKind::Ended(end)) {
@@ -208,8 +217,45 @@ impl Runs {
         }
     }
 
+    /// Connects to the run's object store, remembers where its checkpoints go (so a
+    /// restarted agent can finish pushing them) and starts pushing them.
+    async fn attach_storage(
+        &self,
+        mut job: Job,
+        plan: Option<data::Plan>,
+        spec: &RunSpec,
+        run_dir: &Path,
+        log: &Arc<EventLog>,
+    ) -> Result<Job, RunEnd> {
+        let Some(plan) = plan else { return Ok(job) };
+        let failed = |message: String| RunEnd::DataFailed { message };
+        let conn = storage::connect(&data::store_config(&plan.spec))
+            .await
+            .map_err(|e| failed(format!("opening the object store: {e}")))?;
+        if let (Some((url, keep)), Some(push)) = (&plan.checkpoints, &spec.checkpoints) {
+            let saved = data::Saved {
+                storage: plan.spec.clone(),
+                checkpoints: push.clone(),
+            };
+            let path = run_dir.join(data::SAVED_FILE);
+            std::fs::write(&path, serde_json::to_vec(&saved).expect("serializes"))
+                .map_err(|e| failed(format!("writing {}: {e}", path.display())))?;
+            let engine = data::engine(&conn, url).map_err(failed)?;
+            let pusher =
+                Pusher::start(&job.checkpoints, engine, url.clone(), *keep, log.clone())
+                    .map_err(|e| failed(format!("watching {}: {e}", job.checkpoints.display())))?;
+            job.pusher = Some(pusher);
+        }
+        job.storage = Some(Storage {
+            conn,
+            plan,
+            resume_dir: run_dir.join("resume"),
+        });
+        Ok(job)
+    }
+
     /// Checks the spec and plans the run; an error is how the run ends.
-    fn prepare(&self, spec: &RunSpec, run_dir: &Path) -> Result<Job, RunEnd> {
+    fn prepare(&self, spec: &RunSpec, run_dir: &Path) -> Result<(Job, Option<data::Plan>), RunEnd> {
         let spawn_failed = |message: String| RunEnd::SpawnFailed { message };
         if spec.argv.is_empty() || spec.argv[0].is_empty() {
             return Err(spawn_failed("the command is empty".into()));
@@ -236,9 +282,11 @@ impl Runs {
                 spec.cwd
             )));
         }
-        let checkpoints = run_dir.join("checkpoints");
+        let checkpoints = run_dir.join(CHECKPOINT_DIR);
         std::fs::create_dir_all(&checkpoints)
             .map_err(|e| spawn_failed(format!("creating {}: {e}", checkpoints.display())))?;
+        let storage_plan =
+            data::plan(spec, &self.data_dir).map_err(|message| RunEnd::DataFailed { message })?;
         let facts = setup::Facts::gather(&cwd, &spec.argv);
         let plan = setup::plan(&spec.setup, &spec.argv, &facts, &run_dir.join("venv"))
             .map_err(|message| RunEnd::SetupFailed { message })?;
@@ -257,7 +305,7 @@ impl Runs {
         ];
         env.extend(plan.env);
         env.extend(spec.env.iter().cloned());
-        Ok(Job {
+        let job = Job {
             steps: plan.steps,
             argv: plan.argv,
             env,
@@ -266,7 +314,10 @@ impl Runs {
             stop_grace: Duration::from_millis(spec.stop_grace_ms),
             spot_signal,
             checkpoints,
-        })
+            storage: None,
+            pusher: None,
+        };
+        Ok((job, storage_plan))
     }
 
     /// Tells every active run about a spot interruption: the notice goes in its log and
@@ -416,6 +467,9 @@ impl Runs {
 /// How long stopping every run (each with its own grace period) may take.
 const STOP_ALL_BOUND: Duration = Duration::from_secs(600);
 
+/// A run's checkpoint dir (`RUNCTL_CHECKPOINT_DIR`), inside its run directory.
+const CHECKPOINT_DIR: &str = "checkpoints";
+
 /// A run's event log directory, inside its run directory.
 const LOG_DIR: &str = "log";
 
@@ -440,6 +494,12 @@ fn internal(path: &Path, e: std::io::Error) -> WireError {
 /// Ends a run whose supervisor is gone: kills what is left of its process group and
 /// records the loss.
 fn end_lost_run(log: &EventLog) {
+    kill_lost_process(log);
+    record_lost(log);
+}
+
+/// Kills what is left of a run the agent lost track of (its last started process group).
+fn kill_lost_process(log: &EventLog) {
     let pid = log.reader(0).ok().and_then(|mut reader| {
         reader
             .read_batch(u64::MAX, usize::MAX)
@@ -454,11 +514,40 @@ fn end_lost_run(log: &EventLog) {
     if let Some(pid) = pid {
         let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
     }
+}
+
+fn record_lost(log: &EventLog) {
     let message =
         "the agent restarted while this run was active; its process was stopped".to_owned();
     if let Err(e) = log.append(EventKind::Ended(RunEnd::Lost { message })) {
         tracing::warn!("run log write failed: {e}");
     }
+}
+
+/// A lost run that pushes checkpoints: its process is killed, then every checkpoint it
+/// saved that the store lacks is uploaded (recorded in its log), then it ends as `Lost`.
+fn finish_lost_run(run_dir: PathBuf, saved: Vec<u8>, log: Arc<EventLog>) {
+    kill_lost_process(&log);
+    tokio::spawn(async move {
+        let pushed = async {
+            let saved: data::Saved = serde_json::from_slice(&saved)?;
+            let conn = storage::connect(&data::store_config(&saved.storage)).await?;
+            let url = storage::ObjectUrl::parse(&saved.checkpoints.dest)?;
+            let engine = data::engine(&conn, &url).map_err(anyhow::Error::msg)?;
+            let dir = run_dir.join(CHECKPOINT_DIR);
+            let pusher = Pusher::start(&dir, engine, url, saved.checkpoints.keep, log.clone())?;
+            pusher.finish().await;
+            anyhow::Ok(())
+        }
+        .await;
+        if let Err(e) = pushed {
+            tracing::error!(
+                "pushing the checkpoints of lost run {}: {e:#}",
+                run_dir.display()
+            );
+        }
+        record_lost(&log);
+    });
 }
 
 #[cfg(test)]

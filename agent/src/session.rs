@@ -347,7 +347,7 @@ async fn handle_bulk(
     match open {
         BulkOpen::StartRun(spec) => {
             let run = spec.run.clone();
-            let result = runs.start(spec).await;
+            let result = runs.start(*spec).await;
             match &result {
                 Ok(()) => tracing::info!(%run, "run started"),
                 Err(e) => tracing::warn!(%run, "run failed to start: {}", e.message),

@@ -19,8 +19,10 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::checkpoints;
+use crate::data;
 use crate::eventlog::EventLog;
 use crate::lines::{LineSplitter, Piece};
+use crate::pusher::Pusher;
 use crate::restart::{self, History};
 use crate::setup::Step;
 
@@ -41,6 +43,19 @@ pub struct Job {
     pub stop_grace: Duration,
     pub spot_signal: Signal,
     pub checkpoints: PathBuf,
+    /// Data to pull and a checkpoint to resume from, before the first attempt.
+    pub storage: Option<Storage>,
+    /// Pushes checkpoints; drained before the run's end is recorded.
+    pub pusher: Option<Pusher>,
+}
+
+/// The store a run's data and resume point come from.
+#[derive(Debug, Clone)]
+pub struct Storage {
+    pub conn: storage::Connection,
+    pub plan: data::Plan,
+    /// Where the checkpoint to resume from is fetched to.
+    pub resume_dir: PathBuf,
 }
 
 /// A request to the supervisor of a run.
@@ -112,6 +127,10 @@ pub fn spawn(job: Job, log: Arc<EventLog>) -> Handle {
     tokio::spawn(async move {
         let end = supervise(&job, &log, rx, &pid).await;
         pid.store(0, Ordering::SeqCst);
+        if let Some(pusher) = &job.pusher {
+            // Every checkpoint the run saved reaches the store before it is over.
+            pusher.finish().await;
+        }
         record_end(&log, end).await;
     });
     handle
@@ -191,9 +210,45 @@ async fn supervise(
         }
     }
 
+    let mut resume_from: Option<PathBuf> = None;
+    if let Some(storage) = &job.storage {
+        if let Some(url) = &storage.plan.resume {
+            let fetch = data::fetch_resume(&storage.conn, url, &storage.resume_dir, log);
+            match until_stopped(fetch, &mut control).await {
+                None => return stopped_before_start(),
+                Some(Ok(path)) => resume_from = Some(path),
+                Some(Err(message)) => return RunEnd::DataFailed { message },
+            }
+        }
+        if !storage.plan.data.is_empty() {
+            let (conn, sources, pull_log) =
+                (storage.conn.clone(), storage.plan.data.clone(), log.clone());
+            let pull = async move { data::pull(&conn, &sources, &pull_log).await };
+            if storage.plan.alongside {
+                let log = log.clone();
+                tokio::spawn(async move {
+                    if let Err(message) = pull.await {
+                        append(
+                            &log,
+                            EventKind::Output {
+                                stream: Stream::Stderr,
+                                line: format!("runctl: the data pull failed: {message}"),
+                            },
+                        );
+                    }
+                });
+            } else {
+                match until_stopped(pull, &mut control).await {
+                    None => return stopped_before_start(),
+                    Some(Ok(())) => {}
+                    Some(Err(message)) => return RunEnd::DataFailed { message },
+                }
+            }
+        }
+    }
+
     let mut history = History::default();
     let mut attempt = 0u32;
-    let mut resume_from: Option<PathBuf> = None;
     let mut pending_reply: Option<oneshot::Sender<Result<u32, String>>> = None;
     loop {
         attempt += 1;
@@ -237,7 +292,7 @@ async fn supervise(
         ) else {
             return end;
         };
-        resume_from = checkpoints::newest_in(&job.checkpoints);
+        resume_from = checkpoints::newest_in(&job.checkpoints).or(resume_from);
         append(
             log,
             EventKind::Retrying {
@@ -259,6 +314,35 @@ async fn supervise(
 }
 
 /// `end`, marked as ended by a stop the user asked for.
+/// Runs `work` (no process of the run is alive meanwhile) unless a stop comes first;
+/// `None` when stopped. A restart is refused and a spot interruption needs no signal.
+async fn until_stopped<T>(
+    work: impl Future<Output = T>,
+    control: &mut mpsc::UnboundedReceiver<Control>,
+) -> Option<T> {
+    tokio::pin!(work);
+    loop {
+        tokio::select! {
+            done = &mut work => return Some(done),
+            request = control.recv() => match request {
+                Some(Control::Stop(_)) | None => return None,
+                Some(Control::Interrupt) => {}
+                Some(Control::Restart(reply)) => {
+                    let _ = reply.send(Err("the run has not started its process yet".into()));
+                }
+            },
+        }
+    }
+}
+
+/// How a run stopped before its process started ends: as a stopped step would.
+fn stopped_before_start() -> RunEnd {
+    RunEnd::Signaled {
+        signal: Signal::SIGTERM as i32,
+        stop_requested: true,
+    }
+}
+
 fn stopped(end: RunEnd) -> RunEnd {
     match end {
         RunEnd::Exited { code, .. } => RunEnd::Exited {
@@ -279,6 +363,7 @@ fn describe(end: &RunEnd) -> String {
         RunEnd::Signaled { signal, .. } => format!("was killed by signal {signal}"),
         RunEnd::SpawnFailed { message }
         | RunEnd::SetupFailed { message }
+        | RunEnd::DataFailed { message }
         | RunEnd::Lost { message } => message.clone(),
     }
 }
@@ -501,6 +586,8 @@ mod tests {
             stop_grace: Duration::from_millis(300),
             spot_signal: Signal::SIGUSR1,
             checkpoints: dir.join("checkpoints"),
+            storage: None,
+            pusher: None,
         }
     }
 

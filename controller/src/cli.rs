@@ -228,6 +228,40 @@ pub struct RunArgs {
     #[arg(long, value_name = "SIGNAL", default_value = "TERM", value_parser = parse_signal)]
     pub spot_signal: i32,
 
+    /// Pull data before the command starts: every object under an s3:// prefix (or one
+    /// object) into DEST inside RUNCTL_DATA_DIR (default: the prefix's last name).
+    /// Repeatable. Files already present and identical are skipped.
+    #[arg(long, value_name = "s3://BUCKET/PREFIX[=DEST]", value_parser = parse_data)]
+    pub data: Vec<protocol::DataSource>,
+
+    /// Start the command while the data is still being pulled.
+    #[arg(long, requires = "data")]
+    pub pull_alongside: bool,
+
+    /// Push checkpoints to this prefix (the run id is appended; default: [storage]
+    /// checkpoints, which for the local store is s3://runctl/checkpoints).
+    #[arg(
+        long,
+        value_name = "s3://BUCKET/PREFIX",
+        conflicts_with = "no_checkpoints"
+    )]
+    pub checkpoints: Option<String>,
+
+    /// Do not push checkpoints.
+    #[arg(long)]
+    pub no_checkpoints: bool,
+
+    /// Keep only the newest N complete checkpoints in the store (default: [storage]
+    /// keep_checkpoints; 0 keeps all). The newest complete one is never deleted.
+    #[arg(long, value_name = "N", conflicts_with = "no_checkpoints")]
+    pub keep_checkpoints: Option<u32>,
+
+    /// Start from the newest complete checkpoint of an earlier run (its id) or of an
+    /// s3:// checkpoint prefix: it is fetched before the command starts and its path given
+    /// in RUNCTL_RESUME_FROM.
+    #[arg(long, value_name = "RUN|s3://...")]
+    pub resume_from: Option<String>,
+
     /// The command to run and its arguments, after `--`.
     #[arg(last = true, required = true, value_name = "COMMAND")]
     pub command: Vec<String>,
@@ -400,10 +434,53 @@ fn parse_env(s: &str) -> Result<(String, String), String> {
     Ok((key.to_owned(), value.to_owned()))
 }
 
+/// `s3://bucket/prefix[=dest]`: the destination defaults to the prefix's last name.
+fn parse_data(s: &str) -> Result<protocol::DataSource, String> {
+    let (source, dest) = match s.rsplit_once('=') {
+        Some((source, dest)) => (source, Some(dest)),
+        None => (s, None),
+    };
+    let url = storage::ObjectUrl::parse(source).map_err(|e| e.to_string())?;
+    let dest = match dest {
+        Some(dest) => dest.trim_end_matches('/').to_owned(),
+        None => url
+            .key
+            .trim_end_matches('/')
+            .rsplit('/')
+            .next()
+            .filter(|n| !n.is_empty())
+            .unwrap_or(&url.bucket)
+            .to_owned(),
+    };
+    if dest.is_empty() {
+        return Err(format!("{s:?} has an empty destination after '='"));
+    }
+    protocol::manifest::check_path(&dest).map_err(|e| format!("destination {dest:?}: {e}"))?;
+    Ok(protocol::DataSource {
+        source: source.to_owned(),
+        dest,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use clap::CommandFactory;
+
+    #[test]
+    fn data_sources() {
+        let d = parse_data("s3://bkt/imagenet/train/").expect("valid");
+        assert_eq!(
+            (d.source.as_str(), d.dest.as_str()),
+            ("s3://bkt/imagenet/train/", "train")
+        );
+        let d = parse_data("s3://bkt/x.bin=inputs/x.bin").expect("valid");
+        assert_eq!(d.dest, "inputs/x.bin");
+        assert_eq!(parse_data("s3://bkt").expect("valid").dest, "bkt");
+        assert!(parse_data("s3://bkt/x=../up").is_err());
+        assert!(parse_data("s3://bkt/x=").is_err());
+        assert!(parse_data("bkt/x").is_err());
+    }
 
     #[test]
     fn cli_is_well_formed_and_documented() {

@@ -418,6 +418,15 @@ async fn run_command(home: &Home, printer: Printer, args: RunArgs) -> anyhow::Re
         stop_grace_secs: args.stop_grace,
         end: args.end.map(Into::into),
         spot_signal: args.spot_signal,
+        data: args.data,
+        pull_alongside: args.pull_alongside,
+        checkpoints: if args.no_checkpoints {
+            Some(String::new())
+        } else {
+            args.checkpoints
+        },
+        keep_checkpoints: args.keep_checkpoints,
+        resume_from: args.resume_from,
     });
     let mut client = Client::connect(home).await?;
     client.send(&request).await?;

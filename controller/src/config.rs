@@ -16,6 +16,127 @@ pub struct Config {
     pub daemon: DaemonConfig,
     #[serde(default)]
     pub local: LocalConfig,
+    #[serde(default)]
+    pub storage: StorageConfig,
+}
+
+/// `[storage]`: the object store runs pull data from and push checkpoints to, and that
+/// `s3` and `checkpoint` commands use.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageConfig {
+    /// `local` (the default: buckets are directories under `root`) or `s3`.
+    #[serde(default)]
+    pub backend: Backend,
+    /// For `local`: where the buckets are (default: `store/` in the controller's home).
+    pub root: Option<PathBuf>,
+    /// For `s3`: the region (default: the AWS configuration's).
+    pub region: Option<String>,
+    /// For `s3`: an S3-compatible server, e.g. `http://127.0.0.1:8333`.
+    pub endpoint_url: Option<String>,
+    /// For `s3`: address buckets as `endpoint/bucket` (most S3-compatible servers).
+    #[serde(default)]
+    pub force_path_style: bool,
+    /// For `s3`: a named profile from the AWS config files.
+    pub profile: Option<String>,
+    /// Where runs push checkpoints, `s3://bucket/prefix` (each run under `<prefix>/<run>/`).
+    /// Default for `local`: `s3://runctl/checkpoints`; for `s3`, none (no push).
+    pub checkpoints: Option<String>,
+    /// Keep this many complete checkpoints per run (0, the default, keeps all).
+    #[serde(default)]
+    pub keep_checkpoints: u32,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Backend {
+    #[default]
+    Local,
+    S3,
+}
+
+/// The bucket and prefix checkpoints go to with the local backend by default.
+const LOCAL_CHECKPOINTS: &str = "s3://runctl/checkpoints";
+
+impl StorageConfig {
+    /// How agents and this CLI reach the store; `home` roots the local default.
+    pub fn spec(&self, home: &Path) -> protocol::StoreSpec {
+        match self.backend {
+            Backend::Local => protocol::StoreSpec::Local {
+                root: self
+                    .root
+                    .clone()
+                    .unwrap_or_else(|| home.join("store"))
+                    .display()
+                    .to_string(),
+            },
+            Backend::S3 => protocol::StoreSpec::S3 {
+                region: self.region.clone(),
+                endpoint_url: self.endpoint_url.clone(),
+                force_path_style: self.force_path_style,
+                profile: self.profile.clone(),
+            },
+        }
+    }
+
+    /// The same, for this process's own transfers.
+    pub fn store_config(&self, home: &Path) -> storage::StoreConfig {
+        match self.spec(home) {
+            protocol::StoreSpec::Local { root } => {
+                storage::StoreConfig::Local { root: root.into() }
+            }
+            protocol::StoreSpec::S3 {
+                region,
+                endpoint_url,
+                force_path_style,
+                profile,
+            } => storage::StoreConfig::S3 {
+                region,
+                endpoint_url,
+                force_path_style,
+                profile,
+            },
+        }
+    }
+
+    /// Where checkpoints go by default, if anywhere.
+    pub fn checkpoints(&self) -> Option<String> {
+        match (&self.checkpoints, self.backend) {
+            (Some(url), _) => Some(url.clone()),
+            (None, Backend::Local) => Some(LOCAL_CHECKPOINTS.to_owned()),
+            (None, Backend::S3) => None,
+        }
+    }
+
+    fn check(&self) -> Result<(), String> {
+        if let Some(url) = &self.checkpoints {
+            storage::ObjectUrl::parse(url).map_err(|e| format!("[storage] checkpoints: {e}"))?;
+        }
+        let s3_only = [
+            ("region", self.region.is_some()),
+            ("endpoint_url", self.endpoint_url.is_some()),
+            ("force_path_style", self.force_path_style),
+            ("profile", self.profile.is_some()),
+        ];
+        match self.backend {
+            Backend::Local => {
+                if let Some((key, _)) = s3_only.iter().find(|(_, set)| *set) {
+                    return Err(format!(
+                        "[storage] {key} applies to backend = \"s3\" but the backend is \"local\""
+                    ));
+                }
+            }
+            Backend::S3 => {
+                if self.root.is_some() {
+                    return Err(
+                        "[storage] root applies to backend = \"local\" but the backend is \"s3\""
+                            .into(),
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -110,7 +231,7 @@ impl Config {
                 format!("config file {} is invalid: {}", path.display(), e.trim_end()),
             )
             .resolve(
-                "fix the file (keys: [daemon] listen, token_ttl_secs, stop_grace_secs; [local] agent_binary), or remove it to use the defaults",
+                "fix the file (see the README's configuration section), or remove it to use the defaults",
             )
         })
     }
@@ -120,6 +241,7 @@ impl Config {
         if config.daemon.token_ttl_secs == 0 {
             return Err("[daemon] token_ttl_secs must be at least 1".into());
         }
+        config.storage.check()?;
         Ok(config)
     }
 }
@@ -150,5 +272,19 @@ mod tests {
         );
         check("[daemon\n", Err("line 1"));
         check("[daemon]\ntoken_ttl_secs = 0\n", Err("at least 1"));
+        check(
+            "[storage]\nbackend = \"s3\"\nendpoint_url = \"http://127.0.0.1:8333\"\nforce_path_style = true\ncheckpoints = \"s3://ckpt/runs\"\n",
+            Ok("127.0.0.1:0"),
+        );
+        check("[storage]\nbackend = \"gcs\"\n", Err("unknown variant"));
+        check("[storage]\ncheckpoints = \"ckpt/runs\"\n", Err("s3://"));
+        check(
+            "[storage]\nendpoint_url = \"http://x\"\n",
+            Err("applies to backend = \"s3\""),
+        );
+        check(
+            "[storage]\nbackend = \"s3\"\nroot = \"/x\"\n",
+            Err("applies to backend = \"local\""),
+        );
     }
 }

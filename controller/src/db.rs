@@ -13,7 +13,11 @@ use protocol::{
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
+
+/// Version 2 added where each run's checkpoints go.
+const MIGRATE_1_TO_2: &str =
+    "CREATE TABLE run_checkpoints (run_id TEXT PRIMARY KEY, url TEXT NOT NULL);";
 
 const SCHEMA: &str = "
 CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -51,6 +55,7 @@ CREATE TABLE runs (
     error TEXT
 );
 CREATE INDEX runs_by_instance ON runs(instance);
+CREATE TABLE run_checkpoints (run_id TEXT PRIMARY KEY, url TEXT NOT NULL);
 CREATE TABLE run_events (
     run_id TEXT NOT NULL,
     seq INTEGER NOT NULL,
@@ -75,6 +80,7 @@ pub enum RunState {
     Pending,
     Syncing,
     SettingUp,
+    PullingData,
     Running,
     Succeeded,
     Failed,
@@ -109,6 +115,7 @@ impl RunState {
             | RunEnd::Signaled { .. }
             | RunEnd::SpawnFailed { .. }
             | RunEnd::SetupFailed { .. }
+            | RunEnd::DataFailed { .. }
             | RunEnd::Lost { .. } => RunState::Failed,
         }
     }
@@ -183,6 +190,12 @@ impl Db {
                     "BEGIN; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
                 ))
                 .context("creating the database schema")?;
+            }
+            1 => {
+                conn.execute_batch(&format!(
+                    "BEGIN; {MIGRATE_1_TO_2} PRAGMA user_version = 2; COMMIT;"
+                ))
+                .context("upgrading the database schema")?;
             }
             SCHEMA_VERSION => {}
             other => anyhow::bail!(
@@ -385,6 +398,27 @@ impl Db {
             ],
         )?;
         Ok(())
+    }
+
+    /// Records where a run's checkpoints go (`s3://bucket/prefix/<run>/`).
+    pub fn set_run_checkpoints(&self, id: &RunId, url: &str) -> anyhow::Result<()> {
+        self.lock().execute(
+            "INSERT OR REPLACE INTO run_checkpoints (run_id, url) VALUES (?1, ?2)",
+            params![id.as_str(), url],
+        )?;
+        Ok(())
+    }
+
+    /// Where a run's checkpoints go, if it pushes them.
+    pub fn run_checkpoints(&self, id: &RunId) -> anyhow::Result<Option<String>> {
+        Ok(self
+            .lock()
+            .query_row(
+                "SELECT url FROM run_checkpoints WHERE run_id = ?1",
+                params![id.as_str()],
+                |r| r.get(0),
+            )
+            .optional()?)
     }
 
     /// Moves a run to `state` unless it already ended; returns whether it changed.

@@ -70,6 +70,16 @@ pub struct RunRequest {
     pub end: Option<EndAction>,
     /// The signal a spot interruption notice sends (a Linux signal number).
     pub spot_signal: i32,
+    /// Data to pull before the command starts.
+    pub data: Vec<protocol::DataSource>,
+    pub pull_alongside: bool,
+    /// Where checkpoints go (`s3://bucket/prefix`; the run's id is appended); `None` for
+    /// `[storage] checkpoints`; `Some("")` for no push.
+    pub checkpoints: Option<String>,
+    /// `None` for `[storage] keep_checkpoints`.
+    pub keep_checkpoints: Option<u32>,
+    /// A run id or an `s3://` checkpoint prefix to resume from.
+    pub resume_from: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -122,6 +132,10 @@ pub enum Request {
     Terminate {
         name: InstanceName,
         force: bool,
+    },
+    /// Where a run's checkpoints go; answered with `CheckpointDest`.
+    CheckpointDest {
+        run: RunId,
     },
 }
 
@@ -176,6 +190,8 @@ pub enum Response {
     /// `Run` once its process started.
     Run(RunRow),
     Terminated(InstanceView),
+    /// The run's checkpoint prefix, `s3://bucket/prefix/<run>/`; `None` if it pushes none.
+    CheckpointDest(Option<String>),
     Error(UserError),
 }
 

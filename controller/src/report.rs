@@ -3,7 +3,9 @@
 
 use std::io::Write;
 
-use protocol::{EventKind, Notice, RunEnd, RunEvent, Stream};
+use protocol::{
+    CheckpointEvent, CheckpointOutcome, EventKind, Notice, PullProgress, RunEnd, RunEvent, Stream,
+};
 use serde::Serialize;
 
 use crate::db::{InstanceState, RunRow, RunState};
@@ -105,6 +107,15 @@ impl Printer {
                     eprintln!("runctl: attempt {attempt} started")
                 }
                 EventKind::Notice(notice) => eprintln!("runctl: {}", notice_text(notice)),
+                EventKind::Pull(p) => {
+                    // A terminal redraws the bar in place; elsewhere only the end is shown.
+                    if self.tty && !p.done {
+                        eprint!("{}\r", pull_text(p));
+                    } else if p.done {
+                        eprintln!("{}", pull_text(p));
+                    }
+                }
+                EventKind::Checkpoint(c) => eprintln!("runctl: {}", checkpoint_text(c)),
                 EventKind::Started { .. } | EventKind::Ended(_) => {}
             },
         }
@@ -138,7 +149,58 @@ fn end_text(end: &RunEnd) -> String {
         }
         RunEnd::SpawnFailed { message }
         | RunEnd::SetupFailed { message }
+        | RunEnd::DataFailed { message }
         | RunEnd::Lost { message } => message.clone(),
+    }
+}
+
+/// A data pull's progress as one line with a bar.
+pub fn pull_text(p: &PullProgress) -> String {
+    let fraction = if p.bytes_total == 0 {
+        if p.done { 1.0 } else { 0.0 }
+    } else {
+        p.bytes_done as f64 / p.bytes_total as f64
+    };
+    let filled = (fraction * 24.0).round() as usize;
+    let skipped = if p.skipped > 0 {
+        format!(", {} already present", p.skipped)
+    } else {
+        String::new()
+    };
+    format!(
+        "runctl: pulling data [{}{}] {:>3.0}% {} / {}, {}/{} files{skipped}",
+        "#".repeat(filled.min(24)),
+        "-".repeat(24 - filled.min(24)),
+        fraction * 100.0,
+        bytes_words(p.bytes_done),
+        bytes_words(p.bytes_total),
+        p.files_done,
+        p.files_total,
+    )
+}
+
+/// What happened to a checkpoint, in words.
+pub fn checkpoint_text(c: &CheckpointEvent) -> String {
+    match &c.outcome {
+        CheckpointOutcome::Uploaded { ms } => format!(
+            "checkpoint {} saved to {} ({}, {} file(s), {:.1} s after it was written)",
+            c.name,
+            c.url,
+            bytes_words(c.bytes),
+            c.files,
+            *ms as f64 / 1000.0
+        ),
+        CheckpointOutcome::Failed { message } => {
+            format!("checkpoint {} not uploaded yet: {message}", c.name)
+        }
+        CheckpointOutcome::Pruned => {
+            format!("checkpoint {} deleted from {} (retention)", c.name, c.url)
+        }
+        CheckpointOutcome::Fetched { path } => format!(
+            "resuming from checkpoint {} ({}, fetched to {path})",
+            c.url,
+            bytes_words(c.bytes)
+        ),
     }
 }
 
@@ -303,6 +365,7 @@ pub fn state_word(state: RunState) -> &'static str {
         RunState::Pending => "pending",
         RunState::Syncing => "syncing",
         RunState::SettingUp => "setting up",
+        RunState::PullingData => "pulling data",
         RunState::Running => "running",
         RunState::Succeeded => "succeeded",
         RunState::Failed => "failed",
@@ -328,6 +391,7 @@ pub fn end_words(row: &RunRow) -> String {
             Some(
                 RunEnd::SpawnFailed { message }
                 | RunEnd::SetupFailed { message }
+                | RunEnd::DataFailed { message }
                 | RunEnd::Lost { message },
             ),
             _,
@@ -344,7 +408,7 @@ pub fn exit_status(row: &RunRow) -> u8 {
         Some(RunEnd::Exited { code, .. }) => (*code & 0xff) as u8,
         Some(RunEnd::Signaled { signal, .. }) => 128u8.saturating_add(*signal as u8),
         Some(RunEnd::SpawnFailed { .. }) => 127,
-        Some(RunEnd::SetupFailed { .. } | RunEnd::Lost { .. }) => 1,
+        Some(RunEnd::SetupFailed { .. } | RunEnd::DataFailed { .. } | RunEnd::Lost { .. }) => 1,
         None if row.state == RunState::Succeeded => 0,
         None => 1,
     }

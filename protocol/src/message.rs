@@ -109,7 +109,7 @@ pub enum ControllerMsg {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum BulkOpen {
     /// Start a run whose tree is already synced. Answered by `AgentMsg::RunStarted`.
-    StartRun(RunSpec),
+    StartRun(Box<RunSpec>),
     /// Sync a run's tree. The exchange on the stream, in order:
     /// 1. agent: `SyncHave`, then, when its root differs from `known_root`, its manifest
     ///    (`manifest_bytes` of zstd-compressed bincode);
@@ -644,7 +644,7 @@ mod tests {
             ControllerMsg::Error(WireError::new(ErrorKind::TokenReused, "used")),
         ];
         let bulk = [
-            BulkOpen::StartRun(RunSpec {
+            BulkOpen::StartRun(Box::new(RunSpec {
                 run: run_id(),
                 argv: vec!["python3".into(), "train.py".into()],
                 env: vec![("SEED".into(), "1".into())],
@@ -670,7 +670,7 @@ mod tests {
                     keep: 3,
                 }),
                 resume_from: Some("s3://ckpt/runs/r-0/".into()),
-            }),
+            })),
             BulkOpen::Sync(SyncOpen {
                 run: run_id(),
                 known_root: Some(ContentHash([7; 32])),

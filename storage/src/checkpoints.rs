@@ -77,12 +77,18 @@ pub fn modified_ms(path: &Path) -> Option<i64> {
     )
 }
 
-/// The files of the checkpoint at `local` (a file or a directory), as (path, name in the
-/// store), with its total size and save time.
-pub fn local_files(
-    name: &str,
-    local: &Path,
-) -> Result<(Vec<(PathBuf, String)>, u64, i64), StoreError> {
+/// A checkpoint on local disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalCheckpoint {
+    /// Each file as (path, name relative to the run's prefix).
+    pub files: Vec<(PathBuf, String)>,
+    pub bytes: u64,
+    /// The newest modification time among its files, ms since the epoch.
+    pub saved_ms: i64,
+}
+
+/// The checkpoint at `local` (a file or a directory).
+pub fn local_files(name: &str, local: &Path) -> Result<LocalCheckpoint, StoreError> {
     let meta =
         std::fs::metadata(local).map_err(StoreError::io(format!("reading {}", local.display())))?;
     let files = if meta.is_dir() {
@@ -101,7 +107,11 @@ pub fn local_files(
         bytes += meta.len();
         saved = saved.max(modified_ms(path).unwrap_or(0));
     }
-    Ok((files, bytes, saved))
+    Ok(LocalCheckpoint {
+        files,
+        bytes,
+        saved_ms: saved,
+    })
 }
 
 /// Uploads the checkpoint `name` from `local` under `prefix`, then its record, then
@@ -114,7 +124,11 @@ pub async fn push<S: ObjectStore + Clone + 'static>(
     local: &Path,
 ) -> Result<CheckpointRecord, StoreError> {
     crate::validate_key(name)?;
-    let (files, bytes, saved_ms) = local_files(name, local)?;
+    let LocalCheckpoint {
+        files,
+        bytes,
+        saved_ms,
+    } = local_files(name, local)?;
     let directory = local.is_dir();
     let items = files
         .iter()

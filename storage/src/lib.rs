@@ -14,7 +14,7 @@ mod s3;
 pub mod transfer;
 mod url;
 
-pub use config::{StoreConfig, connect};
+pub use config::{Connection, StoreConfig, connect};
 pub use local::LocalStore;
 pub use s3::S3Store;
 pub use url::{ObjectUrl, relative_key};

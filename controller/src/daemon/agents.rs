@@ -312,7 +312,11 @@ fn reconcile(
     }
     for row in d.db.runs_on(instance)? {
         let known = cursors.iter().any(|c| c.run == row.id);
-        if matches!(row.state, RunState::Running | RunState::SettingUp) && !known {
+        if matches!(
+            row.state,
+            RunState::Running | RunState::SettingUp | RunState::PullingData
+        ) && !known
+        {
             d.db.set_run_state(
                 &row.id,
                 RunState::Failed,
@@ -334,8 +338,8 @@ fn on_events(
 ) -> Result<(), WireError> {
     let internal = |e: anyhow::Error| WireError::new(ErrorKind::Internal, format!("{e:#}"));
     let row = d.db.run(run).map_err(internal)?;
-    match row {
-        Some(row) if &row.instance == instance => {}
+    let current = match row {
+        Some(row) if &row.instance == instance => row.state,
         _ => {
             tracing::warn!("agent {instance} sent events for run {run}, which is not its own");
             return Err(WireError::new(
@@ -343,10 +347,14 @@ fn on_events(
                 format!("run {run} does not belong to {instance}"),
             ));
         }
-    }
-    // The latest phase among the events: setup steps come before the first start.
-    let phase = events.iter().rev().find_map(|e| match e.kind {
+    };
+    // The latest phase among the events: setup steps, then the data pull, come before the
+    // first start (a pull alongside the process does not take a running run back).
+    let phase = events.iter().rev().find_map(|e| match &e.kind {
         EventKind::Started { .. } => Some(RunState::Running),
+        EventKind::Pull(p) if !p.done && current != RunState::Running => {
+            Some(RunState::PullingData)
+        }
         EventKind::Setup { .. } => Some(RunState::SettingUp),
         _ => None,
     });

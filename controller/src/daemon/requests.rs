@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use protocol::framed::{read_frame, write_frame};
-use protocol::{EndAction, RunId, RunSpec};
+use protocol::{CheckpointPush, EndAction, RunId, RunSpec, StoreSpec};
+use storage::ObjectUrl;
 use tokio::net::UnixStream;
 
 use super::{Daemon, now_ms, runs, sync};
@@ -120,6 +121,15 @@ async fn dispatch(
             let bound = grace.unwrap_or(STOP_BOUND) + Duration::from_secs(30);
             let row = wait_terminal(d, &run, bound).await?;
             write_frame(stream, &Response::Run(row)).await?;
+        }
+        Request::CheckpointDest { run } => {
+            if d.db.run(&run)?.is_none() {
+                return Err(UserError::new(ErrorCode::NotFound, format!("no run {run}"))
+                    .resolve("list runs: runctl-controller list")
+                    .into());
+            }
+            let dest = d.db.run_checkpoints(&run)?;
+            write_frame(stream, &Response::CheckpointDest(dest)).await?;
         }
         Request::Terminate { name, force } => {
             let row = d.db.instance(&name)?.ok_or_else(|| {
@@ -257,6 +267,8 @@ async fn run(d: &Arc<Daemon>, stream: &mut UnixStream, req: RunRequest) -> anyho
         .into());
     }
     let run_id = RunId::from_random(rand::random());
+    // Checked before anything is launched: bad input costs nothing.
+    let stored = run_storage(d, &req, &run_id)?;
     let (instance, launched) = match &req.on {
         Some(name) => {
             let row = d.db.instance(name)?.ok_or_else(|| {
@@ -324,7 +336,15 @@ async fn run(d: &Arc<Daemon>, stream: &mut UnixStream, req: RunRequest) -> anyho
             .as_millis() as u64,
         end,
         spot_signal: req.spot_signal,
+        storage: stored.storage,
+        data: req.data,
+        pull_alongside: req.pull_alongside,
+        checkpoints: stored.checkpoints,
+        resume_from: stored.resume_from,
     };
+    if let Some(push) = &spec.checkpoints {
+        d.db.set_run_checkpoints(&run_id, &push.dest)?;
+    }
     let d2 = d.clone();
     let (run2, root) = (run_id.clone(), req.root);
     d.tasks.spawn(runs::start(d2, run2, instance, root, spec));
@@ -337,6 +357,82 @@ async fn run(d: &Arc<Daemon>, stream: &mut UnixStream, req: RunRequest) -> anyho
     let row = stream_events(d, stream, &run_id, true, 0).await?;
     write_frame(stream, &Response::Run(row)).await?;
     Ok(())
+}
+
+/// The storage side of a run spec, checked.
+struct RunStorage {
+    storage: Option<StoreSpec>,
+    checkpoints: Option<CheckpointPush>,
+    resume_from: Option<String>,
+}
+
+fn run_storage(d: &Arc<Daemon>, req: &RunRequest, run: &RunId) -> Result<RunStorage, UserError> {
+    let bad = |message: String| UserError::new(ErrorCode::BadInput, message);
+    for source in &req.data {
+        ObjectUrl::parse(&source.source).map_err(|e| {
+            bad(format!("data source: {e}")).resolve("name data as --data s3://BUCKET/PREFIX=DEST")
+        })?;
+        if !source.dest.is_empty() {
+            protocol::manifest::check_path(&source.dest).map_err(|e| {
+                bad(format!("data destination {:?}: {e}", source.dest)).resolve(
+                    "give a relative path inside the data dir, e.g. --data s3://b/train=train",
+                )
+            })?;
+        }
+    }
+    let base = match &req.checkpoints {
+        Some(url) if url.is_empty() => None,
+        Some(url) => Some(url.clone()),
+        None => d.config.storage.checkpoints(),
+    };
+    let checkpoints = base
+        .map(|base| {
+            let url = ObjectUrl::parse(&base).map_err(|e| {
+                bad(format!("checkpoint destination: {e}"))
+                    .resolve("give --checkpoints s3://BUCKET/PREFIX, or set [storage] checkpoints")
+            })?;
+            Ok::<_, UserError>(CheckpointPush {
+                dest: url
+                    .with_key(format!("{}{run}/", url.as_prefix()))
+                    .to_string(),
+                keep: req
+                    .keep_checkpoints
+                    .unwrap_or(d.config.storage.keep_checkpoints),
+            })
+        })
+        .transpose()?;
+    let resume_from = match &req.resume_from {
+        None => None,
+        Some(from) if from.starts_with("s3://") => {
+            let url = ObjectUrl::parse(from).map_err(|e| bad(format!("--resume-from: {e}")))?;
+            Some(url.with_key(url.as_prefix()).to_string())
+        }
+        Some(from) => {
+            let earlier: RunId = from.parse().map_err(|e| {
+                bad(format!("--resume-from {from:?}: {e}"))
+                    .resolve("give a run id (see `list`) or an s3:// checkpoint prefix")
+            })?;
+            let url = d
+                .db
+                .run_checkpoints(&earlier)
+                .map_err(|e| UserError::new(ErrorCode::Internal, format!("{e:#}")))?
+                .ok_or_else(|| {
+                    UserError::new(
+                        ErrorCode::NotFound,
+                        format!("run {earlier} pushed no checkpoints here, so there is nothing to resume from"),
+                    )
+                    .resolve("check the run id with `runctl-controller list`")
+                    .resolve("or give the checkpoint prefix itself: --resume-from s3://BUCKET/PREFIX/RUN/")
+                })?;
+            Some(url)
+        }
+    };
+    let needs_store = !req.data.is_empty() || checkpoints.is_some() || resume_from.is_some();
+    Ok(RunStorage {
+        storage: needs_store.then(|| d.config.storage.spec(d.home.root())),
+        checkpoints,
+        resume_from,
+    })
 }
 
 /// Reports phases until the run's process has started (or the run ended).
@@ -379,6 +475,7 @@ fn phase_message(state: RunState) -> Option<&'static str> {
     match state {
         RunState::Syncing => Some("uploading the work dir"),
         RunState::SettingUp => Some("setting up"),
+        RunState::PullingData => Some("pulling data"),
         RunState::Running => Some("running"),
         _ => None,
     }

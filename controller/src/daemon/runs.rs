@@ -131,7 +131,7 @@ async fn try_start(
         .open_bi()
         .await
         .context("opening a stream to the agent")?;
-    write_frame(&mut send, &BulkOpen::StartRun(spec)).await?;
+    write_frame(&mut send, &BulkOpen::StartRun(Box::new(spec))).await?;
     send.finish()?;
     let answer = tokio::time::timeout(
         Duration::from_secs(600),

@@ -1,0 +1,369 @@
+//! Checkpoint push-on-save: watches a run's checkpoint dir (inotify through `notify`) and
+//! uploads each checkpoint the moment it is saved, newest first, without the trainer
+//! waiting on it.
+//!
+//! What counts as saved: a top-level file closed after writing, or renamed into place; a
+//! top-level directory renamed into place, or one that has been quiet for [`QUIET`]. Names
+//! that look temporary (hidden, `*.tmp`, `*.partial`, ...) are never uploaded. A file that
+//! changes while it is being read is not recorded and goes again. Every upload ends with
+//! the checkpoint's record and `LATEST` (see `storage::checkpoints`); retention then prunes.
+//! At start the dir is rescanned against the records in the store, so what a previous
+//! agent did not finish is uploaded now; at the end of the run [`Pusher::finish`] rescans
+//! and drains the queue before the run's `Ended` is written.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use notify::event::{AccessKind, AccessMode, CreateKind, ModifyKind, RenameMode};
+use notify::{EventKind as FsEvent, RecursiveMode, Watcher};
+use protocol::{CheckpointEvent, CheckpointOutcome, EventKind};
+use storage::checkpoints::{self, CheckpointRecord};
+use storage::transfer::Engine;
+use storage::{ObjectUrl, Store, StoreError};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+use crate::checkpoints::is_temporary;
+use crate::eventlog::EventLog;
+
+/// A directory checkpoint counts as saved once nothing in it has changed for this long.
+pub const QUIET: Duration = Duration::from_secs(2);
+/// How long the end of a run waits for its checkpoints to reach the store.
+const FINISH_BOUND: Duration = Duration::from_secs(600);
+const TICK: Duration = Duration::from_millis(250);
+
+/// The push side of one run's checkpoint dir.
+#[derive(Debug, Clone)]
+pub struct Pusher {
+    tx: mpsc::UnboundedSender<oneshot::Sender<()>>,
+}
+
+impl Pusher {
+    /// Starts watching `dir` and pushing to `dest` (the run's prefix); `keep` > 0 prunes
+    /// to that many complete checkpoints after each upload.
+    pub fn start(
+        dir: &Path,
+        engine: Engine<Store>,
+        dest: ObjectUrl,
+        keep: u32,
+        log: Arc<EventLog>,
+    ) -> anyhow::Result<Pusher> {
+        let (fs_tx, fs_rx) = mpsc::unbounded_channel();
+        let mut watcher = notify::recommended_watcher(move |event| {
+            let _ = fs_tx.send(event);
+        })?;
+        watcher.watch(dir, RecursiveMode::Recursive)?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let state = State {
+            dir: dir.to_owned(),
+            engine,
+            prefix: dest.as_prefix(),
+            dest,
+            keep,
+            log,
+            pending: HashMap::new(),
+            dirty: HashMap::new(),
+            uploaded: HashMap::new(),
+            failures: HashMap::new(),
+            order: 0,
+        };
+        tokio::spawn(state.run(watcher, fs_rx, rx));
+        Ok(Pusher { tx })
+    }
+
+    /// Rescans the dir, uploads everything not yet in the store, and returns when done (or
+    /// after a bound; what is left stays on disk for the next start of the agent).
+    pub async fn finish(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(tx).is_ok() {
+            let _ = rx.await;
+        }
+    }
+}
+
+struct State {
+    dir: PathBuf,
+    engine: Engine<Store>,
+    dest: ObjectUrl,
+    prefix: String,
+    keep: u32,
+    log: Arc<EventLog>,
+    /// Saved checkpoints waiting for upload, with their order (higher = newer).
+    pending: HashMap<String, u64>,
+    /// Directory checkpoints being written, with their last change.
+    dirty: HashMap<String, Instant>,
+    /// What the store holds, or held until retention pruned it: name -> (bytes, save time).
+    uploaded: HashMap<String, (u64, i64)>,
+    /// Failed uploads: name -> (failures so far, not before).
+    failures: HashMap<String, (u32, Instant)>,
+    order: u64,
+}
+
+type Upload = tokio::task::JoinHandle<(String, Result<CheckpointRecord, StoreError>)>;
+
+impl State {
+    async fn run(
+        mut self,
+        _watcher: notify::RecommendedWatcher,
+        mut fs: mpsc::UnboundedReceiver<notify::Result<notify::Event>>,
+        mut finish: mpsc::UnboundedReceiver<oneshot::Sender<()>>,
+    ) {
+        match checkpoints::list(self.engine.store(), &self.prefix).await {
+            Ok(records) => {
+                for r in records {
+                    self.uploaded.insert(r.name, (r.bytes, r.saved_ms));
+                }
+            }
+            Err(e) => tracing::warn!("listing the checkpoints in {}: {e}", self.dest),
+        }
+        self.rescan(false);
+        let mut inflight: Option<(String, Upload)> = None;
+        let mut finishing: Option<(oneshot::Sender<()>, Instant)> = None;
+        let mut tick = tokio::time::interval(TICK);
+        loop {
+            if inflight.is_none() {
+                inflight = self.next_upload();
+            }
+            if let Some((reply, deadline)) = finishing.take() {
+                if inflight.is_none() && self.pending.is_empty() {
+                    let _ = reply.send(());
+                    return;
+                }
+                if Instant::now() >= deadline {
+                    let left: Vec<_> = self.pending.keys().cloned().collect();
+                    tracing::error!(
+                        "checkpoints not uploaded within {FINISH_BOUND:?}, left on disk for the agent's next start: {left:?}"
+                    );
+                    let _ = reply.send(());
+                    return;
+                }
+                finishing = Some((reply, deadline));
+            }
+            tokio::select! {
+                Some(event) = fs.recv() => match event {
+                    Ok(event) => self.on_event(event),
+                    Err(e) => tracing::warn!("watching {}: {e}", self.dir.display()),
+                },
+                Some(reply) = finish.recv() => {
+                    self.rescan(true);
+                    finishing = Some((reply, Instant::now() + FINISH_BOUND));
+                }
+                done = async { (&mut inflight.as_mut().expect("guarded").1).await }, if inflight.is_some() => {
+                    inflight = None;
+                    match done {
+                        Ok((name, result)) => self.on_done(name, result).await,
+                        Err(e) => tracing::error!("a checkpoint upload task failed: {e}"),
+                    }
+                }
+                _ = tick.tick() => {
+                    let quiet: Vec<String> = self
+                        .dirty
+                        .iter()
+                        .filter(|(_, at)| at.elapsed() >= QUIET)
+                        .map(|(name, _)| name.clone())
+                        .collect();
+                    for name in quiet {
+                        self.dirty.remove(&name);
+                        self.ready(&name);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The top-level name an event path belongs to, and whether it is that entry itself.
+    fn name_of(&self, path: &Path) -> Option<(String, bool)> {
+        let rel = path.strip_prefix(&self.dir).ok()?;
+        let mut parts = rel.components();
+        let name = parts.next()?.as_os_str().to_str()?.to_owned();
+        if is_temporary(&name) {
+            return None;
+        }
+        Some((name, parts.next().is_none()))
+    }
+
+    fn on_event(&mut self, event: notify::Event) {
+        let paths: Vec<&PathBuf> = match event.kind {
+            // For a rename within the dir, only where it went matters.
+            FsEvent::Modify(ModifyKind::Name(RenameMode::Both)) => {
+                event.paths.last().into_iter().collect()
+            }
+            FsEvent::Modify(ModifyKind::Name(RenameMode::From)) => return,
+            _ => event.paths.iter().collect(),
+        };
+        for path in paths {
+            let Some((name, top)) = self.name_of(path) else {
+                continue;
+            };
+            match event.kind {
+                FsEvent::Access(AccessKind::Close(AccessMode::Write)) if top => self.ready(&name),
+                FsEvent::Modify(ModifyKind::Name(_)) if top => {
+                    // Renamed into place: a whole file, or a whole directory.
+                    self.dirty.remove(&name);
+                    self.ready(&name);
+                }
+                FsEvent::Create(CreateKind::Folder) if top => {
+                    self.dirty.insert(name, Instant::now());
+                }
+                FsEvent::Create(_) | FsEvent::Modify(_) | FsEvent::Access(AccessKind::Close(_))
+                    if !top =>
+                {
+                    self.dirty.insert(name, Instant::now());
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Marks `name` saved, unless the store already holds this very version.
+    fn ready(&mut self, name: &str) {
+        let path = self.dir.join(name);
+        let Ok(local) = checkpoints::local_files(name, &path) else {
+            return; // gone already
+        };
+        if self.uploaded.get(name) == Some(&(local.bytes, local.saved_ms)) {
+            return;
+        }
+        self.order += 1;
+        self.pending.insert(name.to_owned(), self.order);
+    }
+
+    /// Queues every checkpoint in the dir the store lacks, oldest first so the newest gets
+    /// the highest order; with `all`, directories still changing count as saved too (the
+    /// run is over: they are as complete as they will get).
+    fn rescan(&mut self, all: bool) {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        let mut found: Vec<(i64, String)> = entries
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_str()?.to_owned();
+                if is_temporary(&name) || (!all && self.dirty.contains_key(&name)) {
+                    return None;
+                }
+                let local = checkpoints::local_files(&name, &e.path()).ok()?;
+                Some((local.saved_ms, name))
+            })
+            .collect();
+        found.sort();
+        if self.keep > 0 {
+            // Older ones would only be pruned again.
+            let skip = found.len().saturating_sub(self.keep as usize);
+            found.drain(..skip);
+        }
+        for (_, name) in found {
+            self.dirty.remove(&name);
+            self.ready(&name);
+        }
+    }
+
+    /// Starts uploading the newest pending checkpoint whose retry time has come.
+    fn next_upload(&mut self) -> Option<(String, Upload)> {
+        let now = Instant::now();
+        let name = loop {
+            let name = self
+                .pending
+                .iter()
+                .filter(|(name, _)| self.failures.get(*name).is_none_or(|(_, at)| *at <= now))
+                .max_by_key(|(_, order)| **order)
+                .map(|(name, _)| name.clone())?;
+            self.pending.remove(&name);
+            // Saved twice while an upload of it ran (a close and a rename): once is enough.
+            let stamp = checkpoints::local_files(&name, &self.dir.join(&name))
+                .ok()
+                .map(|local| (local.bytes, local.saved_ms));
+            if stamp.is_some() && self.uploaded.get(&name) != stamp.as_ref() {
+                break name;
+            }
+        };
+        let (engine, prefix, path, key) = (
+            self.engine.clone(),
+            self.prefix.clone(),
+            self.dir.join(&name),
+            name.clone(),
+        );
+        let task = tokio::spawn(async move {
+            let result = checkpoints::push(&engine, &prefix, &key, &path).await;
+            (key, result)
+        });
+        Some((name, task))
+    }
+
+    async fn on_done(&mut self, name: String, result: Result<CheckpointRecord, StoreError>) {
+        let url = self.dest.join(&name).to_string();
+        match result {
+            Ok(record) => {
+                self.failures.remove(&name);
+                self.uploaded
+                    .insert(name.clone(), (record.bytes, record.saved_ms));
+                let ms = (record.uploaded_ms - record.saved_ms).max(0) as u64;
+                self.append(CheckpointEvent {
+                    name: name.clone(),
+                    url,
+                    bytes: record.bytes,
+                    files: record.files.len() as u32,
+                    outcome: CheckpointOutcome::Uploaded { ms },
+                });
+                if self.keep > 0 {
+                    self.prune().await;
+                }
+            }
+            Err(StoreError::SourceChanged { .. }) => {
+                // Being written again: its next save (or the next tick) queues it.
+                self.order += 1;
+                self.pending.insert(name, self.order);
+            }
+            Err(StoreError::NotFound { .. }) if !self.dir.join(&name).exists() => {}
+            Err(e) if !self.dir.join(&name).exists() => {
+                tracing::info!("checkpoint {name} was deleted before its upload finished: {e}");
+            }
+            Err(e) => {
+                let failures = self.failures.get(&name).map_or(0, |(n, _)| *n) + 1;
+                let delay = Duration::from_secs(1 << failures.min(6)).min(Duration::from_secs(60));
+                self.failures
+                    .insert(name.clone(), (failures, Instant::now() + delay));
+                self.order += 1;
+                self.pending.insert(name.clone(), self.order);
+                self.append(CheckpointEvent {
+                    name,
+                    url,
+                    bytes: 0,
+                    files: 0,
+                    outcome: CheckpointOutcome::Failed {
+                        message: format!("{e} (trying again in {}s)", delay.as_secs()),
+                    },
+                });
+            }
+        }
+    }
+
+    async fn prune(&mut self) {
+        match checkpoints::prune(&self.engine, &self.prefix, self.keep as usize).await {
+            Ok(deleted) => {
+                for name in deleted {
+                    self.append(CheckpointEvent {
+                        url: self.dest.join(&name).to_string(),
+                        name,
+                        bytes: 0,
+                        files: 0,
+                        outcome: CheckpointOutcome::Pruned,
+                    });
+                }
+            }
+            Err(e) => tracing::warn!("pruning checkpoints in {}: {e}", self.dest),
+        }
+    }
+
+    fn append(&self, event: CheckpointEvent) {
+        if self.log.cursor().ended {
+            tracing::info!("checkpoint {}: {:?}", event.name, event.outcome);
+            return;
+        }
+        if let Err(e) = self.log.append(EventKind::Checkpoint(event)) {
+            tracing::warn!("run log write failed: {e}");
+        }
+    }
+}
