@@ -155,6 +155,42 @@ Examples:
   runctl-controller terminate --force gpu-1")]
     Terminate(TerminateArgs),
 
+    /// A run's checkpoints in the object store: list, inspect, download, prune.
+    #[command(
+        subcommand,
+        after_long_help = "\
+A checkpoint is complete once all its files are in the store and its record is written;
+LATEST names the newest complete one. Only complete checkpoints are listed or fetched, and
+every download is checked against the content hashes taken at upload. RUN is a run id, or
+the run's checkpoint prefix as s3://BUCKET/PREFIX/RUN/.
+
+Examples:
+  runctl-controller checkpoint list run-3f9a2c1b7d4e
+  runctl-controller checkpoint info run-3f9a2c1b7d4e ckpt-0015.pt
+  runctl-controller checkpoint download run-3f9a2c1b7d4e --to ./restore
+  runctl-controller checkpoint prune --keep 3 run-3f9a2c1b7d4e"
+    )]
+    Checkpoint(CheckpointCommand),
+
+    /// Your own transfers to and from the object store ([storage] in the config): ls, cp,
+    /// sync, rm. Parallel, multipart, resumable downloads.
+    #[command(
+        subcommand,
+        after_long_help = "\
+Large objects move in parallel parts (ranged GETs, multipart PUTs) with per-part retries; a
+download goes to a hidden partial file, renamed into place only when whole, and a cut one
+resumes with the parts it lacks. Credentials come from the standard AWS chain (environment,
+AWS_PROFILE or [storage] profile, SSO, instance profile).
+
+Examples:
+  runctl-controller s3 ls s3://my-bucket/datasets/
+  runctl-controller s3 cp ./train.bin s3://my-bucket/datasets/
+  runctl-controller s3 cp --recursive s3://my-bucket/datasets/imagenet/ ./imagenet
+  runctl-controller s3 sync ./data s3://my-bucket/data
+  runctl-controller s3 rm --recursive s3://my-bucket/scratch/"
+    )]
+    S3(ObjectCommand),
+
     /// Run the controller daemon in the foreground (other commands start it on demand).
     #[command(after_long_help = "\
 Logs go to stderr (RUNCTL_LOG=debug for more). Stops cleanly on SIGTERM or Ctrl-C;
@@ -265,6 +301,73 @@ pub struct RunArgs {
     /// The command to run and its arguments, after `--`.
     #[arg(last = true, required = true, value_name = "COMMAND")]
     pub command: Vec<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CheckpointCommand {
+    /// The run's complete checkpoints, oldest first, with the one LATEST names.
+    List {
+        /// A run id, or an s3:// checkpoint prefix.
+        #[arg(value_name = "RUN|s3://...")]
+        target: String,
+    },
+    /// One checkpoint's files, sizes and content hashes (default: the latest).
+    Info {
+        #[arg(value_name = "RUN|s3://...")]
+        target: String,
+        /// The checkpoint's name (see `checkpoint list`).
+        name: Option<String>,
+    },
+    /// Download a checkpoint (default: the latest) and verify its content.
+    Download {
+        #[arg(value_name = "RUN|s3://...")]
+        target: String,
+        /// The checkpoint's name (see `checkpoint list`).
+        name: Option<String>,
+        /// The directory to put it in.
+        #[arg(long, value_name = "DIR", default_value = ".")]
+        to: PathBuf,
+    },
+    /// Delete all but the newest N complete checkpoints; the latest is never deleted.
+    Prune {
+        #[arg(value_name = "RUN|s3://...")]
+        target: String,
+        /// How many to keep.
+        #[arg(long, value_name = "N")]
+        keep: u32,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ObjectCommand {
+    /// List objects and prefixes under an s3:// URL (one level, unless --recursive).
+    Ls {
+        #[arg(value_name = "s3://BUCKET/PREFIX")]
+        url: String,
+        /// Every object below, not just one level.
+        #[arg(long, short = 'r')]
+        recursive: bool,
+    },
+    /// Copy a file or directory up, or an object or prefix down.
+    Cp {
+        /// A local path or an s3:// URL.
+        source: String,
+        /// A local path or an s3:// URL (a trailing '/' means "into").
+        dest: String,
+        /// Copy a whole directory or prefix.
+        #[arg(long, short = 'r')]
+        recursive: bool,
+    },
+    /// Copy only what differs: up, files missing, resized or newer locally; down, files
+    /// missing or not identical (size and time) locally.
+    Sync { source: String, dest: String },
+    /// Delete an object, or everything under a prefix with --recursive.
+    Rm {
+        #[arg(value_name = "s3://BUCKET/KEY")]
+        url: String,
+        #[arg(long, short = 'r')]
+        recursive: bool,
+    },
 }
 
 #[derive(Debug, Args)]

@@ -132,6 +132,10 @@ fn run(cli: Cli, printer: Printer) -> anyhow::Result<u8> {
                 Ok(0)
             }
             Command::Run(args) => run_command(&home, printer, args).await,
+            Command::S3(cmd) => crate::objects::s3(&home, &config, printer, cmd).await,
+            Command::Checkpoint(cmd) => {
+                crate::objects::checkpoint(&home, &config, printer, cmd).await
+            }
         }
     })
 }

@@ -2,7 +2,8 @@
 //! local socket (`ipc`) to a daemon (`daemon`) that it starts on demand. The daemon owns
 //! the QUIC endpoint agents dial, the CA that identifies them (`pki`), and the database
 //! (`db`); it launches instances through providers (`provider`) and keeps each run's
-//! tree in step with the project (`sync`, driven by `daemon::sync`).
+//! tree in step with the project (`sync`, driven by `daemon::sync`). `objects` moves data
+//! and checkpoints to and from the object store directly.
 
 pub mod cli;
 pub mod commands;
@@ -13,6 +14,7 @@ pub mod detach;
 pub mod error;
 pub mod home;
 pub mod ipc;
+pub mod objects;
 pub mod pki;
 pub mod provider;
 pub mod report;
