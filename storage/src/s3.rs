@@ -79,8 +79,10 @@ impl S3Store {
                 retryable: status >= 500 || status == 429,
             },
             (_, None) => {
-                if text.contains("credentials") && !text.contains("dispatch failure") {
-                    StoreError::NoCredentials { message: text }
+                if text.contains("CredentialsNotLoaded") || text.contains("no credentials") {
+                    StoreError::NoCredentials {
+                        message: "none found in the environment, the AWS config files, SSO, or instance metadata".into(),
+                    }
                 } else {
                     // Timeouts, refused or dropped connections, malformed responses.
                     StoreError::Service {
