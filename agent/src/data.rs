@@ -231,7 +231,7 @@ mod tests {
 
     fn spec() -> RunSpec {
         RunSpec {
-            run: "run-1".parse::<RunId>().expect("id"),
+            run: "run-0123456789ab".parse::<RunId>().expect("id"),
             argv: vec!["true".into()],
             env: vec![],
             cwd: String::new(),

@@ -299,7 +299,8 @@ impl State {
                 self.failures.remove(&name);
                 self.uploaded
                     .insert(name.clone(), (record.bytes, record.saved_ms));
-                let ms = (record.uploaded_ms - record.saved_ms).max(0) as u64;
+                // From the save (the file's modification time) to now, with LATEST written.
+                let ms = (crate::eventlog::now_ms() as i64 - record.saved_ms).max(0) as u64;
                 self.append(CheckpointEvent {
                     name: name.clone(),
                     url,
