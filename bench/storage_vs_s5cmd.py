@@ -3,7 +3,9 @@
 local S3 server (SeaweedFS `weed mini` on loopback, started here with fresh data).
 
 Transfers (each tool, best of --runs, local files on tmpfs /dev/shm so the disk is not
-measured): PUT and GET of one 1 GiB object; PUT and GET of 2,000 x 64 KiB objects. Then the
+measured): PUT and GET of one 1 GiB object; PUT and GET of 2,000 x 64 KiB objects. Every
+tool GETs the same objects (the ones s5cmd uploaded first), since the server's layout of
+an object depends on how it was uploaded. Then the
 checkpoint latency: a trainer run by runctl writes a 1 GiB checkpoint and closes it, and at
 that moment starts `s5cmd cp` of the same file; runctl's time is from the close until its
 LATEST record is written (reported by the agent), s5cmd's until its copy returns. The two
@@ -147,7 +149,9 @@ def main():
             order = list(tools) if r % 2 == 0 else list(reversed(tools))
             for op in ops:
                 for tool in order:
-                    prefix = f"{tool}-{r}" if op.startswith("put") else f"{tool}-0"
+                    # Every tool GETs the same objects (s5cmd's first upload): the server's
+                    # layout of an object depends on how it was uploaded.
+                    prefix = f"{tool}-{r}" if op.startswith("put") else "s5cmd-0"
                     best[tool][op] = min(best[tool][op], timed(tools[tool][op](prefix), env))
                     if op.startswith("get"):
                         shutil.rmtree(os.path.join(scratch, "out"), ignore_errors=True)

@@ -128,15 +128,16 @@ pub async fn pull(
             p
         }
     };
+    // Aborted when the pull ends or is itself cancelled.
     let ticker = {
         let (log, report) = (log.clone(), report.clone());
-        tokio::spawn(async move {
+        AbortOnDrop(tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             loop {
                 tick.tick().await;
                 append(&log, EventKind::Pull(report(false)));
             }
-        })
+        }))
     };
     let result = async {
         for (engine, url, dest) in &engines {
@@ -148,7 +149,7 @@ pub async fn pull(
         Ok(())
     }
     .await;
-    ticker.abort();
+    drop(ticker);
     append(log, EventKind::Pull(report(result.is_ok())));
     result
 }
@@ -216,6 +217,14 @@ pub async fn fetch_resume(
         }),
     );
     Ok(path)
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 fn append(log: &EventLog, kind: EventKind) {

@@ -31,7 +31,7 @@ use crate::eventlog::EventLog;
 /// A directory checkpoint counts as saved once nothing in it has changed for this long.
 pub const QUIET: Duration = Duration::from_secs(2);
 /// How long the end of a run waits for its checkpoints to reach the store.
-const FINISH_BOUND: Duration = Duration::from_secs(600);
+pub const FINISH_BOUND: Duration = Duration::from_secs(600);
 const TICK: Duration = Duration::from_millis(250);
 
 /// The push side of one run's checkpoint dir.

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use crate::data;
 use crate::eventlog::EventLog;
-use crate::pusher::Pusher;
+use crate::pusher::{self, Pusher};
 use crate::setup;
 use crate::supervisor::{self, Handle, Job, Storage};
 use crate::tree::Tree;
@@ -451,7 +451,8 @@ impl Runs {
                 stop.stop(grace);
             }
         }
-        let bound = grace.unwrap_or(STOP_ALL_BOUND) + Duration::from_secs(5);
+        // A run's end also waits for its checkpoints to reach the store.
+        let bound = grace.unwrap_or(STOP_ALL_BOUND) + Duration::from_secs(5) + pusher::FINISH_BOUND;
         for (log, _) in active {
             let mut cursor = log.subscribe();
             if tokio::time::timeout(bound, cursor.wait_for(|c| c.ended))

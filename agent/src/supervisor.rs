@@ -125,8 +125,24 @@ pub fn spawn(job: Job, log: Arc<EventLog>) -> Handle {
     };
     let pid = handle.pid.clone();
     tokio::spawn(async move {
-        let end = supervise(&job, &log, rx, &pid).await;
+        let mut pull = None;
+        let end = supervise(&job, &log, rx, &pid, &mut pull).await;
         pid.store(0, Ordering::SeqCst);
+        if let Some(task) = pull.filter(|t: &tokio::task::JoinHandle<()>| !t.is_finished()) {
+            // Nothing will read the data any more: stop paying for it (what arrived stays,
+            // and a partial file resumes on the next pull).
+            task.abort();
+            let _ = task.await;
+            append(
+                &log,
+                EventKind::Output {
+                    stream: Stream::Stderr,
+                    line:
+                        "runctl: the data pull was cancelled: the process ended before it finished"
+                            .into(),
+                },
+            );
+        }
         if let Some(pusher) = &job.pusher {
             // Every checkpoint the run saved reaches the store before it is over.
             pusher.finish().await;
@@ -170,6 +186,7 @@ async fn supervise(
     log: &Arc<EventLog>,
     mut control: mpsc::UnboundedReceiver<Control>,
     current: &AtomicU32,
+    pull_task: &mut Option<tokio::task::JoinHandle<()>>,
 ) -> RunEnd {
     let mut interrupted = false;
     for step in &job.steps {
@@ -226,7 +243,7 @@ async fn supervise(
             let pull = async move { data::pull(&conn, &sources, &pull_log).await };
             if storage.plan.alongside {
                 let log = log.clone();
-                tokio::spawn(async move {
+                *pull_task = Some(tokio::spawn(async move {
                     if let Err(message) = pull.await {
                         append(
                             &log,
@@ -236,7 +253,7 @@ async fn supervise(
                             },
                         );
                     }
-                });
+                }));
             } else {
                 match until_stopped(pull, &mut control).await {
                     None => return stopped_before_start(),

@@ -62,7 +62,14 @@ the grace period); a second Ctrl-C detaches and leaves it running.
 
 The command gets RUNCTL_RUN_ID, RUNCTL_CHECKPOINT_DIR and RUNCTL_DATA_DIR in its
 environment, and PYTHONUNBUFFERED=1 so Python output streams live. After a restart (see
---restart), RUNCTL_RESUME_FROM names the newest checkpoint in RUNCTL_CHECKPOINT_DIR.
+--restart), RUNCTL_RESUME_FROM names the newest checkpoint in RUNCTL_CHECKPOINT_DIR; with
+--resume-from, the fetched checkpoint to start from.
+
+Every checkpoint saved in RUNCTL_CHECKPOINT_DIR (a file closed after writing or renamed
+into place, a directory renamed into place or quiet for 2 s; hidden, *.tmp and *.partial
+names never) is uploaded at once to the checkpoint destination under the run's id, and a
+LATEST record written when it is complete. The run ends once they are all uploaded.
+--data pulls into RUNCTL_DATA_DIR first, skipping files already present and identical.
 
 Setup (--setup auto, the default) looks at the start directory: a pyproject.toml or
 uv.lock runs `uv sync`; a requirements.txt is installed with uv (or python3 -m pip without
@@ -74,6 +81,8 @@ Examples:
   runctl-controller run --on gpu-1 --env SEED=3 -- python3 train.py --epochs 5
   runctl-controller run --restart on-failure:5 --spot-signal USR1 -- python3 train.py
   runctl-controller run --setup 'make data' --setup 'pip install -e .' -- python3 train.py
+  runctl-controller run --data s3://my-bucket/imagenet/ --keep-checkpoints 3 -- python3 train.py
+  runctl-controller run --resume-from run-3f9a2c1b7d4e -- python3 train.py
   runctl-controller --output json run --detach -- python3 train.py")]
     Run(RunArgs),
 

@@ -177,7 +177,7 @@ pub async fn latest<S: ObjectStore>(
 ) -> Result<Option<CheckpointRecord>, StoreError> {
     let key = format!("{prefix}{LATEST}");
     match store.get(&key, None, None).await {
-        Ok(body) => parse(&key, &body).map(Some),
+        Ok(body) => parse(&key, &body.into_bytes()).map(Some),
         Err(StoreError::NotFound { .. }) => Ok(None),
         Err(e) => Err(e),
     }
@@ -196,7 +196,7 @@ pub async fn list<S: ObjectStore>(
         }
         let body = store.get(&object.key, None, object.etag.as_deref()).await;
         match body {
-            Ok(body) => out.push(parse(&object.key, &body)?),
+            Ok(body) => out.push(parse(&object.key, &body.into_bytes())?),
             // Pruned between the listing and the read.
             Err(StoreError::NotFound { .. } | StoreError::Changed { .. }) => {}
             Err(e) => return Err(e),

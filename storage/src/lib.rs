@@ -103,6 +103,50 @@ pub struct ObjectMeta {
     pub modified_ms: Option<i64>,
 }
 
+/// An object's bytes as they arrived: possibly several chunks, never copied into one
+/// buffer unless asked (`into_bytes`), so a download writes them straight to its file.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Body(Vec<Bytes>);
+
+impl Body {
+    pub fn from_chunks(chunks: Vec<Bytes>) -> Self {
+        Body(chunks)
+    }
+
+    pub fn len(&self) -> u64 {
+        self.0.iter().map(|c| c.len() as u64).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The bytes in one buffer (a copy only when they arrived in several chunks).
+    pub fn into_bytes(mut self) -> Bytes {
+        match self.0.len() {
+            0 => Bytes::new(),
+            1 => self.0.pop().expect("one chunk"),
+            _ => Bytes::from(self.0.concat()),
+        }
+    }
+
+    /// Writes the bytes to `file` starting at `offset`.
+    pub fn write_all_at(&self, file: &std::fs::File, mut offset: u64) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        for chunk in &self.0 {
+            file.write_all_at(chunk, offset)?;
+            offset += chunk.len() as u64;
+        }
+        Ok(())
+    }
+}
+
+impl From<Bytes> for Body {
+    fn from(bytes: Bytes) -> Self {
+        Body(vec![bytes])
+    }
+}
+
 /// A part of a multipart upload, as the store acknowledged it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Part {
@@ -137,7 +181,18 @@ pub trait ObjectStore: Send + Sync {
         key: &str,
         range: Option<Range<u64>>,
         etag: Option<&str>,
-    ) -> impl Future<Output = Result<Bytes, StoreError>> + Send;
+    ) -> impl Future<Output = Result<Body, StoreError>> + Send;
+    /// Writes bytes `range` of the object into `file` at `offset` as they arrive (memory
+    /// stays small whatever the range); with `etag`, fails with `Changed` if the object is no
+    /// longer that version. Answers the number of bytes written, which is the range's length.
+    fn get_into(
+        &self,
+        key: &str,
+        range: Range<u64>,
+        etag: Option<&str>,
+        file: std::sync::Arc<std::fs::File>,
+        offset: u64,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
     /// Stores `body` under `key` in one request.
     fn put(&self, key: &str, body: Bytes) -> impl Future<Output = Result<(), StoreError>> + Send;
     /// Starts a multipart upload; the answer is its id.
@@ -193,10 +248,23 @@ impl ObjectStore for Store {
         key: &str,
         range: Option<Range<u64>>,
         etag: Option<&str>,
-    ) -> Result<Bytes, StoreError> {
+    ) -> Result<Body, StoreError> {
         match self {
             Store::Local(s) => s.get(key, range, etag).await,
             Store::S3(s) => s.get(key, range, etag).await,
+        }
+    }
+    async fn get_into(
+        &self,
+        key: &str,
+        range: Range<u64>,
+        etag: Option<&str>,
+        file: std::sync::Arc<std::fs::File>,
+        offset: u64,
+    ) -> Result<u64, StoreError> {
+        match self {
+            Store::Local(s) => s.get_into(key, range, etag, file, offset).await,
+            Store::S3(s) => s.get_into(key, range, etag, file, offset).await,
         }
     }
     async fn put(&self, key: &str, body: Bytes) -> Result<(), StoreError> {

@@ -11,7 +11,7 @@ use std::time::UNIX_EPOCH;
 
 use bytes::Bytes;
 
-use crate::{Listing, ObjectMeta, ObjectStore, Part, StoreError, validate_key};
+use crate::{Body, Listing, ObjectMeta, ObjectStore, Part, StoreError, validate_key};
 
 /// Names the store uses for itself start with this and are never listed.
 const RESERVED_PREFIX: &str = ".runctl-";
@@ -154,7 +154,7 @@ impl ObjectStore for LocalStore {
         key: &str,
         range: Option<Range<u64>>,
         etag: Option<&str>,
-    ) -> Result<Bytes, StoreError> {
+    ) -> Result<Body, StoreError> {
         let path = self.path(key)?;
         self.check_bucket()?;
         let (key, etag) = (key.to_owned(), etag.map(str::to_owned));
@@ -188,7 +188,59 @@ impl ObjectStore for LocalStore {
             let mut buf = vec![0u8; (range.end - range.start) as usize];
             file.read_exact_at(&mut buf, range.start)
                 .map_err(io(format!("reading {}", path.display())))?;
-            Ok(Bytes::from(buf))
+            Ok(Body::from(Bytes::from(buf)))
+        })
+        .await
+    }
+
+    async fn get_into(
+        &self,
+        key: &str,
+        range: Range<u64>,
+        etag: Option<&str>,
+        file: std::sync::Arc<std::fs::File>,
+        offset: u64,
+    ) -> Result<u64, StoreError> {
+        let path = self.path(key)?;
+        self.check_bucket()?;
+        let (key, etag) = (key.to_owned(), etag.map(str::to_owned));
+        blocking(move || {
+            let src = match std::fs::File::open(&path) {
+                Ok(src) => src,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Err(StoreError::NotFound { key });
+                }
+                Err(e) => return Err(io(format!("opening {}", path.display()))(e)),
+            };
+            let meta = src
+                .metadata()
+                .map_err(io(format!("reading {}", path.display())))?;
+            if let Some(etag) = etag
+                && Self::meta_of(&key, &meta).etag.as_deref() != Some(etag.as_str())
+            {
+                return Err(StoreError::Changed { key });
+            }
+            if range.end > meta.len() || range.start > range.end {
+                return Err(StoreError::Service {
+                    context: format!("reading {key}"),
+                    message: format!(
+                        "range {range:?} is outside the object ({} bytes)",
+                        meta.len()
+                    ),
+                    retryable: false,
+                });
+            }
+            let mut buf = vec![0u8; (range.end - range.start).min(1 << 20) as usize];
+            let mut done = 0;
+            while done < range.end - range.start {
+                let n = buf.len().min((range.end - range.start - done) as usize);
+                src.read_exact_at(&mut buf[..n], range.start + done)
+                    .map_err(io(format!("reading {}", path.display())))?;
+                file.write_all_at(&buf[..n], offset + done)
+                    .map_err(io("writing the download"))?;
+                done += n as u64;
+            }
+            Ok(done)
         })
         .await
     }
@@ -399,7 +451,8 @@ mod tests {
         let part = store
             .get("runs/r1/ckpt-1.pt", Some(4..10), meta.etag.as_deref())
             .await
-            .expect("get");
+            .expect("get")
+            .into_bytes();
         assert_eq!(&part[..], b"kpoint");
         assert!(matches!(
             store.get("runs/r1/ckpt-1.pt", None, Some("other")).await,
@@ -448,7 +501,11 @@ mod tests {
             .await
             .expect("complete");
         assert_eq!(
-            &store.get("big.bin", None, None).await.expect("get")[..],
+            &store
+                .get("big.bin", None, None)
+                .await
+                .expect("get")
+                .into_bytes()[..],
             b"hello world"
         );
         assert!(!dir.path().join("bkt").join(UPLOADS_DIR).join(&id).exists());

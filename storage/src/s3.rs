@@ -11,7 +11,7 @@ use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart};
 use bytes::Bytes;
 
-use crate::{Listing, ObjectMeta, ObjectStore, Part, StoreError};
+use crate::{Body, Listing, ObjectMeta, ObjectStore, Part, StoreError};
 
 /// One bucket of an S3 store.
 #[derive(Debug, Clone)]
@@ -100,6 +100,9 @@ impl S3Store {
     }
 }
 
+/// How much of a download is gathered before one write to the file.
+const WRITE_BATCH: u64 = 1 << 20;
+
 fn status_of(raw: &HttpResponse) -> u16 {
     raw.status().as_u16()
 }
@@ -150,13 +153,13 @@ impl ObjectStore for S3Store {
         key: &str,
         range: Option<Range<u64>>,
         etag: Option<&str>,
-    ) -> Result<Bytes, StoreError> {
+    ) -> Result<Body, StoreError> {
         crate::validate_key(key)?;
         let context = || format!("GET {}", self.url(key));
         let mut req = self.client.get_object().bucket(&self.bucket).key(key);
         if let Some(range) = &range {
             if range.is_empty() {
-                return Ok(Bytes::new());
+                return Ok(Body::default());
             }
             req = req.range(format!("bytes={}-{}", range.start, range.end - 1));
         }
@@ -168,19 +171,15 @@ impl ObjectStore for S3Store {
             .await
             .map_err(|e| self.classify(context(), key, e))?;
         let expected = out.content_length.map(|n| n.max(0) as u64);
-        let body = out
-            .body
-            .collect()
-            .await
-            .map_err(|e| StoreError::Service {
-                context: context(),
-                message: format!("the body was cut off: {}", DisplayErrorContext(&e)),
-                retryable: true,
-            })?
-            .into_bytes();
+        let body = out.body.collect().await.map_err(|e| StoreError::Service {
+            context: context(),
+            message: format!("the body was cut off: {}", DisplayErrorContext(&e)),
+            retryable: true,
+        })?;
+        let body = Body::from_chunks(body.into_segments().collect());
         let want = range.map(|r| r.end - r.start).or(expected);
         if let Some(want) = want
-            && body.len() as u64 != want
+            && body.len() != want
         {
             return Err(StoreError::Service {
                 context: context(),
@@ -189,6 +188,83 @@ impl ObjectStore for S3Store {
             });
         }
         Ok(body)
+    }
+
+    async fn get_into(
+        &self,
+        key: &str,
+        range: Range<u64>,
+        etag: Option<&str>,
+        file: std::sync::Arc<std::fs::File>,
+        offset: u64,
+    ) -> Result<u64, StoreError> {
+        crate::validate_key(key)?;
+        let want = range.end - range.start;
+        if want == 0 {
+            return Ok(0);
+        }
+        let context = || format!("GET {}", self.url(key));
+        let mut req = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .range(format!("bytes={}-{}", range.start, range.end - 1));
+        if let Some(etag) = etag {
+            req = req.if_match(etag);
+        }
+        let mut out = req
+            .send()
+            .await
+            .map_err(|e| self.classify(context(), key, e))?;
+        // Write in pieces of about a megabyte: few system calls, little memory.
+        let mut pending: Vec<Bytes> = Vec::new();
+        let mut pending_len = 0u64;
+        let mut written = 0u64;
+        loop {
+            let chunk = out
+                .body
+                .next()
+                .await
+                .transpose()
+                .map_err(|e| StoreError::Service {
+                    context: context(),
+                    message: format!("the body was cut off: {}", DisplayErrorContext(&e)),
+                    retryable: true,
+                })?;
+            let last = chunk.is_none();
+            if let Some(chunk) = chunk {
+                pending_len += chunk.len() as u64;
+                pending.push(chunk);
+            }
+            if pending_len >= WRITE_BATCH || (last && pending_len > 0) {
+                if written + pending_len > want {
+                    break;
+                }
+                let body = Body::from_chunks(std::mem::take(&mut pending));
+                let (file, at) = (file.clone(), offset + written);
+                tokio::task::spawn_blocking(move || body.write_all_at(&file, at))
+                    .await
+                    .map_err(|e| StoreError::Io {
+                        context: "download writer".into(),
+                        source: std::io::Error::other(e.to_string()),
+                    })?
+                    .map_err(StoreError::io("writing the download"))?;
+                written += pending_len;
+                pending_len = 0;
+            }
+            if last {
+                break;
+            }
+        }
+        if written + pending_len != want {
+            return Err(StoreError::Service {
+                context: context(),
+                message: format!("got {} bytes, expected {want}", written + pending_len),
+                retryable: true,
+            });
+        }
+        Ok(written)
     }
 
     async fn put(&self, key: &str, body: Bytes) -> Result<(), StoreError> {

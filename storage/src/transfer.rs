@@ -43,8 +43,10 @@ const MIB: u64 = 1 << 20;
 pub struct Tuning {
     /// Requests in flight at once, across all objects of one engine.
     pub concurrency: usize,
-    /// The smallest part of a multipart transfer.
+    /// The smallest part of a multipart upload.
     pub part_size: u64,
+    /// The smallest part of a ranged download (no memory cost: parts stream to the file).
+    pub download_part_size: u64,
     /// Objects larger than this are transferred in parts.
     pub multipart_threshold: u64,
     /// Tries per request before a transient failure is given up on.
@@ -56,6 +58,7 @@ impl Default for Tuning {
         Tuning {
             concurrency: 16,
             part_size: 8 * MIB,
+            download_part_size: 32 * MIB,
             multipart_threshold: 16 * MIB,
             attempts: 6,
         }
@@ -527,16 +530,18 @@ impl<S: ObjectStore + Clone + 'static> Engine<S> {
                 self.store.get(&meta.key, None, meta.etag.as_deref())
             })
             .await?;
-        if body.len() as u64 != meta.size {
+        if body.len() != meta.size {
             return Err(StoreError::Changed {
                 key: meta.key.clone(),
             });
         }
-        let len = body.len() as u64;
+        let len = body.len();
         let path = partial.to_owned();
         blocking(move || {
-            std::fs::write(&path, &body)
-                .map_err(StoreError::io(format!("writing {}", path.display())))
+            let context = || format!("writing {}", path.display());
+            let file = File::create(&path).map_err(StoreError::io(context()))?;
+            body.write_all_at(&file, 0)
+                .map_err(StoreError::io(context()))
         })
         .await?;
         self.progress.add_bytes(len);
@@ -550,7 +555,7 @@ impl<S: ObjectStore + Clone + 'static> Engine<S> {
         record_path: &Path,
     ) -> Result<u64, StoreError> {
         let etag = meta.etag.clone().unwrap_or_default();
-        let part = part_size(meta.size, self.tuning.part_size);
+        let part = part_size(meta.size, self.tuning.download_part_size);
         let count = meta.size.div_ceil(part);
         let fresh = PartialRecord {
             etag: etag.clone(),
@@ -586,13 +591,12 @@ impl<S: ObjectStore + Clone + 'static> Engine<S> {
             if state.lock().await.0.done.contains(&index) {
                 continue;
             }
-            let (engine, file, key, etag, state, partial, record_path) = (
+            let (engine, file, key, etag, state, record_path) = (
                 self.clone(),
                 file.clone(),
                 meta.key.clone(),
                 etag.clone(),
                 state.clone(),
-                partial.to_owned(),
                 record_path.to_owned(),
             );
             let size = meta.size;
@@ -605,21 +609,17 @@ impl<S: ObjectStore + Clone + 'static> Engine<S> {
                 let offset = index * part;
                 let len = part.min(size - offset);
                 let what = || format!("downloading part {} of {key}", index + 1);
-                let body = engine
+                engine
                     .retry(&what, || {
-                        engine
-                            .store
-                            .get(&key, Some(offset..offset + len), Some(&etag))
+                        engine.store.get_into(
+                            &key,
+                            offset..offset + len,
+                            Some(&etag),
+                            file.clone(),
+                            offset,
+                        )
                     })
                     .await?;
-                let context = format!("writing {}", partial.display());
-                let writer = file.clone();
-                blocking(move || {
-                    writer
-                        .write_all_at(&body, offset)
-                        .map_err(StoreError::io(context))
-                })
-                .await?;
                 engine.progress.add_bytes(len);
                 let mut guard = state.lock().await;
                 guard.0.done.insert(index);
@@ -858,6 +858,7 @@ mod tests {
         Tuning {
             concurrency: 4,
             part_size: MIN_PART,
+            download_part_size: MIN_PART,
             multipart_threshold: MIN_PART,
             attempts: 2,
         }

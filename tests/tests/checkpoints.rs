@@ -299,6 +299,27 @@ fn data_is_pulled_before_the_trainer_and_skipped_when_present() {
     let (o2, e2) = run_ok(&home, &args);
     assert_eq!(o, o2);
     assert!(e2.contains("2 already present"), "{e2}");
+    // Alongside: the process starts before the pull has finished.
+    let data2 = format!("{prefix}=ds2");
+    let out = home.run(&[
+        "--output", "json", "run", "--on", "data-box", "--pull-alongside", "--data", &data2,
+        "--", "python3", "-c",
+        "import os, time\nd = os.path.join(os.environ['RUNCTL_DATA_DIR'], 'ds2')\nprint('started', flush=True)\n\
+while not all(os.path.exists(os.path.join(d, p)) for p in ('a.bin', 'sub/b.txt')): time.sleep(0.01)\n\
+time.sleep(1)",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let kinds: Vec<Value> = stdout(&out)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter_map(|v| v.get("kind").cloned())
+        .collect();
+    let started = kinds.iter().position(|k| k.get("started").is_some());
+    let pulled = kinds
+        .iter()
+        .position(|k| k["pull"]["done"] == true)
+        .expect("the pull finished and said so");
+    assert!(started.expect("started") < pulled, "{kinds:?}");
     // A missing source fails the run with the reason, before the trainer starts.
     let out = home.run(&[
         "run",

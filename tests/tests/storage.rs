@@ -138,6 +138,7 @@ async fn a_server_dropping_connections_mid_transfer_costs_retries_not_data() {
     proxy.set(Fault::DropEachAfter(12 << 20));
     let small_parts = Tuning {
         part_size: 5 << 20,
+        download_part_size: 5 << 20,
         multipart_threshold: 5 << 20,
         ..Tuning::default()
     };
@@ -165,6 +166,7 @@ async fn a_download_cut_by_the_server_going_away_resumes_where_it_stopped() {
     let tuning = Tuning {
         concurrency: 2,
         attempts: 2,
+        download_part_size: 8 << 20,
         ..Tuning::default()
     };
     let engine = Engine::new(store(&env, &proxy.endpoint(), &env.bucket).await, tuning);
