@@ -145,6 +145,7 @@ def main():
         }
         ops = ["put_big", "get_big", "put_small", "get_small"]
         best = {t: {o: float("inf") for o in ops} for t in tools}
+        samples = {}
         for r in range(args.runs):
             order = list(tools) if r % 2 == 0 else list(reversed(tools))
             for op in ops:
@@ -152,11 +153,15 @@ def main():
                     # Every tool GETs the same objects (s5cmd's first upload): the server's
                     # layout of an object depends on how it was uploaded.
                     prefix = f"{tool}-{r}" if op.startswith("put") else "s5cmd-0"
-                    best[tool][op] = min(best[tool][op], timed(tools[tool][op](prefix), env))
+                    took = timed(tools[tool][op](prefix), env)
+                    samples.setdefault((tool, op), []).append(round(took, 3))
+                    best[tool][op] = min(best[tool][op], took)
                     if op.startswith("get"):
                         shutil.rmtree(os.path.join(scratch, "out"), ignore_errors=True)
 
         big_mib = args.big_mib
+        for (tool, op), times in sorted(samples.items()):
+            print(f"  {tool:>7} {op:<10} seconds: {times}", file=sys.stderr)
         print(f"\nthroughput against SeaweedFS on loopback, best of {args.runs} "
               f"(1 object of {big_mib} MiB; {args.small} x 64 KiB objects)")
         print(f"{'transfer':<26}" + "".join(f"{t:>14}" for t in tools) + f"{'runctl/s5cmd':>14}")

@@ -1,8 +1,10 @@
 //! The parallel transfer engine, over any [`ObjectStore`].
 //!
 //! - Many objects at once, and large objects in parts: ranged GETs and multipart PUTs. All
-//!   requests of one [`Engine`] share `concurrency` slots; a part's bytes are read only once
-//!   it holds a slot, so memory stays below `concurrency × part size`.
+//!   requests of one [`Engine`] share `concurrency` slots (many, so small objects keep the
+//!   server busy), and every byte held in memory is reserved from a budget first (a part is
+//!   read only once its bytes are reserved; ranged downloads stream to the file), so memory
+//!   stays under `memory_budget` whatever the mix.
 //! - Part size: at least the configured size, and large enough that no object needs more
 //!   than 10,000 parts (S3's limit).
 //! - Every request is retried with jittered exponential backoff when the failure is
@@ -43,10 +45,14 @@ const MIB: u64 = 1 << 20;
 pub struct Tuning {
     /// Requests in flight at once, across all objects of one engine.
     pub concurrency: usize,
+    /// Bytes of object data held in memory at once, across all requests.
+    pub memory_budget: u64,
     /// The smallest part of a multipart upload.
     pub part_size: u64,
     /// The smallest part of a ranged download (no memory cost: parts stream to the file).
     pub download_part_size: u64,
+    /// Parts of one object in flight at once (more only adds contention at the server).
+    pub parts_per_object: usize,
     /// Objects larger than this are transferred in parts.
     pub multipart_threshold: u64,
     /// Tries per request before a transient failure is given up on.
@@ -56,9 +62,11 @@ pub struct Tuning {
 impl Default for Tuning {
     fn default() -> Self {
         Tuning {
-            concurrency: 16,
+            concurrency: 64,
+            memory_budget: 128 * MIB,
             part_size: 8 * MIB,
             download_part_size: 32 * MIB,
+            parts_per_object: 8,
             multipart_threshold: 16 * MIB,
             attempts: 6,
         }
@@ -206,7 +214,19 @@ pub struct Engine<S> {
     store: S,
     tuning: Tuning,
     slots: Arc<Semaphore>,
+    /// The memory budget, in units of [`MEMORY_UNIT`].
+    memory: Arc<Semaphore>,
     progress: Arc<Progress>,
+}
+
+/// The granularity of the memory budget.
+const MEMORY_UNIT: u64 = 64 << 10;
+
+/// A request slot and the memory reserved for its bytes, released together.
+#[derive(Debug)]
+struct Reservation {
+    _memory: tokio::sync::OwnedSemaphorePermit,
+    _slot: tokio::sync::OwnedSemaphorePermit,
 }
 
 /// The hidden partial file a download writes before renaming into place, and its record.
@@ -270,6 +290,9 @@ impl<S: ObjectStore + Clone + 'static> Engine<S> {
         Engine {
             store,
             slots: Arc::new(Semaphore::new(tuning.concurrency.max(1))),
+            memory: Arc::new(Semaphore::new(
+                (tuning.memory_budget / MEMORY_UNIT).clamp(1, u32::MAX as u64) as usize,
+            )),
             tuning,
             progress: Arc::default(),
         }
@@ -282,6 +305,28 @@ impl<S: ObjectStore + Clone + 'static> Engine<S> {
     /// The counters of every transfer this engine runs.
     pub fn progress(&self) -> Arc<Progress> {
         self.progress.clone()
+    }
+
+    /// Waits for `bytes` of the memory budget (the whole budget at most), then a slot.
+    async fn reserve(&self, bytes: u64) -> Reservation {
+        let total = (self.tuning.memory_budget / MEMORY_UNIT).clamp(1, u32::MAX as u64);
+        let units = bytes.div_ceil(MEMORY_UNIT).clamp(1, total) as u32;
+        let memory = self
+            .memory
+            .clone()
+            .acquire_many_owned(units)
+            .await
+            .expect("the budget is never closed");
+        let slot = self
+            .slots
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("slots are never closed");
+        Reservation {
+            _memory: memory,
+            _slot: slot,
+        }
     }
 
     /// Runs `op` until it succeeds, fails for good, or runs out of attempts.
@@ -373,7 +418,7 @@ impl<S: ObjectStore + Clone + 'static> Engine<S> {
         key: &str,
         size: u64,
     ) -> Result<ContentHash, StoreError> {
-        let _slot = self.slots.acquire().await.expect("slots are never closed");
+        let _reserved = self.reserve(size).await;
         let (body, hash) = Self::read_part(file, src, 0, size).await?;
         let what = || format!("uploading {key}");
         self.retry(&what, || self.store.put(key, body.clone()))
@@ -403,13 +448,9 @@ impl<S: ObjectStore + Clone + 'static> Engine<S> {
                 upload.clone(),
             );
             tasks.spawn(async move {
-                let _slot = engine
-                    .slots
-                    .acquire()
-                    .await
-                    .expect("slots are never closed");
                 let offset = index * part;
                 let len = part.min(size - offset);
+                let _reserved = engine.reserve(len).await;
                 let (body, hash) = Self::read_part(&file, &src, offset, len).await?;
                 let number = index as u32 + 1;
                 let what = || format!("uploading part {number} of {key}");
@@ -523,7 +564,7 @@ impl<S: ObjectStore + Clone + 'static> Engine<S> {
     }
 
     async fn download_single(&self, meta: &ObjectMeta, partial: &Path) -> Result<u64, StoreError> {
-        let _slot = self.slots.acquire().await.expect("slots are never closed");
+        let _reserved = self.reserve(meta.size).await;
         let what = || format!("downloading {}", meta.key);
         let body = self
             .retry(&what, || {
@@ -586,6 +627,7 @@ impl<S: ObjectStore + Clone + 'static> Engine<S> {
             .sum();
         self.progress.add_bytes(already);
         let state = Arc::new(tokio::sync::Mutex::new((record, Instant::now())));
+        let in_flight = Arc::new(Semaphore::new(self.tuning.parts_per_object.max(1)));
         let mut tasks = JoinSet::new();
         for index in 0..count {
             if state.lock().await.0.done.contains(&index) {
@@ -600,12 +642,11 @@ impl<S: ObjectStore + Clone + 'static> Engine<S> {
                 record_path.to_owned(),
             );
             let size = meta.size;
+            let in_flight = in_flight.clone();
             tasks.spawn(async move {
-                let _slot = engine
-                    .slots
-                    .acquire()
-                    .await
-                    .expect("slots are never closed");
+                let _turn = in_flight.acquire().await.expect("never closed");
+                // A ranged download streams to the file: about a write batch in memory.
+                let _reserved = engine.reserve(2 << 20).await;
                 let offset = index * part;
                 let len = part.min(size - offset);
                 let what = || format!("downloading part {} of {key}", index + 1);
@@ -750,7 +791,7 @@ impl<S: ObjectStore + Clone + 'static> Engine<S> {
         for key in keys {
             let engine = self.clone();
             tasks.spawn(async move {
-                let _slot = engine.slots.acquire().await.expect("never closed");
+                let _reserved = engine.reserve(0).await;
                 engine
                     .retry(&|| format!("deleting {key}"), || engine.store.delete(&key))
                     .await
@@ -857,8 +898,10 @@ mod tests {
     fn small_parts() -> Tuning {
         Tuning {
             concurrency: 4,
+            memory_budget: 64 * MIB,
             part_size: MIN_PART,
             download_part_size: MIN_PART,
+            parts_per_object: 4,
             multipart_threshold: MIN_PART,
             attempts: 2,
         }
@@ -897,6 +940,27 @@ mod tests {
         let snap = engine.progress().snapshot();
         assert_eq!(snap.files_done, 2);
         assert_eq!(snap.bytes_done, 2 * data.len() as u64);
+    }
+
+    #[tokio::test]
+    async fn a_budget_smaller_than_a_part_still_moves_everything_one_part_at_a_time() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let tuning = Tuning {
+            memory_budget: MIB,
+            ..small_parts()
+        };
+        let engine = Engine::new(LocalStore::new(dir.path().join("bkt"), "bkt"), tuning);
+        let src = dir.path().join("src.bin");
+        let data = pattern(3 * MIN_PART as usize);
+        std::fs::write(&src, &data).expect("write");
+        let items = (0..4).map(|i| (src.clone(), format!("k{i}"))).collect();
+        assert_eq!(engine.upload_all(items).await.expect("upload").len(), 4);
+        let dest = dir.path().join("back.bin");
+        engine
+            .download_file("k3", &dest, None)
+            .await
+            .expect("download");
+        assert_eq!(std::fs::read(&dest).expect("read"), data);
     }
 
     #[tokio::test]
