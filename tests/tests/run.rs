@@ -235,10 +235,10 @@ fn terminate_refuses_active_runs_unless_forced() {
     let pid = list["instances"][0]["instance"]["pid"]
         .as_u64()
         .expect("pid");
-    assert!(
-        !std::path::Path::new(&format!("/proc/{pid}")).exists(),
-        "the agent process is gone"
-    );
+    // Gone, once the daemon has reaped it (it exits, or is killed, as terminate returns).
+    home.wait_until("the agent process to be gone", Duration::from_secs(5), || {
+        !std::path::Path::new(&format!("/proc/{pid}")).exists()
+    });
 
     let again = home.run(&["run", "--on", "busy", "--", "true"]);
     assert_eq!(again.status.code(), Some(4), "{}", stderr(&again));
