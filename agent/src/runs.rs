@@ -1,8 +1,9 @@
 //! The runs this agent holds: each has a directory with its event log, synced work tree,
 //! checkpoint dir and (when setup makes one) venv. A run's tree is synced first (see
-//! `tree`), then starting it checks the spec, plans its setup and hands it to the
-//! supervisor; a run the agent lost track of (the agent itself restarted) is ended as
-//! `Lost`. Syncs to one run are serialized.
+//! `tree`), then starting it checks the spec, plans its setup and storage (connecting to
+//! the store and starting the checkpoint pusher) and hands it to the supervisor; a run the
+//! agent lost track of (the agent itself restarted) is ended as `Lost`, after the
+//! checkpoints it left are pushed. Syncs to one run are serialized.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

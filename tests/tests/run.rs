@@ -236,9 +236,11 @@ fn terminate_refuses_active_runs_unless_forced() {
         .as_u64()
         .expect("pid");
     // Gone, once the daemon has reaped it (it exits, or is killed, as terminate returns).
-    home.wait_until("the agent process to be gone", Duration::from_secs(5), || {
-        !std::path::Path::new(&format!("/proc/{pid}")).exists()
-    });
+    home.wait_until(
+        "the agent process to be gone",
+        Duration::from_secs(5),
+        || !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+    );
 
     let again = home.run(&["run", "--on", "busy", "--", "true"]);
     assert_eq!(again.status.code(), Some(4), "{}", stderr(&again));
