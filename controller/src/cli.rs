@@ -322,6 +322,7 @@ pub enum CheckpointCommand {
     },
     /// One checkpoint's files, sizes and content hashes (default: the latest).
     Info {
+        /// A run id, or an s3:// checkpoint prefix.
         #[arg(value_name = "RUN|s3://...")]
         target: String,
         /// The checkpoint's name (see `checkpoint list`).
@@ -329,6 +330,7 @@ pub enum CheckpointCommand {
     },
     /// Download a checkpoint (default: the latest) and verify its content.
     Download {
+        /// A run id, or an s3:// checkpoint prefix.
         #[arg(value_name = "RUN|s3://...")]
         target: String,
         /// The checkpoint's name (see `checkpoint list`).
@@ -339,6 +341,7 @@ pub enum CheckpointCommand {
     },
     /// Delete all but the newest N complete checkpoints; the latest is never deleted.
     Prune {
+        /// A run id, or an s3:// checkpoint prefix.
         #[arg(value_name = "RUN|s3://...")]
         target: String,
         /// How many to keep.
@@ -351,6 +354,7 @@ pub enum CheckpointCommand {
 pub enum ObjectCommand {
     /// List objects and prefixes under an s3:// URL (one level, unless --recursive).
     Ls {
+        /// The bucket and prefix to list.
         #[arg(value_name = "s3://BUCKET/PREFIX")]
         url: String,
         /// Every object below, not just one level.
@@ -372,6 +376,7 @@ pub enum ObjectCommand {
     Sync { source: String, dest: String },
     /// Delete an object, or everything under a prefix with --recursive.
     Rm {
+        /// The object, or with --recursive the prefix.
         #[arg(value_name = "s3://BUCKET/KEY")]
         url: String,
         #[arg(long, short = 'r')]
