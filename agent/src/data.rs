@@ -11,7 +11,7 @@ use protocol::{
 };
 use serde::{Deserialize, Serialize};
 use storage::transfer::{Engine, Tuning, is_identical};
-use storage::{Connection, ObjectStore, ObjectUrl, Store, StoreConfig};
+use storage::{Connection, ObjectStore, ObjectUrl, Store};
 
 use crate::eventlog::EventLog;
 
@@ -33,23 +33,6 @@ pub struct Saved {
 }
 
 pub const SAVED_FILE: &str = "storage.json";
-
-pub fn store_config(spec: &StoreSpec) -> StoreConfig {
-    match spec.clone() {
-        StoreSpec::Local { root } => StoreConfig::Local { root: root.into() },
-        StoreSpec::S3 {
-            region,
-            endpoint_url,
-            force_path_style,
-            profile,
-        } => StoreConfig::S3 {
-            region,
-            endpoint_url,
-            force_path_style,
-            profile,
-        },
-    }
-}
 
 /// Checks the storage parts of `spec`; `None` when the run uses no storage.
 pub fn plan(spec: &RunSpec, data_dir: &Path) -> Result<Option<Plan>, String> {
@@ -89,8 +72,7 @@ pub fn plan(spec: &RunSpec, data_dir: &Path) -> Result<Option<Plan>, String> {
     }))
 }
 
-/// An engine for the bucket of `url`, sharing `base`'s request slots and progress when
-/// given.
+/// An engine for the bucket of `url`.
 pub fn engine(conn: &Connection, url: &ObjectUrl) -> Result<Engine<Store>, String> {
     let store = conn.bucket(&url.bucket).map_err(|e| e.to_string())?;
     Ok(Engine::new(store, Tuning::default()))

@@ -317,7 +317,6 @@ impl State {
                 self.order += 1;
                 self.pending.insert(name, self.order);
             }
-            Err(StoreError::NotFound { .. }) if !self.dir.join(&name).exists() => {}
             Err(e) if !self.dir.join(&name).exists() => {
                 tracing::info!("checkpoint {name} was deleted before its upload finished: {e}");
             }
@@ -343,8 +342,8 @@ impl State {
 
     async fn prune(&mut self) {
         match checkpoints::prune(&self.engine, &self.prefix, self.keep as usize).await {
-            Ok(deleted) => {
-                for name in deleted {
+            Ok(pruned) => {
+                for name in pruned.deleted {
                     self.append(CheckpointEvent {
                         url: self.dest.join(&name).to_string(),
                         name,

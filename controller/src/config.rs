@@ -81,22 +81,7 @@ impl StorageConfig {
 
     /// The same, for this process's own transfers.
     pub fn store_config(&self, home: &Path) -> storage::StoreConfig {
-        match self.spec(home) {
-            protocol::StoreSpec::Local { root } => {
-                storage::StoreConfig::Local { root: root.into() }
-            }
-            protocol::StoreSpec::S3 {
-                region,
-                endpoint_url,
-                force_path_style,
-                profile,
-            } => storage::StoreConfig::S3 {
-                region,
-                endpoint_url,
-                force_path_style,
-                profile,
-            },
-        }
+        (&self.spec(home)).into()
     }
 
     /// Where checkpoints go by default, if anywhere.

@@ -444,6 +444,20 @@ fn pick<'a>(
     }
 }
 
+/// The complete checkpoints under `prefix`, and the one `LATEST` names.
+async fn complete(
+    store: &Store,
+    prefix: &str,
+) -> Result<(Vec<CheckpointRecord>, Option<CheckpointRecord>), UserError> {
+    let records = checkpoints::list(store, prefix)
+        .await
+        .map_err(store_error)?;
+    let latest = checkpoints::latest(store, prefix)
+        .await
+        .map_err(store_error)?;
+    Ok((records, latest))
+}
+
 pub async fn checkpoint(
     home: &Home,
     config: &Config,
@@ -459,15 +473,10 @@ pub async fn checkpoint(
     let url = checkpoint_prefix(home, &target).await?;
     let prefix = url.as_prefix();
     let store = open(home, config, &url).await?;
-    let records = checkpoints::list(&store, &prefix)
-        .await
-        .map_err(store_error)?;
-    let latest = checkpoints::latest(&store, &prefix)
-        .await
-        .map_err(store_error)?;
-    let latest_name = latest.as_ref().map(|r| r.name.clone());
     match cmd {
         CheckpointCommand::List { .. } => {
+            let (records, latest) = complete(&store, &prefix).await?;
+            let latest_name = latest.map(|r| r.name);
             let partial = checkpoints::incomplete(&store, &prefix, &records)
                 .await
                 .map_err(store_error)?;
@@ -516,6 +525,8 @@ pub async fn checkpoint(
             Ok(0)
         }
         CheckpointCommand::Info { name, .. } => {
+            let (records, latest) = complete(&store, &prefix).await?;
+            let latest_name = latest.as_ref().map(|r| r.name.clone());
             let record = pick(&records, latest.as_ref(), name.as_deref(), &url)?;
             printer.data(record, || {
                 let mut out = format!(
@@ -541,6 +552,7 @@ pub async fn checkpoint(
             Ok(0)
         }
         CheckpointCommand::Download { name, to, .. } => {
+            let (records, latest) = complete(&store, &prefix).await?;
             let record = pick(&records, latest.as_ref(), name.as_deref(), &url)?;
             let began = Instant::now();
             let engine = Engine::new(store, Tuning::default());
@@ -576,28 +588,20 @@ pub async fn checkpoint(
         }
         CheckpointCommand::Prune { keep, .. } => {
             let engine = Engine::new(store, Tuning::default());
-            let deleted = checkpoints::prune(&engine, &prefix, keep as usize)
+            let pruned = checkpoints::prune(&engine, &prefix, keep as usize)
                 .await
                 .map_err(store_error)?;
-            #[derive(Serialize)]
-            struct Pruned<'a> {
-                deleted: &'a [String],
-                kept: usize,
-            }
-            let kept = records.len() - deleted.len();
-            printer.data(
-                &Pruned {
-                    deleted: &deleted,
-                    kept,
-                },
-                || {
-                    let mut out = format!("deleted {} checkpoint(s), kept {kept}\n", deleted.len());
-                    for name in &deleted {
-                        out.push_str(&format!("  {name}\n"));
-                    }
-                    out
-                },
-            );
+            printer.data(&pruned, || {
+                let mut out = format!(
+                    "deleted {} checkpoint(s), kept {}\n",
+                    pruned.deleted.len(),
+                    pruned.kept
+                );
+                for name in &pruned.deleted {
+                    out.push_str(&format!("  {name}\n"));
+                }
+                out
+            });
             Ok(0)
         }
     }

@@ -272,13 +272,22 @@ pub async fn fetch<S: ObjectStore + Clone + 'static>(
     Ok(dest_dir.join(&record.name))
 }
 
+/// What `prune` did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Pruned {
+    /// The checkpoints deleted, newest first.
+    pub deleted: Vec<String>,
+    /// How many complete checkpoints are left.
+    pub kept: usize,
+}
+
 /// Deletes all but the newest `keep` complete checkpoints (by save time), never the one
-/// `LATEST` names; returns the names deleted.
+/// `LATEST` names.
 pub async fn prune<S: ObjectStore + Clone + 'static>(
     engine: &Engine<S>,
     prefix: &str,
     keep: usize,
-) -> Result<Vec<String>, StoreError> {
+) -> Result<Pruned, StoreError> {
     let all = list(engine.store(), prefix).await?;
     let latest = latest(engine.store(), prefix).await?.map(|r| r.name);
     let doomed: Vec<&CheckpointRecord> = all
@@ -302,7 +311,10 @@ pub async fn prune<S: ObjectStore + Clone + 'static>(
         engine.delete_all(keys).await?;
         deleted.push(record.name.clone());
     }
-    Ok(deleted)
+    Ok(Pruned {
+        kept: all.len() - deleted.len(),
+        deleted,
+    })
 }
 
 #[cfg(test)]
@@ -399,7 +411,7 @@ mod tests {
         assert_eq!(partial[0].key, "runs/r1/ckpt-9.pt");
 
         assert_eq!(
-            prune(&engine, prefix, 1).await.expect("prune"),
+            prune(&engine, prefix, 1).await.expect("prune").deleted,
             ["ckpt-2.pt", "ckpt-1.pt"]
         );
         assert!(
@@ -418,6 +430,12 @@ mod tests {
             .collect();
         assert_eq!(left, ["step-3"]);
         // keep 0 would delete everything but LATEST's.
-        assert!(prune(&engine, prefix, 0).await.expect("prune").is_empty());
+        assert!(
+            prune(&engine, prefix, 0)
+                .await
+                .expect("prune")
+                .deleted
+                .is_empty()
+        );
     }
 }

@@ -23,6 +23,26 @@ pub enum StoreConfig {
     },
 }
 
+impl From<&protocol::StoreSpec> for StoreConfig {
+    /// The store a run spec names (the controller sends the location, never credentials).
+    fn from(spec: &protocol::StoreSpec) -> Self {
+        match spec.clone() {
+            protocol::StoreSpec::Local { root } => StoreConfig::Local { root: root.into() },
+            protocol::StoreSpec::S3 {
+                region,
+                endpoint_url,
+                force_path_style,
+                profile,
+            } => StoreConfig::S3 {
+                region,
+                endpoint_url,
+                force_path_style,
+                profile,
+            },
+        }
+    }
+}
+
 /// An open connection to a store, cheap to clone; [`Connection::bucket`] gives a store.
 #[derive(Debug, Clone)]
 pub struct Connection {

@@ -322,6 +322,18 @@ impl ObjectStore for Store {
     }
 }
 
+/// Runs blocking file work off the async threads.
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| StoreError::Io {
+            context: "storage worker thread".into(),
+            source: std::io::Error::other(e.to_string()),
+        })?
+}
+
 /// Checks that `key` is a relative, '/'-separated name that stays inside the store.
 pub fn validate_key(key: &str) -> Result<(), StoreError> {
     let bad = key.is_empty()

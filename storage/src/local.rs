@@ -11,7 +11,7 @@ use std::time::UNIX_EPOCH;
 
 use bytes::Bytes;
 
-use crate::{Body, Listing, ObjectMeta, ObjectStore, Part, StoreError, validate_key};
+use crate::{Body, Listing, ObjectMeta, ObjectStore, Part, StoreError, blocking, validate_key};
 
 /// Names the store uses for itself start with this and are never listed.
 const RESERVED_PREFIX: &str = ".runctl-";
@@ -107,6 +107,43 @@ impl LocalStore {
         result
     }
 
+    /// Opens the object at `path` for reading `range` of it (the whole object when
+    /// `None`), checking its version against `etag` and the range against its size.
+    fn open_range(
+        path: &Path,
+        key: String,
+        etag: Option<String>,
+        range: Option<Range<u64>>,
+    ) -> Result<(std::fs::File, Range<u64>), StoreError> {
+        let file = match std::fs::File::open(path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(StoreError::NotFound { key });
+            }
+            Err(e) => return Err(io(format!("opening {}", path.display()))(e)),
+        };
+        let meta = file
+            .metadata()
+            .map_err(io(format!("reading {}", path.display())))?;
+        if let Some(etag) = etag
+            && Self::meta_of(&key, &meta).etag.as_deref() != Some(etag.as_str())
+        {
+            return Err(StoreError::Changed { key });
+        }
+        let range = range.unwrap_or(0..meta.len());
+        if range.end > meta.len() || range.start > range.end {
+            return Err(StoreError::Service {
+                context: format!("reading {key}"),
+                message: format!(
+                    "range {range:?} is outside the object ({} bytes)",
+                    meta.len()
+                ),
+                retryable: false,
+            });
+        }
+        Ok((file, range))
+    }
+
     fn meta_of(key: &str, meta: &std::fs::Metadata) -> ObjectMeta {
         let modified = meta
             .modified()
@@ -125,17 +162,6 @@ impl LocalStore {
     }
 }
 
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
-) -> Result<T, StoreError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| StoreError::Io {
-            context: "local store worker".into(),
-            source: std::io::Error::other(e.to_string()),
-        })?
-}
-
 impl ObjectStore for LocalStore {
     async fn head(&self, key: &str) -> Result<Option<ObjectMeta>, StoreError> {
         let path = self.path(key)?;
@@ -144,7 +170,8 @@ impl ObjectStore for LocalStore {
             Ok(meta) if meta.is_file() => Ok(Some(Self::meta_of(key, &meta))),
             Ok(_) => Ok(None),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) if e.raw_os_error() == Some(nix_enotdir()) => Ok(None),
+            // A key below an existing object's name.
+            Err(e) if e.kind() == std::io::ErrorKind::NotADirectory => Ok(None),
             Err(e) => Err(io(format!("reading {}", path.display()))(e)),
         }
     }
@@ -159,32 +186,7 @@ impl ObjectStore for LocalStore {
         self.check_bucket()?;
         let (key, etag) = (key.to_owned(), etag.map(str::to_owned));
         blocking(move || {
-            let file = match std::fs::File::open(&path) {
-                Ok(file) => file,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    return Err(StoreError::NotFound { key });
-                }
-                Err(e) => return Err(io(format!("opening {}", path.display()))(e)),
-            };
-            let meta = file
-                .metadata()
-                .map_err(io(format!("reading {}", path.display())))?;
-            if let Some(etag) = etag
-                && Self::meta_of(&key, &meta).etag.as_deref() != Some(etag.as_str())
-            {
-                return Err(StoreError::Changed { key });
-            }
-            let range = range.unwrap_or(0..meta.len());
-            if range.end > meta.len() || range.start > range.end {
-                return Err(StoreError::Service {
-                    context: format!("reading {key}"),
-                    message: format!(
-                        "range {range:?} is outside the object ({} bytes)",
-                        meta.len()
-                    ),
-                    retryable: false,
-                });
-            }
+            let (file, range) = Self::open_range(&path, key, etag, range)?;
             let mut buf = vec![0u8; (range.end - range.start) as usize];
             file.read_exact_at(&mut buf, range.start)
                 .map_err(io(format!("reading {}", path.display())))?;
@@ -205,31 +207,7 @@ impl ObjectStore for LocalStore {
         self.check_bucket()?;
         let (key, etag) = (key.to_owned(), etag.map(str::to_owned));
         blocking(move || {
-            let src = match std::fs::File::open(&path) {
-                Ok(src) => src,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    return Err(StoreError::NotFound { key });
-                }
-                Err(e) => return Err(io(format!("opening {}", path.display()))(e)),
-            };
-            let meta = src
-                .metadata()
-                .map_err(io(format!("reading {}", path.display())))?;
-            if let Some(etag) = etag
-                && Self::meta_of(&key, &meta).etag.as_deref() != Some(etag.as_str())
-            {
-                return Err(StoreError::Changed { key });
-            }
-            if range.end > meta.len() || range.start > range.end {
-                return Err(StoreError::Service {
-                    context: format!("reading {key}"),
-                    message: format!(
-                        "range {range:?} is outside the object ({} bytes)",
-                        meta.len()
-                    ),
-                    retryable: false,
-                });
-            }
+            let (src, range) = Self::open_range(&path, key, etag, Some(range))?;
             let mut buf = vec![0u8; (range.end - range.start).min(1 << 20) as usize];
             let mut done = 0;
             while done < range.end - range.start {
@@ -398,10 +376,6 @@ impl ObjectStore for LocalStore {
         }
         Ok(())
     }
-}
-
-fn nix_enotdir() -> i32 {
-    20 // ENOTDIR: a key below an existing object's name
 }
 
 #[cfg(test)]

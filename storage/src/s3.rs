@@ -98,6 +98,44 @@ impl S3Store {
     fn url(&self, key: &str) -> String {
         format!("s3://{}/{key}", self.bucket)
     }
+
+    /// Sends a GET of `range` of `key` (all of it when `None`), pinned to `etag`.
+    async fn send_get(
+        &self,
+        key: &str,
+        range: Option<&Range<u64>>,
+        etag: Option<&str>,
+    ) -> Result<aws_sdk_s3::operation::get_object::GetObjectOutput, StoreError> {
+        crate::validate_key(key)?;
+        let mut req = self.client.get_object().bucket(&self.bucket).key(key);
+        if let Some(range) = range {
+            req = req.range(format!("bytes={}-{}", range.start, range.end - 1));
+        }
+        if let Some(etag) = etag {
+            req = req.if_match(etag);
+        }
+        req.send()
+            .await
+            .map_err(|e| self.classify(format!("GET {}", self.url(key)), key, e))
+    }
+
+    /// A response body that ended early: retryable.
+    fn cut_off(&self, key: &str, e: &dyn std::error::Error) -> StoreError {
+        StoreError::Service {
+            context: format!("GET {}", self.url(key)),
+            message: format!("the body was cut off: {}", DisplayErrorContext(e)),
+            retryable: true,
+        }
+    }
+
+    /// A response of the wrong length: retryable.
+    fn short(&self, key: &str, got: u64, want: u64) -> StoreError {
+        StoreError::Service {
+            context: format!("GET {}", self.url(key)),
+            message: format!("got {got} bytes, expected {want}"),
+            retryable: true,
+        }
+    }
 }
 
 /// How much of a download is gathered before one write to the file.
@@ -154,40 +192,22 @@ impl ObjectStore for S3Store {
         range: Option<Range<u64>>,
         etag: Option<&str>,
     ) -> Result<Body, StoreError> {
-        crate::validate_key(key)?;
-        let context = || format!("GET {}", self.url(key));
-        let mut req = self.client.get_object().bucket(&self.bucket).key(key);
-        if let Some(range) = &range {
-            if range.is_empty() {
-                return Ok(Body::default());
-            }
-            req = req.range(format!("bytes={}-{}", range.start, range.end - 1));
+        if range.as_ref().is_some_and(Range::is_empty) {
+            return Ok(Body::default());
         }
-        if let Some(etag) = etag {
-            req = req.if_match(etag);
-        }
-        let out = req
-            .send()
-            .await
-            .map_err(|e| self.classify(context(), key, e))?;
+        let out = self.send_get(key, range.as_ref(), etag).await?;
         let expected = out.content_length.map(|n| n.max(0) as u64);
-        let body = out.body.collect().await.map_err(|e| StoreError::Service {
-            context: context(),
-            message: format!("the body was cut off: {}", DisplayErrorContext(&e)),
-            retryable: true,
-        })?;
+        let body = out
+            .body
+            .collect()
+            .await
+            .map_err(|e| self.cut_off(key, &e))?;
         let body = Body::from_chunks(body.into_segments().collect());
         let want = range.map(|r| r.end - r.start).or(expected);
-        if let Some(want) = want
-            && body.len() != want
-        {
-            return Err(StoreError::Service {
-                context: context(),
-                message: format!("got {} bytes, expected {want}", body.len()),
-                retryable: true,
-            });
+        match want {
+            Some(want) if body.len() != want => Err(self.short(key, body.len(), want)),
+            _ => Ok(body),
         }
-        Ok(body)
     }
 
     async fn get_into(
@@ -198,25 +218,11 @@ impl ObjectStore for S3Store {
         file: std::sync::Arc<std::fs::File>,
         offset: u64,
     ) -> Result<u64, StoreError> {
-        crate::validate_key(key)?;
         let want = range.end - range.start;
         if want == 0 {
             return Ok(0);
         }
-        let context = || format!("GET {}", self.url(key));
-        let mut req = self
-            .client
-            .get_object()
-            .bucket(&self.bucket)
-            .key(key)
-            .range(format!("bytes={}-{}", range.start, range.end - 1));
-        if let Some(etag) = etag {
-            req = req.if_match(etag);
-        }
-        let mut out = req
-            .send()
-            .await
-            .map_err(|e| self.classify(context(), key, e))?;
+        let mut out = self.send_get(key, Some(&range), etag).await?;
         // Write in pieces of about a megabyte: few system calls, little memory.
         let mut pending: Vec<Bytes> = Vec::new();
         let mut pending_len = 0u64;
@@ -227,29 +233,23 @@ impl ObjectStore for S3Store {
                 .next()
                 .await
                 .transpose()
-                .map_err(|e| StoreError::Service {
-                    context: context(),
-                    message: format!("the body was cut off: {}", DisplayErrorContext(&e)),
-                    retryable: true,
-                })?;
+                .map_err(|e| self.cut_off(key, &e))?;
             let last = chunk.is_none();
             if let Some(chunk) = chunk {
                 pending_len += chunk.len() as u64;
                 pending.push(chunk);
             }
+            if written + pending_len > want {
+                break; // more than asked for: refused below
+            }
             if pending_len >= WRITE_BATCH || (last && pending_len > 0) {
-                if written + pending_len > want {
-                    break;
-                }
                 let body = Body::from_chunks(std::mem::take(&mut pending));
                 let (file, at) = (file.clone(), offset + written);
-                tokio::task::spawn_blocking(move || body.write_all_at(&file, at))
-                    .await
-                    .map_err(|e| StoreError::Io {
-                        context: "download writer".into(),
-                        source: std::io::Error::other(e.to_string()),
-                    })?
-                    .map_err(StoreError::io("writing the download"))?;
+                crate::blocking(move || {
+                    body.write_all_at(&file, at)
+                        .map_err(StoreError::io("writing the download"))
+                })
+                .await?;
                 written += pending_len;
                 pending_len = 0;
             }
@@ -258,11 +258,7 @@ impl ObjectStore for S3Store {
             }
         }
         if written + pending_len != want {
-            return Err(StoreError::Service {
-                context: context(),
-                message: format!("got {} bytes, expected {want}", written + pending_len),
-                retryable: true,
-            });
+            return Err(self.short(key, written + pending_len, want));
         }
         Ok(written)
     }

@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-use crate::{ObjectMeta, ObjectStore, StoreError, relative_key};
+use crate::{ObjectMeta, ObjectStore, StoreError, blocking, relative_key};
 
 /// S3 refuses uploads of more parts than this.
 pub const MAX_PARTS: u64 = 10_000;
@@ -260,17 +260,6 @@ fn backoff(attempt: u32) -> Duration {
     let base = Duration::from_millis(200).saturating_mul(1 << attempt.min(5));
     base.min(Duration::from_secs(5))
         .mul_f64(0.5 + 0.5 * rand::random::<f64>())
-}
-
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
-) -> Result<T, StoreError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| StoreError::Io {
-            context: "transfer worker".into(),
-            source: std::io::Error::other(e.to_string()),
-        })?
 }
 
 fn join_error(e: tokio::task::JoinError) -> StoreError {
@@ -747,39 +736,48 @@ impl<S: ObjectStore + Clone + 'static> Engine<S> {
         Ok(report)
     }
 
-    /// Downloads many objects, up to `concurrency` files at once; the first failure stops
-    /// the rest (what completed stays, partial files are kept for resuming).
+    /// Downloads many objects, up to twice `concurrency` files at once; the first failure
+    /// stops the rest (what completed stays, partial files are kept for resuming).
     pub async fn download_all(
         &self,
         items: Vec<(ObjectMeta, PathBuf)>,
     ) -> Result<Vec<Downloaded>, StoreError> {
-        let files = Arc::new(Semaphore::new(self.tuning.concurrency.max(1) * 2));
-        let mut tasks = JoinSet::new();
-        for (meta, dest) in items {
-            let (engine, files) = (self.clone(), files.clone());
-            tasks.spawn(async move {
-                let _file = files.acquire().await.expect("never closed");
-                engine
-                    .download_file(&meta.key.clone(), &dest, Some(meta))
-                    .await
-            });
-        }
-        collect(tasks).await
+        self.each_file(items, |engine, (meta, dest)| async move {
+            engine
+                .download_file(&meta.key.clone(), &dest, Some(meta))
+                .await
+        })
+        .await
     }
 
-    /// Uploads many files, up to `concurrency` files at once; the first failure stops the
-    /// rest.
+    /// Uploads many files, up to twice `concurrency` files at once; the first failure
+    /// stops the rest.
     pub async fn upload_all(
         &self,
         items: Vec<(PathBuf, String)>,
     ) -> Result<Vec<Uploaded>, StoreError> {
+        self.each_file(items, |engine, (src, key)| async move {
+            engine.upload_file(&src, &key).await
+        })
+        .await
+    }
+
+    /// Runs `work` on every item, a bounded number of files at once (each file's requests
+    /// still share the engine's slots and budget), collecting the results.
+    async fn each_file<I, T, F, Fut>(&self, items: Vec<I>, work: F) -> Result<Vec<T>, StoreError>
+    where
+        I: Send + 'static,
+        T: Send + 'static,
+        F: Fn(Engine<S>, I) -> Fut,
+        Fut: Future<Output = Result<T, StoreError>> + Send + 'static,
+    {
         let files = Arc::new(Semaphore::new(self.tuning.concurrency.max(1) * 2));
         let mut tasks = JoinSet::new();
-        for (src, key) in items {
-            let (engine, files) = (self.clone(), files.clone());
+        for item in items {
+            let (files, job) = (files.clone(), work(self.clone(), item));
             tasks.spawn(async move {
                 let _file = files.acquire().await.expect("never closed");
-                engine.upload_file(&src, &key).await
+                job.await
             });
         }
         collect(tasks).await

@@ -8,14 +8,13 @@ use storage::transfer::{ContentHash, Engine, Tuning, part_size, verify_file};
 use storage::{ObjectStore, Store, StoreConfig, StoreError};
 use tests::s3::{Fault, FaultProxy, S3Env};
 
-async fn store(env: &S3Env, endpoint: &str, bucket: &str) -> Store {
+async fn store(endpoint: &str, bucket: &str) -> Store {
     let config = StoreConfig::S3 {
         region: Some("us-east-1".into()),
         endpoint_url: Some(endpoint.to_owned()),
         force_path_style: true,
         profile: None,
     };
-    let _ = env;
     storage::connect(&config)
         .await
         .expect("connect")
@@ -48,10 +47,7 @@ async fn a_200_mb_multipart_round_trip_arrives_intact() {
     let dir = tempfile::tempdir().expect("tempdir");
     let src = dir.path().join("big.bin");
     random_file(&src, 200 << 20);
-    let engine = Engine::new(
-        store(&env, &env.endpoint, &env.bucket).await,
-        Tuning::default(),
-    );
+    let engine = Engine::new(store(&env.endpoint, &env.bucket).await, Tuning::default());
     let key = format!("{prefix}big.bin");
     let up = engine.upload_file(&src, &key).await.expect("upload");
     assert_eq!(up.size, 200 << 20);
@@ -91,10 +87,7 @@ async fn listing_follows_every_page() {
         std::fs::write(&path, i.to_string()).expect("write");
         items.push((path, format!("{prefix}f{i:04}")));
     }
-    let engine = Engine::new(
-        store(&env, &env.endpoint, &env.bucket).await,
-        Tuning::default(),
-    );
+    let engine = Engine::new(store(&env.endpoint, &env.bucket).await, Tuning::default());
     engine.upload_all(items).await.expect("upload");
     let listing = engine.store().list(&prefix, false).await.expect("list");
     assert_eq!(
@@ -127,7 +120,7 @@ async fn a_server_dropping_connections_mid_transfer_costs_retries_not_data() {
     let src = dir.path().join("mid.bin");
     random_file(&src, 40 << 20);
     let engine = Engine::new(
-        store(&env, &proxy.endpoint(), &env.bucket).await,
+        store(&proxy.endpoint(), &env.bucket).await,
         Tuning::default(),
     );
     let key = format!("{prefix}mid.bin");
@@ -169,7 +162,7 @@ async fn a_download_cut_by_the_server_going_away_resumes_where_it_stopped() {
         download_part_size: 8 << 20,
         ..Tuning::default()
     };
-    let engine = Engine::new(store(&env, &proxy.endpoint(), &env.bucket).await, tuning);
+    let engine = Engine::new(store(&proxy.endpoint(), &env.bucket).await, tuning);
     let key = format!("{prefix}data.bin");
     engine.upload_file(&src, &key).await.expect("upload");
     proxy.set(Fault::DownAfter(30 << 20));
@@ -204,7 +197,7 @@ async fn a_missing_bucket_is_named() {
         return;
     };
     let bucket = format!("runctl-missing-{}", std::process::id());
-    let engine = Engine::new(store(&env, &env.endpoint, &bucket).await, Tuning::default());
+    let engine = Engine::new(store(&env.endpoint, &bucket).await, Tuning::default());
     let dir = tempfile::tempdir().expect("tempdir");
     let src = dir.path().join("x");
     std::fs::write(&src, b"x").expect("write");
@@ -250,10 +243,7 @@ async fn a_disk_filling_during_a_pull_fails_clearly_and_presents_nothing() {
     let prefix = S3Env::unique_prefix("disk-full");
     let src = dir.path().join("big.bin");
     random_file(&src, 48 << 20);
-    let engine = Engine::new(
-        store(&env, &env.endpoint, &env.bucket).await,
-        Tuning::default(),
-    );
+    let engine = Engine::new(store(&env.endpoint, &env.bucket).await, Tuning::default());
     let key = format!("{prefix}big.bin");
     engine.upload_file(&src, &key).await.expect("upload");
     let err = engine
