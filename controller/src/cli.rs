@@ -84,7 +84,7 @@ Examples:
   runctl-controller run --data s3://my-bucket/imagenet/ --keep-checkpoints 3 -- python3 train.py
   runctl-controller run --resume-from run-3f9a2c1b7d4e -- python3 train.py
   runctl-controller --output json run --detach -- python3 train.py")]
-    Run(RunArgs),
+    Run(Box<RunArgs>),
 
     /// Push local code changes to a run's tree: only what changed travels, and the
     /// training process never sees a half-applied tree.
@@ -104,10 +104,36 @@ Examples:
 
     /// Launch an instance and wait until its agent has connected.
     #[command(after_long_help = "\
+An EC2 launch is checked before it costs anything (instance type, AMI, the running-instance
+limit [ec2] max_running, prices), then shown phase by phase: the API call, pending,
+running, agent enrolled. The instance gets runctl's tags, IMDSv2 only, a security group with
+no inbound rules, and user-data that installs the static agent (see the README's EC2
+section for the set-up).
+
 Examples:
   runctl-controller launch
-  runctl-controller launch --provider local --name dev-box")]
+  runctl-controller launch --provider local --name dev-box
+  runctl-controller launch --provider ec2 g5.xlarge
+  runctl-controller launch --provider ec2 --spot --spot-fallback g6.xlarge
+  runctl-controller launch --provider ec2 --volume-size 500 --keep-volume p4d.24xlarge")]
     Launch(LaunchArgs),
+
+    /// EBS volumes for runctl instances: create, list, attach, detach, delete, snapshot,
+    /// restore.
+    #[command(
+        subcommand,
+        after_long_help = "\
+Only volumes runctl created (tagged runctl:managed) are listed or touched. A volume is made
+in the availability zone of the instance it is for. Deleting refuses an attached volume,
+and one tagged persistent or protected unless --force.
+
+Examples:
+  runctl-controller volume create --size 500 --instance ec2-3fa9c1 --persistent
+  runctl-controller volume attach vol-0123456789abcdef0 ec2-3fa9c1
+  runctl-controller volume snapshot vol-0123456789abcdef0
+  runctl-controller volume restore snap-0123456789abcdef0 --instance ec2-3fa9c1"
+    )]
+    Volume(VolumeCommand),
 
     /// List instances and runs.
     #[command(after_long_help = "\
@@ -116,7 +142,7 @@ Examples:
   runctl-controller --output json list")]
     List,
 
-    /// One line: agents connected and runs active.
+    /// One line: instances running, what they cost per hour, runs active.
     #[command(after_long_help = "\
 Examples:
   runctl-controller status
@@ -148,12 +174,24 @@ Examples:
   runctl-controller --output json top run-3f9a2c1b7d4e")]
     Top(TopArgs),
 
-    /// Stop a run: SIGTERM to its process group, SIGKILL after the grace period.
+    /// Stop a run (SIGTERM to its process group, SIGKILL after the grace period), or
+    /// power off an EC2 instance.
     #[command(after_long_help = "\
+An instance with active runs is refused unless --force, which stops them first. A spot
+instance cannot be stopped, only terminated. A stopped instance costs nothing per hour
+but its volumes do.
+
 Examples:
   runctl-controller stop run-3f9a2c1b7d4e
-  runctl-controller stop --grace 60 run-3f9a2c1b7d4e")]
+  runctl-controller stop --grace 60 run-3f9a2c1b7d4e
+  runctl-controller stop ec2-3fa9c1")]
     Stop(StopArgs),
+
+    /// Start a stopped EC2 instance again.
+    #[command(after_long_help = "\
+Examples:
+  runctl-controller start ec2-3fa9c1")]
+    Start(StartArgs),
 
     /// Terminate an instance: its agent stops, its certificate is revoked.
     #[command(after_long_help = "\
@@ -226,6 +264,13 @@ pub struct RunArgs {
     /// Where to launch the instance for this run.
     #[arg(long, value_enum, default_value = "local")]
     pub provider: ProviderKind,
+
+    /// For --provider ec2: the instance type, e.g. g5.xlarge.
+    #[arg(long, value_name = "TYPE", conflicts_with = "on")]
+    pub instance_type: Option<String>,
+
+    #[command(flatten)]
+    pub ec2: Ec2Args,
 
     /// The directory to start the command in. The project holding it (its git root, else
     /// the directory itself) is synced, honouring .gitignore and .runctlignore.
@@ -415,9 +460,90 @@ pub struct LaunchArgs {
     #[arg(long, value_enum, default_value = "local")]
     pub provider: ProviderKind,
 
-    /// The instance's name (default: generated, e.g. local-3fa9c1).
+    /// For --provider ec2: the instance type, e.g. g5.xlarge.
+    #[arg(value_name = "INSTANCE_TYPE")]
+    pub instance_type: Option<String>,
+
+    /// The instance's name (default: generated, e.g. local-3fa9c1, ec2-3fa9c1).
     #[arg(long, value_name = "NAME")]
     pub name: Option<InstanceName>,
+
+    /// Wait until the agent has enrolled (the default on a terminal).
+    #[arg(long, conflicts_with = "no_wait")]
+    pub wait: bool,
+
+    /// Return once the instance exists (the default when output is not a terminal).
+    #[arg(long)]
+    pub no_wait: bool,
+
+    #[command(flatten)]
+    pub ec2: Ec2Args,
+}
+
+/// EC2 launch options, shared by `launch` and `run`.
+#[derive(Debug, Clone, Args)]
+pub struct Ec2Args {
+    /// The AMI (default: [ec2] ami, else the newest AWS Deep Learning Base AMI for GPUs).
+    #[arg(long, value_name = "ami-ID")]
+    pub ami: Option<String>,
+
+    /// Launch as a spot instance (a one-time request; interruptions reach the run as
+    /// --spot-signal).
+    #[arg(long)]
+    pub spot: bool,
+
+    /// The most to pay per hour for spot, in dollars (default: the on-demand price).
+    #[arg(long, value_name = "DOLLARS", requires = "spot")]
+    pub max_price: Option<f64>,
+
+    /// When spot capacity (or price) is not there, launch on-demand instead, with a warning.
+    #[arg(long, requires = "spot")]
+    pub spot_fallback: bool,
+
+    /// The IAM instance profile (name or ARN) that gives the agent the bucket (default:
+    /// [ec2] instance_profile).
+    #[arg(long, value_name = "PROFILE")]
+    pub instance_profile: Option<String>,
+
+    /// Attach a new gp3 data volume of this many GiB at launch (device /dev/sdf).
+    #[arg(long, value_name = "GIB")]
+    pub volume_size: Option<u32>,
+
+    /// Attach a data volume restored from this snapshot at launch (device /dev/sdf).
+    #[arg(long, value_name = "snap-ID")]
+    pub volume_snapshot: Option<String>,
+
+    /// Keep the data volume when the instance terminates (default: deleted with it).
+    #[arg(long)]
+    pub keep_volume: bool,
+}
+
+impl Ec2Args {
+    /// The launch options for `instance_type`, or `None` when neither a type nor any EC2
+    /// option was given.
+    pub fn launch(&self, instance_type: Option<String>) -> Option<crate::ipc::Ec2Launch> {
+        let any = self.ami.is_some()
+            || self.spot
+            || self.instance_profile.is_some()
+            || self.volume_size.is_some()
+            || self.volume_snapshot.is_some()
+            || self.keep_volume;
+        if instance_type.is_none() && !any {
+            return None;
+        }
+        Some(crate::ipc::Ec2Launch {
+            instance_type: instance_type.unwrap_or_default(),
+            ami: self.ami.clone(),
+            spot: self.spot,
+            max_price: self.max_price,
+            spot_fallback: self.spot_fallback,
+            instance_profile: self.instance_profile.clone(),
+            volume_gb: self.volume_size,
+            volume_snapshot: self.volume_snapshot.clone(),
+            keep_volume: self.keep_volume,
+            project: None,
+        })
+    }
 }
 
 #[derive(Debug, Args)]
@@ -443,6 +569,88 @@ pub struct LogsArgs {
 pub struct TopArgs {
     /// Only this run's instance and processes, e.g. run-3f9a2c1b7d4e.
     pub run: Option<RunId>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VolumeCommand {
+    /// Create a gp3 volume (encrypted), in the zone of --instance or --zone.
+    Create {
+        /// Its size in GiB.
+        #[arg(long, value_name = "GIB")]
+        size: u32,
+        /// The instance (name or i- id) whose zone to use.
+        #[arg(
+            long,
+            value_name = "INSTANCE",
+            required_unless_present = "zone",
+            conflicts_with = "zone"
+        )]
+        instance: Option<String>,
+        /// The availability zone, e.g. us-east-1a.
+        #[arg(long, value_name = "ZONE")]
+        zone: Option<String>,
+        /// A Name tag.
+        #[arg(long)]
+        name: Option<String>,
+        /// Tag it persistent: `volume delete` refuses it without --force.
+        #[arg(long)]
+        persistent: bool,
+        /// Tag it protected: `volume delete` refuses it without --force.
+        #[arg(long)]
+        protected: bool,
+    },
+    /// List runctl's volumes.
+    List,
+    /// Attach a volume to an instance (in the same zone).
+    Attach {
+        volume: String,
+        /// The instance: its runctl name or i- id.
+        instance: String,
+        #[arg(long, default_value = "/dev/sdf")]
+        device: String,
+    },
+    /// Detach a volume from its instance.
+    Detach {
+        volume: String,
+        /// Force it (the instance may lose unwritten data).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Delete a detached volume.
+    Delete {
+        volume: String,
+        /// Delete it even if tagged persistent or protected.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Snapshot a volume.
+    Snapshot {
+        volume: String,
+        #[arg(long)]
+        description: Option<String>,
+    },
+    /// Make a new volume from a snapshot, in the zone of --instance or --zone.
+    Restore {
+        snapshot: String,
+        #[arg(
+            long,
+            value_name = "INSTANCE",
+            required_unless_present = "zone",
+            conflicts_with = "zone"
+        )]
+        instance: Option<String>,
+        #[arg(long, value_name = "ZONE")]
+        zone: Option<String>,
+        /// A size in GiB at least the snapshot's (default: the snapshot's).
+        #[arg(long, value_name = "GIB")]
+        size: Option<u32>,
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        persistent: bool,
+        #[arg(long)]
+        protected: bool,
+    },
 }
 
 /// `--end` values.
@@ -518,13 +726,25 @@ fn parse_since(s: &str) -> Result<std::time::SystemTime, String> {
 
 #[derive(Debug, Args)]
 pub struct StopArgs {
-    /// The run to stop, e.g. run-3f9a2c1b7d4e.
-    pub run: RunId,
+    /// The run to stop (e.g. run-3f9a2c1b7d4e), or a cloud instance to power off
+    /// (restartable with `start`; its disks stay, and so do their charges).
+    pub target: String,
+
+    /// For an instance: stop its active runs first (they push their last checkpoints)
+    /// instead of refusing.
+    #[arg(long)]
+    pub force: bool,
 
     /// Seconds between SIGTERM and SIGKILL (default: the run's own, from `run
     /// --stop-grace`, else [daemon] stop_grace_secs, 10).
     #[arg(long, value_name = "SECS")]
     pub grace: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+pub struct StartArgs {
+    /// The stopped cloud instance to start again; its agent reconnects by itself.
+    pub name: InstanceName,
 }
 
 #[derive(Debug, Args)]

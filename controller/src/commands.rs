@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clap::Parser;
-use protocol::{RunId, Setup};
+use protocol::{InstanceName, RunId, Setup};
 
 use crate::cli::{Cli, Command, LogsArgs, RunArgs, SyncArgs, TopArgs};
 use crate::config::Config;
@@ -93,24 +93,70 @@ fn run(cli: Cli, printer: Printer) -> anyhow::Result<u8> {
                 Ok(0)
             }
             Command::Launch(args) => {
+                use std::io::IsTerminal;
                 printer.progress(&format!("launching a {} instance", args.provider.as_str()));
+                let wait = args.wait || (!args.no_wait && std::io::stdout().is_terminal());
                 let request = Request::Launch {
                     provider: args.provider,
                     name: args.name,
+                    ec2: args.ec2.launch(args.instance_type).map(Box::new),
+                    wait,
                 };
-                let Response::Launched(view) = Client::call(&home, &request).await? else {
+                let Response::Launched(view) = call_with_progress(&home, printer, &request).await?
+                else {
                     anyhow::bail!("unexpected answer to launch");
                 };
                 printer.data(&view, || format!("{}\n", view.row.name));
                 Ok(0)
             }
+            Command::Start(args) => {
+                printer.progress(&format!("starting {}", args.name));
+                let request = Request::StartInstance { name: args.name };
+                let Response::Instance(view) = Client::call(&home, &request).await? else {
+                    anyhow::bail!("unexpected answer to start");
+                };
+                printer.data(&view, || {
+                    format!(
+                        "started {}; its agent reconnects once it boots\n",
+                        view.row.name
+                    )
+                });
+                Ok(0)
+            }
+            Command::Volume(cmd) => crate::volumes::volume(&config, printer, cmd).await,
             Command::Logs(args) => logs(&home, printer, args).await,
             Command::Top(args) => top(&home, printer, args).await,
             Command::Sync(args) => sync_command(&home, printer, args).await,
             Command::Stop(args) => {
-                printer.progress(&format!("stopping {}", args.run));
+                printer.progress(&format!("stopping {}", args.target));
+                let Ok(run) = args.target.parse::<RunId>() else {
+                    let name: InstanceName = args.target.parse().map_err(|e| {
+                        UserError::new(
+                            ErrorCode::BadInput,
+                            format!(
+                                "{:?} is neither a run id nor an instance name: {e}",
+                                args.target
+                            ),
+                        )
+                        .resolve("see both with: runctl-controller list")
+                    })?;
+                    let request = Request::StopInstance {
+                        name,
+                        force: args.force,
+                    };
+                    let Response::Instance(view) = Client::call(&home, &request).await? else {
+                        anyhow::bail!("unexpected answer to stop");
+                    };
+                    printer.data(&view, || {
+                        format!(
+                            "stopped {} (start it again: runctl-controller start {})\n",
+                            view.row.name, view.row.name
+                        )
+                    });
+                    return Ok(0);
+                };
                 let request = Request::Stop {
-                    run: args.run,
+                    run,
                     grace_secs: args.grace,
                 };
                 let Response::Run(row) = Client::call(&home, &request).await? else {
@@ -131,7 +177,7 @@ fn run(cli: Cli, printer: Printer) -> anyhow::Result<u8> {
                 printer.data(&view, || format!("terminated {}\n", view.row.name));
                 Ok(0)
             }
-            Command::Run(args) => run_command(&home, printer, args).await,
+            Command::Run(args) => run_command(&home, printer, *args).await,
             Command::S3(cmd) => crate::objects::s3(&home, &config, printer, cmd).await,
             Command::Checkpoint(cmd) => {
                 crate::objects::checkpoint(&home, &config, printer, cmd).await
@@ -392,6 +438,24 @@ async fn stream_once(
     }
 }
 
+/// Sends `request` and prints the daemon's phase lines until its answer.
+async fn call_with_progress(
+    home: &Home,
+    printer: Printer,
+    request: &Request,
+) -> Result<Response, UserError> {
+    let mut client = Client::connect(home).await?;
+    client.send(request).await?;
+    loop {
+        match client.next().await? {
+            Some(Response::Progress(line)) => printer.progress(&line),
+            Some(Response::Error(e)) => return Err(e),
+            Some(other) => return Ok(other),
+            None => return Err(daemon_gone()),
+        }
+    }
+}
+
 fn daemon_gone() -> UserError {
     UserError::new(
         ErrorCode::DaemonUnavailable,
@@ -408,13 +472,14 @@ struct Interrupt {
 
 async fn run_command(home: &Home, printer: Printer, args: RunArgs) -> anyhow::Result<u8> {
     let project = crate::sync::root::resolve(&args.workdir, args.root.as_deref())?;
-    let request = Request::Run(RunRequest {
+    let request = Request::Run(Box::new(RunRequest {
         root: project.root,
         cwd: project.cwd,
         argv: args.command,
         env: args.env,
         on: args.on,
         provider: args.provider,
+        ec2: args.ec2.launch(args.instance_type).map(Box::new),
         keep: args.keep,
         detach: args.detach,
         setup: setup_from(&args.setup)?,
@@ -431,7 +496,7 @@ async fn run_command(home: &Home, printer: Printer, args: RunArgs) -> anyhow::Re
         },
         keep_checkpoints: args.keep_checkpoints,
         resume_from: args.resume_from,
-    });
+    }));
     let mut client = Client::connect(home).await?;
     client.send(&request).await?;
 

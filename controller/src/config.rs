@@ -18,6 +18,129 @@ pub struct Config {
     pub local: LocalConfig,
     #[serde(default)]
     pub storage: StorageConfig,
+    #[serde(default)]
+    pub ec2: Ec2Config,
+}
+
+/// `[ec2]`: how instances are launched on EC2. Only `controller_endpoint` is needed to
+/// launch; everything else has a default.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Ec2Config {
+    /// The region (default: the AWS configuration's, e.g. AWS_REGION).
+    pub region: Option<String>,
+    /// A named profile from the AWS config files (default: AWS_PROFILE or the default).
+    pub profile: Option<String>,
+    /// An EC2-compatible endpoint instead of AWS's own (an emulator in tests).
+    pub endpoint_url: Option<String>,
+    /// What agents dial, `host:port`, reachable from the instance (a public address, a
+    /// forwarded port, a VPN address). Its port is `[daemon] listen`'s.
+    pub controller_endpoint: Option<String>,
+    /// Where the agent binary is uploaded for instances to fetch, `s3://bucket/prefix`
+    /// (default: the bucket of `[storage] checkpoints`, under `runctl/`).
+    pub artifacts: Option<String>,
+    /// The static agent binary to install (default: `runctl-agent` beside this executable;
+    /// build it with scripts/build-static-agent.sh).
+    pub agent_binary: Option<PathBuf>,
+    /// The AMI for every launch (default: the newest AMI matching `ami_name`).
+    pub ami: Option<String>,
+    /// The name pattern (DescribeImages wildcards) the AMI is chosen by.
+    #[serde(default = "default_ami_name")]
+    pub ami_name: String,
+    /// Who owns that AMI (`amazon`, an account id).
+    #[serde(default = "default_ami_owner")]
+    pub ami_owner: String,
+    /// An IAM instance profile (name or ARN) giving the agent access to the bucket.
+    pub instance_profile: Option<String>,
+    /// The subnet to launch in (default: the default VPC's choice).
+    pub subnet: Option<String>,
+    /// The root volume's size in GiB.
+    #[serde(default = "default_root_gb")]
+    pub root_volume_gb: u32,
+    /// At most this many runctl instances running (or starting) at once.
+    #[serde(default = "default_max_running")]
+    pub max_running: u32,
+    /// How long the agent's download URL stays valid, in seconds.
+    #[serde(default = "default_presign_secs")]
+    pub presign_secs: u64,
+    /// How long a launch waits for the agent to enroll, in seconds.
+    #[serde(default = "default_enroll_timeout")]
+    pub enroll_timeout_secs: u64,
+    /// On-demand $/hour by instance type, overriding (or adding to) the built-in table.
+    #[serde(default)]
+    pub prices: std::collections::BTreeMap<String, f64>,
+}
+
+fn default_ami_name() -> String {
+    "Deep Learning Base OSS Nvidia Driver GPU AMI (Ubuntu 22.04) *".into()
+}
+fn default_ami_owner() -> String {
+    "amazon".into()
+}
+fn default_root_gb() -> u32 {
+    200
+}
+fn default_max_running() -> u32 {
+    4
+}
+fn default_presign_secs() -> u64 {
+    3600
+}
+fn default_enroll_timeout() -> u64 {
+    900
+}
+
+impl Default for Ec2Config {
+    fn default() -> Self {
+        toml::from_str("").expect("every [ec2] key has a default")
+    }
+}
+
+impl Ec2Config {
+    fn check(&self) -> Result<(), String> {
+        if let Some(region) = &self.region {
+            crate::provider::ec2::ids::check_region(region)
+                .map_err(|e| format!("[ec2] region: {e}"))?;
+        }
+        if let Some(ami) = &self.ami {
+            crate::provider::ec2::ids::check_id(ami, "ami")
+                .map_err(|e| format!("[ec2] ami: {e}"))?;
+        }
+        if let Some(subnet) = &self.subnet {
+            crate::provider::ec2::ids::check_id(subnet, "subnet")
+                .map_err(|e| format!("[ec2] subnet: {e}"))?;
+        }
+        if let Some(url) = &self.artifacts {
+            storage::ObjectUrl::parse(url).map_err(|e| format!("[ec2] artifacts: {e}"))?;
+        }
+        if let Some(endpoint) = &self.controller_endpoint {
+            match endpoint.rsplit_once(':') {
+                Some((host, port))
+                    if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => {}
+                _ => {
+                    return Err(format!(
+                        "[ec2] controller_endpoint {endpoint:?} is not host:port"
+                    ));
+                }
+            }
+        }
+        if !(8..=16384).contains(&self.root_volume_gb) {
+            return Err("[ec2] root_volume_gb must be between 8 and 16384".into());
+        }
+        if !(60..=7 * 24 * 3600).contains(&self.presign_secs) {
+            return Err("[ec2] presign_secs must be between 60 and 604800".into());
+        }
+        if let Some((kind, price)) = self
+            .prices
+            .iter()
+            .find(|(_, p)| !(p.is_finite() && **p > 0.0))
+        {
+            return Err(format!(
+                "[ec2.prices] {kind} = {price} is not a positive price"
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// `[storage]`: the object store runs pull data from and push checkpoints to, and that
@@ -227,6 +350,7 @@ impl Config {
             return Err("[daemon] token_ttl_secs must be at least 1".into());
         }
         config.storage.check()?;
+        config.ec2.check()?;
         Ok(config)
     }
 }
@@ -270,6 +394,20 @@ mod tests {
         check(
             "[storage]\nbackend = \"s3\"\nroot = \"/x\"\n",
             Err("applies to backend = \"local\""),
+        );
+        check(
+            "[ec2]\nregion = \"us-east-1\"\ncontroller_endpoint = \"gpu.example.com:7443\"\nartifacts = \"s3://b/runctl\"\n[ec2.prices]\n\"g5.xlarge\" = 1.0\n",
+            Ok("127.0.0.1:0"),
+        );
+        check("[ec2]\nregion = \"Mars\"\n", Err("not an AWS region"));
+        check("[ec2]\nami = \"ami-xyz\"\n", Err("not an ami- id"));
+        check(
+            "[ec2]\ncontroller_endpoint = \"example.com\"\n",
+            Err("not host:port"),
+        );
+        check(
+            "[ec2.prices]\n\"g5.xlarge\" = -1\n",
+            Err("not a positive price"),
         );
     }
 }

@@ -13,11 +13,24 @@ use protocol::{
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
 /// Version 2 added where each run's checkpoints go.
 const MIGRATE_1_TO_2: &str =
     "CREATE TABLE run_checkpoints (run_id TEXT PRIMARY KEY, url TEXT NOT NULL);";
+
+/// Version 3 added cloud instances: their ids, prices and billed time.
+const MIGRATE_2_TO_3: &str = "
+CREATE TABLE cloud_instances (
+    name TEXT PRIMARY KEY,
+    cloud_id TEXT NOT NULL,
+    region TEXT NOT NULL,
+    instance_type TEXT NOT NULL,
+    spot INTEGER NOT NULL,
+    price_per_hour REAL,
+    accrued_ms INTEGER NOT NULL DEFAULT 0,
+    running_since_ms INTEGER
+);";
 
 const SCHEMA: &str = "
 CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -56,6 +69,16 @@ CREATE TABLE runs (
 );
 CREATE INDEX runs_by_instance ON runs(instance);
 CREATE TABLE run_checkpoints (run_id TEXT PRIMARY KEY, url TEXT NOT NULL);
+CREATE TABLE cloud_instances (
+    name TEXT PRIMARY KEY,
+    cloud_id TEXT NOT NULL,
+    region TEXT NOT NULL,
+    instance_type TEXT NOT NULL,
+    spot INTEGER NOT NULL,
+    price_per_hour REAL,
+    accrued_ms INTEGER NOT NULL DEFAULT 0,
+    running_since_ms INTEGER
+);
 CREATE TABLE run_events (
     run_id TEXT NOT NULL,
     seq INTEGER NOT NULL,
@@ -71,7 +94,42 @@ pub enum InstanceState {
     /// Created; its agent has not connected yet.
     Launching,
     Running,
+    /// Powered off, restartable (a cloud instance's `stop`).
+    Stopped,
     Terminated,
+}
+
+/// What runctl knows of a cloud instance beyond its row in `instances`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CloudRow {
+    pub name: InstanceName,
+    /// The provider's id (`i-...`).
+    pub cloud_id: String,
+    pub region: String,
+    pub instance_type: String,
+    pub spot: bool,
+    /// $/hour: the on-demand price, or the spot price at launch.
+    pub price_per_hour: Option<f64>,
+    /// Running time billed before `running_since_ms`.
+    pub accrued_ms: u64,
+    /// Since when it has been running (billed), if it is.
+    pub running_since_ms: Option<u64>,
+}
+
+impl CloudRow {
+    /// The running time so far, in ms.
+    pub fn billed_ms(&self, now_ms: u64) -> u64 {
+        self.accrued_ms
+            + self
+                .running_since_ms
+                .map_or(0, |since| now_ms.saturating_sub(since))
+    }
+
+    /// What it has cost so far, if its price is known.
+    pub fn cost(&self, now_ms: u64) -> Option<f64> {
+        self.price_per_hour
+            .map(|p| p * self.billed_ms(now_ms) as f64 / 3_600_000.0)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -193,7 +251,13 @@ impl Db {
             }
             1 => {
                 conn.execute_batch(&format!(
-                    "BEGIN; {MIGRATE_1_TO_2} PRAGMA user_version = 2; COMMIT;"
+                    "BEGIN; {MIGRATE_1_TO_2} {MIGRATE_2_TO_3} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+                ))
+                .context("upgrading the database schema")?;
+            }
+            2 => {
+                conn.execute_batch(&format!(
+                    "BEGIN; {MIGRATE_2_TO_3} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
                 ))
                 .context("upgrading the database schema")?;
             }
@@ -289,6 +353,56 @@ impl Db {
             .query_map([], instance_row)?
             .collect::<Result<_, _>>()?;
         Ok(rows)
+    }
+
+    pub fn insert_cloud(&self, row: &CloudRow) -> anyhow::Result<()> {
+        self.lock().execute(
+            "INSERT INTO cloud_instances (name, cloud_id, region, instance_type, spot, price_per_hour, accrued_ms, running_since_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![
+                row.name.as_str(),
+                row.cloud_id,
+                row.region,
+                row.instance_type,
+                row.spot,
+                row.price_per_hour,
+                row.accrued_ms,
+                row.running_since_ms
+            ],
+        )?;
+        Ok(())
+    }
+
+    pub fn cloud(&self, name: &InstanceName) -> anyhow::Result<Option<CloudRow>> {
+        Ok(self
+            .lock()
+            .query_row(
+                "SELECT name, cloud_id, region, instance_type, spot, price_per_hour, accrued_ms, running_since_ms FROM cloud_instances WHERE name = ?1",
+                [name.as_str()],
+                cloud_row,
+            )
+            .optional()?)
+    }
+
+    /// Starts or ends a billed period: `running` true from `now_ms` on, false up to it.
+    pub fn set_cloud_running(
+        &self,
+        name: &InstanceName,
+        running: bool,
+        now_ms: u64,
+    ) -> anyhow::Result<()> {
+        let conn = self.lock();
+        if running {
+            conn.execute(
+                "UPDATE cloud_instances SET running_since_ms = COALESCE(running_since_ms, ?2) WHERE name = ?1",
+                params![name.as_str(), now_ms],
+            )?;
+        } else {
+            conn.execute(
+                "UPDATE cloud_instances SET accrued_ms = accrued_ms + MAX(0, ?2 - running_since_ms), running_since_ms = NULL WHERE name = ?1 AND running_since_ms IS NOT NULL",
+                params![name.as_str(), now_ms],
+            )?;
+        }
+        Ok(())
     }
 
     // --- tokens and certificates -----------------------------------------------------
@@ -619,6 +733,20 @@ fn instance_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<InstanceRow> {
         terminated_ms: r.get(4)?,
         pid: r.get(5)?,
         for_run: for_run.map(|s| parse(&s)).transpose()?,
+    })
+}
+
+fn cloud_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<CloudRow> {
+    let name: String = r.get(0)?;
+    Ok(CloudRow {
+        name: parse(&name)?,
+        cloud_id: r.get(1)?,
+        region: r.get(2)?,
+        instance_type: r.get(3)?,
+        spot: r.get(4)?,
+        price_per_hour: r.get(5)?,
+        accrued_ms: r.get(6)?,
+        running_since_ms: r.get(7)?,
     })
 }
 

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use tokio::net::UnixStream;
 
 pub use crate::daemon::sync::{Progress as SyncProgress, SyncReport};
-use crate::db::{InstanceRow, RunRow};
+use crate::db::{CloudRow, InstanceRow, RunRow};
 use crate::error::{ErrorCode, UserError};
 use crate::home::Home;
 
@@ -36,14 +36,40 @@ pub struct DaemonHello {
 pub enum ProviderKind {
     /// An agent process on this machine, with its own work dir (no cloud account needed).
     Local,
+    /// An EC2 instance whose cloud-init installs the agent ([ec2] in the config).
+    Ec2,
 }
 
 impl ProviderKind {
     pub fn as_str(self) -> &'static str {
         match self {
             ProviderKind::Local => "local",
+            ProviderKind::Ec2 => "ec2",
         }
     }
+}
+
+/// How to launch an EC2 instance (`launch --provider ec2`, `run --provider ec2`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Ec2Launch {
+    pub instance_type: String,
+    /// An AMI id; default `[ec2] ami`, else the newest Deep Learning AMI.
+    pub ami: Option<String>,
+    pub spot: bool,
+    /// The most to pay per hour for spot (default: the on-demand price).
+    pub max_price: Option<f64>,
+    /// Launch on-demand when spot capacity is not there.
+    pub spot_fallback: bool,
+    /// An IAM instance profile (default `[ec2] instance_profile`).
+    pub instance_profile: Option<String>,
+    /// A data volume at launch: its size in GiB.
+    pub volume_gb: Option<u32>,
+    /// A data volume at launch, restored from this snapshot.
+    pub volume_snapshot: Option<String>,
+    /// Keep the data volume when the instance terminates.
+    pub keep_volume: bool,
+    /// The project the instance is for (a tag), e.g. the project root's name.
+    pub project: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -57,6 +83,8 @@ pub struct RunRequest {
     /// Run on this existing instance; otherwise launch one with `provider`.
     pub on: Option<InstanceName>,
     pub provider: ProviderKind,
+    /// With `provider` ec2: what to launch.
+    pub ec2: Option<Box<Ec2Launch>>,
     /// Keep an instance launched for this run after the run ends.
     pub keep: bool,
     /// Answer once the process has started instead of streaming its output.
@@ -108,8 +136,19 @@ pub enum Request {
     Launch {
         provider: ProviderKind,
         name: Option<InstanceName>,
+        ec2: Option<Box<Ec2Launch>>,
+        /// Answer once the agent is connected; otherwise once the instance exists.
+        wait: bool,
     },
-    Run(RunRequest),
+    /// Power a cloud instance off (restartable); its agent reconnects after `StartInstance`.
+    StopInstance {
+        name: InstanceName,
+        force: bool,
+    },
+    StartInstance {
+        name: InstanceName,
+    },
+    Run(Box<RunRequest>),
     /// The run's events after `after_seq` (0: all of them), then its row.
     Sync(SyncRequest),
     Logs {
@@ -145,7 +184,7 @@ pub struct InstanceStats {
     pub sample: StatsSample,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StatusReport {
     pub pid: u32,
     pub version: String,
@@ -153,19 +192,40 @@ pub struct StatusReport {
     pub ca_sha256: String,
     pub agents_connected: u32,
     pub runs_active: u32,
+    /// Instances running (cloud ones by their last known state, local ones connected).
+    pub instances_running: u32,
+    /// What the running instances cost per hour, where known.
+    pub dollars_per_hour: f64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct InstanceView {
     #[serde(rename = "instance")]
     pub row: InstanceRow,
     pub connected: bool,
+    /// For a cloud instance: its id, type, price and billed time.
+    pub cloud: Option<CloudRow>,
+    /// Its cost so far, in dollars, where its price is known.
+    pub cost: Option<f64>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// A runctl-tagged instance in the cloud that this controller did not launch (another
+/// controller's, or one whose record was lost).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ForeignInstance {
+    pub cloud_id: String,
+    pub name: Option<String>,
+    pub state: String,
+    pub instance_type: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ListReport {
     pub instances: Vec<InstanceView>,
     pub runs: Vec<RunRow>,
+    pub foreign: Vec<ForeignInstance>,
+    /// Why the cloud could not be asked (the list shows what runctl last knew).
+    pub cloud_warning: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -190,6 +250,8 @@ pub enum Response {
     /// `Run` once its process started.
     Run(RunRow),
     Terminated(InstanceView),
+    /// An instance after `StopInstance` or `StartInstance`.
+    Instance(InstanceView),
     /// The run's checkpoint prefix, `s3://bucket/prefix/<run>/`; `None` if it pushes none.
     CheckpointDest(Option<String>),
     Error(UserError),

@@ -3,7 +3,8 @@
 //! the QUIC endpoint agents dial, the CA that identifies them (`pki`), and the database
 //! (`db`); it launches instances through providers (`provider`) and keeps each run's
 //! tree in step with the project (`sync`, driven by `daemon::sync`). `objects` moves data
-//! and checkpoints to and from the object store directly.
+//! and checkpoints to and from the object store directly; `volumes` manages EBS volumes
+//! directly with EC2.
 
 pub mod cli;
 pub mod commands;
@@ -19,3 +20,4 @@ pub mod pki;
 pub mod provider;
 pub mod report;
 pub mod sync;
+pub mod volumes;

@@ -378,6 +378,7 @@ fn instance_word(state: InstanceState) -> &'static str {
     match state {
         InstanceState::Launching => "launching",
         InstanceState::Running => "running",
+        InstanceState::Stopped => "stopped",
         InstanceState::Terminated => "terminated",
     }
 }
@@ -433,7 +434,7 @@ fn duration_words(row: &RunRow) -> String {
     }
 }
 
-fn table(header: &[&str]) -> comfy_table::Table {
+pub(crate) fn table(header: &[&str]) -> comfy_table::Table {
     let mut table = comfy_table::Table::new();
     table.load_preset(comfy_table::presets::NOTHING);
     table.set_header(header.to_vec());
@@ -452,9 +453,11 @@ fn truncate(text: &str, max_chars: usize) -> String {
 pub fn status_text(s: &StatusReport) -> String {
     let plural = |n: u32, word: &str| format!("{n} {word}{}", if n == 1 { "" } else { "s" });
     format!(
-        "{} connected, {} active (daemon pid {}, v{}, QUIC {})",
-        plural(s.agents_connected, "agent"),
+        "{} running ({}/h), {} active, {} connected (daemon pid {}, v{}, QUIC {})",
+        plural(s.instances_running, "instance"),
+        crate::provider::ec2::prices::dollars(s.dollars_per_hour),
         plural(s.runs_active, "run"),
+        plural(s.agents_connected, "agent"),
         s.pid,
         s.version,
         s.quic_addr
@@ -462,14 +465,36 @@ pub fn status_text(s: &StatusReport) -> String {
 }
 
 pub fn list_text(report: &ListReport, now_ms: u64) -> String {
-    let mut instances = table(&["INSTANCE", "PROVIDER", "STATE", "AGENT", "CREATED"]);
-    for InstanceView { row, connected } in &report.instances {
+    let mut instances = table(&[
+        "INSTANCE", "PROVIDER", "TYPE", "STATE", "AGENT", "CREATED", "$/HR", "COST",
+    ]);
+    let dollars = crate::provider::ec2::prices::dollars;
+    for InstanceView {
+        row,
+        connected,
+        cloud,
+        cost,
+    } in &report.instances
+    {
         instances.add_row(vec![
             row.name.to_string(),
-            row.provider.clone(),
+            match cloud {
+                Some(c) => format!("{} {}", row.provider, c.cloud_id),
+                None => row.provider.clone(),
+            },
+            cloud
+                .as_ref()
+                .map(|c| format!("{}{}", c.instance_type, if c.spot { " spot" } else { "" }))
+                .unwrap_or_else(|| "-".into()),
             instance_word(row.state).to_owned(),
             if *connected { "connected" } else { "-" }.to_owned(),
             age(now_ms, row.created_ms),
+            cloud
+                .as_ref()
+                .and_then(|c| c.price_per_hour)
+                .map(dollars)
+                .unwrap_or_else(|| "-".into()),
+            cost.map(dollars).unwrap_or_else(|| "-".into()),
         ]);
     }
     let mut runs = table(&[
@@ -491,6 +516,20 @@ pub fn list_text(report: &ListReport, now_ms: u64) -> String {
         text.push_str("no instances\n");
     } else {
         text.push_str(&format!("{}\n", instances.trim_fmt()));
+    }
+    if let Some(warning) = &report.cloud_warning {
+        text.push_str(&format!(
+            "(EC2 could not be asked, states may be stale: {warning})\n"
+        ));
+    }
+    for f in &report.foreign {
+        text.push_str(&format!(
+            "(also runctl-tagged in EC2, not launched from here: {} {} {} {})\n",
+            f.cloud_id,
+            f.name.as_deref().unwrap_or("-"),
+            f.instance_type,
+            f.state
+        ));
     }
     text.push('\n');
     if report.runs.is_empty() {
@@ -622,18 +661,45 @@ mod tests {
     #[test]
     fn list_and_status_snapshots() {
         let report = ListReport {
-            instances: vec![InstanceView {
-                row: InstanceRow {
-                    name: "local-1".parse().expect("valid"),
-                    provider: "local".into(),
-                    state: InstanceState::Running,
-                    created_ms: 1_000,
-                    terminated_ms: None,
-                    pid: Some(42),
-                    for_run: None,
+            instances: vec![
+                InstanceView {
+                    row: InstanceRow {
+                        name: "local-1".parse().expect("valid"),
+                        provider: "local".into(),
+                        state: InstanceState::Running,
+                        created_ms: 1_000,
+                        terminated_ms: None,
+                        pid: Some(42),
+                        for_run: None,
+                    },
+                    connected: true,
+                    cloud: None,
+                    cost: None,
                 },
-                connected: true,
-            }],
+                InstanceView {
+                    row: InstanceRow {
+                        name: "ec2-3fa9c1".parse().expect("valid"),
+                        provider: "ec2".into(),
+                        state: InstanceState::Running,
+                        created_ms: 1_000,
+                        terminated_ms: None,
+                        pid: None,
+                        for_run: None,
+                    },
+                    connected: false,
+                    cloud: Some(crate::db::CloudRow {
+                        name: "ec2-3fa9c1".parse().expect("valid"),
+                        cloud_id: "i-0123456789abcdef0".into(),
+                        region: "us-east-1".into(),
+                        instance_type: "g5.xlarge".into(),
+                        spot: true,
+                        price_per_hour: Some(0.45),
+                        accrued_ms: 0,
+                        running_since_ms: Some(1_000),
+                    }),
+                    cost: Some(0.0075),
+                },
+            ],
             runs: vec![run_row(
                 RunState::Failed,
                 Some(RunEnd::Exited {
@@ -641,12 +707,16 @@ mod tests {
                     stop_requested: false,
                 }),
             )],
+            foreign: vec![],
+            cloud_warning: None,
         };
         insta::assert_snapshot!(list_text(&report, 61_000));
         insta::assert_snapshot!(list_text(
             &ListReport {
                 instances: vec![],
-                runs: vec![]
+                runs: vec![],
+                foreign: vec![],
+                cloud_warning: None,
             },
             0
         ));
@@ -657,8 +727,10 @@ mod tests {
             ca_sha256: "00".into(),
             agents_connected: 1,
             runs_active: 2,
+            instances_running: 2,
+            dollars_per_hour: 1.456,
         };
-        insta::assert_snapshot!(status_text(&status), @"1 agent connected, 2 runs active (daemon pid 7, v0.1.0, QUIC 127.0.0.1:4433)");
+        insta::assert_snapshot!(status_text(&status), @"2 instances running ($1.46/h), 2 runs active, 1 agent connected (daemon pid 7, v0.1.0, QUIC 127.0.0.1:4433)");
         insta::assert_snapshot!(run_summary(&report.runs[0]), @"run run-abababababab failed (exit 3) after 3.5s");
     }
 

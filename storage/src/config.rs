@@ -59,6 +59,44 @@ enum Backend {
 /// servers accept any).
 const FALLBACK_REGION: &str = "us-east-1";
 
+/// The AWS configuration every runctl client shares: the standard credential chain,
+/// rustls (ring) for TLS, short connect and read timeouts, and the region signed for when
+/// none is configured anywhere (S3-compatible servers and emulators accept any).
+pub async fn aws_sdk_config(
+    region: Option<&str>,
+    endpoint_url: Option<&str>,
+    profile: Option<&str>,
+) -> aws_config::SdkConfig {
+    use aws_config::{BehaviorVersion, Region};
+    use aws_smithy_http_client::tls::{self, rustls_provider::CryptoMode};
+    let http = aws_smithy_http_client::Builder::new()
+        .tls_provider(tls::Provider::Rustls(CryptoMode::Ring))
+        .build_https();
+    let timeouts = aws_config::timeout::TimeoutConfig::builder()
+        .connect_timeout(Duration::from_secs(5))
+        .read_timeout(Duration::from_secs(30))
+        .build();
+    let mut loader = aws_config::defaults(BehaviorVersion::latest())
+        .http_client(http)
+        .timeout_config(timeouts);
+    if let Some(region) = region {
+        loader = loader.region(Region::new(region.to_owned()));
+    }
+    if let Some(endpoint) = endpoint_url {
+        loader = loader.endpoint_url(endpoint);
+    }
+    if let Some(profile) = profile {
+        loader = loader.profile_name(profile);
+    }
+    let sdk = loader.load().await;
+    if sdk.region().is_some() {
+        return sdk;
+    }
+    sdk.into_builder()
+        .region(Region::new(FALLBACK_REGION))
+        .build()
+}
+
 /// Opens a connection: for S3, loads the AWS configuration and credential chain once.
 pub async fn connect(config: &StoreConfig) -> Result<Connection, StoreError> {
     let backend = match config {
@@ -73,33 +111,13 @@ pub async fn connect(config: &StoreConfig) -> Result<Connection, StoreError> {
             force_path_style,
             profile,
         } => {
-            use aws_config::{BehaviorVersion, Region};
-            use aws_smithy_http_client::tls::{self, rustls_provider::CryptoMode};
-            let http = aws_smithy_http_client::Builder::new()
-                .tls_provider(tls::Provider::Rustls(CryptoMode::Ring))
-                .build_https();
-            let timeouts = aws_config::timeout::TimeoutConfig::builder()
-                .connect_timeout(Duration::from_secs(5))
-                .read_timeout(Duration::from_secs(30))
-                .build();
-            let mut loader = aws_config::defaults(BehaviorVersion::latest())
-                .http_client(http)
-                .timeout_config(timeouts);
-            if let Some(region) = region {
-                loader = loader.region(Region::new(region.clone()));
-            }
-            if let Some(endpoint) = endpoint_url {
-                loader = loader.endpoint_url(endpoint);
-            }
-            if let Some(profile) = profile {
-                loader = loader.profile_name(profile);
-            }
-            let sdk = loader.load().await;
-            let mut s3 =
-                aws_sdk_s3::config::Builder::from(&sdk).force_path_style(*force_path_style);
-            if sdk.region().is_none() {
-                s3 = s3.region(Region::new(FALLBACK_REGION));
-            }
+            let sdk = aws_sdk_config(
+                region.as_deref(),
+                endpoint_url.as_deref(),
+                profile.as_deref(),
+            )
+            .await;
+            let s3 = aws_sdk_s3::config::Builder::from(&sdk).force_path_style(*force_path_style);
             Backend::S3(aws_sdk_s3::Client::from_conf(s3.build()))
         }
     };

@@ -14,12 +14,13 @@ mod s3;
 pub mod transfer;
 mod url;
 
-pub use config::{Connection, StoreConfig, connect};
+pub use config::{Connection, StoreConfig, aws_sdk_config, connect};
 pub use local::LocalStore;
 pub use s3::S3Store;
 pub use url::{ObjectUrl, relative_key};
 
 use std::ops::Range;
+use std::time::Duration;
 
 use bytes::Bytes;
 
@@ -234,6 +235,21 @@ pub trait ObjectStore: Send + Sync {
 pub enum Store {
     Local(LocalStore),
     S3(S3Store),
+}
+
+impl Store {
+    /// A short-lived URL that GETs `key` without credentials; S3 only (a local directory
+    /// has no URL a remote host could use).
+    pub async fn presign_get(&self, key: &str, ttl: Duration) -> Result<String, StoreError> {
+        match self {
+            Store::S3(store) => store.presign_get(key, ttl).await,
+            Store::Local(_) => Err(StoreError::Service {
+                context: format!("a URL for {key}"),
+                message: "the local store has no URL a remote instance could fetch from; use [storage] backend = \"s3\"".into(),
+                retryable: false,
+            }),
+        }
+    }
 }
 
 impl ObjectStore for Store {

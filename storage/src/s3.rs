@@ -149,6 +149,33 @@ fn millis(t: Option<&aws_sdk_s3::primitives::DateTime>) -> Option<i64> {
     t.and_then(|t| t.to_millis().ok())
 }
 
+impl S3Store {
+    /// A URL anyone can GET `key` with until `ttl` has passed (SigV4 query signing), for
+    /// hosts that have no credentials of their own yet (an instance's first boot).
+    pub async fn presign_get(
+        &self,
+        key: &str,
+        ttl: std::time::Duration,
+    ) -> Result<String, StoreError> {
+        let config = aws_sdk_s3::presigning::PresigningConfig::expires_in(ttl).map_err(|e| {
+            StoreError::Service {
+                context: format!("presigning {key}"),
+                message: e.to_string(),
+                retryable: false,
+            }
+        })?;
+        let request = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .presigned(config)
+            .await
+            .map_err(|e| self.classify(format!("presigning {key}"), key, e))?;
+        Ok(request.uri().to_owned())
+    }
+}
+
 impl ObjectStore for S3Store {
     async fn head(&self, key: &str) -> Result<Option<ObjectMeta>, StoreError> {
         crate::validate_key(key)?;

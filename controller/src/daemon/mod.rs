@@ -4,6 +4,7 @@
 //! asks each for the events it missed.
 
 mod agents;
+mod cloud;
 mod requests;
 mod runs;
 pub mod sync;
@@ -70,6 +71,8 @@ pub struct Daemon {
     /// Every task the daemon spawns that must finish (or be cut off) on shutdown.
     tasks: TaskTracker,
     shutdown: CancellationToken,
+    /// The EC2 client, made on first use (its credentials load lazily too).
+    ec2: tokio::sync::OnceCell<crate::provider::ec2::Ec2>,
 }
 
 impl Daemon {
@@ -201,6 +204,7 @@ pub async fn serve(
         stats_changed: watch::channel(0).0,
         tasks: TaskTracker::new(),
         shutdown: CancellationToken::new(),
+        ec2: tokio::sync::OnceCell::new(),
     });
     tracing::info!(
         "daemon {} listening: QUIC {quic_addr}, socket {}, CA {}",

@@ -6,12 +6,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use protocol::framed::{read_frame, write_frame};
-use protocol::{CheckpointPush, EndAction, RunId, RunSpec, StoreSpec};
+use protocol::{CheckpointPush, EndAction, InstanceName, RunId, RunSpec, StoreSpec};
 use storage::ObjectUrl;
 use tokio::net::UnixStream;
 
-use super::{Daemon, now_ms, runs, sync};
-use crate::db::{RunRow, RunState};
+use super::{Daemon, cloud, now_ms, runs, sync};
+use crate::db::{InstanceState, RunRow, RunState};
 use crate::error::{ErrorCode, UserError};
 use crate::ipc::{
     ClientHello, DaemonHello, InstanceStats, InstanceView, ListReport, Request, Response, Restart,
@@ -53,10 +53,36 @@ async fn serve(d: &Arc<Daemon>, stream: &mut UnixStream) -> anyhow::Result<()> {
 }
 
 fn view(d: &Daemon, row: crate::db::InstanceRow) -> InstanceView {
+    let cloud = d.db.cloud(&row.name).ok().flatten();
     InstanceView {
         connected: d.connected(&row.name),
+        cost: cloud.as_ref().and_then(|c| c.cost(now_ms())),
+        cloud,
         row,
     }
+}
+
+/// Runs `work`, forwarding the phase lines it sends as `Progress` frames as they come.
+async fn with_progress<T, F>(
+    stream: &mut UnixStream,
+    work: impl FnOnce(cloud::Progress) -> F,
+) -> anyhow::Result<T>
+where
+    F: std::future::Future<Output = Result<T, UserError>>,
+{
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let work = work(tx);
+    tokio::pin!(work);
+    let result = loop {
+        tokio::select! {
+            result = &mut work => break result,
+            Some(line) = rx.recv() => write_frame(stream, &Response::Progress(line)).await?,
+        }
+    };
+    while let Ok(line) = rx.try_recv() {
+        write_frame(stream, &Response::Progress(line)).await?;
+    }
+    Ok(result?)
 }
 
 async fn dispatch(
@@ -71,6 +97,18 @@ async fn dispatch(
                     .iter()
                     .filter(|r| !r.state.is_terminal())
                     .count() as u32;
+            if let Err(e) = cloud::refresh(d).await {
+                tracing::warn!("asking EC2 for instance states failed: {}", e.message);
+            }
+            let live: Vec<InstanceView> =
+                d.db.instances()?
+                    .into_iter()
+                    .filter(|r| match r.provider.as_str() {
+                        "local" => d.connected(&r.name),
+                        _ => matches!(r.state, InstanceState::Launching | InstanceState::Running),
+                    })
+                    .map(|row| view(d, row))
+                    .collect();
             let report = StatusReport {
                 pid: std::process::id(),
                 version: VERSION.to_owned(),
@@ -78,10 +116,19 @@ async fn dispatch(
                 ca_sha256: d.pki.ca.fingerprint().to_string(),
                 agents_connected: d.connected_count(),
                 runs_active,
+                instances_running: live.len() as u32,
+                dollars_per_hour: live
+                    .iter()
+                    .filter_map(|v| v.cloud.as_ref().and_then(|c| c.price_per_hour))
+                    .sum(),
             };
             write_frame(stream, &Response::Status(report)).await?;
         }
         Request::List => {
+            let (foreign, cloud_warning) = match cloud::refresh(d).await {
+                Ok(foreign) => (foreign, None),
+                Err(e) => (Vec::new(), Some(e.message)),
+            };
             let instances =
                 d.db.instances()?
                     .into_iter()
@@ -90,14 +137,50 @@ async fn dispatch(
             let report = ListReport {
                 instances,
                 runs: d.db.runs()?,
+                foreign,
+                cloud_warning,
             };
             write_frame(stream, &Response::List(report)).await?;
         }
-        Request::Launch { provider, name } => {
-            let row = runs::launch(d, provider, name, None).await?;
+        Request::Launch {
+            provider,
+            name,
+            ec2,
+            wait,
+        } => {
+            let row = with_progress(stream, |progress| async move {
+                runs::launch(d, provider, name, None, ec2.as_deref(), wait, &progress).await
+            })
+            .await?;
             write_frame(stream, &Response::Launched(view(d, row))).await?;
         }
-        Request::Run(req) => run(d, stream, req).await?,
+        Request::StopInstance { name, force } => {
+            let row = live_instance(d, &name)?;
+            refuse_active_runs(d, &name, force, "stop")?;
+            if force && let Some(link) = d.agent(&name) {
+                // The agent stops its runs (each with its grace) and pushes their last
+                // checkpoints before the power goes.
+                let _ = link
+                    .tx
+                    .send(protocol::ControllerMsg::Shutdown { grace_ms: None })
+                    .await;
+                let _ = tokio::time::timeout(Duration::from_secs(610), link.conn.closed()).await;
+            }
+            cloud::power(d, &row.name, false).await?;
+            let row =
+                d.db.instance(&name)?
+                    .ok_or_else(|| anyhow::anyhow!("instance {name} vanished"))?;
+            write_frame(stream, &Response::Instance(view(d, row))).await?;
+        }
+        Request::StartInstance { name } => {
+            live_instance(d, &name)?;
+            cloud::power(d, &name, true).await?;
+            let row =
+                d.db.instance(&name)?
+                    .ok_or_else(|| anyhow::anyhow!("instance {name} vanished"))?;
+            write_frame(stream, &Response::Instance(view(d, row))).await?;
+        }
+        Request::Run(req) => run(d, stream, *req).await?,
         Request::Logs {
             run,
             follow,
@@ -132,44 +215,59 @@ async fn dispatch(
             write_frame(stream, &Response::CheckpointDest(dest)).await?;
         }
         Request::Terminate { name, force } => {
-            let row = d.db.instance(&name)?.ok_or_else(|| {
-                UserError::new(ErrorCode::NotFound, format!("no instance {name}"))
-                    .resolve("list instances: runctl-controller list")
-            })?;
-            if row.state == crate::db::InstanceState::Terminated {
-                return Err(UserError::new(
-                    ErrorCode::Conflict,
-                    format!("{name} is already terminated"),
-                )
-                .into());
-            }
-            let active: Vec<RunId> =
-                d.db.runs_on(&name)?
-                    .into_iter()
-                    .filter(|r| !r.state.is_terminal())
-                    .map(|r| r.id)
-                    .collect();
-            if !active.is_empty() && !force {
-                let ids: Vec<String> = active.iter().map(|r| r.to_string()).collect();
-                return Err(UserError::new(
-                    ErrorCode::Conflict,
-                    format!("{name} has active runs: {}", ids.join(", ")),
-                )
-                .resolve(format!(
-                    "stop them first: runctl-controller stop {}",
-                    ids[0]
-                ))
-                .resolve(format!(
-                    "or stop them with the instance: runctl-controller terminate --force {name}"
-                ))
-                .into());
-            }
-            runs::terminate_now(d, &name).await;
+            live_instance(d, &name)?;
+            refuse_active_runs(d, &name, force, "terminate")?;
+            runs::terminate_now(d, &name).await?;
             let row =
                 d.db.instance(&name)?
                     .ok_or_else(|| anyhow::anyhow!("instance {name} vanished"))?;
             write_frame(stream, &Response::Terminated(view(d, row))).await?;
         }
+    }
+    Ok(())
+}
+
+/// The instance `name`, unless it does not exist or is terminated.
+fn live_instance(d: &Daemon, name: &InstanceName) -> anyhow::Result<crate::db::InstanceRow> {
+    let row = d.db.instance(name)?.ok_or_else(|| {
+        UserError::new(ErrorCode::NotFound, format!("no instance {name}"))
+            .resolve("list instances: runctl-controller list")
+    })?;
+    if row.state == InstanceState::Terminated {
+        return Err(
+            UserError::new(ErrorCode::Conflict, format!("{name} is already terminated")).into(),
+        );
+    }
+    Ok(row)
+}
+
+/// Refuses to `verb` an instance with active runs, unless `force`.
+fn refuse_active_runs(
+    d: &Daemon,
+    name: &InstanceName,
+    force: bool,
+    verb: &str,
+) -> anyhow::Result<()> {
+    let active: Vec<RunId> =
+        d.db.runs_on(name)?
+            .into_iter()
+            .filter(|r| !r.state.is_terminal())
+            .map(|r| r.id)
+            .collect();
+    if !active.is_empty() && !force {
+        let ids: Vec<String> = active.iter().map(|r| r.to_string()).collect();
+        return Err(UserError::new(
+            ErrorCode::Conflict,
+            format!("{name} has active runs: {}", ids.join(", ")),
+        )
+        .resolve(format!(
+            "stop them first: runctl-controller stop {}",
+            ids[0]
+        ))
+        .resolve(format!(
+            "or stop them with the instance: runctl-controller {verb} --force {name}"
+        ))
+        .into());
     }
     Ok(())
 }
@@ -292,7 +390,18 @@ async fn run(d: &Arc<Daemon>, stream: &mut UnixStream, req: RunRequest) -> anyho
             )
             .await?;
             let for_run = (!req.keep).then(|| run_id.clone());
-            let row = runs::launch(d, req.provider, None, for_run).await?;
+            let provider = req.provider;
+            let ec2 = req.ec2.clone().map(|mut opts| {
+                opts.project = req
+                    .root
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned());
+                opts
+            });
+            let row = with_progress(stream, |progress| async move {
+                runs::launch(d, provider, None, for_run, ec2.as_deref(), true, &progress).await
+            })
+            .await?;
             (row.name, true)
         }
     };
@@ -428,8 +537,32 @@ fn run_storage(d: &Arc<Daemon>, req: &RunRequest, run: &RunId) -> Result<RunStor
         }
     };
     let needs_store = !req.data.is_empty() || checkpoints.is_some() || resume_from.is_some();
+    let remote = match &req.on {
+        Some(name) => {
+            d.db.instance(name)
+                .ok()
+                .flatten()
+                .is_some_and(|row| row.provider != "local")
+        }
+        None => req.provider != crate::ipc::ProviderKind::Local,
+    };
+    let mut spec = d.config.storage.spec(d.home.root());
+    if needs_store && remote {
+        match &mut spec {
+            StoreSpec::Local { .. } => {
+                return Err(bad(
+                    "a cloud instance cannot reach the local object store ([storage] backend = \"local\"), which this run's data or checkpoints need".into(),
+                )
+                .resolve("set backend = \"s3\" under [storage] (and checkpoints = \"s3://BUCKET/PREFIX\")")
+                .resolve("or run without them: --no-checkpoints and no --data"));
+            }
+            // The instance has its own credentials (its instance profile), not this
+            // laptop's named profile.
+            StoreSpec::S3 { profile, .. } => *profile = None,
+        }
+    }
     Ok(RunStorage {
-        storage: needs_store.then(|| d.config.storage.spec(d.home.root())),
+        storage: needs_store.then_some(spec),
         checkpoints,
         resume_from,
     })

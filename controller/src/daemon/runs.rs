@@ -10,7 +10,7 @@ use anyhow::Context;
 use protocol::framed::{read_frame, write_frame};
 use protocol::{AgentMsg, BulkOpen, ControllerMsg, InstanceName, RunId, RunSpec};
 
-use super::{Daemon, now_ms, sync};
+use super::{Daemon, cloud, now_ms, sync};
 use crate::db::{InstanceRow, InstanceState, RunState};
 use crate::error::{ErrorCode, UserError};
 use crate::ipc::ProviderKind;
@@ -23,21 +23,48 @@ const SHUTDOWN_BOUND: Duration = Duration::from_secs(610);
 /// How long a freshly launched agent gets to enroll and connect.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Launches a local instance and waits until its agent is connected.
+/// Launches an instance; with `wait` (always, for a local one) returns once its agent is
+/// connected.
 pub(super) async fn launch(
     d: &Arc<Daemon>,
     provider: ProviderKind,
     name: Option<InstanceName>,
     for_run: Option<RunId>,
+    ec2: Option<&crate::ipc::Ec2Launch>,
+    wait: bool,
+    progress: &cloud::Progress,
 ) -> Result<InstanceRow, UserError> {
     let internal = |e: anyhow::Error| UserError::new(ErrorCode::Internal, format!("{e:#}"));
-    let name = name.unwrap_or_else(local::fresh_name);
+    let name = name.unwrap_or_else(|| match provider {
+        ProviderKind::Local => local::fresh_name(),
+        ProviderKind::Ec2 => cloud::fresh_name(),
+    });
     if d.db.instance(&name).map_err(internal)?.is_some() {
         return Err(UserError::new(
             ErrorCode::Conflict,
             format!("an instance named {name} already exists"),
         )
         .resolve("pick another --name, or leave it out for a generated one"));
+    }
+    match (provider, ec2) {
+        (ProviderKind::Ec2, Some(opts)) => {
+            return cloud::launch(d, name, for_run, opts, wait, progress).await;
+        }
+        (ProviderKind::Ec2, None) => {
+            return Err(UserError::new(
+                ErrorCode::BadInput,
+                "an EC2 launch needs an instance type",
+            )
+            .resolve("e.g. runctl-controller launch --provider ec2 g5.xlarge"));
+        }
+        (ProviderKind::Local, Some(_)) => {
+            return Err(UserError::new(
+                ErrorCode::BadInput,
+                "EC2 options (instance type, --spot, --ami, ...) apply to --provider ec2",
+            )
+            .resolve("add --provider ec2, or leave the EC2 options out"));
+        }
+        (ProviderKind::Local, None) => {}
     }
     let agent_bin = local::agent_binary(&d.config.local)?;
     let row = InstanceRow {
@@ -78,7 +105,7 @@ pub(super) async fn launch(
         tracing::info!("local agent {reaped} exited: {status:?}");
     });
     if let Err(e) = d.wait_for_agent(&name, CONNECT_TIMEOUT, Some(pid)).await {
-        terminate_now(d, &name).await;
+        let _ = terminate_now(d, &name).await;
         return Err(e);
     }
     d.db.instance(&name)
@@ -197,7 +224,9 @@ pub(super) fn on_run_ended(d: &Arc<Daemon>, run: &RunId) {
                 row.id,
                 instance.name
             );
-            terminate_now(&d2, &instance.name).await;
+            if let Err(e) = terminate_now(&d2, &instance.name).await {
+                tracing::error!("terminating {} failed: {}", instance.name, e.message);
+            }
         });
     }
 }
@@ -251,9 +280,10 @@ pub(super) async fn stop(
     }
 }
 
-/// Terminates an instance: the agent stops its runs and flushes their events, its
-/// certificate is revoked, and its process is gone when this returns.
-pub(super) async fn terminate_now(d: &Arc<Daemon>, name: &InstanceName) {
+/// Terminates an instance: the agent stops its runs and flushes their events (and
+/// checkpoints), its certificate is revoked, and its process (or cloud instance) is gone
+/// when this returns. Fails only when the cloud refuses; the record then stays live.
+pub(super) async fn terminate_now(d: &Arc<Daemon>, name: &InstanceName) -> Result<(), UserError> {
     if let Some(link) = d.agent(name) {
         // Each run stops with its own grace period.
         let _ = link
@@ -288,6 +318,7 @@ pub(super) async fn terminate_now(d: &Arc<Daemon>, name: &InstanceName) {
     {
         local::kill_agent(&d.home, name, pid);
     }
+    cloud::terminate(d, name).await?;
     if let Err(e) =
         d.db.set_instance_state(name, InstanceState::Terminated, now)
     {
@@ -310,6 +341,7 @@ pub(super) async fn terminate_now(d: &Arc<Daemon>, name: &InstanceName) {
         }
     }
     d.bump_agents();
+    Ok(())
 }
 
 pub(super) fn not_found_run(run: &RunId) -> UserError {

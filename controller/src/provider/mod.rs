@@ -1,5 +1,6 @@
-//! Where instances come from. Only the local provider exists so far; EC2 and RunPod join
-//! it behind a common trait when they arrive (a trait with one implementation would only
-//! guess at the shape the cloud providers need).
+//! Where instances come from: `local` (an agent process on this machine, the embedded
+//! default) and `ec2`. The daemon dispatches on an instance's provider where they differ
+//! (launching, terminating, stopping); everything after enrollment is the same agent.
 
+pub mod ec2;
 pub mod local;

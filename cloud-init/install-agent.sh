@@ -1,0 +1,28 @@
+#!/bin/sh
+# Installs the runctl agent: download by a presigned URL (retried), verify its SHA-256,
+# put it in place atomically. RUNCTL_ROOT prefixes every path (a sandbox in tests).
+set -eu
+root="${RUNCTL_ROOT:-}"
+url='{{agent_url}}'
+sha256='{{agent_sha256}}'
+bin="$root/usr/local/bin/runctl-agent"
+part="$bin.download"
+mkdir -p "$root/usr/local/bin"
+attempt=1
+while :; do
+    if curl --fail --silent --show-error --location --connect-timeout 10 --max-time 600 \
+        --retry 5 --retry-delay 2 --output "$part" "$url" \
+        && echo "$sha256  $part" | sha256sum --check --status; then
+        break
+    fi
+    if [ "$attempt" -ge 8 ]; then
+        echo "runctl: could not download a verified agent after $attempt attempts" >&2
+        rm -f "$part"
+        exit 1
+    fi
+    attempt=$((attempt + 1))
+    sleep $((attempt * 3))
+done
+chmod 0755 "$part"
+mv -f "$part" "$bin"
+echo "runctl: agent $sha256 installed at $bin"
