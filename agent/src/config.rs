@@ -89,13 +89,14 @@ impl AgentConfig {
     }
 }
 
-/// Resolves `host:port` to a socket address (DNS for names).
+/// Resolves `host:port` to a socket address, without glibc's NSS (see `storage::dns`:
+/// the agent is a static binary).
 pub async fn resolve(endpoint: &str) -> anyhow::Result<SocketAddr> {
-    tokio::net::lookup_host(endpoint)
+    storage::dns::Resolver::from_system()
+        .context("reading the DNS configuration")?
+        .socket_addr(endpoint)
         .await
-        .with_context(|| format!("resolving {endpoint}"))?
-        .next()
-        .with_context(|| format!("{endpoint} resolved to no address"))
+        .with_context(|| format!("resolving {endpoint}"))
 }
 
 #[cfg(test)]

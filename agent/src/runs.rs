@@ -230,7 +230,7 @@ impl Runs {
     ) -> Result<Job, RunEnd> {
         let Some(plan) = plan else { return Ok(job) };
         let failed = |message: String| RunEnd::DataFailed { message };
-        let conn = storage::connect(&(&plan.spec).into())
+        let conn = storage::connect_with(&(&plan.spec).into(), storage::dns::Dns::Hickory)
             .await
             .map_err(|e| failed(format!("opening the object store: {e}")))?;
         if let (Some((url, keep)), Some(push)) = (&plan.checkpoints, &spec.checkpoints) {
@@ -533,7 +533,8 @@ fn finish_lost_run(run_dir: PathBuf, saved: Vec<u8>, log: Arc<EventLog>) {
     tokio::spawn(async move {
         let pushed = async {
             let saved: data::Saved = serde_json::from_slice(&saved)?;
-            let conn = storage::connect(&(&saved.storage).into()).await?;
+            let conn =
+                storage::connect_with(&(&saved.storage).into(), storage::dns::Dns::Hickory).await?;
             let url = storage::ObjectUrl::parse(&saved.checkpoints.dest)?;
             let engine = data::engine(&conn, &url).map_err(anyhow::Error::msg)?;
             let dir = run_dir.join(CHECKPOINT_DIR);

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::dns::{Dns, Resolver};
 use crate::{LocalStore, S3Store, Store, StoreError};
 
 /// How to reach the object store.
@@ -66,12 +67,18 @@ pub async fn aws_sdk_config(
     region: Option<&str>,
     endpoint_url: Option<&str>,
     profile: Option<&str>,
-) -> aws_config::SdkConfig {
+    dns: Dns,
+) -> Result<aws_config::SdkConfig, StoreError> {
     use aws_config::{BehaviorVersion, Region};
     use aws_smithy_http_client::tls::{self, rustls_provider::CryptoMode};
-    let http = aws_smithy_http_client::Builder::new()
-        .tls_provider(tls::Provider::Rustls(CryptoMode::Ring))
-        .build_https();
+    let builder = aws_smithy_http_client::Builder::new()
+        .tls_provider(tls::Provider::Rustls(CryptoMode::Ring));
+    let http = match dns {
+        Dns::System => builder.build_https(),
+        Dns::Hickory => builder.build_with_resolver(
+            Resolver::from_system().map_err(StoreError::io("reading the DNS configuration"))?,
+        ),
+    };
     let timeouts = aws_config::timeout::TimeoutConfig::builder()
         .connect_timeout(Duration::from_secs(5))
         .read_timeout(Duration::from_secs(30))
@@ -90,15 +97,21 @@ pub async fn aws_sdk_config(
     }
     let sdk = loader.load().await;
     if sdk.region().is_some() {
-        return sdk;
+        return Ok(sdk);
     }
-    sdk.into_builder()
+    Ok(sdk
+        .into_builder()
         .region(Region::new(FALLBACK_REGION))
-        .build()
+        .build())
 }
 
 /// Opens a connection: for S3, loads the AWS configuration and credential chain once.
 pub async fn connect(config: &StoreConfig) -> Result<Connection, StoreError> {
+    connect_with(config, Dns::System).await
+}
+
+/// [`connect`], resolving names with `dns`.
+pub async fn connect_with(config: &StoreConfig, dns: Dns) -> Result<Connection, StoreError> {
     let backend = match config {
         StoreConfig::Local { root } => {
             std::fs::create_dir_all(root)
@@ -115,8 +128,9 @@ pub async fn connect(config: &StoreConfig) -> Result<Connection, StoreError> {
                 region.as_deref(),
                 endpoint_url.as_deref(),
                 profile.as_deref(),
+                dns,
             )
-            .await;
+            .await?;
             let s3 = aws_sdk_s3::config::Builder::from(&sdk).force_path_style(*force_path_style);
             Backend::S3(aws_sdk_s3::Client::from_conf(s3.build()))
         }

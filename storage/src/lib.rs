@@ -9,12 +9,13 @@
 
 pub mod checkpoints;
 mod config;
+pub mod dns;
 mod local;
 mod s3;
 pub mod transfer;
 mod url;
 
-pub use config::{Connection, StoreConfig, aws_sdk_config, connect};
+pub use config::{Connection, StoreConfig, aws_sdk_config, connect, connect_with};
 pub use local::LocalStore;
 pub use s3::S3Store;
 pub use url::{ObjectUrl, relative_key};

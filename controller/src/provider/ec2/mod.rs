@@ -174,8 +174,10 @@ impl Ec2 {
             config.region.as_deref(),
             config.endpoint_url.as_deref(),
             config.profile.as_deref(),
+            storage::dns::Dns::System,
         )
-        .await;
+        .await
+        .map_err(crate::objects::store_error)?;
         let region = sdk
             .region()
             .map(|r| r.to_string())
