@@ -1,6 +1,7 @@
 #!/bin/sh
 # Installs the runctl agent: download by a presigned URL (retried), verify its SHA-256,
-# put it in place atomically. RUNCTL_ROOT prefixes every path (a sandbox in tests).
+# put it in place atomically. RUNCTL_ROOT prefixes every path and RUNCTL_INSTALL_ATTEMPTS
+# bounds the attempts (both for the sandboxed boot in tests).
 set -eu
 root="${RUNCTL_ROOT:-}"
 url='{{agent_url}}'
@@ -8,6 +9,7 @@ sha256='{{agent_sha256}}'
 bin="$root/usr/local/bin/runctl-agent"
 part="$bin.download"
 mkdir -p "$root/usr/local/bin"
+attempts="${RUNCTL_INSTALL_ATTEMPTS:-8}"
 attempt=1
 while :; do
     if curl --fail --silent --show-error --location --connect-timeout 10 --max-time 600 \
@@ -15,7 +17,7 @@ while :; do
         && echo "$sha256  $part" | sha256sum --check --status; then
         break
     fi
-    if [ "$attempt" -ge 8 ]; then
+    if [ "$attempt" -ge "$attempts" ]; then
         echo "runctl: could not download a verified agent after $attempt attempts" >&2
         rm -f "$part"
         exit 1

@@ -159,8 +159,9 @@ fn elf_kind(path: &Path) -> std::io::Result<ElfKind> {
     })
 }
 
-/// Uploads the agent content-addressed (once per hash) and presigns a short-lived URL.
-async fn publish_agent(d: &Daemon, path: &Path) -> Result<(String, String), UserError> {
+/// Where the agent binary goes: `[ec2] artifacts`, else `runctl/` in the checkpoint
+/// bucket. Needs the S3 backend: instances cannot reach a local store.
+fn agent_location(d: &Daemon) -> Result<storage::ObjectUrl, UserError> {
     use crate::objects::store_error;
     let location = match (&d.config.ec2.artifacts, d.config.storage.backend) {
         (_, crate::config::Backend::Local) => {
@@ -180,7 +181,16 @@ async fn publish_agent(d: &Daemon, path: &Path) -> Result<(String, String), User
             format!("s3://{}/runctl", url.bucket)
         }
     };
-    let url = storage::ObjectUrl::parse(&location).map_err(store_error)?;
+    storage::ObjectUrl::parse(&location).map_err(store_error)
+}
+
+/// Uploads the agent content-addressed (once per hash) and presigns a short-lived URL.
+async fn publish_agent(
+    d: &Daemon,
+    path: &Path,
+    url: &storage::ObjectUrl,
+) -> Result<(String, String), UserError> {
+    use crate::objects::store_error;
     let sha256 = {
         let path = path.to_owned();
         tokio::task::spawn_blocking(move || sha256_file(&path))
@@ -259,6 +269,7 @@ pub(super) async fn launch(
         ));
     }
     let agent_path = agent_binary(d)?;
+    let artifacts = agent_location(d)?;
     let ec2 = client(d).await?;
     let kind = opts.instance_type.as_str();
     let info = ec2.instance_type(kind).await?;
@@ -330,7 +341,7 @@ pub(super) async fn launch(
         }
     }
     let security_group = ec2.security_group(cfg.subnet.as_deref()).await?;
-    let (agent_url, agent_sha256) = publish_agent(d, &agent_path).await?;
+    let (agent_url, agent_sha256) = publish_agent(d, &agent_path, &artifacts).await?;
     say(progress, format!("agent {} published", &agent_sha256[..12]));
 
     // From here on there is a record: a failure marks it terminated.

@@ -215,13 +215,25 @@ impl Ec2 {
                     user
                 }
             })?;
-        let info = out.instance_types().first().ok_or_else(|| {
+        let not_offered = || {
             UserError::new(
                 ErrorCode::BadInput,
                 format!("EC2 does not offer {kind} in {}", self.region),
             )
-            .resolve("pick another type (e.g. g5.xlarge, g6.xlarge) or region")
-        })?;
+            .resolve("pick another type (e.g. g5.xlarge, g6.xlarge) or region ([ec2] region)")
+        };
+        let info = out.instance_types().first().ok_or_else(not_offered)?;
+        let offered = self
+            .client
+            .describe_instance_type_offerings()
+            .location_type(aws_sdk_ec2::types::LocationType::Region)
+            .filters(filter("instance-type", &[kind]))
+            .send()
+            .await
+            .map_err(|e| api_error(format!("where {kind} is offered"), e))?;
+        if offered.instance_type_offerings().is_empty() {
+            return Err(not_offered());
+        }
         if !info
             .processor_info()
             .map(|p| {

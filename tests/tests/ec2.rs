@@ -1,0 +1,812 @@
+//! The EC2 provider against moto's EC2 server and the SeaweedFS S3 server that
+//! `scripts/test.sh` starts on loopback: launch checks and refusals, what a launch creates
+//! (tags, IMDSv2, the security group, user-data that passes `cloud-init schema`), the
+//! lifecycle, volumes, and a simulated boot in which the user-data's own install steps
+//! fetch the static agent by its presigned URL, check its hash and start it, and the agent
+//! dials back and runs a job end to end. Each test works in a region of its own, so they
+//! never see each other's instances.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use controller::config::Ec2Config;
+use controller::provider::ec2::Ec2;
+use tests::s3::S3Env;
+use tests::{Home, fixture, stderr, stdout};
+
+/// Where moto, the static agent and the tools are, from `scripts/test.sh`.
+#[derive(Debug, Clone)]
+struct Ec2Env {
+    endpoint: String,
+    s3: S3Env,
+    agent: PathBuf,
+    python: PathBuf,
+}
+
+fn var(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
+/// The servers and binaries, or `None` (with a loud SKIPPED line) when they are missing.
+/// Under `scripts/test.sh` (`RUNCTL_REQUIRE_EC2=1`) a missing one fails the test instead.
+fn ec2_env(test: &str) -> Option<Ec2Env> {
+    let s3 = S3Env::get(test)?;
+    match (
+        var("RUNCTL_TEST_EC2_ENDPOINT"),
+        var("RUNCTL_STATIC_AGENT"),
+        var("RUNCTL_TEST_PYTHON"),
+    ) {
+        (Some(endpoint), Some(agent), Some(python)) => Some(Ec2Env {
+            endpoint,
+            s3,
+            agent: agent.into(),
+            python: python.into(),
+        }),
+        _ => {
+            assert!(
+                var("RUNCTL_REQUIRE_EC2").is_none(),
+                "{test}: RUNCTL_TEST_EC2_ENDPOINT, RUNCTL_STATIC_AGENT and RUNCTL_TEST_PYTHON are required"
+            );
+            eprintln!("SKIPPED {test}: no EC2 server or static agent (run scripts/test.sh)");
+            None
+        }
+    }
+}
+
+fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// A controller home for `region`, whose daemon listens where its agents are told to dial.
+struct Cloud {
+    home: Home,
+    env: Ec2Env,
+    region: String,
+    prefix: String,
+}
+
+impl Cloud {
+    fn new(env: &Ec2Env, test: &str, region: &str, extra_ec2: &str) -> Cloud {
+        let home = Home::new();
+        let port = free_udp_port();
+        let prefix = S3Env::unique_prefix(test);
+        let config = format!(
+            "[daemon]\nlisten = \"127.0.0.1:{port}\"\nstop_grace_secs = 3\n\
+             {storage}checkpoints = \"s3://{bucket}/{prefix}ckpt\"\n\
+             [ec2]\nregion = \"{region}\"\nendpoint_url = \"{ec2}\"\n\
+             controller_endpoint = \"127.0.0.1:{port}\"\n\
+             artifacts = \"s3://{bucket}/{prefix}artifacts\"\n\
+             agent_binary = \"{agent}\"\nenroll_timeout_secs = 120\n{extra_ec2}",
+            storage = env.s3.config_toml(&env.s3.endpoint),
+            bucket = env.s3.bucket,
+            ec2 = env.endpoint,
+            agent = env.agent.display(),
+        );
+        std::fs::write(home.path().join("config.toml"), config).expect("write config");
+        Cloud {
+            home,
+            env: env.clone(),
+            region: region.into(),
+            prefix,
+        }
+    }
+
+    fn cli(&self) -> Command {
+        let mut cmd = self.home.cli();
+        cmd.envs(self.env.s3.envs());
+        cmd
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.cli()
+            .args(args)
+            .output()
+            .expect("run runctl-controller")
+    }
+
+    fn json(&self, args: &[&str]) -> serde_json::Value {
+        let out = self
+            .cli()
+            .arg("--output")
+            .arg("json")
+            .args(args)
+            .output()
+            .expect("run");
+        assert!(out.status.success(), "{args:?} failed: {}", stderr(&out));
+        let text = stdout(&out);
+        serde_json::from_str(text.lines().last().unwrap_or_default())
+            .unwrap_or_else(|e| panic!("{args:?}: not JSON ({e}): {text}"))
+    }
+
+    /// Runs `args` and checks it fails with `code`, saying `needle`.
+    fn refused(&self, args: &[&str], code: i32, needle: &str) {
+        let out = self.run(args);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {err}");
+        assert!(
+            err.contains(needle),
+            "{args:?}: expected {needle:?} in: {err}"
+        );
+    }
+
+    async fn ec2(&self) -> Ec2 {
+        let config = Ec2Config {
+            region: Some(self.region.clone()),
+            endpoint_url: Some(self.env.endpoint.clone()),
+            ..Ec2Config::default()
+        };
+        Ec2::connect(&config).await.expect("EC2 client")
+    }
+
+    /// Launches without waiting for the agent; returns the runctl name and the `i-` id.
+    fn launch(&self, args: &[&str]) -> (String, String) {
+        let mut all = vec!["launch", "--provider", "ec2", "--no-wait"];
+        all.extend_from_slice(args);
+        let view = self.json(&all);
+        (
+            view["instance"]["name"].as_str().expect("name").to_owned(),
+            view["cloud"]["cloud_id"]
+                .as_str()
+                .expect("cloud id")
+                .to_owned(),
+        )
+    }
+}
+
+/// A child process killed when dropped, so a failing test leaves no agent behind.
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn state_of(ec2: &Ec2, id: &str) -> String {
+    ec2.instance(id)
+        .await
+        .expect("describe")
+        .map(|i| i.state)
+        .unwrap_or_else(|| "gone".into())
+}
+
+async fn wait_state(ec2: &Ec2, id: &str, want: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let state = state_of(ec2, id).await;
+        if state == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{id} stayed {state}, expected {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+#[test]
+fn static_agent_is_static_and_loads_no_library() {
+    let Some(agent) = var("RUNCTL_STATIC_AGENT").map(PathBuf::from) else {
+        assert!(
+            var("RUNCTL_REQUIRE_EC2").is_none(),
+            "RUNCTL_STATIC_AGENT is required"
+        );
+        eprintln!(
+            "SKIPPED static agent check: build it with scripts/build-static-agent.sh and set RUNCTL_STATIC_AGENT"
+        );
+        return;
+    };
+    let file = Command::new("file").arg(&agent).output().expect("file");
+    let kind = stdout(&file);
+    assert!(
+        kind.contains("statically linked") || kind.contains("static-pie linked"),
+        "{kind}"
+    );
+    assert!(kind.contains("x86-64"), "{kind}");
+    let ldd = Command::new("ldd").arg(&agent).output().expect("ldd");
+    let said = format!("{}{}", stdout(&ldd), stderr(&ldd));
+    assert!(
+        said.contains("not a dynamic executable") || said.contains("statically linked"),
+        "{said}"
+    );
+    let version = Command::new(&agent)
+        .arg("--version")
+        .output()
+        .expect("run the agent");
+    assert!(version.status.success(), "{}", stderr(&version));
+
+    // Nothing among its dependencies loads a shared library at run time.
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let tree = Command::new(cargo)
+        .args([
+            "tree",
+            "-p",
+            "agent",
+            "-e",
+            "normal,features",
+            "--prefix",
+            "none",
+            "--locked",
+            "--offline",
+            "--target",
+            "x86_64-unknown-linux-gnu",
+        ])
+        .current_dir(tests::repo_root())
+        .output()
+        .expect("cargo tree");
+    assert!(tree.status.success(), "{}", stderr(&tree));
+    let tree = stdout(&tree);
+    assert!(
+        tree.contains("hickory-resolver"),
+        "names resolve without NSS"
+    );
+    for loader in [
+        "libloading ",
+        "dlopen",
+        "openssl-sys",
+        "native-tls",
+        "nvml-wrapper",
+        "libudev-sys",
+        "libdbus-sys",
+        "sysinfo feature \"gpu\"",
+    ] {
+        assert!(!tree.contains(loader), "the agent depends on {loader}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn launch_refuses_bad_input_and_leaves_nothing_behind() {
+    let Some(env) = ec2_env("launch_refuses_bad_input") else {
+        return;
+    };
+    let cloud = Cloud::new(&env, "refusals", "us-east-2", "max_running = 1\n");
+    let ec2 = cloud.ec2().await;
+    for (args, code, needle) in [
+        (vec!["g5.nonsense"], 2, "g5.nonsense"),
+        (vec!["G5"], 2, "not an instance type"),
+        (vec![], 2, "needs an instance type"),
+        (vec!["--ami", "ami-xyz", "g5.xlarge"], 2, "not a ami- id"),
+        (
+            vec!["--ami", "ami-0123456789abcdef0", "g5.xlarge"],
+            3,
+            "ami-0123456789abcdef0",
+        ),
+        (
+            vec!["--ami", "ami-0a1b2c3d4e5f607bb", "g5.xlarge"],
+            2,
+            "no EBS root device",
+        ),
+        (
+            vec!["--ami", "ami-0a1b2c3d4e5f607aa", "g5.xlarge"],
+            2,
+            "not x86_64",
+        ),
+        (
+            vec!["--volume-snapshot", "snap-1", "g5.xlarge"],
+            2,
+            "not a snap- id",
+        ),
+        (
+            vec!["--volume-snapshot", "snap-0123456789abcdef0", "g5.xlarge"],
+            3,
+            "snap-0123456789abcdef0",
+        ),
+        (
+            vec!["--spot", "--max-price", "0.000001", "g5.xlarge"],
+            4,
+            "above the maximum",
+        ),
+    ] {
+        let mut all = vec!["launch", "--provider", "ec2", "--no-wait"];
+        all.extend(args);
+        cloud.refused(&all, code, needle);
+    }
+    cloud.refused(
+        &["launch", "--spot", "--no-wait"],
+        2,
+        "apply to --provider ec2",
+    );
+    let elsewhere = Cloud::new(&env, "refusals", "us-west-1", "");
+    elsewhere.refused(
+        &["launch", "--provider", "ec2", "--no-wait", "g5.xlarge"],
+        2,
+        "does not offer g5.xlarge in us-west-1",
+    );
+    assert!(
+        elsewhere
+            .ec2()
+            .await
+            .instances(&[])
+            .await
+            .expect("list")
+            .is_empty()
+    );
+    drop(elsewhere);
+    assert!(
+        ec2.instances(&[]).await.expect("list").is_empty(),
+        "a refused launch left an instance"
+    );
+
+    // The limit: one may run, the second is refused with the way out.
+    let (name, id) = cloud.launch(&["g5.xlarge"]);
+    cloud.refused(
+        &["launch", "--provider", "ec2", "--no-wait", "g5.xlarge"],
+        4,
+        "the limit is 1",
+    );
+    assert_eq!(ec2.instances(&[]).await.expect("list").len(), 1);
+    let done = cloud.json(&["terminate", &name]);
+    assert_eq!(done["instance"]["state"], "terminated");
+    wait_state(&ec2, &id, "terminated").await;
+
+    // Set-up mistakes, each named with its fix.
+    let unreachable = Cloud::new(&env, "refusals", "us-east-2", "");
+    let config =
+        std::fs::read_to_string(unreachable.home.path().join("config.toml")).expect("config");
+    let without = |needle: &str| {
+        config
+            .lines()
+            .filter(|l| !l.starts_with(needle))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    std::fs::write(
+        unreachable.home.path().join("config.toml"),
+        without("controller_endpoint"),
+    )
+    .expect("write");
+    unreachable.refused(
+        &["launch", "--provider", "ec2", "g5.xlarge"],
+        2,
+        "controller_endpoint",
+    );
+    drop(unreachable);
+
+    let no_bucket = Cloud::new(&env, "refusals", "us-east-2", "");
+    let config =
+        std::fs::read_to_string(no_bucket.home.path().join("config.toml")).expect("config");
+    std::fs::write(
+        no_bucket.home.path().join("config.toml"),
+        config.replace(
+            &format!("s3://{}/{}artifacts", env.s3.bucket, no_bucket.prefix),
+            "s3://runctl-no-such-bucket/x",
+        ),
+    )
+    .expect("write");
+    no_bucket.refused(
+        &["launch", "--provider", "ec2", "--no-wait", "g5.xlarge"],
+        3,
+        "does not exist",
+    );
+    drop(no_bucket);
+
+    let no_credentials = Cloud::new(&env, "refusals", "us-east-2", "");
+    let out = no_credentials
+        .home
+        .cli()
+        .env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY")
+        .env_remove("AWS_PROFILE")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/credentials")
+        .env("AWS_CONFIG_FILE", "/nonexistent/config")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .args(["launch", "--provider", "ec2", "--no-wait", "g5.xlarge"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("credentials"), "{}", stderr(&out));
+    drop(no_credentials);
+
+    assert_eq!(
+        ec2.instances(&[])
+            .await
+            .expect("list")
+            .iter()
+            .filter(|i| i.state != "terminated")
+            .count(),
+        0,
+        "nothing is left running"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_launch_is_tagged_locked_down_and_installs_the_agent() {
+    let Some(env) = ec2_env("launch_tags") else {
+        return;
+    };
+    let cloud = Cloud::new(&env, "launch-tags", "us-west-2", "");
+    let ec2 = cloud.ec2().await;
+    let (name, id) = cloud.launch(&[
+        "--spot",
+        "--volume-size",
+        "20",
+        "--name",
+        "gpu-a",
+        "g5.xlarge",
+    ]);
+    assert_eq!(name, "gpu-a");
+
+    let out = ec2
+        .client()
+        .describe_instances()
+        .instance_ids(&id)
+        .send()
+        .await
+        .expect("describe");
+    let instance = &out.reservations()[0].instances()[0];
+    let tag =
+        |key: &str| controller::provider::ec2::tag_value(instance.tags(), key).map(str::to_owned);
+    assert_eq!(tag("runctl:managed").as_deref(), Some("true"));
+    assert_eq!(tag("runctl:instance").as_deref(), Some("gpu-a"));
+    assert_eq!(tag("Name").as_deref(), Some("runctl-gpu-a"));
+    assert_eq!(
+        instance
+            .metadata_options()
+            .and_then(|m| m.http_tokens())
+            .map(|t| t.as_str()),
+        Some("required"),
+        "IMDSv2 only"
+    );
+    assert_eq!(
+        instance.instance_lifecycle().map(|l| l.as_str()),
+        Some("spot")
+    );
+    let group = instance.security_groups()[0]
+        .group_id()
+        .expect("group")
+        .to_owned();
+    let groups = ec2
+        .client()
+        .describe_security_groups()
+        .group_ids(&group)
+        .send()
+        .await
+        .expect("groups");
+    assert_eq!(
+        groups.security_groups()[0].group_name(),
+        Some("runctl-agent")
+    );
+    assert!(
+        groups.security_groups()[0].ip_permissions().is_empty(),
+        "no inbound rule"
+    );
+    let shutdown = ec2
+        .client()
+        .describe_instance_attribute()
+        .instance_id(&id)
+        .attribute("instanceInitiatedShutdownBehavior".into())
+        .send()
+        .await
+        .expect("attribute");
+    assert_eq!(
+        shutdown
+            .instance_initiated_shutdown_behavior()
+            .and_then(|v| v.value()),
+        Some("terminate")
+    );
+    let devices: Vec<&str> = instance
+        .block_device_mappings()
+        .iter()
+        .filter_map(|m| m.device_name())
+        .collect();
+    assert!(
+        devices.contains(&"/dev/sda1") && devices.contains(&"/dev/sdf"),
+        "{devices:?}"
+    );
+
+    // The user-data: small, valid cloud-config, carrying the agent's hash and URL.
+    let user_data = ec2.user_data(&id).await.expect("user-data");
+    assert!(user_data.len() < 16 * 1024, "{} bytes", user_data.len());
+    assert!(user_data.starts_with("#cloud-config\n"));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("user-data.yaml");
+    std::fs::write(&file, &user_data).expect("write");
+    let schema = Command::new("cloud-init")
+        .args(["schema", "--config-file"])
+        .arg(&file)
+        .output()
+        .expect("cloud-init schema (apt-get install cloud-init)");
+    assert!(
+        schema.status.success(),
+        "cloud-init schema refused the user-data: {}{}",
+        stdout(&schema),
+        stderr(&schema)
+    );
+    let sha = Command::new("sha256sum")
+        .arg(&env.agent)
+        .output()
+        .expect("sha256sum");
+    let sha = stdout(&sha)
+        .split_whitespace()
+        .next()
+        .expect("hash")
+        .to_owned();
+    assert!(
+        user_data.contains(&sha),
+        "the user-data names the agent's hash"
+    );
+    assert!(user_data.contains("X-Amz-Signature="), "a presigned URL");
+
+    // Published once per hash: a second launch reuses it.
+    let (second, second_id) = cloud.launch(&["g5.xlarge"]);
+    let listing = cloud.run(&[
+        "s3",
+        "ls",
+        "--recursive",
+        &format!("s3://{}/{}artifacts/", env.s3.bucket, cloud.prefix),
+    ]);
+    let objects: Vec<String> = stdout(&listing).lines().map(str::to_owned).collect();
+    assert_eq!(objects.len(), 1, "{objects:?} {}", stderr(&listing));
+    assert!(
+        objects[0].contains(&format!("agent/{sha}/runctl-agent")),
+        "{objects:?}"
+    );
+
+    // list and status: types, prices, costs.
+    let list = cloud.json(&["list"]);
+    let rows = list["instances"].as_array().expect("instances");
+    assert_eq!(rows.len(), 2);
+    let on_demand = rows
+        .iter()
+        .find(|r| r["instance"]["name"] == second.as_str())
+        .expect("second");
+    assert_eq!(on_demand["cloud"]["instance_type"], "g5.xlarge");
+    assert_eq!(on_demand["cloud"]["price_per_hour"], 1.006);
+    assert!(on_demand["cost"].as_f64().is_some());
+    let status = cloud.run(&["status"]);
+    assert!(
+        stdout(&status).starts_with("2 instances running ("),
+        "{}",
+        stdout(&status)
+    );
+
+    for (name, id) in [(&name, &id), (&second, &second_id)] {
+        cloud.json(&["terminate", name]);
+        wait_state(&ec2, id, "terminated").await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stop_start_and_terminate_follow_the_cloud() {
+    let Some(env) = ec2_env("lifecycle") else {
+        return;
+    };
+    let cloud = Cloud::new(&env, "lifecycle", "ap-southeast-2", "");
+    let ec2 = cloud.ec2().await;
+    let (name, id) = cloud.launch(&["g5.xlarge"]);
+    let stopped = cloud.json(&["stop", &name]);
+    assert_eq!(stopped["instance"]["state"], "stopped");
+    wait_state(&ec2, &id, "stopped").await;
+    let started = cloud.json(&["start", &name]);
+    assert_eq!(started["instance"]["state"], "launching");
+    wait_state(&ec2, &id, "running").await;
+    let done = cloud.json(&["terminate", &name]);
+    assert_eq!(done["instance"]["state"], "terminated");
+    assert!(done["cost"].as_f64().is_some(), "{done}");
+    wait_state(&ec2, &id, "terminated").await;
+    cloud.refused(&["terminate", &name], 4, "already terminated");
+
+    let (spot, spot_id) = cloud.launch(&["--spot", "g5.xlarge"]);
+    cloud.refused(&["stop", &spot], 4, "spot instance");
+    cloud.json(&["terminate", &spot]);
+    wait_state(&ec2, &spot_id, "terminated").await;
+
+    // An instance terminated behind runctl's back is seen as such.
+    let (gone, gone_id) = cloud.launch(&["g5.xlarge"]);
+    ec2.terminate(&gone_id).await.expect("terminate directly");
+    let list = cloud.json(&["list"]);
+    let row = list["instances"]
+        .as_array()
+        .expect("instances")
+        .iter()
+        .find(|r| r["instance"]["name"] == gone.as_str())
+        .expect("listed");
+    assert_eq!(row["instance"]["state"], "terminated");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn volumes_are_guarded() {
+    let Some(env) = ec2_env("volumes") else {
+        return;
+    };
+    let cloud = Cloud::new(&env, "volumes", "eu-central-1", "");
+    let ec2 = cloud.ec2().await;
+    let (name, id) = cloud.launch(&["g5.xlarge"]);
+    let created = cloud.json(&[
+        "volume",
+        "create",
+        "--size",
+        "10",
+        "--instance",
+        &name,
+        "--persistent",
+        "--name",
+        "data",
+    ]);
+    let vol = created["id"].as_str().expect("id").to_owned();
+    assert_eq!(created["guards"][0], "runctl:persistent");
+    let zone = created["zone"].as_str().expect("zone").to_owned();
+    let listed = cloud.json(&["volume", "list"]);
+    assert!(
+        listed
+            .as_array()
+            .expect("list")
+            .iter()
+            .any(|v| v["id"] == vol.as_str())
+    );
+
+    let attached = cloud.json(&["volume", "attach", &vol, &name]);
+    assert_eq!(attached["attached_to"][0], id.as_str());
+    cloud.refused(&["volume", "delete", &vol], 4, "attached");
+    cloud.refused(&["volume", "delete", "--force", &vol], 4, "attached");
+    cloud.json(&["volume", "detach", &vol]);
+    cloud.refused(&["volume", "delete", &vol], 4, "runctl:persistent");
+    let snapshot = cloud.json(&["volume", "snapshot", &vol]);
+    let snap = snapshot["id"].as_str().expect("snapshot").to_owned();
+    cloud.json(&["volume", "delete", "--force", &vol]);
+    let restored = cloud.json(&["volume", "restore", &snap, "--instance", &name]);
+    assert_eq!(restored["zone"], zone.as_str());
+    let restored = restored["id"].as_str().expect("id").to_owned();
+    cloud.json(&["volume", "delete", &restored]);
+
+    cloud.refused(&["volume", "delete", "vol-xyz"], 2, "not a vol- id");
+    cloud.refused(
+        &["volume", "restore", "snap-1", "--zone", &zone],
+        2,
+        "not a snap- id",
+    );
+    cloud.refused(
+        &["volume", "attach", &vol, &name, "--device", "/dev/sda1"],
+        2,
+        "device name",
+    );
+    cloud.refused(
+        &["volume", "attach", "vol-0123456789abcdef0", "i-xyz"],
+        3,
+        "vol-0123456789abcdef0",
+    );
+    // A volume runctl did not make is left alone.
+    let foreign = ec2
+        .client()
+        .create_volume()
+        .availability_zone(&zone)
+        .size(1)
+        .send()
+        .await
+        .expect("create");
+    let foreign = foreign.volume_id().expect("id");
+    cloud.refused(
+        &["volume", "delete", "--force", foreign],
+        4,
+        "not created by runctl",
+    );
+    cloud.json(&["terminate", &name]);
+}
+
+/// Boots the instance from its user-data in `sandbox` (tests/fixtures/simulate_boot.py).
+fn simulate_boot(env: &Ec2Env, user_data: &Path, sandbox: &Path, attempts: &str) -> Child {
+    let log = std::fs::File::create(sandbox.with_extension("log")).expect("log");
+    Command::new(&env.python)
+        .arg(fixture("simulate_boot.py"))
+        .arg(user_data)
+        .arg(sandbox)
+        .envs(env.s3.envs())
+        .env("RUNCTL_INSTALL_ATTEMPTS", attempts)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .spawn()
+        .expect("simulate boot")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_simulated_boot_installs_the_agent_which_runs_the_job() {
+    let Some(env) = ec2_env("simulated_boot") else {
+        return;
+    };
+    let cloud = Cloud::new(&env, "boot", "eu-west-1", "");
+    let ec2 = cloud.ec2().await;
+    let project = tempfile::tempdir().expect("project");
+    std::fs::write(
+        project.path().join("train.py"),
+        "import os\nprint('hello from ec2', os.environ['RUNCTL_RUN_ID'])\n",
+    )
+    .expect("write");
+    let run = cloud
+        .cli()
+        .args([
+            "run",
+            "--provider",
+            "ec2",
+            "--instance-type",
+            "g5.xlarge",
+            "--workdir",
+        ])
+        .arg(project.path())
+        .args(["--", "python3", "train.py"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run");
+
+    // The instance as the launch left it: running, its agent not yet installed.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let id = loop {
+        let found = ec2.instances(&[]).await.expect("list");
+        if let Some(i) = found.iter().find(|i| i.state == "running") {
+            break i.id.clone();
+        }
+        assert!(Instant::now() < deadline, "no instance was launched");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    let user_data = ec2.user_data(&id).await.expect("user-data");
+    let dir = tempfile::tempdir().expect("sandbox");
+    let file = dir.path().join("user-data.yaml");
+    std::fs::write(&file, &user_data).expect("write");
+
+    // A binary that is not the one hashed is refused and never installed.
+    let hash_at = user_data.find("sha256='").expect("hash") + "sha256='".len();
+    let mut tampered = user_data.clone();
+    tampered.replace_range(hash_at..hash_at + 64, &"0".repeat(64));
+    let tampered_file = dir.path().join("tampered.yaml");
+    std::fs::write(&tampered_file, tampered).expect("write");
+    let bad_root = dir.path().join("tampered-root");
+    let status = simulate_boot(&env, &tampered_file, &bad_root, "1")
+        .wait()
+        .expect("wait");
+    assert!(!status.success(), "a wrong hash must fail the install");
+    assert!(!bad_root.join("usr/local/bin/runctl-agent").exists());
+
+    let root = dir.path().join("root");
+    let agent = Reaped(simulate_boot(&env, &file, &root, "3"));
+    let output = tokio::task::spawn_blocking(move || run.wait_with_output())
+        .await
+        .expect("join")
+        .expect("run output");
+    let boot_log = std::fs::read_to_string(root.with_extension("log")).unwrap_or_default();
+    drop(agent);
+    assert!(
+        output.status.success(),
+        "run failed: {}\n--- boot log ---\n{boot_log}",
+        stderr(&output)
+    );
+    assert!(
+        stdout(&output).contains("hello from ec2 run-"),
+        "{}",
+        stdout(&output)
+    );
+    let phases = stderr(&output);
+    for phase in ["requested", "running", "agent enrolled"] {
+        assert!(phases.contains(phase), "no {phase:?} phase in: {phases}");
+    }
+
+    // What the install left: the agent (executable), its config (owner-only), the unit.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &str| {
+        std::fs::metadata(root.join(p))
+            .expect(p)
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!(mode("usr/local/bin/runctl-agent"), 0o755);
+    assert_eq!(mode("var/lib/runctl/agent.toml"), 0o600);
+    assert!(
+        root.join("etc/systemd/system/runctl-agent.service")
+            .is_file()
+    );
+    let systemctl = std::fs::read_to_string(root.join("systemctl.log")).unwrap_or_default();
+    assert!(
+        systemctl.contains("enable --now runctl-agent.service"),
+        "{systemctl}"
+    );
+
+    // The run's end terminated the instance launched for it.
+    wait_state(&ec2, &id, "terminated").await;
+}
