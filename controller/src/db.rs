@@ -293,6 +293,18 @@ impl Db {
         Ok(())
     }
 
+    /// Removes `key` and returns its value, if it was set.
+    pub fn take_setting(&self, key: &str) -> anyhow::Result<Option<String>> {
+        Ok(self
+            .lock()
+            .query_row(
+                "DELETE FROM settings WHERE key = ?1 RETURNING value",
+                [key],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
     // --- instances -------------------------------------------------------------------
 
     pub fn insert_instance(&self, row: &InstanceRow) -> anyhow::Result<()> {

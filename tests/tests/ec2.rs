@@ -167,6 +167,16 @@ impl Drop for Reaped {
     }
 }
 
+/// How many instances are not terminated (terminated ones stay listed a while, as on AWS).
+async fn live(ec2: &Ec2) -> usize {
+    ec2.instances(&[])
+        .await
+        .expect("list")
+        .iter()
+        .filter(|i| i.state != "terminated")
+        .count()
+}
+
 async fn state_of(ec2: &Ec2, id: &str) -> String {
     ec2.instance(id)
         .await
@@ -318,20 +328,9 @@ async fn launch_refuses_bad_input_and_leaves_nothing_behind() {
         2,
         "does not offer g5.xlarge in us-west-1",
     );
-    assert!(
-        elsewhere
-            .ec2()
-            .await
-            .instances(&[])
-            .await
-            .expect("list")
-            .is_empty()
-    );
+    assert_eq!(live(&elsewhere.ec2().await).await, 0);
     drop(elsewhere);
-    assert!(
-        ec2.instances(&[]).await.expect("list").is_empty(),
-        "a refused launch left an instance"
-    );
+    assert_eq!(live(&ec2).await, 0, "a refused launch left an instance");
 
     // The limit: one may run, the second is refused with the way out.
     let (name, id) = cloud.launch(&["g5.xlarge"]);
@@ -340,7 +339,7 @@ async fn launch_refuses_bad_input_and_leaves_nothing_behind() {
         4,
         "the limit is 1",
     );
-    assert_eq!(ec2.instances(&[]).await.expect("list").len(), 1);
+    assert_eq!(live(&ec2).await, 1);
     let done = cloud.json(&["terminate", &name]);
     assert_eq!(done["instance"]["state"], "terminated");
     wait_state(&ec2, &id, "terminated").await;
@@ -705,19 +704,27 @@ fn simulate_boot(env: &Ec2Env, user_data: &Path, sandbox: &Path, attempts: &str)
         .expect("simulate boot")
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_simulated_boot_installs_the_agent_which_runs_the_job() {
-    let Some(env) = ec2_env("simulated_boot") else {
-        return;
-    };
-    let cloud = Cloud::new(&env, "boot", "eu-west-1", "");
-    let ec2 = cloud.ec2().await;
-    let project = tempfile::tempdir().expect("project");
+/// Starts `run --provider ec2 --instance-type g5.xlarge EXTRA -- python3 train.py` and
+/// returns it with the instance it launched (running, its agent not yet installed) and
+/// that instance's user-data.
+async fn start_run(
+    cloud: &Cloud,
+    ec2: &Ec2,
+    project: &Path,
+    extra: &[&str],
+) -> (Child, String, String) {
     std::fs::write(
-        project.path().join("train.py"),
+        project.join("train.py"),
         "import os\nprint('hello from ec2', os.environ['RUNCTL_RUN_ID'])\n",
     )
     .expect("write");
+    let before: Vec<String> = ec2
+        .instances(&[])
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|i| i.id)
+        .collect();
     let run = cloud
         .cli()
         .args([
@@ -728,24 +735,58 @@ async fn a_simulated_boot_installs_the_agent_which_runs_the_job() {
             "g5.xlarge",
             "--workdir",
         ])
-        .arg(project.path())
+        .arg(project)
+        .args(extra)
         .args(["--", "python3", "train.py"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("run");
-
-    // The instance as the launch left it: running, its agent not yet installed.
     let deadline = Instant::now() + Duration::from_secs(90);
     let id = loop {
         let found = ec2.instances(&[]).await.expect("list");
-        if let Some(i) = found.iter().find(|i| i.state == "running") {
+        if let Some(i) = found
+            .iter()
+            .find(|i| i.state == "running" && !before.contains(&i.id))
+        {
             break i.id.clone();
         }
         assert!(Instant::now() < deadline, "no instance was launched");
         tokio::time::sleep(Duration::from_millis(300)).await;
     };
     let user_data = ec2.user_data(&id).await.expect("user-data");
+    (run, id, user_data)
+}
+
+/// Waits for the run to end; fails with the run's and the boot's output if it failed.
+async fn finish_run(run: Child, root: &Path) -> Output {
+    let output = tokio::task::spawn_blocking(move || run.wait_with_output())
+        .await
+        .expect("join")
+        .expect("run output");
+    let boot_log = std::fs::read_to_string(root.with_extension("log")).unwrap_or_default();
+    assert!(
+        output.status.success(),
+        "run failed: {}\n--- boot log ---\n{boot_log}",
+        stderr(&output)
+    );
+    assert!(
+        stdout(&output).contains("hello from ec2 run-"),
+        "{}",
+        stdout(&output)
+    );
+    output
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_simulated_boot_installs_the_agent_which_runs_the_job() {
+    let Some(env) = ec2_env("simulated_boot") else {
+        return;
+    };
+    let cloud = Cloud::new(&env, "boot", "eu-west-1", "");
+    let ec2 = cloud.ec2().await;
+    let project = tempfile::tempdir().expect("project");
+    let (run, id, user_data) = start_run(&cloud, &ec2, project.path(), &[]).await;
     let dir = tempfile::tempdir().expect("sandbox");
     let file = dir.path().join("user-data.yaml");
     std::fs::write(&file, &user_data).expect("write");
@@ -765,22 +806,8 @@ async fn a_simulated_boot_installs_the_agent_which_runs_the_job() {
 
     let root = dir.path().join("root");
     let agent = Reaped(simulate_boot(&env, &file, &root, "3"));
-    let output = tokio::task::spawn_blocking(move || run.wait_with_output())
-        .await
-        .expect("join")
-        .expect("run output");
-    let boot_log = std::fs::read_to_string(root.with_extension("log")).unwrap_or_default();
+    let output = finish_run(run, &root).await;
     drop(agent);
-    assert!(
-        output.status.success(),
-        "run failed: {}\n--- boot log ---\n{boot_log}",
-        stderr(&output)
-    );
-    assert!(
-        stdout(&output).contains("hello from ec2 run-"),
-        "{}",
-        stdout(&output)
-    );
     let phases = stderr(&output);
     for phase in ["requested", "running", "agent enrolled"] {
         assert!(phases.contains(phase), "no {phase:?} phase in: {phases}");
@@ -808,5 +835,52 @@ async fn a_simulated_boot_installs_the_agent_which_runs_the_job() {
     );
 
     // The run's end terminated the instance launched for it.
+    wait_state(&ec2, &id, "terminated").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn end_stop_stops_the_instance_through_the_api() {
+    let Some(env) = ec2_env("end_stop") else {
+        return;
+    };
+    let cloud = Cloud::new(&env, "end-stop", "ca-central-1", "");
+    let ec2 = cloud.ec2().await;
+    let project = tempfile::tempdir().expect("project");
+    cloud.refused(
+        &[
+            "run",
+            "--provider",
+            "ec2",
+            "--instance-type",
+            "g5.xlarge",
+            "--spot",
+            "--end",
+            "stop",
+            "--",
+            "true",
+        ],
+        2,
+        "spot instance cannot be stopped",
+    );
+    let (run, id, user_data) = start_run(&cloud, &ec2, project.path(), &["--end", "stop"]).await;
+    let dir = tempfile::tempdir().expect("sandbox");
+    let file = dir.path().join("user-data.yaml");
+    std::fs::write(&file, &user_data).expect("write");
+    let root = dir.path().join("root");
+    let agent = Reaped(simulate_boot(&env, &file, &root, "3"));
+    finish_run(run, &root).await;
+    // Not powered off from inside (that would terminate it): stopped through the API.
+    wait_state(&ec2, &id, "stopped").await;
+    drop(agent);
+    let systemctl = std::fs::read_to_string(root.join("systemctl.log")).unwrap_or_default();
+    assert!(!systemctl.contains("poweroff"), "{systemctl}");
+    let list = cloud.json(&["list"]);
+    assert_eq!(list["instances"][0]["instance"]["state"], "stopped");
+    cloud.json(&[
+        "terminate",
+        list["instances"][0]["instance"]["name"]
+            .as_str()
+            .expect("name"),
+    ]);
     wait_state(&ec2, &id, "terminated").await;
 }

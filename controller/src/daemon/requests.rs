@@ -367,6 +367,20 @@ async fn run(d: &Arc<Daemon>, stream: &mut UnixStream, req: RunRequest) -> anyho
     let run_id = RunId::from_random(rand::random());
     // Checked before anything is launched: bad input costs nothing.
     let stored = run_storage(d, &req, &run_id)?;
+    if req.end == Some(EndAction::Stop) {
+        let spot = match &req.on {
+            Some(name) => d.db.cloud(name)?.is_some_and(|c| c.spot),
+            None => req.ec2.as_ref().is_some_and(|e| e.spot),
+        };
+        if spot {
+            return Err(UserError::new(
+                ErrorCode::BadInput,
+                "--end stop: a spot instance cannot be stopped, only terminated",
+            )
+            .resolve("use --end terminate or --end keep")
+            .into());
+        }
+    }
     let (instance, launched) = match &req.on {
         Some(name) => {
             let row = d.db.instance(name)?.ok_or_else(|| {
@@ -431,6 +445,14 @@ async fn run(d: &Arc<Daemon>, stream: &mut UnixStream, req: RunRequest) -> anyho
     } else {
         EndAction::Keep
     });
+    // An EC2 instance powered off from inside terminates (its shutdown behaviour), so a
+    // stop at the end is the daemon's to do, through the API, once it hears of the end.
+    let end = if end == EndAction::Stop && d.db.cloud(&instance)?.is_some() {
+        d.db.set_setting(&runs::stop_at_end_key(&run_id), "1")?;
+        EndAction::Keep
+    } else {
+        end
+    };
     let spec = RunSpec {
         run: run_id.clone(),
         argv: req.argv,

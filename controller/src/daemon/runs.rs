@@ -206,7 +206,13 @@ async fn try_start(
     Ok(())
 }
 
-/// Called once a run has reached its end: an instance launched just for it goes too.
+/// The settings key that marks a run whose cloud instance the daemon stops at its end.
+pub(super) fn stop_at_end_key(run: &RunId) -> String {
+    format!("stop_at_end:{run}")
+}
+
+/// Called once a run has reached its end: an instance launched just for it goes too, and
+/// a cloud instance whose run asked for `--end stop` is stopped.
 pub(super) fn on_run_ended(d: &Arc<Daemon>, run: &RunId) {
     d.pending_stops
         .lock()
@@ -216,6 +222,26 @@ pub(super) fn on_run_ended(d: &Arc<Daemon>, run: &RunId) {
     let Ok(Some(instance)) = d.db.instance(&row.instance) else {
         return;
     };
+    if d.db
+        .take_setting(&stop_at_end_key(run))
+        .ok()
+        .flatten()
+        .is_some()
+        && instance.state != InstanceState::Terminated
+    {
+        let d2 = d.clone();
+        let name = instance.name.clone();
+        d.tasks.spawn(async move {
+            tracing::info!("run ended; stopping {name} as its --end stop asked");
+            if let Err(e) = cloud::power(&d2, &name, false).await {
+                tracing::error!(
+                    "stopping {name} at the end of its run failed: {}",
+                    e.message
+                );
+            }
+        });
+        return;
+    }
     if instance.for_run.as_ref() == Some(run) && instance.state != InstanceState::Terminated {
         let d2 = d.clone();
         d.tasks.spawn(async move {
