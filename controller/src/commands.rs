@@ -94,7 +94,7 @@ fn run(cli: Cli, printer: Printer) -> anyhow::Result<u8> {
             }
             Command::Launch(args) => {
                 use std::io::IsTerminal;
-                printer.progress(&format!("launching a {} instance", args.provider.as_str()));
+                printer.progress(&format!("launching {}", args.provider.an_instance()));
                 let wait = args.wait || (!args.no_wait && std::io::stdout().is_terminal());
                 let request = Request::Launch {
                     provider: args.provider,

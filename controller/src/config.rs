@@ -66,6 +66,9 @@ pub struct Ec2Config {
     /// How long a launch waits for the agent to enroll, in seconds.
     #[serde(default = "default_enroll_timeout")]
     pub enroll_timeout_secs: u64,
+    /// Power an instance off (which terminates it) after this many seconds with no active
+    /// run and no connection to this daemon (default: never).
+    pub idle_timeout_secs: Option<u64>,
     /// On-demand $/hour by instance type, overriding (or adding to) the built-in table.
     #[serde(default)]
     pub prices: std::collections::BTreeMap<String, f64>,
@@ -126,6 +129,9 @@ impl Ec2Config {
         }
         if !(8..=16384).contains(&self.root_volume_gb) {
             return Err("[ec2] root_volume_gb must be between 8 and 16384".into());
+        }
+        if self.idle_timeout_secs == Some(0) {
+            return Err("[ec2] idle_timeout_secs must be at least 1".into());
         }
         if !(60..=7 * 24 * 3600).contains(&self.presign_secs) {
             return Err("[ec2] presign_secs must be between 60 and 604800".into());
@@ -396,11 +402,11 @@ mod tests {
             Err("applies to backend = \"local\""),
         );
         check(
-            "[ec2]\nregion = \"us-east-1\"\ncontroller_endpoint = \"gpu.example.com:7443\"\nartifacts = \"s3://b/runctl\"\n[ec2.prices]\n\"g5.xlarge\" = 1.0\n",
+            "[ec2]\nregion = \"us-east-1\"\ncontroller_endpoint = \"gpu.example.com:7443\"\nartifacts = \"s3://my-bucket/runctl\"\n[ec2.prices]\n\"g5.xlarge\" = 1.0\n",
             Ok("127.0.0.1:0"),
         );
         check("[ec2]\nregion = \"Mars\"\n", Err("not an AWS region"));
-        check("[ec2]\nami = \"ami-xyz\"\n", Err("not an ami- id"));
+        check("[ec2]\nami = \"ami-xyz\"\n", Err("not a valid ami- id"));
         check(
             "[ec2]\ncontroller_endpoint = \"example.com\"\n",
             Err("not host:port"),

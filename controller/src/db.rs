@@ -797,6 +797,65 @@ mod tests {
     }
 
     #[test]
+    fn a_version_2_database_gains_cloud_instances() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("state.db");
+        {
+            let conn = Connection::open(&path).expect("open");
+            let v2 = SCHEMA.replace(MIGRATE_2_TO_3.trim().trim_end_matches(';'), "");
+            assert_ne!(v2, SCHEMA, "the v3 table is part of the schema");
+            conn.execute_batch(&format!("{v2} PRAGMA user_version = 2;"))
+                .expect("a version 2 database");
+        }
+        let db = Db::open(&path).expect("upgrade");
+        let row = CloudRow {
+            name: name("ec2-1"),
+            cloud_id: "i-0123456789abcdef0".into(),
+            region: "us-east-1".into(),
+            instance_type: "g5.xlarge".into(),
+            spot: false,
+            price_per_hour: Some(1.0),
+            accrued_ms: 0,
+            running_since_ms: Some(1_000),
+        };
+        db.insert_cloud(&row).expect("insert");
+        assert_eq!(db.cloud(&name("ec2-1")).expect("read"), Some(row));
+        drop(db);
+        Db::open(&path).expect("a current database opens as is");
+    }
+
+    #[test]
+    fn billed_time_pauses_while_stopped() {
+        let (_dir, db) = db();
+        let hour = 3_600_000;
+        db.insert_cloud(&CloudRow {
+            name: name("ec2-1"),
+            cloud_id: "i-0123456789abcdef0".into(),
+            region: "us-east-1".into(),
+            instance_type: "g5.xlarge".into(),
+            spot: false,
+            price_per_hour: Some(2.0),
+            accrued_ms: 0,
+            running_since_ms: Some(0),
+        })
+        .expect("insert");
+        db.set_cloud_running(&name("ec2-1"), false, hour)
+            .expect("stop");
+        // Stopping twice bills nothing more.
+        db.set_cloud_running(&name("ec2-1"), false, 5 * hour)
+            .expect("stop again");
+        db.set_cloud_running(&name("ec2-1"), true, 10 * hour)
+            .expect("start");
+        let row = db.cloud(&name("ec2-1")).expect("read").expect("row");
+        assert_eq!(row.billed_ms(10 * hour + hour / 2), hour + hour / 2);
+        assert_eq!(row.cost(10 * hour + hour / 2), Some(3.0));
+        assert_eq!(db.take_setting("x").expect("take"), None);
+        db.set_setting("x", "1").expect("set");
+        assert_eq!(db.take_setting("x").expect("take").as_deref(), Some("1"));
+        assert_eq!(db.take_setting("x").expect("take"), None);
+    }
+
+    #[test]
     fn tokens_are_single_use_and_expire() {
         let (_dir, db) = db();
         let token = db.mint_token(&name("gpu-1"), 1_000).expect("mint");

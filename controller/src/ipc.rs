@@ -47,6 +47,14 @@ impl ProviderKind {
             ProviderKind::Ec2 => "ec2",
         }
     }
+
+    /// "a local instance", "an EC2 instance".
+    pub fn an_instance(self) -> &'static str {
+        match self {
+            ProviderKind::Local => "a local instance",
+            ProviderKind::Ec2 => "an EC2 instance",
+        }
+    }
 }
 
 /// How to launch an EC2 instance (`launch --provider ec2`, `run --provider ec2`).

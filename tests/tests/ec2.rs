@@ -281,7 +281,11 @@ async fn launch_refuses_bad_input_and_leaves_nothing_behind() {
         (vec!["g5.nonsense"], 2, "g5.nonsense"),
         (vec!["G5"], 2, "not an instance type"),
         (vec![], 2, "needs an instance type"),
-        (vec!["--ami", "ami-xyz", "g5.xlarge"], 2, "not a ami- id"),
+        (
+            vec!["--ami", "ami-xyz", "g5.xlarge"],
+            2,
+            "not a valid ami- id",
+        ),
         (
             vec!["--ami", "ami-0123456789abcdef0", "g5.xlarge"],
             3,
@@ -300,7 +304,7 @@ async fn launch_refuses_bad_input_and_leaves_nothing_behind() {
         (
             vec!["--volume-snapshot", "snap-1", "g5.xlarge"],
             2,
-            "not a snap- id",
+            "not a valid snap- id",
         ),
         (
             vec!["--volume-snapshot", "snap-0123456789abcdef0", "g5.xlarge"],
@@ -654,11 +658,11 @@ async fn volumes_are_guarded() {
     let restored = restored["id"].as_str().expect("id").to_owned();
     cloud.json(&["volume", "delete", &restored]);
 
-    cloud.refused(&["volume", "delete", "vol-xyz"], 2, "not a vol- id");
+    cloud.refused(&["volume", "delete", "vol-xyz"], 2, "not a valid vol- id");
     cloud.refused(
         &["volume", "restore", "snap-1", "--zone", &zone],
         2,
-        "not a snap- id",
+        "not a valid snap- id",
     );
     cloud.refused(
         &["volume", "attach", &vol, &name, "--device", "/dev/sda1"],

@@ -379,7 +379,7 @@ pub(super) async fn launch(
         state_dir: PathBuf::from("state"),
         stats_interval_ms: None,
         nvidia_smi: None,
-        idle_timeout_secs: None,
+        idle_timeout_secs: cfg.idle_timeout_secs,
         poweroff_command: Some(vec!["systemctl".into(), "poweroff".into()]),
         metadata_endpoint: Some("http://169.254.169.254".into()),
         log_max_bytes: None,
@@ -512,9 +512,7 @@ pub(super) async fn launch(
                 "it may still be running: terminate it with runctl-controller terminate {name}"
             )));
         }
-        let _ = d.db.set_cloud_running(&name, false, now_ms());
-        let _ = d.db.revoke_instance(&name, now_ms());
-        forget(d);
+        super::runs::record_terminated(d, &name, now_ms());
         return Err(e);
     }
     say(
@@ -711,4 +709,39 @@ pub(super) async fn refresh(
             instance_type: c.instance_type,
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_static_x86_64_elf_is_installable() {
+        // This test executable is dynamically linked, like a plain `cargo build` agent.
+        let exe = std::env::current_exe().expect("test executable");
+        assert_eq!(elf_kind(&exe).expect("read"), ElfKind::Dynamic);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let script = dir.path().join("agent.sh");
+        std::fs::write(&script, "#!/bin/sh\n").expect("write");
+        assert_eq!(elf_kind(&script).expect("read"), ElfKind::Other);
+        // The header of a static x86_64 executable: no program header is PT_INTERP.
+        let mut elf = vec![0u8; 64 + 56];
+        elf[..4].copy_from_slice(b"\x7fELF");
+        elf[4] = 2;
+        elf[5] = 1;
+        elf[18] = 62;
+        elf[32] = 64; // e_phoff
+        elf[54] = 56; // e_phentsize
+        elf[56] = 1; // e_phnum
+        elf[64] = 1; // PT_LOAD
+        let fake = dir.path().join("static");
+        std::fs::write(&fake, &elf).expect("write");
+        assert_eq!(elf_kind(&fake).expect("read"), ElfKind::StaticX86_64);
+        elf[64] = 3; // PT_INTERP
+        std::fs::write(&fake, &elf).expect("write");
+        assert_eq!(elf_kind(&fake).expect("read"), ElfKind::Dynamic);
+        elf[18] = 183; // aarch64
+        std::fs::write(&fake, &elf).expect("write");
+        assert_eq!(elf_kind(&fake).expect("read"), ElfKind::Other);
+    }
 }

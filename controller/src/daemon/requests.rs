@@ -400,7 +400,7 @@ async fn run(d: &Arc<Daemon>, stream: &mut UnixStream, req: RunRequest) -> anyho
         None => {
             write_frame(
                 stream,
-                &Response::Progress(format!("launching a {} instance", req.provider.as_str())),
+                &Response::Progress(format!("launching {}", req.provider.an_instance())),
             )
             .await?;
             let for_run = (!req.keep).then(|| run_id.clone());

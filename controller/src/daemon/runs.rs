@@ -1,4 +1,5 @@
-//! Instances and runs as the daemon drives them: launching a local instance, starting a
+//! Instances and runs as the daemon drives them: launching an instance (a local one here,
+//! a cloud one through `cloud`), starting a
 //! run (sync the project to the run's tree, start the spec on a stream of its own, then
 //! follow the run's events), stopping runs, and terminating instances (flush, revoke, kill).
 
@@ -345,10 +346,26 @@ pub(super) async fn terminate_now(d: &Arc<Daemon>, name: &InstanceName) -> Resul
         local::kill_agent(&d.home, name, pid);
     }
     cloud::terminate(d, name).await?;
+    record_terminated(d, name, now);
+    Ok(())
+}
+
+/// Records `name` as gone (by `terminate`, or found terminated in the cloud): its
+/// certificate revoked, its runs that never reported an end failed, their trees forgotten.
+pub(super) fn record_terminated(d: &Daemon, name: &InstanceName, now: u64) {
+    if let Err(e) = d.db.revoke_instance(name, now) {
+        tracing::error!("revoking {name}'s certificate failed: {e:#}");
+    }
+    if let Err(e) = d.db.set_cloud_running(name, false, now) {
+        tracing::error!("recording {name}'s billed time failed: {e:#}");
+    }
     if let Err(e) =
         d.db.set_instance_state(name, InstanceState::Terminated, now)
     {
         tracing::error!("recording {name} as terminated failed: {e:#}");
+    }
+    if let Some(link) = d.agent(name) {
+        link.conn.close(0u32.into(), b"instance terminated");
     }
     // Runs that never reported their end are over with their instance, and their trees
     // are gone with it.
@@ -367,7 +384,6 @@ pub(super) async fn terminate_now(d: &Arc<Daemon>, name: &InstanceName) -> Resul
         }
     }
     d.bump_agents();
-    Ok(())
 }
 
 pub(super) fn not_found_run(run: &RunId) -> UserError {

@@ -17,7 +17,7 @@ pub fn check_id(id: &str, prefix: &str) -> Result<(), String> {
         Ok(())
     } else {
         Err(format!(
-            "{id:?} is not a {prefix}- id ({prefix}- and 8 or 17 hex digits, e.g. {prefix}-0123456789abcdef0)"
+            "{id:?} is not a valid {prefix}- id ({prefix}- and 8 or 17 hex digits, e.g. {prefix}-0123456789abcdef0)"
         ))
     }
 }
@@ -101,7 +101,7 @@ mod tests {
             "i-0123456789abcdeg0",
         ] {
             let e = check_id(bad, "i").expect_err("refused");
-            assert!(e.contains("not a i- id"), "{bad}: {e}");
+            assert!(e.contains("not a valid i- id"), "{bad}: {e}");
         }
     }
 
