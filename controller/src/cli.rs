@@ -102,7 +102,8 @@ Examples:
   runctl-controller sync --watch --restart run-3f9a2c1b7d4e")]
     Sync(SyncArgs),
 
-    /// Launch an instance and wait until its agent has connected.
+    /// Launch an instance; on a terminal (or with --wait), wait until its agent has
+    /// connected.
     #[command(after_long_help = "\
 An EC2 launch is checked before it costs anything (instance type, AMI, the running-instance
 limit [ec2] max_running, prices), then shown phase by phase: the API call, pending,
@@ -193,7 +194,8 @@ Examples:
   runctl-controller start ec2-3fa9c1")]
     Start(StartArgs),
 
-    /// Terminate an instance: its agent stops, its certificate is revoked.
+    /// Terminate an instance: its agent stops its runs and pushes their checkpoints, its
+    /// certificate is revoked, and (on EC2) the instance is terminated.
     #[command(after_long_help = "\
 Refuses while the instance has active runs, unless --force (which stops them first).
 
@@ -603,21 +605,26 @@ pub enum VolumeCommand {
     List,
     /// Attach a volume to an instance (in the same zone).
     Attach {
+        /// The volume, e.g. vol-0123456789abcdef0.
         volume: String,
         /// The instance: its runctl name or i- id.
         instance: String,
+        /// The device name it gets (/dev/sdf .. /dev/sdz; on Nitro instances it shows up
+        /// as an NVMe device).
         #[arg(long, default_value = "/dev/sdf")]
         device: String,
     },
     /// Detach a volume from its instance.
     Detach {
+        /// The volume, e.g. vol-0123456789abcdef0.
         volume: String,
-        /// Force it (the instance may lose unwritten data).
+        /// Force it (the instance may lose data not yet written to the volume).
         #[arg(long)]
         force: bool,
     },
     /// Delete a detached volume.
     Delete {
+        /// The volume, e.g. vol-0123456789abcdef0.
         volume: String,
         /// Delete it even if tagged persistent or protected.
         #[arg(long)]
@@ -625,13 +632,17 @@ pub enum VolumeCommand {
     },
     /// Snapshot a volume.
     Snapshot {
+        /// The volume, e.g. vol-0123456789abcdef0.
         volume: String,
+        /// The snapshot's description.
         #[arg(long)]
         description: Option<String>,
     },
     /// Make a new volume from a snapshot, in the zone of --instance or --zone.
     Restore {
+        /// The snapshot, e.g. snap-0123456789abcdef0.
         snapshot: String,
+        /// The instance (name or i- id) whose zone to use.
         #[arg(
             long,
             value_name = "INSTANCE",
@@ -639,15 +650,19 @@ pub enum VolumeCommand {
             conflicts_with = "zone"
         )]
         instance: Option<String>,
+        /// The availability zone, e.g. us-east-1a.
         #[arg(long, value_name = "ZONE")]
         zone: Option<String>,
         /// A size in GiB at least the snapshot's (default: the snapshot's).
         #[arg(long, value_name = "GIB")]
         size: Option<u32>,
+        /// A Name tag.
         #[arg(long)]
         name: Option<String>,
+        /// Tag it persistent: `volume delete` refuses it without --force.
         #[arg(long)]
         persistent: bool,
+        /// Tag it protected: `volume delete` refuses it without --force.
         #[arg(long)]
         protected: bool,
     },
