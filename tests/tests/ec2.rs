@@ -564,7 +564,7 @@ async fn a_launch_is_tagged_locked_down_and_installs_the_agent() {
     assert!(on_demand["cost"].as_f64().is_some());
     let status = cloud.run(&["status"]);
     assert!(
-        stdout(&status).starts_with("2 instances running ("),
+        stdout(&status).starts_with("2 instances running ($1.01/h), 0 runs active"),
         "{}",
         stdout(&status)
     );

@@ -120,7 +120,8 @@ fn detach_then_logs_list_and_status() {
     );
     let status = home.run(&["status"]);
     assert!(
-        stdout(&status).starts_with("1 agent connected, 0 runs active"),
+        stdout(&status)
+            .starts_with("1 instance running ($0.000/h), 0 runs active, 1 agent connected"),
         "{}",
         stdout(&status)
     );

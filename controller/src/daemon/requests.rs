@@ -120,7 +120,8 @@ async fn dispatch(
                 dollars_per_hour: live
                     .iter()
                     .filter_map(|v| v.cloud.as_ref().and_then(|c| c.price_per_hour))
-                    .sum(),
+                    // Not `sum()`: the sum of no floats is -0.0.
+                    .fold(0.0, |total, price| total + price),
             };
             write_frame(stream, &Response::Status(report)).await?;
         }
