@@ -888,3 +888,33 @@ async fn end_stop_stops_the_instance_through_the_api() {
     ]);
     wait_state(&ec2, &id, "terminated").await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_gone_mid_launch_leaves_no_instance_behind() {
+    let Some(env) = ec2_env("client_gone") else {
+        return;
+    };
+    let cloud = Cloud::new(&env, "client-gone", "ap-northeast-1", "");
+    let ec2 = cloud.ec2().await;
+    let project = tempfile::tempdir().expect("project");
+    let (mut run, id, user_data) = start_run(&cloud, &ec2, project.path(), &[]).await;
+    // The laptop's side vanishes while the launch waits for the agent.
+    run.kill().expect("kill the CLI");
+    run.wait().expect("reap the CLI");
+    let dir = tempfile::tempdir().expect("sandbox");
+    let file = dir.path().join("user-data.yaml");
+    std::fs::write(&file, &user_data).expect("write");
+    let root = dir.path().join("root");
+    let _agent = Reaped(simulate_boot(&env, &file, &root, "3"));
+    // The launch and the run went on without it, and the run's end ended the instance.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let list = cloud.json(&["list"]);
+        if list["runs"][0]["state"] == "succeeded" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the run did not go on: {list}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    wait_state(&ec2, &id, "terminated").await;
+}

@@ -73,14 +73,22 @@ where
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let work = work(tx);
     tokio::pin!(work);
+    // The work runs to its end even when the client goes away (a launch abandoned
+    // half-way could leave an instance no record knows); only the lines stop. What
+    // follows goes on too: a run launched for starts, and ends its instance when done.
+    let mut client_gone = false;
     let result = loop {
         tokio::select! {
             result = &mut work => break result,
-            Some(line) = rx.recv() => write_frame(stream, &Response::Progress(line)).await?,
+            Some(line) = rx.recv(), if !client_gone => {
+                client_gone = write_frame(stream, &Response::Progress(line)).await.is_err();
+            }
         }
     };
-    while let Ok(line) = rx.try_recv() {
-        write_frame(stream, &Response::Progress(line)).await?;
+    while let (false, Ok(line)) = (client_gone, rx.try_recv()) {
+        client_gone = write_frame(stream, &Response::Progress(line))
+            .await
+            .is_err();
     }
     Ok(result?)
 }
@@ -432,15 +440,6 @@ async fn run(d: &Arc<Daemon>, stream: &mut UnixStream, req: RunRequest) -> anyho
         exit: None,
         error: None,
     })?;
-    write_frame(
-        stream,
-        &Response::RunAccepted {
-            run: run_id.clone(),
-            instance: instance.clone(),
-            launched,
-        },
-    )
-    .await?;
     let end = req.end.unwrap_or(if launched && !req.keep {
         EndAction::Terminate
     } else {
@@ -479,7 +478,20 @@ async fn run(d: &Arc<Daemon>, stream: &mut UnixStream, req: RunRequest) -> anyho
     }
     let d2 = d.clone();
     let (run2, root) = (run_id.clone(), req.root);
-    d.tasks.spawn(runs::start(d2, run2, instance, root, spec));
+    d.tasks
+        .spawn(runs::start(d2, run2, instance.clone(), root, spec));
+    // Started before the client hears of it: a client gone by now (Ctrl-C twice during a
+    // launch) leaves a run going, whose end ends an instance launched for it, rather than
+    // a paid instance nobody runs anything on.
+    write_frame(
+        stream,
+        &Response::RunAccepted {
+            run: run_id.clone(),
+            instance,
+            launched,
+        },
+    )
+    .await?;
 
     if req.detach {
         let row = wait_started(d, stream, &run_id).await?;
