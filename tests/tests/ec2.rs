@@ -95,6 +95,20 @@ impl Cloud {
         }
     }
 
+    /// Shortens how long a launch waits for its agent (before the daemon starts).
+    fn enroll_timeout(&self, secs: u64) {
+        let config = self.home.path().join("config.toml");
+        let text = std::fs::read_to_string(&config).expect("config");
+        std::fs::write(
+            &config,
+            text.replace(
+                "enroll_timeout_secs = 120",
+                &format!("enroll_timeout_secs = {secs}"),
+            ),
+        )
+        .expect("write");
+    }
+
     fn cli(&self) -> Command {
         let mut cmd = self.home.cli();
         cmd.envs(self.env.s3.envs());
@@ -581,11 +595,16 @@ async fn stop_start_and_terminate_follow_the_cloud() {
         return;
     };
     let cloud = Cloud::new(&env, "lifecycle", "ap-southeast-2", "");
+    cloud.enroll_timeout(5);
     let ec2 = cloud.ec2().await;
     let (name, id) = cloud.launch(&["g5.xlarge"]);
     let stopped = cloud.json(&["stop", &name]);
     assert_eq!(stopped["instance"]["state"], "stopped");
     wait_state(&ec2, &id, "stopped").await;
+    // The enrollment watch of a --no-wait launch gives up on an instance the user stopped
+    // rather than terminating it.
+    tokio::time::sleep(Duration::from_secs(40)).await;
+    assert_eq!(state_of(&ec2, &id).await, "stopped");
     let started = cloud.json(&["start", &name]);
     assert_eq!(started["instance"]["state"], "launching");
     wait_state(&ec2, &id, "running").await;
@@ -917,4 +936,53 @@ async fn a_client_gone_mid_launch_leaves_no_instance_behind() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     wait_state(&ec2, &id, "terminated").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_instance_whose_agent_never_enrolls_is_terminated() {
+    let Some(env) = ec2_env("never_enrolls") else {
+        return;
+    };
+    let cloud = Cloud::new(&env, "never-enrolls", "eu-north-1", "");
+    cloud.enroll_timeout(5);
+    let ec2 = cloud.ec2().await;
+    // Waiting: the launch fails, says why, and ends the instance.
+    let waiting = cloud
+        .cli()
+        .args([
+            "launch",
+            "--provider",
+            "ec2",
+            "--wait",
+            "--name",
+            "waits",
+            "g5.xlarge",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("launch");
+    // Not waiting: nobody watches, and the instance is still ended in time.
+    let (name, id) = cloud.launch(&["g5.xlarge"]);
+    let waited = tokio::task::spawn_blocking(move || waiting.wait_with_output())
+        .await
+        .expect("join")
+        .expect("launch output");
+    assert_eq!(waited.status.code(), Some(6), "{}", stderr(&waited));
+    assert!(
+        stderr(&waited).contains("did not enroll"),
+        "{}",
+        stderr(&waited)
+    );
+    assert!(
+        stderr(&waited).contains("terminating i-"),
+        "{}",
+        stderr(&waited)
+    );
+    wait_state(&ec2, &id, "terminated").await;
+    assert_eq!(live(&ec2).await, 0, "no instance is left running");
+    let list = cloud.json(&["list"]);
+    for row in list["instances"].as_array().expect("instances") {
+        assert_eq!(row["instance"]["state"], "terminated", "{name}: {row}");
+    }
 }

@@ -21,6 +21,10 @@ pub(super) type Progress = tokio::sync::mpsc::UnboundedSender<String>;
 /// How often a launch asks EC2 for the instance's state.
 const POLL: Duration = Duration::from_secs(2);
 
+/// How long a new instance may be missing from DescribeInstances (EC2's reads are
+/// eventually consistent) before its absence means it is gone.
+const CONSISTENCY: Duration = Duration::from_secs(300);
+
 fn internal(e: anyhow::Error) -> UserError {
     UserError::new(ErrorCode::Internal, format!("{e:#}"))
 }
@@ -491,30 +495,22 @@ pub(super) async fn launch(
         ),
     );
     if !wait {
+        // Nobody waits, but an instance that never enrolls is still ended in time.
+        let (d2, name2, id) = (d.clone(), name.clone(), launched.id.clone());
+        d.tasks.spawn(async move {
+            let (quiet, _) = tokio::sync::mpsc::unbounded_channel();
+            tokio::select! {
+                () = d2.shutdown.cancelled() => {}
+                _ = come_up_or_go(&d2, &name2, &id, started, &quiet) => {}
+            }
+        });
         return d
             .db
             .instance(&name)
             .map_err(internal)?
             .ok_or_else(|| internal(anyhow::anyhow!("instance {name} vanished")));
     }
-    if let Err(e) = wait_until_enrolled(d, ec2, &name, &launched.id, started, progress).await {
-        say(
-            progress,
-            format!("terminating {} ({}): it did not come up", launched.id, name),
-        );
-        if let Err(t) = ec2.terminate(&launched.id).await {
-            tracing::error!(
-                "terminating {} after a failed launch failed: {}",
-                launched.id,
-                t.message
-            );
-            return Err(e.resolve(format!(
-                "it may still be running: terminate it with runctl-controller terminate {name}"
-            )));
-        }
-        super::runs::record_terminated(d, &name, now_ms());
-        return Err(e);
-    }
+    come_up_or_go(d, &name, &launched.id, started, progress).await?;
     say(
         progress,
         format!("  {:<16}{:>7}", "ready", seconds(started.elapsed())),
@@ -522,6 +518,46 @@ pub(super) async fn launch(
     d.db.instance(&name)
         .map_err(internal)?
         .ok_or_else(|| internal(anyhow::anyhow!("instance {name} vanished")))
+}
+
+/// Waits for the instance to run and its agent to enroll; an instance that does not is
+/// terminated, so a failed launch never leaves a paid machine behind.
+async fn come_up_or_go(
+    d: &Arc<Daemon>,
+    name: &InstanceName,
+    id: &str,
+    started: Instant,
+    progress: &Progress,
+) -> Result<(), UserError> {
+    let ec2 = client(d).await?;
+    let Err(e) = wait_until_enrolled(d, ec2, name, id, started, progress).await else {
+        return Ok(());
+    };
+    // Stopped or terminated through runctl meanwhile: the user's call, not a failure.
+    if let Ok(Some(row)) = d.db.instance(name)
+        && matches!(
+            row.state,
+            InstanceState::Stopped | InstanceState::Terminated
+        )
+    {
+        return Err(e);
+    }
+    say(
+        progress,
+        format!("terminating {id} ({name}): it did not come up"),
+    );
+    tracing::warn!("terminating {id} ({name}): {}", e.message);
+    if let Err(t) = ec2.terminate(id).await {
+        tracing::error!(
+            "terminating {id} after a failed launch failed: {}",
+            t.message
+        );
+        return Err(e.resolve(format!(
+            "it may still be running: terminate it with runctl-controller terminate {name}"
+        )));
+    }
+    super::runs::record_terminated(d, name, now_ms());
+    Err(e)
 }
 
 fn seconds(elapsed: Duration) -> String {
@@ -540,8 +576,15 @@ async fn wait_until_enrolled(
     let timeout = Duration::from_secs(d.config.ec2.enroll_timeout_secs);
     let mut last = String::new();
     loop {
+        // Right after RunInstances, EC2 may not list the instance yet (its reads are
+        // eventually consistent): absent counts as pending for a while.
+        let absent = if started.elapsed() < CONSISTENCY {
+            "pending"
+        } else {
+            "terminated"
+        };
         let state = ec2.instance(id).await?;
-        let (state, reason) = state.map_or(("terminated".into(), None), |i| (i.state, i.reason));
+        let (state, reason) = state.map_or((absent.into(), None), |i| (i.state, i.reason));
         if state != last {
             say(
                 progress,
@@ -635,19 +678,28 @@ pub(super) async fn power(d: &Daemon, name: &InstanceName, running: bool) -> Res
         .resolve(format!("terminate it: runctl-controller terminate {name}")));
     }
     let ec2 = client(d).await?;
-    if running {
-        ec2.start(&cloud.cloud_id).await?;
-    } else {
-        ec2.stop(&cloud.cloud_id).await?;
-    }
-    d.db.set_cloud_running(name, running, now_ms())
-        .map_err(internal)?;
-    let state = if running {
+    let before =
+        d.db.instance(name)
+            .map_err(internal)?
+            .map_or(InstanceState::Launching, |row| row.state);
+    let after = if running {
         InstanceState::Launching
     } else {
         InstanceState::Stopped
     };
-    d.db.set_instance_state(name, state, now_ms())
+    // Recorded first: a launch's enrollment watch must see a stop as the user's doing.
+    d.db.set_instance_state(name, after, now_ms())
+        .map_err(internal)?;
+    let call = if running {
+        ec2.start(&cloud.cloud_id).await
+    } else {
+        ec2.stop(&cloud.cloud_id).await
+    };
+    if let Err(e) = call {
+        let _ = d.db.set_instance_state(name, before, now_ms());
+        return Err(e);
+    }
+    d.db.set_cloud_running(name, running, now_ms())
         .map_err(internal)
 }
 
@@ -675,11 +727,13 @@ pub(super) async fn refresh(
         let Some(record) = d.db.cloud(&row.name).map_err(internal)? else {
             continue;
         };
-        let state = cloud
-            .iter()
-            .find(|c| c.id == record.cloud_id)
-            .map(|c| c.state.as_str())
-            .unwrap_or("terminated");
+        let young = now.saturating_sub(row.created_ms) < CONSISTENCY.as_millis() as u64;
+        let state = match cloud.iter().find(|c| c.id == record.cloud_id) {
+            Some(c) => c.state.as_str(),
+            // Not listed yet, or long gone (EC2 forgets terminated instances after a while).
+            None if young => continue,
+            None => "terminated",
+        };
         match state {
             "terminated" | "shutting-down" => {
                 let _ = d.db.set_cloud_running(&row.name, false, now);
