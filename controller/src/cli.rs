@@ -268,7 +268,7 @@ pub struct RunArgs {
     pub provider: ProviderKind,
 
     /// For --provider ec2: the instance type, e.g. g5.xlarge.
-    #[arg(long, value_name = "TYPE", conflicts_with = "on")]
+    #[arg(long, value_name = "TYPE", conflicts_with = "on", value_parser = parse_instance_type)]
     pub instance_type: Option<String>,
 
     #[command(flatten)]
@@ -463,7 +463,7 @@ pub struct LaunchArgs {
     pub provider: ProviderKind,
 
     /// For --provider ec2: the instance type, e.g. g5.xlarge.
-    #[arg(value_name = "INSTANCE_TYPE")]
+    #[arg(value_name = "INSTANCE_TYPE", value_parser = parse_instance_type)]
     pub instance_type: Option<String>,
 
     /// The instance's name (default: generated, e.g. local-3fa9c1, ec2-3fa9c1).
@@ -486,7 +486,7 @@ pub struct LaunchArgs {
 #[derive(Debug, Clone, Args)]
 pub struct Ec2Args {
     /// The AMI (default: [ec2] ami, else the newest AWS Deep Learning Base AMI for GPUs).
-    #[arg(long, value_name = "ami-ID")]
+    #[arg(long, value_name = "ami-ID", value_parser = parse_ami)]
     pub ami: Option<String>,
 
     /// Launch as a spot instance (a one-time request; interruptions reach the run as
@@ -495,7 +495,7 @@ pub struct Ec2Args {
     pub spot: bool,
 
     /// The most to pay per hour for spot, in dollars (default: the on-demand price).
-    #[arg(long, value_name = "DOLLARS", requires = "spot")]
+    #[arg(long, value_name = "DOLLARS", requires = "spot", value_parser = parse_price)]
     pub max_price: Option<f64>,
 
     /// When spot capacity (or price) is not there, launch on-demand instead, with a warning.
@@ -512,7 +512,7 @@ pub struct Ec2Args {
     pub volume_size: Option<u32>,
 
     /// Attach a data volume restored from this snapshot at launch (device /dev/sdf).
-    #[arg(long, value_name = "snap-ID")]
+    #[arg(long, value_name = "snap-ID", value_parser = parse_snapshot)]
     pub volume_snapshot: Option<String>,
 
     /// Keep the data volume when the instance terminates (default: deleted with it).
@@ -606,17 +606,19 @@ pub enum VolumeCommand {
     /// Attach a volume to an instance (in the same zone).
     Attach {
         /// The volume, e.g. vol-0123456789abcdef0.
+        #[arg(value_parser = parse_volume)]
         volume: String,
         /// The instance: its runctl name or i- id.
         instance: String,
         /// The device name it gets (/dev/sdf .. /dev/sdz; on Nitro instances it shows up
         /// as an NVMe device).
-        #[arg(long, default_value = "/dev/sdf")]
+        #[arg(long, default_value = "/dev/sdf", value_parser = parse_device)]
         device: String,
     },
     /// Detach a volume from its instance.
     Detach {
         /// The volume, e.g. vol-0123456789abcdef0.
+        #[arg(value_parser = parse_volume)]
         volume: String,
         /// Force it (the instance may lose data not yet written to the volume).
         #[arg(long)]
@@ -625,6 +627,7 @@ pub enum VolumeCommand {
     /// Delete a detached volume.
     Delete {
         /// The volume, e.g. vol-0123456789abcdef0.
+        #[arg(value_parser = parse_volume)]
         volume: String,
         /// Delete it even if tagged persistent or protected.
         #[arg(long)]
@@ -633,6 +636,7 @@ pub enum VolumeCommand {
     /// Snapshot a volume.
     Snapshot {
         /// The volume, e.g. vol-0123456789abcdef0.
+        #[arg(value_parser = parse_volume)]
         volume: String,
         /// The snapshot's description.
         #[arg(long)]
@@ -641,6 +645,7 @@ pub enum VolumeCommand {
     /// Make a new volume from a snapshot, in the zone of --instance or --zone.
     Restore {
         /// The snapshot, e.g. snap-0123456789abcdef0.
+        #[arg(value_parser = parse_snapshot)]
         snapshot: String,
         /// The instance (name or i- id) whose zone to use.
         #[arg(
@@ -770,6 +775,35 @@ pub struct TerminateArgs {
     /// Stop its active runs first instead of refusing.
     #[arg(long)]
     pub force: bool,
+}
+
+fn parse_instance_type(s: &str) -> Result<String, String> {
+    crate::provider::ec2::ids::check_instance_type(s).map(|()| s.to_owned())
+}
+
+fn parse_ami(s: &str) -> Result<String, String> {
+    crate::provider::ec2::ids::check_id(s, "ami").map(|()| s.to_owned())
+}
+
+fn parse_volume(s: &str) -> Result<String, String> {
+    crate::provider::ec2::ids::check_id(s, "vol").map(|()| s.to_owned())
+}
+
+fn parse_snapshot(s: &str) -> Result<String, String> {
+    crate::provider::ec2::ids::check_id(s, "snap").map(|()| s.to_owned())
+}
+
+fn parse_device(s: &str) -> Result<String, String> {
+    crate::provider::ec2::ids::check_device(s).map(|()| s.to_owned())
+}
+
+fn parse_price(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(price) if price.is_finite() && price > 0.0 => Ok(price),
+        _ => Err(format!(
+            "{s:?} is not a price in dollars per hour (e.g. 0.45)"
+        )),
+    }
 }
 
 fn parse_env(s: &str) -> Result<(String, String), String> {

@@ -374,7 +374,7 @@ pub fn state_word(state: RunState) -> &'static str {
     }
 }
 
-fn instance_word(state: InstanceState) -> &'static str {
+pub fn instance_word(state: InstanceState) -> &'static str {
     match state {
         InstanceState::Launching => "launching",
         InstanceState::Running => "running",

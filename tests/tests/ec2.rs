@@ -603,7 +603,15 @@ async fn stop_start_and_terminate_follow_the_cloud() {
     wait_state(&ec2, &id, "stopped").await;
     // The enrollment watch of a --no-wait launch gives up on an instance the user stopped
     // rather than terminating it.
-    tokio::time::sleep(Duration::from_secs(40)).await;
+    let log = cloud.home.path().join("daemon.log");
+    cloud.home.wait_until(
+        "the enrollment watch to give up",
+        Duration::from_secs(60),
+        || {
+            std::fs::read_to_string(&log)
+                .is_ok_and(|text| text.contains(&format!("{name} ({id}) was stopped meanwhile")))
+        },
+    );
     assert_eq!(state_of(&ec2, &id).await, "stopped");
     let started = cloud.json(&["start", &name]);
     assert_eq!(started["instance"]["state"], "launching");

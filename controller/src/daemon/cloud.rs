@@ -540,6 +540,10 @@ async fn come_up_or_go(
             InstanceState::Stopped | InstanceState::Terminated
         )
     {
+        tracing::info!(
+            "{name} ({id}) was {} meanwhile: no longer waiting for its agent",
+            crate::report::instance_word(row.state)
+        );
         return Err(e);
     }
     say(

@@ -111,6 +111,7 @@ mod tests {
         assert!(text.contains("permissions: '0600'"));
         assert!(text.contains("Restart=always"));
         assert!(text.len() < MAX_BYTES / 2, "{} bytes", text.len());
+        insta::assert_snapshot!(text);
     }
 
     #[test]
