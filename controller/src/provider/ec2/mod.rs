@@ -16,8 +16,8 @@ use aws_sdk_ec2::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_ec2::types::{
     BlockDeviceMapping, EbsBlockDevice, Filter, HttpTokensState, IamInstanceProfileSpecification,
     InstanceInterruptionBehavior, InstanceMarketOptionsRequest, InstanceMetadataEndpointState,
-    InstanceMetadataOptionsRequest, InstanceStateName, InstanceType, MarketType, ResourceType,
-    ShutdownBehavior, SpotInstanceType, SpotMarketOptions, Tag, TagSpecification, VolumeType,
+    InstanceMetadataOptionsRequest, InstanceType, MarketType, ResourceType, ShutdownBehavior,
+    SpotInstanceType, SpotMarketOptions, Tag, TagSpecification, VolumeType,
 };
 
 use crate::config::Ec2Config;
@@ -139,6 +139,35 @@ pub struct CloudInstance {
     pub launched_ms: u64,
     pub zone: String,
     pub reason: Option<String>,
+}
+
+impl From<&aws_sdk_ec2::types::Instance> for CloudInstance {
+    fn from(i: &aws_sdk_ec2::types::Instance) -> Self {
+        CloudInstance {
+            id: i.instance_id().unwrap_or_default().to_owned(),
+            name: tag_value(i.tags(), INSTANCE_TAG).map(str::to_owned),
+            state: i
+                .state()
+                .and_then(|s| s.name())
+                .map(|n| n.as_str().to_owned())
+                .unwrap_or_default(),
+            instance_type: i
+                .instance_type()
+                .map(|t| t.as_str().to_owned())
+                .unwrap_or_default(),
+            spot: i.instance_lifecycle().is_some_and(|l| l.as_str() == "spot"),
+            launched_ms: millis(i.launch_time()),
+            zone: i
+                .placement()
+                .and_then(|p| p.availability_zone())
+                .unwrap_or_default()
+                .to_owned(),
+            reason: i
+                .state_reason()
+                .and_then(|r| r.message())
+                .map(str::to_owned),
+        }
+    }
 }
 
 /// Everything RunInstances needs, decided before it is called.
@@ -369,30 +398,7 @@ impl Ec2 {
                 .map_err(|e| api_error("listing instances", e))?;
             for reservation in out.reservations() {
                 for i in reservation.instances() {
-                    found.push(CloudInstance {
-                        id: i.instance_id().unwrap_or_default().to_owned(),
-                        name: tag_value(i.tags(), INSTANCE_TAG).map(str::to_owned),
-                        state: i
-                            .state()
-                            .and_then(|s| s.name())
-                            .map(|n| n.as_str().to_owned())
-                            .unwrap_or_default(),
-                        instance_type: i
-                            .instance_type()
-                            .map(|t| t.as_str().to_owned())
-                            .unwrap_or_default(),
-                        spot: i.instance_lifecycle().is_some_and(|l| l.as_str() == "spot"),
-                        launched_ms: millis(i.launch_time()),
-                        zone: i
-                            .placement()
-                            .and_then(|p| p.availability_zone())
-                            .unwrap_or_default()
-                            .to_owned(),
-                        reason: i
-                            .state_reason()
-                            .and_then(|r| r.message())
-                            .map(str::to_owned),
-                    });
+                    found.push(CloudInstance::from(i));
                 }
             }
             next = out.next_token().map(str::to_owned);
@@ -465,26 +471,10 @@ impl Ec2 {
                     })?
             }
         };
-        let out = self
-            .client
-            .describe_security_groups()
-            .filters(filter("group-name", &[SECURITY_GROUP]))
-            .filters(filter("vpc-id", &[&vpc]))
-            .send()
-            .await
-            .map_err(|e| api_error("finding the security group", e))?;
-        if let Some(group) = out.security_groups().first() {
-            let id = group.group_id().unwrap_or_default().to_owned();
-            if !group.ip_permissions().is_empty() {
-                return Err(UserError::new(
-                    ErrorCode::Conflict,
-                    format!("security group {id} ({SECURITY_GROUP}) has inbound rules; runctl instances need none and get none"),
-                )
-                .resolve(format!("remove its inbound rules: aws ec2 revoke-security-group-ingress --group-id {id} ...")));
-            }
+        if let Some(id) = self.existing_group(&vpc).await? {
             return Ok(id);
         }
-        let out = self
+        let created = self
             .client
             .create_security_group()
             .group_name(SECURITY_GROUP)
@@ -495,9 +485,40 @@ impl Ec2 {
                 &[(MANAGED_TAG.into(), "true".into())],
             ))
             .send()
+            .await;
+        match created {
+            Ok(out) => Ok(out.group_id().unwrap_or_default().to_owned()),
+            // Another launch made it first.
+            Err(e) if e.code() == Some("InvalidGroup.Duplicate") => self
+                .existing_group(&vpc)
+                .await?
+                .ok_or_else(|| api_error("creating the security group", e)),
+            Err(e) => Err(api_error("creating the security group", e)),
+        }
+    }
+
+    /// The shared group in `vpc`, if it exists; refused if someone gave it inbound rules.
+    async fn existing_group(&self, vpc: &str) -> Result<Option<String>, UserError> {
+        let out = self
+            .client
+            .describe_security_groups()
+            .filters(filter("group-name", &[SECURITY_GROUP]))
+            .filters(filter("vpc-id", &[vpc]))
+            .send()
             .await
-            .map_err(|e| api_error("creating the security group", e))?;
-        Ok(out.group_id().unwrap_or_default().to_owned())
+            .map_err(|e| api_error("finding the security group", e))?;
+        let Some(group) = out.security_groups().first() else {
+            return Ok(None);
+        };
+        let id = group.group_id().unwrap_or_default().to_owned();
+        if !group.ip_permissions().is_empty() {
+            return Err(UserError::new(
+                ErrorCode::Conflict,
+                format!("security group {id} ({SECURITY_GROUP}) has inbound rules; runctl instances need none and get none"),
+            )
+            .resolve(format!("remove its inbound rules: aws ec2 revoke-security-group-ingress --group-id {id} ...")));
+        }
+        Ok(Some(id))
     }
 
     /// The current spot price of `kind` (the lowest over the region's zones), if EC2 has one.
@@ -621,23 +642,11 @@ impl Ec2 {
                 "RunInstances answered without an instance",
             )
         })?;
+        // RunInstances answers before the market is on the instance's record.
         Ok(CloudInstance {
-            id: i.instance_id().unwrap_or_default().to_owned(),
-            name: tag_value(i.tags(), INSTANCE_TAG).map(str::to_owned),
-            state: i
-                .state()
-                .and_then(|s| s.name())
-                .map(|n| n.as_str().to_owned())
-                .unwrap_or_else(|| InstanceStateName::Pending.as_str().to_owned()),
-            instance_type: plan.instance_type.clone(),
             spot,
-            launched_ms: millis(i.launch_time()),
-            zone: i
-                .placement()
-                .and_then(|p| p.availability_zone())
-                .unwrap_or_default()
-                .to_owned(),
-            reason: None,
+            instance_type: plan.instance_type.clone(),
+            ..CloudInstance::from(i)
         })
     }
 
