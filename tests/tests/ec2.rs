@@ -358,6 +358,7 @@ async fn launch_refuses_bad_input_and_leaves_nothing_behind() {
         "the limit is 1",
     );
     assert_eq!(live(&ec2).await, 1);
+    cloud.refused(&["start", &name], 4, "is not stopped");
     let done = cloud.json(&["terminate", &name]);
     assert_eq!(done["instance"]["state"], "terminated");
     wait_state(&ec2, &id, "terminated").await;
@@ -613,9 +614,11 @@ async fn stop_start_and_terminate_follow_the_cloud() {
         },
     );
     assert_eq!(state_of(&ec2, &id).await, "stopped");
+    cloud.refused(&["stop", &name], 4, "already stopped");
     let started = cloud.json(&["start", &name]);
     assert_eq!(started["instance"]["state"], "launching");
     wait_state(&ec2, &id, "running").await;
+    cloud.refused(&["start", &name], 4, "is not stopped");
     let done = cloud.json(&["terminate", &name]);
     assert_eq!(done["instance"]["state"], "terminated");
     assert!(done["cost"].as_f64().is_some(), "{done}");
@@ -624,8 +627,23 @@ async fn stop_start_and_terminate_follow_the_cloud() {
 
     let (spot, spot_id) = cloud.launch(&["--spot", "g5.xlarge"]);
     cloud.refused(&["stop", &spot], 4, "spot instance");
+    cloud.refused(&["stop", "--force", &spot], 4, "spot instance");
     cloud.json(&["terminate", &spot]);
     wait_state(&ec2, &spot_id, "terminated").await;
+
+    // A local instance has no power to cut: refused before its agent is touched.
+    let local = cloud.json(&["launch", "--provider", "local"]);
+    let local = local["instance"]["name"].as_str().expect("name").to_owned();
+    cloud.refused(&["stop", "--force", &local], 4, "not a cloud instance");
+    let list = cloud.json(&["list"]);
+    let row = list["instances"]
+        .as_array()
+        .expect("instances")
+        .iter()
+        .find(|r| r["instance"]["name"] == local.as_str())
+        .expect("listed");
+    assert_eq!(row["connected"], true, "{row}");
+    cloud.json(&["terminate", &local]);
 
     // An instance terminated behind runctl's back is seen as such.
     let (gone, gone_id) = cloud.launch(&["g5.xlarge"]);

@@ -663,8 +663,13 @@ pub(super) async fn terminate(d: &Daemon, name: &InstanceName) -> Result<(), Use
         .map_err(internal)
 }
 
-/// Stops (`running` false) or starts a cloud instance, keeping its billed time.
-pub(super) async fn power(d: &Daemon, name: &InstanceName, running: bool) -> Result<(), UserError> {
+/// The cloud record of `name`, if EC2 can stop or start it (an on-demand EC2 instance)
+/// and it is not already where `running` would take it.
+pub(super) fn powerable(
+    d: &Daemon,
+    name: &InstanceName,
+    running: bool,
+) -> Result<CloudRow, UserError> {
     let cloud = d.db.cloud(name).map_err(internal)?.ok_or_else(|| {
         UserError::new(
             ErrorCode::Conflict,
@@ -681,6 +686,27 @@ pub(super) async fn power(d: &Daemon, name: &InstanceName, running: bool) -> Res
         )
         .resolve(format!("terminate it: runctl-controller terminate {name}")));
     }
+    let stopped =
+        d.db.instance(name)
+            .map_err(internal)?
+            .is_some_and(|row| row.state == InstanceState::Stopped);
+    match (running, stopped) {
+        (true, false) => Err(UserError::new(
+            ErrorCode::Conflict,
+            format!("{name} is not stopped"),
+        )),
+        (false, true) => Err(UserError::new(
+            ErrorCode::Conflict,
+            format!("{name} is already stopped"),
+        )
+        .resolve(format!("start it: runctl-controller start {name}"))),
+        _ => Ok(cloud),
+    }
+}
+
+/// Stops (`running` false) or starts a cloud instance, keeping its billed time.
+pub(super) async fn power(d: &Daemon, name: &InstanceName, running: bool) -> Result<(), UserError> {
+    let cloud = powerable(d, name, running)?;
     let ec2 = client(d).await?;
     let before =
         d.db.instance(name)

@@ -165,6 +165,7 @@ async fn dispatch(
         }
         Request::StopInstance { name, force } => {
             let row = live_instance(d, &name)?;
+            cloud::powerable(d, &name, false)?;
             refuse_active_runs(d, &name, force, "stop")?;
             if force && let Some(link) = d.agent(&name) {
                 // The agent stops its runs (each with its grace) and pushes their last
