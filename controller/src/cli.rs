@@ -573,6 +573,31 @@ pub struct TopArgs {
     pub run: Option<RunId>,
 }
 
+/// Where a new volume goes and how it is tagged (`volume create` and `volume restore`).
+#[derive(Debug, Args)]
+pub struct NewVolumeArgs {
+    /// The instance (name or i- id) whose zone to use.
+    #[arg(
+        long,
+        value_name = "INSTANCE",
+        required_unless_present = "zone",
+        conflicts_with = "zone"
+    )]
+    pub instance: Option<String>,
+    /// The availability zone, e.g. us-east-1a.
+    #[arg(long, value_name = "ZONE")]
+    pub zone: Option<String>,
+    /// A Name tag.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Tag it persistent: `volume delete` refuses it without --force.
+    #[arg(long)]
+    pub persistent: bool,
+    /// Tag it protected: `volume delete` refuses it without --force.
+    #[arg(long)]
+    pub protected: bool,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum VolumeCommand {
     /// Create a gp3 volume (encrypted), in the zone of --instance or --zone.
@@ -580,26 +605,8 @@ pub enum VolumeCommand {
         /// Its size in GiB.
         #[arg(long, value_name = "GIB")]
         size: u32,
-        /// The instance (name or i- id) whose zone to use.
-        #[arg(
-            long,
-            value_name = "INSTANCE",
-            required_unless_present = "zone",
-            conflicts_with = "zone"
-        )]
-        instance: Option<String>,
-        /// The availability zone, e.g. us-east-1a.
-        #[arg(long, value_name = "ZONE")]
-        zone: Option<String>,
-        /// A Name tag.
-        #[arg(long)]
-        name: Option<String>,
-        /// Tag it persistent: `volume delete` refuses it without --force.
-        #[arg(long)]
-        persistent: bool,
-        /// Tag it protected: `volume delete` refuses it without --force.
-        #[arg(long)]
-        protected: bool,
+        #[command(flatten)]
+        new: NewVolumeArgs,
     },
     /// List runctl's volumes.
     List,
@@ -647,29 +654,11 @@ pub enum VolumeCommand {
         /// The snapshot, e.g. snap-0123456789abcdef0.
         #[arg(value_parser = parse_snapshot)]
         snapshot: String,
-        /// The instance (name or i- id) whose zone to use.
-        #[arg(
-            long,
-            value_name = "INSTANCE",
-            required_unless_present = "zone",
-            conflicts_with = "zone"
-        )]
-        instance: Option<String>,
-        /// The availability zone, e.g. us-east-1a.
-        #[arg(long, value_name = "ZONE")]
-        zone: Option<String>,
         /// A size in GiB at least the snapshot's (default: the snapshot's).
         #[arg(long, value_name = "GIB")]
         size: Option<u32>,
-        /// A Name tag.
-        #[arg(long)]
-        name: Option<String>,
-        /// Tag it persistent: `volume delete` refuses it without --force.
-        #[arg(long)]
-        persistent: bool,
-        /// Tag it protected: `volume delete` refuses it without --force.
-        #[arg(long)]
-        protected: bool,
+        #[command(flatten)]
+        new: NewVolumeArgs,
     },
 }
 

@@ -19,6 +19,9 @@ const SCHEMA_VERSION: i64 = 3;
 const MIGRATE_1_TO_2: &str =
     "CREATE TABLE run_checkpoints (run_id TEXT PRIMARY KEY, url TEXT NOT NULL);";
 
+/// `MIGRATIONS[n]` takes a database from version n + 1 to n + 2.
+const MIGRATIONS: [&str; SCHEMA_VERSION as usize - 1] = [MIGRATE_1_TO_2, MIGRATE_2_TO_3];
+
 /// Version 3 added cloud instances: their ids, prices and billed time.
 const MIGRATE_2_TO_3: &str = "
 CREATE TABLE cloud_instances (
@@ -32,7 +35,9 @@ CREATE TABLE cloud_instances (
     running_since_ms INTEGER
 );";
 
-const SCHEMA: &str = "
+/// The schema of version 1; a new database gets it and then every migration, so the
+/// current schema is written down once.
+const SCHEMA_V1: &str = "
 CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE instances (
     name TEXT PRIMARY KEY,
@@ -68,17 +73,6 @@ CREATE TABLE runs (
     error TEXT
 );
 CREATE INDEX runs_by_instance ON runs(instance);
-CREATE TABLE run_checkpoints (run_id TEXT PRIMARY KEY, url TEXT NOT NULL);
-CREATE TABLE cloud_instances (
-    name TEXT PRIMARY KEY,
-    cloud_id TEXT NOT NULL,
-    region TEXT NOT NULL,
-    instance_type TEXT NOT NULL,
-    spot INTEGER NOT NULL,
-    price_per_hour REAL,
-    accrued_ms INTEGER NOT NULL DEFAULT 0,
-    running_since_ms INTEGER
-);
 CREATE TABLE run_events (
     run_id TEXT NOT NULL,
     seq INTEGER NOT NULL,
@@ -242,30 +236,21 @@ impl Db {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
-        match version {
-            0 => {
-                conn.execute_batch(&format!(
-                    "BEGIN; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
-                ))
-                .context("creating the database schema")?;
-            }
-            1 => {
-                conn.execute_batch(&format!(
-                    "BEGIN; {MIGRATE_1_TO_2} {MIGRATE_2_TO_3} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
-                ))
-                .context("upgrading the database schema")?;
-            }
-            2 => {
-                conn.execute_batch(&format!(
-                    "BEGIN; {MIGRATE_2_TO_3} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
-                ))
-                .context("upgrading the database schema")?;
-            }
-            SCHEMA_VERSION => {}
-            other => anyhow::bail!(
-                "database {} has schema version {other}, newer than this runctl-controller understands ({SCHEMA_VERSION}); install a newer runctl-controller",
+        if version > SCHEMA_VERSION {
+            anyhow::bail!(
+                "database {} has schema version {version}, newer than this runctl-controller understands ({SCHEMA_VERSION}); install a newer runctl-controller",
                 path.display()
-            ),
+            );
+        }
+        if version < SCHEMA_VERSION {
+            let base = if version == 0 { SCHEMA_V1 } else { "" };
+            let steps = MIGRATIONS[(version.max(1) - 1) as usize..].concat();
+            conn.execute_batch(&format!(
+                "BEGIN; {base} {steps} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+            ))
+            .with_context(|| {
+                format!("bringing the database schema from version {version} to {SCHEMA_VERSION}")
+            })?;
         }
         Ok(Db {
             conn: Mutex::new(conn),
@@ -393,6 +378,16 @@ impl Db {
                 cloud_row,
             )
             .optional()?)
+    }
+
+    /// Every cloud instance runctl launched.
+    pub fn clouds(&self) -> anyhow::Result<Vec<CloudRow>> {
+        let conn = self.lock();
+        let mut stmt = conn.prepare(
+            "SELECT name, cloud_id, region, instance_type, spot, price_per_hour, accrued_ms, running_since_ms FROM cloud_instances ORDER BY name",
+        )?;
+        let rows = stmt.query_map([], cloud_row)?.collect::<Result<_, _>>()?;
+        Ok(rows)
     }
 
     /// Starts or ends a billed period: `running` true from `now_ms` on, false up to it.
@@ -802,10 +797,10 @@ mod tests {
         let path = dir.path().join("state.db");
         {
             let conn = Connection::open(&path).expect("open");
-            let v2 = SCHEMA.replace(MIGRATE_2_TO_3.trim().trim_end_matches(';'), "");
-            assert_ne!(v2, SCHEMA, "the v3 table is part of the schema");
-            conn.execute_batch(&format!("{v2} PRAGMA user_version = 2;"))
-                .expect("a version 2 database");
+            conn.execute_batch(&format!(
+                "{SCHEMA_V1} {MIGRATE_1_TO_2} PRAGMA user_version = 2;"
+            ))
+            .expect("a version 2 database");
         }
         let db = Db::open(&path).expect("upgrade");
         let row = CloudRow {

@@ -1,7 +1,7 @@
 //! `volume ...`: EBS volumes for runctl's EC2 instances, straight from this process to
 //! EC2 (the cloud is the truth for volumes; the daemon keeps no record of them).
 
-use crate::cli::VolumeCommand;
+use crate::cli::{NewVolumeArgs, VolumeCommand};
 use crate::config::Config;
 use crate::error::UserError;
 use crate::provider::ec2::Ec2;
@@ -15,33 +15,37 @@ fn volume_line(verb: &str, v: &VolumeView) -> String {
     )
 }
 
-/// The zone a new volume goes in: the instance's, or the one given.
-async fn zone(
+/// The new volume `args` describe: in the zone of the instance named, or the one given.
+async fn new_volume(
     ec2: &Ec2,
-    instance: Option<String>,
-    zone: Option<String>,
-) -> Result<String, UserError> {
-    match (instance, zone) {
-        (Some(instance), _) => Ok(ec2.locate_instance(&instance).await?.1),
-        (None, Some(zone)) => Ok(zone),
-        (None, None) => Err(UserError::new(
-            crate::error::ErrorCode::BadInput,
-            "say where the volume goes: --instance NAME or --zone ZONE",
-        )),
-    }
+    args: NewVolumeArgs,
+    size_gb: Option<u32>,
+    snapshot: Option<String>,
+) -> Result<NewVolume, UserError> {
+    let zone = match (args.instance, args.zone) {
+        (Some(instance), _) => ec2.locate_instance(&instance).await?.1,
+        (None, Some(zone)) => zone,
+        (None, None) => {
+            return Err(UserError::new(
+                crate::error::ErrorCode::BadInput,
+                "say where the volume goes: --instance NAME or --zone ZONE",
+            ));
+        }
+    };
+    Ok(NewVolume {
+        size_gb,
+        zone,
+        name: args.name,
+        snapshot,
+        persistent: args.persistent,
+        protected: args.protected,
+    })
 }
 
 pub async fn volume(config: &Config, printer: Printer, cmd: VolumeCommand) -> anyhow::Result<u8> {
     let ec2 = Ec2::connect(&config.ec2).await?;
     match cmd {
-        VolumeCommand::Create {
-            size,
-            instance,
-            zone: az,
-            name,
-            persistent,
-            protected,
-        } => {
+        VolumeCommand::Create { size, new } => {
             if !(1..=16384).contains(&size) {
                 return Err(UserError::new(
                     crate::error::ErrorCode::BadInput,
@@ -49,17 +53,8 @@ pub async fn volume(config: &Config, printer: Printer, cmd: VolumeCommand) -> an
                 )
                 .into());
             }
-            let zone = zone(&ec2, instance, az).await?;
-            let v = ec2
-                .create_volume(&NewVolume {
-                    size_gb: Some(size),
-                    zone,
-                    name,
-                    snapshot: None,
-                    persistent,
-                    protected,
-                })
-                .await?;
+            let spec = new_volume(&ec2, new, Some(size), None).await?;
+            let v = ec2.create_volume(&spec).await?;
             printer.data(&v, || volume_line("created", &v));
         }
         VolumeCommand::List => {
@@ -112,12 +107,8 @@ pub async fn volume(config: &Config, printer: Printer, cmd: VolumeCommand) -> an
         }
         VolumeCommand::Restore {
             snapshot,
-            instance,
-            zone: az,
             size,
-            name,
-            persistent,
-            protected,
+            new,
         } => {
             let snapshot_gb = ec2.snapshot_size(&snapshot).await?;
             if let Some(size) = size
@@ -129,17 +120,8 @@ pub async fn volume(config: &Config, printer: Printer, cmd: VolumeCommand) -> an
                 )
                 .into());
             }
-            let zone = zone(&ec2, instance, az).await?;
-            let v = ec2
-                .create_volume(&NewVolume {
-                    size_gb: size,
-                    zone,
-                    name,
-                    snapshot: Some(snapshot),
-                    persistent,
-                    protected,
-                })
-                .await?;
+            let spec = new_volume(&ec2, new, size, Some(snapshot)).await?;
+            let v = ec2.create_volume(&spec).await?;
             printer.data(&v, || volume_line("restored", &v));
         }
     }

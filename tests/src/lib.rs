@@ -108,14 +108,7 @@ impl Home {
             .args(args)
             .output()
             .expect("run");
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let last = stdout.lines().last().unwrap_or_default();
-        serde_json::from_str(last).unwrap_or_else(|e| {
-            panic!(
-                "{args:?}: stdout is not JSON ({e}): {stdout}\nstderr: {}",
-                String::from_utf8_lossy(&out.stderr)
-            )
-        })
+        json_output(&out, args)
     }
 
     pub fn daemon_pid(&self) -> Option<i32> {
@@ -173,6 +166,18 @@ impl Drop for Home {
         }
         let _ = self.run(&["shutdown"]);
     }
+}
+
+/// The last line of a `--output json` command's stdout, parsed.
+pub fn json_output(out: &Output, args: &[&str]) -> serde_json::Value {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last = stdout.lines().last().unwrap_or_default();
+    serde_json::from_str(last).unwrap_or_else(|e| {
+        panic!(
+            "{args:?}: stdout is not JSON ({e}): {stdout}\nstderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
 }
 
 /// Kills processes whose command line contains `needle` (Linux /proc).

@@ -131,9 +131,7 @@ impl Cloud {
             .output()
             .expect("run");
         assert!(out.status.success(), "{args:?} failed: {}", stderr(&out));
-        let text = stdout(&out);
-        serde_json::from_str(text.lines().last().unwrap_or_default())
-            .unwrap_or_else(|e| panic!("{args:?}: not JSON ({e}): {text}"))
+        tests::json_output(&out, args)
     }
 
     /// Runs `args` and checks it fails with `code`, saying `needle`.

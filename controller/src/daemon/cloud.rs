@@ -658,9 +658,8 @@ pub(super) async fn terminate(d: &Daemon, name: &InstanceName) -> Result<(), Use
     let Some(cloud) = d.db.cloud(name).map_err(internal)? else {
         return Ok(());
     };
-    client(d).await?.terminate(&cloud.cloud_id).await?;
-    d.db.set_cloud_running(name, false, now_ms())
-        .map_err(internal)
+    // Billed time ends in `runs::record_terminated`.
+    client(d).await?.terminate(&cloud.cloud_id).await
 }
 
 /// The cloud record of `name`, if EC2 can stop or start it (an on-demand EC2 instance)
@@ -753,8 +752,9 @@ pub(super) async fn refresh(
         .await
         .map_err(|_| UserError::new(ErrorCode::Internal, "EC2 did not answer within 15 s"))??;
     let now = now_ms();
+    let records = d.db.clouds().map_err(internal)?;
     for row in &live {
-        let Some(record) = d.db.cloud(&row.name).map_err(internal)? else {
+        let Some(record) = records.iter().find(|c| c.name == row.name) else {
             continue;
         };
         let young = now.saturating_sub(row.created_ms) < CONSISTENCY.as_millis() as u64;
@@ -779,13 +779,9 @@ pub(super) async fn refresh(
             _ => {}
         }
     }
-    let known: Vec<String> = rows
-        .iter()
-        .filter_map(|r| d.db.cloud(&r.name).ok().flatten().map(|c| c.cloud_id))
-        .collect();
     Ok(cloud
         .into_iter()
-        .filter(|c| c.state != "terminated" && !known.contains(&c.id))
+        .filter(|c| c.state != "terminated" && !records.iter().any(|r| r.cloud_id == c.id))
         .map(|c| crate::ipc::ForeignInstance {
             cloud_id: c.id,
             name: c.name,

@@ -167,14 +167,9 @@ async fn dispatch(
             let row = live_instance(d, &name)?;
             cloud::powerable(d, &name, false)?;
             refuse_active_runs(d, &name, force, "stop")?;
-            if force && let Some(link) = d.agent(&name) {
-                // The agent stops its runs (each with its grace) and pushes their last
-                // checkpoints before the power goes.
-                let _ = link
-                    .tx
-                    .send(protocol::ControllerMsg::Shutdown { grace_ms: None })
-                    .await;
-                let _ = tokio::time::timeout(Duration::from_secs(610), link.conn.closed()).await;
+            if force {
+                // Its runs stop and push their last checkpoints before the power goes.
+                runs::shut_down_agent(d, &name).await;
             }
             cloud::power(d, &row.name, false).await?;
             let row =

@@ -311,28 +311,7 @@ pub(super) async fn stop(
 /// checkpoints), its certificate is revoked, and its process (or cloud instance) is gone
 /// when this returns. Fails only when the cloud refuses; the record then stays live.
 pub(super) async fn terminate_now(d: &Arc<Daemon>, name: &InstanceName) -> Result<(), UserError> {
-    if let Some(link) = d.agent(name) {
-        // Each run stops with its own grace period.
-        let _ = link
-            .tx
-            .send(ControllerMsg::Shutdown { grace_ms: None })
-            .await;
-        // The agent finishes sending events, then ends its stream; wait for the disconnect
-        // (or, for a local instance, for its process to be gone).
-        let pid = d.db.instance(name).ok().flatten().and_then(|row| row.pid);
-        let gone = async {
-            loop {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                if pid.is_some_and(|pid| !local::is_agent_alive(&d.home, name, pid)) {
-                    return;
-                }
-            }
-        };
-        tokio::select! {
-            _ = tokio::time::timeout(SHUTDOWN_BOUND, link.conn.closed()) => {}
-            () = gone => {}
-        }
-    }
+    shut_down_agent(d, name).await;
     let now = now_ms();
     if let Err(e) = d.db.revoke_instance(name, now) {
         tracing::error!("revoking {name}'s certificate failed: {e:#}");
@@ -348,6 +327,30 @@ pub(super) async fn terminate_now(d: &Arc<Daemon>, name: &InstanceName) -> Resul
     cloud::terminate(d, name).await?;
     record_terminated(d, name, now);
     Ok(())
+}
+
+/// Asks `name`'s agent, if connected, to stop its runs (each with its own grace period)
+/// and push their last events and checkpoints, and waits until it has disconnected (or,
+/// for a local instance, its process is gone), within a bound.
+pub(super) async fn shut_down_agent(d: &Daemon, name: &InstanceName) {
+    let Some(link) = d.agent(name) else { return };
+    let _ = link
+        .tx
+        .send(ControllerMsg::Shutdown { grace_ms: None })
+        .await;
+    let pid = d.db.instance(name).ok().flatten().and_then(|row| row.pid);
+    let gone = async {
+        loop {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if pid.is_some_and(|pid| !local::is_agent_alive(&d.home, name, pid)) {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        _ = tokio::time::timeout(SHUTDOWN_BOUND, link.conn.closed()) => {}
+        () = gone => {}
+    }
 }
 
 /// Records `name` as gone (by `terminate`, or found terminated in the cloud): its
