@@ -14,7 +14,7 @@ use protocol::{EnrollToken, Fingerprint, InstanceName};
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
     pub instance: InstanceName,
-    pub controller: Vec<String>,
+    pub controller: Vec<protocol::path::Endpoint>,
     pub ca_pin: Fingerprint,
     pub token: EnrollToken,
     pub state_dir: PathBuf,
@@ -39,17 +39,6 @@ impl AgentConfig {
     pub fn from_file(file: AgentConfigFile, base: &Path) -> anyhow::Result<Self> {
         if file.controller.is_empty() {
             bail!("`controller` lists no endpoint; give at least one `host:port`");
-        }
-        for endpoint in &file.controller {
-            if endpoint
-                .rsplit_once(':')
-                .and_then(|(_, p)| p.parse::<u16>().ok())
-                .is_none()
-            {
-                bail!(
-                    "controller endpoint {endpoint:?} is not `host:port` (e.g. `203.0.113.7:7443`)"
-                );
-            }
         }
         if file.stats_interval_ms == Some(0) {
             bail!("`stats_interval_ms` must be at least 1 (1000 samples once a second)");

@@ -45,18 +45,10 @@ fn save(state_dir: &Path, identity: &Identity) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Enrolls with the controller at `addr` and saves the resulting identity.
-pub async fn enroll(
-    config: &AgentConfig,
-    endpoint: &quinn::Endpoint,
-    addr: std::net::SocketAddr,
-) -> anyhow::Result<Identity> {
+/// Enrolls over `conn` (a connection made without a client certificate) and saves the
+/// resulting identity.
+pub async fn enroll(config: &AgentConfig, conn: &quinn::Connection) -> anyhow::Result<Identity> {
     let (key_pem, csr_der) = tls::agent_key_and_csr()?;
-    let client = tls::client_config(config.ca_pin, None)?;
-    let conn = endpoint
-        .connect_with(client, addr, tls::SERVER_NAME)?
-        .await
-        .with_context(|| format!("connecting to the controller at {addr} to enroll"))?;
     let (mut send, mut recv) = conn.open_bi().await?;
     let ours = Hello::new(concat!("runctl-agent ", env!("CARGO_PKG_VERSION")));
     write_frame(&mut send, &AgentMsg::Hello(ours.clone())).await?;

@@ -9,6 +9,7 @@ pub mod backoff;
 pub mod checkpoints;
 pub mod config;
 pub mod data;
+pub mod dial;
 pub mod eventlog;
 pub mod gpu;
 pub mod identity;
@@ -155,13 +156,20 @@ async fn serve_controller(
     closing: watch::Receiver<bool>,
 ) -> anyhow::Result<Exit> {
     let mut attempt: u32 = 0;
+    let mut last_good = None;
     loop {
         if *closing.borrow() {
             return Ok(Exit::Shutdown);
         }
-        let outcome =
-            session::connect_and_serve(&config, &runs, &connected, stats.clone(), closing.clone())
-                .await;
+        let outcome = session::connect_and_serve(
+            &config,
+            &runs,
+            &connected,
+            stats.clone(),
+            closing.clone(),
+            &mut last_good,
+        )
+        .await;
         connected.store(false, Ordering::SeqCst);
         match outcome {
             Ok(session::Outcome::Shutdown) => return Ok(Exit::Shutdown),

@@ -21,7 +21,7 @@ use crate::eventlog::EventLog;
 use crate::runs::Runs;
 use crate::supervisor;
 use crate::tree::{self, Tree};
-use crate::{AgentConfig, Fatal, identity};
+use crate::{AgentConfig, dial, identity};
 
 const HEARTBEAT: Duration = Duration::from_secs(10);
 /// Events per frame are bounded by encoded size, well under the frame limit.
@@ -40,68 +40,76 @@ pub fn hello() -> Hello {
     Hello::new(concat!("runctl-agent ", env!("CARGO_PKG_VERSION")))
 }
 
-/// Dials the first reachable controller endpoint and serves the session.
+/// How often a session on a worse path than the best configured one looks for a better.
+const BETTER_PATH_PROBE: Duration = Duration::from_secs(120);
+
+/// Dials the controller by the best path that works (enrolling first when the agent has
+/// no certificate yet) and serves the session. `last_good` is the path that worked last;
+/// it is tried first and updated.
 pub async fn connect_and_serve(
     config: &AgentConfig,
     runs: &Arc<Runs>,
     connected: &AtomicBool,
     stats: watch::Receiver<Option<Arc<StatsSample>>>,
     closing: watch::Receiver<bool>,
+    last_good: &mut Option<protocol::path::Endpoint>,
 ) -> anyhow::Result<Outcome> {
-    let mut last_err = None;
-    for endpoint in &config.controller {
-        let addr = match crate::config::resolve(endpoint).await {
-            Ok(addr) => addr,
-            Err(e) => {
-                last_err = Some(e);
-                continue;
-            }
-        };
-        let bind: std::net::SocketAddr = if addr.is_ipv6() {
-            "[::]:0"
-        } else {
-            "0.0.0.0:0"
+    let identity = match identity::load(&config.state_dir)? {
+        Some(identity) => identity,
+        None => {
+            let client = protocol::tls::client_config(config.ca_pin, None)?;
+            let dialed = dial::dial(&config.controller, last_good.as_ref(), client).await?;
+            let result = identity::enroll(config, &dialed.conn).await;
+            dialed.endpoint.close(0u32.into(), b"");
+            result?
         }
-        .parse()
-        .expect("a valid wildcard address");
-        let socket = protocol::tls::bind_udp(bind).context("opening a UDP socket")?;
-        let quic = quinn::Endpoint::new(
-            protocol::tls::endpoint_config(quinn::EndpointConfig::default()),
-            None,
-            socket,
-            Arc::new(quinn::TokioRuntime),
-        )
-        .context("opening a UDP socket")?;
-        let identity = match identity::load(&config.state_dir)? {
-            Some(identity) => identity,
-            None => match identity::enroll(config, &quic, addr).await {
-                Ok(identity) => identity,
-                Err(e) if e.is::<Fatal>() => return Err(e),
-                Err(e) => {
-                    last_err = Some(e);
-                    continue;
-                }
-            },
-        };
-        let client = protocol::tls::client_config(config.ca_pin, Some(&identity))?;
-        let conn = match quic
-            .connect_with(client, addr, protocol::tls::SERVER_NAME)?
-            .await
-        {
-            Ok(conn) => conn,
-            Err(e) => {
-                last_err = Some(anyhow::Error::new(e).context(format!("connecting to {addr}")));
-                continue;
-            }
-        };
-        tracing::info!("connected to the controller at {addr}");
-        let outcome = serve(conn.clone(), runs, connected, stats, closing).await;
-        quic.close(0u32.into(), b"");
-        // Let the close reach the controller, so it sees the agent go at once.
-        let _ = tokio::time::timeout(Duration::from_secs(1), quic.wait_idle()).await;
-        return outcome;
+    };
+    let client = protocol::tls::client_config(config.ca_pin, Some(&identity))?;
+    let dialed = dial::dial(&config.controller, last_good.as_ref(), client.clone()).await?;
+    *last_good = Some(dialed.via.clone());
+    tracing::info!(
+        "connected to the controller via {} ({})",
+        dialed.via,
+        dialed.via.path
+    );
+    // Watchers that end the session from outside: a TCP carrier that broke, and a better
+    // path found while this one serves. Each closes the connection, so `serve` ends as for
+    // any disconnect (and the runs' events are replayed on the next session).
+    let better = Arc::new(std::sync::Mutex::new(None));
+    let mut watchers = JoinSet::new();
+    {
+        let conn = dialed.conn.clone();
+        let stream = dialed.stream_watch();
+        watchers.spawn(async move {
+            stream.await;
+            conn.close(0u32.into(), b"carrier lost");
+        });
     }
-    Err(last_err.unwrap_or_else(|| anyhow::anyhow!("no controller endpoint configured")))
+    let betters = protocol::path::better_than(&config.controller, &dialed.via);
+    if !betters.is_empty() {
+        let (conn, better, client) = (dialed.conn.clone(), better.clone(), client.clone());
+        watchers.spawn(async move {
+            loop {
+                tokio::time::sleep(BETTER_PATH_PROBE).await;
+                if let Ok(probe) = dial::dial(&betters, None, client.clone()).await {
+                    tracing::info!("found a better path to the controller: {}", probe.via);
+                    probe.endpoint.close(0u32.into(), b"probe");
+                    *better.lock().expect("better path lock") = Some(probe.via);
+                    conn.close(0u32.into(), b"switching to a better path");
+                    return;
+                }
+            }
+        });
+    }
+    let outcome = serve(dialed.conn.clone(), runs, connected, stats, closing).await;
+    watchers.shutdown().await;
+    if let Some(better) = better.lock().expect("better path lock").take() {
+        *last_good = Some(better);
+    }
+    dialed.endpoint.close(0u32.into(), b"");
+    // Let the close reach the controller, so it sees the agent go at once.
+    let _ = tokio::time::timeout(Duration::from_secs(1), dialed.endpoint.wait_idle()).await;
+    outcome
 }
 
 enum Event {

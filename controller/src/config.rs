@@ -260,6 +260,9 @@ pub struct DaemonConfig {
     /// across restarts, so running agents can always find the daemon again.
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
+    /// A `runctl-relay` (`host:port`) the daemon registers with, so agents can reach it
+    /// from anywhere while it listens on loopback or sits behind NAT.
+    pub relay: Option<String>,
     /// How long an enrollment token stays valid, in seconds.
     #[serde(default = "default_token_ttl")]
     pub token_ttl_secs: u64,
@@ -307,6 +310,7 @@ impl Default for DaemonConfig {
     fn default() -> Self {
         DaemonConfig {
             listen: default_listen(),
+            relay: None,
             token_ttl_secs: default_token_ttl(),
             stop_grace_secs: default_stop_grace(),
         }
@@ -314,6 +318,21 @@ impl Default for DaemonConfig {
 }
 
 impl DaemonConfig {
+    fn check(&self) -> Result<(), String> {
+        if let Some(relay) = &self.relay {
+            match relay.rsplit_once(':') {
+                Some((host, port))
+                    if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => {}
+                _ => {
+                    return Err(format!(
+                        "[daemon] relay {relay:?} is not host:port (e.g. \"relay.example.com:443\")"
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
     pub fn token_ttl(&self) -> Duration {
         Duration::from_secs(self.token_ttl_secs)
     }
@@ -355,6 +374,7 @@ impl Config {
         if config.daemon.token_ttl_secs == 0 {
             return Err("[daemon] token_ttl_secs must be at least 1".into());
         }
+        config.daemon.check()?;
         config.storage.check()?;
         config.ec2.check()?;
         Ok(config)
@@ -377,6 +397,14 @@ mod tests {
     fn parses_and_refuses() {
         check("", Ok("127.0.0.1:0"));
         check("[daemon]\nlisten = \"0.0.0.0:7443\"\n", Ok("0.0.0.0:7443"));
+        check(
+            "[daemon]\nrelay = \"relay.example.com:443\"\n",
+            Ok("127.0.0.1:0"),
+        );
+        check(
+            "[daemon]\nrelay = \"relay.example.com\"\n",
+            Err("is not host:port"),
+        );
         check(
             "[daemon]\nlisten = \"nowhere\"\n",
             Err("invalid socket address"),

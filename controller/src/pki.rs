@@ -10,6 +10,8 @@ use protocol::tls::{self, CertificateAuthority, Identity};
 pub struct Pki {
     pub ca: CertificateAuthority,
     pub server: Identity,
+    /// The client certificate the daemon registers with a relay under.
+    pub relay_client: Identity,
     /// Keys the QUIC endpoint's connection ids and stateless resets. Kept across restarts
     /// so a restarted daemon can tell agents at once that their old connection is gone,
     /// instead of leaving them to wait out the idle timeout.
@@ -21,6 +23,7 @@ impl std::fmt::Debug for Pki {
         f.debug_struct("Pki")
             .field("ca", &self.ca)
             .field("server", &self.server)
+            .field("relay_client", &self.relay_client)
             .field("endpoint_secret", &"<redacted>")
             .finish()
     }
@@ -54,8 +57,9 @@ pub fn load_or_create(dir: &Path) -> anyhow::Result<Pki> {
             // Key first: a crash between the two writes leaves no certificate without its key.
             save(&ca_key, &ca.key_pem())?;
             save(&ca_crt, ca.cert_pem())?;
-            // A new CA invalidates any old server certificate.
+            // A new CA invalidates any old server and relay certificate.
             let _ = std::fs::remove_file(dir.join("server.crt"));
+            let _ = std::fs::remove_file(dir.join("relay-client.crt"));
             tracing::info!("created a new controller CA ({})", ca.fingerprint());
             ca
         }
@@ -68,6 +72,16 @@ pub fn load_or_create(dir: &Path) -> anyhow::Result<Pki> {
             save(&srv_key, &server.key_pem)?;
             save(&srv_crt, &server.cert_pem)?;
             server
+        }
+    };
+    let (relay_crt, relay_key) = (dir.join("relay-client.crt"), dir.join("relay-client.key"));
+    let relay_client = match (read(&relay_crt)?, read(&relay_key)?) {
+        (Some(cert_pem), Some(key_pem)) => Identity { cert_pem, key_pem },
+        _ => {
+            let id = ca.issue_relay_client_identity()?;
+            save(&relay_key, &id.key_pem)?;
+            save(&relay_crt, &id.cert_pem)?;
+            id
         }
     };
     let secret_path = dir.join("endpoint.key");
@@ -87,6 +101,7 @@ pub fn load_or_create(dir: &Path) -> anyhow::Result<Pki> {
     Ok(Pki {
         ca,
         server,
+        relay_client,
         endpoint_secret,
     })
 }
@@ -105,7 +120,13 @@ mod tests {
         assert_eq!(first.ca.fingerprint(), second.ca.fingerprint());
         assert_eq!(first.server.cert_pem, second.server.cert_pem);
         assert_eq!(first.endpoint_secret, second.endpoint_secret);
-        for name in ["ca.key", "server.key", "ca.crt", "endpoint.key"] {
+        for name in [
+            "ca.key",
+            "server.key",
+            "ca.crt",
+            "endpoint.key",
+            "relay-client.key",
+        ] {
             let mode = std::fs::metadata(pki_dir.join(name))
                 .expect("meta")
                 .permissions()

@@ -13,8 +13,10 @@ use crate::ids::{EnrollToken, Fingerprint, InstanceName};
 pub struct AgentConfigFile {
     /// This instance's name, as the controller knows it.
     pub instance: InstanceName,
-    /// Controller endpoints (`host:port`), tried in order.
-    pub controller: Vec<String>,
+    /// Every way to reach the controller (`udp://HOST:PORT`, `tcp://...`, `udp+relay://...`,
+    /// `tcp+relay://...`; a bare `HOST:PORT` is UDP direct). The agent dials them staggered,
+    /// best path first, and keeps the first whose handshake completes.
+    pub controller: Vec<crate::path::Endpoint>,
     /// SHA-256 of the controller CA's certificate (64 hex digits): the agent trusts only it.
     pub ca_sha256: Fingerprint,
     /// The single-use enrollment token; unused once the agent has its certificate.

@@ -24,6 +24,16 @@ where
     R: AsyncRead + Unpin,
     T: DeserializeOwned,
 {
+    read_frame_limited(r, MAX_FRAME_BYTES).await
+}
+
+/// Reads one frame of at most `max_bytes` (for peers that have not authenticated yet, so
+/// a stranger's frame header cannot make the reader hold megabytes).
+pub async fn read_frame_limited<R, T>(r: &mut R, max_bytes: usize) -> Result<Option<T>, FrameError>
+where
+    R: AsyncRead + Unpin,
+    T: DeserializeOwned,
+{
     let mut header = [0u8; HEADER_BYTES];
     let mut filled = 0;
     while filled < HEADER_BYTES {
@@ -37,7 +47,7 @@ where
         }
         filled += n;
     }
-    let len = codec::body_len(header, MAX_FRAME_BYTES)?;
+    let len = codec::body_len(header, max_bytes.min(MAX_FRAME_BYTES))?;
     let mut body = vec![0u8; len];
     r.read_exact(&mut body).await.map_err(|e| match e.kind() {
         std::io::ErrorKind::UnexpectedEof => FrameError::Truncated,

@@ -1,16 +1,20 @@
 //! runctl's wire protocol: the messages both sides exchange, their one codec, and the QUIC
 //! channel (endpoints, mutual TLS, framing) that carries them.
 //!
-//! `ids`, `message`, `stats`, `codec`, `manifest`, `delta` and `agent_config` are pure: no tokio, no clock, no I/O. `tls` and `framed`
-//! are the thin I/O shell around them.
+//! `ids`, `message`, `stats`, `codec`, `manifest`, `delta`, `agent_config`, `path` and
+//! `relay` are pure: no tokio, no clock, no I/O. `tls`, `framed` and `carrier` are the thin
+//! I/O shell around them.
 
 pub mod agent_config;
+pub mod carrier;
 pub mod codec;
 pub mod delta;
 pub mod framed;
 pub mod ids;
 pub mod manifest;
 pub mod message;
+pub mod path;
+pub mod relay;
 pub mod stats;
 pub mod tls;
 

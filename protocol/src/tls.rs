@@ -175,6 +175,55 @@ impl CertificateAuthority {
     }
 }
 
+impl CertificateAuthority {
+    /// The identity the daemon registers with a relay under: a client certificate for
+    /// [`RELAY_CLIENT_NAME`]. Agent certificates name `<instance>.agent.runctl`, so the
+    /// relay, which checks the name, never takes an agent for the daemon.
+    pub fn issue_relay_client_identity(&self) -> Result<Identity, TlsError> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(vec![RELAY_CLIENT_NAME.to_owned()])?;
+        params.distinguished_name = DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, RELAY_CLIENT_NAME);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.not_before = now_offset(Duration::from_secs(3600), true);
+        params.not_after = now_offset(Duration::from_secs(5 * 365 * 86_400), false);
+        params.serial_number = Some(random_serial());
+        let cert = params.signed_by(&key, &self.issuer()?)?;
+        Ok(Identity {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+}
+
+/// The name in the daemon's relay registration certificate.
+pub const RELAY_CLIENT_NAME: &str = "controller.relay.runctl";
+/// The name in a relay's own, self-signed certificate. Not [`SERVER_NAME`], and not signed
+/// by any controller CA: a relay can never pass for the controller.
+pub const RELAY_NAME: &str = "runctl-relay";
+
+/// A relay's own identity: a self-signed certificate for [`RELAY_NAME`].
+pub fn self_signed_relay_identity() -> Result<Identity, TlsError> {
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::new(vec![RELAY_NAME.to_owned()])?;
+    params.distinguished_name = DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, RELAY_NAME);
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    params.not_before = now_offset(Duration::from_secs(3600), true);
+    params.not_after = now_offset(Duration::from_secs(10 * 365 * 86_400), false);
+    params.serial_number = Some(random_serial());
+    let cert = params.self_signed(&key)?;
+    Ok(Identity {
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+    })
+}
+
 /// A certificate and its private key, both PEM.
 #[derive(Clone)]
 pub struct Identity {
@@ -192,7 +241,7 @@ impl std::fmt::Debug for Identity {
 }
 
 impl Identity {
-    fn cert_der(&self) -> Result<CertificateDer<'static>, TlsError> {
+    pub fn cert_der(&self) -> Result<CertificateDer<'static>, TlsError> {
         pem_certificate(&self.cert_pem, "the certificate")
     }
     fn key_der(&self) -> Result<PrivateKeyDer<'static>, TlsError> {
@@ -285,19 +334,33 @@ pub fn endpoint_config(mut config: quinn::EndpointConfig) -> quinn::EndpointConf
     config
 }
 
-fn transport() -> Arc<quinn::TransportConfig> {
+/// The largest frame either side takes on a connection that has not authenticated
+/// (`Hello` and `Enroll` are a few kilobytes): a peer without a certificate can make the
+/// daemon hold no more than this for it.
+pub const MAX_UNAUTHENTICATED_FRAME_BYTES: usize = 64 * 1024;
+
+/// The daemon's connection receive window before the peer has authenticated.
+const PRE_AUTH_RECEIVE_WINDOW: u32 = 128 * 1024;
+
+fn transport(keep_alive: Option<Duration>) -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     let mut mtu = quinn::MtuDiscoveryConfig::default();
     mtu.upper_bound(MAX_UDP_PAYLOAD_BYTES);
     t.mtu_discovery_config(Some(mtu));
-    // Liveness on both sides: a silent peer is dropped after 30 s, keep-alives every 5 s
-    // keep NAT bindings open while the laptop is awake.
-    t.keep_alive_interval(Some(Duration::from_secs(5)));
+    t.keep_alive_interval(keep_alive);
+    // A silent peer is dropped after 30 s.
     t.max_idle_timeout(Some(
         quinn::IdleTimeout::try_from(Duration::from_secs(30)).expect("30 s is a valid timeout"),
     ));
     Arc::new(t)
 }
+
+/// The agent's keep-alive: every 5 s, well inside the 30 s idle timeout and the shortest
+/// NAT UDP mapping lifetimes seen in practice (RFC 4787 asks for at least 2 minutes; some
+/// carrier-grade NATs keep 30 s). The daemon sends none of its own: an unauthenticated
+/// connection must not be kept open by the daemon's effort, and an agent's own keep-alives
+/// are answered, which keeps both directions alive.
+const AGENT_KEEP_ALIVE: Duration = Duration::from_secs(5);
 
 /// The controller's QUIC server configuration: presents `server` (with the CA in its
 /// chain so agents can check their pin), and verifies client certificates against the CA.
@@ -323,7 +386,17 @@ pub fn server_config(
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let quic = QuicServerConfig::try_from(tls).map_err(|e| TlsError::Quic(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
-    config.transport_config(transport());
+    let mut t = transport(None);
+    let limits = Arc::get_mut(&mut t).expect("just made");
+    // What a peer that has not authenticated can make the daemon hold: one stream (the
+    // control stream; the daemon opens every other), no unreliable datagrams, and a small
+    // connection receive window that the daemon widens once the peer has authenticated.
+    limits
+        .max_concurrent_bidi_streams(1u32.into())
+        .max_concurrent_uni_streams(0u32.into())
+        .datagram_receive_buffer_size(None)
+        .receive_window(PRE_AUTH_RECEIVE_WINDOW.into());
+    config.transport_config(t);
     Ok(config)
 }
 
@@ -348,8 +421,198 @@ pub fn client_config(
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let quic = QuicClientConfig::try_from(tls).map_err(|e| TlsError::Quic(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(quic));
-    config.transport_config(transport());
+    let mut t = transport(Some(AGENT_KEEP_ALIVE));
+    Arc::get_mut(&mut t)
+        .expect("just made")
+        .datagram_receive_buffer_size(None);
+    config.transport_config(t);
     Ok(config)
+}
+
+/// The daemon's TLS-over-TCP listener: its server identity, no client certificate (the
+/// QUIC session inside authenticates the agent), ALPN [`crate::carrier::ALPN_DATAGRAMS`].
+pub fn datagram_server_config(
+    ca: &CertificateAuthority,
+    server: &Identity,
+) -> Result<rustls::ServerConfig, TlsError> {
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![server.cert_der()?, ca.cert_der().clone()],
+            server.key_der()?,
+        )?;
+    tls.alpn_protocols = vec![crate::carrier::ALPN_DATAGRAMS.to_vec()];
+    Ok(tls)
+}
+
+/// A client of an outer TLS link (an agent's TCP path, the daemon's relay link). It
+/// presents `client` when given, with the chain the relay needs to find the CA.
+///
+/// The outer TLS does not pin the server: it is what gets QUIC's datagrams through
+/// networks that pass only TCP (and look like HTTPS to them), not what makes the channel
+/// trustworthy. Everything inside it is QUIC whose handshake pins the controller's CA, so
+/// whoever terminates the outer TLS (the daemon, a relay, anyone in the path) sees the
+/// same ciphertext the network would see over UDP, and can drop it but not read or forge it.
+pub fn outer_client_config(
+    alpn: &[u8],
+    client: Option<(&Identity, &CertificateDer<'static>)>,
+) -> Result<rustls::ClientConfig, TlsError> {
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(OuterServerVerifier {
+            algorithms: provider().signature_verification_algorithms,
+        }));
+    let mut tls = match client {
+        Some((id, ca)) => {
+            builder.with_client_auth_cert(vec![id.cert_der()?, ca.clone()], id.key_der()?)?
+        }
+        None => builder.with_no_client_auth(),
+    };
+    tls.alpn_protocols = vec![alpn.to_vec()];
+    Ok(tls)
+}
+
+/// A relay's TLS server: its own certificate; a client certificate is optional (agents
+/// present none) but, when presented, must be the controller's registration certificate
+/// from the CA whose SHA-256 is `ca_pin`. Both ALPNs are offered; the relay requires a
+/// verified certificate for [`crate::relay::ALPN_REGISTER`].
+pub fn relay_server_config(
+    relay: &Identity,
+    ca_pin: Fingerprint,
+) -> Result<rustls::ServerConfig, TlsError> {
+    let verifier = Arc::new(RegistrationVerifier {
+        pin: ca_pin,
+        algorithms: provider().signature_verification_algorithms,
+    });
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(vec![relay.cert_der()?], relay.key_der()?)?;
+    tls.alpn_protocols = vec![
+        crate::carrier::ALPN_DATAGRAMS.to_vec(),
+        crate::relay::ALPN_REGISTER.to_vec(),
+    ];
+    Ok(tls)
+}
+
+/// Accepts whatever certificate the outer link's server presents; see
+/// [`outer_client_config`] for why that is sound. The handshake signature is still checked
+/// against that certificate, so the session is with whoever holds its key.
+#[derive(Debug)]
+struct OuterServerVerifier {
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for OuterServerVerifier {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+/// The relay's check of a client certificate: the chain holds the pinned CA, the CA signed
+/// the certificate for client use, and it names [`RELAY_CLIENT_NAME`].
+#[derive(Debug)]
+struct RegistrationVerifier {
+    pin: Fingerprint,
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl rustls::server::danger::ClientCertVerifier for RegistrationVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        let ca = intermediates
+            .iter()
+            .find(|c| Fingerprint::of_der(c) == self.pin)
+            .ok_or_else(|| {
+                rustls::Error::General(format!(
+                    "the client certificate is not from the controller CA this relay serves ({})",
+                    self.pin
+                ))
+            })?;
+        let mut roots = RootCertStore::empty();
+        roots.add(ca.clone().into_owned())?;
+        let inner = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+            .build()
+            .map_err(|e| rustls::Error::General(e.to_string()))?;
+        let verified = inner.verify_client_cert(end_entity, &[], now)?;
+        let parsed = rustls::server::ParsedCertificate::try_from(end_entity)?;
+        let name = ServerName::try_from(RELAY_CLIENT_NAME).expect("a valid DNS name");
+        rustls::client::verify_server_name(&parsed, &name).map_err(|_| {
+            rustls::Error::General(
+                "the client certificate is not the controller's relay certificate".into(),
+            )
+        })?;
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
 }
 
 /// The fingerprint of the client certificate a connection presented, if any.

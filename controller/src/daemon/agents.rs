@@ -7,7 +7,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use protocol::framed::{read_frame, spawn_reader, write_frame};
+use protocol::framed::{read_frame, read_frame_limited, spawn_reader, write_frame};
+use protocol::tls::MAX_UNAUTHENTICATED_FRAME_BYTES;
 use protocol::{
     AgentMsg, ControllerMsg, ErrorKind, EventKind, FrameError, Hello, InstanceName, RunCursor,
     WireError,
@@ -26,16 +27,92 @@ fn hello() -> Hello {
     Hello::new(concat!("runctl-controller ", env!("CARGO_PKG_VERSION")))
 }
 
+/// Connections that have not authenticated (handshaking, or without a certificate and not
+/// yet enrolled) beyond which a new attempt must first prove its address with a Retry...
+const SOFT_UNAUTHENTICATED: usize = 64;
+/// ...and beyond which even a proven one is refused (it redials with backoff).
+const MAX_UNAUTHENTICATED: usize = 256;
+/// How long a connection may take from its first packet to a finished `Hello` (and, for
+/// one without a certificate, `Enroll`): an agent needs a few round trips.
+const UNAUTHENTICATED_DEADLINE: Duration = Duration::from_secs(10);
+/// The receive window once a connection is authenticated (before it, the transport's
+/// small window bounds what a stranger can make the daemon buffer).
+const AUTHENTICATED_RECEIVE_WINDOW: u32 = 64 * 1024 * 1024;
+
+/// What to do with a new connection attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Admission {
+    Accept,
+    /// Answer with a stateless Retry: costs the daemon nothing, and a spoofed source
+    /// never comes back.
+    Retry,
+    Refuse,
+}
+
+fn admit(unauthenticated: usize, address_validated: bool) -> Admission {
+    if unauthenticated < SOFT_UNAUTHENTICATED {
+        Admission::Accept
+    } else if !address_validated {
+        Admission::Retry
+    } else if unauthenticated < MAX_UNAUTHENTICATED {
+        Admission::Accept
+    } else {
+        Admission::Refuse
+    }
+}
+
+/// Counts a connection as unauthenticated until dropped or `done`.
+struct Unauthenticated<'a>(Option<&'a std::sync::atomic::AtomicUsize>);
+
+impl Unauthenticated<'_> {
+    fn done(&mut self) {
+        if let Some(n) = self.0.take() {
+            n.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+impl Drop for Unauthenticated<'_> {
+    fn drop(&mut self) {
+        self.done();
+    }
+}
+
 pub(super) async fn handle(d: Arc<Daemon>, incoming: quinn::Incoming) {
-    let conn = match incoming.await {
-        Ok(conn) => conn,
-        Err(e) => {
+    let pending = d.unauthenticated.load(Ordering::SeqCst);
+    match admit(pending, incoming.remote_address_validated()) {
+        Admission::Accept => {}
+        Admission::Retry => {
+            let _ = incoming.retry();
+            return;
+        }
+        Admission::Refuse => {
+            tracing::debug!(
+                "refusing {}: {pending} unauthenticated connections",
+                incoming.remote_address()
+            );
+            incoming.refuse();
+            return;
+        }
+    }
+    d.unauthenticated.fetch_add(1, Ordering::SeqCst);
+    let mut guard = Unauthenticated(Some(&d.unauthenticated));
+    let remote = incoming.remote_address();
+    let deadline = tokio::time::Instant::now() + UNAUTHENTICATED_DEADLINE;
+    let conn = match tokio::time::timeout_at(deadline, incoming).await {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(e)) => {
             tracing::info!("an agent's handshake failed: {e}");
             return;
         }
+        Err(_) => {
+            tracing::info!(
+                "a handshake from {remote} did not finish in {UNAUTHENTICATED_DEADLINE:?}"
+            );
+            return;
+        }
     };
-    let remote = conn.remote_address();
-    if let Err(e) = session(&d, conn).await {
+    if let Err(e) = session(&d, conn, deadline, &mut guard).await {
         tracing::info!("agent connection from {remote} ended: {e:#}");
     }
 }
@@ -58,10 +135,28 @@ async fn refuse(
     anyhow::bail!("refused: {}", error.message)
 }
 
-async fn session(d: &Arc<Daemon>, conn: quinn::Connection) -> anyhow::Result<()> {
-    let (mut send, mut recv) =
-        tokio::time::timeout(Duration::from_secs(10), conn.accept_bi()).await??;
-    let theirs = match read_frame::<_, AgentMsg>(&mut recv).await {
+async fn session(
+    d: &Arc<Daemon>,
+    conn: quinn::Connection,
+    deadline: tokio::time::Instant,
+    unauthenticated: &mut Unauthenticated<'_>,
+) -> anyhow::Result<()> {
+    let late = || anyhow::anyhow!("no Hello within {UNAUTHENTICATED_DEADLINE:?}: closed");
+    let Ok(stream) = tokio::time::timeout_at(deadline, conn.accept_bi()).await else {
+        conn.close(1u32.into(), b"too slow");
+        return Err(late());
+    };
+    let (mut send, mut recv) = stream?;
+    let Ok(first) = tokio::time::timeout_at(
+        deadline,
+        read_frame_limited::<_, AgentMsg>(&mut recv, MAX_UNAUTHENTICATED_FRAME_BYTES),
+    )
+    .await
+    else {
+        conn.close(1u32.into(), b"too slow");
+        return Err(late());
+    };
+    let theirs = match first {
         Ok(Some(AgentMsg::Hello(h))) => h,
         Ok(Some(_)) => {
             return refuse(
@@ -79,7 +174,15 @@ async fn session(d: &Arc<Daemon>, conn: quinn::Connection) -> anyhow::Result<()>
         return refuse(&conn, &mut send, e).await;
     }
     match protocol::tls::peer_fingerprint(&conn) {
-        None => enroll(d, &conn, send, recv, ours).await,
+        None => {
+            let Ok(result) =
+                tokio::time::timeout_at(deadline, enroll(d, &conn, send, recv, ours)).await
+            else {
+                conn.close(1u32.into(), b"too slow");
+                anyhow::bail!("no enrollment within {UNAUTHENTICATED_DEADLINE:?}: closed");
+            };
+            result
+        }
         Some(fingerprint) => {
             let instance = match d.db.cert(fingerprint)? {
                 None => {
@@ -98,6 +201,8 @@ async fn session(d: &Arc<Daemon>, conn: quinn::Connection) -> anyhow::Result<()>
                 }
                 Some((instance, false)) => instance,
             };
+            unauthenticated.done();
+            conn.set_receive_window(AUTHENTICATED_RECEIVE_WINDOW.into());
             write_frame(&mut send, &ControllerMsg::Hello(ours)).await?;
             serve_agent(d, conn, send, recv, instance).await
         }
@@ -118,18 +223,19 @@ async fn enroll(
     mut recv: quinn::RecvStream,
     ours: Hello,
 ) -> anyhow::Result<()> {
-    let (token, csr_der) = match read_frame::<_, AgentMsg>(&mut recv).await {
-        Ok(Some(AgentMsg::Enroll { token, csr_der })) => (token, csr_der),
-        Ok(Some(_)) => {
-            let e = WireError::new(
-                ErrorKind::Unauthenticated,
-                "this connection has no client certificate: it may only enroll",
-            );
-            return refuse(conn, &mut send, e).await;
-        }
-        Ok(None) => return Ok(()),
-        Err(e) => return refuse(conn, &mut send, frame_refusal(&e)).await,
-    };
+    let (token, csr_der) =
+        match read_frame_limited::<_, AgentMsg>(&mut recv, MAX_UNAUTHENTICATED_FRAME_BYTES).await {
+            Ok(Some(AgentMsg::Enroll { token, csr_der })) => (token, csr_der),
+            Ok(Some(_)) => {
+                let e = WireError::new(
+                    ErrorKind::Unauthenticated,
+                    "this connection has no client certificate: it may only enroll",
+                );
+                return refuse(conn, &mut send, e).await;
+            }
+            Ok(None) => return Ok(()),
+            Err(e) => return refuse(conn, &mut send, frame_refusal(&e)).await,
+        };
     let instance = match d.db.consume_token(&token, now_ms())? {
         Ok(instance) => instance,
         Err(kind) => {
@@ -206,7 +312,11 @@ async fn serve_agent(
     }
     d.db.set_instance_state(&instance, InstanceState::Running, now_ms())?;
     d.bump_agents();
-    tracing::info!("agent {instance} connected from {}", conn.remote_address());
+    tracing::info!(
+        "agent {instance} connected from {} ({})",
+        conn.remote_address(),
+        d.mux.path_of(conn.remote_address())
+    );
 
     // Written before the loop starts draining `rx`, so they go straight to the stream.
     for msg in reconcile(d, &instance, &runs)? {
@@ -368,4 +478,28 @@ fn on_events(
         super::runs::on_run_ended(d, run);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(unauthenticated: usize, validated: bool, expected: Admission) {
+        assert_eq!(
+            admit(unauthenticated, validated),
+            expected,
+            "{unauthenticated} {validated}"
+        );
+    }
+
+    #[test]
+    fn admission_under_load() {
+        check(0, false, Admission::Accept);
+        check(SOFT_UNAUTHENTICATED - 1, false, Admission::Accept);
+        check(SOFT_UNAUTHENTICATED, false, Admission::Retry);
+        check(SOFT_UNAUTHENTICATED, true, Admission::Accept);
+        check(MAX_UNAUTHENTICATED - 1, true, Admission::Accept);
+        check(MAX_UNAUTHENTICATED, true, Admission::Refuse);
+        check(MAX_UNAUTHENTICATED * 10, false, Admission::Retry);
+    }
 }

@@ -45,24 +45,36 @@ fn say(progress: &Progress, line: impl Into<String>) {
     let _ = progress.send(line.into());
 }
 
-/// What agents dial, checked against where the daemon listens.
-fn controller_endpoint(d: &Daemon) -> Result<String, UserError> {
-    let endpoint = d.config.ec2.controller_endpoint.clone().ok_or_else(|| {
-        UserError::new(
-            ErrorCode::BadInput,
-            "[ec2] controller_endpoint is not set: instances need an address of this daemon they can reach",
-        )
-        .resolve(format!(
-            "set controller_endpoint = \"HOST:{}\" under [ec2] in config.toml (a public address, a forwarded port, a VPN address)",
-            d.quic_addr.port()
-        ))
-    })?;
+/// What agents dial, checked against where the daemon listens: the direct endpoint (UDP
+/// and TCP) when it can be reached, and the relay when one is configured.
+fn controller_endpoints(d: &Daemon) -> Result<Vec<protocol::path::Endpoint>, UserError> {
+    let relay = d.config.daemon.relay.as_deref();
+    let endpoint = match (d.config.ec2.controller_endpoint.clone(), relay) {
+        (Some(endpoint), _) => endpoint,
+        // With a relay the daemon needs no address of its own that instances can reach.
+        (None, Some(_)) => return Ok(super::carriers::agent_endpoints(None, relay)),
+        (None, None) => {
+            return Err(UserError::new(
+                ErrorCode::BadInput,
+                "[ec2] controller_endpoint is not set: instances need an address of this daemon they can reach",
+            )
+            .resolve(format!(
+                "set controller_endpoint = \"HOST:{}\" under [ec2] in config.toml (a public address, a forwarded port, a VPN address)",
+                d.quic_addr.port()
+            ))
+            .resolve("or set relay = \"HOST:PORT\" under [daemon] to reach instances through a runctl-relay (see the README's reachability section)"));
+        }
+    };
     let (host, _) = endpoint.rsplit_once(':').unwrap_or((&endpoint, ""));
     let loopback_endpoint = host == "localhost"
         || host
             .parse::<std::net::IpAddr>()
             .is_ok_and(|ip| ip.is_loopback());
     if d.quic_addr.ip().is_loopback() && !loopback_endpoint {
+        if relay.is_some() {
+            // Unreachable directly, but the relay serves: agents are not told the direct way.
+            return Ok(super::carriers::agent_endpoints(None, relay));
+        }
         return Err(UserError::new(
             ErrorCode::BadInput,
             format!(
@@ -73,9 +85,10 @@ fn controller_endpoint(d: &Daemon) -> Result<String, UserError> {
         .resolve(format!(
             "set listen = \"0.0.0.0:{}\" under [daemon] in config.toml and restart it (runctl-controller shutdown)",
             d.quic_addr.port()
-        )));
+        ))
+        .resolve("or set relay = \"HOST:PORT\" under [daemon] to reach instances through a runctl-relay"));
     }
-    Ok(endpoint)
+    Ok(super::carriers::agent_endpoints(Some(&endpoint), relay))
 }
 
 /// The agent binary to install: `[ec2] agent_binary`, else `runctl-agent` beside this
@@ -252,7 +265,7 @@ pub(super) async fn launch(
 ) -> Result<InstanceRow, UserError> {
     let started = Instant::now();
     let cfg = &d.config.ec2;
-    let endpoint = controller_endpoint(d)?;
+    let endpoints = controller_endpoints(d)?;
     if let Some(snapshot) = &opts.volume_snapshot {
         ids::check_id(snapshot, "snap").map_err(|e| UserError::new(ErrorCode::BadInput, e))?;
     }
@@ -377,7 +390,7 @@ pub(super) async fn launch(
     };
     let agent_config = AgentConfigFile {
         instance: name.clone(),
-        controller: vec![endpoint],
+        controller: endpoints,
         ca_sha256: d.pki.ca.fingerprint(),
         token,
         state_dir: PathBuf::from("state"),
@@ -630,11 +643,12 @@ async fn wait_until_enrolled(
             ),
         )
         .resolve(format!(
-            "check that {} is reachable from the instance over UDP",
+            "check that {} is reachable from the instance (UDP or TCP), or that the relay is registered (runctl-controller status)",
             d.config
                 .ec2
                 .controller_endpoint
                 .as_deref()
+                .or(d.config.daemon.relay.as_deref())
                 .unwrap_or("[ec2] controller_endpoint")
         ))
         .resolve(format!(

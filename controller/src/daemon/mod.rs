@@ -4,6 +4,7 @@
 //! asks each for the events it missed.
 
 mod agents;
+pub mod carriers;
 mod cloud;
 mod requests;
 mod runs;
@@ -56,6 +57,12 @@ pub struct Daemon {
     db: Db,
     pki: Pki,
     quic_addr: SocketAddr,
+    /// The endpoint's socket: UDP plus the TCP and relay routes; names each agent's path.
+    mux: Arc<protocol::carrier::MuxSocket>,
+    /// The relay link's state, when `[daemon] relay` is set.
+    relay: Option<Arc<Mutex<carriers::RelayStatus>>>,
+    /// Connections that have not authenticated yet (handshaking, or enrolling).
+    unauthenticated: std::sync::atomic::AtomicUsize,
     agents: Mutex<HashMap<InstanceName, AgentLink>>,
     /// Bumped whenever an agent connects or disconnects.
     agents_changed: watch::Sender<u64>,
@@ -180,8 +187,15 @@ pub async fn serve(
     let db = Db::open(&home.db())?;
     let pki = pki::load_or_create(&home.pki())?;
 
-    let endpoint = bind_quic(&config, &db, &pki)?;
+    let (endpoint, mux, tcp) = bind_quic(&config, &db, &pki)?;
     let quic_addr = endpoint.local_addr()?;
+    let tcp = tokio::net::TcpListener::from_std(tcp)?;
+    let relay = config.daemon.relay.clone().map(|relay| {
+        Arc::new(Mutex::new(carriers::RelayStatus {
+            relay,
+            ..Default::default()
+        }))
+    });
 
     let socket_path = home.socket();
     let _ = std::fs::remove_file(&socket_path);
@@ -195,6 +209,9 @@ pub async fn serve(
         db,
         pki,
         quic_addr,
+        mux: mux.clone(),
+        relay: relay.clone(),
+        unauthenticated: Default::default(),
         agents: Mutex::new(HashMap::new()),
         agents_changed: watch::channel(0).0,
         run_changes: Mutex::new(HashMap::new()),
@@ -207,11 +224,32 @@ pub async fn serve(
         ec2: tokio::sync::OnceCell::new(),
     });
     tracing::info!(
-        "daemon {} listening: QUIC {quic_addr}, socket {}, CA {}",
+        "daemon {} listening: QUIC {quic_addr} (UDP and TLS over TCP), socket {}, CA {}",
         std::process::id(),
         socket_path.display(),
         daemon.pki.ca.fingerprint()
     );
+    daemon.tasks.spawn(carriers::serve_tcp(
+        tcp,
+        protocol::tls::datagram_server_config(&daemon.pki.ca, &daemon.pki.server)?,
+        mux.clone(),
+        daemon.tasks.clone(),
+        daemon.shutdown.clone(),
+    ));
+    if let Some(status) = relay {
+        let relay = status.lock().expect("relay status lock").relay.clone();
+        tracing::info!("registering with relay {relay}");
+        daemon.tasks.spawn(carriers::relay_link(
+            relay,
+            protocol::tls::outer_client_config(
+                protocol::relay::ALPN_REGISTER,
+                Some((&daemon.pki.relay_client, daemon.pki.ca.cert_der())),
+            )?,
+            mux.clone(),
+            status,
+            daemon.shutdown.clone(),
+        ));
+    }
 
     tokio::pin!(shutdown);
     loop {
@@ -250,9 +288,18 @@ pub async fn serve(
     Ok(())
 }
 
-/// Binds the QUIC endpoint. With port 0 the first start picks a port and every later
-/// start reuses it, so agents that outlive the daemon can find it again.
-fn bind_quic(config: &Config, db: &Db, pki: &Pki) -> anyhow::Result<quinn::Endpoint> {
+/// Binds the QUIC endpoint (UDP, and TLS over TCP on the same port number). With port 0
+/// the first start picks a port and every later start reuses it, so agents that outlive
+/// the daemon can find it again.
+fn bind_quic(
+    config: &Config,
+    db: &Db,
+    pki: &Pki,
+) -> anyhow::Result<(
+    quinn::Endpoint,
+    Arc<protocol::carrier::MuxSocket>,
+    std::net::TcpListener,
+)> {
     let server = protocol::tls::server_config(&pki.ca, &pki.server)?;
     let mut addr = config.daemon.listen;
     let remembered = db
@@ -263,15 +310,15 @@ fn bind_quic(config: &Config, db: &Db, pki: &Pki) -> anyhow::Result<quinn::Endpo
     {
         addr.set_port(port);
     }
-    let endpoint = endpoint(server, addr, &pki.endpoint_secret).map_err(|e| {
-        UserError::new(ErrorCode::Conflict, format!("cannot listen for agents on UDP {addr}: {e}"))
-            .resolve("free that port, or set another under [daemon] listen in config.toml (agents launched earlier will not find a new port)")
+    let (endpoint, mux, tcp) = endpoint(server, addr, &pki.endpoint_secret).map_err(|e| {
+        UserError::new(ErrorCode::Conflict, format!("cannot listen for agents on UDP and TCP {addr}: {e}"))
+            .resolve("free that port (both UDP and TCP), or set another under [daemon] listen in config.toml (agents launched earlier will not find a new port)")
     })?;
     let bound = endpoint.local_addr()?;
     if config.daemon.listen.port() == 0 && remembered != Some(bound.port()) {
         db.set_setting(PORT_SETTING, &bound.port().to_string())?;
     }
-    Ok(endpoint)
+    Ok((endpoint, mux, tcp))
 }
 
 /// A QUIC server endpoint whose connection ids and stateless-reset tokens derive from
@@ -281,7 +328,11 @@ fn endpoint(
     server: quinn::ServerConfig,
     addr: SocketAddr,
     secret: &[u8; 32],
-) -> std::io::Result<quinn::Endpoint> {
+) -> std::io::Result<(
+    quinn::Endpoint,
+    Arc<protocol::carrier::MuxSocket>,
+    std::net::TcpListener,
+)> {
     use ring::hmac;
     // Two independent keys from one secret: one signs reset tokens, one keys connection ids.
     let derive = |label: &[u8]| hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, secret), label);
@@ -297,6 +348,13 @@ fn endpoint(
     config.cid_generator(move || {
         Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
     });
-    let socket = protocol::tls::bind_udp(addr)?;
-    quinn::Endpoint::new(config, Some(server), socket, Arc::new(quinn::TokioRuntime))
+    let (udp, tcp) = carriers::bind(addr)?;
+    let mux = protocol::carrier::MuxSocket::new(udp)?;
+    let endpoint = quinn::Endpoint::new_with_abstract_socket(
+        config,
+        Some(server),
+        mux.clone(),
+        Arc::new(quinn::TokioRuntime),
+    )?;
+    Ok((endpoint, mux, tcp))
 }

@@ -86,7 +86,7 @@ pub(super) async fn launch(
             name: &name,
             token,
             ca_pin: d.pki.ca.fingerprint(),
-            endpoint: d.quic_addr,
+            endpoints: local_endpoints(d),
             agent_bin: &agent_bin,
             agent: &d.config.local.agent,
         },
@@ -392,4 +392,14 @@ pub(super) fn record_terminated(d: &Daemon, name: &InstanceName, now: u64) {
 pub(super) fn not_found_run(run: &RunId) -> UserError {
     UserError::new(ErrorCode::NotFound, format!("no run {run}"))
         .resolve("list runs: runctl-controller list")
+}
+
+/// What a local agent dials: the daemon's own port (loopback when it listens on all), over
+/// UDP and TCP, and the relay when one is configured.
+fn local_endpoints(d: &Daemon) -> Vec<protocol::path::Endpoint> {
+    let mut direct = d.quic_addr;
+    if direct.ip().is_unspecified() {
+        direct.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    super::carriers::agent_endpoints(Some(&direct.to_string()), d.config.daemon.relay.as_deref())
 }

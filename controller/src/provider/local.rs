@@ -2,7 +2,6 @@
 //! own directory (config, state, log) under `$RUNCTL_HOME/local/NAME`. It enrolls over
 //! loopback exactly as a cloud agent would, token and CA pin included.
 
-use std::net::SocketAddr;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
@@ -57,7 +56,8 @@ pub struct LaunchSpec<'a> {
     pub name: &'a InstanceName,
     pub token: EnrollToken,
     pub ca_pin: Fingerprint,
-    pub endpoint: SocketAddr,
+    /// What the agent is told: every way to reach the daemon.
+    pub endpoints: Vec<protocol::path::Endpoint>,
     pub agent_bin: &'a Path,
     /// Agent settings from `[local.agent]` in the controller's config.
     pub agent: &'a crate::config::LocalAgentConfig,
@@ -72,14 +72,9 @@ pub fn launch(home: &Home, spec: LaunchSpec<'_>) -> anyhow::Result<tokio::proces
         .mode(0o700)
         .create(&dir)
         .with_context(|| format!("creating {}", dir.display()))?;
-    // A loopback agent dials the loopback address even when the daemon listens on all.
-    let mut endpoint = spec.endpoint;
-    if endpoint.ip().is_unspecified() {
-        endpoint.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
-    }
     let config = AgentConfigFile {
         instance: spec.name.clone(),
-        controller: vec![endpoint.to_string()],
+        controller: spec.endpoints,
         ca_sha256: spec.ca_pin,
         token: spec.token,
         state_dir: PathBuf::from("state"),

@@ -80,7 +80,10 @@ mod tests {
     fn config() -> AgentConfigFile {
         AgentConfigFile {
             instance: "ec2-3fa9c1".parse().expect("name"),
-            controller: vec!["203.0.113.7:7443".into()],
+            controller: vec![
+                "203.0.113.7:7443".parse().expect("valid"),
+                "tcp://203.0.113.7:7443".parse().expect("valid"),
+            ],
             ca_sha256: "ab".repeat(32).parse().expect("fingerprint"),
             token: protocol::EnrollToken::from_random([7; 32]),
             state_dir: "state".into(),
