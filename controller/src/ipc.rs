@@ -204,6 +204,34 @@ pub struct StatusReport {
     pub instances_running: u32,
     /// What the running instances cost per hour, where known.
     pub dollars_per_hour: f64,
+    /// How each connected agent reaches the daemon.
+    pub agents: Vec<AgentPathView>,
+    /// The relay link, when `[daemon] relay` is set.
+    pub relay: Option<RelayView>,
+}
+
+/// The path one agent's session runs over.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentPath {
+    /// `udp direct`, `udp via relay`, `tcp via relay`, `tcp direct`.
+    pub path: String,
+    /// QUIC's smoothed round-trip time, in milliseconds.
+    pub rtt_ms: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentPathView {
+    pub instance: InstanceName,
+    pub path: AgentPath,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RelayView {
+    /// `host:port` of the relay.
+    pub relay: String,
+    pub registered: bool,
+    /// Why the last attempt to register failed, while not registered.
+    pub last_error: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -211,6 +239,8 @@ pub struct InstanceView {
     #[serde(rename = "instance")]
     pub row: InstanceRow,
     pub connected: bool,
+    /// The connected agent's path and round-trip time.
+    pub path: Option<AgentPath>,
     /// For a cloud instance: its id, type, price and billed time.
     pub cloud: Option<CloudRow>,
     /// Its cost so far, in dollars, where its price is known.

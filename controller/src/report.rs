@@ -452,8 +452,8 @@ fn truncate(text: &str, max_chars: usize) -> String {
 
 pub fn status_text(s: &StatusReport) -> String {
     let plural = |n: u32, word: &str| format!("{n} {word}{}", if n == 1 { "" } else { "s" });
-    format!(
-        "{} running ({}/h), {} active, {} connected (daemon pid {}, v{}, QUIC {})",
+    let mut text = format!(
+        "{} running ({}/h), {} active, {} connected (daemon pid {}, v{}, QUIC {}, UDP and TCP)",
         plural(s.instances_running, "instance"),
         crate::provider::ec2::prices::dollars(s.dollars_per_hour),
         plural(s.runs_active, "run"),
@@ -461,7 +461,22 @@ pub fn status_text(s: &StatusReport) -> String {
         s.pid,
         s.version,
         s.quic_addr
-    )
+    );
+    if let Some(relay) = &s.relay {
+        text.push_str(&match (relay.registered, &relay.last_error) {
+            (true, _) => format!("\nrelay {}: registered", relay.relay),
+            (false, Some(e)) => format!("\nrelay {}: not registered: {e}", relay.relay),
+            (false, None) => format!("\nrelay {}: registering", relay.relay),
+        });
+    }
+    for a in &s.agents {
+        text.push_str(&format!("\n{}: {}", a.instance, path_words(&a.path)));
+    }
+    text
+}
+
+fn path_words(p: &crate::ipc::AgentPath) -> String {
+    format!("{}, rtt {:.1} ms", p.path, p.rtt_ms)
 }
 
 pub fn list_text(report: &ListReport, now_ms: u64) -> String {
@@ -472,6 +487,7 @@ pub fn list_text(report: &ListReport, now_ms: u64) -> String {
     for InstanceView {
         row,
         connected,
+        path,
         cloud,
         cost,
     } in &report.instances
@@ -487,7 +503,11 @@ pub fn list_text(report: &ListReport, now_ms: u64) -> String {
                 .map(|c| format!("{}{}", c.instance_type, if c.spot { " spot" } else { "" }))
                 .unwrap_or_else(|| "-".into()),
             instance_word(row.state).to_owned(),
-            if *connected { "connected" } else { "-" }.to_owned(),
+            match (connected, path) {
+                (true, Some(p)) => path_words(p),
+                (true, None) => "connected".to_owned(),
+                (false, _) => "-".to_owned(),
+            },
             age(now_ms, row.created_ms),
             cloud
                 .as_ref()
@@ -673,6 +693,10 @@ mod tests {
                         for_run: None,
                     },
                     connected: true,
+                    path: Some(crate::ipc::AgentPath {
+                        path: "tcp via relay".into(),
+                        rtt_ms: 12.34,
+                    }),
                     cloud: None,
                     cost: None,
                 },
@@ -687,6 +711,7 @@ mod tests {
                         for_run: None,
                     },
                     connected: false,
+                    path: None,
                     cloud: Some(crate::db::CloudRow {
                         name: "ec2-3fa9c1".parse().expect("valid"),
                         cloud_id: "i-0123456789abcdef0".into(),
@@ -729,8 +754,24 @@ mod tests {
             runs_active: 2,
             instances_running: 2,
             dollars_per_hour: 1.456,
+            agents: vec![crate::ipc::AgentPathView {
+                instance: "local-1".parse().expect("valid"),
+                path: crate::ipc::AgentPath {
+                    path: "udp direct".into(),
+                    rtt_ms: 0.5,
+                },
+            }],
+            relay: Some(crate::ipc::RelayView {
+                relay: "relay.example.com:443".into(),
+                registered: false,
+                last_error: Some("connecting to 192.0.2.1:443 timed out".into()),
+            }),
         };
-        insta::assert_snapshot!(status_text(&status), @"2 instances running ($1.46/h), 2 runs active, 1 agent connected (daemon pid 7, v0.1.0, QUIC 127.0.0.1:4433)");
+        insta::assert_snapshot!(status_text(&status), @r"
+        2 instances running ($1.46/h), 2 runs active, 1 agent connected (daemon pid 7, v0.1.0, QUIC 127.0.0.1:4433, UDP and TCP)
+        relay relay.example.com:443: not registered: connecting to 192.0.2.1:443 timed out
+        local-1: udp direct, rtt 0.5 ms
+        ");
         insta::assert_snapshot!(run_summary(&report.runs[0]), @"run run-abababababab failed (exit 3) after 3.5s");
     }
 

@@ -48,36 +48,6 @@ pub fn agent_endpoints(direct: Option<&str>, relay: Option<&str>) -> Vec<Endpoin
     out
 }
 
-/// Binds the UDP socket and a TCP listener on the same port number. With port 0, a port
-/// free for both is found (a few tries: the UDP port picked may be taken for TCP).
-pub fn bind(addr: SocketAddr) -> std::io::Result<(std::net::UdpSocket, std::net::TcpListener)> {
-    let mut last = None;
-    for _ in 0..16 {
-        let udp = protocol::tls::bind_udp(addr)?;
-        let mut tcp_addr = addr;
-        tcp_addr.set_port(udp.local_addr()?.port());
-        match bind_tcp(tcp_addr) {
-            Ok(tcp) => return Ok((udp, tcp)),
-            Err(e) if addr.port() == 0 => last = Some(e),
-            Err(e) => return Err(e),
-        }
-    }
-    Err(last.unwrap_or_else(|| std::io::Error::other("no port free for both UDP and TCP")))
-}
-
-fn bind_tcp(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
-    let socket = socket2::Socket::new(
-        socket2::Domain::for_address(addr),
-        socket2::Type::STREAM,
-        Some(socket2::Protocol::TCP),
-    )?;
-    socket.set_reuse_address(true)?;
-    socket.bind(&addr.into())?;
-    socket.listen(1024)?;
-    socket.set_nonblocking(true)?;
-    Ok(socket.into())
-}
-
 /// Accepts agents' TLS-over-TCP flows until `shutdown`.
 pub async fn serve_tcp(
     listener: tokio::net::TcpListener,

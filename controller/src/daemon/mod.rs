@@ -91,6 +91,48 @@ impl Daemon {
         self.agents.lock().expect("agents lock").contains_key(name)
     }
 
+    /// How `name`'s agent reaches the daemon now, if it is connected.
+    fn agent_path(&self, name: &InstanceName) -> Option<crate::ipc::AgentPath> {
+        let link = self.agent(name)?;
+        Some(crate::ipc::AgentPath {
+            path: self.mux.path_of(link.conn.remote_address()).to_string(),
+            rtt_ms: link.conn.rtt().as_secs_f64() * 1000.0,
+        })
+    }
+
+    /// Every connected agent's path, by instance name.
+    fn agent_paths(&self) -> Vec<crate::ipc::AgentPathView> {
+        let mut names: Vec<InstanceName> = self
+            .agents
+            .lock()
+            .expect("agents lock")
+            .keys()
+            .cloned()
+            .collect();
+        names.sort();
+        names
+            .into_iter()
+            .filter_map(|instance| {
+                let path = self.agent_path(&instance)?;
+                Some(crate::ipc::AgentPathView { instance, path })
+            })
+            .collect()
+    }
+
+    fn relay_view(&self) -> Option<crate::ipc::RelayView> {
+        let status = self
+            .relay
+            .as_ref()?
+            .lock()
+            .expect("relay status lock")
+            .clone();
+        Some(crate::ipc::RelayView {
+            relay: status.relay,
+            registered: status.registered,
+            last_error: status.last_error,
+        })
+    }
+
     fn connected_count(&self) -> u32 {
         self.agents.lock().expect("agents lock").len() as u32
     }
@@ -348,7 +390,7 @@ fn endpoint(
     config.cid_generator(move || {
         Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
     });
-    let (udp, tcp) = carriers::bind(addr)?;
+    let (udp, tcp) = protocol::carrier::bind_udp_and_tcp(addr)?;
     let mux = protocol::carrier::MuxSocket::new(udp)?;
     let endpoint = quinn::Endpoint::new_with_abstract_socket(
         config,

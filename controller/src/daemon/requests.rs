@@ -56,6 +56,7 @@ fn view(d: &Daemon, row: crate::db::InstanceRow) -> InstanceView {
     let cloud = d.db.cloud(&row.name).ok().flatten();
     InstanceView {
         connected: d.connected(&row.name),
+        path: d.agent_path(&row.name),
         cost: cloud.as_ref().and_then(|c| c.cost(now_ms())),
         cloud,
         row,
@@ -130,6 +131,8 @@ async fn dispatch(
                     .filter_map(|v| v.cloud.as_ref().and_then(|c| c.price_per_hour))
                     // Not `sum()`: the sum of no floats is -0.0.
                     .fold(0.0, |total, price| total + price),
+                agents: d.agent_paths(),
+                relay: d.relay_view(),
             };
             write_frame(stream, &Response::Status(report)).await?;
         }

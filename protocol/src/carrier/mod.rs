@@ -101,6 +101,38 @@ pub(crate) async fn pump_out<T, W: AsyncWrite + Unpin>(
     Ok(())
 }
 
+/// Binds the UDP socket and a TCP listener on the same port number. With port 0, a port
+/// free for both is found (a few tries: the UDP port picked may be taken for TCP).
+pub fn bind_udp_and_tcp(
+    addr: SocketAddr,
+) -> std::io::Result<(std::net::UdpSocket, std::net::TcpListener)> {
+    let mut last = None;
+    for _ in 0..16 {
+        let udp = crate::tls::bind_udp(addr)?;
+        let mut tcp_addr = addr;
+        tcp_addr.set_port(udp.local_addr()?.port());
+        match bind_tcp(tcp_addr) {
+            Ok(tcp) => return Ok((udp, tcp)),
+            Err(e) if addr.port() == 0 => last = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other("no port free for both UDP and TCP")))
+}
+
+fn bind_tcp(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
+}
+
 /// Splits a transmit into its datagrams (GSO batches several of one size).
 fn datagrams<'a>(t: &'a Transmit<'_>) -> impl Iterator<Item = &'a [u8]> {
     t.contents
@@ -309,6 +341,16 @@ impl RelayQueue {
         let _ = self.0.push(frame, Bytes::new());
     }
 
+    /// Queues a datagram for `flow`; false when the link is backed up and it was dropped.
+    pub fn push_datagram(&self, flow: Flow, data: Bytes) -> bool {
+        self.0.push(RelayOut::Datagram(flow), data).is_ok()
+    }
+
+    /// Ends the link's writer once what is queued is written; pushes fail from now on.
+    pub fn close(&self) {
+        self.0.close();
+    }
+
     /// Writes queued frames to the link until it fails. What is queued when the link
     /// fails is lost (as packets on a dead path are); the queue stays usable.
     pub async fn pump<W: AsyncWrite + Unpin>(&self, w: &mut W) -> io::Result<()> {
@@ -326,6 +368,33 @@ impl RelayQueue {
             put_record(batch, &[&frame, data])
         })
         .await
+    }
+}
+
+/// The outbound queue of one stream that carries datagrams as records (a relay's side of
+/// an agent's TCP flow).
+#[derive(Debug, Clone)]
+pub struct RecordQueue(Arc<Queue<()>>);
+
+impl Default for RecordQueue {
+    fn default() -> Self {
+        RecordQueue(Arc::new(Queue::new(STREAM_QUEUE_BYTES)))
+    }
+}
+
+impl RecordQueue {
+    /// Queues a datagram; false when the stream is backed up and it was dropped.
+    pub fn push(&self, data: Bytes) -> bool {
+        self.0.push((), data).is_ok()
+    }
+
+    pub fn close(&self) {
+        self.0.close();
+    }
+
+    /// Writes queued datagrams to `w` as records until the queue is closed or a write fails.
+    pub async fn pump<W: AsyncWrite + Unpin>(&self, w: &mut W) -> io::Result<()> {
+        pump_out(&self.0, w, |(), d, b| put_record(b, &[d])).await
     }
 }
 
