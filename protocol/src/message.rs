@@ -9,11 +9,38 @@ use crate::manifest::ContentHash;
 use crate::stats::StatsSample;
 
 /// The first message in both directions on every connection.
+///
+/// Its layout is fixed from protocol 5 on: what a later version adds is a new feature
+/// name, never a new field, so any two versions can read each other's `Hello`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hello {
     pub protocol_version: u16,
     /// The sending program and its version, e.g. `runctl-agent 0.1.0`, for error messages.
     pub software: String,
+    /// What the sender can do beyond the base protocol of its version (names from
+    /// [`Feature`]; names a side does not know are ignored).
+    pub features: Vec<String>,
+}
+
+/// The oldest protocol version this build talks to: the first with a fixed `Hello`.
+pub const OLDEST_PEER_VERSION: u16 = 5;
+
+/// Capabilities a side announces in its `Hello`. A request for one the peer lacks is
+/// refused on its own (`ErrorKind::Unsupported`), not by dropping the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Feature {
+    /// Sessions may run over the TCP and relay carriers (`protocol::carrier`).
+    Carriers,
+}
+
+impl Feature {
+    pub const ALL: &[Feature] = &[Feature::Carriers];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Feature::Carriers => "carriers",
+        }
+    }
 }
 
 impl Hello {
@@ -21,19 +48,45 @@ impl Hello {
         Hello {
             protocol_version: crate::PROTOCOL_VERSION,
             software: software.to_owned(),
+            features: Feature::ALL.iter().map(|f| f.name().to_owned()).collect(),
         }
     }
 
-    /// Checks the peer's hello against ours; the error names both versions and what to do.
+    /// Checks the peer's hello against ours: the same version, or one apart (the newer
+    /// side speaks the older one's protocol, using only features both announce). The
+    /// error names both versions and what to do.
     pub fn check_peer(&self, peer: &Hello) -> Result<(), WireError> {
-        if self.protocol_version == peer.protocol_version {
+        let (a, b) = (self.protocol_version, peer.protocol_version);
+        if a.abs_diff(b) <= 1 && a.min(b) >= OLDEST_PEER_VERSION {
             return Ok(());
         }
         Err(WireError::new(
             ErrorKind::VersionMismatch,
             format!(
-                "incompatible protocol versions: {} speaks {}, {} speaks {}; install matching versions of runctl-controller and runctl-agent",
+                "incompatible protocol versions: {} speaks {}, {} speaks {} (versions one apart work together); install matching versions of runctl-controller and runctl-agent",
                 self.software, self.protocol_version, peer.software, peer.protocol_version
+            ),
+        ))
+    }
+
+    /// Whether the peer announced `feature`.
+    pub fn has(&self, feature: Feature) -> bool {
+        self.features.iter().any(|f| f == feature.name())
+    }
+
+    /// `Ok` when the peer announced `feature`; else the refusal to send back for the one
+    /// request that needed it.
+    pub fn require(&self, feature: Feature) -> Result<(), WireError> {
+        if self.has(feature) {
+            return Ok(());
+        }
+        Err(WireError::new(
+            ErrorKind::Unsupported,
+            format!(
+                "{} (protocol {}) does not support {}; upgrade it to use this",
+                self.software,
+                self.protocol_version,
+                feature.name()
             ),
         ))
     }
@@ -442,6 +495,8 @@ pub enum ErrorKind {
     NotFound,
     /// Something unexpected failed on the peer.
     Internal,
+    /// The peer's version lacks the feature the request needs.
+    Unsupported,
 }
 
 #[cfg(test)]
@@ -706,14 +761,60 @@ mod tests {
     #[test]
     fn version_check_names_both_sides() {
         let ours = Hello::new("runctl-controller 0.1.0");
-        let theirs = Hello {
-            protocol_version: 999,
+        let theirs = |v: u16| Hello {
+            protocol_version: v,
             software: "runctl-agent 9.0.0".into(),
+            features: vec![],
         };
-        let err = ours.check_peer(&theirs).expect_err("versions differ");
+        let err = ours.check_peer(&theirs(999)).expect_err("versions differ");
         assert_eq!(err.kind, ErrorKind::VersionMismatch);
-        assert!(err.message.contains("speaks 4"), "{}", err.message);
+        assert!(
+            err.message
+                .contains(&format!("speaks {}", crate::PROTOCOL_VERSION)),
+            "{}",
+            err.message
+        );
         assert!(err.message.contains("speaks 999"), "{}", err.message);
         assert!(ours.check_peer(&ours.clone()).is_ok());
+        let v = crate::PROTOCOL_VERSION;
+        assert!(ours.check_peer(&theirs(v + 1)).is_ok(), "one newer");
+        assert_eq!(
+            ours.check_peer(&theirs(v - 1)).is_ok(),
+            v - 1 >= OLDEST_PEER_VERSION
+        );
+        assert!(ours.check_peer(&theirs(v + 2)).is_err());
+        assert!(ours.check_peer(&theirs(OLDEST_PEER_VERSION - 1)).is_err());
+    }
+
+    #[test]
+    fn features_are_announced_and_required_one_by_one() {
+        let full = Hello::new("runctl-agent 0.1.0");
+        assert!(full.has(Feature::Carriers));
+        assert!(full.require(Feature::Carriers).is_ok());
+        let bare = Hello {
+            features: vec!["a-feature-from-the-future".into()],
+            ..full
+        };
+        let err = bare.require(Feature::Carriers).expect_err("lacks it");
+        assert_eq!(err.kind, ErrorKind::Unsupported);
+        assert!(
+            err.message.contains("does not support carriers"),
+            "{}",
+            err.message
+        );
+    }
+
+    /// A later version may only add feature names: its `Hello` must decode here whatever
+    /// it announces.
+    #[test]
+    fn a_newer_hello_still_decodes() {
+        let newer = Hello {
+            protocol_version: crate::PROTOCOL_VERSION + 1,
+            software: "runctl-agent 9.0.0".into(),
+            features: vec!["carriers".into(), "exec".into(), "shell".into()],
+        };
+        let frame = codec::encode(&AgentMsg::Hello(newer.clone())).expect("encodes");
+        let back: AgentMsg = codec::decode(&frame[4..]).expect("decodes");
+        assert_eq!(back, AgentMsg::Hello(newer));
     }
 }

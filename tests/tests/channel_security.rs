@@ -241,6 +241,7 @@ async fn an_incompatible_protocol_version_is_refused_by_name() {
     let old = AgentMsg::Hello(Hello {
         protocol_version: 999,
         software: "runctl-agent 9.9.9".into(),
+        features: vec![],
     });
     let e = refusal(&c.exchange(&conn, &[old]).await.expect("exchange"));
     assert_eq!(e.kind, ErrorKind::VersionMismatch);
@@ -259,10 +260,38 @@ async fn an_incompatible_protocol_version_is_refused_by_name() {
 
 #[tokio::test]
 async fn a_frame_over_the_size_limit_is_refused() {
+    // Over the unauthenticated limit (64 KiB) though well under the session limit: a
+    // stranger cannot make the daemon hold a big frame for it.
+    for len in [
+        protocol::MAX_FRAME_BYTES + 1,
+        protocol::tls::MAX_UNAUTHENTICATED_FRAME_BYTES + 1,
+    ] {
+        frame_refused(len).await;
+    }
+}
+
+#[tokio::test]
+async fn a_stranger_that_never_finishes_hello_is_closed_by_the_deadline() {
+    let c = controller();
+    let conn = c.connect(c.pin, None).await.expect("connect");
+    let (mut send, _recv) = conn.open_bi().await.expect("stream");
+    // Half a frame header, then nothing.
+    send.write_all(&[0, 0]).await.expect("write");
+    let started = std::time::Instant::now();
+    let closed = tokio::time::timeout(Duration::from_secs(20), conn.closed()).await;
+    assert!(closed.is_ok(), "the daemon closes a silent stranger");
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "closed after {:?}",
+        started.elapsed()
+    );
+}
+
+async fn frame_refused(len: usize) {
     let c = controller();
     let conn = c.connect(c.pin, None).await.expect("connect");
     let (mut send, mut recv) = conn.open_bi().await.expect("stream");
-    let header = (protocol::MAX_FRAME_BYTES as u32 + 1).to_be_bytes();
+    let header = (len as u32).to_be_bytes();
     send.write_all(&header).await.expect("write header");
     send.write_all(&[0u8; 1024]).await.expect("write some body");
     let answer: ControllerMsg = read_frame(&mut recv)

@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 use protocol::framed::write_frame;
 use protocol::{AgentMsg, Hello};
 use tests::{Home, stderr, stdout};
-use tokio::io::AsyncWriteExt;
 
 const ATTEMPTS: usize = 5000;
 const IN_FLIGHT: usize = 500;
@@ -98,11 +97,14 @@ fn a_flood_of_strangers_leaves_the_daemon_small_and_serving() {
             let mut tasks = tokio::task::JoinSet::new();
             // A few client endpoints, so the flood is not limited by one socket's driver.
             let endpoints: Vec<quinn::Endpoint> = (0..4)
-                .map(|_| quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint"))
+                .map(|_| {
+                    quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint")
+                })
                 .collect();
             for i in 0..ATTEMPTS {
                 let permit = slots.clone().acquire_owned().await.expect("semaphore");
-                let (endpoint, client, tally) = (endpoints[i % 4].clone(), client.clone(), tally.clone());
+                let (endpoint, client, tally) =
+                    (endpoints[i % 4].clone(), client.clone(), tally.clone());
                 tasks.spawn(async move {
                     one(endpoint, addr, client, tally).await;
                     drop(permit);
@@ -115,7 +117,14 @@ fn a_flood_of_strangers_leaves_the_daemon_small_and_serving() {
     // A real agent is served meanwhile: a run on it starts, streams and ends.
     std::thread::sleep(Duration::from_secs(2));
     let served_started = Instant::now();
-    let out = home.run(&["run", "--on", "real", "--", "echo", "served during the flood"]);
+    let out = home.run(&[
+        "run",
+        "--on",
+        "real",
+        "--",
+        "echo",
+        "served during the flood",
+    ]);
     let served = served_started.elapsed();
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert_eq!(stdout(&out).trim(), "served during the flood");
@@ -136,7 +145,11 @@ fn a_flood_of_strangers_leaves_the_daemon_small_and_serving() {
         peak / 1024,
         after / 1024,
     );
-    assert!(peak < RSS_BOUND_KIB, "the daemon peaked at {} MiB", peak / 1024);
+    assert!(
+        peak < RSS_BOUND_KIB,
+        "the daemon peaked at {} MiB",
+        peak / 1024
+    );
     // Every stranger that got in was shown the door by the daemon's deadline.
     assert_eq!(
         tally.closed_by_daemon.load(Ordering::Relaxed),

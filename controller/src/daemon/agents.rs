@@ -167,6 +167,17 @@ async fn session(
             .await;
         }
         Ok(None) => return Ok(()),
+        // Before protocol 5, Hello had no feature list, so an older agent's does not decode.
+        Err(e @ FrameError::Decode(_)) => {
+            let e = WireError::new(
+                ErrorKind::VersionMismatch,
+                format!(
+                    "could not read the agent's Hello ({e}): it is likely older than protocol {}; install matching versions of runctl-controller and runctl-agent",
+                    protocol::OLDEST_PEER_VERSION
+                ),
+            );
+            return refuse(&conn, &mut send, e).await;
+        }
         Err(e) => return refuse(&conn, &mut send, frame_refusal(&e)).await,
     };
     let ours = hello();
