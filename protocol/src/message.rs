@@ -780,7 +780,7 @@ mod tests {
         assert!(ours.check_peer(&theirs(v + 1)).is_ok(), "one newer");
         assert_eq!(
             ours.check_peer(&theirs(v - 1)).is_ok(),
-            v - 1 >= OLDEST_PEER_VERSION
+            v > OLDEST_PEER_VERSION
         );
         assert!(ours.check_peer(&theirs(v + 2)).is_err());
         assert!(ours.check_peer(&theirs(OLDEST_PEER_VERSION - 1)).is_err());

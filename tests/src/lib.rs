@@ -2,6 +2,7 @@
 //! `runctl-controller` and `runctl-agent` binaries, and cleanup that leaves no daemon or
 //! agent process behind.
 
+pub mod reach;
 pub mod s3;
 
 use std::path::{Path, PathBuf};
@@ -43,10 +44,24 @@ pub fn fixture(name: &str) -> PathBuf {
     repo_root().join("tests/fixtures").join(name)
 }
 
+/// A command for `program`, run inside network namespace `netns` when one is given.
+pub fn in_netns(netns: Option<&str>, program: &Path) -> Command {
+    match netns {
+        None => Command::new(program),
+        Some(ns) => {
+            let mut cmd = Command::new("ip");
+            cmd.args(["netns", "exec", ns]).arg(program);
+            cmd
+        }
+    }
+}
+
 /// A controller home in a temporary directory, with a daemon started on demand.
 #[derive(Debug)]
 pub struct Home {
     pub dir: tempfile::TempDir,
+    /// The network namespace its CLI (and so its daemon) runs in, for the netns tests.
+    pub netns: Option<String>,
 }
 
 impl Default for Home {
@@ -73,7 +88,13 @@ impl Home {
             format!("[daemon]\nlisten = \"127.0.0.1:0\"\nstop_grace_secs = 3\n{extra}"),
         )
         .expect("write config");
-        Home { dir }
+        Home { dir, netns: None }
+    }
+
+    /// The same home, with its CLI and daemon run inside network namespace `netns`.
+    pub fn in_netns(mut self, netns: &str) -> Self {
+        self.netns = Some(netns.to_owned());
+        self
     }
 
     pub fn path(&self) -> &Path {
@@ -82,7 +103,7 @@ impl Home {
 
     /// A `runctl-controller` command bound to this home.
     pub fn cli(&self) -> Command {
-        let mut cmd = Command::new(bin("runctl-controller"));
+        let mut cmd = in_netns(self.netns.as_deref(), &bin("runctl-controller"));
         cmd.env("RUNCTL_HOME", self.path())
             .env("RUNCTL_AGENT_BIN", bin("runctl-agent"))
             .env_remove("RUNCTL_OUTPUT")
@@ -132,8 +153,13 @@ impl Home {
 
     /// Starts the local agent of `instance` again from its config, as systemd would.
     pub fn restart_agent(&self, instance: &str) -> std::process::Child {
+        self.restart_agent_in(instance, self.netns.as_deref())
+    }
+
+    /// Starts the local agent of `instance` again, inside network namespace `netns`.
+    pub fn restart_agent_in(&self, instance: &str, netns: Option<&str>) -> std::process::Child {
         let config = self.path().join(format!("local/{instance}/agent.toml"));
-        Command::new(bin("runctl-agent"))
+        in_netns(netns, &bin("runctl-agent"))
             .arg("--config")
             .arg(&config)
             .stderr(std::process::Stdio::null())

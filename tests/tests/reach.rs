@@ -5,134 +5,16 @@
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
 use protocol::tls;
-use tests::{Home, bin, stderr, stdout};
-
-/// A `runctl-relay` process serving `ca_sha256` on a loopback port.
-struct RelayProcess {
-    child: Child,
-    addr: SocketAddr,
-    state: tempfile::TempDir,
-    ca: String,
-}
-
-impl RelayProcess {
-    fn start(ca: &str, listen: &str, state: Option<tempfile::TempDir>) -> Self {
-        let state = state.unwrap_or_else(|| tempfile::tempdir().expect("tempdir"));
-        let mut child = Command::new(bin("runctl-relay"))
-            .args(["--listen", listen, "--ca-sha256", ca, "--state-dir"])
-            .arg(state.path())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start runctl-relay");
-        let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
-        let first = lines.next().expect("a line").expect("utf-8");
-        let addr = first
-            .split_whitespace()
-            .find_map(|w| w.trim_end_matches(',').parse::<SocketAddr>().ok())
-            .unwrap_or_else(|| panic!("no address in {first:?}"));
-        // Keep draining its log so it never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
-        RelayProcess {
-            child,
-            addr,
-            state,
-            ca: ca.to_owned(),
-        }
-    }
-
-    fn kill(mut self) -> (tempfile::TempDir, SocketAddr, String) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let state = std::mem::replace(&mut self.state, tempfile::tempdir().expect("tempdir"));
-        (state, self.addr, self.ca.clone())
-    }
-}
-
-impl Drop for RelayProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// An agent process the test started; reaped when dropped.
-struct AgentProcess(Child);
-
-impl Drop for AgentProcess {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Points a local instance's agent at exactly `endpoints` and restarts it.
-fn repoint_agent(home: &Home, instance: &str, endpoints: &[String]) -> AgentProcess {
-    kill_agent_of(home, instance);
-    let path = home.path().join(format!("local/{instance}/agent.toml"));
-    let mut config: toml::Table = std::fs::read_to_string(&path)
-        .expect("read agent config")
-        .parse()
-        .expect("toml");
-    config.insert(
-        "controller".into(),
-        toml::Value::Array(endpoints.iter().map(|e| e.clone().into()).collect()),
-    );
-    std::fs::write(&path, toml::to_string(&config).expect("toml")).expect("write agent config");
-    AgentProcess(home.restart_agent(instance))
-}
-
-fn kill_agent_of(home: &Home, instance: &str) {
-    let config = home.path().join(format!("local/{instance}/agent.toml"));
-    // No wait for the daemon to notice: the restarted agent's session replaces the old.
-    let needle = config.display().to_string();
-    tests::kill_processes_with_arg(&needle);
-    home.wait_until("the agent to die", Duration::from_secs(10), || {
-        !std::fs::read_dir("/proc")
-            .expect("proc")
-            .flatten()
-            .any(|p| {
-                std::fs::read(p.path().join("cmdline"))
-                    .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&needle))
-            })
-    });
-}
-
-/// (instance, path) of every connected agent, from `status`.
-fn agent_paths(home: &Home) -> Vec<(String, String)> {
-    let status = home.json(&["status"]);
-    status["agents"]
-        .as_array()
-        .unwrap_or_else(|| panic!("no agents in {status}"))
-        .iter()
-        .map(|a| {
-            (
-                a["instance"].as_str().expect("instance").to_owned(),
-                a["path"]["path"].as_str().expect("path").to_owned(),
-            )
-        })
-        .collect()
-}
+use tests::reach::{RelayProcess, ca, quic_port, repoint_agent, use_relay};
+use tests::{Home, stderr, stdout};
 
 fn wait_for_path(home: &Home, instance: &str, path: &str) {
-    home.wait_until(
-        &format!("{instance} to connect {path}"),
-        Duration::from_secs(30),
-        || agent_paths(home).contains(&(instance.to_owned(), path.to_owned())),
-    );
-}
-
-fn quic_port(home: &Home) -> u16 {
-    home.json(&["status"])["quic_addr"]
-        .as_str()
-        .expect("quic addr")
-        .parse::<SocketAddr>()
-        .expect("addr")
-        .port()
+    tests::reach::wait_for_path(home, instance, path, Duration::from_secs(30));
 }
 
 /// A small project to sync.
@@ -169,20 +51,13 @@ fn run_on(home: &Home, instance: &str, root: &std::path::Path) {
     assert_eq!(o.lines().collect::<Vec<_>>(), expected, "stderr: {e}");
 }
 
-fn ca(home: &Home) -> String {
-    home.json(&["status"])["ca_sha256"]
-        .as_str()
-        .expect("ca")
-        .to_owned()
-}
-
 #[test]
 fn an_agent_on_tcp_only_syncs_and_runs() {
     let home = Home::new();
     assert!(home.run(&["launch", "--name", "tcp1"]).status.success());
     wait_for_path(&home, "tcp1", "udp direct");
     let port = quic_port(&home);
-    let _agent = repoint_agent(&home, "tcp1", &[format!("tcp://127.0.0.1:{port}")]);
+    let _agent = repoint_agent(&home, "tcp1", &[format!("tcp://127.0.0.1:{port}")], None);
     wait_for_path(&home, "tcp1", "tcp direct");
     let root = project();
     run_on(&home, "tcp1", root.path());
@@ -196,21 +71,8 @@ fn an_agent_on_tcp_only_syncs_and_runs() {
 /// A home whose daemon registers with a fresh relay for its CA.
 fn home_with_relay() -> (Home, RelayProcess) {
     let home = Home::new();
-    let relay = RelayProcess::start(&ca(&home), "127.0.0.1:0", None);
-    let config = home.path().join("config.toml");
-    let text = std::fs::read_to_string(&config).expect("config");
-    std::fs::write(
-        &config,
-        text.replace(
-            "[daemon]\n",
-            &format!("[daemon]\nrelay = \"{}\"\n", relay.addr),
-        ),
-    )
-    .expect("write config");
-    assert!(home.run(&["shutdown"]).status.success());
-    home.wait_until("the relay registration", Duration::from_secs(20), || {
-        home.json(&["status"])["relay"]["registered"] == true
-    });
+    let relay = RelayProcess::start(&ca(&home), "127.0.0.1:0", None, None);
+    use_relay(&home, &relay.addr.to_string());
     (home, relay)
 }
 
@@ -223,7 +85,7 @@ fn runs_work_through_a_relay_over_udp_and_tcp() {
         ("udp+relay", "udp via relay"),
         ("tcp+relay", "tcp via relay"),
     ] {
-        let _agent = repoint_agent(&home, "via1", &[format!("{scheme}://{}", relay.addr)]);
+        let _agent = repoint_agent(&home, "via1", &[format!("{scheme}://{}", relay.addr)], None);
         wait_for_path(&home, "via1", path);
         run_on(&home, "via1", root.path());
     }
@@ -236,7 +98,12 @@ fn runs_work_through_a_relay_over_udp_and_tcp() {
 fn a_relay_restarted_mid_run_loses_and_duplicates_no_log_line() {
     let (home, relay) = home_with_relay();
     assert!(home.run(&["launch", "--name", "via2"]).status.success());
-    let _agent = repoint_agent(&home, "via2", &[format!("udp+relay://{}", relay.addr)]);
+    let _agent = repoint_agent(
+        &home,
+        "via2",
+        &[format!("udp+relay://{}", relay.addr)],
+        None,
+    );
     wait_for_path(&home, "via2", "udp via relay");
     let script = "import time\nfor i in range(1, 301):\n    print(f'line {i}', flush=True)\n    time.sleep(0.02)";
     let mut attached = home
@@ -253,9 +120,10 @@ fn a_relay_restarted_mid_run_loses_and_duplicates_no_log_line() {
     }
     // The relay dies and comes back on the same port with the same identity; the daemon
     // re-registers and the agent's session comes back on its own.
-    let (state, addr, ca) = relay.kill();
+    let ca = relay.ca.clone();
+    let (state, addr) = relay.kill();
     std::thread::sleep(Duration::from_secs(1));
-    let _relay = RelayProcess::start(&ca, &addr.to_string(), Some(state));
+    let _relay = RelayProcess::start(&ca, &addr.to_string(), Some(state), None);
     got.extend(lines.map(|l| l.expect("utf-8")));
     let status = attached.wait().expect("wait");
     assert_eq!(status.code(), Some(0));
@@ -312,7 +180,7 @@ async fn try_register(
 fn the_relay_refuses_strangers_and_cannot_pass_for_the_controller() {
     let home = Home::new();
     let pki = controller::pki::load_or_create(&home.path().join("pki")).expect("pki");
-    let relay = RelayProcess::start(&ca(&home), "127.0.0.1:0", None);
+    let relay = RelayProcess::start(&ca(&home), "127.0.0.1:0", None, None);
     let rt = runtime();
     rt.block_on(async {
         // The controller's own registration certificate is accepted...

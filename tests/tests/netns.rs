@@ -1,0 +1,426 @@
+//! Reachability through real kernel networking: network namespaces, veth links, nftables
+//! NAT and filters, all made by the test and removed after it, with no route out of the
+//! machine. The daemon sits behind one NAT, the agent behind another, the relay on the
+//! "public" segment between them:
+//!
+//! ```text
+//!  dlan 198.19.1.2 (daemon) -- dnat (masquerade) 198.18.0.2 --+
+//!                                                              pub 198.18.0.1 / 198.18.1.1 (relay)
+//!  alan 198.19.2.2 (agent)  -- anat (masquerade) 198.18.1.2 --+
+//! ```
+//!
+//! Needs root (CI runs as root); says SKIPPED otherwise.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use tests::reach::{RelayProcess, ca, quic_port, repoint_agent, sh, use_relay, wait_for_path};
+use tests::{Home, stderr, stdout};
+
+const NAMESPACES: [&str; 5] = ["dlan", "dnat", "pub", "anat", "alan"];
+
+/// One test's topology; its namespaces are deleted when it is dropped.
+struct Net {
+    prefix: String,
+}
+
+impl Net {
+    /// Builds the topology, or says SKIPPED and returns `None` where it cannot be built.
+    fn new(tag: &str) -> Option<Net> {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!(
+                "SKIPPED: the network-namespace tests need root (scripts/test.sh runs them in CI)"
+            );
+            return None;
+        }
+        for tool in ["ip", "nft"] {
+            if Command::new(tool).arg("-V").output().is_err() {
+                eprintln!(
+                    "SKIPPED: `{tool}` is not installed (scripts/test.sh installs iproute2 and nftables)"
+                );
+                return None;
+            }
+        }
+        let net = Net {
+            prefix: format!("rc{}{tag}", std::process::id() % 100_000),
+        };
+        net.build();
+        Some(net)
+    }
+
+    fn ns(&self, which: &str) -> String {
+        format!("{}-{which}", self.prefix)
+    }
+
+    fn ip(&self, ns: &str, args: &str) {
+        sh(Command::new("ip")
+            .args(["netns", "exec", &self.ns(ns), "ip"])
+            .args(args.split_whitespace()));
+    }
+
+    /// Runs `nft -f -` in `ns` with `rules`.
+    fn nft(&self, ns: &str, rules: &str) {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &self.ns(ns), "nft", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("nft");
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(rules.as_bytes())
+            .expect("write rules");
+        let out = child.wait_with_output().expect("nft");
+        assert!(
+            out.status.success(),
+            "nft: {}\n{rules}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn link(&self, a: (&str, &str, &str), b: (&str, &str, &str)) {
+        sh(Command::new("ip").args([
+            "link",
+            "add",
+            a.1,
+            "netns",
+            &self.ns(a.0),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            b.1,
+            "netns",
+            &self.ns(b.0),
+        ]));
+        for (ns, dev, addr) in [a, b] {
+            self.ip(ns, &format!("addr add {addr} dev {dev}"));
+            self.ip(ns, &format!("link set {dev} up"));
+        }
+    }
+
+    fn build(&self) {
+        for ns in NAMESPACES {
+            sh(Command::new("ip").args(["netns", "add", &self.ns(ns)]));
+            self.ip(ns, "link set lo up");
+        }
+        self.link(
+            ("dlan", "eth0", "198.19.1.2/24"),
+            ("dnat", "in0", "198.19.1.1/24"),
+        );
+        self.link(
+            ("dnat", "out0", "198.18.0.2/24"),
+            ("pub", "d0", "198.18.0.1/24"),
+        );
+        self.link(
+            ("alan", "eth0", "198.19.2.2/24"),
+            ("anat", "in0", "198.19.2.1/24"),
+        );
+        self.link(
+            ("anat", "out0", "198.18.1.2/24"),
+            ("pub", "a0", "198.18.1.1/24"),
+        );
+        self.ip("dlan", "route add default via 198.19.1.1");
+        self.ip("alan", "route add default via 198.19.2.1");
+        self.ip("dnat", "route add default via 198.18.0.1");
+        self.ip("anat", "route add default via 198.18.1.1");
+        // pub knows only its own two segments: the private sides are unreachable from it.
+        for ns in ["dnat", "anat", "pub"] {
+            sh(Command::new("ip").args([
+                "netns",
+                "exec",
+                &self.ns(ns),
+                "sysctl",
+                "-q",
+                "-w",
+                "net.ipv4.ip_forward=1",
+            ]));
+        }
+        for ns in ["dnat", "anat"] {
+            self.nft(
+                ns,
+                "table ip nat {\n  chain post {\n    type nat hook postrouting priority 100;\n    oifname \"out0\" masquerade\n  }\n}\n",
+            );
+        }
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        for ns in NAMESPACES {
+            // Whatever still runs inside goes with it (daemon, relay, agents, tcpdump).
+            if let Ok(out) = Command::new("ip")
+                .args(["netns", "pids", &self.ns(ns)])
+                .output()
+            {
+                for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                    if let Ok(pid) = pid.parse::<i32>() {
+                        let _ = nix::sys::signal::kill(
+                            nix::unistd::Pid::from_raw(pid),
+                            nix::sys::signal::Signal::SIGKILL,
+                        );
+                    }
+                }
+            }
+            let _ = Command::new("ip")
+                .args(["netns", "del", &self.ns(ns)])
+                .status();
+        }
+    }
+}
+
+/// A daemon in `dlan` registered with a relay in `pub`, and one local instance whose agent
+/// has been moved into `alan` with every endpoint an EC2 agent would be given.
+struct Setup {
+    home: Home,
+    relay: RelayProcess,
+    _agent: tests::reach::AgentProcess,
+    net: Net,
+}
+
+fn setup(tag: &str, agent_rules: Option<&str>) -> Option<Setup> {
+    let net = Net::new(tag)?;
+    let home = Home::new().in_netns(&net.ns("dlan"));
+    let config = home.path().join("config.toml");
+    let text = std::fs::read_to_string(&config).expect("config");
+    std::fs::write(&config, text.replace("127.0.0.1:0", "0.0.0.0:0")).expect("config");
+    let relay = RelayProcess::start(&ca(&home), "0.0.0.0:0", None, Some(&net.ns("pub")));
+    let relay_port = relay.addr.port();
+    use_relay(&home, &format!("198.18.0.1:{relay_port}"));
+    assert!(home.run(&["launch", "--name", "n1"]).status.success());
+    if let Some(rules) = agent_rules {
+        net.nft("alan", rules);
+    }
+    let port = quic_port(&home);
+    let endpoints = [
+        format!("udp://198.19.1.2:{port}"),
+        format!("tcp://198.19.1.2:{port}"),
+        format!("udp+relay://198.18.1.1:{relay_port}"),
+        format!("tcp+relay://198.18.1.1:{relay_port}"),
+    ];
+    let agent = repoint_agent(&home, "n1", &endpoints, Some(&net.ns("alan")));
+    Some(Setup {
+        home,
+        relay,
+        _agent: agent,
+        net,
+    })
+}
+
+fn project(extra: &[(&str, &str)]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (name, text) in extra {
+        std::fs::write(dir.path().join(name), text).expect("write");
+    }
+    dir
+}
+
+fn run_on(home: &Home, root: &std::path::Path, argv: &[&str]) -> (String, String) {
+    let root = root.display().to_string();
+    let mut args = vec![
+        "run",
+        "--on",
+        "n1",
+        "--root",
+        &root,
+        "--workdir",
+        &root,
+        "--",
+    ];
+    args.extend_from_slice(argv);
+    let out = home.run(&args);
+    let (o, e) = (stdout(&out), stderr(&out));
+    assert_eq!(out.status.code(), Some(0), "stdout: {o}\nstderr: {e}");
+    (o, e)
+}
+
+const TRAIN: &str = "import os, sys\nmarker = sys.argv[1]\nfor i in range(1, 21):\n    print(f'{marker} {i}', flush=True)\nckpt = os.environ['RUNCTL_CHECKPOINT_DIR']\nwith open(os.path.join(ckpt, '.tmp'), 'w') as f:\n    f.write('weights ' + marker)\nos.rename(os.path.join(ckpt, '.tmp'), os.path.join(ckpt, 'ckpt-1.txt'))\nprint('saved', flush=True)\n";
+
+#[test]
+fn behind_two_nats_the_relay_carries_a_run_end_to_end() {
+    let Some(s) = setup("a", None) else { return };
+    // Direct is impossible: the daemon's address is private behind its NAT.
+    let port = quic_port(&s.home);
+    let direct = Command::new("ip")
+        .args(["netns", "exec", &s.net.ns("alan"), "python3", "-c"])
+        .arg(format!(
+            "import socket; socket.create_connection(('198.19.1.2', {port}), timeout=2)"
+        ))
+        .output()
+        .expect("python3");
+    assert!(
+        !direct.status.success(),
+        "the agent reached the NATed daemon directly"
+    );
+    wait_for_path(&s.home, "n1", "udp via relay", Duration::from_secs(30));
+
+    // A capture on the relay's host for the whole run: the marker the run prints must
+    // never cross it in plaintext.
+    let pcap = tempfile::NamedTempFile::new().expect("pcap");
+    let mut capture = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &s.net.ns("pub"),
+            "tcpdump",
+            "-i",
+            "any",
+            "-U",
+            "-s",
+            "0",
+            "-w",
+        ])
+        .arg(pcap.path())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("tcpdump (scripts/test.sh installs it)");
+    let mut err = BufReader::new(capture.stderr.take().expect("stderr")).lines();
+    // tcpdump says "listening on ..." once it captures.
+    assert!(
+        err.by_ref()
+            .take(5)
+            .any(|l| l.is_ok_and(|l| l.contains("listening"))),
+        "tcpdump did not start"
+    );
+    std::thread::spawn(move || for _ in err {});
+
+    let marker = "MARKER-5f3a9c";
+    let root = project(&[("train.py", TRAIN)]);
+    let (out, errors) = run_on(&s.home, root.path(), &["python3", "train.py", marker]);
+    let expected: Vec<String> = (1..=20)
+        .map(|i| format!("{marker} {i}"))
+        .chain(["saved".to_owned()])
+        .collect();
+    assert_eq!(out.lines().collect::<Vec<_>>(), expected, "{errors}");
+    let run = errors
+        .split_whitespace()
+        .find(|w| w.starts_with("run-"))
+        .expect("run id")
+        .to_owned();
+    let listed = s.home.json(&["checkpoint", "list", &run]);
+    assert_eq!(listed["latest"], "ckpt-1.txt", "{listed}");
+
+    // `stop` reaches a run through the relay too.
+    let started = s
+        .home
+        .json(&["run", "--on", "n1", "--detach", "--", "sleep", "600"]);
+    let id = started["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{started}"))
+        .to_owned();
+    let stopped = s.home.json(&["stop", &id]);
+    assert_eq!(stopped["state"], "stopped", "{stopped}");
+
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(capture.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    );
+    let _ = capture.wait();
+    let bytes = std::fs::read(pcap.path()).expect("read pcap");
+    assert!(
+        bytes.len() > 10_000,
+        "the capture saw the run's traffic ({} bytes)",
+        bytes.len()
+    );
+    assert!(
+        !bytes.windows(marker.len()).any(|w| w == marker.as_bytes()),
+        "the marker crossed the relay in plaintext"
+    );
+    drop(s.relay);
+}
+
+#[test]
+fn with_udp_dropped_the_agent_falls_back_to_tcp() {
+    let rules = "table inet block {\n  chain out {\n    type filter hook output priority 0;\n    meta l4proto udp drop\n  }\n}\n";
+    let Some(s) = setup("b", Some(rules)) else {
+        return;
+    };
+    let took = wait_for_path(&s.home, "n1", "tcp via relay", Duration::from_secs(30));
+    eprintln!("tcp fallback: connected over tcp via relay {took:.1?} after the agent started");
+    assert!(took < Duration::from_secs(10), "fallback took {took:?}");
+    let root = project(&[("train.py", TRAIN)]);
+    let (out, _) = run_on(&s.home, root.path(), &["python3", "train.py", "over-tcp"]);
+    assert!(out.contains("over-tcp 20"), "{out}");
+    drop(s.relay);
+}
+
+#[test]
+fn the_daemons_nat_changing_address_mid_run_loses_nothing() {
+    let Some(s) = setup("c", None) else { return };
+    wait_for_path(&s.home, "n1", "udp via relay", Duration::from_secs(30));
+    let script = "import time\nfor i in range(1, 401):\n    print(f'line {i}', flush=True)\n    time.sleep(0.05)";
+    let mut attached = s
+        .home
+        .cli()
+        .args(["run", "--on", "n1", "--", "python3", "-c", script])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn run");
+    let mut lines = BufReader::new(attached.stdout.take().expect("stdout")).lines();
+    let mut got: Vec<String> = Vec::new();
+    while got.len() < 30 {
+        got.push(lines.next().expect("a line").expect("utf-8"));
+    }
+    // The laptop moves: its NAT's outside address changes, so the relay link's TCP
+    // connection is dead from one packet to the next.
+    s.net.ip("dnat", "addr del 198.18.0.2/24 dev out0");
+    s.net.ip("dnat", "addr add 198.18.0.3/24 dev out0");
+    s.net.ip("dnat", "route replace default via 198.18.0.1");
+    got.extend(lines.map(|l| l.expect("utf-8")));
+    let status = attached.wait().expect("wait");
+    assert_eq!(status.code(), Some(0));
+    let expected: Vec<String> = (1..=400).map(|i| format!("line {i}")).collect();
+    assert_eq!(got, expected, "every line exactly once, in order");
+    // The move really cut the link: the daemon registered again from its new address.
+    let log = std::fs::read_to_string(s.home.path().join("daemon.log")).expect("daemon log");
+    assert!(
+        log.matches("registered with relay").count() >= 2,
+        "the daemon never re-registered:\n{log}"
+    );
+    drop(s.relay);
+}
+
+#[test]
+fn five_percent_loss_during_a_100_mb_sync_still_delivers_the_tree_exactly() {
+    let Some(s) = setup("d", None) else { return };
+    wait_for_path(&s.home, "n1", "udp via relay", Duration::from_secs(30));
+    s.net.nft(
+        "anat",
+        "table inet loss {\n  chain lossy {\n    type filter hook forward priority 0;\n    meta l4proto udp numgen random mod 100 < 5 drop\n  }\n}\n",
+    );
+    let root = tempfile::tempdir().expect("tempdir");
+    for i in 0..50 {
+        let mut data = vec![0u8; 2 * 1024 * 1024];
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15 ^ i;
+        for chunk in data.chunks_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+        }
+        let name = format!("blob-{i:02}.bin");
+        std::fs::write(root.path().join(&name), &data).expect("write");
+    }
+    let check = "import glob, hashlib\nfor p in sorted(glob.glob('blob-*.bin')):\n    print(hashlib.sha256(open(p, 'rb').read()).hexdigest(), p)\n";
+    std::fs::write(root.path().join("check.py"), check).expect("write");
+    let (out, errors) = run_on(&s.home, root.path(), &["python3", "check.py"]);
+    let local: Vec<String> = (0..50)
+        .map(|i| {
+            let name = format!("blob-{i:02}.bin");
+            let data = std::fs::read(root.path().join(&name)).expect("read");
+            format!("{} {name}", sha256_hex(&data))
+        })
+        .collect();
+    assert_eq!(out.lines().collect::<Vec<_>>(), local, "{errors}");
+    drop(s.relay);
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, data);
+    digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
