@@ -5,6 +5,7 @@
 #
 #   scripts/build-static-agent.sh            # release (what you ship; about 5 min)
 #   scripts/build-static-agent.sh --dev      # dev profile (what the tests use)
+#   scripts/build-static-agent.sh --relay    # the static runctl-relay instead (any --dev too)
 #
 # The controller finds it through `[ec2] agent_binary` in config.toml.
 set -euo pipefail
@@ -13,9 +14,17 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/runctl-target}"
 TARGET=x86_64-unknown-linux-gnu
 profile=release
 args=(--release)
-if [ "${1:-}" = "--dev" ]; then profile=debug; args=(); fi
+package=agent
+binary=runctl-agent
+for arg in "$@"; do
+    case "$arg" in
+        --dev) profile=debug; args=() ;;
+        --relay) package=relay; binary=runctl-relay ;;
+        *) echo "usage: $0 [--dev] [--relay]" >&2; exit 2 ;;
+    esac
+done
 # The flag reaches only the target's artifacts because --target is explicit: build
 # scripts and proc-macros stay dynamic, as they must.
 RUSTFLAGS="${RUSTFLAGS:-} -C target-feature=+crt-static" \
-    cargo build --locked -p agent --bin runctl-agent --target "$TARGET" "${args[@]}" >&2
-echo "$CARGO_TARGET_DIR/$TARGET/$profile/runctl-agent"
+    cargo build --locked -p "$package" --bin "$binary" --target "$TARGET" "${args[@]}" >&2
+echo "$CARGO_TARGET_DIR/$TARGET/$profile/$binary"
