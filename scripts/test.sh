@@ -95,6 +95,7 @@ echo "== cargo build (binaries the end-to-end tests drive)"
 cargo build --workspace --bins --locked
 echo "== static agent (what EC2 instances install)"
 RUNCTL_STATIC_AGENT="$(scripts/build-static-agent.sh --dev | tail -1)"
-export RUNCTL_STATIC_AGENT
+RUNCTL_STATIC_RELAY="$(scripts/build-static-agent.sh --dev --relay | tail -1)"
+export RUNCTL_STATIC_AGENT RUNCTL_STATIC_RELAY
 echo "== cargo test"
 cargo test --workspace --locked

@@ -136,6 +136,30 @@ Examples:
     )]
     Volume(VolumeCommand),
 
+    /// Stand up a runctl-relay on EC2, list relays, or terminate one. A relay lets agents
+    /// reach a daemon behind NAT, or where UDP is blocked.
+    #[command(
+        subcommand,
+        after_long_help = "\
+`relay launch` starts the smallest x86_64 instance ([relay] instance_type, default t3.nano)
+with a public IPv4 address and a security group admitting the relay's port ([relay] port,
+default 443) over UDP and TCP and nothing else. Its user-data installs the static
+runctl-relay (from [relay] binary; scripts/build-static-agent.sh --relay builds one) for
+this controller's CA only. It shows what the relay costs a month, and the line to add to
+config.toml. Region, credentials, subnet and the artifacts bucket are [ec2]'s.
+
+Relays are tagged runctl:role=relay: runs, list, terminate and the instance limit never
+touch them; only `relay terminate` ends one. Agents' traffic passes through in QUIC's
+encryption; the relay cannot read it or act as the controller.
+
+Examples:
+  runctl-controller relay launch --provider ec2
+  runctl-controller relay launch --provider ec2 --port 4433 --instance-type t3a.nano
+  runctl-controller relay list
+  runctl-controller relay terminate relay-3fa9c1"
+    )]
+    Relay(RelayCommand),
+
     /// List instances and runs.
     #[command(after_long_help = "\
 Examples:
@@ -660,6 +684,41 @@ pub enum VolumeCommand {
         #[command(flatten)]
         new: NewVolumeArgs,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RelayCommand {
+    /// Launch a relay and wait until it has a public address.
+    Launch {
+        /// Where: only EC2 hosts relays (a pod without UDP cannot).
+        #[arg(long, value_enum)]
+        provider: RelayProvider,
+        /// Its name (default: relay- and 6 hex digits).
+        #[arg(long)]
+        name: Option<InstanceName>,
+        /// The instance type (default: [relay] instance_type, else t3.nano).
+        #[arg(long, value_name = "TYPE", value_parser = parse_instance_type)]
+        instance_type: Option<String>,
+        /// The port it listens on, UDP and TCP (default: [relay] port, else 443).
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+        port: Option<u16>,
+        /// The AMI (default: [relay] ami, else the newest Amazon Linux 2023).
+        #[arg(long, value_parser = parse_ami)]
+        ami: Option<String>,
+    },
+    /// List the relays runctl launched, with their address and what they cost a month.
+    List,
+    /// Terminate a relay (its name or i- id); agents using it fall back to other paths.
+    Terminate {
+        /// The relay's name or i- id.
+        relay: String,
+    },
+}
+
+/// Where a relay can be launched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RelayProvider {
+    Ec2,
 }
 
 /// `--end` values.

@@ -124,6 +124,7 @@ fn run(cli: Cli, printer: Printer) -> anyhow::Result<u8> {
                 Ok(0)
             }
             Command::Volume(cmd) => crate::volumes::volume(&config, printer, cmd).await,
+            Command::Relay(cmd) => crate::relays::relay(&home, &config, printer, cmd).await,
             Command::Logs(args) => logs(&home, printer, args).await,
             Command::Top(args) => top(&home, printer, args).await,
             Command::Sync(args) => sync_command(&home, printer, args).await,

@@ -20,6 +20,60 @@ pub struct Config {
     pub storage: StorageConfig,
     #[serde(default)]
     pub ec2: Ec2Config,
+    #[serde(default)]
+    pub relay: RelayConfig,
+}
+
+/// `[relay]`: what `relay launch` stands up (EC2's region, credentials, subnet and
+/// artifacts bucket come from `[ec2]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayConfig {
+    /// The static `runctl-relay` to install (default: the one beside this executable;
+    /// `scripts/build-static-agent.sh --relay` builds it).
+    pub binary: Option<PathBuf>,
+    /// The instance type (default: t3.nano, the smallest x86_64 type).
+    #[serde(default = "default_relay_type")]
+    pub instance_type: String,
+    /// The port agents and the daemon reach it on, UDP and TCP (default 443: the port
+    /// networks that block everything else still let through).
+    #[serde(default = "default_relay_port")]
+    pub port: u16,
+    /// The AMI (default: the newest Amazon Linux 2023 for x86_64).
+    pub ami: Option<String>,
+}
+
+fn default_relay_type() -> String {
+    crate::provider::ec2::relay::DEFAULT_TYPE.into()
+}
+fn default_relay_port() -> u16 {
+    443
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        RelayConfig {
+            binary: None,
+            instance_type: default_relay_type(),
+            port: default_relay_port(),
+            ami: None,
+        }
+    }
+}
+
+impl RelayConfig {
+    fn check(&self) -> Result<(), String> {
+        crate::provider::ec2::ids::check_instance_type(&self.instance_type)
+            .map_err(|e| format!("[relay] instance_type: {e}"))?;
+        if self.port == 0 {
+            return Err("[relay] port must be 1 to 65535".into());
+        }
+        if let Some(ami) = &self.ami {
+            crate::provider::ec2::ids::check_id(ami, "ami")
+                .map_err(|e| format!("[relay] ami: {e}"))?;
+        }
+        Ok(())
+    }
 }
 
 /// `[ec2]`: how instances are launched on EC2. Only `controller_endpoint` is needed to
@@ -377,6 +431,7 @@ impl Config {
         config.daemon.check()?;
         config.storage.check()?;
         config.ec2.check()?;
+        config.relay.check()?;
         Ok(config)
     }
 }
@@ -414,6 +469,16 @@ mod tests {
             Err("unknown field `bogus`"),
         );
         check("[daemon\n", Err("line 1"));
+        check("[relay]\nport = 0\n", Err("[relay] port"));
+        check(
+            "[relay]\ninstance_type = \"t3 nano\"\n",
+            Err("[relay] instance_type"),
+        );
+        check("[relay]\nami = \"ami-zz\"\n", Err("[relay] ami"));
+        check(
+            "[relay]\ninstance_type = \"t3a.nano\"\nport = 4433\n",
+            Ok("127.0.0.1:0"),
+        );
         check("[daemon]\ntoken_ttl_secs = 0\n", Err("at least 1"));
         check(
             "[storage]\nbackend = \"s3\"\nendpoint_url = \"http://127.0.0.1:8333\"\nforce_path_style = true\ncheckpoints = \"s3://ckpt/runs\"\n",

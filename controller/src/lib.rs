@@ -4,7 +4,7 @@
 //! (`db`); it launches instances through providers (`provider`) and keeps each run's
 //! tree in step with the project (`sync`, driven by `daemon::sync`). `objects` moves data
 //! and checkpoints to and from the object store directly; `volumes` manages EBS volumes
-//! directly with EC2.
+//! and `relays` runctl-relays directly with EC2.
 
 pub mod cli;
 pub mod commands;
@@ -18,6 +18,7 @@ pub mod ipc;
 pub mod objects;
 pub mod pki;
 pub mod provider;
+pub mod relays;
 pub mod report;
 pub mod sync;
 pub mod volumes;

@@ -3,7 +3,8 @@
 //! (tags, IMDSv2, the security group, user-data that passes `cloud-init schema`), the
 //! lifecycle, volumes, and a simulated boot in which the user-data's own install steps
 //! fetch the static agent by its presigned URL, check its hash and start it, and the agent
-//! dials back and runs a job end to end. Each test works in a region of its own, so they
+//! dials back and runs a job end to end; a relay launched, kept apart from runs, booted
+//! the same way and registered with. Each test works in a region of its own, so they
 //! never see each other's instances.
 
 use std::path::{Path, PathBuf};
@@ -21,6 +22,7 @@ struct Ec2Env {
     endpoint: String,
     s3: S3Env,
     agent: PathBuf,
+    relay: PathBuf,
     python: PathBuf,
 }
 
@@ -35,20 +37,22 @@ fn ec2_env(test: &str) -> Option<Ec2Env> {
     match (
         var("RUNCTL_TEST_EC2_ENDPOINT"),
         var("RUNCTL_STATIC_AGENT"),
+        var("RUNCTL_STATIC_RELAY"),
         var("RUNCTL_TEST_PYTHON"),
     ) {
-        (Some(endpoint), Some(agent), Some(python)) => Some(Ec2Env {
+        (Some(endpoint), Some(agent), Some(relay), Some(python)) => Some(Ec2Env {
             endpoint,
             s3,
             agent: agent.into(),
+            relay: relay.into(),
             python: python.into(),
         }),
         _ => {
             assert!(
                 var("RUNCTL_REQUIRE_EC2").is_none(),
-                "{test}: RUNCTL_TEST_EC2_ENDPOINT, RUNCTL_STATIC_AGENT and RUNCTL_TEST_PYTHON are required"
+                "{test}: RUNCTL_TEST_EC2_ENDPOINT, RUNCTL_STATIC_AGENT, RUNCTL_STATIC_RELAY and RUNCTL_TEST_PYTHON are required"
             );
-            eprintln!("SKIPPED {test}: no EC2 server or static agent (run scripts/test.sh)");
+            eprintln!("SKIPPED {test}: no EC2 server or static binaries (run scripts/test.sh)");
             None
         }
     }
@@ -213,43 +217,53 @@ async fn wait_state(ec2: &Ec2, id: &str, want: &str) {
 }
 
 #[test]
-fn static_agent_is_static_and_loads_no_library() {
-    let Some(agent) = var("RUNCTL_STATIC_AGENT").map(PathBuf::from) else {
-        assert!(
-            var("RUNCTL_REQUIRE_EC2").is_none(),
-            "RUNCTL_STATIC_AGENT is required"
-        );
-        eprintln!(
-            "SKIPPED static agent check: build it with scripts/build-static-agent.sh and set RUNCTL_STATIC_AGENT"
-        );
-        return;
-    };
-    let file = Command::new("file").arg(&agent).output().expect("file");
+fn static_binaries_are_static_and_load_no_library() {
+    for (var_name, package) in [
+        ("RUNCTL_STATIC_AGENT", "agent"),
+        ("RUNCTL_STATIC_RELAY", "relay"),
+    ] {
+        let Some(binary) = var(var_name).map(PathBuf::from) else {
+            assert!(
+                var("RUNCTL_REQUIRE_EC2").is_none(),
+                "{var_name} is required"
+            );
+            eprintln!(
+                "SKIPPED static {package} check: build it with scripts/build-static-agent.sh and set {var_name}"
+            );
+            continue;
+        };
+        check_static(&binary, package);
+    }
+}
+
+/// `binary` is a static x86-64 executable that runs, and nothing among `package`'s
+/// dependencies loads a shared library at run time.
+fn check_static(binary: &Path, package: &str) {
+    let file = Command::new("file").arg(binary).output().expect("file");
     let kind = stdout(&file);
     assert!(
         kind.contains("statically linked") || kind.contains("static-pie linked"),
         "{kind}"
     );
     assert!(kind.contains("x86-64"), "{kind}");
-    let ldd = Command::new("ldd").arg(&agent).output().expect("ldd");
+    let ldd = Command::new("ldd").arg(binary).output().expect("ldd");
     let said = format!("{}{}", stdout(&ldd), stderr(&ldd));
     assert!(
         said.contains("not a dynamic executable") || said.contains("statically linked"),
         "{said}"
     );
-    let version = Command::new(&agent)
+    let version = Command::new(binary)
         .arg("--version")
         .output()
-        .expect("run the agent");
+        .expect("run it");
     assert!(version.status.success(), "{}", stderr(&version));
 
-    // Nothing among its dependencies loads a shared library at run time.
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let tree = Command::new(cargo)
         .args([
             "tree",
             "-p",
-            "agent",
+            package,
             "-e",
             "normal,features",
             "--prefix",
@@ -264,10 +278,12 @@ fn static_agent_is_static_and_loads_no_library() {
         .expect("cargo tree");
     assert!(tree.status.success(), "{}", stderr(&tree));
     let tree = stdout(&tree);
-    assert!(
-        tree.contains("hickory-resolver"),
-        "names resolve without NSS"
-    );
+    if package == "agent" {
+        assert!(
+            tree.contains("hickory-resolver"),
+            "names resolve without NSS"
+        );
+    }
     for loader in [
         "libloading ",
         "dlopen",
@@ -278,7 +294,7 @@ fn static_agent_is_static_and_loads_no_library() {
         "libdbus-sys",
         "sysinfo feature \"gpu\"",
     ] {
-        assert!(!tree.contains(loader), "the agent depends on {loader}");
+        assert!(!tree.contains(loader), "the {package} depends on {loader}");
     }
 }
 
@@ -1008,5 +1024,227 @@ async fn an_instance_whose_agent_never_enrolls_is_terminated() {
     let list = cloud.json(&["list"]);
     for row in list["instances"].as_array().expect("instances") {
         assert_eq!(row["instance"]["state"], "terminated", "{name}: {row}");
+    }
+}
+
+/// `relay launch` against moto: refusals first (nothing launched), then a relay with the
+/// relay's tags, IMDSv2, a public address and a group admitting its one port; runs never
+/// see it; its user-data boots the static relay, which takes this daemon's registration;
+/// a group someone widened is refused; `relay terminate` ends it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_relay_is_launched_apart_from_runs_boots_and_takes_the_registration() {
+    let Some(env) = ec2_env("relay_launch") else {
+        return;
+    };
+    let port = free_udp_port();
+    let relay_config = format!(
+        "[relay]\nbinary = \"{}\"\nport = {port}\n",
+        env.relay.display()
+    );
+    let cloud = Cloud::new(&env, "relay", "ap-south-1", "");
+    let config_path = cloud.home.path().join("config.toml");
+    let text = std::fs::read_to_string(&config_path).expect("config");
+    std::fs::write(&config_path, format!("{text}{relay_config}")).expect("write");
+    let ec2 = cloud.ec2().await;
+
+    // Refused before anything costs.
+    cloud.refused(
+        &[
+            "relay",
+            "launch",
+            "--provider",
+            "ec2",
+            "--ami",
+            "ami-0123456789abcdef0",
+        ],
+        3,
+        "ami-0123456789abcdef0",
+    );
+    cloud.refused(
+        &[
+            "relay",
+            "launch",
+            "--provider",
+            "ec2",
+            "--instance-type",
+            "a1.medium",
+        ],
+        2,
+        "not an x86_64 type",
+    );
+    cloud.refused(&["relay", "launch"], 2, "--provider");
+    assert!(ec2.relays().await.expect("relays").is_empty());
+
+    let launched = cloud.json(&["relay", "launch", "--provider", "ec2", "--name", "relay-t1"]);
+    let id = launched["id"].as_str().expect("id").to_owned();
+    let address = launched["address"].as_str().expect("address").to_owned();
+    assert!(address.ends_with(&format!(":{port}")), "{launched}");
+    assert_eq!(launched["config_line"], format!("relay = \"{address}\""));
+    assert_eq!(launched["serves_this_controller"], true);
+    assert!(
+        launched["monthly"]["total"].as_f64().expect("cost") > 7.0,
+        "{launched}"
+    );
+
+    let out = ec2
+        .client()
+        .describe_instances()
+        .instance_ids(&id)
+        .send()
+        .await
+        .expect("describe");
+    let instance = &out.reservations()[0].instances()[0];
+    let tag =
+        |key: &str| controller::provider::ec2::tag_value(instance.tags(), key).map(str::to_owned);
+    let ca = tests::reach::ca(&cloud.home);
+    assert_eq!(tag("runctl:role").as_deref(), Some("relay"));
+    assert_eq!(tag("runctl:relay").as_deref(), Some("relay-t1"));
+    assert_eq!(tag("runctl:ca"), Some(ca.clone()));
+    assert_eq!(
+        instance.instance_type().map(|t| t.as_str()),
+        Some("t3.nano")
+    );
+    assert_eq!(
+        instance
+            .metadata_options()
+            .and_then(|m| m.http_tokens())
+            .map(|t| t.as_str()),
+        Some("required")
+    );
+    assert!(instance.public_ip_address().is_some());
+    let groups = ec2
+        .client()
+        .describe_security_groups()
+        .filters(controller::provider::ec2::filter(
+            "group-name",
+            &[&format!("runctl-relay-{port}")],
+        ))
+        .send()
+        .await
+        .expect("groups");
+    let group = &groups.security_groups()[0];
+    let mut rules: Vec<(String, Option<i32>)> = group
+        .ip_permissions()
+        .iter()
+        .map(|p| {
+            (
+                p.ip_protocol().unwrap_or_default().to_owned(),
+                p.from_port(),
+            )
+        })
+        .collect();
+    rules.sort();
+    assert_eq!(
+        rules,
+        [
+            ("tcp".to_owned(), Some(port as i32)),
+            ("udp".to_owned(), Some(port as i32))
+        ]
+    );
+
+    // Runs never see it: not an instance of the controller's, not foreign, not terminable.
+    assert!(ec2.instances(&[]).await.expect("instances").is_empty());
+    let list = cloud.json(&["list"]);
+    assert_eq!(list["foreign"], serde_json::json!([]), "{list}");
+    cloud.refused(&["terminate", "relay-t1"], 3, "relay-t1");
+    let relays = cloud.json(&["relay", "list"]);
+    assert_eq!(relays.as_array().map(Vec::len), Some(1), "{relays}");
+    assert_eq!(relays[0]["name"], "relay-t1");
+    assert_eq!(relays[0]["configured"], false);
+
+    // Its user-data installs the static relay by its presigned URL and starts it for this
+    // CA; the daemon registers with it (on loopback here, not the moto address).
+    let user_data = ec2.user_data(&id).await.expect("user-data");
+    assert!(user_data.contains(&format!("RUNCTL_RELAY_CA_SHA256={ca}")));
+    let dir = tempfile::tempdir().expect("sandbox");
+    let file = dir.path().join("user-data.yaml");
+    std::fs::write(
+        &file,
+        user_data.replace(
+            "RUNCTL_RELAY_LISTEN=0.0.0.0:",
+            "RUNCTL_RELAY_LISTEN=127.0.0.1:",
+        ),
+    )
+    .expect("write");
+    let root = dir.path().join("root");
+    let _relay = Reaped(simulate_boot(&env, &file, &root, "3"));
+    let text = std::fs::read_to_string(&config_path).expect("config");
+    std::fs::write(
+        &config_path,
+        text.replace(
+            "[daemon]\n",
+            &format!("[daemon]\nrelay = \"127.0.0.1:{port}\"\n"),
+        ),
+    )
+    .expect("write");
+    assert!(cloud.run(&["shutdown"]).status.success());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let status = cloud.json(&["status"]);
+        if status["relay"]["registered"] == true {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the daemon never registered with the booted relay: {status}\n{}",
+            std::fs::read_to_string(root.with_extension("log")).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(root.join("usr/local/bin/runctl-relay"))
+        .expect("installed")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o755);
+
+    // A relay group someone widened is not reused.
+    ec2.client()
+        .authorize_security_group_ingress()
+        .group_id(group.group_id().expect("group id"))
+        .ip_protocol("tcp")
+        .from_port(22)
+        .to_port(22)
+        .cidr_ip("0.0.0.0/0")
+        .send()
+        .await
+        .expect("widen");
+    cloud.refused(
+        &["relay", "launch", "--provider", "ec2"],
+        4,
+        "not the relay's any more",
+    );
+    assert_eq!(ec2.relays().await.expect("relays").len(), 1);
+
+    let ended = cloud.json(&["relay", "terminate", "relay-t1"]);
+    assert_eq!(ended["id"], id.as_str());
+    wait_state_any(&ec2, &id, "terminated").await;
+    cloud.refused(&["relay", "terminate", "relay-t1"], 3, "no relay relay-t1");
+}
+
+/// Waits for `id` (any instance, relays included) to reach `want`.
+async fn wait_state_any(ec2: &Ec2, id: &str, want: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = ec2
+            .client()
+            .describe_instances()
+            .instance_ids(id)
+            .send()
+            .await
+            .expect("describe");
+        let state = out.reservations()[0].instances()[0]
+            .state()
+            .and_then(|s| s.name())
+            .map(|n| n.as_str().to_owned())
+            .unwrap_or_default();
+        if state == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{id} stayed {state}, expected {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
     }
 }

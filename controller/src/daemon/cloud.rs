@@ -1,19 +1,18 @@
 //! Cloud instances as the daemon drives them (EC2): a launch checked end to end before it
 //! costs anything, reported phase by phase; stop, start and terminate; what they cost.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use protocol::agent_config::AgentConfigFile;
 use protocol::{InstanceName, RunId};
-use storage::ObjectStore;
 
 use super::{Daemon, now_ms};
 use crate::db::{CloudRow, InstanceRow, InstanceState};
 use crate::error::{ErrorCode, UserError};
 use crate::ipc::Ec2Launch;
-use crate::provider::ec2::{self, DataVolume, Ec2, LaunchPlan, ids, prices, userdata};
+use crate::provider::ec2::{self, DataVolume, Ec2, LaunchPlan, artifact, ids, prices, userdata};
 
 /// Phase lines for the CLI (stderr), as the launch goes.
 pub(super) type Progress = tokio::sync::mpsc::UnboundedSender<String>;
@@ -92,164 +91,13 @@ fn controller_endpoints(d: &Daemon) -> Result<Vec<protocol::path::Endpoint>, Use
 }
 
 /// The agent binary to install: `[ec2] agent_binary`, else `runctl-agent` beside this
-/// executable. It must be a static x86_64 ELF: a dynamic one breaks on hosts whose glibc
-/// differs from the build machine's.
+/// executable; a static x86_64 ELF.
 fn agent_binary(d: &Daemon) -> Result<PathBuf, UserError> {
-    let how = "build it: scripts/build-static-agent.sh, then set agent_binary under [ec2] in config.toml to the path it prints";
-    let path = d
-        .config
-        .ec2
-        .agent_binary
-        .clone()
-        .or_else(|| {
-            std::env::current_exe()
-                .ok()
-                .and_then(|exe| exe.parent().map(|dir| dir.join("runctl-agent")))
-        })
-        .filter(|p| p.is_file())
-        .ok_or_else(|| {
-            UserError::new(
-                ErrorCode::BadInput,
-                "cannot find the static runctl-agent to install on EC2",
-            )
-            .resolve(how)
-        })?;
-    match elf_kind(&path) {
-        Ok(ElfKind::StaticX86_64) => Ok(path),
-        Ok(ElfKind::Dynamic) => Err(UserError::new(
-            ErrorCode::BadInput,
-            format!(
-                "{} is dynamically linked; EC2 hosts need the static agent",
-                path.display()
-            ),
-        )
-        .resolve(how)),
-        Ok(ElfKind::Other) => Err(UserError::new(
-            ErrorCode::BadInput,
-            format!("{} is not an x86_64 Linux executable", path.display()),
-        )
-        .resolve(how)),
-        Err(e) => Err(UserError::new(
-            ErrorCode::BadInput,
-            format!("cannot read {}: {e}", path.display()),
-        )),
-    }
-}
-
-#[derive(Debug, PartialEq, Eq)]
-enum ElfKind {
-    StaticX86_64,
-    Dynamic,
-    Other,
-}
-
-/// Reads the ELF header and program headers: x86_64, and no interpreter (`PT_INTERP`).
-fn elf_kind(path: &Path) -> std::io::Result<ElfKind> {
-    use std::io::{Read, Seek, SeekFrom};
-    let mut file = std::fs::File::open(path)?;
-    let mut header = [0u8; 64];
-    if file.read_exact(&mut header).is_err() {
-        return Ok(ElfKind::Other);
-    }
-    let u16_at = |b: &[u8], i: usize| u16::from_le_bytes([b[i], b[i + 1]]);
-    // Magic, 64-bit, little-endian, EM_X86_64.
-    if &header[..4] != b"\x7fELF" || header[4] != 2 || header[5] != 1 || u16_at(&header, 18) != 62 {
-        return Ok(ElfKind::Other);
-    }
-    let phoff = u64::from_le_bytes(header[32..40].try_into().expect("8 bytes"));
-    let phentsize = u16_at(&header, 54) as usize;
-    let phnum = u16_at(&header, 56) as usize;
-    if phentsize < 4 || phnum > 1024 {
-        return Ok(ElfKind::Other);
-    }
-    let mut table = vec![0u8; phentsize * phnum];
-    file.seek(SeekFrom::Start(phoff))?;
-    file.read_exact(&mut table)?;
-    const PT_INTERP: u32 = 3;
-    let dynamic = table
-        .chunks(phentsize)
-        .any(|ph| u32::from_le_bytes([ph[0], ph[1], ph[2], ph[3]]) == PT_INTERP);
-    Ok(if dynamic {
-        ElfKind::Dynamic
-    } else {
-        ElfKind::StaticX86_64
-    })
-}
-
-/// Where the agent binary goes: `[ec2] artifacts`, else `runctl/` in the checkpoint
-/// bucket. Needs the S3 backend: instances cannot reach a local store.
-fn agent_location(d: &Daemon) -> Result<storage::ObjectUrl, UserError> {
-    use crate::objects::store_error;
-    let location = match (&d.config.ec2.artifacts, d.config.storage.backend) {
-        (_, crate::config::Backend::Local) => {
-            return Err(UserError::new(
-                ErrorCode::BadInput,
-                "EC2 instances cannot reach the local object store ([storage] backend = \"local\")",
-            )
-            .resolve("set backend = \"s3\" under [storage] and artifacts = \"s3://BUCKET/runctl\" under [ec2]"));
-        }
-        (Some(url), _) => url.clone(),
-        (None, _) => {
-            let checkpoints = d.config.storage.checkpoints().ok_or_else(|| {
-                UserError::new(ErrorCode::BadInput, "no bucket for the agent binary")
-                    .resolve("set artifacts = \"s3://BUCKET/runctl\" under [ec2] in config.toml")
-            })?;
-            let url = storage::ObjectUrl::parse(&checkpoints).map_err(store_error)?;
-            format!("s3://{}/runctl", url.bucket)
-        }
-    };
-    storage::ObjectUrl::parse(&location).map_err(store_error)
-}
-
-/// Uploads the agent content-addressed (once per hash) and presigns a short-lived URL.
-async fn publish_agent(
-    d: &Daemon,
-    path: &Path,
-    url: &storage::ObjectUrl,
-) -> Result<(String, String), UserError> {
-    use crate::objects::store_error;
-    let sha256 = {
-        let path = path.to_owned();
-        tokio::task::spawn_blocking(move || sha256_file(&path))
-            .await
-            .map_err(|e| internal(e.into()))?
-            .map_err(|e| {
-                UserError::new(
-                    ErrorCode::BadInput,
-                    format!("reading the agent binary: {e}"),
-                )
-            })?
-    };
-    let key = url.join(&format!("agent/{sha256}/runctl-agent")).key;
-    let conn = storage::connect(&d.config.storage.store_config(d.home.root()))
-        .await
-        .map_err(store_error)?;
-    let store = conn.bucket(&url.bucket).map_err(store_error)?;
-    let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
-    let present = store.head(&key).await.map_err(store_error)?;
-    if present.is_none_or(|meta| meta.size != size) {
-        let engine =
-            storage::transfer::Engine::new(store.clone(), storage::transfer::Tuning::default());
-        engine.upload_file(path, &key).await.map_err(store_error)?;
-    }
-    let ttl = Duration::from_secs(d.config.ec2.presign_secs);
-    let presigned = store.presign_get(&key, ttl).await.map_err(store_error)?;
-    Ok((presigned, sha256))
-}
-
-fn sha256_file(path: &Path) -> std::io::Result<String> {
-    use std::io::Read;
-    let mut file = std::fs::File::open(path)?;
-    let mut context = ring::digest::Context::new(&ring::digest::SHA256);
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        context.update(&buf[..n]);
-    }
-    Ok(hex::encode(context.finish()))
+    artifact::static_binary(
+        d.config.ec2.agent_binary.as_deref(),
+        "runctl-agent",
+        "build it: scripts/build-static-agent.sh, then set agent_binary under [ec2] in config.toml to the path it prints",
+    )
 }
 
 /// Launches an EC2 instance whose cloud-init installs the agent; with `wait`, returns once
@@ -286,7 +134,7 @@ pub(super) async fn launch(
         ));
     }
     let agent_path = agent_binary(d)?;
-    let artifacts = agent_location(d)?;
+    let artifacts = artifact::location(&d.config)?;
     let ec2 = client(d).await?;
     let kind = opts.instance_type.as_str();
     let info = ec2.instance_type(kind).await?;
@@ -358,7 +206,14 @@ pub(super) async fn launch(
         }
     }
     let security_group = ec2.security_group(cfg.subnet.as_deref()).await?;
-    let (agent_url, agent_sha256) = publish_agent(d, &agent_path, &artifacts).await?;
+    let (agent_url, agent_sha256) = artifact::publish(
+        &d.config.storage.store_config(d.home.root()),
+        &agent_path,
+        &artifacts,
+        "agent",
+        Duration::from_secs(cfg.presign_secs),
+    )
+    .await?;
     say(progress, format!("agent {} published", &agent_sha256[..12]));
 
     // From here on there is a record: a failure marks it terminated.
@@ -803,39 +658,4 @@ pub(super) async fn refresh(
             instance_type: c.instance_type,
         })
         .collect())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_a_static_x86_64_elf_is_installable() {
-        // This test executable is dynamically linked, like a plain `cargo build` agent.
-        let exe = std::env::current_exe().expect("test executable");
-        assert_eq!(elf_kind(&exe).expect("read"), ElfKind::Dynamic);
-        let dir = tempfile::tempdir().expect("tempdir");
-        let script = dir.path().join("agent.sh");
-        std::fs::write(&script, "#!/bin/sh\n").expect("write");
-        assert_eq!(elf_kind(&script).expect("read"), ElfKind::Other);
-        // The header of a static x86_64 executable: no program header is PT_INTERP.
-        let mut elf = vec![0u8; 64 + 56];
-        elf[..4].copy_from_slice(b"\x7fELF");
-        elf[4] = 2;
-        elf[5] = 1;
-        elf[18] = 62;
-        elf[32] = 64; // e_phoff
-        elf[54] = 56; // e_phentsize
-        elf[56] = 1; // e_phnum
-        elf[64] = 1; // PT_LOAD
-        let fake = dir.path().join("static");
-        std::fs::write(&fake, &elf).expect("write");
-        assert_eq!(elf_kind(&fake).expect("read"), ElfKind::StaticX86_64);
-        elf[64] = 3; // PT_INTERP
-        std::fs::write(&fake, &elf).expect("write");
-        assert_eq!(elf_kind(&fake).expect("read"), ElfKind::Dynamic);
-        elf[18] = 183; // aarch64
-        std::fs::write(&fake, &elf).expect("write");
-        assert_eq!(elf_kind(&fake).expect("read"), ElfKind::Other);
-    }
 }

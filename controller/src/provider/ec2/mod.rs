@@ -4,8 +4,10 @@
 //! through RunInstances market options, and user-data that installs the agent. Also the
 //! lifecycle calls (describe, stop, start, terminate), spot prices and EBS volumes.
 
+pub mod artifact;
 pub mod ids;
 pub mod prices;
+pub mod relay;
 pub mod userdata;
 pub mod volumes;
 
@@ -125,6 +127,8 @@ pub struct Image {
     pub id: String,
     pub name: String,
     pub root_device: String,
+    /// The size of its root snapshot, where the image says.
+    pub root_gb: Option<u32>,
 }
 
 /// A runctl instance as EC2 reports it.
@@ -360,12 +364,12 @@ impl Ec2 {
             ));
         }
         let root = image.root_device_name().unwrap_or_default().to_owned();
-        let has_root = !root.is_empty()
-            && image
-                .block_device_mappings()
-                .iter()
-                .any(|m| m.device_name() == Some(root.as_str()) && m.ebs().is_some());
-        if !has_root {
+        let root_ebs = image
+            .block_device_mappings()
+            .iter()
+            .find(|m| !root.is_empty() && m.device_name() == Some(root.as_str()))
+            .and_then(|m| m.ebs());
+        if root_ebs.is_none() {
             return Err(UserError::new(
                 ErrorCode::BadInput,
                 format!("AMI {id} has no EBS root device (root device {root:?}); runctl needs an EBS-backed AMI"),
@@ -374,12 +378,16 @@ impl Ec2 {
         }
         Ok(Image {
             name: image.name().unwrap_or_default().to_owned(),
+            root_gb: root_ebs
+                .and_then(|e| e.volume_size())
+                .and_then(|g| u32::try_from(g).ok()),
             id,
             root_device: root,
         })
     }
 
     /// The runctl instances EC2 knows (any state but terminated), optionally only `ids`.
+    /// Relays are not among them: runs never see, count or clean them up.
     pub async fn instances(&self, ids: &[String]) -> Result<Vec<CloudInstance>, UserError> {
         let mut found = Vec::new();
         let mut next: Option<String> = None;
@@ -398,7 +406,9 @@ impl Ec2 {
                 .map_err(|e| api_error("listing instances", e))?;
             for reservation in out.reservations() {
                 for i in reservation.instances() {
-                    found.push(CloudInstance::from(i));
+                    if !relay::is_relay(i.tags()) {
+                        found.push(CloudInstance::from(i));
+                    }
                 }
             }
             next = out.next_token().map(str::to_owned);
@@ -430,7 +440,36 @@ impl Ec2 {
     /// The shared security group with no ingress rules, in the VPC the launch uses:
     /// reused when it exists (and refused if someone opened it), created otherwise.
     pub async fn security_group(&self, subnet: Option<&str>) -> Result<String, UserError> {
-        let vpc = match subnet {
+        let vpc = self.vpc(subnet).await?;
+        if let Some(id) = self.existing_group(&vpc).await? {
+            return Ok(id);
+        }
+        let created = self
+            .client
+            .create_security_group()
+            .group_name(SECURITY_GROUP)
+            .description("runctl agents: outbound only, no inbound rules")
+            .vpc_id(&vpc)
+            .tag_specifications(tags_for(
+                ResourceType::SecurityGroup,
+                &[(MANAGED_TAG.into(), "true".into())],
+            ))
+            .send()
+            .await;
+        match created {
+            Ok(out) => Ok(out.group_id().unwrap_or_default().to_owned()),
+            // Another launch made it first.
+            Err(e) if e.code() == Some("InvalidGroup.Duplicate") => self
+                .existing_group(&vpc)
+                .await?
+                .ok_or_else(|| api_error("creating the security group", e)),
+            Err(e) => Err(api_error("creating the security group", e)),
+        }
+    }
+
+    /// The VPC of `subnet`, else the region's default VPC.
+    pub async fn vpc(&self, subnet: Option<&str>) -> Result<String, UserError> {
+        Ok(match subnet {
             Some(subnet) => {
                 let out = self
                     .client
@@ -470,31 +509,7 @@ impl Ec2 {
                         .resolve("set [ec2] subnet to a subnet with outbound internet access")
                     })?
             }
-        };
-        if let Some(id) = self.existing_group(&vpc).await? {
-            return Ok(id);
-        }
-        let created = self
-            .client
-            .create_security_group()
-            .group_name(SECURITY_GROUP)
-            .description("runctl agents: outbound only, no inbound rules")
-            .vpc_id(&vpc)
-            .tag_specifications(tags_for(
-                ResourceType::SecurityGroup,
-                &[(MANAGED_TAG.into(), "true".into())],
-            ))
-            .send()
-            .await;
-        match created {
-            Ok(out) => Ok(out.group_id().unwrap_or_default().to_owned()),
-            // Another launch made it first.
-            Err(e) if e.code() == Some("InvalidGroup.Duplicate") => self
-                .existing_group(&vpc)
-                .await?
-                .ok_or_else(|| api_error("creating the security group", e)),
-            Err(e) => Err(api_error("creating the security group", e)),
-        }
+        })
     }
 
     /// The shared group in `vpc`, if it exists; refused if someone gave it inbound rules.

@@ -1,12 +1,12 @@
 #!/bin/sh
-# Installs the runctl agent: download by a presigned URL (retried), verify its SHA-256,
-# put it in place atomically. RUNCTL_ROOT prefixes every path and RUNCTL_INSTALL_ATTEMPTS
-# bounds the attempts (both for the sandboxed boot in tests).
+# Installs a runctl binary ({{binary}}): download by a presigned URL (retried), verify
+# its SHA-256, put it in place atomically. RUNCTL_ROOT prefixes every path and
+# RUNCTL_INSTALL_ATTEMPTS bounds the attempts (both for the sandboxed boot in tests).
 set -eu
 root="${RUNCTL_ROOT:-}"
-url='{{agent_url}}'
-sha256='{{agent_sha256}}'
-bin="$root/usr/local/bin/runctl-agent"
+url='{{url}}'
+sha256='{{sha256}}'
+bin="$root/usr/local/bin/{{binary}}"
 part="$bin.download"
 mkdir -p "$root/usr/local/bin"
 attempts="${RUNCTL_INSTALL_ATTEMPTS:-8}"
@@ -18,7 +18,7 @@ while :; do
         break
     fi
     if [ "$attempt" -ge "$attempts" ]; then
-        echo "runctl: could not download a verified agent after $attempt attempts" >&2
+        echo "runctl: could not download a verified {{binary}} after $attempt attempts" >&2
         rm -f "$part"
         exit 1
     fi
@@ -27,4 +27,4 @@ while :; do
 done
 chmod 0755 "$part"
 mv -f "$part" "$bin"
-echo "runctl: agent $sha256 installed at $bin"
+echo "runctl: {{binary}} $sha256 installed at $bin"
