@@ -118,7 +118,12 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
-    let runtime = match tokio::runtime::Runtime::new() {
+    // One thread: forwarding is a syscall and a copy per packet, and handing each packet
+    // between threads would cost more than that (measured: BENCHMARKS.md, the relay).
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: starting the runtime: {e}");

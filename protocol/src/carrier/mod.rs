@@ -355,17 +355,24 @@ impl RelayQueue {
     /// fails is lost (as packets on a dead path are); the queue stays usable.
     pub async fn pump<W: AsyncWrite + Unpin>(&self, w: &mut W) -> io::Result<()> {
         pump_out(&self.0, w, |tag, data, batch| {
-            let mut frame = Vec::with_capacity(crate::relay::MAX_HEADER_BYTES);
-            let f = match tag {
+            let frame = match tag {
                 RelayOut::Datagram(flow) => crate::relay::Frame::Datagram {
                     flow: *flow,
-                    payload: &[],
+                    payload: data,
                 },
                 RelayOut::Ping => crate::relay::Frame::Ping,
                 RelayOut::Pong => crate::relay::Frame::Pong,
             };
-            f.encode(&mut frame);
-            put_record(batch, &[&frame, data])
+            // Encoded in place behind its length prefix: no buffer per frame.
+            let start = batch.len();
+            batch.extend_from_slice(&[0, 0]);
+            frame.encode(batch);
+            let len = u16::try_from(batch.len() - start - 2).map_err(|_| {
+                batch.truncate(start);
+                io::Error::new(io::ErrorKind::InvalidInput, "a relay frame over 65,535 bytes")
+            })?;
+            batch[start..start + 2].copy_from_slice(&len.to_be_bytes());
+            Ok(())
         })
         .await
     }
