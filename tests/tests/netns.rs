@@ -386,6 +386,50 @@ fn the_daemons_nat_changing_address_mid_run_loses_nothing() {
 }
 
 #[test]
+fn the_relay_killed_and_restarted_mid_run_loses_and_repeats_no_line() {
+    let Some(Setup {
+        home,
+        relay,
+        _agent: agent,
+        net,
+    }) = setup("e", None)
+    else {
+        return;
+    };
+    wait_for_path(&home, "n1", "udp via relay", Duration::from_secs(30));
+    let script = "import time\nfor i in range(1, 301):\n    print(f'line {i}', flush=True)\n    time.sleep(0.05)";
+    let mut attached = home
+        .cli()
+        .args(["run", "--on", "n1", "--", "python3", "-c", script])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn run");
+    let mut lines = BufReader::new(attached.stdout.take().expect("stdout")).lines();
+    let mut got: Vec<String> = Vec::new();
+    while got.len() < 30 {
+        got.push(lines.next().expect("a line").expect("utf-8"));
+    }
+    // The relay's host loses the process (SIGKILL) and starts it again a second later on
+    // the same port with the same key: both NATed sides must find their way back alone.
+    let ca = relay.ca.clone();
+    let (state, addr) = relay.kill();
+    std::thread::sleep(Duration::from_secs(1));
+    let _relay = RelayProcess::start(&ca, &addr.to_string(), Some(state), Some(&net.ns("pub")));
+    got.extend(lines.map(|l| l.expect("utf-8")));
+    let status = attached.wait().expect("wait");
+    assert_eq!(status.code(), Some(0));
+    let expected: Vec<String> = (1..=300).map(|i| format!("line {i}")).collect();
+    assert_eq!(got, expected, "every line exactly once, in order");
+    let log = std::fs::read_to_string(home.path().join("daemon.log")).expect("daemon log");
+    assert!(
+        log.matches("registered with relay").count() >= 2,
+        "the daemon never re-registered:\n{log}"
+    );
+    drop(agent);
+}
+
+#[test]
 fn five_percent_loss_during_a_100_mb_sync_still_delivers_the_tree_exactly() {
     let Some(s) = setup("d", None) else { return };
     wait_for_path(&s.home, "n1", "udp via relay", Duration::from_secs(30));

@@ -369,7 +369,10 @@ impl RelayQueue {
             frame.encode(batch);
             let len = u16::try_from(batch.len() - start - 2).map_err(|_| {
                 batch.truncate(start);
-                io::Error::new(io::ErrorKind::InvalidInput, "a relay frame over 65,535 bytes")
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "a relay frame over 65,535 bytes",
+                )
             })?;
             batch[start..start + 2].copy_from_slice(&len.to_be_bytes());
             Ok(())
