@@ -95,6 +95,12 @@ class Runctl(base.Runctl):
                 raise SystemExit(f"the agent did not connect {path}")
             time.sleep(0.05)
 
+    def stop(self):
+        """Terminates the instance and stops the daemon, and kills the agent this script
+        started itself (the daemon no longer knows its process)."""
+        super().stop()
+        subprocess.run(["pkill", "-9", "-f", os.path.join(self.home, "local", "bench", "agent.toml")])
+
     def first_output(self, workdir):
         start = time.perf_counter()
         proc = subprocess.Popen([self.cli, "run", "--on", "bench", "--workdir", workdir, "--", "echo", "first"], env=self.env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -184,7 +190,6 @@ def main():
             runctl = Runctl(opts.bin_dir, scratch)
             home, ca = runctl.home, runctl.ca
             runctl.stop()
-            subprocess.run(["pkill", "-9", "-f", os.path.join(home, "local", "bench", "agent.toml")])
             runctl = None
             relay = Relay(opts.bin_dir, ca, scratch)
             rate = relay_report(relay, home, opts.gib)
@@ -248,7 +253,6 @@ def main():
         # The daemon would re-register and take the link back: stop it (and the agent) first.
         home = runctl.home
         runctl.stop()
-        subprocess.run(["pkill", "-9", "-f", os.path.join(home, "local", "bench", "agent.toml")])
         runctl = None
         rate = relay_report(relay, home, opts.gib)
 

@@ -234,3 +234,64 @@ pub fn stdout(out: &Output) -> String {
 pub fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
+
+/// An attached `run` of a script that prints `line 1` to `line N`, one every `delay`
+/// seconds: for tests that break something mid-stream and then check that every line
+/// arrived exactly once, in order.
+#[derive(Debug)]
+pub struct CountedRun {
+    child: std::process::Child,
+    lines: std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
+    got: Vec<String>,
+    total: usize,
+}
+
+impl CountedRun {
+    /// Starts `run ARGS -- python3 -c SCRIPT` in `home`.
+    pub fn start(home: &Home, args: &[&str], total: usize, delay: f64) -> Self {
+        use std::io::BufRead;
+        let script = format!(
+            "import time\nfor i in range(1, {}):\n    print(f'line {{i}}', flush=True)\n    time.sleep({delay})",
+            total + 1
+        );
+        let mut child = home
+            .cli()
+            .arg("run")
+            .args(args)
+            .args(["--", "python3", "-c", &script])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn run");
+        let lines = std::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+        CountedRun {
+            child,
+            lines,
+            got: Vec::new(),
+            total,
+        }
+    }
+
+    /// Reads until `n` lines have been shown.
+    pub fn read(&mut self, n: usize) {
+        while self.got.len() < n {
+            let line = self.lines.next().expect("a line").expect("utf-8");
+            self.got.push(line);
+        }
+    }
+
+    /// Reads the rest and checks the run exited 0 with every line exactly once, in order;
+    /// returns what `run` wrote on stderr.
+    pub fn finish(mut self) -> String {
+        self.got
+            .extend(self.lines.by_ref().map(|l| l.expect("utf-8")));
+        let status = self.child.wait().expect("wait");
+        let mut err = String::new();
+        std::io::Read::read_to_string(&mut self.child.stderr.take().expect("stderr"), &mut err)
+            .expect("stderr");
+        assert_eq!(status.code(), Some(0), "{err}");
+        let expected: Vec<String> = (1..=self.total).map(|i| format!("line {i}")).collect();
+        assert_eq!(self.got, expected, "every line exactly once, in order");
+        err
+    }
+}

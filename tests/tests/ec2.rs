@@ -193,12 +193,27 @@ async fn live(ec2: &Ec2) -> usize {
         .count()
 }
 
+/// The state of any instance (relays included), straight from DescribeInstances.
 async fn state_of(ec2: &Ec2, id: &str) -> String {
-    ec2.instance(id)
+    let out = match ec2
+        .client()
+        .describe_instances()
+        .instance_ids(id)
+        .send()
         .await
-        .expect("describe")
-        .map(|i| i.state)
-        .unwrap_or_else(|| "gone".into())
+    {
+        Ok(out) => out,
+        Err(e) => match controller::provider::ec2::api_error("describe", e) {
+            e if e.code == controller::error::ErrorCode::NotFound => return "gone".into(),
+            e => panic!("describe {id}: {e}"),
+        },
+    };
+    out.reservations()
+        .first()
+        .and_then(|r| r.instances().first())
+        .and_then(|i| i.state())
+        .and_then(|s| s.name())
+        .map_or_else(|| "gone".into(), |n| n.as_str().to_owned())
 }
 
 async fn wait_state(ec2: &Ec2, id: &str, want: &str) {
@@ -1218,33 +1233,6 @@ async fn a_relay_is_launched_apart_from_runs_boots_and_takes_the_registration() 
 
     let ended = cloud.json(&["relay", "terminate", "relay-t1"]);
     assert_eq!(ended["id"], id.as_str());
-    wait_state_any(&ec2, &id, "terminated").await;
+    wait_state(&ec2, &id, "terminated").await;
     cloud.refused(&["relay", "terminate", "relay-t1"], 3, "no relay relay-t1");
-}
-
-/// Waits for `id` (any instance, relays included) to reach `want`.
-async fn wait_state_any(ec2: &Ec2, id: &str, want: &str) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let out = ec2
-            .client()
-            .describe_instances()
-            .instance_ids(id)
-            .send()
-            .await
-            .expect("describe");
-        let state = out.reservations()[0].instances()[0]
-            .state()
-            .and_then(|s| s.name())
-            .map(|n| n.as_str().to_owned())
-            .unwrap_or_default();
-        if state == want {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{id} stayed {state}, expected {want}"
-        );
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
 }

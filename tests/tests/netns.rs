@@ -352,30 +352,14 @@ fn with_udp_dropped_the_agent_falls_back_to_tcp() {
 fn the_daemons_nat_changing_address_mid_run_loses_nothing() {
     let Some(s) = setup("c", None) else { return };
     wait_for_path(&s.home, "n1", "udp via relay", Duration::from_secs(30));
-    let script = "import time\nfor i in range(1, 401):\n    print(f'line {i}', flush=True)\n    time.sleep(0.05)";
-    let mut attached = s
-        .home
-        .cli()
-        .args(["run", "--on", "n1", "--", "python3", "-c", script])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn run");
-    let mut lines = BufReader::new(attached.stdout.take().expect("stdout")).lines();
-    let mut got: Vec<String> = Vec::new();
-    while got.len() < 30 {
-        got.push(lines.next().expect("a line").expect("utf-8"));
-    }
+    let mut attached = tests::CountedRun::start(&s.home, &["--on", "n1"], 400, 0.05);
+    attached.read(30);
     // The laptop moves: its NAT's outside address changes, so the relay link's TCP
     // connection is dead from one packet to the next.
     s.net.ip("dnat", "addr del 198.18.0.2/24 dev out0");
     s.net.ip("dnat", "addr add 198.18.0.3/24 dev out0");
     s.net.ip("dnat", "route replace default via 198.18.0.1");
-    got.extend(lines.map(|l| l.expect("utf-8")));
-    let status = attached.wait().expect("wait");
-    assert_eq!(status.code(), Some(0));
-    let expected: Vec<String> = (1..=400).map(|i| format!("line {i}")).collect();
-    assert_eq!(got, expected, "every line exactly once, in order");
+    attached.finish();
     // The move really cut the link: the daemon registered again from its new address.
     let log = std::fs::read_to_string(s.home.path().join("daemon.log")).expect("daemon log");
     assert!(
@@ -397,30 +381,15 @@ fn the_relay_killed_and_restarted_mid_run_loses_and_repeats_no_line() {
         return;
     };
     wait_for_path(&home, "n1", "udp via relay", Duration::from_secs(30));
-    let script = "import time\nfor i in range(1, 301):\n    print(f'line {i}', flush=True)\n    time.sleep(0.05)";
-    let mut attached = home
-        .cli()
-        .args(["run", "--on", "n1", "--", "python3", "-c", script])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn run");
-    let mut lines = BufReader::new(attached.stdout.take().expect("stdout")).lines();
-    let mut got: Vec<String> = Vec::new();
-    while got.len() < 30 {
-        got.push(lines.next().expect("a line").expect("utf-8"));
-    }
+    let mut attached = tests::CountedRun::start(&home, &["--on", "n1"], 300, 0.05);
+    attached.read(30);
     // The relay's host loses the process (SIGKILL) and starts it again a second later on
     // the same port with the same key: both NATed sides must find their way back alone.
     let ca = relay.ca.clone();
     let (state, addr) = relay.kill();
     std::thread::sleep(Duration::from_secs(1));
     let _relay = RelayProcess::start(&ca, &addr.to_string(), Some(state), Some(&net.ns("pub")));
-    got.extend(lines.map(|l| l.expect("utf-8")));
-    let status = attached.wait().expect("wait");
-    assert_eq!(status.code(), Some(0));
-    let expected: Vec<String> = (1..=300).map(|i| format!("line {i}")).collect();
-    assert_eq!(got, expected, "every line exactly once, in order");
+    attached.finish();
     let log = std::fs::read_to_string(home.path().join("daemon.log")).expect("daemon log");
     assert!(
         log.matches("registered with relay").count() >= 2,

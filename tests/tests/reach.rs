@@ -3,9 +3,7 @@
 //! mid-run, and the refusals the relay and the channel owe strangers. (Paths decided by
 //! the network itself, NAT and blocked UDP, are in `netns.rs`.)
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -105,30 +103,15 @@ fn a_relay_restarted_mid_run_loses_and_duplicates_no_log_line() {
         None,
     );
     wait_for_path(&home, "via2", "udp via relay");
-    let script = "import time\nfor i in range(1, 301):\n    print(f'line {i}', flush=True)\n    time.sleep(0.02)";
-    let mut attached = home
-        .cli()
-        .args(["run", "--on", "via2", "--", "python3", "-c", script])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn run");
-    let mut lines = BufReader::new(attached.stdout.take().expect("stdout")).lines();
-    let mut got: Vec<String> = Vec::new();
-    while got.len() < 40 {
-        got.push(lines.next().expect("a line").expect("utf-8"));
-    }
+    let mut attached = tests::CountedRun::start(&home, &["--on", "via2"], 300, 0.02);
+    attached.read(40);
     // The relay dies and comes back on the same port with the same identity; the daemon
     // re-registers and the agent's session comes back on its own.
     let ca = relay.ca.clone();
     let (state, addr) = relay.kill();
     std::thread::sleep(Duration::from_secs(1));
     let _relay = RelayProcess::start(&ca, &addr.to_string(), Some(state), None);
-    got.extend(lines.map(|l| l.expect("utf-8")));
-    let status = attached.wait().expect("wait");
-    assert_eq!(status.code(), Some(0));
-    let expected: Vec<String> = (1..=300).map(|i| format!("line {i}")).collect();
-    assert_eq!(got, expected, "every line exactly once, in order");
+    attached.finish();
 }
 
 fn runtime() -> tokio::runtime::Runtime {

@@ -250,19 +250,8 @@ fn terminate_refuses_active_runs_unless_forced() {
 #[test]
 fn daemon_killed_mid_run_loses_and_duplicates_no_log_line() {
     let home = Home::new();
-    let script = "import time\nfor i in range(1, 401):\n    print(f'line {i}', flush=True)\n    time.sleep(0.01)";
-    let mut attached = home
-        .cli()
-        .args(["run", "--keep", "--", "python3", "-c", script])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn run");
-    let mut lines = BufReader::new(attached.stdout.take().expect("stdout")).lines();
-    let mut got: Vec<String> = Vec::new();
-    while got.len() < 30 {
-        got.push(lines.next().expect("a line").expect("utf-8"));
-    }
+    let mut attached = tests::CountedRun::start(&home, &["--keep"], 400, 0.01);
+    attached.read(30);
 
     // The daemon dies while it streams the run to `run`; the agent and the trainer go on.
     let pid = home.daemon_pid().expect("daemon pid");
@@ -274,15 +263,8 @@ fn daemon_killed_mid_run_loses_and_duplicates_no_log_line() {
 
     // `run` brings a daemon back, the agent redials and replays what it missed, and the
     // stream resumes after the last line shown.
-    got.extend(lines.map(|l| l.expect("utf-8")));
-    let status = attached.wait().expect("wait");
-    let mut err = String::new();
-    std::io::Read::read_to_string(&mut attached.stderr.take().expect("stderr"), &mut err)
-        .expect("stderr");
-    assert_eq!(status.code(), Some(0), "{err}");
+    let err = attached.finish();
     assert!(err.contains("reconnecting"), "{err}");
-    let expected: Vec<String> = (1..=400).map(|i| format!("line {i}")).collect();
-    assert_eq!(got, expected, "every line exactly once, in order");
     assert_ne!(home.daemon_pid(), Some(pid), "a new daemon");
 
     let run = home.json(&["list"])["runs"][0]["id"]
@@ -290,6 +272,7 @@ fn daemon_killed_mid_run_loses_and_duplicates_no_log_line() {
         .expect("run id")
         .to_owned();
     let out = home.run(&["logs", &run]);
+    let expected: Vec<String> = (1..=400).map(|i| format!("line {i}")).collect();
     assert_eq!(
         stdout(&out).lines().collect::<Vec<_>>(),
         expected,

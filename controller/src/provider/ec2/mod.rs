@@ -389,27 +389,42 @@ impl Ec2 {
     /// The runctl instances EC2 knows (any state but terminated), optionally only `ids`.
     /// Relays are not among them: runs never see, count or clean them up.
     pub async fn instances(&self, ids: &[String]) -> Result<Vec<CloudInstance>, UserError> {
+        let found = self
+            .describe(
+                ids,
+                &[filter(&format!("tag:{MANAGED_TAG}"), &["true"])],
+                "listing instances",
+            )
+            .await?;
+        Ok(found
+            .iter()
+            .filter(|i| !relay::is_relay(i.tags()))
+            .map(CloudInstance::from)
+            .collect())
+    }
+
+    /// Every instance DescribeInstances returns for `ids` (all if empty) and `filters`,
+    /// page by page.
+    pub(crate) async fn describe(
+        &self,
+        ids: &[String],
+        filters: &[Filter],
+        what: &str,
+    ) -> Result<Vec<aws_sdk_ec2::types::Instance>, UserError> {
         let mut found = Vec::new();
         let mut next: Option<String> = None;
         loop {
             let mut request = self
                 .client
                 .describe_instances()
-                .filters(filter(&format!("tag:{MANAGED_TAG}"), &["true"]))
+                .set_filters(Some(filters.to_vec()))
                 .set_next_token(next.take());
             if !ids.is_empty() {
                 request = request.set_instance_ids(Some(ids.to_vec()));
             }
-            let out = request
-                .send()
-                .await
-                .map_err(|e| api_error("listing instances", e))?;
+            let out = request.send().await.map_err(|e| api_error(what, e))?;
             for reservation in out.reservations() {
-                for i in reservation.instances() {
-                    if !relay::is_relay(i.tags()) {
-                        found.push(CloudInstance::from(i));
-                    }
-                }
+                found.extend(reservation.instances().iter().cloned());
             }
             next = out.next_token().map(str::to_owned);
             if next.is_none() {
@@ -605,13 +620,7 @@ impl Ec2 {
             .security_group_ids(&plan.security_group)
             .set_subnet_id(plan.subnet.clone())
             .instance_initiated_shutdown_behavior(ShutdownBehavior::Terminate)
-            .metadata_options(
-                InstanceMetadataOptionsRequest::builder()
-                    .http_tokens(HttpTokensState::Required)
-                    .http_endpoint(InstanceMetadataEndpointState::Enabled)
-                    .http_put_response_hop_limit(1)
-                    .build(),
-            )
+            .metadata_options(imdsv2_only())
             .set_block_device_mappings(Some(mappings))
             .tag_specifications(tags_for(ResourceType::Instance, &plan.tags))
             .tag_specifications(tags_for(ResourceType::Volume, &volume_tags))
@@ -722,6 +731,16 @@ impl Ec2 {
             )
         })
     }
+}
+
+/// Instance metadata by IMDSv2 (session tokens) only, one hop: a process in a container
+/// on the instance cannot reach it.
+pub fn imdsv2_only() -> InstanceMetadataOptionsRequest {
+    InstanceMetadataOptionsRequest::builder()
+        .http_tokens(HttpTokensState::Required)
+        .http_endpoint(InstanceMetadataEndpointState::Enabled)
+        .http_put_response_hop_limit(1)
+        .build()
 }
 
 pub fn tags_for(kind: ResourceType, tags: &[(String, String)]) -> TagSpecification {

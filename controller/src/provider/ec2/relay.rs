@@ -5,13 +5,15 @@
 //! reconcile or clean them up; only `relay terminate` ends one.
 
 use aws_sdk_ec2::types::{
-    BlockDeviceMapping, EbsBlockDevice, HttpTokensState, InstanceMetadataEndpointState,
-    InstanceMetadataOptionsRequest, InstanceNetworkInterfaceSpecification, InstanceType,
+    BlockDeviceMapping, EbsBlockDevice, InstanceNetworkInterfaceSpecification, InstanceType,
     IpPermission, IpRange, Ipv6Range, ResourceType, Tag, VolumeType,
 };
 use serde::Serialize;
 
-use super::{Ec2, Image, MANAGED_TAG, USER_TAG, api_error, filter, millis, tag_value, tags_for};
+use super::{
+    CloudInstance, Ec2, Image, MANAGED_TAG, USER_TAG, api_error, filter, imdsv2_only, tag_value,
+    tags_for,
+};
 use crate::error::{ErrorCode, UserError};
 
 /// What a runctl instance is for, when it is not a run's (`relay`).
@@ -166,22 +168,16 @@ impl RelayInstance {
 
 impl From<&aws_sdk_ec2::types::Instance> for RelayInstance {
     fn from(i: &aws_sdk_ec2::types::Instance) -> Self {
+        let c = CloudInstance::from(i);
         RelayInstance {
-            id: i.instance_id().unwrap_or_default().to_owned(),
+            id: c.id,
             name: tag_value(i.tags(), NAME_TAG).unwrap_or_default().to_owned(),
-            state: i
-                .state()
-                .and_then(|s| s.name())
-                .map(|n| n.as_str().to_owned())
-                .unwrap_or_default(),
-            instance_type: i
-                .instance_type()
-                .map(|t| t.as_str().to_owned())
-                .unwrap_or_default(),
+            state: c.state,
+            instance_type: c.instance_type,
             public_ip: i.public_ip_address().map(str::to_owned),
             port: tag_value(i.tags(), PORT_TAG).and_then(|p| p.parse().ok()),
             ca_sha256: tag_value(i.tags(), CA_TAG).map(str::to_owned),
-            launched_ms: millis(i.launch_time()),
+            launched_ms: c.launched_ms,
         }
     }
 }
@@ -207,34 +203,21 @@ pub fn root_gb(image: &Image) -> u32 {
 }
 
 impl Ec2 {
-    /// The relays runctl launched here (any state but terminated).
+    /// The relays runctl launched here (any state but terminated), oldest first.
     pub async fn relays(&self) -> Result<Vec<RelayInstance>, UserError> {
-        let mut found = Vec::new();
-        let mut next: Option<String> = None;
-        loop {
-            let out = self
-                .client
-                .describe_instances()
-                .filters(filter(&format!("tag:{MANAGED_TAG}"), &["true"]))
-                .filters(filter(&format!("tag:{ROLE_TAG}"), &[RELAY_ROLE]))
-                .set_next_token(next.take())
-                .send()
-                .await
-                .map_err(|e| api_error("listing relays", e))?;
-            for reservation in out.reservations() {
-                for i in reservation.instances() {
-                    let relay = RelayInstance::from(i);
-                    if relay.state != "terminated" {
-                        found.push(relay);
-                    }
-                }
-            }
-            next = out.next_token().map(str::to_owned);
-            if next.is_none() {
-                found.sort_by_key(|r| r.launched_ms);
-                return Ok(found);
-            }
-        }
+        let filters = [
+            filter(&format!("tag:{MANAGED_TAG}"), &["true"]),
+            filter(&format!("tag:{ROLE_TAG}"), &[RELAY_ROLE]),
+        ];
+        let mut found: Vec<RelayInstance> = self
+            .describe(&[], &filters, "listing relays")
+            .await?
+            .iter()
+            .map(RelayInstance::from)
+            .filter(|r| r.state != "terminated")
+            .collect();
+        found.sort_by_key(|r| r.launched_ms);
+        Ok(found)
     }
 
     /// The relay named `which` (its name or `i-` id).
@@ -354,13 +337,7 @@ impl Ec2 {
                     .delete_on_termination(true)
                     .build(),
             )
-            .metadata_options(
-                InstanceMetadataOptionsRequest::builder()
-                    .http_tokens(HttpTokensState::Required)
-                    .http_endpoint(InstanceMetadataEndpointState::Enabled)
-                    .http_put_response_hop_limit(1)
-                    .build(),
-            )
+            .metadata_options(imdsv2_only())
             .block_device_mappings(
                 BlockDeviceMapping::builder()
                     .device_name(&plan.image.root_device)
