@@ -24,6 +24,7 @@ pub struct AgentConfig {
     pub poweroff_command: Option<Vec<String>>,
     pub metadata_endpoint: Option<String>,
     pub log_max_bytes: u64,
+    pub disk: crate::workspace::DiskLimits,
 }
 
 impl AgentConfig {
@@ -69,6 +70,17 @@ impl AgentConfig {
             log_max_bytes: file
                 .log_max_bytes
                 .unwrap_or(crate::eventlog::DEFAULT_MAX_BYTES),
+            disk: {
+                let d = crate::workspace::DiskLimits::default();
+                crate::workspace::DiskLimits {
+                    keep_runs: file.keep_runs.unwrap_or(d.keep_runs),
+                    disk_budget: file.disk_budget.unwrap_or(d.disk_budget),
+                    min_free: file.min_free.unwrap_or(d.min_free),
+                    keep_local_checkpoints: file
+                        .keep_local_checkpoints
+                        .unwrap_or(d.keep_local_checkpoints),
+                }
+            },
             instance: file.instance,
             controller: file.controller,
             ca_pin: file.ca_sha256,

@@ -10,12 +10,14 @@ pub mod checkpoints;
 pub mod config;
 pub mod data;
 pub mod dial;
+pub mod envs;
 pub mod eventlog;
 pub mod gpu;
 pub mod identity;
 pub mod lifecycle;
 pub mod lines;
 pub mod procstat;
+pub mod prune;
 pub mod pusher;
 pub mod reaper;
 pub mod restart;
@@ -24,8 +26,11 @@ pub mod session;
 pub mod setup;
 pub mod spot;
 pub mod stats;
+pub mod store;
 pub mod supervisor;
 pub mod tree;
+pub mod usage;
+pub mod workspace;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -65,13 +70,15 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
     let (ended_tx, mut ended_rx) = tokio::sync::mpsc::unbounded_channel();
     let runs = Arc::new(
         runs::Runs::open(
-            &config.state_dir.join("runs"),
-            &config.state_dir.join("data"),
+            &config.state_dir,
             config.log_max_bytes,
+            config.disk,
             ended_tx,
         )
         .with_context(|| format!("opening run state in {}", config.state_dir.display()))?,
     );
+    // Whatever an earlier agent left: ended runs beyond the limits, half-done deletes.
+    spawn_prune(&runs);
     let connected = Arc::new(AtomicBool::new(false));
     let (stats_tx, stats_rx) = watch::channel::<Option<Arc<StatsSample>>>(None);
     let mut background = tokio::task::JoinSet::new();
@@ -116,6 +123,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
                 return Ok(Exit::Interrupted);
             }
             Some((run, action)) = ended_rx.recv() => {
+                spawn_prune(&runs);
                 if action == EndAction::Keep {
                     continue;
                 }
@@ -144,6 +152,15 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
     }
     background.shutdown().await;
     Ok(Exit::PoweredOff(reason.to_string()))
+}
+
+/// Prunes the workspace off the async threads (see `workspace`).
+fn spawn_prune(runs: &Arc<runs::Runs>) {
+    let runs = runs.clone();
+    tokio::task::spawn_blocking(move || {
+        let disk = runs.prune();
+        tracing::debug!(runctl_bytes = disk.runctl_bytes(), free_bytes = disk.free_bytes, "workspace pruned");
+    });
 }
 
 /// Dials the controller and serves it, redialling with backoff, until the controller

@@ -68,6 +68,7 @@ impl Pusher {
             uploaded: HashMap::new(),
             failures: HashMap::new(),
             order: 0,
+            in_store: in_store(dir),
         };
         tokio::spawn(state.run(watcher, fs_rx, rx));
         Ok(Pusher { tx })
@@ -99,6 +100,25 @@ struct State {
     /// Failed uploads: name -> (failures so far, not before).
     failures: HashMap<String, (u32, Instant)>,
     order: u64,
+    /// Complete in the store now: name -> (bytes, save time), kept in `PUSHED_FILE`.
+    in_store: std::collections::BTreeMap<String, (u64, i64)>,
+}
+
+/// Beside a run's checkpoint dir: the checkpoints complete in the store, as
+/// `{name: [bytes, saved_ms]}`. A local checkpoint whose size and save time still match
+/// its entry may be deleted from the instance's disk once the run has ended.
+pub const PUSHED_FILE: &str = "checkpoints.pushed.json";
+
+fn pushed_path(dir: &Path) -> Option<PathBuf> {
+    Some(dir.parent()?.join(PUSHED_FILE))
+}
+
+/// The checkpoints of the run whose checkpoint dir is `dir` that are in the store.
+pub fn in_store(dir: &Path) -> std::collections::BTreeMap<String, (u64, i64)> {
+    pushed_path(dir)
+        .and_then(|p| std::fs::read(p).ok())
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
 }
 
 type Upload = tokio::task::JoinHandle<(String, Result<CheckpointRecord, StoreError>)>;
@@ -299,6 +319,9 @@ impl State {
                 self.failures.remove(&name);
                 self.uploaded
                     .insert(name.clone(), (record.bytes, record.saved_ms));
+                self.in_store
+                    .insert(name.clone(), (record.bytes, record.saved_ms));
+                self.save_in_store();
                 // From the save (the file's modification time) to now, with LATEST written.
                 let ms = (crate::eventlog::now_ms() as i64 - record.saved_ms).max(0) as u64;
                 self.append(CheckpointEvent {
@@ -343,6 +366,10 @@ impl State {
     async fn prune(&mut self) {
         match checkpoints::prune(&self.engine, &self.prefix, self.keep as usize).await {
             Ok(pruned) => {
+                for name in &pruned.deleted {
+                    self.in_store.remove(name);
+                }
+                self.save_in_store();
                 for name in pruned.deleted {
                     self.append(CheckpointEvent {
                         url: self.dest.join(&name).to_string(),
@@ -354,6 +381,19 @@ impl State {
                 }
             }
             Err(e) => tracing::warn!("pruning checkpoints in {}: {e}", self.dest),
+        }
+    }
+
+    /// Keeps `PUSHED_FILE` beside the checkpoint dir true: what disk pruning may delete.
+    fn save_in_store(&self) {
+        let Some(path) = pushed_path(&self.dir) else {
+            return;
+        };
+        let tmp = path.with_extension("tmp");
+        let written = std::fs::write(&tmp, serde_json::to_vec(&self.in_store).expect("serializes"))
+            .and_then(|()| std::fs::rename(&tmp, &path));
+        if let Err(e) = written {
+            tracing::warn!("writing {}: {e}", path.display());
         }
     }
 

@@ -5,7 +5,7 @@
 //! agent lost track of (the agent itself restarted) is ended as `Lost`, after the
 //! checkpoints it left are pushed. Syncs to one run are serialized.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -15,7 +15,9 @@ use crate::eventlog::EventLog;
 use crate::pusher::{self, Pusher};
 use crate::setup;
 use crate::supervisor::{self, Handle, Job, Storage};
+use crate::store::Store;
 use crate::tree::Tree;
+use crate::workspace::{DiskLimits, Workspace};
 use anyhow::Context;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
@@ -37,6 +39,7 @@ pub type TreeSlot = Arc<tokio::sync::Mutex<Option<Tree>>>;
 pub struct Runs {
     runs_dir: PathBuf,
     data_dir: PathBuf,
+    workspace: Workspace,
     log_max_bytes: u64,
     /// Told when a run ends, with its end action.
     ended: mpsc::UnboundedSender<(RunId, EndAction)>,
@@ -53,13 +56,17 @@ impl Runs {
     /// Opens the run directory, ending as `Lost` every run that was active when the agent
     /// last stopped: its process is no longer supervised, so it is killed.
     pub fn open(
-        runs_dir: &Path,
-        data_dir: &Path,
+        state_dir: &Path,
         log_max_bytes: u64,
+        limits: DiskLimits,
         ended: mpsc::UnboundedSender<(RunId, EndAction)>,
     ) -> anyhow::Result<Self> {
+        let runs_dir = &state_dir.join("runs");
+        let data_dir = &state_dir.join("data");
         std::fs::create_dir_all(runs_dir)
             .with_context(|| format!("creating {}", runs_dir.display()))?;
+        let workspace = Workspace::open(state_dir, limits)
+            .with_context(|| format!("opening the workspace in {}", state_dir.display()))?;
         std::fs::create_dir_all(data_dir)
             .with_context(|| format!("creating {}", data_dir.display()))?;
         let mut entries = HashMap::new();
@@ -87,6 +94,7 @@ impl Runs {
         Ok(Runs {
             runs_dir: runs_dir.to_owned(),
             data_dir: data_dir.to_owned(),
+            workspace,
             log_max_bytes,
             ended,
             delivered: Mutex::default(),
@@ -119,6 +127,35 @@ impl Runs {
 
     pub fn log(&self, run: &RunId) -> Option<Arc<EventLog>> {
         self.lock().get(run).map(|e| e.log.clone())
+    }
+
+    /// The runs that have not ended.
+    fn active_set(&self) -> HashSet<RunId> {
+        self.lock()
+            .iter()
+            .filter(|(_, e)| !e.log.cursor().ended)
+            .map(|(run, _)| run.clone())
+            .collect()
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.workspace.store
+    }
+
+    pub fn workspace(&self) -> &Workspace {
+        &self.workspace
+    }
+
+    /// Prunes ended runs' files (see `prune`); blocking.
+    pub fn prune(&self) -> protocol::DiskUse {
+        self.workspace.prune(&self.active_set())
+    }
+
+    /// Prunes, then refuses unless there is room for `run` to start; blocking.
+    pub fn make_room(&self, run: &RunId) -> Result<(), String> {
+        let mut active = self.active_set();
+        active.insert(run.clone());
+        self.workspace.make_room(&active)
     }
 
     pub fn active(&self) -> u32 {
@@ -469,11 +506,7 @@ impl Runs {
 /// How long stopping every run (each with its own grace period) may take.
 const STOP_ALL_BOUND: Duration = Duration::from_secs(600);
 
-/// A run's checkpoint dir (`RUNCTL_CHECKPOINT_DIR`), inside its run directory.
-const CHECKPOINT_DIR: &str = "checkpoints";
-
-/// A run's event log directory, inside its run directory.
-const LOG_DIR: &str = "log";
+use crate::workspace::{CHECKPOINT_DIR, LOG_DIR};
 
 /// An environment entry the OS can carry: a non-empty name without `=` or NUL, a value
 /// without NUL.

@@ -11,6 +11,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use protocol::framed::{read_frame, spawn_reader, write_frame};
 use protocol::{
+    ContentHash,
     AgentMsg, BulkOpen, ControllerMsg, ErrorKind, FrameError, Hello, RunId, StatsSample,
     SyncApplied, SyncDone, SyncGo, SyncHave, SyncOpen, WireError,
 };
@@ -118,6 +119,8 @@ enum Event {
     Outbound(AgentMsg),
     Heartbeat,
     Stats,
+    /// The workspace's disk use changed (after a prune).
+    Disk,
     /// The agent is powering off: end the session.
     Closing,
     PumpDone(Option<RunId>),
@@ -135,18 +138,19 @@ pub async fn serve(
     let (mut send, mut recv) = conn.open_bi().await?;
     let ours = hello();
     write_frame(&mut send, &AgentMsg::Hello(ours.clone())).await?;
-    match read_frame::<_, ControllerMsg>(&mut recv).await {
+    let reports_disk = match read_frame::<_, ControllerMsg>(&mut recv).await {
         Ok(Some(ControllerMsg::Hello(theirs))) => {
             if let Err(e) = ours.check_peer(&theirs) {
                 bail!("{e}");
             }
+            theirs.has(protocol::Feature::Store)
         }
         Ok(Some(ControllerMsg::Error(e))) => return Err(identity::refusal(e)),
         Ok(Some(other)) => bail!("the controller opened with {other:?} instead of Hello"),
         Ok(None) => return Ok(Outcome::Disconnected),
         // A rejected client certificate surfaces here, on the first read.
         Err(e) => return Err(anyhow::Error::new(e).context("the controller closed the session")),
-    }
+    };
     write_frame(
         &mut send,
         &AgentMsg::Ready {
@@ -156,6 +160,8 @@ pub async fn serve(
     .await?;
     connected.store(true, Ordering::SeqCst);
     stats.mark_unchanged();
+    let mut disk = runs.workspace().disk();
+    disk.mark_changed();
 
     let (reader, mut in_rx) = spawn_reader::<_, ControllerMsg>(recv);
     let (out_tx, mut out_rx) = mpsc::channel::<AgentMsg>(64);
@@ -173,6 +179,7 @@ pub async fn serve(
             Some(msg) = out_rx.recv() => Event::Outbound(msg),
             _ = heartbeat.tick() => Event::Heartbeat,
             Ok(()) = stats.changed() => Event::Stats,
+            Ok(()) = disk.changed(), if reports_disk => Event::Disk,
             Ok(()) = closing.changed() => Event::Closing,
             Some(done) = pumps.join_next(), if !pumps.is_empty() => Event::PumpDone(done.ok()),
             _ = async { stopping.as_mut().expect("guarded").await }, if stopping.is_some() => Event::StoppedAll,
@@ -236,6 +243,12 @@ pub async fn serve(
                     && let Some(last) = events.last()
                 {
                     runs.mark_delivered(run, last.seq);
+                }
+            }
+            Event::Disk => {
+                let used = disk.borrow_and_update().clone();
+                if let Some(used) = used {
+                    write_frame(&mut send, &AgentMsg::Disk(used)).await?;
                 }
             }
             Event::Stats => {
@@ -362,7 +375,10 @@ async fn handle_bulk(
             }
             write_frame(&mut send, &AgentMsg::RunStarted { run, result }).await?;
         }
-        BulkOpen::Sync(open) => handle_sync(runs, open, &mut send, recv).await?,
+        BulkOpen::Sync(open) => handle_sync(runs, open, Vec::new(), &mut send, recv).await?,
+        BulkOpen::SyncFrom { open, bases } => {
+            handle_sync(runs, open, bases, &mut send, recv).await?
+        }
     }
     send.finish()?;
     // Wait until the controller has read the answer (it closes its side), bounded.
@@ -371,9 +387,11 @@ async fn handle_bulk(
 }
 
 /// One code sync (see `BulkOpen::Sync` for the exchange). Syncs of one run take turns.
+/// A new tree is seeded from the store with the first of `bases` it can provide.
 async fn handle_sync(
     runs: Arc<Runs>,
     open: SyncOpen,
+    bases: Vec<ContentHash>,
     send: &mut quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) -> anyhow::Result<()> {
@@ -385,17 +403,30 @@ async fn handle_sync(
     let run_dir = runs.run_dir(&open.run);
     let create = open.create;
     let started = std::time::Instant::now();
+    let runs2 = runs.clone();
+    let bases2 = bases.clone();
+    let run2 = open.run.clone();
     let opened = tokio::task::spawn_blocking(move || {
         let mut tree = match cached {
             Some(tree) => tree,
-            None => Tree::open(&run_dir, create)?,
+            None => {
+                let new = create && !Tree::work_dir(&run_dir).exists();
+                if new {
+                    runs2.make_room(&run2).map_err(tree::SyncError::NoRoom)?;
+                }
+                Tree::open(&run_dir, create)?
+            }
         };
         tree.refresh()?;
+        let mut seeded = false;
+        if let Some(record) = tree.manifest().entries.is_empty().then(|| runs2.store().find(&bases2)).flatten() {
+            seeded = tree.seed(runs2.store(), &record)?;
+        }
         let root = tree.manifest().root();
-        Ok::<_, tree::SyncError>((tree, root))
+        Ok::<_, tree::SyncError>((tree, root, seeded))
     })
     .await?;
-    let (mut tree, root) = match opened {
+    let (mut tree, root, seeded) = match opened {
         Ok(opened) => opened,
         Err(e) => {
             let have = SyncHave {
@@ -407,7 +438,7 @@ async fn handle_sync(
         }
     };
     tracing::debug!(run = %open.run, ms = started.elapsed().as_millis() as u64, "tree checked");
-    let manifest = if open.known_root == Some(root) {
+    let manifest = if open.known_root == Some(root) || (seeded && bases.contains(&root)) {
         Vec::new()
     } else {
         let blob = protocol::codec::encode_blob(tree.manifest())?;
@@ -424,6 +455,9 @@ async fn handle_sync(
         .context("the controller ended the sync stream early")?;
     let (delta_bytes, restart) = match go {
         SyncGo::Cancel => {
+            if seeded {
+                record_tree(&runs, &open.run, &tree);
+            }
             *held = Some(tree);
             return Ok(());
         }
@@ -442,6 +476,7 @@ async fn handle_sync(
             std::io::BufReader::with_capacity(256 * 1024, &mut bridge),
             delta_bytes,
             tree::DEFAULT_MAX_SYNC_BYTES,
+            Some(runs2.store()),
             || runs2.process_group(&run).map(supervisor::freeze),
         )
         .map(|_| tree.manifest().root());
@@ -467,12 +502,17 @@ async fn handle_sync(
             }),
         },
     };
+    let applied = result.is_ok();
     write_frame(send, &SyncDone { result }).await?;
     // Saved after answering, still holding the run's turn.
     if let Some(mut tree) = held.take() {
+        let (runs2, run) = (runs.clone(), open.run.clone());
         let tree = tokio::task::spawn_blocking(move || {
             if let Err(e) = tree.persist() {
                 tracing::warn!("saving a tree's state: {e}");
+            }
+            if applied {
+                record_tree(&runs2, &run, &tree);
             }
             tree
         })
@@ -480,4 +520,16 @@ async fn handle_sync(
         *held = Some(tree);
     }
     Ok(())
+}
+
+/// Records the tree a run was just synced to, so later runs can be seeded from it.
+fn record_tree(runs: &Runs, run: &RunId, tree: &Tree) {
+    match runs
+        .store()
+        .record(run, tree.manifest(), crate::eventlog::now_ms())
+    {
+        Ok(true) => {}
+        Ok(false) => tracing::info!(%run, "not all of the tree is in the store; later runs get the rest sent"),
+        Err(e) => tracing::warn!(%run, "recording the tree in the store: {e}"),
+    }
 }

@@ -17,6 +17,8 @@ use protocol::manifest::{ContentHash, Entry, Manifest, PathError};
 use protocol::{ErrorKind, WireError};
 use serde::{Deserialize, Serialize};
 
+use crate::store::{CopiedOut, Store, TreeRecord};
+
 /// The default bound on the content one sync may unpack.
 pub const DEFAULT_MAX_SYNC_BYTES: u64 = 16 * 1024 * 1024 * 1024;
 /// Room allowed per tar entry beyond its content: a header and padding.
@@ -48,6 +50,9 @@ pub enum SyncError {
     /// The run has no tree on this agent.
     #[error("run has no synced tree on this agent")]
     NoTree,
+    /// The instance's disk has no room for a new run (the message says what takes it).
+    #[error("{0}")]
+    NoRoom(String),
     /// Reading or writing failed.
     #[error("{context}: {source}")]
     Io {
@@ -240,11 +245,13 @@ impl Tree {
 
     /// Applies a sync stream: `stream` is the decompressed stream after the delta header,
     /// i.e. the tar of new content. `freeze` stops the training process for the swap.
+    /// New content also goes into `store`, when given, for later runs' trees.
     pub fn apply<F, G>(
         &mut self,
         delta: &Delta,
         stream: &mut Limited<impl Read>,
         max_bytes: u64,
+        store: Option<&Store>,
         freeze: F,
     ) -> Result<(), SyncError>
     where
@@ -260,7 +267,7 @@ impl Tree {
         stream
             .set_remaining(summary.stream_bytes + TAR_OVERHEAD_BYTES * (summary.stream_files + 2));
         if self.is_empty() {
-            return self.apply_fresh(delta, next, stream, freeze);
+            return self.apply_fresh(delta, next, stream, store, freeze);
         }
         self.check_conflicts(delta)?;
         let staging = self.staging();
@@ -272,6 +279,10 @@ impl Tree {
             staging.join(hash.to_hex())
         })?;
         self.stage_copies(delta, &mut staged)?;
+        if let Some(store) = store {
+            let ingest = delta.stream_order().into_iter().map(|(hash, _, _)| (hash, staging.join(hash.to_hex())));
+            ingest_all(store, ingest);
+        }
         let staged_ms = started.elapsed().as_millis() as u64;
 
         let journal = Journal {
@@ -310,6 +321,73 @@ impl Tree {
         Ok(())
     }
 
+    /// Fills an empty tree with the tree `record` describes, from the store (reflinks or
+    /// verified copies, never hard links). Returns false, the tree left empty, when the
+    /// tree is not empty or the store cannot provide all of it.
+    pub fn seed(&mut self, store: &Store, record: &TreeRecord) -> Result<bool, SyncError> {
+        if !self.is_empty() {
+            return Ok(false);
+        }
+        let started = std::time::Instant::now();
+        let new = self.run_dir.join("work.new");
+        let _ = fs::remove_dir_all(&new);
+        fs::create_dir_all(&new).map_err(io_err(format!("creating {}", new.display())))?;
+        let mut reflinked = 0usize;
+        let built = (|| -> io::Result<BTreeMap<String, FileStat>> {
+            let mut stats = BTreeMap::new();
+            let mut buf = vec![0u8; 256 * 1024];
+            for (path, entry) in &record.manifest.entries {
+                let full = new.join(path);
+                match entry {
+                    Entry::Dir => fs::create_dir_all(&full)?,
+                    Entry::Symlink { target } => {
+                        ensure_parent(&full)?;
+                        std::os::unix::fs::symlink(target, &full)?;
+                    }
+                    Entry::File {
+                        hash, executable, ..
+                    } => {
+                        ensure_parent(&full)?;
+                        let how = store.copy_out(hash, &full, file_mode(*executable), &mut buf)?;
+                        reflinked += usize::from(how == CopiedOut::Reflinked);
+                        stats.insert(path.clone(), FileStat::of(&fs::symlink_metadata(&full)?));
+                    }
+                }
+            }
+            Ok(stats)
+        })();
+        let stats = match built {
+            Ok(stats) => stats,
+            Err(e) => {
+                tracing::warn!("seeding {} from the store failed ({e}); the sync sends it all", self.run_dir.display());
+                let _ = fs::remove_dir_all(&new);
+                return Ok(false);
+            }
+        };
+        let work = self.work();
+        let moved = fs::read_dir(&new).and_then(|entries| {
+            for entry in entries {
+                let entry = entry?;
+                fs::rename(entry.path(), work.join(entry.file_name()))?;
+            }
+            Ok(())
+        });
+        moved.map_err(io_err("putting the seeded tree in place"))?;
+        let _ = fs::remove_dir(&new);
+        self.state.manifest = record.manifest.clone();
+        self.state.stats = stats;
+        self.unsaved = true;
+        self.persist()?;
+        tracing::debug!(
+            done_ms = started.elapsed().as_millis() as u64,
+            files = record.manifest.files().count(),
+            reflinked,
+            from = %record.run,
+            "tree seeded from the store"
+        );
+        Ok(true)
+    }
+
     /// Whether the tree holds nothing at all, synced or not.
     fn is_empty(&self) -> bool {
         self.state.manifest.entries.is_empty()
@@ -326,6 +404,7 @@ impl Tree {
         delta: &Delta,
         next: Manifest,
         stream: &mut Limited<impl Read>,
+        store: Option<&Store>,
         freeze: F,
     ) -> Result<(), SyncError>
     where
@@ -343,6 +422,10 @@ impl Tree {
                 return Err(e);
             }
         };
+        if let Some(store) = store {
+            let ingest = delta.stream_order().into_iter().map(|(hash, _, path)| (hash, new.join(path)));
+            ingest_all(store, ingest);
+        }
         let work = self.work();
         let moved = {
             let _frozen = freeze();
@@ -845,6 +928,20 @@ impl Staged {
     }
 }
 
+/// Adds verified content to the store, each hash once. A failure (a full disk) costs a
+/// later run a resend, never this sync.
+fn ingest_all(store: &Store, files: impl IntoIterator<Item = (ContentHash, PathBuf)>) {
+    let mut seen = std::collections::HashSet::new();
+    for (hash, path) in files {
+        if seen.insert(hash)
+            && let Err(e) = store.ingest(&path, &hash)
+        {
+            tracing::warn!("adding {hash} to the store: {e}");
+            return;
+        }
+    }
+}
+
 fn remove_file(path: &Path) -> io::Result<()> {
     match fs::remove_file(path) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
@@ -969,6 +1066,7 @@ pub fn apply_stream<F, G>(
     compressed: impl Read,
     delta_bytes: u64,
     max_bytes: u64,
+    store: Option<&Store>,
     freeze: F,
 ) -> Result<(), SyncError>
 where
@@ -988,7 +1086,7 @@ where
         .map_err(io_err("reading the delta"))?;
     let delta: Delta =
         codec::decode_blob(&header).map_err(|e| SyncError::Stream(format!("bad delta: {e}")))?;
-    tree.apply(&delta, &mut stream, max_bytes, freeze)
+    tree.apply(&delta, &mut stream, max_bytes, store, freeze)
 }
 
 #[cfg(test)]

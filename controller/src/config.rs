@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use protocol::agent_config::DiskSize;
 use serde::Deserialize;
 
 use crate::error::{ErrorCode, UserError};
@@ -22,6 +23,75 @@ pub struct Config {
     pub ec2: Ec2Config,
     #[serde(default)]
     pub relay: RelayConfig,
+    #[serde(default)]
+    pub agent: AgentDisk,
+}
+
+/// `[agent]`: how every agent keeps its disk, written into its config at launch (any
+/// provider; `[local.agent]` overrides it for local instances). A change applies to
+/// instances launched after it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentDisk {
+    /// Ended runs kept whole on an instance (trees, environments), newest first.
+    #[serde(default = "default_keep_runs")]
+    pub keep_runs: u32,
+    /// The most runctl's files may take before ended runs go even within `keep_runs`:
+    /// a size (`"40GiB"`) or a share of the disk (`"50%"`).
+    #[serde(default = "default_disk_budget")]
+    pub disk_budget: DiskSize,
+    /// Free space a new run needs to start.
+    #[serde(default = "default_min_free")]
+    pub min_free: DiskSize,
+    /// An ended run's checkpoints kept on the instance once they are in the store.
+    #[serde(default = "default_keep_local_checkpoints")]
+    pub keep_local_checkpoints: u32,
+}
+
+fn default_keep_runs() -> u32 {
+    protocol::agent_config::DEFAULT_KEEP_RUNS
+}
+fn default_disk_budget() -> DiskSize {
+    protocol::agent_config::DEFAULT_DISK_BUDGET
+}
+fn default_min_free() -> DiskSize {
+    protocol::agent_config::DEFAULT_MIN_FREE
+}
+fn default_keep_local_checkpoints() -> u32 {
+    protocol::agent_config::DEFAULT_KEEP_LOCAL_CHECKPOINTS
+}
+
+impl Default for AgentDisk {
+    fn default() -> Self {
+        AgentDisk {
+            keep_runs: default_keep_runs(),
+            disk_budget: default_disk_budget(),
+            min_free: default_min_free(),
+            keep_local_checkpoints: default_keep_local_checkpoints(),
+        }
+    }
+}
+
+impl AgentDisk {
+    /// `[agent]` with `[local.agent]`'s keys over it, for a local instance.
+    pub fn for_local(&self, local: &LocalAgentConfig) -> AgentDisk {
+        AgentDisk {
+            keep_runs: local.keep_runs.unwrap_or(self.keep_runs),
+            disk_budget: local.disk_budget.unwrap_or(self.disk_budget),
+            min_free: local.min_free.unwrap_or(self.min_free),
+            keep_local_checkpoints: local
+                .keep_local_checkpoints
+                .unwrap_or(self.keep_local_checkpoints),
+        }
+    }
+
+    /// Writes these settings into an agent's config.
+    pub fn write_into(&self, file: &mut protocol::agent_config::AgentConfigFile) {
+        file.keep_runs = Some(self.keep_runs);
+        file.disk_budget = Some(self.disk_budget);
+        file.min_free = Some(self.min_free);
+        file.keep_local_checkpoints = Some(self.keep_local_checkpoints);
+    }
 }
 
 /// `[relay]`: what `relay launch` stands up (EC2's region, credentials, subnet and
@@ -348,6 +418,11 @@ pub struct LocalAgentConfig {
     /// An instance metadata endpoint (a local double, to rehearse spot notices).
     pub metadata_endpoint: Option<String>,
     pub log_max_bytes: Option<u64>,
+    /// Overrides of `[agent]` for local instances.
+    pub keep_runs: Option<u32>,
+    pub disk_budget: Option<DiskSize>,
+    pub min_free: Option<DiskSize>,
+    pub keep_local_checkpoints: Option<u32>,
 }
 
 fn default_listen() -> SocketAddr {

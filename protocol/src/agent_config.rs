@@ -47,4 +47,134 @@ pub struct AgentConfigFile {
     /// quarter is deleted when it is reached.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub log_max_bytes: Option<u64>,
+    /// Ended runs kept on the instance with their trees and environments, newest first;
+    /// older ones are pruned (default [`DEFAULT_KEEP_RUNS`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_runs: Option<u32>,
+    /// The most space runctl's own files (runs, environments, the content store,
+    /// checkpoints) may take before ended runs are pruned even within `keep_runs`
+    /// (default [`DEFAULT_DISK_BUDGET`] of the state filesystem).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_budget: Option<DiskSize>,
+    /// Free space a new run needs on the state filesystem before it starts (default
+    /// [`DEFAULT_MIN_FREE`]); less, after pruning, refuses the run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_free: Option<DiskSize>,
+    /// An ended run's checkpoints kept on the instance's disk once they are in the store,
+    /// newest first (default [`DEFAULT_KEEP_LOCAL_CHECKPOINTS`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_local_checkpoints: Option<u32>,
+}
+
+pub const DEFAULT_KEEP_RUNS: u32 = 5;
+pub const DEFAULT_DISK_BUDGET: DiskSize = DiskSize::Percent(50);
+pub const DEFAULT_MIN_FREE: DiskSize = DiskSize::Bytes(1 << 30);
+pub const DEFAULT_KEEP_LOCAL_CHECKPOINTS: u32 = 1;
+
+/// An amount of disk: bytes (`"40GiB"`, `"500 MB"`, `1073741824`) or a share of the
+/// filesystem (`"50%"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskSize {
+    Bytes(u64),
+    Percent(u8),
+}
+
+impl DiskSize {
+    /// The size in bytes on a filesystem of `total_bytes`.
+    pub fn bytes_of(self, total_bytes: u64) -> u64 {
+        match self {
+            DiskSize::Bytes(b) => b,
+            DiskSize::Percent(p) => (total_bytes as u128 * p as u128 / 100) as u64,
+        }
+    }
+}
+
+impl std::str::FromStr for DiskSize {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        if let Some(p) = s.strip_suffix('%') {
+            return match p.trim().parse::<u8>() {
+                Ok(p) if (1..=100).contains(&p) => Ok(DiskSize::Percent(p)),
+                _ => Err(format!("{s:?} is not a share of the disk from 1% to 100%")),
+            };
+        }
+        s.parse::<bytesize::ByteSize>()
+            .map(|b| DiskSize::Bytes(b.as_u64()))
+            .map_err(|_| format!("{s:?} is not a size (e.g. 40GiB, 500MB, 50%)"))
+    }
+}
+
+impl std::fmt::Display for DiskSize {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DiskSize::Bytes(b) => write!(f, "{}", bytesize::ByteSize::b(*b).display().iec()),
+            DiskSize::Percent(p) => write!(f, "{p}%"),
+        }
+    }
+}
+
+impl Serialize for DiskSize {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            DiskSize::Bytes(b) => s.serialize_u64(*b),
+            DiskSize::Percent(_) => s.collect_str(self),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for DiskSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Bytes(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Bytes(b) => Ok(DiskSize::Bytes(b)),
+            Raw::Text(t) => t.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disk_sizes_parse() {
+        let check = |text: &str, expected: Option<DiskSize>| {
+            assert_eq!(text.parse::<DiskSize>().ok(), expected, "{text:?}");
+        };
+        check("40GiB", Some(DiskSize::Bytes(40 << 30)));
+        check("500 MB", Some(DiskSize::Bytes(500_000_000)));
+        check("1048576", Some(DiskSize::Bytes(1 << 20)));
+        check("50%", Some(DiskSize::Percent(50)));
+        check("100%", Some(DiskSize::Percent(100)));
+        check("0%", None);
+        check("150%", None);
+        check("lots", None);
+        check("-5GB", None);
+        assert_eq!(DiskSize::Percent(50).bytes_of(1000), 500);
+        assert_eq!(DiskSize::Bytes(7).bytes_of(1000), 7);
+    }
+
+    #[test]
+    fn disk_sizes_round_trip_through_toml() {
+        #[derive(Debug, PartialEq, Serialize, Deserialize)]
+        struct T {
+            a: DiskSize,
+            b: DiskSize,
+        }
+        let t = T {
+            a: DiskSize::Bytes(3 << 30),
+            b: DiskSize::Percent(40),
+        };
+        let text = toml::to_string(&t).expect("serializes");
+        assert_eq!(toml::from_str::<T>(&text).expect("parses"), t);
+        let parsed: T = toml::from_str("a = \"2GiB\"\nb = \"10%\"").expect("parses");
+        assert_eq!(parsed.a, DiskSize::Bytes(2 << 30));
+    }
 }

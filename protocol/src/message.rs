@@ -31,14 +31,19 @@ pub const OLDEST_PEER_VERSION: u16 = 5;
 pub enum Feature {
     /// Sessions may run over the TCP and relay carriers (`protocol::carrier`).
     Carriers,
+    /// The agent keeps a content store: a new run's first sync may be seeded from a tree
+    /// it held before (`BulkOpen::SyncFrom`), and it reports its disk use
+    /// (`AgentMsg::Disk`).
+    Store,
 }
 
 impl Feature {
-    pub const ALL: &[Feature] = &[Feature::Carriers];
+    pub const ALL: &[Feature] = &[Feature::Carriers, Feature::Store];
 
     pub fn name(self) -> &'static str {
         match self {
             Feature::Carriers => "carriers",
+            Feature::Store => "store",
         }
     }
 }
@@ -126,6 +131,37 @@ pub enum AgentMsg {
     Stats(Box<StatsSample>),
     /// A request failed or was refused.
     Error(WireError),
+    /// What runctl keeps on the instance's disk, sent when it changes (feature `store`).
+    Disk(DiskUse),
+}
+
+/// The disk space runctl's own files take on an instance, by kind, and the filesystem's.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskUse {
+    /// Runs' work trees, logs and everything else in their directories but checkpoints
+    /// and environments.
+    pub runs_bytes: u64,
+    /// Checkpoints still on the instance's disk.
+    pub checkpoints_bytes: u64,
+    /// Runs' environments and the cached ones they are cloned from (files shared by hard
+    /// link are counted once).
+    pub envs_bytes: u64,
+    /// The content store new runs' trees are seeded from.
+    pub store_bytes: u64,
+    /// The shared data directory (`RUNCTL_DATA_DIR`); never pruned.
+    pub data_bytes: u64,
+    /// Runs on the instance, and how many of them have ended.
+    pub runs: u32,
+    pub ended_runs: u32,
+    /// Free and total bytes of the filesystem holding the agent's state.
+    pub free_bytes: u64,
+    pub total_bytes: u64,
+}
+
+impl DiskUse {
+    pub fn runctl_bytes(&self) -> u64 {
+        self.runs_bytes + self.checkpoints_bytes + self.envs_bytes + self.store_bytes + self.data_bytes
+    }
 }
 
 /// Messages from the controller to the agent.
@@ -171,6 +207,15 @@ pub enum BulkOpen {
     ///    the end of the stream;
     /// 3. agent: `SyncDone`.
     Sync(SyncOpen),
+    /// A sync that may seed the run's new, empty tree from the agent's store (feature
+    /// `store`): `bases` are roots of trees the agent held before, best first. The agent
+    /// fills the tree from the first whose content it still has all of, and answers that
+    /// root in `SyncHave` (without a manifest: the controller knows it); the exchange then
+    /// goes on as for `Sync`.
+    SyncFrom {
+        open: SyncOpen,
+        bases: Vec<ContentHash>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -588,6 +633,17 @@ mod tests {
                 ],
             },
             AgentMsg::Error(WireError::new(ErrorKind::BadRequest, "x")),
+            AgentMsg::Disk(DiskUse {
+                runs_bytes: 1,
+                checkpoints_bytes: 2,
+                envs_bytes: 3,
+                store_bytes: 4,
+                data_bytes: 5,
+                runs: 6,
+                ended_runs: 5,
+                free_bytes: 7,
+                total_bytes: 8,
+            }),
         ];
         let mut rendered: Vec<String> = msgs.iter().map(golden).collect();
         rendered.push(golden(&SyncHave {
@@ -731,6 +787,14 @@ mod tests {
                 known_root: Some(ContentHash([7; 32])),
                 create: true,
             }),
+            BulkOpen::SyncFrom {
+                open: SyncOpen {
+                    run: run_id(),
+                    known_root: None,
+                    create: true,
+                },
+                bases: vec![ContentHash([8; 32])],
+            },
         ];
         let mut rendered: Vec<String> = msgs.iter().map(golden).collect();
         rendered.extend(bulk.iter().map(golden));

@@ -45,9 +45,9 @@ async fn hostile_controller() -> Hostile {
     let dir = tempfile::tempdir().expect("tempdir");
     let runs = Arc::new(
         Runs::open(
-            &dir.path().join("state/runs"),
-            &dir.path().join("state/data"),
+            &dir.path().join("state"),
             agent::eventlog::DEFAULT_MAX_BYTES,
+            agent::workspace::DiskLimits::default(),
             tokio::sync::mpsc::unbounded_channel().0,
         )
         .expect("runs"),

@@ -59,7 +59,7 @@ fn sync(run_dir: &Path, want: &[(&str, Want)]) {
     tree.refresh().expect("refresh");
     let delta = plan(&local, tree.manifest());
     let (bytes, delta_bytes) = stream(&delta, &content);
-    apply_stream(&mut tree, &bytes[..], delta_bytes, 1 << 30, || ()).expect("applies");
+    apply_stream(&mut tree, &bytes[..], delta_bytes, 1 << 30, None, || ()).expect("applies");
     assert_eq!(tree.manifest(), &local);
     tree.persist().expect("persist");
     assert_disk(run_dir, want);
@@ -142,7 +142,7 @@ fn a_rename_is_not_sent_again() {
     // No content at all in the stream: the agent copies what it has.
     let (bytes, delta_bytes) = stream(&delta, &HashMap::new());
     let mut tree = tree;
-    apply_stream(&mut tree, &bytes[..], delta_bytes, 1 << 30, || ()).expect("applies");
+    apply_stream(&mut tree, &bytes[..], delta_bytes, 1 << 30, None, || ()).expect("applies");
     assert_disk(dir.path(), &[("b.bin", Want::File(b"big content", false))]);
 }
 
@@ -160,7 +160,7 @@ fn untracked_outputs_stay_and_block_only_a_replacing_file() {
     let mut tree = Tree::open(dir.path(), false).expect("opens");
     let delta = plan(&local, tree.manifest());
     let (bytes, n) = stream(&delta, &content);
-    apply_stream(&mut tree, &bytes[..], n, 1 << 30, || ()).expect("applies");
+    apply_stream(&mut tree, &bytes[..], n, 1 << 30, None, || ()).expect("applies");
     assert_eq!(
         fs::read(work.join("out/ckpt.pt")).expect("kept"),
         b"weights"
@@ -169,7 +169,7 @@ fn untracked_outputs_stay_and_block_only_a_replacing_file() {
     let (local, content) = manifest(&[("out", Want::File(b"x", false))]);
     let delta = plan(&local, tree.manifest());
     let (bytes, n) = stream(&delta, &content);
-    let err = apply_stream(&mut tree, &bytes[..], n, 1 << 30, || ()).expect_err("conflict");
+    let err = apply_stream(&mut tree, &bytes[..], n, 1 << 30, None, || ()).expect_err("conflict");
     assert!(matches!(err, SyncError::Conflict { .. }), "{err}");
     assert_eq!(fs::read(work.join("train.py")).expect("read"), b"2");
 }
@@ -247,7 +247,7 @@ fn an_apply_cut_off_before_its_journal_leaves_the_old_tree() {
     let delta = plan(&local, tree.manifest());
     let (bytes, n) = stream(&delta, &content);
     let cut = &bytes[..bytes.len() / 2];
-    assert!(apply_stream(&mut tree, cut, n, 1 << 30, || ()).is_err());
+    assert!(apply_stream(&mut tree, cut, n, 1 << 30, None, || ()).is_err());
     assert_disk(dir.path(), &v1);
     sync(dir.path(), &[("a", Want::File(b"a2 is longer", false))]);
 }
@@ -261,7 +261,7 @@ fn check_refused(delta: &Delta, raw_tar: Vec<u8>, max_bytes: u64, expected: &str
     let mut raw = blob.clone();
     raw.extend(raw_tar);
     let bytes = zstd::encode_all(&raw[..], 3).expect("zstd");
-    let err = apply_stream(&mut tree, &bytes[..], blob.len() as u64, max_bytes, || ())
+    let err = apply_stream(&mut tree, &bytes[..], blob.len() as u64, max_bytes, None, || ())
         .expect_err(expected);
     assert!(err.to_string().contains(expected), "{err}");
     let mut left = Vec::new();
@@ -386,6 +386,6 @@ fn decompression_is_bounded() {
     // A delta header claiming more than any delta may be.
     let dir = tempfile::tempdir().expect("tempdir");
     let mut tree = Tree::open(dir.path(), true).expect("opens");
-    let err = apply_stream(&mut tree, &b""[..], u64::MAX, 1 << 20, || ()).expect_err("huge");
+    let err = apply_stream(&mut tree, &b""[..], u64::MAX, 1 << 20, None, || ()).expect_err("huge");
     assert!(matches!(err, SyncError::TooLarge { .. }), "{err}");
 }

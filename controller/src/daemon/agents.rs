@@ -215,7 +215,8 @@ async fn session(
             unauthenticated.done();
             conn.set_receive_window(AUTHENTICATED_RECEIVE_WINDOW.into());
             write_frame(&mut send, &ControllerMsg::Hello(ours)).await?;
-            serve_agent(d, conn, send, recv, instance).await
+            let store = theirs.has(protocol::Feature::Store);
+            serve_agent(d, conn, send, recv, instance, store).await
         }
     }
 }
@@ -296,6 +297,7 @@ async fn serve_agent(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     instance: InstanceName,
+    store: bool,
 ) -> anyhow::Result<()> {
     let runs = match read_frame::<_, AgentMsg>(&mut recv).await {
         Ok(Some(AgentMsg::Ready { runs })) => runs,
@@ -314,6 +316,7 @@ async fn serve_agent(
             conn: conn.clone(),
             tx: tx.clone(),
             id,
+            store,
         },
     );
     if let Some(previous) = previous {
@@ -354,6 +357,10 @@ async fn serve_agent(
                         .lock()
                         .expect("stats lock")
                         .insert(instance.clone(), Arc::new(*sample));
+                    d.stats_changed.send_modify(|n| *n += 1);
+                }
+                AgentMsg::Disk(disk) => {
+                    d.disk.lock().expect("disk lock").insert(instance.clone(), disk);
                     d.stats_changed.send_modify(|n| *n += 1);
                 }
                 AgentMsg::Heartbeat { active_runs } => {

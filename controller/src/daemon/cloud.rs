@@ -243,7 +243,7 @@ pub(super) async fn launch(
             return Err(internal(e));
         }
     };
-    let agent_config = AgentConfigFile {
+    let mut agent_config = AgentConfigFile {
         instance: name.clone(),
         controller: endpoints,
         ca_sha256: d.pki.ca.fingerprint(),
@@ -255,7 +255,12 @@ pub(super) async fn launch(
         poweroff_command: Some(vec!["systemctl".into(), "poweroff".into()]),
         metadata_endpoint: Some("http://169.254.169.254".into()),
         log_max_bytes: None,
+        keep_runs: None,
+        disk_budget: None,
+        min_free: None,
+        keep_local_checkpoints: None,
     };
+    d.config.agent.write_into(&mut agent_config);
     let user_data = match userdata::render(&userdata::Params {
         config: &agent_config,
         agent_url: &agent_url,

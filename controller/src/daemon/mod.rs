@@ -47,6 +47,8 @@ struct AgentLink {
     tx: mpsc::Sender<ControllerMsg>,
     /// Distinguishes this connection from an older one of the same instance.
     id: usize,
+    /// The agent keeps a content store (`Feature::Store`): new runs' trees may be seeded.
+    store: bool,
 }
 
 /// State shared by every task of the daemon.
@@ -75,6 +77,8 @@ pub struct Daemon {
     /// The latest resource sample of each connected agent, and a counter bumped on each.
     stats: Mutex<HashMap<InstanceName, Arc<protocol::StatsSample>>>,
     stats_changed: watch::Sender<u64>,
+    /// The latest disk use each agent reported (kept after it disconnects).
+    disk: Mutex<HashMap<InstanceName, protocol::DiskUse>>,
     /// Every task the daemon spawns that must finish (or be cut off) on shutdown.
     tasks: TaskTracker,
     shutdown: CancellationToken,
@@ -260,6 +264,7 @@ pub async fn serve(
         pending_stops: Mutex::new(HashSet::new()),
         sync: sync::SyncState::new(sync::load_trees(&home.sync_dir())),
         stats: Mutex::default(),
+        disk: Mutex::default(),
         stats_changed: watch::channel(0).0,
         tasks: TaskTracker::new(),
         shutdown: CancellationToken::new(),

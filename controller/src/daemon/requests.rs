@@ -344,7 +344,7 @@ async fn sync_request(
         create: false,
     };
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let work = sync::sync(d, &link.conn, params, move |p| {
+    let work = sync::sync(d, &link, params, move |p| {
         let _ = tx.send(p);
     });
     tokio::pin!(work);

@@ -89,6 +89,7 @@ pub(super) async fn launch(
             endpoints: local_endpoints(d),
             agent_bin: &agent_bin,
             agent: &d.config.local.agent,
+            disk: d.config.agent.for_local(&d.config.local.agent),
         },
     )
     .map_err(|e| {
@@ -150,7 +151,7 @@ async fn try_start(
         restart: crate::ipc::Restart::Never,
         create: true,
     };
-    let report = sync::sync(d, &link.conn, params, |_| {})
+    let report = sync::sync(d, &link, params, |_| {})
         .await
         .map_err(|e| anyhow::anyhow!("syncing the project failed: {e}"))?;
     tracing::info!(%run, files = report.summary.written, bytes = report.summary.stream_bytes, elapsed_ms = report.elapsed_ms, "project synced");

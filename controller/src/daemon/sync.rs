@@ -93,12 +93,13 @@ pub struct SyncState {
 }
 
 /// Syncs `params.root` to the run's tree. `progress` is called as content goes out.
-pub async fn sync(
+pub(super) async fn sync(
     d: &Arc<Daemon>,
-    conn: &quinn::Connection,
+    link: &super::AgentLink,
     params: Params,
     mut progress: impl FnMut(Progress),
 ) -> Result<SyncReport, UserError> {
+    let conn = &link.conn;
     let lock = d
         .sync
         .locks
@@ -124,7 +125,13 @@ pub async fn sync(
         }
         scan
     };
-    let result = exchange(d, conn, &params, scan, known, &mut progress).await;
+    // A new tree is seeded on the agent from an earlier run's, when it still has one.
+    let bases = if known.is_none() && params.create && link.store {
+        bases_for(d, &params.run)
+    } else {
+        Vec::new()
+    };
+    let result = exchange(d, conn, &params, scan, known, bases, &mut progress).await;
     let (scan, delta, restarted_pid, agent_manifest_bytes) = match result {
         Ok(done) => done,
         Err(e) => {
@@ -215,6 +222,7 @@ async fn exchange(
     params: &Params,
     scan: impl Future<Output = Result<scan::Scan, UserError>>,
     known: Option<Manifest>,
+    bases: Vec<Manifest>,
     progress: &mut impl FnMut(Progress),
 ) -> Result<(scan::Scan, Delta, Option<u32>, u64), UserError> {
     let lost = |e: &dyn std::fmt::Display| {
@@ -230,9 +238,15 @@ async fn exchange(
         known_root: known.as_ref().map(Manifest::root),
         create: params.create,
     };
-    write_frame(&mut send, &BulkOpen::Sync(open))
-        .await
-        .map_err(|e| lost(&e))?;
+    let open = if bases.is_empty() {
+        BulkOpen::Sync(open)
+    } else {
+        BulkOpen::SyncFrom {
+            open,
+            bases: bases.iter().map(Manifest::root).collect(),
+        }
+    };
+    write_frame(&mut send, &open).await.map_err(|e| lost(&e))?;
     let scanned = scan.await;
     let have: SyncHave = read_frame(&mut recv)
         .await
@@ -249,9 +263,13 @@ async fn exchange(
     let local = &scanned.manifest;
     let root = have.root.map_err(|e| refused(&params.run, e))?;
     let remote = if have.manifest_bytes == 0 {
-        known.filter(|k| k.root() == root).ok_or_else(|| {
-            lost(&"the agent sent no manifest for a tree the daemon does not know")
-        })?
+        known
+            .into_iter()
+            .chain(bases)
+            .find(|k| k.root() == root)
+            .ok_or_else(|| {
+                lost(&"the agent sent no manifest for a tree the daemon does not know")
+            })?
     } else {
         read_manifest(&mut recv, have.manifest_bytes)
             .await
@@ -400,6 +418,34 @@ fn change(op: &Op) -> Change {
         op: op_name.to_owned(),
         path,
     }
+}
+
+/// At most this many earlier trees are offered to seed a new run's.
+const MAX_BASES: usize = 4;
+
+/// The trees the daemon knows of other runs on the run's instance, newest run first: what
+/// the agent's store may still hold.
+fn bases_for(d: &Daemon, run: &RunId) -> Vec<Manifest> {
+    let Ok(Some(row)) = d.db.run(run) else {
+        return Vec::new();
+    };
+    let Ok(mut runs) = d.db.runs_on(&row.instance) else {
+        return Vec::new();
+    };
+    runs.reverse();
+    let trees = d.sync.trees.lock().expect("trees");
+    let mut bases: Vec<Manifest> = Vec::new();
+    for other in runs.iter().filter(|r| r.id != *run) {
+        if let Some(m) = trees.get(&other.id)
+            && !bases.iter().any(|b| b.root() == m.root())
+        {
+            bases.push(m.clone());
+        }
+        if bases.len() == MAX_BASES {
+            break;
+        }
+    }
+    bases
 }
 
 fn remember_tree(d: &Daemon, run: &RunId, manifest: Manifest) {

@@ -61,6 +61,8 @@ pub struct LaunchSpec<'a> {
     pub agent_bin: &'a Path,
     /// Agent settings from `[local.agent]` in the controller's config.
     pub agent: &'a crate::config::LocalAgentConfig,
+    /// `[agent]` with `[local.agent]`'s overrides.
+    pub disk: crate::config::AgentDisk,
 }
 
 /// Writes the instance's agent config (owner-only) and starts the agent in a session of
@@ -72,7 +74,7 @@ pub fn launch(home: &Home, spec: LaunchSpec<'_>) -> anyhow::Result<tokio::proces
         .mode(0o700)
         .create(&dir)
         .with_context(|| format!("creating {}", dir.display()))?;
-    let config = AgentConfigFile {
+    let mut config = AgentConfigFile {
         instance: spec.name.clone(),
         controller: spec.endpoints,
         ca_sha256: spec.ca_pin,
@@ -84,7 +86,12 @@ pub fn launch(home: &Home, spec: LaunchSpec<'_>) -> anyhow::Result<tokio::proces
         poweroff_command: spec.agent.poweroff_command.clone(),
         metadata_endpoint: spec.agent.metadata_endpoint.clone(),
         log_max_bytes: spec.agent.log_max_bytes,
+        keep_runs: None,
+        disk_budget: None,
+        min_free: None,
+        keep_local_checkpoints: None,
     };
+    spec.disk.write_into(&mut config);
     let config_path = config_path(home, spec.name);
     protocol::tls::write_private(&config_path, toml::to_string(&config)?.as_bytes())
         .with_context(|| format!("writing {}", config_path.display()))?;

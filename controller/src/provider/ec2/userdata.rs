@@ -136,6 +136,10 @@ mod tests {
             poweroff_command: Some(vec!["systemctl".into(), "poweroff".into()]),
             metadata_endpoint: Some("http://169.254.169.254".into()),
             log_max_bytes: None,
+            keep_runs: Some(5),
+            disk_budget: Some(protocol::agent_config::DiskSize::Percent(50)),
+            min_free: None,
+            keep_local_checkpoints: None,
         }
     }
 
