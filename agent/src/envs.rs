@@ -169,7 +169,9 @@ impl Envs {
         if final_dir.join("env.json").is_file() {
             return Ok(());
         }
-        let tmp = self.dir.join(format!(".new-{key}-{:08x}", rand::random::<u32>()));
+        let tmp = self
+            .dir
+            .join(format!(".new-{key}-{:08x}", rand::random::<u32>()));
         let saved = (|| {
             fs::create_dir_all(&tmp)?;
             let (venv_s, project_s) = (venv.display().to_string(), project.display().to_string());
@@ -210,7 +212,7 @@ impl Envs {
 
     /// Makes `venv` (which must not exist) a clone of the saved environment, for a run
     /// whose start directory is `project`, and marks the saved one as just used.
-    pub fn clone_into(&self, saved: &Saved, venv: &Path, project: &Path) -> io::Result<()> {
+    pub fn clone_env(&self, saved: &Saved, venv: &Path, project: &Path) -> io::Result<()> {
         let from = self.dir.join(&saved.key).join("venv");
         let (new_venv, new_project) = (venv.display().to_string(), project.display().to_string());
         let rewrite: std::collections::HashSet<&str> =
@@ -282,10 +284,7 @@ fn link_tree(
             } else if kind.is_file() {
                 let meta = entry.metadata()?;
                 if meta.mode() & 0o222 != 0 {
-                    fs::set_permissions(
-                        &path,
-                        fs::Permissions::from_mode(meta.mode() & 0o7555),
-                    )?;
+                    fs::set_permissions(&path, fs::Permissions::from_mode(meta.mode() & 0o7555))?;
                 }
                 fs::hard_link(&path, &dest)?;
                 each(&rel.to_string_lossy(), &path)?;
@@ -340,7 +339,10 @@ mod tests {
     #[test]
     fn keys_change_with_what_defines_the_environment() {
         let base = KeyInputs {
-            steps: vec!["uv venv".into(), "uv pip install -r requirements.txt".into()],
+            steps: vec![
+                "uv venv".into(),
+                "uv pip install -r requirements.txt".into(),
+            ],
             files: vec![("requirements.txt", b"numpy==2.1\n".to_vec())],
             tools: vec!["/usr/bin/python3.12 100 5".into()],
         };
@@ -412,7 +414,7 @@ mod tests {
         let run2 = dir.path().join("runs/run-bbbbbbbbbbbb");
         let (venv2, proj2) = (run2.join("venv"), run2.join("work"));
         fs::create_dir_all(&run2).expect("mkdir");
-        envs.clone_into(&saved, &venv2, &proj2).expect("clone");
+        envs.clone_env(&saved, &venv2, &proj2).expect("clone");
         let tool = fs::read_to_string(venv2.join("bin/tool")).expect("read");
         assert_eq!(tool, format!("#!{}/bin/python\nprint()\n", venv2.display()));
         let pth = fs::read_to_string(venv2.join("lib/site-packages/_proj.pth")).expect("read");
@@ -425,7 +427,11 @@ mod tests {
         fs::write(venv2.join("lib/site-packages/new.py"), "y = 2\n").expect("install");
         fs::remove_file(venv2.join("lib/site-packages/pkg/mod.py")).expect("uninstall");
         assert!(!venv1.join("lib/site-packages/new.py").exists());
-        assert!(envs.dir().join("k1/venv/lib/site-packages/pkg/mod.py").exists());
+        assert!(
+            envs.dir()
+                .join("k1/venv/lib/site-packages/pkg/mod.py")
+                .exists()
+        );
         assert!(venv1.join("lib/site-packages/pkg/mod.py").exists());
         // Shared files are read-only, so a write into one fails rather than reach others
         // (for a user other than root).
@@ -435,7 +441,10 @@ mod tests {
 
     #[test]
     fn rewriting_replaces_every_occurrence() {
-        assert_eq!(replace(b"a/x b/x a/x", b"a/x", b"c/yy"), b"c/yy b/x c/yy".to_vec());
+        assert_eq!(
+            replace(b"a/x b/x a/x", b"a/x", b"c/yy"),
+            b"c/yy b/x c/yy".to_vec()
+        );
         assert_eq!(replace(b"none", b"zz", b"q"), b"none".to_vec());
     }
 }

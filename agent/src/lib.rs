@@ -159,7 +159,11 @@ fn spawn_prune(runs: &Arc<runs::Runs>) {
     let runs = runs.clone();
     tokio::task::spawn_blocking(move || {
         let disk = runs.prune();
-        tracing::debug!(runctl_bytes = disk.runctl_bytes(), free_bytes = disk.free_bytes, "workspace pruned");
+        tracing::debug!(
+            runctl_bytes = disk.runctl_bytes(),
+            free_bytes = disk.free_bytes,
+            "workspace pruned"
+        );
     });
 }
 

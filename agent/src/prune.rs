@@ -14,6 +14,7 @@
 //!    what is left goes, oldest first (ended runs' trees, then environments and records
 //!    other than the newest, then kept checkpoints in the store other than each run's
 //!    newest).
+//!
 //! The shared data directory is never pruned.
 
 use std::collections::HashSet;
@@ -267,25 +268,214 @@ mod tests {
             records,
         };
         let cases = [
-            case("nothing to do", f(vec![], vec![], vec![]), limits(5, ROOMY, 1), vec![], vec![], vec![], vec![]),
-            case("keeps the newest ended runs", f(vec![run(1, false, 1, 100, &[]), run(2, false, 3, 100, &[]), run(3, false, 2, 100, &[])], vec![], vec![]), limits(2, ROOMY, 1), vec![id(1)], vec![], vec![], vec![]),
-            case("an active run is never pruned", f(vec![run(1, true, 1, 100, &[]), run(2, false, 2, 100, &[])], vec![], vec![]), limits(0, 0, 0), vec![id(2)], vec![], vec![], vec![]),
-            case("a run already pruned is not pruned again", f(vec![run(1, false, 1, 0, &[]), run(2, false, 2, 100, &[])], vec![], vec![]), limits(1, ROOMY, 1), vec![], vec![], vec![], vec![]),
-            case("stored checkpoints but the newest go", f(vec![run(1, false, 9, 100, &[("a", 1, true), ("c", 3, true), ("b", 2, true)])], vec![], vec![]), limits(5, ROOMY, 1), vec![], vec![(id(1), "b"), (id(1), "a")], vec![], vec![]),
-            case("a checkpoint not in the store stays, and so does the newest stored", f(vec![run(1, false, 9, 100, &[("a", 1, false), ("b", 2, true), ("c", 3, true)])], vec![], vec![]), limits(5, 0, 0), vec![id(1)], vec![(id(1), "b")], vec![], vec![]),
-            case("an active run keeps its checkpoints", f(vec![run(1, true, 9, 100, &[("a", 1, true), ("c", 3, true)])], vec![], vec![]), limits(0, 0, 0), vec![], vec![], vec![], vec![]),
-            case("keep_local_checkpoints 0 still keeps the newest", f(vec![run(1, false, 9, 100, &[("a", 1, true), ("c", 3, true)])], vec![], vec![]), limits(5, ROOMY, 0), vec![], vec![(id(1), "a")], vec![], vec![]),
-            case("caches beyond keep_runs go, least recent first", f(vec![], vec![cache("e1", 1, 5), cache("e2", 2, 5), cache("e3", 3, 5)], vec![cache("r1", 3, 5), cache("r2", 1, 5)]), limits(1, ROOMY, 1), vec![], vec![], vec!["e2", "e1"], vec!["r2"]),
-            case("one cache of each kind stays even with keep_runs 0", f(vec![], vec![cache("e1", 1, 5)], vec![cache("r1", 1, 5)]), limits(0, 0, 0), vec![], vec![], vec![], vec![]),
-            case("over budget: oldest kept run goes first, then only what is needed", f(vec![run(1, false, 1, 100, &[]), run(2, false, 2, 100, &[]), run(3, false, 3, 100, &[])], vec![], vec![]), limits(5, 150, 1), vec![id(1), id(2)], vec![], vec![], vec![]),
-            case("over budget: across kinds by age", f(vec![run(1, false, 5, 100, &[])], vec![cache("e-new", 9, 100), cache("e-old", 2, 100)], vec![cache("r-new", 9, 100)]), limits(5, 300, 1), vec![], vec![], vec!["e-old"], vec![]),
-            case("over budget: the newest cached env and record stay", f(vec![], vec![cache("e", 1, 100)], vec![cache("r", 1, 100)]), limits(5, 0, 1), vec![], vec![], vec![], vec![]),
-            case("over budget: older stored checkpoints of a kept run go, its newest stays", f(vec![run(1, true, 9, 100, &[]), run(2, false, 9, 0, &[("a", 1, true), ("b", 2, true), ("c", 3, true)])], vec![], vec![]), limits(5, 115, 3), vec![], vec![(id(2), "a"), (id(2), "b")], vec![], vec![]),
+            case(
+                "nothing to do",
+                f(vec![], vec![], vec![]),
+                limits(5, ROOMY, 1),
+                vec![],
+                vec![],
+                vec![],
+                vec![],
+            ),
+            case(
+                "keeps the newest ended runs",
+                f(
+                    vec![
+                        run(1, false, 1, 100, &[]),
+                        run(2, false, 3, 100, &[]),
+                        run(3, false, 2, 100, &[]),
+                    ],
+                    vec![],
+                    vec![],
+                ),
+                limits(2, ROOMY, 1),
+                vec![id(1)],
+                vec![],
+                vec![],
+                vec![],
+            ),
+            case(
+                "an active run is never pruned",
+                f(
+                    vec![run(1, true, 1, 100, &[]), run(2, false, 2, 100, &[])],
+                    vec![],
+                    vec![],
+                ),
+                limits(0, 0, 0),
+                vec![id(2)],
+                vec![],
+                vec![],
+                vec![],
+            ),
+            case(
+                "a run already pruned is not pruned again",
+                f(
+                    vec![run(1, false, 1, 0, &[]), run(2, false, 2, 100, &[])],
+                    vec![],
+                    vec![],
+                ),
+                limits(1, ROOMY, 1),
+                vec![],
+                vec![],
+                vec![],
+                vec![],
+            ),
+            case(
+                "stored checkpoints but the newest go",
+                f(
+                    vec![run(
+                        1,
+                        false,
+                        9,
+                        100,
+                        &[("a", 1, true), ("c", 3, true), ("b", 2, true)],
+                    )],
+                    vec![],
+                    vec![],
+                ),
+                limits(5, ROOMY, 1),
+                vec![],
+                vec![(id(1), "b"), (id(1), "a")],
+                vec![],
+                vec![],
+            ),
+            case(
+                "a checkpoint not in the store stays, and so does the newest stored",
+                f(
+                    vec![run(
+                        1,
+                        false,
+                        9,
+                        100,
+                        &[("a", 1, false), ("b", 2, true), ("c", 3, true)],
+                    )],
+                    vec![],
+                    vec![],
+                ),
+                limits(5, 0, 0),
+                vec![id(1)],
+                vec![(id(1), "b")],
+                vec![],
+                vec![],
+            ),
+            case(
+                "an active run keeps its checkpoints",
+                f(
+                    vec![run(1, true, 9, 100, &[("a", 1, true), ("c", 3, true)])],
+                    vec![],
+                    vec![],
+                ),
+                limits(0, 0, 0),
+                vec![],
+                vec![],
+                vec![],
+                vec![],
+            ),
+            case(
+                "keep_local_checkpoints 0 still keeps the newest",
+                f(
+                    vec![run(1, false, 9, 100, &[("a", 1, true), ("c", 3, true)])],
+                    vec![],
+                    vec![],
+                ),
+                limits(5, ROOMY, 0),
+                vec![],
+                vec![(id(1), "a")],
+                vec![],
+                vec![],
+            ),
+            case(
+                "caches beyond keep_runs go, least recent first",
+                f(
+                    vec![],
+                    vec![cache("e1", 1, 5), cache("e2", 2, 5), cache("e3", 3, 5)],
+                    vec![cache("r1", 3, 5), cache("r2", 1, 5)],
+                ),
+                limits(1, ROOMY, 1),
+                vec![],
+                vec![],
+                vec!["e2", "e1"],
+                vec!["r2"],
+            ),
+            case(
+                "one cache of each kind stays even with keep_runs 0",
+                f(vec![], vec![cache("e1", 1, 5)], vec![cache("r1", 1, 5)]),
+                limits(0, 0, 0),
+                vec![],
+                vec![],
+                vec![],
+                vec![],
+            ),
+            case(
+                "over budget: oldest kept run goes first, then only what is needed",
+                f(
+                    vec![
+                        run(1, false, 1, 100, &[]),
+                        run(2, false, 2, 100, &[]),
+                        run(3, false, 3, 100, &[]),
+                    ],
+                    vec![],
+                    vec![],
+                ),
+                limits(5, 150, 1),
+                vec![id(1), id(2)],
+                vec![],
+                vec![],
+                vec![],
+            ),
+            case(
+                "over budget: across kinds by age",
+                f(
+                    vec![run(1, false, 5, 100, &[])],
+                    vec![cache("e-new", 9, 100), cache("e-old", 2, 100)],
+                    vec![cache("r-new", 9, 100)],
+                ),
+                limits(5, 300, 1),
+                vec![],
+                vec![],
+                vec!["e-old"],
+                vec![],
+            ),
+            case(
+                "over budget: the newest cached env and record stay",
+                f(vec![], vec![cache("e", 1, 100)], vec![cache("r", 1, 100)]),
+                limits(5, 0, 1),
+                vec![],
+                vec![],
+                vec![],
+                vec![],
+            ),
+            case(
+                "over budget: older stored checkpoints of a kept run go, its newest stays",
+                f(
+                    vec![
+                        run(1, true, 9, 100, &[]),
+                        run(
+                            2,
+                            false,
+                            9,
+                            0,
+                            &[("a", 1, true), ("b", 2, true), ("c", 3, true)],
+                        ),
+                    ],
+                    vec![],
+                    vec![],
+                ),
+                limits(5, 115, 3),
+                vec![],
+                vec![(id(2), "a"), (id(2), "b")],
+                vec![],
+                vec![],
+            ),
         ];
         for c in cases {
             let got = plan(&c.facts, &c.limits);
             assert_eq!(got.runs, c.runs, "{}: runs", c.name);
-            let ckpts: Vec<(RunId, String)> = c.checkpoints.iter().map(|(r, n)| (r.clone(), n.to_string())).collect();
+            let ckpts: Vec<(RunId, String)> = c
+                .checkpoints
+                .iter()
+                .map(|(r, n)| (r.clone(), n.to_string()))
+                .collect();
             assert_eq!(got.checkpoints, ckpts, "{}: checkpoints", c.name);
             assert_eq!(got.envs, c.envs, "{}: envs", c.name);
             assert_eq!(got.records, c.records, "{}: records", c.name);
@@ -295,7 +485,10 @@ mod tests {
     #[test]
     fn the_estimate_is_what_is_left() {
         let facts = Facts {
-            runs: vec![run(1, false, 1, 100, &[("a", 1, true)]), run(2, false, 2, 50, &[])],
+            runs: vec![
+                run(1, false, 1, 100, &[("a", 1, true)]),
+                run(2, false, 2, 50, &[]),
+            ],
             envs: vec![cache("e", 1, 7)],
             records: vec![],
         };

@@ -390,8 +390,11 @@ impl State {
             return;
         };
         let tmp = path.with_extension("tmp");
-        let written = std::fs::write(&tmp, serde_json::to_vec(&self.in_store).expect("serializes"))
-            .and_then(|()| std::fs::rename(&tmp, &path));
+        let written = std::fs::write(
+            &tmp,
+            serde_json::to_vec(&self.in_store).expect("serializes"),
+        )
+        .and_then(|()| std::fs::rename(&tmp, &path));
         if let Err(e) = written {
             tracing::warn!("writing {}: {e}", path.display());
         }

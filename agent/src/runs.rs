@@ -11,11 +11,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::data;
+use crate::envs;
 use crate::eventlog::EventLog;
 use crate::pusher::{self, Pusher};
 use crate::setup;
-use crate::supervisor::{self, Handle, Job, Storage};
 use crate::store::Store;
+use crate::supervisor::{self, Handle, Job, SaveEnv, Storage};
 use crate::tree::Tree;
 use crate::workspace::{DiskLimits, Workspace};
 use anyhow::Context;
@@ -326,8 +327,10 @@ impl Runs {
         let storage_plan =
             data::plan(spec, &self.data_dir).map_err(|message| RunEnd::DataFailed { message })?;
         let facts = setup::Facts::gather(&cwd, &spec.argv);
-        let plan = setup::plan(&spec.setup, &spec.argv, &facts, &run_dir.join("venv"))
+        let venv = run_dir.join("venv");
+        let mut plan = setup::plan(&spec.setup, &spec.argv, &facts, &venv)
             .map_err(|message| RunEnd::SetupFailed { message })?;
+        let (env_notice, save_env) = self.reuse_env(spec, &mut plan, &facts, run_dir, &cwd);
         let mut env = vec![
             ("RUNCTL_RUN_ID".to_owned(), spec.run.to_string()),
             (
@@ -354,8 +357,52 @@ impl Runs {
             checkpoints,
             storage: None,
             pusher: None,
+            env_notice,
+            save_env,
         };
         Ok((job, storage_plan))
+    }
+
+    /// An automatic setup that builds a venv reuses a saved one with the same key: the
+    /// run gets a clone and its setup steps are dropped. Otherwise the venv it builds is
+    /// saved for later runs. Returns the notice to show and what to save.
+    fn reuse_env(
+        &self,
+        spec: &RunSpec,
+        plan: &mut setup::Plan,
+        facts: &setup::Facts,
+        run_dir: &Path,
+        cwd: &Path,
+    ) -> (Option<String>, Option<SaveEnv>) {
+        let builds_venv = plan.env.iter().any(|(k, _)| k == "VIRTUAL_ENV");
+        if !matches!(spec.setup, protocol::Setup::Auto) || plan.steps.is_empty() || !builds_venv {
+            return (None, None);
+        }
+        let key = setup::env_key(plan, facts, run_dir, cwd);
+        let envs = self.workspace.envs.clone();
+        let venv = run_dir.join("venv");
+        if let Some(saved) = envs.find(&key) {
+            match envs.clone_env(&saved, &venv, cwd) {
+                Ok(()) => {
+                    plan.steps.clear();
+                    let notice = format!(
+                        "runctl: environment reused (built {} for {})",
+                        envs::ago(crate::eventlog::now_ms(), saved.built_at_ms),
+                        saved.built_for
+                    );
+                    return (Some(notice), None);
+                }
+                Err(e) => tracing::warn!("cloning environment {key}: {e}; setting up afresh"),
+            }
+        }
+        let save = SaveEnv {
+            envs,
+            key,
+            run: spec.run.clone(),
+            venv,
+            project: cwd.to_owned(),
+        };
+        (None, Some(save))
     }
 
     /// Tells every active run about a spot interruption: the notice goes in its log and

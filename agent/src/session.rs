@@ -11,9 +11,8 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use protocol::framed::{read_frame, spawn_reader, write_frame};
 use protocol::{
-    ContentHash,
-    AgentMsg, BulkOpen, ControllerMsg, ErrorKind, FrameError, Hello, RunId, StatsSample,
-    SyncApplied, SyncDone, SyncGo, SyncHave, SyncOpen, WireError,
+    AgentMsg, BulkOpen, ContentHash, ControllerMsg, ErrorKind, FrameError, Hello, RunId,
+    StatsSample, SyncApplied, SyncDone, SyncGo, SyncHave, SyncOpen, WireError,
 };
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
@@ -419,7 +418,13 @@ async fn handle_sync(
         };
         tree.refresh()?;
         let mut seeded = false;
-        if let Some(record) = tree.manifest().entries.is_empty().then(|| runs2.store().find(&bases2)).flatten() {
+        if let Some(record) = tree
+            .manifest()
+            .entries
+            .is_empty()
+            .then(|| runs2.store().find(&bases2))
+            .flatten()
+        {
             seeded = tree.seed(runs2.store(), &record)?;
         }
         let root = tree.manifest().root();
@@ -529,7 +534,9 @@ fn record_tree(runs: &Runs, run: &RunId, tree: &Tree) {
         .record(run, tree.manifest(), crate::eventlog::now_ms())
     {
         Ok(true) => {}
-        Ok(false) => tracing::info!(%run, "not all of the tree is in the store; later runs get the rest sent"),
+        Ok(false) => {
+            tracing::info!(%run, "not all of the tree is in the store; later runs get the rest sent")
+        }
         Err(e) => tracing::warn!(%run, "recording the tree in the store: {e}"),
     }
 }

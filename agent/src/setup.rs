@@ -151,6 +151,42 @@ pub fn plan(setup: &Setup, argv: &[String], facts: &Facts, venv: &Path) -> Resul
     Ok(plan)
 }
 
+/// The key of the environment `plan` builds (see `envs`): its steps with this run's
+/// paths taken out, the defining files in the start directory, and the interpreter and
+/// uv it would use.
+pub fn env_key(plan: &Plan, facts: &Facts, run_dir: &Path, cwd: &Path) -> String {
+    let (run_s, cwd_s) = (run_dir.display().to_string(), cwd.display().to_string());
+    let generic = |s: &str| s.replace(&cwd_s, "<project>").replace(&run_s, "<run>");
+    let steps = plan
+        .steps
+        .iter()
+        .map(|step| {
+            let env: Vec<String> = step
+                .env
+                .iter()
+                .map(|(k, v)| format!("{k}={}", generic(v)))
+                .collect();
+            format!("{} {}", generic(&step.shown), env.join(" "))
+        })
+        .collect();
+    let files = crate::envs::DEFINING_FILES
+        .iter()
+        .filter_map(|name| Some((*name, std::fs::read(cwd.join(name)).ok()?)))
+        .collect();
+    let mut tools = Vec::new();
+    for program in [find_in_path("python3", &facts.path), facts.uv.clone()]
+        .into_iter()
+        .flatten()
+    {
+        tools.push(crate::envs::tool_identity(&program));
+    }
+    crate::envs::key(&crate::envs::KeyInputs {
+        steps,
+        files,
+        tools,
+    })
+}
+
 /// Whether `text` (a Python script) holds a PEP 723 `script` metadata block.
 pub fn has_pep723_block(text: &str) -> bool {
     let mut lines = text.lines().map(str::trim_end);

@@ -20,9 +20,9 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
 
+use protocol::RunId;
 use protocol::codec;
 use protocol::manifest::{ContentHash, Entry, Manifest};
-use protocol::RunId;
 use serde::{Deserialize, Serialize};
 
 /// A run's last synced tree, as the controller knows it.
@@ -105,10 +105,10 @@ impl Store {
         if dest.is_file() {
             return Ok(());
         }
-        let tmp = self
-            .dir
-            .join("tmp")
-            .join(format!("{}-{:016x}", hash.to_hex(), rand::random::<u64>()));
+        let tmp =
+            self.dir
+                .join("tmp")
+                .join(format!("{}-{:016x}", hash.to_hex(), rand::random::<u64>()));
         let put = || -> io::Result<()> {
             reflink_copy::reflink_or_copy(src, &tmp)?;
             fs::set_permissions(&tmp, fs::Permissions::from_mode(0o444))?;
@@ -225,7 +225,7 @@ impl Store {
                 }
             }
         }
-        records.sort_by(|a, b| b.recorded_at_ms.cmp(&a.recorded_at_ms));
+        records.sort_by_key(|r| std::cmp::Reverse(r.recorded_at_ms));
         records
     }
 
@@ -379,6 +379,11 @@ mod tests {
             .expect("read object");
         assert_eq!(back, "shared");
         use std::os::unix::fs::MetadataExt;
-        assert_eq!(fs::metadata(store.object_path(&hash)).expect("meta").nlink(), 1);
+        assert_eq!(
+            fs::metadata(store.object_path(&hash))
+                .expect("meta")
+                .nlink(),
+            1
+        );
     }
 }

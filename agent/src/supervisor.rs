@@ -47,6 +47,20 @@ pub struct Job {
     pub storage: Option<Storage>,
     /// Pushes checkpoints; drained before the run's end is recorded.
     pub pusher: Option<Pusher>,
+    /// Told to the user before setup: the environment was reused, not built.
+    pub env_notice: Option<String>,
+    /// Saves the environment setup builds, for later runs with the same key.
+    pub save_env: Option<SaveEnv>,
+}
+
+/// Where to save a run's freshly built environment, and under which key.
+#[derive(Debug, Clone)]
+pub struct SaveEnv {
+    pub envs: Arc<crate::envs::Envs>,
+    pub key: String,
+    pub run: protocol::RunId,
+    pub venv: PathBuf,
+    pub project: PathBuf,
 }
 
 /// The store a run's data and resume point come from.
@@ -189,6 +203,15 @@ async fn supervise(
     pull_task: &mut Option<tokio::task::JoinHandle<()>>,
 ) -> RunEnd {
     let mut interrupted = false;
+    if let Some(notice) = &job.env_notice {
+        append(
+            log,
+            EventKind::Output {
+                stream: protocol::Stream::Stderr,
+                line: notice.clone(),
+            },
+        );
+    }
     for step in &job.steps {
         append(
             log,
@@ -224,6 +247,24 @@ async fn supervise(
                     message: format!("setup step `{}` {}", step.shown, describe(&other)),
                 };
             }
+        }
+    }
+
+    if let Some(save) = job.save_env.clone() {
+        let saved = tokio::task::spawn_blocking(move || {
+            save.envs.save(
+                &save.key,
+                &save.run,
+                &save.venv,
+                &save.project,
+                crate::eventlog::now_ms(),
+            )
+        })
+        .await;
+        match saved {
+            Ok(Ok(())) => tracing::info!("environment saved for later runs"),
+            Ok(Err(e)) => tracing::warn!("saving the environment for later runs: {e}"),
+            Err(e) => tracing::warn!("saving the environment for later runs: {e}"),
         }
     }
 
@@ -605,6 +646,8 @@ mod tests {
             checkpoints: dir.join("checkpoints"),
             storage: None,
             pusher: None,
+            env_notice: None,
+            save_env: None,
         }
     }
 

@@ -280,7 +280,10 @@ impl Tree {
         })?;
         self.stage_copies(delta, &mut staged)?;
         if let Some(store) = store {
-            let ingest = delta.stream_order().into_iter().map(|(hash, _, _)| (hash, staging.join(hash.to_hex())));
+            let ingest = delta
+                .stream_order()
+                .into_iter()
+                .map(|(hash, _, _)| (hash, staging.join(hash.to_hex())));
             ingest_all(store, ingest);
         }
         let staged_ms = started.elapsed().as_millis() as u64;
@@ -359,7 +362,10 @@ impl Tree {
         let stats = match built {
             Ok(stats) => stats,
             Err(e) => {
-                tracing::warn!("seeding {} from the store failed ({e}); the sync sends it all", self.run_dir.display());
+                tracing::warn!(
+                    "seeding {} from the store failed ({e}); the sync sends it all",
+                    self.run_dir.display()
+                );
                 let _ = fs::remove_dir_all(&new);
                 return Ok(false);
             }
@@ -423,7 +429,10 @@ impl Tree {
             }
         };
         if let Some(store) = store {
-            let ingest = delta.stream_order().into_iter().map(|(hash, _, path)| (hash, new.join(path)));
+            let ingest = delta
+                .stream_order()
+                .into_iter()
+                .map(|(hash, _, path)| (hash, new.join(path)));
             ingest_all(store, ingest);
         }
         let work = self.work();

@@ -48,12 +48,19 @@ impl Default for DiskLimits {
 /// Marks a run directory whose tree and environment were pruned.
 const PRUNED_MARK: &str = "pruned";
 /// What pruning a run removes from its directory.
-const PRUNABLE: &[&str] = &["work", "venv", "resume", "tree.state", "sync-staging", "work.new"];
+const PRUNABLE: &[&str] = &[
+    "work",
+    "venv",
+    "resume",
+    "tree.state",
+    "sync-staging",
+    "work.new",
+];
 
 #[derive(Debug)]
 pub struct Workspace {
     pub store: Store,
-    pub envs: Envs,
+    pub envs: std::sync::Arc<Envs>,
     runs_dir: PathBuf,
     data_dir: PathBuf,
     state_dir: PathBuf,
@@ -69,7 +76,7 @@ impl Workspace {
         fs::create_dir_all(&runs_dir)?;
         let ws = Workspace {
             store: Store::open(&state_dir.join("store"))?,
-            envs: Envs::open(&state_dir.join("envs"))?,
+            envs: std::sync::Arc::new(Envs::open(&state_dir.join("envs"))?),
             runs_dir: runs_dir.clone(),
             data_dir: state_dir.join("data"),
             state_dir: state_dir.to_owned(),
@@ -178,7 +185,8 @@ impl Workspace {
             };
             let dir = entry.path();
             let log = dir.join(LOG_DIR);
-            let last_used_ms = newest_mtime_ms(&log).unwrap_or_else(|| newest_mtime_ms(&dir).unwrap_or(0));
+            let last_used_ms =
+                newest_mtime_ms(&log).unwrap_or_else(|| newest_mtime_ms(&dir).unwrap_or(0));
             // A tree synced for a run that has not started yet (or is being synced now)
             // counts as active for a day.
             let unstarted = !log.exists() && now.saturating_sub(last_used_ms) < 86_400_000;
@@ -197,9 +205,9 @@ impl Workspace {
                         continue;
                     }
                     let local = storage::checkpoints::local_files(&name, &c.path()).ok();
-                    let in_store = local.as_ref().is_some_and(|l| {
-                        pushed.get(&name) == Some(&(l.bytes, l.saved_ms))
-                    });
+                    let in_store = local
+                        .as_ref()
+                        .is_some_and(|l| pushed.get(&name) == Some(&(l.bytes, l.saved_ms)));
                     checkpoints.push(CheckpointFacts {
                         saved_ms: local.as_ref().map_or(0, |l| l.saved_ms.max(0) as u64),
                         bytes: du.add(&c.path()),
@@ -242,9 +250,11 @@ impl Workspace {
     /// What runctl's files take now, by kind.
     pub fn measure(&self, active: &HashSet<RunId>) -> DiskUse {
         let mut du = Du::default();
-        let mut disk = DiskUse::default();
         // Environments first, so files a run's venv shares with a saved one count there.
-        disk.envs_bytes = du.add(self.envs.dir());
+        let mut disk = DiskUse {
+            envs_bytes: du.add(self.envs.dir()),
+            ..DiskUse::default()
+        };
         if let Ok(entries) = fs::read_dir(&self.runs_dir) {
             for entry in entries.flatten() {
                 let Ok(run) = entry.file_name().to_string_lossy().parse::<RunId>() else {
@@ -333,7 +343,10 @@ fn make_writable(dir: &Path) {
     if let Ok(m) = fs::symlink_metadata(dir)
         && m.is_dir()
     {
-        let _ = fs::set_permissions(dir, fs::Permissions::from_mode(m.permissions().mode() | 0o700));
+        let _ = fs::set_permissions(
+            dir,
+            fs::Permissions::from_mode(m.permissions().mode() | 0o700),
+        );
         if let Ok(entries) = fs::read_dir(dir) {
             for e in entries.flatten() {
                 make_writable(&e.path());

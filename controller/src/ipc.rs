@@ -190,6 +190,8 @@ pub enum Request {
 pub struct InstanceStats {
     pub instance: InstanceName,
     pub sample: StatsSample,
+    /// What runctl's own files take on its disk (from agents that report it).
+    pub disk: Option<protocol::DiskUse>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -245,6 +247,8 @@ pub struct InstanceView {
     pub cloud: Option<CloudRow>,
     /// Its cost so far, in dollars, where its price is known.
     pub cost: Option<f64>,
+    /// What runctl's own files take on its disk, as its agent last reported.
+    pub disk: Option<protocol::DiskUse>,
 }
 
 /// A runctl-tagged instance in the cloud that this controller did not launch (another

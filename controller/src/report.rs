@@ -243,6 +243,18 @@ pub fn top_text(shown: &[crate::ipc::InstanceStats]) -> String {
             bytes_words(h.net_rx_bytes_per_sec),
             bytes_words(h.net_tx_bytes_per_sec),
         ));
+        if let Some(d) = &s.disk {
+            out.push_str(&format!(
+                "runctl on disk {}: runs {} ({} ended), checkpoints {}, environments {}, store {}, data {}\n",
+                disk_words(d),
+                bytes_words(d.runs_bytes),
+                d.ended_runs,
+                bytes_words(d.checkpoints_bytes),
+                bytes_words(d.envs_bytes),
+                bytes_words(d.store_bytes),
+                bytes_words(d.data_bytes),
+            ));
+        }
         if !s.sample.runs.is_empty() {
             let mut t = table(&["RUN", "PROCS", "THREADS", "CPU", "RSS", "GPU MEM"]);
             for r in &s.sample.runs {
@@ -298,6 +310,35 @@ pub fn bytes_words(n: u64) -> String {
     } else {
         format!("{value:.1} {}", UNITS[unit])
     }
+}
+
+/// What a new run's first sync sent, for `run`: e.g. `synced 4769 files: 3 sent (12.0 KB
+/// on the wire), 4766 already on the instance (from run-...)`.
+pub fn first_sync_line(r: &SyncReport) -> String {
+    let s = &r.summary;
+    let mut line = format!(
+        "synced {} files: {} sent ({} on the wire, {} ms)",
+        r.files,
+        s.stream_files,
+        bytes_words(r.wire_bytes),
+        r.elapsed_ms
+    );
+    if let Some(from) = &r.seeded_from {
+        line.push_str(&format!(
+            ", {} already on the instance (from {from})",
+            r.files.saturating_sub(s.written)
+        ));
+    }
+    line
+}
+
+/// runctl's files on an instance, for `list` and `top`: `1.2 GB (8.0 GB free)`.
+pub fn disk_words(d: &protocol::DiskUse) -> String {
+    format!(
+        "{} ({} free)",
+        bytes_words(d.runctl_bytes()),
+        bytes_words(d.free_bytes)
+    )
 }
 
 /// A sync's result: the change list for a dry run, else one summary line.
@@ -481,7 +522,15 @@ fn path_words(p: &crate::ipc::AgentPath) -> String {
 
 pub fn list_text(report: &ListReport, now_ms: u64) -> String {
     let mut instances = table(&[
-        "INSTANCE", "PROVIDER", "TYPE", "STATE", "AGENT", "CREATED", "$/HR", "COST",
+        "INSTANCE",
+        "PROVIDER",
+        "TYPE",
+        "STATE",
+        "AGENT",
+        "CREATED",
+        "$/HR",
+        "COST",
+        "RUNCTL DISK",
     ]);
     let dollars = crate::provider::ec2::prices::dollars;
     for InstanceView {
@@ -490,6 +539,7 @@ pub fn list_text(report: &ListReport, now_ms: u64) -> String {
         path,
         cloud,
         cost,
+        disk,
     } in &report.instances
     {
         instances.add_row(vec![
@@ -515,6 +565,7 @@ pub fn list_text(report: &ListReport, now_ms: u64) -> String {
                 .map(dollars)
                 .unwrap_or_else(|| "-".into()),
             cost.map(dollars).unwrap_or_else(|| "-".into()),
+            disk.as_ref().map(disk_words).unwrap_or_else(|| "-".into()),
         ]);
     }
     let mut runs = table(&[
@@ -648,6 +699,7 @@ mod tests {
             unlisted_skipped: 0,
             wire_bytes: 206,
             agent_manifest_bytes: 0,
+            seeded_from: None,
             elapsed_ms: 48,
             restarted_pid: None,
         };
@@ -675,6 +727,17 @@ mod tests {
         report.skipped =
             vec!["data -> /mnt/data: a link that leaves the project is not synced".into()];
         rendered.push_str(&sync_text(&report));
+        report.dry_run = false;
+        report.summary = protocol::delta::Summary {
+            written: 3,
+            stream_files: 3,
+            stream_bytes: 9_000,
+            ..Default::default()
+        };
+        report.wire_bytes = 7_400;
+        report.seeded_from = Some(RunId::from_random([0xcd; 6]));
+        rendered.push_str(&first_sync_line(&report));
+        rendered.push('\n');
         insta::assert_snapshot!(rendered);
     }
 
@@ -699,6 +762,17 @@ mod tests {
                     }),
                     cloud: None,
                     cost: None,
+                    disk: Some(protocol::DiskUse {
+                        runs_bytes: 84_000_000,
+                        checkpoints_bytes: 1_200_000_000,
+                        envs_bytes: 300_000_000,
+                        store_bytes: 84_000_000,
+                        data_bytes: 0,
+                        runs: 6,
+                        ended_runs: 5,
+                        free_bytes: 40_000_000_000,
+                        total_bytes: 100_000_000_000,
+                    }),
                 },
                 InstanceView {
                     row: InstanceRow {
@@ -723,6 +797,7 @@ mod tests {
                         running_since_ms: Some(1_000),
                     }),
                     cost: Some(0.0075),
+                    disk: None,
                 },
             ],
             runs: vec![run_row(

@@ -160,7 +160,11 @@ pub struct DiskUse {
 
 impl DiskUse {
     pub fn runctl_bytes(&self) -> u64 {
-        self.runs_bytes + self.checkpoints_bytes + self.envs_bytes + self.store_bytes + self.data_bytes
+        self.runs_bytes
+            + self.checkpoints_bytes
+            + self.envs_bytes
+            + self.store_bytes
+            + self.data_bytes
     }
 }
 

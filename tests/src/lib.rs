@@ -295,3 +295,55 @@ impl CountedRun {
         err
     }
 }
+
+/// What a tree holds at one path.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Node {
+    File { hash: String, executable: bool },
+    Link(std::path::PathBuf),
+    Dir,
+}
+
+/// Every path under `root` (less `skip`) and what it holds.
+pub fn snapshot(root: &Path, skip: &[&str]) -> std::collections::BTreeMap<String, Node> {
+    let mut out = std::collections::BTreeMap::new();
+    walk(root, root, skip, &mut out);
+    out
+}
+
+fn walk(
+    root: &Path,
+    dir: &Path,
+    skip: &[&str],
+    out: &mut std::collections::BTreeMap<String, Node>,
+) {
+    for entry in std::fs::read_dir(dir).expect("read dir").flatten() {
+        let path = entry.path();
+        let rel = path
+            .strip_prefix(root)
+            .expect("under root")
+            .to_string_lossy()
+            .into_owned();
+        if skip.contains(&rel.as_str()) {
+            continue;
+        }
+        let meta = std::fs::symlink_metadata(&path).expect("meta");
+        let node = if meta.is_symlink() {
+            Node::Link(std::fs::read_link(&path).expect("link"))
+        } else if meta.is_dir() {
+            walk(root, &path, skip, out);
+            Node::Dir
+        } else {
+            let mut hasher = blake3::Hasher::new();
+            hasher
+                .update_reader(std::fs::File::open(&path).expect("open"))
+                .expect("read");
+            Node::File {
+                hash: hasher.finalize().to_hex().to_string(),
+                executable: std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o100
+                    != 0,
+            }
+        };
+        out.insert(rel, node);
+    }
+}

@@ -1,59 +1,13 @@
 //! Code sync end to end: the CLI, the daemon and a real local agent on loopback. After each
 //! sync the agent's tree must equal the project byte for byte (ignored files aside).
 
-use std::collections::BTreeMap;
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use tests::{Home, stderr, stdout};
-
-/// What a tree holds at one path.
-#[derive(Debug, PartialEq, Eq)]
-enum Node {
-    File { hash: String, executable: bool },
-    Link(PathBuf),
-    Dir,
-}
-
-fn snapshot(root: &Path, skip: &[&str]) -> BTreeMap<String, Node> {
-    let mut out = BTreeMap::new();
-    walk(root, root, skip, &mut out);
-    out
-}
-
-fn walk(root: &Path, dir: &Path, skip: &[&str], out: &mut BTreeMap<String, Node>) {
-    for entry in std::fs::read_dir(dir).expect("read dir").flatten() {
-        let path = entry.path();
-        let rel = path
-            .strip_prefix(root)
-            .expect("under root")
-            .to_string_lossy()
-            .into_owned();
-        if skip.contains(&rel.as_str()) {
-            continue;
-        }
-        let meta = std::fs::symlink_metadata(&path).expect("meta");
-        let node = if meta.is_symlink() {
-            Node::Link(std::fs::read_link(&path).expect("link"))
-        } else if meta.is_dir() {
-            walk(root, &path, skip, out);
-            Node::Dir
-        } else {
-            let mut hasher = blake3::Hasher::new();
-            hasher
-                .update_reader(std::fs::File::open(&path).expect("open"))
-                .expect("read");
-            Node::File {
-                hash: hasher.finalize().to_hex().to_string(),
-                executable: meta.permissions().mode() & 0o100 != 0,
-            }
-        };
-        out.insert(rel, node);
-    }
-}
+use tests::{Home, snapshot, stderr, stdout};
 
 /// A launched local instance with a long-running run whose tree is the project.
 struct Setup {

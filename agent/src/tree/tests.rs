@@ -261,8 +261,15 @@ fn check_refused(delta: &Delta, raw_tar: Vec<u8>, max_bytes: u64, expected: &str
     let mut raw = blob.clone();
     raw.extend(raw_tar);
     let bytes = zstd::encode_all(&raw[..], 3).expect("zstd");
-    let err = apply_stream(&mut tree, &bytes[..], blob.len() as u64, max_bytes, None, || ())
-        .expect_err(expected);
+    let err = apply_stream(
+        &mut tree,
+        &bytes[..],
+        blob.len() as u64,
+        max_bytes,
+        None,
+        || (),
+    )
+    .expect_err(expected);
     assert!(err.to_string().contains(expected), "{err}");
     let mut left = Vec::new();
     list(&Tree::work_dir(&run), "", &mut left);

@@ -360,7 +360,10 @@ async fn serve_agent(
                     d.stats_changed.send_modify(|n| *n += 1);
                 }
                 AgentMsg::Disk(disk) => {
-                    d.disk.lock().expect("disk lock").insert(instance.clone(), disk);
+                    d.disk
+                        .lock()
+                        .expect("disk lock")
+                        .insert(instance.clone(), disk);
                     d.stats_changed.send_modify(|n| *n += 1);
                 }
                 AgentMsg::Heartbeat { active_runs } => {

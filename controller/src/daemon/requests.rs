@@ -55,6 +55,7 @@ async fn serve(d: &Arc<Daemon>, stream: &mut UnixStream) -> anyhow::Result<()> {
 fn view(d: &Daemon, row: crate::db::InstanceRow) -> InstanceView {
     let cloud = d.db.cloud(&row.name).ok().flatten();
     InstanceView {
+        disk: d.disk.lock().expect("disk lock").get(&row.name).cloned(),
         connected: d.connected(&row.name),
         path: d.agent_path(&row.name),
         cost: cloud.as_ref().and_then(|c| c.cost(now_ms())),
@@ -613,7 +614,7 @@ async fn wait_started(
     loop {
         changes.borrow_and_update();
         let row = d.db.run(run)?.ok_or_else(|| runs::not_found_run(run))?;
-        announce_phase(stream, &mut last_state, row.state).await?;
+        announce_phase(d, stream, run, &mut last_state, row.state).await?;
         if row.state == RunState::Running || row.state.is_terminal() {
             return Ok(row);
         }
@@ -623,12 +624,30 @@ async fn wait_started(
     }
 }
 
-/// Tells the client about a new phase of the run, once per state.
+/// Tells the client about a new phase of the run, once per state, and what the first
+/// sync sent once it is over.
 async fn announce_phase(
+    d: &Daemon,
     stream: &mut UnixStream,
+    run: &RunId,
     last: &mut Option<RunState>,
     state: RunState,
 ) -> anyhow::Result<()> {
+    let syncing =
+        |s: Option<RunState>| matches!(s, None | Some(RunState::Pending | RunState::Syncing));
+    if *last != Some(state)
+        && syncing(*last)
+        && !syncing(Some(state))
+        && let Some(report) =
+            d.db.setting(&runs::first_sync_key(run))?
+                .and_then(|json| serde_json::from_str::<crate::ipc::SyncReport>(&json).ok())
+    {
+        write_frame(
+            stream,
+            &Response::Progress(crate::report::first_sync_line(&report)),
+        )
+        .await?;
+    }
     if *last != Some(state) {
         if let Some(phase) = phase_message(state) {
             write_frame(stream, &Response::Progress(phase.into())).await?;
@@ -666,7 +685,7 @@ async fn stream_events(
         // stored already (they land in the same transaction that ends it).
         let row = d.db.run(run)?.ok_or_else(|| runs::not_found_run(run))?;
         if follow {
-            announce_phase(stream, &mut last_state, row.state).await?;
+            announce_phase(d, stream, run, &mut last_state, row.state).await?;
         }
         loop {
             let events = d.db.events_after(run, after, PAGE)?;
@@ -723,6 +742,7 @@ async fn top(d: &Arc<Daemon>, stream: &mut UnixStream, run: Option<RunId>) -> an
             .map(|(name, sample)| InstanceStats {
                 instance: name.clone(),
                 sample: (**sample).clone(),
+                disk: d.disk.lock().expect("disk lock").get(name).cloned(),
             })
             .collect();
         shown.sort_by(|a, b| a.instance.cmp(&b.instance));

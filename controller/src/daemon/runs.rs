@@ -155,6 +155,8 @@ async fn try_start(
         .await
         .map_err(|e| anyhow::anyhow!("syncing the project failed: {e}"))?;
     tracing::info!(%run, files = report.summary.written, bytes = report.summary.stream_bytes, elapsed_ms = report.elapsed_ms, "project synced");
+    // For `run` to tell: what the first sync sent, and what the instance already had.
+    d.db.set_setting(&first_sync_key(run), &serde_json::to_string(&report)?)?;
     let (mut send, mut recv) = link
         .conn
         .open_bi()
@@ -206,6 +208,11 @@ async fn try_start(
         tracing::info!(%run, "the agent disconnected right after the start; its reconnect catches up");
     }
     Ok(())
+}
+
+/// The settings key holding a run's first sync report (JSON).
+pub(super) fn first_sync_key(run: &RunId) -> String {
+    format!("first_sync:{run}")
 }
 
 /// The settings key that marks a run whose cloud instance the daemon stops at its end.

@@ -70,6 +70,8 @@ pub struct SyncReport {
     /// Size of the manifest the agent had to send because the daemon's copy of its tree
     /// was missing or stale (0 when the daemon knew it).
     pub agent_manifest_bytes: u64,
+    /// The earlier run whose tree the agent's store seeded this (new) tree from.
+    pub seeded_from: Option<RunId>,
     pub elapsed_ms: u64,
     pub restarted_pid: Option<u32>,
 }
@@ -132,7 +134,7 @@ pub(super) async fn sync(
         Vec::new()
     };
     let result = exchange(d, conn, &params, scan, known, bases, &mut progress).await;
-    let (scan, delta, restarted_pid, agent_manifest_bytes) = match result {
+    let (scan, delta, restarted_pid, agent_manifest_bytes, seeded) = match result {
         Ok(done) => done,
         Err(e) => {
             // Whatever the agent has now, learn it afresh next time.
@@ -167,6 +169,7 @@ pub(super) async fn sync(
         unlisted,
         wire_bytes: wire_bytes(conn).saturating_sub(before),
         agent_manifest_bytes,
+        seeded_from: seeded,
         elapsed_ms: started.elapsed().as_millis() as u64,
         restarted_pid,
     })
@@ -222,9 +225,9 @@ async fn exchange(
     params: &Params,
     scan: impl Future<Output = Result<scan::Scan, UserError>>,
     known: Option<Manifest>,
-    bases: Vec<Manifest>,
+    bases: Vec<(RunId, Manifest)>,
     progress: &mut impl FnMut(Progress),
-) -> Result<(scan::Scan, Delta, Option<u32>, u64), UserError> {
+) -> Result<Exchanged, UserError> {
     let lost = |e: &dyn std::fmt::Display| {
         UserError::new(
             ErrorCode::Agent,
@@ -243,7 +246,7 @@ async fn exchange(
     } else {
         BulkOpen::SyncFrom {
             open,
-            bases: bases.iter().map(Manifest::root).collect(),
+            bases: bases.iter().map(|(_, m)| m.root()).collect(),
         }
     };
     write_frame(&mut send, &open).await.map_err(|e| lost(&e))?;
@@ -262,10 +265,15 @@ async fn exchange(
     };
     let local = &scanned.manifest;
     let root = have.root.map_err(|e| refused(&params.run, e))?;
+    let known_root = known.as_ref().map(Manifest::root);
+    let seeded = bases
+        .iter()
+        .find(|(_, m)| Some(root) != known_root && m.root() == root)
+        .map(|(run, _)| run.clone());
     let remote = if have.manifest_bytes == 0 {
         known
             .into_iter()
-            .chain(bases)
+            .chain(bases.into_iter().map(|(_, m)| m))
             .find(|k| k.root() == root)
             .ok_or_else(|| {
                 lost(&"the agent sent no manifest for a tree the daemon does not know")
@@ -282,10 +290,10 @@ async fn exchange(
             .await
             .map_err(|e| lost(&e))?;
         let _ = send.finish();
-        if have.manifest_bytes > 0 {
+        if have.manifest_bytes > 0 || seeded.is_some() {
             remember_tree(d, &params.run, remote);
         }
-        return Ok((scanned, delta, None, have.manifest_bytes));
+        return Ok((scanned, delta, None, have.manifest_bytes, seeded));
     }
     let blob = codec::encode_blob(&delta)
         .map_err(|e| UserError::new(ErrorCode::Internal, format!("encoding the delta: {e}")))?;
@@ -343,8 +351,19 @@ async fn exchange(
         .resolve("sync again"));
     }
     remember_tree(d, &params.run, local.clone());
-    Ok((scanned, delta, applied.restarted_pid, have.manifest_bytes))
+    Ok((
+        scanned,
+        delta,
+        applied.restarted_pid,
+        have.manifest_bytes,
+        seeded,
+    ))
 }
+
+/// What an exchange did: the scan, the delta (applied, or planned when dry), the
+/// restarted process, the size of the manifest the agent sent, and the earlier run the
+/// tree was seeded from.
+type Exchanged = (scan::Scan, Delta, Option<u32>, u64, Option<RunId>);
 
 /// Whether this sync restarts the run's process, as asked.
 fn restarts(restart: Restart, unchanged: bool) -> bool {
@@ -425,7 +444,7 @@ const MAX_BASES: usize = 4;
 
 /// The trees the daemon knows of other runs on the run's instance, newest run first: what
 /// the agent's store may still hold.
-fn bases_for(d: &Daemon, run: &RunId) -> Vec<Manifest> {
+fn bases_for(d: &Daemon, run: &RunId) -> Vec<(RunId, Manifest)> {
     let Ok(Some(row)) = d.db.run(run) else {
         return Vec::new();
     };
@@ -434,12 +453,12 @@ fn bases_for(d: &Daemon, run: &RunId) -> Vec<Manifest> {
     };
     runs.reverse();
     let trees = d.sync.trees.lock().expect("trees");
-    let mut bases: Vec<Manifest> = Vec::new();
+    let mut bases: Vec<(RunId, Manifest)> = Vec::new();
     for other in runs.iter().filter(|r| r.id != *run) {
         if let Some(m) = trees.get(&other.id)
-            && !bases.iter().any(|b| b.root() == m.root())
+            && !bases.iter().any(|(_, b)| b.root() == m.root())
         {
-            bases.push(m.clone());
+            bases.push((other.id.clone(), m.clone()));
         }
         if bases.len() == MAX_BASES {
             break;

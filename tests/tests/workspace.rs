@@ -1,0 +1,262 @@
+//! A kept instance as a warm workspace, end to end with a real local agent: a new run's
+//! tree is seeded from what the instance holds (only changed content travels), each run
+//! keeps its own tree, and the agent's store survives between runs.
+
+use std::path::{Path, PathBuf};
+
+use tests::{Home, snapshot, stderr};
+
+fn write(root: &Path, rel: &str, content: &[u8]) {
+    let path = root.join(rel);
+    std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+    std::fs::write(path, content).expect("write");
+}
+
+/// A project of `n` small Python-like files in a few directories.
+fn project(n: usize) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for i in 0..n {
+        let body = format!(
+            "# module {i}\nimport math\n\ndef f{i}(x):\n    return math.sqrt(x) * {i} + {}\n",
+            i * 7919 % 104_729
+        )
+        .repeat(8);
+        write(
+            dir.path(),
+            &format!("pkg{}/mod{i}.py", i % 10),
+            body.as_bytes(),
+        );
+    }
+    dir
+}
+
+fn run_dir(home: &Home, instance: &str, run: &str) -> PathBuf {
+    home.path()
+        .join("local")
+        .join(instance)
+        .join("state/runs")
+        .join(run)
+}
+
+/// The `synced ...` line `run` prints, and the bytes on the wire it names.
+fn sync_line(out: &std::process::Output) -> (String, f64) {
+    let err = stderr(out);
+    let line = err
+        .lines()
+        .find(|l| l.contains("synced ") && l.contains("on the wire"))
+        .unwrap_or_else(|| panic!("no sync line in:\n{err}"))
+        .to_owned();
+    let wire = line
+        .split(" on the wire")
+        .next()
+        .and_then(|s| s.rsplit('(').next())
+        .expect("a size");
+    let (value, unit) = wire.split_once(' ').expect("value and unit");
+    let value: f64 = value.parse().expect("a number");
+    let scale = match unit {
+        "B" => 1.0,
+        "KB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        other => panic!("unit {other}"),
+    };
+    (line, value * scale)
+}
+
+#[test]
+fn a_second_run_sends_only_what_changed_and_gets_its_own_tree() {
+    let home = Home::new();
+    let project = project(400);
+    let workdir = project.path().to_str().expect("utf8");
+    // Run 1 edits a file of its own tree: run 2 must never see that.
+    let first = home.run(&[
+        "run",
+        "--keep",
+        "--workdir",
+        workdir,
+        "--",
+        "sh",
+        "-c",
+        "echo edited-by-run-1 >> pkg0/mod0.py; echo one",
+    ]);
+    assert!(first.status.success(), "{}", stderr(&first));
+    let (line1, wire1) = sync_line(&first);
+    let listed = home.json(&["list"]);
+    let instance = listed["instances"][0]["instance"]["name"]
+        .as_str()
+        .expect("instance")
+        .to_owned();
+
+    // Three files edited, one added, one deleted.
+    let mut changed = Vec::new();
+    for (i, rel) in ["pkg1/mod1.py", "pkg2/mod2.py", "pkg3/mod3.py"]
+        .iter()
+        .enumerate()
+    {
+        let body = format!("# edited {i}\nprint('changed {i}')\n").repeat(20);
+        write(project.path(), rel, body.as_bytes());
+        changed.push(body.into_bytes());
+    }
+    write(project.path(), "new.py", b"print('new')\n");
+    changed.push(b"print('new')\n".to_vec());
+    std::fs::remove_file(project.path().join("pkg4/mod4.py")).expect("delete");
+
+    let second = home.run(&[
+        "--output",
+        "json",
+        "run",
+        "--on",
+        &instance,
+        "--workdir",
+        workdir,
+        "--",
+        "true",
+    ]);
+    assert!(second.status.success(), "{}", stderr(&second));
+    let (line2, wire2) = sync_line(&second);
+    let zstd: usize = changed
+        .iter()
+        .map(|c| zstd::encode_all(&c[..], 3).expect("zstd").len())
+        .sum();
+    let bound = 2.0 * zstd as f64 + 4096.0;
+    eprintln!("run 1: {line1}\nrun 2: {line2}\nbound {bound} (zstd of the changes {zstd})");
+    assert!(line2.contains("already on the instance"), "{line2}");
+    assert!(
+        wire2 <= bound,
+        "run 2 sent {wire2} bytes, over {bound}: {line2}"
+    );
+    assert!(wire2 * 5.0 < wire1, "run 1 {wire1}, run 2 {wire2}");
+
+    // Run 2's tree is the project, byte for byte: not run 1's edit, not the deleted file.
+    let out: serde_json::Value = serde_json::from_slice(
+        second
+            .stdout
+            .split(|b| *b == b'\n')
+            .rfind(|l| !l.is_empty())
+            .expect("json"),
+    )
+    .expect("run json");
+    let run2 = out["id"].as_str().expect("id");
+    let tree2 = run_dir(&home, &instance, run2).join("work");
+    assert_eq!(snapshot(&tree2, &[]), snapshot(project.path(), &[]));
+    // Run 2's files are its own, not links into the store or run 1's tree.
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(tree2.join("pkg5/mod5.py")).expect("meta");
+    assert_eq!(meta.nlink(), 1);
+    let _ = home.run(&["terminate", &instance]);
+}
+
+/// Builds a one-module wheel (`NAME-0.1-py3-none-any.whl`) in `dir`, with Python.
+fn wheel(dir: &Path, name: &str, value: u32) -> String {
+    let file = format!("{name}-0.1-py3-none-any.whl");
+    let script = format!(
+        r#"
+import base64, hashlib, zipfile
+files = {{
+    "{name}/__init__.py": "VALUE = {value}\n",
+    "{name}-0.1.dist-info/METADATA": "Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n",
+    "{name}-0.1.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: runctl-test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+}}
+record = []
+with zipfile.ZipFile("{file}", "w") as z:
+    for path, text in files.items():
+        data = text.encode()
+        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+        record.append(f"{{path}},sha256={{digest}},{{len(data)}}")
+        z.writestr(path, data)
+    record.append("{name}-0.1.dist-info/RECORD,,")
+    z.writestr("{name}-0.1.dist-info/RECORD", "\n".join(record) + "\n")
+"#
+    );
+    let out = std::process::Command::new("python3")
+        .args(["-c", &script])
+        .current_dir(dir)
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    file
+}
+
+#[test]
+fn an_environment_is_reused_on_the_same_key_and_never_changed_by_a_run() {
+    let home = Home::new();
+    let project = tempfile::tempdir().expect("tempdir");
+    let wheel = wheel(project.path(), "tinypkg", 7);
+    write(
+        project.path(),
+        "requirements.txt",
+        format!("./{wheel}\n").as_bytes(),
+    );
+    write(
+        project.path(),
+        "show.py",
+        b"import tinypkg, sys\nprint('value', tinypkg.VALUE)\ntry:\n    import extra_mod\n    print('extra seen')\nexcept ImportError:\n    print('no extra')\n",
+    );
+    // Writes a module into the run's environment, as an install inside the run would.
+    write(
+        project.path(),
+        "install.py",
+        b"import sysconfig, pathlib\npathlib.Path(sysconfig.get_paths()['purelib'], 'extra_mod.py').write_text('X = 1\\n')\nprint('installed')\n",
+    );
+    let workdir = project.path().to_str().expect("utf8");
+    let run = |on: Option<&str>, argv: &[&str]| {
+        let mut args = vec!["run", "--workdir", workdir];
+        match on {
+            Some(instance) => args.extend(["--on", instance]),
+            None => args.push("--keep"),
+        }
+        args.push("--");
+        args.extend(argv);
+        let out = home.run(&args);
+        assert!(out.status.success(), "{}", stderr(&out));
+        (stderr(&out), tests::stdout(&out))
+    };
+
+    let (err1, out1) = run(None, &["python3", "show.py"]);
+    assert!(err1.contains("setup: "), "run 1 sets up: {err1}");
+    assert!(out1.contains("value 7"), "{out1}");
+    let listed = home.json(&["list"]);
+    let instance = listed["instances"][0]["instance"]["name"]
+        .as_str()
+        .expect("instance")
+        .to_owned();
+
+    // Same key: reused, no setup step, and an install inside this run stays in it.
+    let (err2, out2) = run(
+        Some(&instance),
+        &["sh", "-c", "python3 install.py && python3 show.py"],
+    );
+    assert!(
+        err2.contains("runctl: environment reused (built "),
+        "{err2}"
+    );
+    assert!(!err2.contains("setup: "), "{err2}");
+    assert!(
+        out2.contains("installed") && out2.contains("extra seen"),
+        "{out2}"
+    );
+
+    let (err3, out3) = run(Some(&instance), &["python3", "show.py"]);
+    assert!(err3.contains("runctl: environment reused"), "{err3}");
+    assert!(
+        out3.contains("value 7") && out3.contains("no extra"),
+        "run 2's install leaked: {out3}"
+    );
+
+    // A changed requirements.txt is a new key: set up afresh.
+    let wheel2 = self::wheel(project.path(), "tinypkg2", 9);
+    write(
+        project.path(),
+        "requirements.txt",
+        format!("./{wheel}\n./{wheel2}\n").as_bytes(),
+    );
+    let (err4, out4) = run(Some(&instance), &["python3", "show.py"]);
+    assert!(err4.contains("setup: "), "{err4}");
+    assert!(!err4.contains("environment reused"), "{err4}");
+    assert!(out4.contains("value 7"), "{out4}");
+    let _ = home.run(&["terminate", &instance]);
+}
