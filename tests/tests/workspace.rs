@@ -260,3 +260,213 @@ fn an_environment_is_reused_on_the_same_key_and_never_changed_by_a_run() {
     assert!(out4.contains("value 7"), "{out4}");
     let _ = home.run(&["terminate", &instance]);
 }
+
+/// Saves three checkpoints, each closed after writing (so each is pushed), then ends.
+const SAVES_THREE: &str = "import os, time\nd = os.environ['RUNCTL_CHECKPOINT_DIR']\nfor i in range(3):\n    with open(os.path.join(d, f'step-{i}.pt'), 'wb') as f:\n        f.write(os.urandom(200_000))\n    time.sleep(0.05)\nprint('saved')\n";
+
+fn instance_of(home: &Home) -> String {
+    home.json(&["list"])["instances"][0]["instance"]["name"]
+        .as_str()
+        .expect("instance")
+        .to_owned()
+}
+
+fn runs_of(home: &Home) -> Vec<String> {
+    let mut runs: Vec<(u64, String)> = home.json(&["list"])["runs"]
+        .as_array()
+        .expect("runs")
+        .iter()
+        .map(|r| {
+            (
+                r["created_ms"].as_u64().expect("created"),
+                r["id"].as_str().expect("id").to_owned(),
+            )
+        })
+        .collect();
+    runs.sort();
+    runs.into_iter().map(|(_, id)| id).collect()
+}
+
+#[test]
+fn pruning_keeps_the_newest_runs_and_the_newest_checkpoint_and_survives_a_crash() {
+    let home = Home::with_config("[agent]\nkeep_runs = 1\nkeep_local_checkpoints = 1\n");
+    let project = tempfile::tempdir().expect("tempdir");
+    write(project.path(), "save.py", SAVES_THREE.as_bytes());
+    write(
+        project.path(),
+        "lib/data.py",
+        b"X = 1\n".repeat(100).as_slice(),
+    );
+    let workdir = project.path().to_str().expect("utf8");
+    let first = home.run(&[
+        "run",
+        "--keep",
+        "--workdir",
+        workdir,
+        "--",
+        "python3",
+        "save.py",
+    ]);
+    assert!(first.status.success(), "{}", stderr(&first));
+    let instance = instance_of(&home);
+    for _ in 0..2 {
+        let out = home.run(&[
+            "run",
+            "--on",
+            &instance,
+            "--workdir",
+            workdir,
+            "--",
+            "python3",
+            "save.py",
+        ]);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    let runs = runs_of(&home);
+    assert_eq!(runs.len(), 3);
+    let dir = |run: &str| run_dir(&home, &instance, run);
+    let pruned = |run: &str| !dir(run).join("work").exists();
+    home.wait_until(
+        "the two older runs pruned",
+        std::time::Duration::from_secs(20),
+        || pruned(&runs[0]) && pruned(&runs[1]),
+    );
+    let checkpoints = |run: &str| {
+        let mut names: Vec<String> = std::fs::read_dir(dir(run).join("checkpoints"))
+            .expect("checkpoint dir")
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    home.wait_until(
+        "stored checkpoints but the newest deleted",
+        std::time::Duration::from_secs(20),
+        || runs.iter().all(|r| checkpoints(r) == ["step-2.pt"]),
+    );
+    // The newest run is whole; every run's log is still there to read.
+    assert!(dir(&runs[2]).join("work/save.py").is_file());
+    for run in &runs {
+        let out = home.run(&["logs", run]);
+        assert!(tests::stdout(&out).contains("saved"), "{}", stderr(&out));
+    }
+    // The disk use is reported.
+    let listed = home.json(&["list"]);
+    let disk = &listed["instances"][0]["disk"];
+    assert!(
+        disk["checkpoints_bytes"].as_u64().expect("reported") >= 3 * 200_000,
+        "{disk}"
+    );
+    assert_eq!(disk["ended_runs"].as_u64(), Some(3), "{disk}");
+
+    // An agent killed mid-prune leaves trash and half-written files; its next start
+    // clears them, and a new run is seeded and runs as usual.
+    home.kill_agent();
+    let run2 = dir(&runs[2]);
+    std::fs::create_dir_all(run2.join(".trash-work-0badc0de/sub")).expect("trash");
+    std::fs::write(run2.join(".trash-work-0badc0de/sub/f.py"), b"half deleted").expect("trash");
+    std::fs::create_dir_all(run2.join("checkpoints/.trash-step-1.pt-0badc0de")).expect("trash");
+    let state = home.path().join("local").join(&instance).join("state");
+    std::fs::write(state.join("store/tmp/half-written"), b"x").expect("store tmp");
+    std::fs::create_dir_all(state.join("envs/.new-abc-0badc0de/venv")).expect("half env");
+    std::fs::write(state.join("store/trees/run-000000000000.tree"), b"torn").expect("torn record");
+    let mut agent = home.restart_agent(&instance);
+    home.wait_until("the agent back", std::time::Duration::from_secs(20), || {
+        home.json(&["list"])["instances"][0]["connected"] == true
+    });
+    let out = home.run(&[
+        "run",
+        "--on",
+        &instance,
+        "--workdir",
+        workdir,
+        "--",
+        "python3",
+        "-c",
+        "print('after')",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("already on the instance"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!run2.join(".trash-work-0badc0de").exists());
+    assert!(!run2.join("checkpoints/.trash-step-1.pt-0badc0de").exists());
+    assert!(!state.join("store/tmp/half-written").exists());
+    assert!(!state.join("envs/.new-abc-0badc0de").exists());
+    assert!(!state.join("store/trees/run-000000000000.tree").exists());
+    let _ = home.run(&["terminate", &instance]);
+    let _ = agent.wait();
+}
+
+#[test]
+fn a_disk_too_full_to_start_a_run_refuses_it_and_says_what_takes_the_space() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIPPED disk too full for a run: mounting a small tmpfs needs root");
+        return;
+    }
+    let home = Home::with_config("[agent]\nmin_free = \"24MiB\"\n");
+    let local = home.path().join("local");
+    std::fs::create_dir_all(&local).expect("mkdir");
+    let status = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=64m", "tmpfs"])
+        .arg(&local)
+        .status()
+        .expect("mount");
+    assert!(status.success());
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let _unmount = Unmount(local.clone());
+    let project = tempfile::tempdir().expect("tempdir");
+    write(
+        project.path(),
+        "fill.py",
+        b"import os\nwith open(os.path.join(os.environ['RUNCTL_DATA_DIR'], 'dataset.bin'), 'wb') as f:\n    f.write(b'\\0' * (48 << 20))\nprint('filled')\n",
+    );
+    let workdir = project.path().to_str().expect("utf8");
+    let first = home.run(&[
+        "run",
+        "--keep",
+        "--workdir",
+        workdir,
+        "--",
+        "python3",
+        "fill.py",
+    ]);
+    assert!(first.status.success(), "{}", stderr(&first));
+    let instance = instance_of(&home);
+    let second = home.run(&["run", "--on", &instance, "--workdir", workdir, "--", "true"]);
+    let err = stderr(&second);
+    assert!(!second.status.success(), "{err}");
+    for needed in [
+        "free on",
+        "min_free",
+        "data (never pruned) 48.0 MiB",
+        "To free space",
+    ] {
+        assert!(err.contains(needed), "{needed:?} missing from: {err}");
+    }
+    // The refusal cost nothing: the first run's tree and data are there.
+    let runs = runs_of(&home);
+    assert!(
+        run_dir(&home, &instance, &runs[0])
+            .join("work/fill.py")
+            .is_file()
+    );
+    assert!(
+        local
+            .join(&instance)
+            .join("state/data/dataset.bin")
+            .is_file()
+    );
+    let _ = home.run(&["terminate", &instance]);
+}
