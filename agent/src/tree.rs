@@ -371,14 +371,7 @@ impl Tree {
             }
         };
         let work = self.work();
-        let moved = fs::read_dir(&new).and_then(|entries| {
-            for entry in entries {
-                let entry = entry?;
-                fs::rename(entry.path(), work.join(entry.file_name()))?;
-            }
-            Ok(())
-        });
-        moved.map_err(io_err("putting the seeded tree in place"))?;
+        move_entries(&new, &work).map_err(io_err("putting the seeded tree in place"))?;
         let _ = fs::remove_dir(&new);
         self.state.manifest = record.manifest.clone();
         self.state.stats = stats;
@@ -438,13 +431,7 @@ impl Tree {
         let work = self.work();
         let moved = {
             let _frozen = freeze();
-            fs::read_dir(&new).and_then(|entries| {
-                for entry in entries {
-                    let entry = entry?;
-                    fs::rename(entry.path(), work.join(entry.file_name()))?;
-                }
-                Ok(())
-            })
+            move_entries(&new, &work)
         };
         moved.map_err(io_err("putting the new tree in place"))?;
         let _ = fs::remove_dir(&new);
@@ -935,6 +922,15 @@ impl Staged {
         }
         Ok(hasher.finalize().into())
     }
+}
+
+/// Moves every top-level entry of `from` into `to` (a handful of renames).
+fn move_entries(from: &Path, to: &Path) -> io::Result<()> {
+    for entry in fs::read_dir(from)? {
+        let entry = entry?;
+        fs::rename(entry.path(), to.join(entry.file_name()))?;
+    }
+    Ok(())
 }
 
 /// Adds verified content to the store, each hash once. A failure (a full disk) costs a

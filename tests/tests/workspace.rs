@@ -264,6 +264,15 @@ fn an_environment_is_reused_on_the_same_key_and_never_changed_by_a_run() {
 /// Saves three checkpoints, each closed after writing (so each is pushed), then ends.
 const SAVES_THREE: &str = "import os, time\nd = os.environ['RUNCTL_CHECKPOINT_DIR']\nfor i in range(3):\n    with open(os.path.join(d, f'step-{i}.pt'), 'wb') as f:\n        f.write(os.urandom(200_000))\n    time.sleep(0.05)\nprint('saved')\n";
 
+/// A first run that keeps its (new) instance; returns the instance.
+fn kept_run(home: &Home, workdir: &str, argv: &[&str]) -> String {
+    let mut args = vec!["run", "--keep", "--workdir", workdir, "--"];
+    args.extend(argv);
+    let out = home.run(&args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    instance_of(home)
+}
+
 fn instance_of(home: &Home) -> String {
     home.json(&["list"])["instances"][0]["instance"]["name"]
         .as_str()
@@ -298,17 +307,7 @@ fn pruning_keeps_the_newest_runs_and_the_newest_checkpoint_and_survives_a_crash(
         b"X = 1\n".repeat(100).as_slice(),
     );
     let workdir = project.path().to_str().expect("utf8");
-    let first = home.run(&[
-        "run",
-        "--keep",
-        "--workdir",
-        workdir,
-        "--",
-        "python3",
-        "save.py",
-    ]);
-    assert!(first.status.success(), "{}", stderr(&first));
-    let instance = instance_of(&home);
+    let instance = kept_run(&home, workdir, &["python3", "save.py"]);
     for _ in 0..2 {
         let out = home.run(&[
             "run",
@@ -433,17 +432,7 @@ fn a_disk_too_full_to_start_a_run_refuses_it_and_says_what_takes_the_space() {
         b"import os\nwith open(os.path.join(os.environ['RUNCTL_DATA_DIR'], 'dataset.bin'), 'wb') as f:\n    f.write(b'\\0' * (48 << 20))\nprint('filled')\n",
     );
     let workdir = project.path().to_str().expect("utf8");
-    let first = home.run(&[
-        "run",
-        "--keep",
-        "--workdir",
-        workdir,
-        "--",
-        "python3",
-        "fill.py",
-    ]);
-    assert!(first.status.success(), "{}", stderr(&first));
-    let instance = instance_of(&home);
+    let instance = kept_run(&home, workdir, &["python3", "fill.py"]);
     let second = home.run(&["run", "--on", &instance, "--workdir", workdir, "--", "true"]);
     let err = stderr(&second);
     assert!(!second.status.success(), "{err}");
