@@ -362,6 +362,12 @@ fn pruning_keeps_the_newest_runs_and_the_newest_checkpoint_and_survives_a_crash(
     // An agent killed mid-prune leaves trash and half-written files; its next start
     // clears them, and a new run is seeded and runs as usual.
     home.kill_agent();
+    // The daemon must see the old connection gone, or the next run could pick it.
+    home.wait_until(
+        "the killed agent's connection gone",
+        std::time::Duration::from_secs(45),
+        || home.json(&["list"])["instances"][0]["connected"] == false,
+    );
     let run2 = dir(&runs[2]);
     std::fs::create_dir_all(run2.join(".trash-work-0badc0de/sub")).expect("trash");
     std::fs::write(run2.join(".trash-work-0badc0de/sub/f.py"), b"half deleted").expect("trash");
