@@ -110,6 +110,16 @@ pub fn refusal(e: protocol::WireError) -> anyhow::Error {
             e.message
         ))
         .into(),
-        _ => anyhow::anyhow!("the controller refused the request: {}", e.message),
+        ErrorKind::VersionMismatch
+        | ErrorKind::Unauthenticated
+        | ErrorKind::NotYourRun
+        | ErrorKind::BadRequest
+        | ErrorKind::RunFailed
+        | ErrorKind::SyncFailed
+        | ErrorKind::NotFound
+        | ErrorKind::Internal
+        | ErrorKind::Unsupported => {
+            anyhow::anyhow!("the controller refused the request: {}", e.message)
+        }
     }
 }

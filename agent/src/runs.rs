@@ -242,12 +242,7 @@ impl Runs {
                 Ok(())
             }
             Err(end) => {
-                let message = match &end {
-                    RunEnd::SetupFailed { message }
-                    | RunEnd::SpawnFailed { message }
-                    | RunEnd::DataFailed { message } => message.clone(),
-                    other => format!("{other:?}"),
-                };
+                let message = end.describe();
                 if let Err(e) = log.append(EventKind::Ended(end)) {
                     tracing::warn!("run log write failed: {e}");
                 }
@@ -588,9 +583,11 @@ fn kill_lost_process(log: &EventLog) {
             .ok()?
             .into_iter()
             .rev()
-            .find_map(|e| match e.kind {
-                EventKind::Started { pid, .. } => Some(pid),
-                _ => None,
+            .find_map(|e| {
+                let EventKind::Started { pid, .. } = e.kind else {
+                    return None;
+                };
+                Some(pid)
             })
     });
     if let Some(pid) = pid {

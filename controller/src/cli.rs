@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 use protocol::{EndAction, InstanceName, RestartPolicy, RunId};
 
-use crate::ipc::ProviderKind;
+use crate::error::{ErrorCode, UserError};
+use crate::provider::ec2::Ec2Launch;
+use crate::provider::{LaunchOptions, ProviderKind};
 use crate::report::Format;
 
 const EXIT_CODES: &str = "\
@@ -545,30 +547,53 @@ pub struct Ec2Args {
 }
 
 impl Ec2Args {
-    /// The launch options for `instance_type`, or `None` when neither a type nor any EC2
-    /// option was given.
-    pub fn launch(&self, instance_type: Option<String>) -> Option<crate::ipc::Ec2Launch> {
-        let any = self.ami.is_some()
+    fn any(&self) -> bool {
+        self.ami.is_some()
             || self.spot
+            || self.max_price.is_some()
+            || self.spot_fallback
             || self.instance_profile.is_some()
             || self.volume_size.is_some()
             || self.volume_snapshot.is_some()
-            || self.keep_volume;
-        if instance_type.is_none() && !any {
-            return None;
+            || self.keep_volume
+    }
+}
+
+/// The launch options `--provider` and its flags ask for; refuses flags of another
+/// provider, and an EC2 launch without an instance type.
+pub fn launch_options(
+    provider: ProviderKind,
+    instance_type: Option<String>,
+    ec2: &Ec2Args,
+) -> Result<LaunchOptions, UserError> {
+    match provider {
+        ProviderKind::Local if instance_type.is_some() || ec2.any() => Err(UserError::new(
+            ErrorCode::BadInput,
+            "EC2 options (instance type, --spot, --ami, ...) apply to --provider ec2",
+        )
+        .resolve("add --provider ec2, or leave the EC2 options out")),
+        ProviderKind::Local => Ok(LaunchOptions::Local),
+        ProviderKind::Ec2 => {
+            let Some(instance_type) = instance_type else {
+                return Err(UserError::new(
+                    ErrorCode::BadInput,
+                    "an EC2 launch needs an instance type",
+                )
+                .resolve("e.g. runctl-controller launch --provider ec2 g5.xlarge"));
+            };
+            Ok(LaunchOptions::Ec2(Box::new(Ec2Launch {
+                instance_type,
+                ami: ec2.ami.clone(),
+                spot: ec2.spot,
+                max_price: ec2.max_price,
+                spot_fallback: ec2.spot_fallback,
+                instance_profile: ec2.instance_profile.clone(),
+                volume_gb: ec2.volume_size,
+                volume_snapshot: ec2.volume_snapshot.clone(),
+                keep_volume: ec2.keep_volume,
+                project: None,
+            })))
         }
-        Some(crate::ipc::Ec2Launch {
-            instance_type: instance_type.unwrap_or_default(),
-            ami: self.ami.clone(),
-            spot: self.spot,
-            max_price: self.max_price,
-            spot_fallback: self.spot_fallback,
-            instance_profile: self.instance_profile.clone(),
-            volume_gb: self.volume_size,
-            volume_snapshot: self.volume_snapshot.clone(),
-            keep_volume: self.keep_volume,
-            project: None,
-        })
     }
 }
 

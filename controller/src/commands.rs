@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::Parser;
 use protocol::{InstanceName, RunId, Setup};
 
-use crate::cli::{Cli, Command, LogsArgs, RunArgs, SyncArgs, TopArgs};
+use crate::cli::{self, Cli, Command, LogsArgs, RunArgs, SyncArgs, TopArgs};
 use crate::config::Config;
 use crate::daemon::now_ms;
 use crate::error::{ErrorCode, UserError};
@@ -94,12 +94,12 @@ fn run(cli: Cli, printer: Printer) -> anyhow::Result<u8> {
             }
             Command::Launch(args) => {
                 use std::io::IsTerminal;
-                printer.progress(&format!("launching {}", args.provider.an_instance()));
+                let options = cli::launch_options(args.provider, args.instance_type, &args.ec2)?;
+                printer.progress(&format!("launching {}", options.kind().an_instance()));
                 let wait = args.wait || (!args.no_wait && std::io::stdout().is_terminal());
                 let request = Request::Launch {
-                    provider: args.provider,
+                    options,
                     name: args.name,
-                    ec2: args.ec2.launch(args.instance_type).map(Box::new),
                     wait,
                 };
                 let Response::Launched(view) = call_with_progress(&home, printer, &request).await?
@@ -479,8 +479,7 @@ async fn run_command(home: &Home, printer: Printer, args: RunArgs) -> anyhow::Re
         argv: args.command,
         env: args.env,
         on: args.on,
-        provider: args.provider,
-        ec2: args.ec2.launch(args.instance_type).map(Box::new),
+        launch: cli::launch_options(args.provider, args.instance_type, &args.ec2)?,
         keep: args.keep,
         detach: args.detach,
         setup: setup_from(&args.setup)?,

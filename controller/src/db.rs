@@ -7,20 +7,22 @@ use std::path::Path;
 use std::sync::Mutex;
 
 use anyhow::Context;
-use protocol::{
-    EnrollToken, ErrorKind, EventKind, Fingerprint, InstanceName, RunEnd, RunEvent, RunId,
-};
+use protocol::{EnrollToken, ErrorKind, Fingerprint, InstanceName, RunEnd, RunEvent, RunId};
 use rusqlite::{Connection, OptionalExtension, params};
+
+use crate::provider::ProviderKind;
+use crate::run_state::{self, Held};
 use serde::{Deserialize, Serialize};
 
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 4;
 
 /// Version 2 added where each run's checkpoints go.
 const MIGRATE_1_TO_2: &str =
     "CREATE TABLE run_checkpoints (run_id TEXT PRIMARY KEY, url TEXT NOT NULL);";
 
 /// `MIGRATIONS[n]` takes a database from version n + 1 to n + 2.
-const MIGRATIONS: [&str; SCHEMA_VERSION as usize - 1] = [MIGRATE_1_TO_2, MIGRATE_2_TO_3];
+const MIGRATIONS: [&str; SCHEMA_VERSION as usize - 1] =
+    [MIGRATE_1_TO_2, MIGRATE_2_TO_3, MIGRATE_3_TO_4];
 
 /// Version 3 added cloud instances: their ids, prices and billed time.
 const MIGRATE_2_TO_3: &str = "
@@ -34,6 +36,28 @@ CREATE TABLE cloud_instances (
     accrued_ms INTEGER NOT NULL DEFAULT 0,
     running_since_ms INTEGER
 );";
+
+/// Version 4: the provider is one of a closed set (the table is rebuilt: SQLite cannot add
+/// a CHECK to a column; `runpod` is admitted ahead of its provider so that adding it
+/// needs no rebuild), and a run keeps whether a spot notice came (read when it ends),
+/// filled in once from the stored events.
+const MIGRATE_3_TO_4: &str = "
+CREATE TABLE instances_v4 (
+    name TEXT PRIMARY KEY,
+    provider TEXT NOT NULL CHECK (provider IN ('local', 'ec2', 'runpod')),
+    state TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    terminated_ms INTEGER,
+    pid INTEGER,
+    for_run TEXT
+);
+INSERT INTO instances_v4 SELECT name, provider, state, created_ms, terminated_ms, pid, for_run FROM instances;
+DROP TABLE instances;
+ALTER TABLE instances_v4 RENAME TO instances;
+ALTER TABLE runs ADD COLUMN spot_notice INTEGER NOT NULL DEFAULT 0;
+UPDATE runs SET spot_notice = 1 WHERE id IN
+    (SELECT run_id FROM run_events WHERE kind LIKE '{\"notice\":{\"spot_interruption\"%');
+";
 
 /// The schema of version 1; a new database gets it and then every migration, so the
 /// current schema is written down once.
@@ -126,52 +150,7 @@ impl CloudRow {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum RunState {
-    Pending,
-    Syncing,
-    SettingUp,
-    PullingData,
-    Running,
-    Succeeded,
-    Failed,
-    Stopped,
-    /// Ended after a spot interruption notice: the instance was taken back.
-    Interrupted,
-}
-
-impl RunState {
-    pub fn is_terminal(self) -> bool {
-        matches!(
-            self,
-            RunState::Succeeded | RunState::Failed | RunState::Stopped | RunState::Interrupted
-        )
-    }
-
-    /// The state a run's end puts it in. A non-zero exit is a failure unless the user asked
-    /// for the stop, or a spot interruption notice came first.
-    pub fn after(end: &RunEnd, spot_notice: bool) -> Self {
-        match end {
-            RunEnd::Exited { code: 0, .. } => RunState::Succeeded,
-            _ if spot_notice => RunState::Interrupted,
-            RunEnd::Exited {
-                stop_requested: true,
-                ..
-            }
-            | RunEnd::Signaled {
-                stop_requested: true,
-                ..
-            } => RunState::Stopped,
-            RunEnd::Exited { .. }
-            | RunEnd::Signaled { .. }
-            | RunEnd::SpawnFailed { .. }
-            | RunEnd::SetupFailed { .. }
-            | RunEnd::DataFailed { .. }
-            | RunEnd::Lost { .. } => RunState::Failed,
-        }
-    }
-}
+pub use crate::run_state::RunState;
 
 fn text<T: Serialize>(value: &T) -> String {
     serde_json::to_value(value)
@@ -192,10 +171,39 @@ fn parse_json<T: for<'de> Deserialize<'de>>(s: &str) -> rusqlite::Result<T> {
     })
 }
 
+/// Why an enrollment token was not accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenRefusal {
+    /// No token with this hash was minted here.
+    Unknown,
+    /// It was used (or revoked) already.
+    Reused,
+    /// Its lifetime is over.
+    Expired,
+}
+
+impl TokenRefusal {
+    /// The refusal as the agent hears it.
+    pub fn to_wire(self) -> protocol::WireError {
+        let (kind, message) = match self {
+            TokenRefusal::Unknown => (
+                ErrorKind::TokenUnknown,
+                "the enrollment token is unknown to this controller",
+            ),
+            TokenRefusal::Reused => (
+                ErrorKind::TokenReused,
+                "the enrollment token was already used",
+            ),
+            TokenRefusal::Expired => (ErrorKind::TokenExpired, "the enrollment token has expired"),
+        };
+        protocol::WireError::new(kind, message)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InstanceRow {
     pub name: InstanceName,
-    pub provider: String,
+    pub provider: ProviderKind,
     pub state: InstanceState,
     pub created_ms: u64,
     pub terminated_ms: Option<u64>,
@@ -434,7 +442,7 @@ impl Db {
         &self,
         token: &EnrollToken,
         now_ms: u64,
-    ) -> anyhow::Result<Result<InstanceName, ErrorKind>> {
+    ) -> anyhow::Result<Result<InstanceName, TokenRefusal>> {
         let conn = self.lock();
         let hash = token_hash(token);
         let row: Option<(String, u64, Option<u64>)> = conn
@@ -445,20 +453,20 @@ impl Db {
             )
             .optional()?;
         let Some((instance, expires_ms, used_ms)) = row else {
-            return Ok(Err(ErrorKind::TokenUnknown));
+            return Ok(Err(TokenRefusal::Unknown));
         };
         if used_ms.is_some() {
-            return Ok(Err(ErrorKind::TokenReused));
+            return Ok(Err(TokenRefusal::Reused));
         }
         if now_ms >= expires_ms {
-            return Ok(Err(ErrorKind::TokenExpired));
+            return Ok(Err(TokenRefusal::Expired));
         }
         let burnt = conn.execute(
             "UPDATE tokens SET used_ms = ?2 WHERE hash = ?1 AND used_ms IS NULL",
             params![hash, now_ms],
         )?;
         if burnt != 1 {
-            return Ok(Err(ErrorKind::TokenReused));
+            return Ok(Err(TokenRefusal::Reused));
         }
         Ok(Ok(instance.parse()?))
     }
@@ -599,44 +607,52 @@ impl Db {
     ) -> anyhow::Result<(u64, Option<RunState>)> {
         let mut conn = self.lock();
         let tx = conn.transaction()?;
-        let mut ended = None;
+        let held: Held = tx.query_row(
+            "SELECT state, spot_notice, exit IS NOT NULL FROM runs WHERE id = ?1",
+            [run.as_str()],
+            |r| {
+                let state: String = r.get(0)?;
+                Ok(Held {
+                    state: parse(&state)?,
+                    spot_notice: r.get(1)?,
+                    ended: r.get(2)?,
+                })
+            },
+        )?;
+        let mut fresh = Vec::with_capacity(events.len());
         {
             let mut insert =
                 tx.prepare_cached("INSERT OR IGNORE INTO run_events (run_id, seq, at_ms, kind) VALUES (?1, ?2, ?3, ?4)")?;
             for event in events {
-                insert.execute(params![
+                let stored = insert.execute(params![
                     run.as_str(),
                     event.seq,
                     event.at_ms,
                     serde_json::to_string(&event.kind)?
                 ])?;
-                if let EventKind::Ended(end) = &event.kind {
-                    ended = Some((end.clone(), event.at_ms));
+                // A replayed event already moved the state when it first came.
+                if stored == 1 {
+                    fresh.push(event.clone());
                 }
             }
         }
+        let change = run_state::apply(held, &fresh);
+        tx.execute(
+            "UPDATE runs SET state = ?2, spot_notice = ?3, started_ms = COALESCE(started_ms, ?4) WHERE id = ?1",
+            params![
+                run.as_str(),
+                text(&change.state),
+                change.spot_notice,
+                change.started_ms
+            ],
+        )?;
         let mut new_state = None;
-        if let Some((end, at_ms)) = ended {
-            let spot_notice: bool = tx.query_row(
-                "SELECT EXISTS (SELECT 1 FROM run_events WHERE run_id = ?1 AND kind LIKE '{\"notice\":{\"spot_interruption\"%')",
-                [run.as_str()],
-                |r| r.get(0),
+        if let Some(ended) = change.end {
+            tx.execute(
+                "UPDATE runs SET ended_ms = COALESCE(ended_ms, ?2), exit = ?3, error = COALESCE(error, ?4) WHERE id = ?1",
+                params![run.as_str(), ended.at_ms, serde_json::to_string(&ended.end)?, ended.error],
             )?;
-            let state = RunState::after(&end, spot_notice);
-            let error = match &end {
-                RunEnd::SpawnFailed { message }
-                | RunEnd::SetupFailed { message }
-                | RunEnd::Lost { message } => Some(message.clone()),
-                _ => None,
-            };
-            let changed = tx.execute(
-                "UPDATE runs SET state = ?2, ended_ms = COALESCE(ended_ms, ?3), exit = ?4, error = COALESCE(error, ?5)
-                 WHERE id = ?1 AND exit IS NULL",
-                params![run.as_str(), text(&state), at_ms, serde_json::to_string(&end)?, error],
-            )?;
-            if changed == 1 {
-                new_state = Some(state);
-            }
+            new_state = Some(change.state);
         }
         let last: u64 = tx.query_row(
             "SELECT COALESCE(MAX(seq), 0) FROM run_events WHERE run_id = ?1",
@@ -780,6 +796,7 @@ fn run_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RunRow> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use protocol::EventKind;
 
     fn db() -> (tempfile::TempDir, Db) {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -817,6 +834,73 @@ mod tests {
         assert_eq!(db.cloud(&name("ec2-1")).expect("read"), Some(row));
         drop(db);
         Db::open(&path).expect("a current database opens as is");
+    }
+
+    #[test]
+    fn a_version_3_database_keeps_its_instances_and_learns_spot_notices() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("state.db");
+        let notice =
+            serde_json::to_string(&EventKind::Notice(protocol::Notice::SpotInterruption {
+                action: "terminate".into(),
+                time: "2026-11-28T08:22:00Z".into(),
+                signal: 15,
+            }))
+            .expect("json");
+        {
+            let conn = Connection::open(&path).expect("open");
+            conn.execute_batch(&format!(
+                "{SCHEMA_V1} {MIGRATE_1_TO_2} {MIGRATE_2_TO_3} PRAGMA user_version = 3;"
+            ))
+            .expect("a version 3 database");
+            conn.execute(
+                "INSERT INTO instances (name, provider, state, created_ms) VALUES ('ec2-1', 'ec2', 'running', 1)",
+                [],
+            )
+            .expect("instance");
+            for id in ["run-00000000000a", "run-00000000000b"] {
+                conn.execute(
+                    "INSERT INTO runs (id, instance, argv, workdir, state, created_ms) VALUES (?1, 'ec2-1', '[]', '/p', 'running', 1)",
+                    [id],
+                )
+                .expect("run");
+            }
+            conn.execute(
+                "INSERT INTO run_events (run_id, seq, at_ms, kind) VALUES ('run-00000000000a', 0, 5, ?1)",
+                [&notice],
+            )
+            .expect("event");
+        }
+        let db = Db::open(&path).expect("upgrade");
+        let row = db.instance(&name("ec2-1")).expect("read").expect("kept");
+        assert_eq!(row.provider, ProviderKind::Ec2);
+        let killed = |id: &str| {
+            let id: RunId = id.parse().expect("run id");
+            db.insert_events(
+                &id,
+                &[RunEvent {
+                    seq: 1,
+                    at_ms: 9,
+                    kind: EventKind::Ended(RunEnd::Signaled {
+                        signal: 15,
+                        stop_requested: false,
+                    }),
+                }],
+            )
+            .expect("end");
+            db.run(&id).expect("read").expect("run").state
+        };
+        // The notice stored before the upgrade still makes the kill an interruption.
+        assert_eq!(killed("run-00000000000a"), RunState::Interrupted);
+        assert_eq!(killed("run-00000000000b"), RunState::Failed);
+        // The provider column admits only known providers now.
+        let conn = Connection::open(&path).expect("open");
+        assert!(conn
+            .execute(
+                "INSERT INTO instances (name, provider, state, created_ms) VALUES ('x-1', 'gcp', 'running', 1)",
+                [],
+            )
+            .is_err());
     }
 
     #[test]
@@ -860,17 +944,17 @@ mod tests {
         );
         assert_eq!(
             db.consume_token(&token, 999).expect("db"),
-            Err(ErrorKind::TokenReused)
+            Err(TokenRefusal::Reused)
         );
         let late = db.mint_token(&name("gpu-1"), 1_000).expect("mint");
         assert_eq!(
             db.consume_token(&late, 1_000).expect("db"),
-            Err(ErrorKind::TokenExpired)
+            Err(TokenRefusal::Expired)
         );
         let unknown = EnrollToken::from_random([9; 32]);
         assert_eq!(
             db.consume_token(&unknown, 0).expect("db"),
-            Err(ErrorKind::TokenUnknown)
+            Err(TokenRefusal::Unknown)
         );
     }
 
@@ -946,87 +1030,6 @@ mod tests {
             !db.set_run_state(&run, RunState::Running, 9, None)
                 .expect("db"),
             "terminal states stick"
-        );
-    }
-
-    #[test]
-    fn run_end_states() {
-        let check = |end: RunEnd, state: RunState| {
-            assert_eq!(RunState::after(&end, false), state, "{end:?}")
-        };
-        let spot = |end: RunEnd, state: RunState| {
-            assert_eq!(
-                RunState::after(&end, true),
-                state,
-                "{end:?} after a spot notice"
-            )
-        };
-        spot(
-            RunEnd::Signaled {
-                signal: 15,
-                stop_requested: false,
-            },
-            RunState::Interrupted,
-        );
-        spot(
-            RunEnd::Exited {
-                code: 0,
-                stop_requested: false,
-            },
-            RunState::Succeeded,
-        );
-        check(
-            RunEnd::SetupFailed {
-                message: "uv sync failed".into(),
-            },
-            RunState::Failed,
-        );
-        check(
-            RunEnd::Exited {
-                code: 0,
-                stop_requested: true,
-            },
-            RunState::Succeeded,
-        );
-        check(
-            RunEnd::Exited {
-                code: 1,
-                stop_requested: false,
-            },
-            RunState::Failed,
-        );
-        check(
-            RunEnd::Exited {
-                code: 143,
-                stop_requested: true,
-            },
-            RunState::Stopped,
-        );
-        check(
-            RunEnd::Signaled {
-                signal: 15,
-                stop_requested: true,
-            },
-            RunState::Stopped,
-        );
-        check(
-            RunEnd::Signaled {
-                signal: 9,
-                stop_requested: false,
-            },
-            RunState::Failed,
-        );
-        check(
-            RunEnd::SpawnFailed {
-                message: String::new(),
-            },
-            RunState::Failed,
-        );
-        check(
-            RunEnd::Lost {
-                message: String::new(),
-            },
-            RunState::Failed,
         );
     }
 }

@@ -14,6 +14,7 @@ pub use crate::daemon::sync::{Progress as SyncProgress, SyncReport};
 use crate::db::{CloudRow, InstanceRow, RunRow};
 use crate::error::{ErrorCode, UserError};
 use crate::home::Home;
+use crate::provider::LaunchOptions;
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -30,56 +31,6 @@ pub struct DaemonHello {
     pub pid: u32,
 }
 
-/// Where instances come from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "snake_case")]
-pub enum ProviderKind {
-    /// An agent process on this machine, with its own work dir (no cloud account needed).
-    Local,
-    /// An EC2 instance whose cloud-init installs the agent ([ec2] in the config).
-    Ec2,
-}
-
-impl ProviderKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ProviderKind::Local => "local",
-            ProviderKind::Ec2 => "ec2",
-        }
-    }
-
-    /// "a local instance", "an EC2 instance".
-    pub fn an_instance(self) -> &'static str {
-        match self {
-            ProviderKind::Local => "a local instance",
-            ProviderKind::Ec2 => "an EC2 instance",
-        }
-    }
-}
-
-/// How to launch an EC2 instance (`launch --provider ec2`, `run --provider ec2`).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct Ec2Launch {
-    pub instance_type: String,
-    /// An AMI id; default `[ec2] ami`, else the newest Deep Learning AMI.
-    pub ami: Option<String>,
-    pub spot: bool,
-    /// The most to pay per hour for spot (default: the on-demand price).
-    pub max_price: Option<f64>,
-    /// Launch on-demand when spot capacity is not there.
-    pub spot_fallback: bool,
-    /// An IAM instance profile (default `[ec2] instance_profile`).
-    pub instance_profile: Option<String>,
-    /// A data volume at launch: its size in GiB.
-    pub volume_gb: Option<u32>,
-    /// A data volume at launch, restored from this snapshot.
-    pub volume_snapshot: Option<String>,
-    /// Keep the data volume when the instance terminates.
-    pub keep_volume: bool,
-    /// The project the instance is for (a tag), e.g. the project root's name.
-    pub project: Option<String>,
-}
-
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RunRequest {
     /// The project root to sync, absolute.
@@ -88,11 +39,9 @@ pub struct RunRequest {
     pub cwd: String,
     pub argv: Vec<String>,
     pub env: Vec<(String, String)>,
-    /// Run on this existing instance; otherwise launch one with `provider`.
+    /// Run on this existing instance; otherwise launch one with `launch`.
     pub on: Option<InstanceName>,
-    pub provider: ProviderKind,
-    /// With `provider` ec2: what to launch.
-    pub ec2: Option<Box<Ec2Launch>>,
+    pub launch: LaunchOptions,
     /// Keep an instance launched for this run after the run ends.
     pub keep: bool,
     /// Answer once the process has started instead of streaming its output.
@@ -142,9 +91,8 @@ pub enum Request {
     Status,
     List,
     Launch {
-        provider: ProviderKind,
+        options: LaunchOptions,
         name: Option<InstanceName>,
-        ec2: Option<Box<Ec2Launch>>,
         /// Answer once the agent is connected; otherwise once the instance exists.
         wait: bool,
     },

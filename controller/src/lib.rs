@@ -20,5 +20,6 @@ pub mod pki;
 pub mod provider;
 pub mod relays;
 pub mod report;
+pub mod run_state;
 pub mod sync;
 pub mod volumes;

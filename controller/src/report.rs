@@ -86,7 +86,7 @@ impl Printer {
                 }
                 EventKind::Setup { command } => eprintln!("runctl: setup: {command}"),
                 EventKind::Restarted { previous } => {
-                    eprintln!("runctl: restarting the command ({})", end_text(previous))
+                    eprintln!("runctl: restarting the command ({})", previous.describe())
                 }
                 EventKind::Retrying {
                     previous,
@@ -99,7 +99,7 @@ impl Printer {
                         .unwrap_or_default();
                     eprintln!(
                         "runctl: {}; restarting in {}{resume}",
-                        end_text(previous),
+                        previous.describe(),
                         humantime::format_duration(std::time::Duration::from_millis(*delay_ms))
                     )
                 }
@@ -138,20 +138,6 @@ pub fn render_error(error: &UserError) -> String {
         }
     }
     text
-}
-
-/// How a process ended, in words.
-fn end_text(end: &RunEnd) -> String {
-    match end {
-        RunEnd::Exited { code, .. } => format!("the previous process exited with {code}"),
-        RunEnd::Signaled { signal, .. } => {
-            format!("the previous process was killed by signal {signal}")
-        }
-        RunEnd::SpawnFailed { message }
-        | RunEnd::SetupFailed { message }
-        | RunEnd::DataFailed { message }
-        | RunEnd::Lost { message } => message.clone(),
-    }
 }
 
 /// A data pull's progress as one line with a bar.
@@ -431,13 +417,13 @@ pub fn end_words(row: &RunRow) -> String {
         (Some(RunEnd::Signaled { signal, .. }), _) => format!("signal {signal}"),
         (
             Some(
-                RunEnd::SpawnFailed { message }
-                | RunEnd::SetupFailed { message }
-                | RunEnd::DataFailed { message }
-                | RunEnd::Lost { message },
+                end @ (RunEnd::SpawnFailed { .. }
+                | RunEnd::SetupFailed { .. }
+                | RunEnd::DataFailed { .. }
+                | RunEnd::Lost { .. }),
             ),
             _,
-        ) => message.clone(),
+        ) => end.describe(),
         (None, Some(error)) => error.clone(),
         (None, None) => String::new(),
     }
@@ -546,7 +532,7 @@ pub fn list_text(report: &ListReport, now_ms: u64) -> String {
             row.name.to_string(),
             match cloud {
                 Some(c) => format!("{} {}", row.provider, c.cloud_id),
-                None => row.provider.clone(),
+                None => row.provider.to_string(),
             },
             cloud
                 .as_ref()
@@ -748,7 +734,7 @@ mod tests {
                 InstanceView {
                     row: InstanceRow {
                         name: "local-1".parse().expect("valid"),
-                        provider: "local".into(),
+                        provider: crate::provider::ProviderKind::Local,
                         state: InstanceState::Running,
                         created_ms: 1_000,
                         terminated_ms: None,
@@ -777,7 +763,7 @@ mod tests {
                 InstanceView {
                     row: InstanceRow {
                         name: "ec2-3fa9c1".parse().expect("valid"),
-                        provider: "ec2".into(),
+                        provider: crate::provider::ProviderKind::Ec2,
                         state: InstanceState::Running,
                         created_ms: 1_000,
                         terminated_ms: None,

@@ -501,6 +501,32 @@ pub enum RunEnd {
     Lost { message: String },
 }
 
+impl RunEnd {
+    /// The message of an end that is runctl's failure rather than the process's own exit
+    /// (it could not start, set up, fetch data, or keep track of the process).
+    pub fn failure(&self) -> Option<&str> {
+        match self {
+            RunEnd::Exited { .. } | RunEnd::Signaled { .. } => None,
+            RunEnd::SpawnFailed { message }
+            | RunEnd::SetupFailed { message }
+            | RunEnd::DataFailed { message }
+            | RunEnd::Lost { message } => Some(message),
+        }
+    }
+
+    /// How the process ended, in words for people; both ends render ends with this.
+    pub fn describe(&self) -> String {
+        match self {
+            RunEnd::Exited { code, .. } => format!("the process exited with {code}"),
+            RunEnd::Signaled { signal, .. } => format!("the process was killed by signal {signal}"),
+            RunEnd::SpawnFailed { message }
+            | RunEnd::SetupFailed { message }
+            | RunEnd::DataFailed { message }
+            | RunEnd::Lost { message } => message.clone(),
+        }
+    }
+}
+
 /// An error carried on the wire: a kind to match on and a message for people.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 #[error("{message}")]

@@ -110,7 +110,7 @@ print('resumed from', os.path.basename(resume), open(resume).read())
     assert!(lines[1].ends_with("/checkpoints/step-100.pt"), "{out_text}");
     assert_eq!(lines[2], "resumed from step-100.pt weights");
     assert!(
-        err_text.contains("the previous process exited with 1; restarting in 1s, resuming from"),
+        err_text.contains("the process exited with 1; restarting in 1s, resuming from"),
         "{err_text}"
     );
     assert!(err_text.contains("attempt 2 started"), "{err_text}");

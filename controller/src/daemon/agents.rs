@@ -10,8 +10,7 @@ use std::time::Duration;
 use protocol::framed::{read_frame, read_frame_limited, spawn_reader, write_frame};
 use protocol::tls::MAX_UNAUTHENTICATED_FRAME_BYTES;
 use protocol::{
-    AgentMsg, ControllerMsg, ErrorKind, EventKind, FrameError, Hello, InstanceName, RunCursor,
-    WireError,
+    AgentMsg, ControllerMsg, ErrorKind, FrameError, Hello, InstanceName, RunCursor, WireError,
 };
 use tokio::sync::mpsc;
 
@@ -250,13 +249,8 @@ async fn enroll(
         };
     let instance = match d.db.consume_token(&token, now_ms())? {
         Ok(instance) => instance,
-        Err(kind) => {
-            let message = match kind {
-                ErrorKind::TokenReused => "the enrollment token was already used",
-                ErrorKind::TokenExpired => "the enrollment token has expired",
-                _ => "the enrollment token is unknown to this controller",
-            };
-            return refuse(conn, &mut send, WireError::new(kind, message)).await;
+        Err(refusal) => {
+            return refuse(conn, &mut send, refusal.to_wire()).await;
         }
     };
     let cert = match d.pki.ca.sign_agent_csr(&csr_der, &instance, CERT_LIFETIME) {
@@ -469,30 +463,14 @@ fn on_events(
 ) -> Result<(), WireError> {
     let internal = |e: anyhow::Error| WireError::new(ErrorKind::Internal, format!("{e:#}"));
     let row = d.db.run(run).map_err(internal)?;
-    let current = match row {
-        Some(row) if &row.instance == instance => row.state,
-        _ => {
-            tracing::warn!("agent {instance} sent events for run {run}, which is not its own");
-            return Err(WireError::new(
-                ErrorKind::NotYourRun,
-                format!("run {run} does not belong to {instance}"),
-            ));
-        }
-    };
-    // The latest phase among the events: setup steps, then the data pull, come before the
-    // first start (a pull alongside the process does not take a running run back).
-    let phase = events.iter().rev().find_map(|e| match &e.kind {
-        EventKind::Started { .. } => Some(RunState::Running),
-        EventKind::Pull(p) if !p.done && current != RunState::Running => {
-            Some(RunState::PullingData)
-        }
-        EventKind::Setup { .. } => Some(RunState::SettingUp),
-        _ => None,
-    });
-    if let Some(state) = phase {
-        d.db.set_run_state(run, state, now_ms(), None)
-            .map_err(internal)?;
+    if row.is_none_or(|row| &row.instance != instance) {
+        tracing::warn!("agent {instance} sent events for run {run}, which is not its own");
+        return Err(WireError::new(
+            ErrorKind::NotYourRun,
+            format!("run {run} does not belong to {instance}"),
+        ));
     }
+    // The state follows from the events, in the transaction that stores them.
     let (_, ended) = d.db.insert_events(run, events).map_err(internal)?;
     d.bump_run(run);
     if ended.is_some() {

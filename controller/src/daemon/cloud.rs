@@ -11,8 +11,10 @@ use protocol::{InstanceName, RunId};
 use super::{Daemon, now_ms};
 use crate::db::{CloudRow, InstanceRow, InstanceState};
 use crate::error::{ErrorCode, UserError};
-use crate::ipc::Ec2Launch;
-use crate::provider::ec2::{self, DataVolume, Ec2, LaunchPlan, artifact, ids, prices, userdata};
+use crate::provider::ProviderKind;
+use crate::provider::ec2::{
+    self, DataVolume, Ec2, Ec2Launch, LaunchPlan, artifact, ids, prices, userdata,
+};
 
 /// Phase lines for the CLI (stderr), as the launch goes.
 pub(super) type Progress = tokio::sync::mpsc::UnboundedSender<String>;
@@ -30,14 +32,6 @@ fn internal(e: anyhow::Error) -> UserError {
 
 pub(super) async fn client(d: &Daemon) -> Result<&Ec2, UserError> {
     d.ec2.get_or_try_init(|| Ec2::connect(&d.config.ec2)).await
-}
-
-/// A new name for an EC2 instance.
-pub(super) fn fresh_name() -> InstanceName {
-    let suffix: [u8; 3] = rand::random();
-    format!("ec2-{}", hex::encode(suffix))
-        .parse()
-        .expect("ec2- and 6 hex digits is a valid instance name")
 }
 
 fn say(progress: &Progress, line: impl Into<String>) {
@@ -219,7 +213,7 @@ pub(super) async fn launch(
     // From here on there is a record: a failure marks it terminated.
     let row = InstanceRow {
         name: name.clone(),
-        provider: "ec2".into(),
+        provider: ProviderKind::Ec2,
         state: InstanceState::Launching,
         created_ms: now_ms(),
         terminated_ms: None,
@@ -615,7 +609,7 @@ pub(super) async fn refresh(
     let rows = d.db.instances().map_err(internal)?;
     let live: Vec<InstanceRow> = rows
         .iter()
-        .filter(|r| r.provider == "ec2" && r.state != InstanceState::Terminated)
+        .filter(|r| r.provider == ProviderKind::Ec2 && r.state != InstanceState::Terminated)
         .cloned()
         .collect();
     if live.is_empty() && d.config.ec2.controller_endpoint.is_none() {

@@ -17,6 +17,7 @@ use crate::ipc::{
     ClientHello, DaemonHello, InstanceStats, InstanceView, ListReport, Request, Response, Restart,
     RunRequest, StatusReport, SyncRequest, VERSION,
 };
+use crate::provider::LaunchOptions;
 
 /// How long a request that needs an agent waits for it to (re)connect.
 const AGENT_GRACE: Duration = Duration::from_secs(20);
@@ -113,9 +114,12 @@ async fn dispatch(
             let live: Vec<InstanceView> =
                 d.db.instances()?
                     .into_iter()
-                    .filter(|r| match r.provider.as_str() {
-                        "local" => d.connected(&r.name),
-                        _ => matches!(r.state, InstanceState::Launching | InstanceState::Running),
+                    .filter(|r| {
+                        if r.provider.capabilities().remote {
+                            matches!(r.state, InstanceState::Launching | InstanceState::Running)
+                        } else {
+                            d.connected(&r.name)
+                        }
                     })
                     .map(|row| view(d, row))
                     .collect();
@@ -156,13 +160,12 @@ async fn dispatch(
             write_frame(stream, &Response::List(report)).await?;
         }
         Request::Launch {
-            provider,
+            options,
             name,
-            ec2,
             wait,
         } => {
             let row = with_progress(stream, |progress| async move {
-                runs::launch(d, provider, name, None, ec2.as_deref(), wait, &progress).await
+                runs::launch(d, &options, name, None, wait, &progress).await
             })
             .await?;
             write_frame(stream, &Response::Launched(view(d, row))).await?;
@@ -379,7 +382,7 @@ async fn run(d: &Arc<Daemon>, stream: &mut UnixStream, req: RunRequest) -> anyho
     if req.end == Some(EndAction::Stop) {
         let spot = match &req.on {
             Some(name) => d.db.cloud(name)?.is_some_and(|c| c.spot),
-            None => req.ec2.as_ref().is_some_and(|e| e.spot),
+            None => req.launch.spot(),
         };
         if spot {
             return Err(UserError::new(
@@ -409,20 +412,19 @@ async fn run(d: &Arc<Daemon>, stream: &mut UnixStream, req: RunRequest) -> anyho
         None => {
             write_frame(
                 stream,
-                &Response::Progress(format!("launching {}", req.provider.an_instance())),
+                &Response::Progress(format!("launching {}", req.launch.kind().an_instance())),
             )
             .await?;
             let for_run = (!req.keep).then(|| run_id.clone());
-            let provider = req.provider;
-            let ec2 = req.ec2.clone().map(|mut opts| {
+            let mut options = req.launch.clone();
+            if let LaunchOptions::Ec2(opts) = &mut options {
                 opts.project = req
                     .root
                     .file_name()
                     .map(|n| n.to_string_lossy().into_owned());
-                opts
-            });
+            }
             let row = with_progress(stream, |progress| async move {
-                runs::launch(d, provider, None, for_run, ec2.as_deref(), true, &progress).await
+                runs::launch(d, &options, None, for_run, true, &progress).await
             })
             .await?;
             (row.name, true)
@@ -577,9 +579,9 @@ fn run_storage(d: &Arc<Daemon>, req: &RunRequest, run: &RunId) -> Result<RunStor
             d.db.instance(name)
                 .ok()
                 .flatten()
-                .is_some_and(|row| row.provider != "local")
+                .is_some_and(|row| row.provider.capabilities().remote)
         }
-        None => req.provider != crate::ipc::ProviderKind::Local,
+        None => req.launch.kind().capabilities().remote,
     };
     let mut spec = d.config.storage.spec(d.home.root());
     if needs_store && remote {

@@ -14,7 +14,7 @@ use protocol::{AgentMsg, BulkOpen, ControllerMsg, InstanceName, RunId, RunSpec};
 use super::{Daemon, cloud, now_ms, sync};
 use crate::db::{InstanceRow, InstanceState, RunState};
 use crate::error::{ErrorCode, UserError};
-use crate::ipc::ProviderKind;
+use crate::provider::LaunchOptions;
 use crate::provider::local;
 
 /// How long a terminated instance's agent gets to stop its runs (each with its own grace
@@ -28,18 +28,15 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
 /// connected.
 pub(super) async fn launch(
     d: &Arc<Daemon>,
-    provider: ProviderKind,
+    options: &LaunchOptions,
     name: Option<InstanceName>,
     for_run: Option<RunId>,
-    ec2: Option<&crate::ipc::Ec2Launch>,
     wait: bool,
     progress: &cloud::Progress,
 ) -> Result<InstanceRow, UserError> {
     let internal = |e: anyhow::Error| UserError::new(ErrorCode::Internal, format!("{e:#}"));
-    let name = name.unwrap_or_else(|| match provider {
-        ProviderKind::Local => local::fresh_name(),
-        ProviderKind::Ec2 => cloud::fresh_name(),
-    });
+    let provider = options.kind();
+    let name = name.unwrap_or_else(|| provider.fresh_name());
     if d.db.instance(&name).map_err(internal)?.is_some() {
         return Err(UserError::new(
             ErrorCode::Conflict,
@@ -47,30 +44,13 @@ pub(super) async fn launch(
         )
         .resolve("pick another --name, or leave it out for a generated one"));
     }
-    match (provider, ec2) {
-        (ProviderKind::Ec2, Some(opts)) => {
-            return cloud::launch(d, name, for_run, opts, wait, progress).await;
-        }
-        (ProviderKind::Ec2, None) => {
-            return Err(UserError::new(
-                ErrorCode::BadInput,
-                "an EC2 launch needs an instance type",
-            )
-            .resolve("e.g. runctl-controller launch --provider ec2 g5.xlarge"));
-        }
-        (ProviderKind::Local, Some(_)) => {
-            return Err(UserError::new(
-                ErrorCode::BadInput,
-                "EC2 options (instance type, --spot, --ami, ...) apply to --provider ec2",
-            )
-            .resolve("add --provider ec2, or leave the EC2 options out"));
-        }
-        (ProviderKind::Local, None) => {}
+    if let LaunchOptions::Ec2(opts) = options {
+        return cloud::launch(d, name, for_run, opts, wait, progress).await;
     }
     let agent_bin = local::agent_binary(&d.config.local)?;
     let row = InstanceRow {
         name: name.clone(),
-        provider: provider.as_str().to_owned(),
+        provider,
         state: InstanceState::Launching,
         created_ms: now_ms(),
         terminated_ms: None,

@@ -388,7 +388,17 @@ fn refused(run: &RunId, e: protocol::WireError) -> UserError {
     let code = match e.kind {
         ErrorKind::NotFound => ErrorCode::NotFound,
         ErrorKind::RunFailed => ErrorCode::Conflict,
-        _ => ErrorCode::Agent,
+        ErrorKind::SyncFailed
+        | ErrorKind::BadRequest
+        | ErrorKind::Internal
+        | ErrorKind::Unsupported
+        | ErrorKind::NotYourRun
+        | ErrorKind::VersionMismatch
+        | ErrorKind::TokenUnknown
+        | ErrorKind::TokenReused
+        | ErrorKind::TokenExpired
+        | ErrorKind::Unauthenticated
+        | ErrorKind::CertificateRevoked => ErrorCode::Agent,
     };
     UserError::new(
         code,

@@ -22,6 +22,8 @@ use aws_sdk_ec2::types::{
     SpotInstanceType, SpotMarketOptions, Tag, TagSpecification, VolumeType,
 };
 
+use serde::{Deserialize, Serialize};
+
 use crate::config::Ec2Config;
 use crate::error::{ErrorCode, UserError};
 
@@ -36,6 +38,29 @@ pub const USER_TAG: &str = "runctl:user";
 pub const SECURITY_GROUP: &str = "runctl-agent";
 /// The data volume's device name at launch.
 pub const DATA_DEVICE: &str = "/dev/sdf";
+
+/// How to launch an EC2 instance (`launch --provider ec2`, `run --provider ec2`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Ec2Launch {
+    pub instance_type: String,
+    /// An AMI id; default `[ec2] ami`, else the newest Deep Learning AMI.
+    pub ami: Option<String>,
+    pub spot: bool,
+    /// The most to pay per hour for spot (default: the on-demand price).
+    pub max_price: Option<f64>,
+    /// Launch on-demand when spot capacity is not there.
+    pub spot_fallback: bool,
+    /// An IAM instance profile (default `[ec2] instance_profile`).
+    pub instance_profile: Option<String>,
+    /// A data volume at launch: its size in GiB.
+    pub volume_gb: Option<u32>,
+    /// A data volume at launch, restored from this snapshot.
+    pub volume_snapshot: Option<String>,
+    /// Keep the data volume when the instance terminates.
+    pub keep_volume: bool,
+    /// The project the instance is for (a tag), e.g. the project root's name.
+    pub project: Option<String>,
+}
 
 /// A connected EC2 client for one region.
 #[derive(Debug, Clone)]

@@ -42,14 +42,6 @@ pub fn agent_binary(config: &LocalConfig) -> Result<PathBuf, UserError> {
     }
 }
 
-/// A new name for a local instance.
-pub fn fresh_name() -> InstanceName {
-    let suffix: [u8; 3] = rand::random();
-    format!("local-{}", hex::encode(suffix))
-        .parse()
-        .expect("local- and 6 hex digits is a valid instance name")
-}
-
 /// What the daemon needs to start a local agent.
 #[derive(Debug)]
 pub struct LaunchSpec<'a> {
