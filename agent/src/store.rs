@@ -19,6 +19,7 @@ use std::io::{self, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use protocol::RunId;
 use protocol::codec;
@@ -48,6 +49,8 @@ pub struct Store {
     /// Writers of objects and records, and readers, share it; garbage collection takes it
     /// alone, so it never deletes an object a seed is copying or a sync just brought.
     lock: RwLock<()>,
+    /// Cleared when the filesystem refuses a reflink, so later copies skip the attempt.
+    reflinks: AtomicBool,
 }
 
 /// How an object left the store for a tree.
@@ -73,6 +76,7 @@ impl Store {
         Ok(Store {
             dir: dir.to_owned(),
             lock: RwLock::new(()),
+            reflinks: AtomicBool::new(true),
         })
     }
 
@@ -123,48 +127,56 @@ impl Store {
     }
 
     /// Puts the object `hash` at `to` (which must not exist) with `mode`, as a reflink or
-    /// as a copy whose hash is checked. A missing or damaged object is an error, and a
-    /// damaged one is deleted so it is brought again.
+    /// as a copy whose hash is checked, and returns how and the new file's metadata. A
+    /// missing or damaged object is an error, and a damaged one is deleted so it is
+    /// brought again. Safe to call from several threads at once.
     pub fn copy_out(
         &self,
         hash: &ContentHash,
         to: &Path,
         mode: u32,
         buf: &mut [u8],
-    ) -> io::Result<CopiedOut> {
+    ) -> io::Result<(CopiedOut, fs::Metadata)> {
         let _shared = self.shared();
         let from = self.object_path(hash);
-        let how = match reflink_copy::reflink(&from, to) {
-            Ok(()) => CopiedOut::Reflinked,
-            Err(_) => {
-                let _ = fs::remove_file(to);
-                let mut src = fs::File::open(&from)?;
-                let mut out = fs::File::create_new(to)?;
-                let mut hasher = blake3::Hasher::new();
-                loop {
-                    let n = match src.read(buf) {
-                        Ok(0) => break,
-                        Ok(n) => n,
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                        Err(e) => return Err(e),
-                    };
-                    hasher.update(&buf[..n]);
-                    out.write_all(&buf[..n])?;
+        if self.reflinks.load(Ordering::Relaxed) {
+            match reflink_copy::reflink(&from, to) {
+                Ok(()) => {
+                    fs::set_permissions(to, fs::Permissions::from_mode(mode))?;
+                    return Ok((CopiedOut::Reflinked, fs::symlink_metadata(to)?));
                 }
-                if ContentHash::from(hasher.finalize()) != *hash {
-                    drop(out);
+                Err(e) => {
+                    if refuses_reflinks(&e) {
+                        self.reflinks.store(false, Ordering::Relaxed);
+                    }
                     let _ = fs::remove_file(to);
-                    let _ = fs::remove_file(&from);
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        format!("the store's copy of {hash} is damaged; it was removed"),
-                    ));
                 }
-                CopiedOut::Copied
             }
-        };
-        fs::set_permissions(to, fs::Permissions::from_mode(mode))?;
-        Ok(how)
+        }
+        let mut src = fs::File::open(&from)?;
+        let mut out = fs::File::create_new(to)?;
+        let mut hasher = blake3::Hasher::new();
+        loop {
+            let n = match src.read(buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            hasher.update(&buf[..n]);
+            out.write_all(&buf[..n])?;
+        }
+        if ContentHash::from(hasher.finalize()) != *hash {
+            drop(out);
+            let _ = fs::remove_file(to);
+            let _ = fs::remove_file(&from);
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("the store's copy of {hash} is damaged; it was removed"),
+            ));
+        }
+        out.set_permissions(fs::Permissions::from_mode(mode))?;
+        Ok((CopiedOut::Copied, out.metadata()?))
     }
 
     /// Records `manifest` as the tree `run` was synced to, if the store holds every file
@@ -297,6 +309,23 @@ impl Store {
     }
 }
 
+/// Whether a failed reflink means the filesystem has none (rather than this one file
+/// failing), so it is not tried again.
+fn refuses_reflinks(e: &io::Error) -> bool {
+    use nix::errno::Errno;
+    e.kind() == io::ErrorKind::Unsupported
+        || e.raw_os_error().map(Errno::from_raw).is_some_and(|errno| {
+            [
+                Errno::EOPNOTSUPP,
+                Errno::EXDEV,
+                Errno::EINVAL,
+                Errno::ENOTTY,
+                Errno::ENOSYS,
+            ]
+            .contains(&errno)
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -355,7 +384,9 @@ mod tests {
         fs::write(&object, b"w3ights").expect("damage");
         let mut buf = vec![0; 64];
         let to = dir.path().join("out");
-        let err = store.copy_out(&hash, &to, 0o644, &mut buf);
+        let err = store
+            .copy_out(&hash, &to, 0o644, &mut buf)
+            .map(|(how, _)| how);
         // A reflink (on filesystems with them) copies without reading: only a copy checks.
         if let Err(e) = err {
             assert_eq!(e.kind(), io::ErrorKind::InvalidData);

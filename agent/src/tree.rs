@@ -337,8 +337,9 @@ impl Tree {
         fs::create_dir_all(&new).map_err(io_err(format!("creating {}", new.display())))?;
         let mut reflinked = 0usize;
         let built = (|| -> io::Result<BTreeMap<String, FileStat>> {
-            let mut stats = BTreeMap::new();
-            let mut buf = vec![0u8; 256 * 1024];
+            // Directories and links first, one thread; then the files, copied by several
+            // (a copy is hashing and writing: it scales with the cores).
+            let mut files = Vec::new();
             for (path, entry) in &record.manifest.entries {
                 let full = new.join(path);
                 match entry {
@@ -351,10 +352,42 @@ impl Tree {
                         hash, executable, ..
                     } => {
                         ensure_parent(&full)?;
-                        let how = store.copy_out(hash, &full, file_mode(*executable), &mut buf)?;
-                        reflinked += usize::from(how == CopiedOut::Reflinked);
-                        stats.insert(path.clone(), FileStat::of(&fs::symlink_metadata(&full)?));
+                        files.push((path, full, hash, file_mode(*executable)));
                     }
+                }
+            }
+            let workers = std::thread::available_parallelism()
+                .map_or(1, |n| n.get())
+                .clamp(1, SEED_THREADS);
+            let per = files.len().div_ceil(workers).max(1);
+            let copied: Vec<io::Result<Vec<(String, FileStat, CopiedOut)>>> =
+                std::thread::scope(|scope| {
+                    let handles: Vec<_> = files
+                        .chunks(per)
+                        .map(|chunk| {
+                            scope.spawn(move || {
+                                let mut buf = vec![0u8; 256 * 1024];
+                                chunk
+                                    .iter()
+                                    .map(|(path, full, hash, mode)| {
+                                        let (how, meta) =
+                                            store.copy_out(hash, full, *mode, &mut buf)?;
+                                        Ok(((*path).clone(), FileStat::of(&meta), how))
+                                    })
+                                    .collect()
+                            })
+                        })
+                        .collect();
+                    handles
+                        .into_iter()
+                        .map(|h| h.join().expect("a seeding thread does not panic"))
+                        .collect()
+                });
+            let mut stats = BTreeMap::new();
+            for part in copied {
+                for (path, stat, how) in part? {
+                    reflinked += usize::from(how == CopiedOut::Reflinked);
+                    stats.insert(path, stat);
                 }
             }
             Ok(stats)
@@ -923,6 +956,9 @@ impl Staged {
         Ok(hasher.finalize().into())
     }
 }
+
+/// The most threads a seed copies files with.
+const SEED_THREADS: usize = 8;
 
 /// Moves every top-level entry of `from` into `to` (a handful of renames).
 fn move_entries(from: &Path, to: &Path) -> io::Result<()> {

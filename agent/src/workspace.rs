@@ -160,9 +160,17 @@ impl Workspace {
         Ok(())
     }
 
-    /// Prunes, then refuses (with what takes the space and how to free it) unless the
-    /// state filesystem has `min_free` left for the run about to start.
+    /// Refuses (with what takes the space and how to free it) unless the state filesystem
+    /// has `min_free` left for the run about to start, pruning first when it has not.
     pub fn make_room(&self, active: &HashSet<RunId>) -> Result<(), String> {
+        // Ended runs are pruned as each one ends (in the background); a new run waits for
+        // a prune only when the disk is short of room, so it does not measure every tree
+        // on the way to its first output.
+        if let Ok((free, total)) = usage::free_and_total(&self.state_dir)
+            && free >= self.limits.min_free.bytes_of(total)
+        {
+            return Ok(());
+        }
         let disk = self.prune(active);
         let need = self.limits.min_free.bytes_of(disk.total_bytes);
         if disk.free_bytes >= need {

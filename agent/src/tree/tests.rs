@@ -396,3 +396,65 @@ fn decompression_is_bounded() {
     let err = apply_stream(&mut tree, &b""[..], u64::MAX, 1 << 20, None, || ()).expect_err("huge");
     assert!(matches!(err, SyncError::TooLarge { .. }), "{err}");
 }
+
+#[test]
+fn a_tree_seeded_from_the_store_is_whole_and_its_own() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(&dir.path().join("store")).expect("store");
+    let mut want: Vec<(&str, Want)> = vec![
+        ("src", Want::Dir),
+        ("src/deep", Want::Dir),
+        ("src/deep/er", Want::Dir),
+        ("run.sh", Want::File(b"#!/bin/sh\necho hi\n", true)),
+        ("latest", Want::Link("src/f0.py")),
+        ("src/deep/er/same.py", Want::File(b"x = 0\n", false)),
+    ];
+    // Enough files that every seeding thread copies some.
+    for i in 0..64 {
+        let path: &'static str = Box::leak(format!("src/f{i}.py").into_boxed_str());
+        let body: &'static [u8] = Box::leak(format!("x = {i}\n").into_bytes().into_boxed_slice());
+        want.push((path, Want::File(body, false)));
+    }
+    let (m, content) = manifest(&want);
+    let src = dir.path().join("incoming");
+    for (hash, bytes) in &content {
+        fs::write(&src, bytes).expect("write");
+        store.ingest(&src, hash).expect("ingest");
+    }
+    let record = |m: &Manifest| TreeRecord {
+        run: "run-000000000001".parse().expect("run id"),
+        root: m.root(),
+        recorded_at_ms: 1,
+        manifest: m.clone(),
+    };
+    let first = dir.path().join("first");
+    let mut tree = Tree::open(&first, true).expect("opens");
+    assert!(tree.seed(&store, &record(&m)).expect("seeds"));
+    assert_eq!(tree.manifest(), &m);
+    assert_disk(&first, &want);
+    // A run writing its files changes neither the store nor a tree seeded after it.
+    fs::write(Tree::work_dir(&first).join("src/f1.py"), b"edited by run 1").expect("edit");
+    let second = dir.path().join("second");
+    let mut tree = Tree::open(&second, true).expect("opens");
+    assert!(tree.seed(&store, &record(&m)).expect("seeds"));
+    assert_disk(&second, &want);
+    // A record naming an object the store lacks seeds nothing: the sync sends it all.
+    let mut lacking = m.clone();
+    lacking.entries.insert(
+        "src/gone.py".into(),
+        Entry::File {
+            hash: ContentHash::of(b"never stored"),
+            size_bytes: 12,
+            executable: false,
+        },
+    );
+    let third = dir.path().join("third");
+    let mut tree = Tree::open(&third, true).expect("opens");
+    assert!(
+        !tree
+            .seed(&store, &record(&lacking))
+            .expect("refuses quietly")
+    );
+    assert!(tree.manifest().entries.is_empty());
+    assert_disk(&third, &[]);
+}
