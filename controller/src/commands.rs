@@ -196,7 +196,8 @@ async fn daemon(home: Home, config: Config) -> anyhow::Result<u8> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    crate::daemon::serve(home, config, async {
+    let bound = crate::daemon::bind(&home, &config)?;
+    crate::daemon::serve(home, config, bound, async {
         use tokio::signal::unix::{SignalKind, signal};
         let Ok(mut term) = signal(SignalKind::terminate()) else {
             return std::future::pending().await;

@@ -498,7 +498,7 @@ impl Config {
         })
     }
 
-    fn parse(text: &str) -> Result<Self, String> {
+    pub(crate) fn parse(text: &str) -> Result<Self, String> {
         let config: Config = toml::from_str(text).map_err(|e| e.to_string())?;
         if config.daemon.token_ttl_secs == 0 {
             return Err("[daemon] token_ttl_secs must be at least 1".into());

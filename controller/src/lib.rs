@@ -17,6 +17,7 @@ pub mod home;
 pub mod ipc;
 pub mod objects;
 pub mod pki;
+pub mod plan;
 pub mod provider;
 pub mod relays;
 pub mod report;

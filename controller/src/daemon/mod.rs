@@ -5,7 +5,7 @@
 
 mod agents;
 pub mod carriers;
-mod cloud;
+mod instances;
 mod requests;
 mod runs;
 pub mod sync;
@@ -203,12 +203,31 @@ impl Daemon {
     }
 }
 
-/// Runs the daemon in the foreground until `shutdown` resolves or a client asks it to stop.
-pub async fn serve(
-    home: Home,
-    config: Config,
-    shutdown: impl Future<Output = ()>,
-) -> anyhow::Result<()> {
+/// What a daemon serves on, bound by `bind`: the agents' endpoint (QUIC over UDP, and
+/// TLS over TCP on the same port number), the CLI's socket, and the home's lock, database
+/// and CA they were bound with.
+#[derive(Debug)]
+pub struct Bound {
+    _lock: Flock<std::fs::File>,
+    db: Db,
+    pki: Pki,
+    endpoint: quinn::Endpoint,
+    mux: Arc<protocol::carrier::MuxSocket>,
+    tcp: std::net::TcpListener,
+    socket: tokio::net::UnixListener,
+}
+
+impl Bound {
+    /// Where agents dial (the port picked, for `listen = "...:0"`).
+    pub fn quic_addr(&self) -> std::io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+}
+
+/// Takes `home`'s lock (one daemon per home: a second is refused with the first's pid),
+/// opens its database and CA, and binds the agents' endpoint and the CLI's socket. Called
+/// inside a tokio runtime.
+pub fn bind(home: &Home, config: &Config) -> anyhow::Result<Bound> {
     home.ensure()?;
     let lock_file = std::fs::OpenOptions::new()
         .create(true)
@@ -216,7 +235,7 @@ pub async fn serve(
         .write(true)
         .open(home.lock())
         .with_context(|| format!("opening {}", home.lock().display()))?;
-    let _lock = Flock::lock(lock_file, FlockArg::LockExclusiveNonblock).map_err(|_| {
+    let lock = Flock::lock(lock_file, FlockArg::LockExclusiveNonblock).map_err(|_| {
         let pid = std::fs::read_to_string(home.pid()).unwrap_or_default();
         UserError::new(
             ErrorCode::Conflict,
@@ -232,22 +251,50 @@ pub async fn serve(
 
     let db = Db::open(&home.db())?;
     let pki = pki::load_or_create(&home.pki())?;
+    let (endpoint, mux, tcp) = bind_quic(config, &db, &pki)?;
 
-    let (endpoint, mux, tcp) = bind_quic(&config, &db, &pki)?;
+    let socket_path = home.socket();
+    let _ = std::fs::remove_file(&socket_path);
+    let socket = tokio::net::UnixListener::bind(&socket_path)
+        .with_context(|| format!("binding {}", socket_path.display()))?;
+    std::fs::set_permissions(&socket_path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(Bound {
+        _lock: lock,
+        db,
+        pki,
+        endpoint,
+        mux,
+        tcp,
+        socket,
+    })
+}
+
+/// Runs the daemon on `bound` until `shutdown` resolves or a client asks it to stop;
+/// agents and their runs go on without it.
+pub async fn serve(
+    home: Home,
+    config: Config,
+    bound: Bound,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let Bound {
+        _lock,
+        db,
+        pki,
+        endpoint,
+        mux,
+        tcp,
+        socket: listener,
+    } = bound;
     let quic_addr = endpoint.local_addr()?;
     let tcp = tokio::net::TcpListener::from_std(tcp)?;
+    let socket_path = home.socket();
     let relay = config.daemon.relay.clone().map(|relay| {
         Arc::new(Mutex::new(carriers::RelayStatus {
             relay,
             ..Default::default()
         }))
     });
-
-    let socket_path = home.socket();
-    let _ = std::fs::remove_file(&socket_path);
-    let listener = tokio::net::UnixListener::bind(&socket_path)
-        .with_context(|| format!("binding {}", socket_path.display()))?;
-    std::fs::set_permissions(&socket_path, std::fs::Permissions::from_mode(0o600))?;
 
     let daemon = Arc::new(Daemon {
         home: home.clone(),
@@ -404,4 +451,58 @@ fn endpoint(
         Arc::new(quinn::TokioRuntime),
     )?;
     Ok((endpoint, mux, tcp))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ipc::{Client, Request, Response};
+
+    #[tokio::test]
+    async fn a_daemon_serves_in_process_and_a_second_one_for_its_home_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let home = Home::new(dir.path());
+        let config = Config::parse("[daemon]\nlisten = \"127.0.0.1:0\"\n").expect("config");
+        let bound = bind(&home, &config).expect("bind");
+        let addr = bound.quic_addr().expect("address");
+        assert_ne!(addr.port(), 0, "port 0 is picked at bind");
+        let second = bind(&home, &config).expect_err("one daemon per home");
+        assert!(
+            format!("{second:#}").contains("already running"),
+            "{second:#}"
+        );
+
+        let stop = CancellationToken::new();
+        let client = async {
+            let mut client = Client::connect_existing(&home)
+                .await
+                .expect("handshake")
+                .expect("the socket is open");
+            client.send(&Request::Status).await.expect("send");
+            let answer = client.next().await.expect("answer");
+            stop.cancel();
+            answer
+        };
+        let (served, answer) = tokio::join!(
+            serve(home.clone(), config.clone(), bound, stop.cancelled()),
+            client
+        );
+        served.expect("served until stopped");
+        match answer {
+            Some(Response::Status(status)) => {
+                assert_eq!(status.pid, std::process::id());
+                assert_eq!(status.quic_addr, addr.to_string());
+            }
+            other => panic!("status answered with {other:?}"),
+        }
+        assert!(!home.socket().exists(), "the socket is removed on stop");
+        let lock_file = std::fs::File::options()
+            .write(true)
+            .open(home.lock())
+            .expect("lock file");
+        assert!(
+            Flock::lock(lock_file, FlockArg::LockExclusiveNonblock).is_ok(),
+            "the lock is free once the daemon stopped"
+        );
+    }
 }

@@ -6,17 +6,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use protocol::framed::{read_frame, write_frame};
-use protocol::{CheckpointPush, EndAction, InstanceName, RunId, RunSpec, StoreSpec};
+use protocol::{CheckpointPush, InstanceName, RunId, RunSpec, StoreSpec};
 use storage::ObjectUrl;
 use tokio::net::UnixStream;
 
-use super::{Daemon, cloud, now_ms, runs, sync};
+use super::{Daemon, instances, now_ms, runs, sync};
 use crate::db::{InstanceState, RunRow, RunState};
 use crate::error::{ErrorCode, UserError};
 use crate::ipc::{
     ClientHello, DaemonHello, InstanceStats, InstanceView, ListReport, Request, Response, Restart,
     RunRequest, StatusReport, SyncRequest, VERSION,
 };
+use crate::plan;
 use crate::provider::LaunchOptions;
 
 /// How long a request that needs an agent waits for it to (re)connect.
@@ -68,7 +69,7 @@ fn view(d: &Daemon, row: crate::db::InstanceRow) -> InstanceView {
 /// Runs `work`, forwarding the phase lines it sends as `Progress` frames as they come.
 async fn with_progress<T, F>(
     stream: &mut UnixStream,
-    work: impl FnOnce(cloud::Progress) -> F,
+    work: impl FnOnce(crate::provider::Progress) -> F,
 ) -> anyhow::Result<T>
 where
     F: std::future::Future<Output = Result<T, UserError>>,
@@ -108,7 +109,7 @@ async fn dispatch(
                     .iter()
                     .filter(|r| !r.state.is_terminal())
                     .count() as u32;
-            if let Err(e) = cloud::refresh(d).await {
+            if let Err(e) = instances::refresh(d).await {
                 tracing::warn!("asking EC2 for instance states failed: {}", e.message);
             }
             let live: Vec<InstanceView> =
@@ -142,7 +143,7 @@ async fn dispatch(
             write_frame(stream, &Response::Status(report)).await?;
         }
         Request::List => {
-            let (foreign, cloud_warning) = match cloud::refresh(d).await {
+            let (foreign, cloud_warning) = match instances::refresh(d).await {
                 Ok(foreign) => (foreign, None),
                 Err(e) => (Vec::new(), Some(e.message)),
             };
@@ -165,20 +166,20 @@ async fn dispatch(
             wait,
         } => {
             let row = with_progress(stream, |progress| async move {
-                runs::launch(d, &options, name, None, wait, &progress).await
+                instances::launch(d, &options, name, None, wait, &progress).await
             })
             .await?;
             write_frame(stream, &Response::Launched(view(d, row))).await?;
         }
         Request::StopInstance { name, force } => {
             let row = live_instance(d, &name)?;
-            cloud::powerable(d, &name, false)?;
+            instances::check_power(d, &name, false)?;
             refuse_active_runs(d, &name, force, "stop")?;
             if force {
                 // Its runs stop and push their last checkpoints before the power goes.
-                runs::shut_down_agent(d, &name).await;
+                instances::shut_down_agent(d, &name).await;
             }
-            cloud::power(d, &row.name, false).await?;
+            instances::power(d, &row.name, false).await?;
             let row =
                 d.db.instance(&name)?
                     .ok_or_else(|| anyhow::anyhow!("instance {name} vanished"))?;
@@ -186,7 +187,7 @@ async fn dispatch(
         }
         Request::StartInstance { name } => {
             live_instance(d, &name)?;
-            cloud::power(d, &name, true).await?;
+            instances::power(d, &name, true).await?;
             let row =
                 d.db.instance(&name)?
                     .ok_or_else(|| anyhow::anyhow!("instance {name} vanished"))?;
@@ -229,7 +230,7 @@ async fn dispatch(
         Request::Terminate { name, force } => {
             live_instance(d, &name)?;
             refuse_active_runs(d, &name, force, "terminate")?;
-            runs::terminate_now(d, &name).await?;
+            instances::terminate_now(d, &name).await?;
             let row =
                 d.db.instance(&name)?
                     .ok_or_else(|| anyhow::anyhow!("instance {name} vanished"))?;
@@ -379,21 +380,7 @@ async fn run(d: &Arc<Daemon>, stream: &mut UnixStream, req: RunRequest) -> anyho
     let run_id = RunId::from_random(rand::random());
     // Checked before anything is launched: bad input costs nothing.
     let stored = run_storage(d, &req, &run_id)?;
-    if req.end == Some(EndAction::Stop) {
-        let spot = match &req.on {
-            Some(name) => d.db.cloud(name)?.is_some_and(|c| c.spot),
-            None => req.launch.spot(),
-        };
-        if spot {
-            return Err(UserError::new(
-                ErrorCode::BadInput,
-                "--end stop: a spot instance cannot be stopped, only terminated",
-            )
-            .resolve("use --end terminate or --end keep")
-            .into());
-        }
-    }
-    let (instance, launched) = match &req.on {
+    let (instance, launched, end) = match &req.on {
         Some(name) => {
             let row = d.db.instance(name)?.ok_or_else(|| {
                 UserError::new(ErrorCode::NotFound, format!("no instance {name}"))
@@ -407,9 +394,24 @@ async fn run(d: &Arc<Daemon>, stream: &mut UnixStream, req: RunRequest) -> anyho
                         .into(),
                 );
             }
-            (row.name, false)
+            let spot = d.db.cloud(name)?.is_some_and(|c| c.spot);
+            let end = plan::run_end(
+                req.end,
+                false,
+                req.keep,
+                spot,
+                row.provider.capabilities().stop_start,
+            )?;
+            (row.name, false, end)
         }
         None => {
+            let end = plan::run_end(
+                req.end,
+                true,
+                req.keep,
+                req.launch.spot(),
+                req.launch.kind().capabilities().stop_start,
+            )?;
             write_frame(
                 stream,
                 &Response::Progress(format!("launching {}", req.launch.kind().an_instance())),
@@ -424,10 +426,10 @@ async fn run(d: &Arc<Daemon>, stream: &mut UnixStream, req: RunRequest) -> anyho
                     .map(|n| n.to_string_lossy().into_owned());
             }
             let row = with_progress(stream, |progress| async move {
-                runs::launch(d, &options, None, for_run, true, &progress).await
+                instances::launch(d, &options, None, for_run, true, &progress).await
             })
             .await?;
-            (row.name, true)
+            (row.name, true, end)
         }
     };
     d.db.insert_run(&RunRow {
@@ -442,19 +444,9 @@ async fn run(d: &Arc<Daemon>, stream: &mut UnixStream, req: RunRequest) -> anyho
         exit: None,
         error: None,
     })?;
-    let end = req.end.unwrap_or(if launched && !req.keep {
-        EndAction::Terminate
-    } else {
-        EndAction::Keep
-    });
-    // An EC2 instance powered off from inside terminates (its shutdown behaviour), so a
-    // stop at the end is the daemon's to do, through the API, once it hears of the end.
-    let end = if end == EndAction::Stop && d.db.cloud(&instance)?.is_some() {
+    if end.daemon_stops {
         d.db.set_setting(&runs::stop_at_end_key(&run_id), "1")?;
-        EndAction::Keep
-    } else {
-        end
-    };
+    }
     let spec = RunSpec {
         run: run_id.clone(),
         argv: req.argv,
@@ -467,7 +459,7 @@ async fn run(d: &Arc<Daemon>, stream: &mut UnixStream, req: RunRequest) -> anyho
             .map(Duration::from_secs)
             .unwrap_or(d.config.daemon.stop_grace())
             .as_millis() as u64,
-        end,
+        end: end.agent,
         spot_signal: req.spot_signal,
         storage: stored.storage,
         data: req.data,
@@ -583,23 +575,9 @@ fn run_storage(d: &Arc<Daemon>, req: &RunRequest, run: &RunId) -> Result<RunStor
         }
         None => req.launch.kind().capabilities().remote,
     };
-    let mut spec = d.config.storage.spec(d.home.root());
-    if needs_store && remote {
-        match &mut spec {
-            StoreSpec::Local { .. } => {
-                return Err(bad(
-                    "a cloud instance cannot reach the local object store ([storage] backend = \"local\"), which this run's data or checkpoints need".into(),
-                )
-                .resolve("set backend = \"s3\" under [storage] (and checkpoints = \"s3://BUCKET/PREFIX\")")
-                .resolve("or run without them: --no-checkpoints and no --data"));
-            }
-            // The instance has its own credentials (its instance profile), not this
-            // laptop's named profile.
-            StoreSpec::S3 { profile, .. } => *profile = None,
-        }
-    }
+    let storage = plan::run_store(d.config.storage.spec(d.home.root()), needs_store, remote)?;
     Ok(RunStorage {
-        storage: needs_store.then_some(spec),
+        storage,
         checkpoints,
         resume_from,
     })

@@ -9,6 +9,19 @@ pub mod local;
 
 use serde::{Deserialize, Serialize};
 
+/// Phase lines for the CLI (stderr), as a launch goes.
+pub type Progress = tokio::sync::mpsc::UnboundedSender<String>;
+
+/// Sends one phase line; a CLI that has gone away loses nothing the launch needs.
+pub fn say(progress: &Progress, line: impl Into<String>) {
+    let _ = progress.send(line.into());
+}
+
+/// `12.3s`, for phase lines.
+pub fn seconds(elapsed: std::time::Duration) -> String {
+    format!("{:.1}s", elapsed.as_secs_f64())
+}
+
 /// Where instances come from. Stored in the database as its `as_str` (a CHECK constraint
 /// keeps the column to these).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]

@@ -6,6 +6,8 @@
 
 pub mod artifact;
 pub mod ids;
+pub mod launch;
+pub mod plan;
 pub mod prices;
 pub mod relay;
 pub mod userdata;

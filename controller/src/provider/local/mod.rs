@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
+use protocol::InstanceName;
 use protocol::agent_config::AgentConfigFile;
-use protocol::{EnrollToken, Fingerprint, InstanceName};
 
 use crate::config::LocalConfig;
 use crate::error::{ErrorCode, UserError};
@@ -42,19 +42,25 @@ pub fn agent_binary(config: &LocalConfig) -> Result<PathBuf, UserError> {
     }
 }
 
+/// `[local.agent]`'s settings in an agent's config, and `[agent]`'s disk limits with
+/// `[local.agent]`'s overrides.
+pub fn agent_settings(config: &crate::config::Config, file: &mut AgentConfigFile) {
+    let agent = &config.local.agent;
+    file.stats_interval_ms = agent.stats_interval_ms;
+    file.nvidia_smi = agent.nvidia_smi.clone();
+    file.idle_timeout_secs = agent.idle_timeout_secs;
+    file.poweroff_command = agent.poweroff_command.clone();
+    file.metadata_endpoint = agent.metadata_endpoint.clone();
+    file.log_max_bytes = agent.log_max_bytes;
+    config.agent.for_local(agent).write_into(file);
+}
+
 /// What the daemon needs to start a local agent.
 #[derive(Debug)]
 pub struct LaunchSpec<'a> {
     pub name: &'a InstanceName,
-    pub token: EnrollToken,
-    pub ca_pin: Fingerprint,
-    /// What the agent is told: every way to reach the daemon.
-    pub endpoints: Vec<protocol::path::Endpoint>,
+    pub config: &'a AgentConfigFile,
     pub agent_bin: &'a Path,
-    /// Agent settings from `[local.agent]` in the controller's config.
-    pub agent: &'a crate::config::LocalAgentConfig,
-    /// `[agent]` with `[local.agent]`'s overrides.
-    pub disk: crate::config::AgentDisk,
 }
 
 /// Writes the instance's agent config (owner-only) and starts the agent in a session of
@@ -66,26 +72,8 @@ pub fn launch(home: &Home, spec: LaunchSpec<'_>) -> anyhow::Result<tokio::proces
         .mode(0o700)
         .create(&dir)
         .with_context(|| format!("creating {}", dir.display()))?;
-    let mut config = AgentConfigFile {
-        instance: spec.name.clone(),
-        controller: spec.endpoints,
-        ca_sha256: spec.ca_pin,
-        token: spec.token,
-        state_dir: PathBuf::from("state"),
-        stats_interval_ms: spec.agent.stats_interval_ms,
-        nvidia_smi: spec.agent.nvidia_smi.clone(),
-        idle_timeout_secs: spec.agent.idle_timeout_secs,
-        poweroff_command: spec.agent.poweroff_command.clone(),
-        metadata_endpoint: spec.agent.metadata_endpoint.clone(),
-        log_max_bytes: spec.agent.log_max_bytes,
-        keep_runs: None,
-        disk_budget: None,
-        min_free: None,
-        keep_local_checkpoints: None,
-    };
-    spec.disk.write_into(&mut config);
     let config_path = config_path(home, spec.name);
-    protocol::tls::write_private(&config_path, toml::to_string(&config)?.as_bytes())
+    protocol::tls::write_private(&config_path, toml::to_string(spec.config)?.as_bytes())
         .with_context(|| format!("writing {}", config_path.display()))?;
     let log_path = dir.join("agent.log");
     let log = std::fs::OpenOptions::new()

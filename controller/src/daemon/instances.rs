@@ -1,0 +1,542 @@
+//! Instances as the daemon drives them, whatever their provider: a launch's
+//! provider-neutral steps (the name, how agents reach the daemon, the record, the token,
+//! the agent's config, "comes up or is cleaned up") written once around the steps of the
+//! provider's folder; terminating (flush, revoke, kill); stop and start; bringing records
+//! up to date with the cloud. The `match`es on `LaunchOptions` and `ProviderKind` here are
+//! the daemon's only dispatch on the provider.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use protocol::agent_config::AgentConfigFile;
+use protocol::{ControllerMsg, InstanceName, RunId};
+
+use super::{Daemon, now_ms, sync};
+use crate::db::{CloudRow, InstanceRow, InstanceState, RunState};
+use crate::error::{ErrorCode, UserError};
+use crate::plan;
+use crate::provider::ec2::{self, Ec2};
+use crate::provider::{LaunchOptions, Progress, ProviderKind, local, say, seconds};
+
+/// How long a terminated instance's agent gets to stop its runs (each with its own grace
+/// period) and close.
+const SHUTDOWN_BOUND: Duration = Duration::from_secs(610);
+
+/// How long a freshly started local agent gets to enroll and connect.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn internal(e: anyhow::Error) -> UserError {
+    UserError::new(ErrorCode::Internal, format!("{e:#}"))
+}
+
+pub(super) async fn ec2_client(d: &Daemon) -> Result<&Ec2, UserError> {
+    d.ec2.get_or_try_init(|| Ec2::connect(&d.config.ec2)).await
+}
+
+/// A provider's checks and preparations, done before anything is recorded or paid for.
+enum Prepared {
+    Local { agent_bin: PathBuf },
+    Ec2(Box<ec2::launch::Prepared>),
+}
+
+/// Launches an instance; with `wait` (always, for a local one) returns once its agent has
+/// enrolled. A failure before the provider makes the instance leaves nothing behind; one
+/// after it terminates the instance, so a failed launch never leaves a paid machine.
+pub(super) async fn launch(
+    d: &Arc<Daemon>,
+    options: &LaunchOptions,
+    name: Option<InstanceName>,
+    for_run: Option<RunId>,
+    wait: bool,
+    progress: &Progress,
+) -> Result<InstanceRow, UserError> {
+    let started = Instant::now();
+    let provider = options.kind();
+    let name = name.unwrap_or_else(|| provider.fresh_name());
+    if d.db.instance(&name).map_err(internal)?.is_some() {
+        return Err(UserError::new(
+            ErrorCode::Conflict,
+            format!("an instance named {name} already exists"),
+        )
+        .resolve("pick another --name, or leave it out for a generated one"));
+    }
+    // How its agent reaches this daemon, checked before anything is made.
+    let relay = d.config.daemon.relay.as_deref();
+    let reach = match options {
+        LaunchOptions::Local => plan::local_reach(d.quic_addr, relay),
+        LaunchOptions::Ec2(_) => plan::remote_reach(
+            "ec2",
+            d.config.ec2.controller_endpoint.as_deref(),
+            relay,
+            d.quic_addr,
+        )?,
+    };
+    let prepared = match options {
+        LaunchOptions::Local => Prepared::Local {
+            agent_bin: local::agent_binary(&d.config.local)?,
+        },
+        LaunchOptions::Ec2(opts) => Prepared::Ec2(Box::new(
+            ec2::launch::prepare(
+                ec2_client(d).await?,
+                &d.config,
+                d.home.root(),
+                opts,
+                progress,
+            )
+            .await?,
+        )),
+    };
+
+    // From here on there is a record: a failure marks it terminated.
+    d.db.insert_instance(&InstanceRow {
+        name: name.clone(),
+        provider,
+        state: InstanceState::Launching,
+        created_ms: now_ms(),
+        terminated_ms: None,
+        pid: None,
+        for_run: for_run.clone(),
+    })
+    .map_err(internal)?;
+    let enroll_timeout = enroll_timeout(d, provider);
+    let made = async {
+        let ttl = d.config.daemon.token_ttl().max(enroll_timeout);
+        let token =
+            d.db.mint_token(&name, now_ms() + ttl.as_millis() as u64)
+                .map_err(internal)?;
+        let mut config = AgentConfigFile {
+            instance: name.clone(),
+            controller: super::carriers::agent_endpoints(
+                reach.direct.as_deref(),
+                reach.relay.as_deref(),
+            ),
+            ca_sha256: d.pki.ca.fingerprint(),
+            token,
+            state_dir: PathBuf::from("state"),
+            stats_interval_ms: None,
+            nvidia_smi: None,
+            idle_timeout_secs: None,
+            poweroff_command: None,
+            metadata_endpoint: None,
+            log_max_bytes: None,
+            keep_runs: None,
+            disk_budget: None,
+            min_free: None,
+            keep_local_checkpoints: None,
+        };
+        match &prepared {
+            Prepared::Local { agent_bin } => {
+                local::agent_settings(&d.config, &mut config);
+                start_local(d, &name, &config, agent_bin)
+            }
+            Prepared::Ec2(prepared) => {
+                ec2::launch::agent_settings(&d.config, &mut config);
+                let ec2 = ec2_client(d).await?;
+                let instance = ec2::launch::start(
+                    ec2,
+                    &d.config,
+                    prepared,
+                    &name,
+                    for_run.as_ref(),
+                    &config,
+                    progress,
+                )
+                .await?;
+                let cloud = CloudRow {
+                    name: name.clone(),
+                    cloud_id: instance.id.clone(),
+                    region: ec2.region.clone(),
+                    instance_type: instance.instance_type.clone(),
+                    spot: instance.spot,
+                    price_per_hour: instance.price_per_hour,
+                    accrued_ms: 0,
+                    running_since_ms: Some(now_ms()),
+                };
+                if let Err(e) = d.db.insert_cloud(&cloud) {
+                    // Without the record nothing would ever terminate it: do it now.
+                    let _ = ec2.terminate(&instance.id).await;
+                    return Err(internal(e));
+                }
+                Ok(())
+            }
+        }
+    };
+    if let Err(e) = made.await {
+        let _ =
+            d.db.set_instance_state(&name, InstanceState::Terminated, now_ms());
+        return Err(e);
+    }
+    if !wait && provider.capabilities().remote {
+        // Nobody waits, but an instance that never enrolls is still ended in time.
+        let (d2, name2) = (d.clone(), name.clone());
+        d.tasks.spawn(async move {
+            let (quiet, _) = tokio::sync::mpsc::unbounded_channel();
+            tokio::select! {
+                () = d2.shutdown.cancelled() => {}
+                _ = come_up_or_go(&d2, &name2, started, &quiet) => {}
+            }
+        });
+    } else {
+        come_up_or_go(d, &name, started, progress).await?;
+        if provider.capabilities().remote {
+            say(
+                progress,
+                format!("  {:<16}{:>7}", "ready", seconds(started.elapsed())),
+            );
+        }
+    }
+    d.db.instance(&name)
+        .map_err(internal)?
+        .ok_or_else(|| internal(anyhow::anyhow!("instance {name} vanished")))
+}
+
+/// How long an instance of `provider` gets from launch to its agent's enrollment.
+fn enroll_timeout(d: &Daemon, provider: ProviderKind) -> Duration {
+    match provider {
+        ProviderKind::Local => CONNECT_TIMEOUT,
+        ProviderKind::Ec2 => Duration::from_secs(d.config.ec2.enroll_timeout_secs),
+    }
+}
+
+/// Starts a local agent with `config` and reaps it when it exits.
+fn start_local(
+    d: &Daemon,
+    name: &InstanceName,
+    config: &AgentConfigFile,
+    agent_bin: &std::path::Path,
+) -> Result<(), UserError> {
+    let mut child = local::launch(
+        &d.home,
+        local::LaunchSpec {
+            name,
+            config,
+            agent_bin,
+        },
+    )
+    .map_err(internal)?;
+    let pid = child.id().unwrap_or(0);
+    d.db.set_instance_pid(name, pid).map_err(internal)?;
+    // Reap the agent when it exits, as long as this daemon lives. Untracked: the agent
+    // outlives the daemon, and shutdown must not wait for it.
+    let reaped = name.clone();
+    tokio::spawn(async move {
+        let status = child.wait().await;
+        tracing::info!("local agent {reaped} exited: {status:?}");
+    });
+    Ok(())
+}
+
+/// Waits for the instance to come up and its agent to enroll; an instance that does not
+/// is terminated, unless it was stopped or terminated through runctl meanwhile.
+async fn come_up_or_go(
+    d: &Arc<Daemon>,
+    name: &InstanceName,
+    started: Instant,
+    progress: &Progress,
+) -> Result<(), UserError> {
+    let Err(e) = wait_until_enrolled(d, name, started, progress).await else {
+        return Ok(());
+    };
+    // Stopped or terminated through runctl meanwhile: the user's call, not a failure.
+    if let Ok(Some(row)) = d.db.instance(name)
+        && matches!(
+            row.state,
+            InstanceState::Stopped | InstanceState::Terminated
+        )
+    {
+        tracing::info!(
+            "{name} was {} meanwhile: no longer waiting for its agent",
+            crate::report::instance_word(row.state)
+        );
+        return Err(e);
+    }
+    if let Ok(Some(cloud)) = d.db.cloud(name) {
+        say(
+            progress,
+            format!(
+                "terminating {} ({name}): it did not come up",
+                cloud.cloud_id
+            ),
+        );
+    }
+    tracing::warn!("terminating {name}: {}", e.message);
+    if let Err(t) = terminate_now(d, name).await {
+        tracing::error!(
+            "terminating {name} after a failed launch failed: {}",
+            t.message
+        );
+        return Err(e.resolve(format!(
+            "it may still be running: terminate it with runctl-controller terminate {name}"
+        )));
+    }
+    Err(e)
+}
+
+/// Waits for the provider to say the instance runs, then for its agent; says each phase.
+async fn wait_until_enrolled(
+    d: &Arc<Daemon>,
+    name: &InstanceName,
+    started: Instant,
+    progress: &Progress,
+) -> Result<(), UserError> {
+    let row =
+        d.db.instance(name)
+            .map_err(internal)?
+            .ok_or_else(|| internal(anyhow::anyhow!("instance {name} vanished")))?;
+    let timeout = enroll_timeout(d, row.provider);
+    match row.provider {
+        ProviderKind::Local => {
+            d.wait_for_agent(name, timeout, row.pid).await?;
+            return Ok(());
+        }
+        ProviderKind::Ec2 => {}
+    }
+    let cloud =
+        d.db.cloud(name)
+            .map_err(internal)?
+            .ok_or_else(|| internal(anyhow::anyhow!("{name} has no cloud record")))?;
+    let ec2 = ec2_client(d).await?;
+    let id = &cloud.cloud_id;
+    ec2::launch::wait_running(ec2, id, started, timeout, progress).await?;
+    let left = timeout
+        .saturating_sub(started.elapsed())
+        .max(Duration::from_secs(30));
+    d.wait_for_agent(name, left, None).await.map_err(|e| {
+        UserError::new(
+            ErrorCode::Agent,
+            format!(
+                "the agent of {name} ({id}) did not enroll within {timeout:?}: {}",
+                e.message
+            ),
+        )
+        .resolve(format!(
+            "check that {} is reachable from the instance (UDP or TCP), or that the relay is registered (runctl-controller status)",
+            d.config
+                .ec2
+                .controller_endpoint
+                .as_deref()
+                .or(d.config.daemon.relay.as_deref())
+                .unwrap_or("[ec2] controller_endpoint")
+        ))
+        .resolve(ec2::launch::boot_log_hint(id, &ec2.region))
+    })?;
+    say(
+        progress,
+        format!(
+            "  {:<16}{:>7}",
+            "agent enrolled",
+            seconds(started.elapsed())
+        ),
+    );
+    Ok(())
+}
+
+/// Terminates an instance: the agent stops its runs and flushes their events (and
+/// checkpoints), its certificate is revoked, and its process (or cloud instance) is gone
+/// when this returns. Fails only when the cloud refuses; the record then stays live.
+pub(super) async fn terminate_now(d: &Arc<Daemon>, name: &InstanceName) -> Result<(), UserError> {
+    shut_down_agent(d, name).await;
+    let now = now_ms();
+    if let Err(e) = d.db.revoke_instance(name, now) {
+        tracing::error!("revoking {name}'s certificate failed: {e:#}");
+    }
+    if let Some(link) = d.agent(name) {
+        link.conn.close(0u32.into(), b"instance terminated");
+    }
+    let row = d.db.instance(name).map_err(internal)?;
+    match row.as_ref().map(|r| r.provider) {
+        Some(ProviderKind::Local) => {
+            if let Some(pid) = row.and_then(|r| r.pid) {
+                local::kill_agent(&d.home, name, pid);
+            }
+        }
+        Some(ProviderKind::Ec2) => {
+            // Billed time ends in `record_terminated`.
+            if let Some(cloud) = d.db.cloud(name).map_err(internal)? {
+                ec2_client(d).await?.terminate(&cloud.cloud_id).await?;
+            }
+        }
+        None => {}
+    }
+    record_terminated(d, name, now);
+    Ok(())
+}
+
+/// Asks `name`'s agent, if connected, to stop its runs (each with its own grace period)
+/// and push their last events and checkpoints, and waits until it has disconnected (or,
+/// for a local instance, its process is gone), within a bound.
+pub(super) async fn shut_down_agent(d: &Daemon, name: &InstanceName) {
+    let Some(link) = d.agent(name) else { return };
+    let _ = link
+        .tx
+        .send(ControllerMsg::Shutdown { grace_ms: None })
+        .await;
+    let pid = d.db.instance(name).ok().flatten().and_then(|row| row.pid);
+    let gone = async {
+        loop {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if pid.is_some_and(|pid| !local::is_agent_alive(&d.home, name, pid)) {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        _ = tokio::time::timeout(SHUTDOWN_BOUND, link.conn.closed()) => {}
+        () = gone => {}
+    }
+}
+
+/// Records `name` as gone (by `terminate`, or found terminated in the cloud): its
+/// certificate revoked, its runs that never reported an end failed, their trees forgotten.
+pub(super) fn record_terminated(d: &Daemon, name: &InstanceName, now: u64) {
+    if let Err(e) = d.db.revoke_instance(name, now) {
+        tracing::error!("revoking {name}'s certificate failed: {e:#}");
+    }
+    if let Err(e) = d.db.set_cloud_running(name, false, now) {
+        tracing::error!("recording {name}'s billed time failed: {e:#}");
+    }
+    if let Err(e) =
+        d.db.set_instance_state(name, InstanceState::Terminated, now)
+    {
+        tracing::error!("recording {name} as terminated failed: {e:#}");
+    }
+    if let Some(link) = d.agent(name) {
+        link.conn.close(0u32.into(), b"instance terminated");
+    }
+    // Runs that never reported their end are over with their instance, and their trees
+    // are gone with it.
+    if let Ok(rows) = d.db.runs_on(name) {
+        for row in &rows {
+            sync::forget_tree(d, &row.id);
+        }
+        for row in rows.into_iter().filter(|r| !r.state.is_terminal()) {
+            let _ = d.db.set_run_state(
+                &row.id,
+                RunState::Failed,
+                now,
+                Some("its instance was terminated"),
+            );
+            d.bump_run(&row.id);
+        }
+    }
+    d.bump_agents();
+}
+
+/// Checks that `name` can be stopped (`start` false) or started now (`plan::power`).
+pub(super) fn check_power(d: &Daemon, name: &InstanceName, start: bool) -> Result<(), UserError> {
+    let row =
+        d.db.instance(name)
+            .map_err(internal)?
+            .ok_or_else(|| UserError::new(ErrorCode::NotFound, format!("no instance {name}")))?;
+    let cloud = d.db.cloud(name).map_err(internal)?;
+    plan::power(
+        name.as_str(),
+        row.provider.an_instance(),
+        row.provider.capabilities().stop_start && cloud.is_some(),
+        cloud.as_ref().is_some_and(|c| c.spot),
+        row.state == InstanceState::Stopped,
+        start,
+    )
+}
+
+/// Stops (`start` false) or starts an instance through its provider, keeping its billed
+/// time.
+pub(super) async fn power(d: &Daemon, name: &InstanceName, start: bool) -> Result<(), UserError> {
+    check_power(d, name, start)?;
+    let row =
+        d.db.instance(name)
+            .map_err(internal)?
+            .ok_or_else(|| UserError::new(ErrorCode::NotFound, format!("no instance {name}")))?;
+    let cloud =
+        d.db.cloud(name)
+            .map_err(internal)?
+            .ok_or_else(|| internal(anyhow::anyhow!("{name} has no cloud record")))?;
+    let after = if start {
+        InstanceState::Launching
+    } else {
+        InstanceState::Stopped
+    };
+    // Recorded first: a launch's enrollment watch must see a stop as the user's doing.
+    d.db.set_instance_state(name, after, now_ms())
+        .map_err(internal)?;
+    let call = match row.provider {
+        ProviderKind::Ec2 => {
+            let ec2 = ec2_client(d).await?;
+            if start {
+                ec2.start(&cloud.cloud_id).await
+            } else {
+                ec2.stop(&cloud.cloud_id).await
+            }
+        }
+        // `check_power` has refused it; said again rather than assumed.
+        ProviderKind::Local => Err(UserError::new(
+            ErrorCode::Conflict,
+            format!("{name} is a local instance: it cannot be stopped or started"),
+        )),
+    };
+    if let Err(e) = call {
+        let _ = d.db.set_instance_state(name, row.state, now_ms());
+        return Err(e);
+    }
+    d.db.set_cloud_running(name, start, now_ms())
+        .map_err(internal)
+}
+
+/// Brings cloud records up to date with the cloud (instances gone by spot reclaim,
+/// power-off or the console are marked terminated, stopped ones stopped) and returns
+/// runctl-tagged instances this controller does not know. Without live EC2 records or
+/// `[ec2]` settings, EC2 is not asked.
+pub(super) async fn refresh(
+    d: &Arc<Daemon>,
+) -> Result<Vec<crate::ipc::ForeignInstance>, UserError> {
+    let rows = d.db.instances().map_err(internal)?;
+    let live: Vec<&InstanceRow> = rows
+        .iter()
+        .filter(|r| r.provider == ProviderKind::Ec2 && r.state != InstanceState::Terminated)
+        .collect();
+    if live.is_empty() && d.config.ec2.controller_endpoint.is_none() {
+        return Ok(Vec::new());
+    }
+    let ec2 = ec2_client(d).await?;
+    let listed = tokio::time::timeout(Duration::from_secs(15), ec2.instances(&[]))
+        .await
+        .map_err(|_| UserError::new(ErrorCode::Internal, "EC2 did not answer within 15 s"))??;
+    let now = now_ms();
+    let records = d.db.clouds().map_err(internal)?;
+    let live: Vec<ec2::plan::Record<'_>> = live
+        .iter()
+        .filter_map(|row| {
+            let record = records.iter().find(|c| c.name == row.name)?;
+            Some(ec2::plan::Record {
+                name: &row.name,
+                cloud_id: &record.cloud_id,
+                created_ms: row.created_ms,
+            })
+        })
+        .collect();
+    let known: Vec<&str> = records.iter().map(|r| r.cloud_id.as_str()).collect();
+    let (changes, foreign) = ec2::plan::reconcile(&live, &known, &listed, now);
+    for (name, observed) in changes {
+        let _ = d.db.set_cloud_running(name, false, now);
+        match observed {
+            ec2::plan::Observed::Terminated => {
+                let _ = d.db.revoke_instance(name, now);
+                let _ =
+                    d.db.set_instance_state(name, InstanceState::Terminated, now);
+            }
+            ec2::plan::Observed::Stopped => {
+                let _ = d.db.set_instance_state(name, InstanceState::Stopped, now);
+            }
+        }
+    }
+    Ok(foreign
+        .into_iter()
+        .map(|c| crate::ipc::ForeignInstance {
+            cloud_id: c.id.clone(),
+            name: c.name.clone(),
+            state: c.state.clone(),
+            instance_type: c.instance_type.clone(),
+        })
+        .collect())
+}

@@ -1,0 +1,420 @@
+//! The daemon's provider-neutral decisions about a launch and a run, as pure functions of
+//! the request, the configuration and the facts read for them: how agents reach this
+//! daemon, what happens to the instance when a run ends, and which object store a run's
+//! instance is told about. The drivers (`daemon::instances`, `daemon::requests`) read the
+//! facts, call these, and carry the answer out; they decide nothing themselves.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+use protocol::{EndAction, StoreSpec};
+
+use crate::error::{ErrorCode, UserError};
+
+/// How agents of a remote instance reach this daemon: directly at `direct` (UDP and TCP),
+/// through the relay at `relay`, or both.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reach {
+    pub direct: Option<String>,
+    pub relay: Option<String>,
+}
+
+/// How a remote instance's agent reaches the daemon listening on `listen`, from the
+/// provider's `controller_endpoint` (named in errors as `[section] controller_endpoint`)
+/// and `[daemon] relay`. Refused when neither would work, with what to set.
+pub fn remote_reach(
+    section: &str,
+    endpoint: Option<&str>,
+    relay: Option<&str>,
+    listen: SocketAddr,
+) -> Result<Reach, UserError> {
+    let relay = relay.map(str::to_owned);
+    let Some(endpoint) = endpoint else {
+        if relay.is_some() {
+            // With a relay the daemon needs no address of its own that instances can reach.
+            return Ok(Reach {
+                direct: None,
+                relay,
+            });
+        }
+        return Err(UserError::new(
+            ErrorCode::BadInput,
+            format!("[{section}] controller_endpoint is not set: instances need an address of this daemon they can reach"),
+        )
+        .resolve(format!(
+            "set controller_endpoint = \"HOST:{}\" under [{section}] in config.toml (a public address, a forwarded port, a VPN address)",
+            listen.port()
+        ))
+        .resolve("or set relay = \"HOST:PORT\" under [daemon] to reach instances through a runctl-relay (see the README's reachability section)"));
+    };
+    let (host, _) = endpoint.rsplit_once(':').unwrap_or((endpoint, ""));
+    // An IPv6 address is bracketed before its port: `[::1]:7000`.
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    let loopback_endpoint =
+        host == "localhost" || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback());
+    if listen.ip().is_loopback() && !loopback_endpoint {
+        if relay.is_some() {
+            // Unreachable directly, but the relay serves: agents are not told the direct way.
+            return Ok(Reach {
+                direct: None,
+                relay,
+            });
+        }
+        return Err(UserError::new(
+            ErrorCode::BadInput,
+            format!("the daemon listens on {listen} only, which instances cannot reach through {endpoint}"),
+        )
+        .resolve(format!(
+            "set listen = \"0.0.0.0:{}\" under [daemon] in config.toml and restart it (runctl-controller shutdown)",
+            listen.port()
+        ))
+        .resolve("or set relay = \"HOST:PORT\" under [daemon] to reach instances through a runctl-relay"));
+    }
+    Ok(Reach {
+        direct: Some(endpoint.to_owned()),
+        relay,
+    })
+}
+
+/// How an agent on this machine reaches the daemon listening on `listen`: its own port
+/// (on loopback when it listens on all addresses), and the relay when one is configured.
+pub fn local_reach(listen: SocketAddr, relay: Option<&str>) -> Reach {
+    let mut direct = listen;
+    if direct.ip().is_unspecified() {
+        direct.set_ip(Ipv4Addr::LOCALHOST.into());
+    }
+    Reach {
+        direct: Some(direct.to_string()),
+        relay: relay.map(str::to_owned),
+    }
+}
+
+/// What ends a run's instance: the action in the agent's run spec, and whether the
+/// daemon stops the instance through the provider's API once it hears of the end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EndPlan {
+    pub agent: EndAction,
+    pub daemon_stops: bool,
+}
+
+/// The instance's fate at the end of a run: `requested` (`--end`), else terminate an
+/// instance launched for this run (`launched` without `--keep`) and keep any other. A
+/// spot instance cannot be stopped. On a provider that stops and starts instances
+/// (`stop_start`), a stop is the daemon's to do through the API (an EC2 instance powered
+/// off from inside terminates, its shutdown behaviour); elsewhere the agent powers off.
+pub fn run_end(
+    requested: Option<EndAction>,
+    launched: bool,
+    keep: bool,
+    spot: bool,
+    stop_start: bool,
+) -> Result<EndPlan, UserError> {
+    let end = requested.unwrap_or(if launched && !keep {
+        EndAction::Terminate
+    } else {
+        EndAction::Keep
+    });
+    match end {
+        EndAction::Stop if spot => Err(UserError::new(
+            ErrorCode::BadInput,
+            "--end stop: a spot instance cannot be stopped, only terminated",
+        )
+        .resolve("use --end terminate or --end keep")),
+        EndAction::Stop if stop_start => Ok(EndPlan {
+            agent: EndAction::Keep,
+            daemon_stops: true,
+        }),
+        EndAction::Keep | EndAction::Stop | EndAction::Terminate => Ok(EndPlan {
+            agent: end,
+            daemon_stops: false,
+        }),
+    }
+}
+
+/// The object store a run's agent is told about: none unless the run pulls data, pushes
+/// checkpoints or resumes (`needs_store`). A remote instance cannot reach a local store,
+/// and uses its own credentials (its instance profile), not this laptop's named profile.
+pub fn run_store(
+    configured: StoreSpec,
+    needs_store: bool,
+    remote: bool,
+) -> Result<Option<StoreSpec>, UserError> {
+    if !needs_store {
+        return Ok(None);
+    }
+    match configured {
+        StoreSpec::Local { .. } if remote => Err(UserError::new(
+            ErrorCode::BadInput,
+            "a cloud instance cannot reach the local object store ([storage] backend = \"local\"), which this run's data or checkpoints need",
+        )
+        .resolve("set backend = \"s3\" under [storage] (and checkpoints = \"s3://BUCKET/PREFIX\")")
+        .resolve("or run without them: --no-checkpoints and no --data")),
+        StoreSpec::S3 {
+            region,
+            endpoint_url,
+            force_path_style,
+            profile: _,
+        } if remote => Ok(Some(StoreSpec::S3 {
+            region,
+            endpoint_url,
+            force_path_style,
+            profile: None,
+        })),
+        spec @ (StoreSpec::Local { .. } | StoreSpec::S3 { .. }) => Ok(Some(spec)),
+    }
+}
+
+/// Whether `stop` (`start` false) or `start` may go ahead on `name`, `an_instance` of a
+/// provider that can (`stop_start`) or cannot stop and start instances.
+pub fn power(
+    name: &str,
+    an_instance: &str,
+    stop_start: bool,
+    spot: bool,
+    stopped: bool,
+    start: bool,
+) -> Result<(), UserError> {
+    if !stop_start {
+        return Err(UserError::new(
+            ErrorCode::Conflict,
+            format!("{name} is {an_instance}, not a cloud instance that can be stopped: stop and start apply to EC2 instances"),
+        )
+        .resolve(format!("terminate it instead: runctl-controller terminate {name}")));
+    }
+    if spot {
+        return Err(UserError::new(
+            ErrorCode::Conflict,
+            format!("{name} is a spot instance: it can only be terminated, not stopped"),
+        )
+        .resolve(format!("terminate it: runctl-controller terminate {name}")));
+    }
+    match (start, stopped) {
+        (true, false) => Err(UserError::new(
+            ErrorCode::Conflict,
+            format!("{name} is not stopped"),
+        )),
+        (false, true) => Err(UserError::new(
+            ErrorCode::Conflict,
+            format!("{name} is already stopped"),
+        )
+        .resolve(format!("start it: runctl-controller start {name}"))),
+        (true, true) | (false, false) => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use EndAction::*;
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().expect("address")
+    }
+
+    /// (endpoint, relay, listen) -> the reach, or a refusal containing `refused`.
+    fn check_reach(
+        endpoint: Option<&str>,
+        relay: Option<&str>,
+        listen: &str,
+        expected: Result<(Option<&str>, Option<&str>), &str>,
+    ) {
+        let got = remote_reach("ec2", endpoint, relay, addr(listen));
+        match (got, expected) {
+            (Ok(reach), Ok((direct, relay))) => {
+                assert_eq!(reach.direct.as_deref(), direct, "{endpoint:?} {listen}");
+                assert_eq!(reach.relay.as_deref(), relay, "{endpoint:?} {listen}");
+            }
+            (Err(e), Err(refused)) => assert!(e.message.contains(refused), "{}", e.message),
+            (got, expected) => panic!("{endpoint:?} {relay:?} {listen}: {got:?}, not {expected:?}"),
+        }
+    }
+
+    #[test]
+    fn remote_agents_reach_the_daemon_directly_or_through_the_relay() {
+        let r = Some("relay.example:4433");
+        check_reach(
+            Some("1.2.3.4:7000"),
+            None,
+            "0.0.0.0:7000",
+            Ok((Some("1.2.3.4:7000"), None)),
+        );
+        check_reach(
+            Some("1.2.3.4:7000"),
+            r,
+            "0.0.0.0:7000",
+            Ok((Some("1.2.3.4:7000"), r)),
+        );
+        check_reach(None, r, "127.0.0.1:7000", Ok((None, r)));
+        check_reach(
+            None,
+            None,
+            "0.0.0.0:7000",
+            Err("controller_endpoint is not set"),
+        );
+        // Listening on loopback: only a loopback endpoint works directly.
+        check_reach(
+            Some("127.0.0.1:7000"),
+            None,
+            "127.0.0.1:7000",
+            Ok((Some("127.0.0.1:7000"), None)),
+        );
+        check_reach(
+            Some("localhost:7000"),
+            None,
+            "127.0.0.1:7000",
+            Ok((Some("localhost:7000"), None)),
+        );
+        check_reach(
+            Some("1.2.3.4:7000"),
+            None,
+            "127.0.0.1:7000",
+            Err("listens on 127.0.0.1:7000 only"),
+        );
+        check_reach(Some("1.2.3.4:7000"), r, "127.0.0.1:7000", Ok((None, r)));
+        check_reach(
+            Some("[::1]:7000"),
+            None,
+            "[::1]:7000",
+            Ok((Some("[::1]:7000"), None)),
+        );
+    }
+
+    #[test]
+    fn local_agents_dial_loopback_when_the_daemon_listens_on_all() {
+        let check = |listen: &str, relay: Option<&str>, direct: &str| {
+            let reach = local_reach(addr(listen), relay);
+            assert_eq!(reach.direct.as_deref(), Some(direct), "{listen}");
+            assert_eq!(reach.relay.as_deref(), relay, "{listen}");
+        };
+        check("0.0.0.0:7000", None, "127.0.0.1:7000");
+        check("127.0.0.1:7000", Some("r:1"), "127.0.0.1:7000");
+        check("10.0.0.5:7000", None, "10.0.0.5:7000");
+    }
+
+    /// (requested, launched, keep, spot, stop_start) -> the agent's action and whether
+    /// the daemon stops the instance, or a refusal.
+    fn check_end(
+        requested: Option<EndAction>,
+        launched: bool,
+        keep: bool,
+        spot: bool,
+        stop_start: bool,
+        expected: Option<(EndAction, bool)>,
+    ) {
+        let got = run_end(requested, launched, keep, spot, stop_start)
+            .ok()
+            .map(|p| (p.agent, p.daemon_stops));
+        assert_eq!(
+            got, expected,
+            "{requested:?} launched={launched} keep={keep} spot={spot} stop_start={stop_start}"
+        );
+    }
+
+    #[test]
+    fn a_run_ends_its_instance_as_asked_or_as_it_was_launched() {
+        check_end(None, true, false, false, true, Some((Terminate, false)));
+        check_end(None, true, true, false, true, Some((Keep, false)));
+        check_end(None, false, false, false, true, Some((Keep, false)));
+        check_end(
+            Some(Terminate),
+            false,
+            false,
+            false,
+            false,
+            Some((Terminate, false)),
+        );
+        check_end(Some(Keep), true, false, true, true, Some((Keep, false)));
+        // A stop on a provider with stop/start is the daemon's, through the API.
+        check_end(Some(Stop), true, false, false, true, Some((Keep, true)));
+        // Elsewhere (a local instance) the agent powers off with its poweroff command.
+        check_end(Some(Stop), false, false, false, false, Some((Stop, false)));
+        // Spot instances cannot be stopped, whoever would.
+        check_end(Some(Stop), true, false, true, true, None);
+        check_end(Some(Stop), false, false, true, false, None);
+        check_end(
+            Some(Terminate),
+            true,
+            false,
+            true,
+            true,
+            Some((Terminate, false)),
+        );
+    }
+
+    fn s3(profile: Option<&str>) -> StoreSpec {
+        StoreSpec::S3 {
+            region: Some("us-east-1".into()),
+            endpoint_url: None,
+            force_path_style: false,
+            profile: profile.map(str::to_owned),
+        }
+    }
+    fn local() -> StoreSpec {
+        StoreSpec::Local {
+            root: "/home/u/.runctl/objects".into(),
+        }
+    }
+
+    /// (configured, needs_store, remote) -> what the agent is told, or a refusal.
+    fn check_store(
+        configured: StoreSpec,
+        needs: bool,
+        remote: bool,
+        expected: Result<Option<StoreSpec>, ()>,
+    ) {
+        let got = run_store(configured.clone(), needs, remote).map_err(|_| ());
+        assert_eq!(
+            got, expected,
+            "{configured:?} needs={needs} remote={remote}"
+        );
+    }
+
+    #[test]
+    fn a_run_is_told_of_a_store_it_can_reach_with_its_own_credentials() {
+        check_store(local(), false, true, Ok(None));
+        check_store(s3(Some("dev")), false, false, Ok(None));
+        check_store(local(), true, false, Ok(Some(local())));
+        check_store(local(), true, true, Err(()));
+        check_store(s3(Some("dev")), true, false, Ok(Some(s3(Some("dev")))));
+        check_store(s3(Some("dev")), true, true, Ok(Some(s3(None))));
+    }
+
+    /// (stop_start, spot, stopped, start) -> allowed, or refused with `refused`.
+    fn check_power(
+        stop_start: bool,
+        spot: bool,
+        stopped: bool,
+        start: bool,
+        expected: Result<(), &str>,
+    ) {
+        let got = power(
+            "ec2-abcdef",
+            "an EC2 instance",
+            stop_start,
+            spot,
+            stopped,
+            start,
+        );
+        match (got, expected) {
+            (Ok(()), Ok(())) => {}
+            (Err(e), Err(refused)) => assert!(e.message.contains(refused), "{}", e.message),
+            (got, expected) => {
+                panic!("{stop_start} {spot} {stopped} {start}: {got:?}, not {expected:?}")
+            }
+        }
+    }
+
+    #[test]
+    fn only_on_demand_instances_of_a_provider_that_can_stop_them_stop_and_start() {
+        check_power(true, false, false, false, Ok(()));
+        check_power(true, false, true, true, Ok(()));
+        check_power(true, false, true, false, Err("already stopped"));
+        check_power(true, false, false, true, Err("is not stopped"));
+        check_power(true, true, false, false, Err("spot instance"));
+        check_power(true, true, true, true, Err("spot instance"));
+        check_power(false, false, false, false, Err("not a cloud instance"));
+        check_power(false, false, true, true, Err("not a cloud instance"));
+    }
+}
