@@ -238,6 +238,14 @@ async fn come_up_or_go(
     let Err(e) = wait_until_enrolled(d, name, started, progress).await else {
         return Ok(());
     };
+    // A cloud instance is named with its provider's id too, as its console shows it.
+    let (label, id_first) = match d.db.cloud(name) {
+        Ok(Some(cloud)) => (
+            format!("{name} ({})", cloud.cloud_id),
+            format!("{} ({name})", cloud.cloud_id),
+        ),
+        _ => (name.to_string(), name.to_string()),
+    };
     // Stopped or terminated through runctl meanwhile: the user's call, not a failure.
     if let Ok(Some(row)) = d.db.instance(name)
         && matches!(
@@ -246,21 +254,16 @@ async fn come_up_or_go(
         )
     {
         tracing::info!(
-            "{name} was {} meanwhile: no longer waiting for its agent",
+            "{label} was {} meanwhile: no longer waiting for its agent",
             crate::report::instance_word(row.state)
         );
         return Err(e);
     }
-    if let Ok(Some(cloud)) = d.db.cloud(name) {
-        say(
-            progress,
-            format!(
-                "terminating {} ({name}): it did not come up",
-                cloud.cloud_id
-            ),
-        );
-    }
-    tracing::warn!("terminating {name}: {}", e.message);
+    say(
+        progress,
+        format!("terminating {id_first}: it did not come up"),
+    );
+    tracing::warn!("terminating {label}: {}", e.message);
     if let Err(t) = terminate_now(d, name).await {
         tracing::error!(
             "terminating {name} after a failed launch failed: {}",
