@@ -3,6 +3,7 @@
 //! agent process behind.
 
 pub mod reach;
+pub mod runpod;
 pub mod s3;
 
 use std::path::{Path, PathBuf};

@@ -6,6 +6,7 @@
 
 pub mod ec2;
 pub mod local;
+pub mod runpod;
 
 use serde::{Deserialize, Serialize};
 

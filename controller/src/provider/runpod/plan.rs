@@ -1,0 +1,360 @@
+//! RunPod's decisions, as pure functions of what its API answered: what a failed call
+//! means for the user (REST answers RFC 9457 problems; GraphQL answers HTTP 200 with an
+//! `errors` list), which catalog GPU a name means (with the nearest names when none),
+//! and a spot bid from the most the user will pay per hour.
+
+use super::GpuType;
+use crate::error::{ErrorCode, UserError};
+
+/// RFC 9457's problem body, as RunPod's REST API sends it (`ErrorResponse`).
+#[derive(Debug, Clone, Default, PartialEq, serde::Deserialize)]
+pub struct Problem {
+    #[serde(default)]
+    pub title: String,
+    #[serde(default)]
+    pub status: u16,
+    #[serde(default)]
+    pub detail: String,
+    #[serde(default)]
+    pub errors: Vec<String>,
+}
+
+/// Why a REST call failed, from its status and problem body (`what` names the call).
+/// `RetryAfter`-worthy answers (429, 5xx) are `retry: true`; the caller backs off.
+pub fn rest_error(what: &str, status: u16, problem: &Problem) -> (UserError, bool) {
+    let detail = if problem.detail.is_empty() {
+        problem.title.clone()
+    } else {
+        problem.detail.clone()
+    };
+    let said = |d: &str| {
+        if d.is_empty() {
+            format!("{what}: RunPod answered HTTP {status}")
+        } else {
+            format!("{what}: {d} (HTTP {status})")
+        }
+    };
+    match status {
+        401 => (unauthorized(what), false),
+        402 => (
+            UserError::new(ErrorCode::Conflict, said(&detail))
+                .resolve("add funds to the RunPod account (console, Billing), then retry"),
+            false,
+        ),
+        403 => (
+            UserError::new(ErrorCode::Conflict, said(&detail))
+                .resolve("the API key lacks this permission: make one with read and write access to pods in the RunPod console (Settings, API Keys)"),
+            false,
+        ),
+        404 => (UserError::new(ErrorCode::NotFound, said(&detail)), false),
+        409 => (UserError::new(ErrorCode::Conflict, said(&detail)), false),
+        422 => {
+            let mut message = said(&detail);
+            if !problem.errors.is_empty() {
+                message = format!("{message}: {}", problem.errors.join("; "));
+            }
+            (UserError::new(ErrorCode::BadInput, message), false)
+        }
+        // A rule broken, or no capacity for this GPU here: RunPod gives no code for which.
+        400 => (
+            UserError::new(ErrorCode::Conflict, said(&detail))
+                .resolve("if it says there is no capacity: try another --gpu, another --datacenter, or later"),
+            false,
+        ),
+        429 => (
+            UserError::new(ErrorCode::Conflict, said("rate limited")),
+            true,
+        ),
+        500..=599 => (UserError::new(ErrorCode::Internal, said(&detail)), true),
+        _ => (UserError::new(ErrorCode::Internal, said(&detail)), false),
+    }
+}
+
+/// A wrong, revoked or missing key.
+pub fn unauthorized(what: &str) -> UserError {
+    UserError::new(
+        ErrorCode::BadInput,
+        format!("{what}: RunPod refused the API key (HTTP 401)"),
+    )
+    .resolve("check the key in RUNPOD_API_KEY, or the file [runpod] api_key_file names; make a new one in the RunPod console (Settings, API Keys)")
+}
+
+/// Why a GraphQL call failed, from the first of its `errors` (RunPod answers them with
+/// HTTP 200).
+pub fn graphql_error(what: &str, messages: &[String]) -> UserError {
+    let first = messages.first().map_or("no message", String::as_str);
+    let lower = first.to_ascii_lowercase();
+    let error = if lower.contains("no longer any instances available")
+        || lower.contains("no instances available")
+    {
+        UserError::new(ErrorCode::Conflict, format!("{what}: no capacity: {first}"))
+            .resolve("try another --gpu, another --datacenter, a higher --max-price, or later")
+    } else if lower.contains("bid") {
+        UserError::new(ErrorCode::BadInput, format!("{what}: {first}"))
+            .resolve("raise --max-price to at least the minimum bid times the GPU count")
+    } else if lower.contains("unauthorized") || lower.contains("api key") {
+        unauthorized(what)
+    } else {
+        UserError::new(ErrorCode::Internal, format!("{what}: {first}"))
+    };
+    if messages.len() > 1 {
+        error.resolve(format!("RunPod also said: {}", messages[1..].join("; ")))
+    } else {
+        error
+    }
+}
+
+/// The catalog GPU `wanted` names (its id or its display name, any case), or a refusal
+/// that lists the nearest names.
+pub fn find_gpu<'a>(catalog: &'a [GpuType], wanted: &str) -> Result<&'a GpuType, UserError> {
+    let wanted_lower = wanted.to_lowercase();
+    if let Some(gpu) = catalog
+        .iter()
+        .find(|g| g.id.to_lowercase() == wanted_lower || g.name.to_lowercase() == wanted_lower)
+    {
+        return Ok(gpu);
+    }
+    let mut near: Vec<(f64, &GpuType)> = catalog
+        .iter()
+        .map(|g| {
+            let score = strsim::jaro_winkler(&wanted_lower, &g.id.to_lowercase())
+                .max(strsim::jaro_winkler(&wanted_lower, &g.name.to_lowercase()));
+            (score, g)
+        })
+        .collect();
+    near.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let names: Vec<String> = near
+        .iter()
+        .take(3)
+        .map(|(_, g)| format!("{:?}", g.id))
+        .collect();
+    let mut error = UserError::new(
+        ErrorCode::BadInput,
+        format!("--gpu {wanted:?} is not a RunPod GPU type"),
+    );
+    if !names.is_empty() {
+        error = error.resolve(format!("the nearest: {}", names.join(", ")));
+    }
+    Err(error.resolve("list them: runctl-controller launch --provider runpod --gpu list"))
+}
+
+/// RunPod's `bidPerGpu` for a pod of `gpus` GPUs when the user pays at most `max_per_hour`
+/// for the pod, refused under the catalog's minimum bid.
+pub fn bid_per_gpu(max_per_hour: f64, gpus: u32, minimum: Option<f64>) -> Result<f64, UserError> {
+    if !(max_per_hour.is_finite() && max_per_hour > 0.0) || gpus == 0 {
+        return Err(UserError::new(
+            ErrorCode::BadInput,
+            format!("--max-price {max_per_hour} is not a positive price"),
+        ));
+    }
+    let bid = max_per_hour / f64::from(gpus);
+    if let Some(minimum) = minimum
+        && bid < minimum
+    {
+        return Err(UserError::new(
+            ErrorCode::BadInput,
+            format!(
+                "--max-price {max_per_hour} is {bid:.3}/h per GPU, under RunPod's minimum bid of {minimum:.3}/h per GPU"
+            ),
+        )
+        .resolve(format!(
+            "raise --max-price to at least {:.3} for {gpus} GPU(s)",
+            minimum * f64::from(gpus)
+        )));
+    }
+    Ok(bid)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problem(detail: &str, errors: &[&str]) -> Problem {
+        Problem {
+            title: "Bad".into(),
+            status: 0,
+            detail: detail.into(),
+            errors: errors.iter().map(|e| e.to_string()).collect(),
+        }
+    }
+
+    /// (status, problem) -> the error code, whether to retry, and a phrase of the message.
+    fn check_rest(status: u16, p: Problem, code: ErrorCode, retry: bool, said: &str) {
+        let (error, again) = rest_error("creating pod x", status, &p);
+        assert_eq!((error.code, again), (code, retry), "{status} {p:?}");
+        assert!(error.message.contains(said), "{status}: {}", error.message);
+    }
+
+    #[test]
+    fn rest_problems_become_errors_that_say_what_to_do() {
+        check_rest(
+            401,
+            problem("", &[]),
+            ErrorCode::BadInput,
+            false,
+            "refused the API key",
+        );
+        check_rest(
+            402,
+            problem("Insufficient balance", &[]),
+            ErrorCode::Conflict,
+            false,
+            "Insufficient balance",
+        );
+        check_rest(
+            403,
+            problem("no access", &[]),
+            ErrorCode::Conflict,
+            false,
+            "no access",
+        );
+        check_rest(
+            404,
+            problem("pod not found", &[]),
+            ErrorCode::NotFound,
+            false,
+            "pod not found",
+        );
+        check_rest(
+            409,
+            problem("pod is locked", &[]),
+            ErrorCode::Conflict,
+            false,
+            "locked",
+        );
+        check_rest(
+            422,
+            problem("invalid body", &["gpu.count: must be >= 1"]),
+            ErrorCode::BadInput,
+            false,
+            "gpu.count",
+        );
+        check_rest(
+            400,
+            problem("no capacity for this GPU", &[]),
+            ErrorCode::Conflict,
+            false,
+            "no capacity",
+        );
+        check_rest(
+            429,
+            problem("", &[]),
+            ErrorCode::Conflict,
+            true,
+            "rate limited",
+        );
+        check_rest(
+            503,
+            problem("upstream", &[]),
+            ErrorCode::Internal,
+            true,
+            "upstream",
+        );
+        check_rest(
+            500,
+            Problem::default(),
+            ErrorCode::Internal,
+            true,
+            "HTTP 500",
+        );
+        check_rest(
+            418,
+            problem("teapot", &[]),
+            ErrorCode::Internal,
+            false,
+            "teapot",
+        );
+    }
+
+    #[test]
+    fn graphql_errors_are_read_from_a_200() {
+        let check = |messages: &[&str], code: ErrorCode, said: &str| {
+            let messages: Vec<String> = messages.iter().map(|m| m.to_string()).collect();
+            let error = graphql_error("renting a spot pod", &messages);
+            assert_eq!(error.code, code, "{messages:?}");
+            assert!(error.message.contains(said), "{}", error.message);
+        };
+        check(
+            &[
+                "There are no longer any instances available with the requested specifications. Please refresh and try again.",
+            ],
+            ErrorCode::Conflict,
+            "no capacity",
+        );
+        check(
+            &["Your bid price is below the minimum bid price of 0.5"],
+            ErrorCode::BadInput,
+            "minimum bid",
+        );
+        check(
+            &["Unauthorized"],
+            ErrorCode::BadInput,
+            "refused the API key",
+        );
+        check(&["Something broke"], ErrorCode::Internal, "Something broke");
+        check(&[], ErrorCode::Internal, "no message");
+    }
+
+    fn gpu(id: &str, name: &str) -> GpuType {
+        GpuType {
+            id: id.into(),
+            name: name.into(),
+            memory: 80,
+            secure: true,
+            community: true,
+            price: super::super::GpuPrice {
+                secure: 1.5,
+                community: 1.2,
+            },
+            max_count: super::super::GpuCount {
+                secure: 8,
+                community: 4,
+            },
+        }
+    }
+
+    #[test]
+    fn a_gpu_is_found_by_id_or_name_else_the_nearest_are_named() {
+        let catalog = [
+            gpu("NVIDIA A100 80GB PCIe", "A100 PCIe"),
+            gpu("NVIDIA H100 80GB HBM3", "H100 SXM"),
+            gpu("NVIDIA GeForce RTX 4090", "RTX 4090"),
+        ];
+        let check = |wanted: &str, expected: Result<&str, &str>| match (
+            find_gpu(&catalog, wanted),
+            expected,
+        ) {
+            (Ok(g), Ok(id)) => assert_eq!(g.id, id),
+            (Err(e), Err(near)) => {
+                assert!(
+                    e.message.contains("is not a RunPod GPU type"),
+                    "{}",
+                    e.message
+                );
+                assert!(e.to_resolve[0].contains(near), "{:?}", e.to_resolve);
+            }
+            (got, expected) => panic!("{wanted}: {got:?}, not {expected:?}"),
+        };
+        check("NVIDIA A100 80GB PCIe", Ok("NVIDIA A100 80GB PCIe"));
+        check("nvidia a100 80gb pcie", Ok("NVIDIA A100 80GB PCIe"));
+        check("RTX 4090", Ok("NVIDIA GeForce RTX 4090"));
+        check("NVIDIA A100 80GB", Err("\"NVIDIA A100 80GB PCIe\""));
+        check("H100", Err("\"NVIDIA H100 80GB HBM3\""));
+        assert!(find_gpu(&[], "A100").is_err());
+    }
+
+    #[test]
+    fn a_spot_bid_is_the_pods_maximum_shared_by_its_gpus() {
+        let check = |max: f64, gpus: u32, minimum: Option<f64>, expected: Option<f64>| {
+            let got = bid_per_gpu(max, gpus, minimum).ok();
+            assert_eq!(got, expected, "{max} for {gpus} GPUs, minimum {minimum:?}");
+        };
+        check(2.0, 1, None, Some(2.0));
+        check(2.0, 4, Some(0.3), Some(0.5));
+        check(1.0, 4, Some(0.3), None);
+        check(1.2, 4, Some(0.3), Some(0.3));
+        check(0.0, 1, None, None);
+        check(f64::NAN, 1, None, None);
+        check(1.0, 0, None, None);
+    }
+}
