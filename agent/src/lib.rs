@@ -27,6 +27,7 @@ pub mod setup;
 pub mod spot;
 pub mod stats;
 pub mod store;
+pub mod supervise;
 pub mod supervisor;
 pub mod tree;
 pub mod usage;

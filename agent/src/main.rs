@@ -11,13 +11,22 @@ use clap::Parser;
 #[derive(Debug, Parser)]
 #[command(
     version,
-    after_long_help = "Examples:\n  runctl-agent --config /etc/runctl/agent.toml\n  RUNCTL_AGENT_CONFIG=./agent.toml runctl-agent"
+    after_long_help = "Examples:\n  runctl-agent --config /etc/runctl/agent.toml\n  runctl-agent --supervise --config /workspace/runctl/agent.toml\n  RUNCTL_AGENT_CONFIG=./agent.toml runctl-agent"
 )]
 struct Args {
     /// The agent's config file (TOML: instance, controller endpoints, CA fingerprint,
     /// enrollment token, state dir), written by the controller.
     #[arg(long, env = "RUNCTL_AGENT_CONFIG", value_name = "PATH")]
     config: PathBuf,
+
+    /// Run the agent as a child and keep it running: start it again when it crashes
+    /// (backing off from 1 s to 30 s), forward SIGTERM, SIGINT and SIGHUP to it, and reap
+    /// orphaned processes. For a container's first process (a RunPod pod's start
+    /// command), where nothing else restarts the agent. Exits with the agent's status
+    /// when it ends by itself (shut down, powered off, interrupted) or cannot start (an
+    /// invalid config, a refused enrollment).
+    #[arg(long)]
+    supervise: bool,
 }
 
 fn main() -> ExitCode {
@@ -30,6 +39,9 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    if args.supervise {
+        return supervise(&args.config);
+    }
     let config = match agent::AgentConfig::load(&args.config) {
         Ok(config) => config,
         Err(e) => {
@@ -52,6 +64,34 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::from(3)
+        }
+    }
+}
+
+/// Runs the agent under `agent::supervise` and exits with the status it decides.
+fn supervise(config: &std::path::Path) -> ExitCode {
+    let exe = match std::env::current_exe() {
+        Ok(exe) => exe,
+        Err(e) => {
+            eprintln!("error: cannot find this executable to supervise it: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(agent::supervise::run(&exe, config)) {
+        Ok(status) => ExitCode::from(u8::try_from(status).unwrap_or(1)),
+        Err(e) => {
+            eprintln!("error: supervising the agent: {e:#}");
+            ExitCode::FAILURE
         }
     }
 }

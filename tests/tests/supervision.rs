@@ -692,3 +692,102 @@ fn as_pid_1_the_agent_reaps_orphaned_processes() {
     let _ = unshare.kill();
     let _ = unshare.wait();
 }
+
+/// The live (not zombie) child of `parent`, if it has one.
+fn child_of(parent: u32) -> Option<u32> {
+    procstat::pids()
+        .into_iter()
+        .find(|pid| ProcStat::of(*pid).is_some_and(|stat| stat.ppid == parent && stat.state != 'Z'))
+}
+
+/// How many times the agents logging to `log` have connected to the controller.
+fn connections(log: &Path) -> usize {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .matches("connected to the controller via")
+        .count()
+}
+
+#[test]
+fn a_supervised_agent_is_started_again_after_a_crash_and_stops_with_its_supervisor() {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    let home = Home::new();
+    let launched = home.json(&["launch", "--provider", "local"]);
+    let name = launched["instance"]["name"]
+        .as_str()
+        .expect("name")
+        .to_owned();
+    home.kill_agent();
+    let config = home.path().join(format!("local/{name}/agent.toml"));
+    let log = home.path().join("supervisor.log");
+    let mut supervisor = Command::new(tests::bin("runctl-agent"))
+        .arg("--supervise")
+        .arg("--config")
+        .arg(&config)
+        .stderr(std::fs::File::create(&log).expect("log file"))
+        .spawn()
+        .expect("start the supervisor");
+    let sup = supervisor.id();
+    home.wait_until(
+        "the supervised agent to connect",
+        Duration::from_secs(30),
+        || connections(&log) == 1,
+    );
+    let first = child_of(sup).expect("the agent runs as the supervisor's child");
+
+    // A crash (SIGKILL, as the OOM killer would): the supervisor starts it again.
+    kill(Pid::from_raw(first as i32), Signal::SIGKILL).expect("kill the agent");
+    home.wait_until(
+        "the restarted agent to connect",
+        Duration::from_secs(30),
+        || connections(&log) == 2,
+    );
+    let second = child_of(sup).expect("the agent");
+    assert_ne!(second, first, "a new agent process");
+    let out = home.run(&["run", "--on", &name, "--", "echo", "after the crash"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("after the crash"), "{}", stdout(&out));
+
+    // SIGTERM reaches the agent, which stops; so does the supervisor, with its status.
+    kill(Pid::from_raw(sup as i32), Signal::SIGTERM).expect("stop the supervisor");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = supervisor.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the supervisor did not exit");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(status.code(), Some(0), "the agent ended by choice");
+    assert!(
+        kill(Pid::from_raw(second as i32), None).is_err()
+            || ProcStat::of(second).is_none_or(|s| s.state == 'Z'),
+        "the agent is gone with its supervisor"
+    );
+}
+
+#[test]
+fn a_supervised_agent_that_cannot_start_is_not_started_again() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("supervisor.log");
+    let started = Instant::now();
+    let status = Command::new(tests::bin("runctl-agent"))
+        .arg("--supervise")
+        .arg("--config")
+        .arg(dir.path().join("no-such-config.toml"))
+        .stderr(std::fs::File::create(&log).expect("log file"))
+        .status()
+        .expect("run the supervisor");
+    let text = std::fs::read_to_string(&log).expect("log");
+    assert_eq!(status.code(), Some(2), "the agent's own status: {text}");
+    assert_eq!(
+        text.matches("supervisor: agent started").count(),
+        1,
+        "{text}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "no backoff for a final error"
+    );
+}
