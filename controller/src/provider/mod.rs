@@ -18,6 +18,25 @@ pub fn say(progress: &Progress, line: impl Into<String>) {
     let _ = progress.send(line.into());
 }
 
+/// Checks what an install script is given to download a static binary: the URL sits in
+/// single quotes in a shell script (a presigned URL never holds a quote, whitespace or a
+/// control character, and the check keeps that an invariant rather than a hope), and the
+/// SHA-256 is 64 hex digits.
+pub fn check_download(binary: &str, url: &str, sha256: &str) -> Result<(), String> {
+    if url
+        .bytes()
+        .any(|b| b == b'\'' || b.is_ascii_whitespace() || b.is_ascii_control())
+    {
+        return Err(format!(
+            "the {binary} URL holds a quote, a space or a control character"
+        ));
+    }
+    if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(format!("the {binary} SHA-256 is not 64 hex digits"));
+    }
+    Ok(())
+}
+
 /// `12.3s`, for phase lines.
 pub fn seconds(elapsed: std::time::Duration) -> String {
     format!("{:.1}s", elapsed.as_secs_f64())

@@ -40,19 +40,7 @@ pub struct RelayParams<'a> {
 
 /// The install script for `binary`, or why it cannot be written.
 fn install_script(binary: &str, url: &str, sha256: &str) -> Result<String, String> {
-    // The URL sits in single quotes in a shell script; a presigned URL never holds one,
-    // nor whitespace, but the check keeps that an invariant rather than a hope.
-    if url
-        .bytes()
-        .any(|b| b == b'\'' || b.is_ascii_whitespace() || b.is_ascii_control())
-    {
-        return Err(format!(
-            "the {binary} URL holds a quote, a space or a control character"
-        ));
-    }
-    if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(format!("the {binary} SHA-256 is not 64 hex digits"));
-    }
+    crate::provider::check_download(binary, url, sha256)?;
     Ok(INSTALL
         .replace("{{binary}}", binary)
         .replace("{{url}}", url)

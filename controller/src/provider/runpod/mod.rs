@@ -8,6 +8,7 @@
 //! a run spec; `ApiKey`'s `Debug` redacts it.
 
 pub mod plan;
+pub mod start;
 
 use std::collections::BTreeMap;
 use std::path::Path;

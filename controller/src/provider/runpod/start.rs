@@ -1,0 +1,121 @@
+//! A pod's start command (`args` of the create call): `cloud-init/pod-start.sh` rendered
+//! with the agent's presigned URL, its SHA-256 and the agent's config, as one `sh -c`
+//! word. RunPod splits `args` into words as a POSIX shell would, so the script is
+//! single-quoted, each quote inside it written `'\''`.
+
+use protocol::agent_config::AgentConfigFile;
+
+const TEMPLATE: &str = include_str!("../../../../cloud-init/pod-start.sh");
+
+/// The heredoc delimiter the config is written between; it must not occur in the config.
+const CONFIG_END: &str = "RUNCTL_CONFIG_END";
+
+/// What the start command needs.
+#[derive(Debug)]
+pub struct Params<'a> {
+    pub config: &'a AgentConfigFile,
+    /// A presigned GET URL for the static agent, and its SHA-256.
+    pub agent_url: &'a str,
+    pub agent_sha256: &'a str,
+}
+
+/// The script itself (what `sh -c` runs), or why it cannot be written.
+pub fn script(params: &Params<'_>) -> Result<String, String> {
+    crate::provider::check_download("runctl-agent", params.agent_url, params.agent_sha256)?;
+    let config = toml::to_string(params.config).map_err(|e| e.to_string())?;
+    if config.lines().any(|line| line.trim() == CONFIG_END) {
+        return Err(format!("the agent config holds the line {CONFIG_END}"));
+    }
+    Ok(TEMPLATE
+        .replace("{{url}}", params.agent_url)
+        .replace("{{sha256}}", params.agent_sha256)
+        .replace("{{config}}", config.trim_end()))
+}
+
+/// The start command: `sh -c '<script>'`.
+pub fn render(params: &Params<'_>) -> Result<String, String> {
+    Ok(format!("sh -c {}", quote(&script(params)?)))
+}
+
+/// One POSIX shell word holding `text` exactly.
+fn quote(text: &str) -> String {
+    format!("'{}'", text.replace('\'', r"'\''"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> AgentConfigFile {
+        AgentConfigFile {
+            instance: "runpod-3fa9c1".parse().expect("name"),
+            controller: vec!["tcp://203.0.113.7:7443".parse().expect("valid")],
+            ca_sha256: "ab".repeat(32).parse().expect("fingerprint"),
+            token: protocol::EnrollToken::from_random([7; 32]),
+            state_dir: "state".into(),
+            stats_interval_ms: None,
+            nvidia_smi: None,
+            idle_timeout_secs: Some(3600),
+            poweroff_command: None,
+            metadata_endpoint: None,
+            log_max_bytes: None,
+            keep_runs: None,
+            disk_budget: None,
+            min_free: None,
+            keep_local_checkpoints: None,
+        }
+    }
+
+    #[test]
+    fn the_start_command_is_one_word_that_a_shell_splits_back_into_the_script() {
+        let config = config();
+        let params = Params {
+            config: &config,
+            agent_url: "https://bucket.s3.amazonaws.com/agent/abc/runctl-agent?X-Amz-Signature=1",
+            agent_sha256: &"c".repeat(64),
+        };
+        let script = script(&params).expect("script");
+        assert!(script.contains(
+            "url='https://bucket.s3.amazonaws.com/agent/abc/runctl-agent?X-Amz-Signature=1'"
+        ));
+        assert!(script.contains(&format!("sha256='{}'", "c".repeat(64))));
+        assert!(script.contains("instance = \"runpod-3fa9c1\""), "{script}");
+        assert!(!script.contains("{{"), "every placeholder is filled");
+        let command = render(&params).expect("command");
+        // What `sh` makes of it: `sh`, `-c` and the script, byte for byte.
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("printf '%s\\0' {command}"))
+            .output()
+            .expect("sh");
+        let words: Vec<&[u8]> = out
+            .stdout
+            .split(|b| *b == 0)
+            .filter(|w| !w.is_empty())
+            .collect();
+        assert_eq!(words.len(), 3, "{command}");
+        assert_eq!(words[0], b"sh");
+        assert_eq!(words[1], b"-c");
+        assert_eq!(words[2], script.as_bytes());
+    }
+
+    #[test]
+    fn a_url_or_hash_that_could_break_the_script_is_refused() {
+        let config = config();
+        let sha = "c".repeat(64);
+        for (url, sha256) in [
+            ("https://x/a'b", sha.as_str()),
+            ("https://x/a b", sha.as_str()),
+            ("https://x/a\nb", sha.as_str()),
+            ("https://x/a", "abc"),
+            ("https://x/a", &"g".repeat(64)),
+        ] {
+            let params = Params {
+                config: &config,
+                agent_url: url,
+                agent_sha256: sha256,
+            };
+            assert!(render(&params).is_err(), "{url:?} {sha256:?}");
+        }
+    }
+}
