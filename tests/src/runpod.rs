@@ -13,13 +13,18 @@ pub const KEY: &str = "rpa_TESTKEY0123456789";
 pub struct RunPodDouble {
     child: Child,
     pub port: u16,
+    /// Where the pods' containers run (`DIR/POD_ID`).
+    pub dir: tempfile::TempDir,
 }
 
 impl RunPodDouble {
     pub fn start() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
         let mut child = Command::new("python3")
             .arg(fixture("runpod_double.py"))
             .arg(KEY)
+            .arg("--dir")
+            .arg(dir.path())
             .stdout(Stdio::piped())
             .spawn()
             .expect("start the RunPod double");
@@ -28,7 +33,7 @@ impl RunPodDouble {
             .read_line(&mut line)
             .expect("port line");
         let port = line.trim().parse().expect("a port");
-        RunPodDouble { child, port }
+        RunPodDouble { child, port, dir }
     }
 
     /// The REST base URL (without `/v2`).
@@ -51,6 +56,13 @@ impl RunPodDouble {
         body["pods"].as_array().cloned().unwrap_or_default()
     }
 
+    /// Interrupts an interruptible pod, as an outbid spot pod is.
+    pub fn interrupt(&self, id: &str) {
+        ureq::post(format!("{}/_double/pods/{id}/interrupt", self.api()))
+            .send_empty()
+            .expect("the double answers");
+    }
+
     /// Sets how many more pods of `gpu` can be had.
     pub fn set_stock(&self, gpu: &str, count: u32) {
         ureq::post(format!("{}/_double/stock", self.api()))
@@ -60,8 +72,12 @@ impl RunPodDouble {
 }
 
 impl Drop for RunPodDouble {
+    /// SIGTERM: the double kills its pods' containers before it exits.
     fn drop(&mut self) {
-        let _ = self.child.kill();
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
         let _ = self.child.wait();
     }
 }

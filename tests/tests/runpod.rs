@@ -188,3 +188,142 @@ async fn refusals_say_what_to_do_and_leave_nothing_behind() {
     assert_eq!(pods[0]["interruptible"], true);
     assert_eq!(pods[0]["rate"], 0.5);
 }
+
+/// Waits until `path` exists and holds `text`.
+fn wait_for_file(path: &std::path::Path, text: &str, bound: Duration) -> String {
+    let deadline = Instant::now() + bound;
+    loop {
+        let now = std::fs::read_to_string(path).unwrap_or_default();
+        if now.contains(text) {
+            return now;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} never held {text:?}: {now:?}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A container that records its RunPod variables and each SIGTERM in its home, and
+/// ignores SIGTERM when `stubborn`.
+fn recorder(stubborn: bool) -> String {
+    let on_term = if stubborn {
+        "echo TERM >> signals"
+    } else {
+        "echo TERM >> signals; exit 0"
+    };
+    format!(
+        "sh -c 'echo $$ > pid; echo \"$RUNPOD_POD_ID $RUNPOD_API_KEY $RUNCTL_POD_ROOT\" > vars; echo started >> starts; trap \"{on_term}\" TERM; while :; do sleep 0.1; done'"
+    )
+}
+
+#[tokio::test]
+async fn a_pods_container_runs_its_start_command_and_gets_signals_as_runpod_sends_them() {
+    let double = RunPodDouble::start();
+    let api = client(&double, KEY);
+    let mut spec = pod("runctl-runpod-ffffff", A100, 1);
+    spec.args = recorder(false);
+    let created = api.create_pod(&spec).await.expect("created");
+    let home = double.dir.path().join(&created.id);
+    let vars = wait_for_file(&home.join("vars"), &created.id, Duration::from_secs(10));
+    let words: Vec<&str> = vars.split_whitespace().collect();
+    assert_eq!(words[0], created.id);
+    assert!(words[1].starts_with("rpa_POD"), "a pod-scoped key: {vars}");
+    assert!(words[2].ends_with("workspace/runctl"), "{vars}");
+
+    // The pod's own key reaches its pod, and no other.
+    let pod_key = client(&double, words[1]);
+    assert_eq!(
+        pod_key
+            .pod(&created.id)
+            .await
+            .expect("own pod")
+            .map(|p| p.id),
+        Some(created.id.clone())
+    );
+    let other = api
+        .create_pod(&pod("runctl-runpod-gggggg", A100, 1))
+        .await
+        .expect("another");
+    let e = pod_key
+        .action(&other.id, PodAction::Stop)
+        .await
+        .expect_err("another pod");
+    assert_eq!(e.code, ErrorCode::Conflict, "{}", e.message);
+    assert!(
+        pod_key.pods().await.is_err(),
+        "the pod key cannot list the account's pods"
+    );
+
+    // A stop is SIGTERM to the container; a start runs the start command again.
+    api.action(&created.id, PodAction::Stop)
+        .await
+        .expect("stop");
+    wait_for_file(&home.join("signals"), "TERM", Duration::from_secs(5));
+    api.action(&created.id, PodAction::Start)
+        .await
+        .expect("start");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::fs::read_to_string(home.join("starts"))
+        .unwrap_or_default()
+        .lines()
+        .count()
+        < 2
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the start command did not run again"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // An outbid interruptible pod: SIGTERM, SIGKILL 5 s later, the pod stopped.
+    let mut rented = RentInterruptible {
+        name: "runctl-runpod-hhhhhh".into(),
+        image: "runpod/base:1.0.0".into(),
+        args: recorder(true),
+        gpu: GpuConfig {
+            id: A100.into(),
+            count: 1,
+        },
+        bid_per_gpu: 1.0,
+        disk: None,
+        data_center: None,
+        network_volume: None,
+        volume_path: "/workspace".into(),
+        volume_gb: Some(20),
+        env: Default::default(),
+    };
+    rented.env.insert("RUNCTL_TEST".into(), "1".into());
+    let spot = api.rent_interruptible(&rented).await.expect("rented");
+    let spot_home = double.dir.path().join(&spot);
+    wait_for_file(&spot_home.join("vars"), &spot, Duration::from_secs(10));
+    let interrupted = Instant::now();
+    double.interrupt(&spot);
+    wait_for_file(&spot_home.join("signals"), "TERM", Duration::from_secs(2));
+    wait_for(&api, &spot, PodStatus::Exited).await;
+    // The stubborn container is killed 5 s after the SIGTERM it ignored.
+    let pid: i32 = std::fs::read_to_string(spot_home.join("pid"))
+        .expect("pid")
+        .trim()
+        .parse()
+        .expect("a pid");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+        && std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|stat| !stat.contains(") Z "))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the interrupted container was never killed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        interrupted.elapsed() >= Duration::from_secs(5),
+        "SIGKILL came {:?} after SIGTERM",
+        interrupted.elapsed()
+    );
+}
