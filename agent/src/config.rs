@@ -22,6 +22,7 @@ pub struct AgentConfig {
     pub nvidia_smi: PathBuf,
     pub idle_timeout: Option<Duration>,
     pub poweroff_command: Option<Vec<String>>,
+    pub pod_api: Option<String>,
     pub metadata_endpoint: Option<String>,
     pub log_max_bytes: u64,
     pub disk: crate::workspace::DiskLimits,
@@ -54,6 +55,14 @@ impl AgentConfig {
                 "`poweroff_command` is empty; give a program and its arguments, e.g. [\"systemctl\", \"poweroff\"]"
             );
         }
+        if let Some(api) = &file.pod_api
+            && !(api.starts_with("https://") || api.starts_with("http://"))
+        {
+            bail!("`pod_api` {api:?} is not an http(s):// URL (e.g. \"https://api.runpod.io\")");
+        }
+        if file.pod_api.is_some() && file.poweroff_command.is_some() {
+            bail!("`pod_api` and `poweroff_command` both say how to power off; give one");
+        }
         if let Some(endpoint) = &file.metadata_endpoint
             && !endpoint.starts_with("http://")
         {
@@ -66,6 +75,7 @@ impl AgentConfig {
             nvidia_smi: file.nvidia_smi.unwrap_or_else(|| "nvidia-smi".into()),
             idle_timeout: file.idle_timeout_secs.map(Duration::from_secs),
             poweroff_command: file.poweroff_command,
+            pod_api: file.pod_api,
             metadata_endpoint: file.metadata_endpoint,
             log_max_bytes: file
                 .log_max_bytes

@@ -16,6 +16,7 @@ pub mod gpu;
 pub mod identity;
 pub mod lifecycle;
 pub mod lines;
+pub mod pod;
 pub mod procstat;
 pub mod prune;
 pub mod pusher;
@@ -133,7 +134,10 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
                     continue;
                 }
                 runs.wait_delivered(&run, DELIVERY_BOUND).await;
-                break lifecycle::Reason::RunEnded(format!("run {run} ended, end action {action:?}"));
+                break lifecycle::Reason::RunEnded {
+                    detail: format!("run {run} ended, end action {action:?}"),
+                    stop: action == EndAction::Stop,
+                };
             }
             _ = idle_tick.tick(), if idle.is_some() => {
                 let busy = runs.active() > 0 || connected.load(Ordering::SeqCst);
@@ -148,7 +152,13 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
     // Close the session cleanly: the controller sees the agent go at once.
     closing_tx.send_replace(true);
     let _ = tokio::time::timeout(Duration::from_secs(3), &mut sessions).await;
-    if let Err(e) = lifecycle::power_off(config.poweroff_command.as_deref(), &reason).await {
+    if let Err(e) = lifecycle::power_off(
+        config.poweroff_command.as_deref(),
+        config.pod_api.as_deref(),
+        &reason,
+    )
+    .await
+    {
         tracing::error!("{e}");
     }
     background.shutdown().await;

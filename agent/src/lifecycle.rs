@@ -35,8 +35,8 @@ impl Idle {
 /// Why the agent powers off.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reason {
-    /// A run ended with end action stop or terminate.
-    RunEnded(String),
+    /// A run ended with end action stop or terminate (`stop`: the instance is to be kept).
+    RunEnded { detail: String, stop: bool },
     /// No run and no controller for the idle timeout.
     Idle(Duration),
 }
@@ -44,7 +44,7 @@ pub enum Reason {
 impl std::fmt::Display for Reason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Reason::RunEnded(detail) => write!(f, "{detail}"),
+            Reason::RunEnded { detail, .. } => write!(f, "{detail}"),
             Reason::Idle(timeout) => write!(
                 f,
                 "no run and no controller for {}",
@@ -54,8 +54,27 @@ impl std::fmt::Display for Reason {
     }
 }
 
-/// Runs the power-off command; `Ok` when it ran and succeeded (or there is none).
-pub async fn power_off(command: Option<&[String]>, reason: &Reason) -> Result<(), String> {
+/// What a pod asks RunPod for when it powers off: `stop` (its volume kept) for a run
+/// that asked for it, else `terminate` (as an EC2 instance terminates when it powers off).
+pub fn pod_action(reason: &Reason) -> &'static str {
+    match reason {
+        Reason::RunEnded { stop: true, .. } => "stop",
+        Reason::RunEnded { stop: false, .. } | Reason::Idle(_) => "terminate",
+    }
+}
+
+/// Powers off: through RunPod's API for a pod (`pod_api`), else by running the
+/// power-off command; `Ok` when that succeeded (or there is neither: the agent exits).
+pub async fn power_off(
+    command: Option<&[String]>,
+    pod_api: Option<&str>,
+    reason: &Reason,
+) -> Result<(), String> {
+    if let Some(api) = pod_api {
+        let action = pod_action(reason);
+        tracing::warn!("powering off ({reason}): asking RunPod to {action} this pod");
+        return crate::pod::act(api, action).await;
+    }
     let Some((program, args)) = command.and_then(|c| c.split_first()) else {
         tracing::warn!("powering off ({reason}): no power-off command, so the agent exits");
         return Ok(());
@@ -81,6 +100,20 @@ pub async fn power_off(command: Option<&[String]>, reason: &Reason) -> Result<()
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pod_is_stopped_only_when_its_run_asked() {
+        let ended = |stop| Reason::RunEnded {
+            detail: "run ended".into(),
+            stop,
+        };
+        assert_eq!(pod_action(&ended(true)), "stop");
+        assert_eq!(pod_action(&ended(false)), "terminate");
+        assert_eq!(
+            pod_action(&Reason::Idle(Duration::from_secs(60))),
+            "terminate"
+        );
+    }
 
     #[test]
     fn idle_needs_the_whole_timeout_uninterrupted() {

@@ -7,6 +7,7 @@ use protocol::{EndAction, InstanceName, RestartPolicy, RunId};
 
 use crate::error::{ErrorCode, UserError};
 use crate::provider::ec2::Ec2Launch;
+use crate::provider::runpod::RunpodLaunch;
 use crate::provider::{LaunchOptions, ProviderKind};
 use crate::report::Format;
 
@@ -300,6 +301,9 @@ pub struct RunArgs {
     #[command(flatten)]
     pub ec2: Ec2Args,
 
+    #[command(flatten)]
+    pub runpod: RunpodArgs,
+
     /// The directory to start the command in. The project holding it (its git root, else
     /// the directory itself) is synced, honouring .gitignore and .runctlignore.
     #[arg(long, value_name = "DIR", default_value = ".")]
@@ -506,6 +510,52 @@ pub struct LaunchArgs {
 
     #[command(flatten)]
     pub ec2: Ec2Args,
+
+    #[command(flatten)]
+    pub runpod: RunpodArgs,
+}
+
+/// RunPod launch options, shared by `launch` and `run` (with --spot and --max-price).
+#[derive(Debug, Clone, Args)]
+pub struct RunpodArgs {
+    /// For --provider runpod: the GPU type, by RunPod's id or name, e.g. "NVIDIA A100
+    /// 80GB PCIe" (checked against RunPod's catalog; near names are suggested).
+    #[arg(long, value_name = "GPU")]
+    pub gpu: Option<String>,
+
+    /// For --provider runpod: how many GPUs the pod has (default 1).
+    #[arg(long, value_name = "N", requires = "gpu")]
+    pub gpus: Option<u32>,
+
+    /// For --provider runpod: the image (default: [runpod] image). It needs sh and one of
+    /// curl, wget or python3, and an entrypoint that runs its arguments.
+    #[arg(long, value_name = "IMAGE", requires = "gpu")]
+    pub image: Option<String>,
+
+    /// For --provider runpod: the data center, e.g. US-TX-3 (default: [runpod]
+    /// datacenter, else RunPod's choice).
+    #[arg(long, value_name = "ID", requires = "gpu")]
+    pub datacenter: Option<String>,
+
+    /// For --provider runpod: the container disk in GB (default: [runpod] disk_gb).
+    #[arg(long, value_name = "GB", requires = "gpu")]
+    pub disk: Option<u32>,
+
+    /// For --provider runpod: a network volume (its id) mounted at /workspace instead of
+    /// the pod's own volume.
+    #[arg(long, value_name = "VOLUME_ID", requires = "gpu")]
+    pub volume: Option<String>,
+}
+
+impl RunpodArgs {
+    pub fn any(&self) -> bool {
+        self.gpu.is_some()
+            || self.gpus.is_some()
+            || self.image.is_some()
+            || self.datacenter.is_some()
+            || self.disk.is_some()
+            || self.volume.is_some()
+    }
 }
 
 /// EC2 launch options, shared by `launch` and `run`.
@@ -515,12 +565,13 @@ pub struct Ec2Args {
     #[arg(long, value_name = "ami-ID", value_parser = parse_ami)]
     pub ami: Option<String>,
 
-    /// Launch as a spot instance (a one-time request; interruptions reach the run as
-    /// --spot-signal).
+    /// Launch as a spot instance (EC2: a one-time request; RunPod: an interruptible pod);
+    /// interruptions reach the run as --spot-signal.
     #[arg(long)]
     pub spot: bool,
 
-    /// The most to pay per hour for spot, in dollars (default: the on-demand price).
+    /// The most to pay per hour for spot, in dollars, for the whole instance (default: the
+    /// on-demand price; on RunPod it becomes the bid per GPU).
     #[arg(long, value_name = "DOLLARS", requires = "spot", value_parser = parse_price)]
     pub max_price: Option<f64>,
 
@@ -547,7 +598,7 @@ pub struct Ec2Args {
 }
 
 impl Ec2Args {
-    fn any(&self) -> bool {
+    pub fn any(&self) -> bool {
         self.ami.is_some()
             || self.spot
             || self.max_price.is_some()
@@ -560,19 +611,32 @@ impl Ec2Args {
 }
 
 /// The launch options `--provider` and its flags ask for; refuses flags of another
-/// provider, and an EC2 launch without an instance type.
+/// provider, an EC2 launch without an instance type and a RunPod one without a GPU.
 pub fn launch_options(
     provider: ProviderKind,
     instance_type: Option<String>,
     ec2: &Ec2Args,
+    runpod: &RunpodArgs,
 ) -> Result<LaunchOptions, UserError> {
+    let ec2_only = instance_type.is_some()
+        || ec2.ami.is_some()
+        || ec2.spot_fallback
+        || ec2.instance_profile.is_some()
+        || ec2.volume_size.is_some()
+        || ec2.volume_snapshot.is_some()
+        || ec2.keep_volume;
     match provider {
-        ProviderKind::Local if instance_type.is_some() || ec2.any() => Err(UserError::new(
+        ProviderKind::Local if ec2_only || ec2.any() || runpod.any() => Err(UserError::new(
             ErrorCode::BadInput,
-            "EC2 options (instance type, --spot, --ami, ...) apply to --provider ec2",
+            "cloud options (an instance type, --gpu, --spot, --ami, ...) apply to --provider ec2 or runpod",
         )
-        .resolve("add --provider ec2, or leave the EC2 options out")),
+        .resolve("add --provider ec2 or --provider runpod, or leave the cloud options out")),
         ProviderKind::Local => Ok(LaunchOptions::Local),
+        ProviderKind::Ec2 if runpod.any() => Err(UserError::new(
+            ErrorCode::BadInput,
+            "--gpu, --gpus, --image, --datacenter, --disk and --volume apply to --provider runpod",
+        )
+        .resolve("an EC2 instance's GPUs come with its instance type, e.g. g5.xlarge")),
         ProviderKind::Ec2 => {
             let Some(instance_type) = instance_type else {
                 return Err(UserError::new(
@@ -592,6 +656,27 @@ pub fn launch_options(
                 volume_snapshot: ec2.volume_snapshot.clone(),
                 keep_volume: ec2.keep_volume,
                 project: None,
+            })))
+        }
+        ProviderKind::Runpod if ec2_only => Err(UserError::new(
+            ErrorCode::BadInput,
+            "instance types, --ami, --spot-fallback, --instance-profile and --volume-size/--volume-snapshot/--keep-volume apply to --provider ec2",
+        )
+        .resolve("a pod is named by its GPU: --gpu \"NVIDIA A100 80GB PCIe\" [--gpus N]")),
+        ProviderKind::Runpod => {
+            let Some(gpu) = runpod.gpu.clone() else {
+                return Err(UserError::new(ErrorCode::BadInput, "a RunPod launch needs --gpu")
+                    .resolve("e.g. runctl-controller launch --provider runpod --gpu \"NVIDIA A100 80GB PCIe\""));
+            };
+            Ok(LaunchOptions::Runpod(Box::new(RunpodLaunch {
+                gpu,
+                gpus: runpod.gpus.unwrap_or(1),
+                spot: ec2.spot,
+                max_price: ec2.max_price,
+                image: runpod.image.clone(),
+                datacenter: runpod.datacenter.clone(),
+                disk_gb: runpod.disk,
+                volume: runpod.volume.clone(),
             })))
         }
     }

@@ -94,7 +94,12 @@ fn run(cli: Cli, printer: Printer) -> anyhow::Result<u8> {
             }
             Command::Launch(args) => {
                 use std::io::IsTerminal;
-                let options = cli::launch_options(args.provider, args.instance_type, &args.ec2)?;
+                let options = cli::launch_options(
+                    args.provider,
+                    args.instance_type,
+                    &args.ec2,
+                    &args.runpod,
+                )?;
                 printer.progress(&format!("launching {}", options.kind().an_instance()));
                 let wait = args.wait || (!args.no_wait && std::io::stdout().is_terminal());
                 let request = Request::Launch {
@@ -473,6 +478,16 @@ struct Interrupt {
 }
 
 async fn run_command(home: &Home, printer: Printer, args: RunArgs) -> anyhow::Result<u8> {
+    if let Some(on) = &args.on
+        && (args.ec2.any() || args.runpod.any())
+    {
+        return Err(UserError::new(
+            ErrorCode::BadInput,
+            format!("launch options (--spot, --gpu, --ami, ...) do not apply to --on {on}: that instance exists already"),
+        )
+        .resolve("leave them out, or launch a new instance for the run: drop --on and add --provider")
+        .into());
+    }
     let project = crate::sync::root::resolve(&args.workdir, args.root.as_deref())?;
     let request = Request::Run(Box::new(RunRequest {
         root: project.root,
@@ -480,7 +495,7 @@ async fn run_command(home: &Home, printer: Printer, args: RunArgs) -> anyhow::Re
         argv: args.command,
         env: args.env,
         on: args.on,
-        launch: cli::launch_options(args.provider, args.instance_type, &args.ec2)?,
+        launch: cli::launch_options(args.provider, args.instance_type, &args.ec2, &args.runpod)?,
         keep: args.keep,
         detach: args.detach,
         setup: setup_from(&args.setup)?,

@@ -24,7 +24,137 @@ pub struct Config {
     #[serde(default)]
     pub relay: RelayConfig,
     #[serde(default)]
+    pub runpod: RunpodConfig,
+    #[serde(default)]
     pub agent: AgentDisk,
+}
+
+/// `[runpod]`: RunPod pods (`--provider runpod`). The API key comes from `RUNPOD_API_KEY`
+/// in the daemon's environment, else from `api_key_file`; never from this file itself.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunpodConfig {
+    /// A file whose first line is the API key (keep it owner-only).
+    pub api_key_file: Option<PathBuf>,
+    /// RunPod's REST API (v2 lives under it).
+    #[serde(default = "default_runpod_api")]
+    pub api_url: String,
+    /// RunPod's GraphQL endpoint, for interruptible pods.
+    #[serde(default = "default_runpod_graphql")]
+    pub graphql_url: String,
+    /// What pods' agents dial, `HOST:PORT` (pods reach it over TCP; many have no UDP).
+    pub controller_endpoint: Option<String>,
+    /// The image pods run (it needs `sh` and one of curl, wget or python3).
+    #[serde(default = "default_runpod_image")]
+    pub image: String,
+    /// The data center to place pods in (default: RunPod's choice).
+    pub datacenter: Option<String>,
+    /// Container disk in GB (wiped when the container restarts).
+    #[serde(default = "default_runpod_disk")]
+    pub disk_gb: u32,
+    /// The pod's volume at /workspace in GB, where the agent keeps its state.
+    #[serde(default = "default_runpod_volume")]
+    pub volume_gb: u32,
+    /// The static agent pods install (default: `runctl-agent` beside this executable).
+    pub agent_binary: Option<PathBuf>,
+    /// Where that binary is published for pods to download (default: `runctl/` in the
+    /// checkpoint bucket).
+    pub artifacts: Option<String>,
+    /// How long the agent's download URL stays valid.
+    #[serde(default = "default_presign_secs")]
+    pub presign_secs: u64,
+    /// How long a pod may take from creation to its agent's enrollment (images can be big).
+    #[serde(default = "default_runpod_enroll")]
+    pub enroll_timeout_secs: u64,
+    /// Refuse a launch while this many runctl pods run.
+    #[serde(default = "default_max_running")]
+    pub max_running: u32,
+    /// Terminate a pod after this long with no run and no controller (default: never).
+    pub idle_timeout_secs: Option<u64>,
+}
+
+fn default_runpod_api() -> String {
+    crate::provider::runpod::API_URL.into()
+}
+fn default_runpod_graphql() -> String {
+    crate::provider::runpod::GRAPHQL_URL.into()
+}
+fn default_runpod_image() -> String {
+    "runpod/pytorch:2.4.0-py3.11-cuda12.4.1-devel-ubuntu22.04".into()
+}
+fn default_runpod_disk() -> u32 {
+    20
+}
+fn default_runpod_volume() -> u32 {
+    20
+}
+fn default_runpod_enroll() -> u64 {
+    1200
+}
+
+impl Default for RunpodConfig {
+    fn default() -> Self {
+        RunpodConfig {
+            api_key_file: None,
+            api_url: default_runpod_api(),
+            graphql_url: default_runpod_graphql(),
+            controller_endpoint: None,
+            image: default_runpod_image(),
+            datacenter: None,
+            disk_gb: default_runpod_disk(),
+            volume_gb: default_runpod_volume(),
+            agent_binary: None,
+            artifacts: None,
+            presign_secs: default_presign_secs(),
+            enroll_timeout_secs: default_runpod_enroll(),
+            max_running: default_max_running(),
+            idle_timeout_secs: None,
+        }
+    }
+}
+
+impl RunpodConfig {
+    fn check(&self) -> Result<(), String> {
+        for (key, url) in [
+            ("api_url", &self.api_url),
+            ("graphql_url", &self.graphql_url),
+        ] {
+            if !(url.starts_with("https://") || url.starts_with("http://")) {
+                return Err(format!("[runpod] {key} {url:?} is not an http(s):// URL"));
+            }
+        }
+        if let Some(endpoint) = &self.controller_endpoint {
+            check_host_port("runpod", endpoint)?;
+        }
+        if let Some(url) = &self.artifacts {
+            storage::ObjectUrl::parse(url).map_err(|e| format!("[runpod] artifacts: {e}"))?;
+        }
+        if self.disk_gb == 0 {
+            return Err("[runpod] disk_gb must be at least 1".into());
+        }
+        if self.volume_gb < 10 {
+            return Err("[runpod] volume_gb must be at least 10 (RunPod's floor)".into());
+        }
+        if self.idle_timeout_secs == Some(0) {
+            return Err("[runpod] idle_timeout_secs must be at least 1".into());
+        }
+        if !(60..=7 * 24 * 3600).contains(&self.presign_secs) {
+            return Err("[runpod] presign_secs must be between 60 and 604800".into());
+        }
+        Ok(())
+    }
+}
+
+/// Checks `[SECTION] controller_endpoint` is `host:port`.
+fn check_host_port(section: &str, endpoint: &str) -> Result<(), String> {
+    match endpoint.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => {
+            Ok(())
+        }
+        _ => Err(format!(
+            "[{section}] controller_endpoint {endpoint:?} is not host:port"
+        )),
+    }
 }
 
 /// `[agent]`: how every agent keeps its disk, written into its config at launch (any
@@ -241,15 +371,7 @@ impl Ec2Config {
             storage::ObjectUrl::parse(url).map_err(|e| format!("[ec2] artifacts: {e}"))?;
         }
         if let Some(endpoint) = &self.controller_endpoint {
-            match endpoint.rsplit_once(':') {
-                Some((host, port))
-                    if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => {}
-                _ => {
-                    return Err(format!(
-                        "[ec2] controller_endpoint {endpoint:?} is not host:port"
-                    ));
-                }
-            }
+            check_host_port("ec2", endpoint)?;
         }
         if !(8..=16384).contains(&self.root_volume_gb) {
             return Err("[ec2] root_volume_gb must be between 8 and 16384".into());
@@ -507,6 +629,7 @@ impl Config {
         config.storage.check()?;
         config.ec2.check()?;
         config.relay.check()?;
+        config.runpod.check()?;
         Ok(config)
     }
 }

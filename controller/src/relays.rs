@@ -12,8 +12,9 @@ use crate::config::Config;
 use crate::error::{ErrorCode, UserError};
 use crate::home::Home;
 use crate::ipc::{Request, Response};
+use crate::provider::artifact;
 use crate::provider::ec2::relay::{self, MonthlyCost, RelayInstance, RelayPlan};
-use crate::provider::ec2::{Ec2, artifact, prices, userdata};
+use crate::provider::ec2::{Ec2, prices, userdata};
 use crate::report::{Printer, table};
 
 /// How long a new relay may take to be running with a public address.

@@ -39,6 +39,12 @@ pub struct AgentConfigFile {
     /// Without one, "powering off" ends the agent process (a local instance).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub poweroff_command: Option<Vec<String>>,
+    /// RunPod's REST API (e.g. `https://api.runpod.io`) for a pod's agent: powering off
+    /// asks it to stop or terminate this pod (`RUNPOD_POD_ID`) with the pod's own key
+    /// (`RUNPOD_API_KEY`), both of which RunPod puts in the pod's environment; no user key
+    /// is ever on the pod. Takes the place of `poweroff_command`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_api: Option<String>,
     /// The EC2 instance metadata endpoint (e.g. `http://169.254.169.254`); when set and
     /// the instance is spot, it is polled for interruption notices every 5 s.
     #[serde(default, skip_serializing_if = "Option::is_none")]

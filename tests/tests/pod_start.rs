@@ -61,6 +61,7 @@ fn config() -> AgentConfigFile {
         nvidia_smi: None,
         idle_timeout_secs: None,
         poweroff_command: None,
+        pod_api: None,
         metadata_endpoint: None,
         log_max_bytes: None,
         keep_runs: None,

@@ -327,3 +327,165 @@ async fn a_pods_container_runs_its_start_command_and_gets_signals_as_runpod_send
         interrupted.elapsed()
     );
 }
+
+/// A controller home whose pods come from `double`, with the S3 server for the agent's
+/// download and the static agent, or `None` (SKIPPED) outside scripts/test.sh.
+fn runpod_home(double: &RunPodDouble, test: &str) -> Option<(tests::Home, tests::s3::S3Env)> {
+    let s3 = tests::s3::S3Env::get(test)?;
+    let Some(agent) = std::env::var("RUNCTL_STATIC_AGENT")
+        .ok()
+        .filter(|a| !a.is_empty())
+    else {
+        assert!(
+            std::env::var("RUNCTL_REQUIRE_S3").is_err(),
+            "{test}: RUNCTL_STATIC_AGENT is required under scripts/test.sh"
+        );
+        eprintln!("SKIPPED {test}: no static agent (run scripts/test.sh)");
+        return None;
+    };
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .expect("a free port")
+        .port();
+    let prefix = tests::s3::S3Env::unique_prefix(test);
+    let home = tests::Home::new();
+    let config = format!(
+        "[daemon]\nlisten = \"127.0.0.1:{port}\"\nstop_grace_secs = 3\n{storage}\
+         [runpod]\napi_url = \"{api}\"\ngraphql_url = \"{graphql}\"\n\
+         controller_endpoint = \"127.0.0.1:{port}\"\n\
+         artifacts = \"s3://{bucket}/{prefix}artifacts\"\n\
+         agent_binary = \"{agent}\"\nenroll_timeout_secs = 60\n",
+        storage = s3.config_toml(&s3.endpoint),
+        api = double.api(),
+        graphql = double.graphql(),
+        bucket = s3.bucket,
+    );
+    std::fs::write(home.path().join("config.toml"), config).expect("write config");
+    Some((home, s3))
+}
+
+fn cli(home: &tests::Home, s3: &tests::s3::S3Env, key: Option<&str>) -> std::process::Command {
+    let mut cmd = home.cli();
+    cmd.envs(s3.envs());
+    match key {
+        Some(key) => cmd.env("RUNPOD_API_KEY", key),
+        None => cmd.env_remove("RUNPOD_API_KEY"),
+    };
+    cmd
+}
+
+#[test]
+fn a_run_on_a_pod_installs_the_agent_runs_and_terminates_the_pod() {
+    let double = RunPodDouble::start();
+    let Some((home, s3)) = runpod_home(&double, "runpod_run") else {
+        return;
+    };
+    let project = tempfile::tempdir().expect("project");
+    std::fs::write(project.path().join("hello.txt"), "from the laptop\n").expect("write");
+    let out = cli(&home, &s3, Some(KEY))
+        .args([
+            "run",
+            "--provider",
+            "runpod",
+            "--gpu",
+            "A100 PCIe",
+            "--gpus",
+            "2",
+        ])
+        .args(["--no-checkpoints", "--setup", "none", "--workdir"])
+        .arg(project.path())
+        .args([
+            "--",
+            "sh",
+            "-c",
+            "cat hello.txt; echo \"pod $RUNPOD_POD_ID\"",
+        ])
+        .output()
+        .expect("run");
+    let err = tests::stderr(&out);
+    let pod_log = || {
+        double
+            .pods()
+            .iter()
+            .map(|p| p["dir"].as_str().unwrap_or_default().to_owned())
+            .map(|d| std::fs::read_to_string(format!("{d}/container.log")).unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    assert!(out.status.success(), "{err}\npod: {}", pod_log());
+    let stdout = tests::stdout(&out);
+    assert!(stdout.contains("from the laptop"), "{stdout}");
+    assert!(stdout.contains("pod "), "{stdout}");
+    // The phase lines of the launch, and the price before it.
+    assert!(err.contains("NVIDIA A100 80GB PCIe x2"), "{err}");
+    assert!(err.contains("on-demand $3.28/h"), "{err}");
+    assert!(err.contains("agent enrolled"), "{err}");
+    // Launched for the run, so gone with it: nothing left billed.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !double.pods().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the pod outlived its run: {:?}",
+            double.pods()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let list = home.json(&["list"]);
+    assert_eq!(
+        list["instances"][0]["instance"]["provider"], "runpod",
+        "{list}"
+    );
+    assert_eq!(
+        list["instances"][0]["instance"]["state"], "terminated",
+        "{list}"
+    );
+}
+
+#[test]
+fn a_launch_without_a_key_or_with_an_unknown_gpu_is_refused_before_anything_is_made() {
+    let double = RunPodDouble::start();
+    let Some((home, s3)) = runpod_home(&double, "runpod_refusals") else {
+        return;
+    };
+    let out = cli(&home, &s3, None)
+        .args(["launch", "--provider", "runpod", "--gpu", "A100 PCIe"])
+        .output()
+        .expect("launch");
+    assert_eq!(out.status.code(), Some(2), "{}", tests::stderr(&out));
+    assert!(
+        tests::stderr(&out).contains("RUNPOD_API_KEY"),
+        "{}",
+        tests::stderr(&out)
+    );
+    assert!(double.pods().is_empty());
+    let _ = home.run(&["shutdown"]);
+
+    let out = cli(&home, &s3, Some(KEY))
+        .args([
+            "launch",
+            "--provider",
+            "runpod",
+            "--gpu",
+            "NVIDIA A100 80GB",
+        ])
+        .output()
+        .expect("launch");
+    let err = tests::stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("is not a RunPod GPU type"), "{err}");
+    assert!(
+        err.contains("NVIDIA A100 80GB PCIe"),
+        "the nearest is named: {err}"
+    );
+    let out = cli(&home, &s3, Some(KEY))
+        .args(["launch", "--provider", "runpod", "g5.xlarge"])
+        .output()
+        .expect("launch");
+    assert_eq!(out.status.code(), Some(2), "{}", tests::stderr(&out));
+    assert!(double.pods().is_empty(), "{:?}", double.pods());
+    let list = home.json(&["list"]);
+    assert!(
+        list["instances"].as_array().is_some_and(|a| a.is_empty()),
+        "{list}"
+    );
+}

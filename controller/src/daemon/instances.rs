@@ -17,6 +17,7 @@ use crate::db::{CloudRow, InstanceRow, InstanceState, RunState};
 use crate::error::{ErrorCode, UserError};
 use crate::plan;
 use crate::provider::ec2::{self, Ec2};
+use crate::provider::runpod::{self, PodAction, RunPod};
 use crate::provider::{LaunchOptions, Progress, ProviderKind, local, say, seconds};
 
 /// How long a terminated instance's agent gets to stop its runs (each with its own grace
@@ -34,10 +35,18 @@ pub(super) async fn ec2_client(d: &Daemon) -> Result<&Ec2, UserError> {
     d.ec2.get_or_try_init(|| Ec2::connect(&d.config.ec2)).await
 }
 
+/// A client for the RunPod account of `[runpod]` and the daemon's `RUNPOD_API_KEY`.
+fn runpod_client(d: &Daemon) -> Result<RunPod, UserError> {
+    runpod::launch::client(&d.config, std::env::var("RUNPOD_API_KEY").ok()).map_err(|e| {
+        e.resolve("the daemon reads RUNPOD_API_KEY when it starts: after exporting it, restart the daemon (runctl-controller shutdown; the next command starts it)")
+    })
+}
+
 /// A provider's checks and preparations, done before anything is recorded or paid for.
 enum Prepared {
     Local { agent_bin: PathBuf },
     Ec2(Box<ec2::launch::Prepared>),
+    Runpod(Box<runpod::launch::Prepared>),
 }
 
 /// Launches an instance; with `wait` (always, for a local one) returns once its agent has
@@ -71,6 +80,12 @@ pub(super) async fn launch(
             relay,
             d.quic_addr,
         )?,
+        LaunchOptions::Runpod(_) => plan::remote_reach(
+            "runpod",
+            d.config.runpod.controller_endpoint.as_deref(),
+            relay,
+            d.quic_addr,
+        )?,
     };
     let prepared = match options {
         LaunchOptions::Local => Prepared::Local {
@@ -85,6 +100,10 @@ pub(super) async fn launch(
                 progress,
             )
             .await?,
+        )),
+        LaunchOptions::Runpod(opts) => Prepared::Runpod(Box::new(
+            runpod::launch::prepare(&runpod_client(d)?, &d.config, d.home.root(), opts, progress)
+                .await?,
         )),
     };
 
@@ -118,6 +137,7 @@ pub(super) async fn launch(
             nvidia_smi: None,
             idle_timeout_secs: None,
             poweroff_command: None,
+            pod_api: None,
             metadata_endpoint: None,
             log_max_bytes: None,
             keep_runs: None,
@@ -160,6 +180,29 @@ pub(super) async fn launch(
                 }
                 Ok(())
             }
+            Prepared::Runpod(prepared) => {
+                runpod::launch::agent_settings(&d.config, &mut config);
+                let api = runpod_client(d)?;
+                let pod =
+                    runpod::launch::start(&api, &d.config, prepared, &name, &config, progress)
+                        .await?;
+                let cloud = CloudRow {
+                    name: name.clone(),
+                    cloud_id: pod.id.clone(),
+                    region: pod.datacenter.clone(),
+                    instance_type: pod.instance_type.clone(),
+                    spot: pod.spot,
+                    price_per_hour: pod.price_per_hour,
+                    accrued_ms: 0,
+                    running_since_ms: Some(now_ms()),
+                };
+                if let Err(e) = d.db.insert_cloud(&cloud) {
+                    // Without the record nothing would ever terminate it: do it now.
+                    let _ = api.action(&pod.id, PodAction::Terminate).await;
+                    return Err(internal(e));
+                }
+                Ok(())
+            }
         }
     };
     if let Err(e) = made.await {
@@ -196,6 +239,7 @@ fn enroll_timeout(d: &Daemon, provider: ProviderKind) -> Duration {
     match provider {
         ProviderKind::Local => CONNECT_TIMEOUT,
         ProviderKind::Ec2 => Duration::from_secs(d.config.ec2.enroll_timeout_secs),
+        ProviderKind::Runpod => Duration::from_secs(d.config.runpod.enroll_timeout_secs),
     }
 }
 
@@ -288,20 +332,34 @@ async fn wait_until_enrolled(
             .map_err(internal)?
             .ok_or_else(|| internal(anyhow::anyhow!("instance {name} vanished")))?;
     let timeout = enroll_timeout(d, row.provider);
-    match row.provider {
-        ProviderKind::Local => {
-            d.wait_for_agent(name, timeout, row.pid).await?;
-            return Ok(());
-        }
-        ProviderKind::Ec2 => {}
+    if row.provider == ProviderKind::Local {
+        d.wait_for_agent(name, timeout, row.pid).await?;
+        return Ok(());
     }
     let cloud =
         d.db.cloud(name)
             .map_err(internal)?
             .ok_or_else(|| internal(anyhow::anyhow!("{name} has no cloud record")))?;
-    let ec2 = ec2_client(d).await?;
     let id = &cloud.cloud_id;
-    ec2::launch::wait_running(ec2, id, started, timeout, progress).await?;
+    let (endpoint, boot_log) = match row.provider {
+        ProviderKind::Local => unreachable_local(name)?,
+        ProviderKind::Ec2 => {
+            let ec2 = ec2_client(d).await?;
+            ec2::launch::wait_running(ec2, id, started, timeout, progress).await?;
+            (
+                d.config.ec2.controller_endpoint.clone(),
+                ec2::launch::boot_log_hint(id, &ec2.region),
+            )
+        }
+        ProviderKind::Runpod => {
+            let api = runpod_client(d)?;
+            runpod::launch::wait_running(&api, id, started, timeout, progress).await?;
+            (
+                d.config.runpod.controller_endpoint.clone(),
+                runpod::launch::boot_log_hint(id),
+            )
+        }
+    };
     let left = timeout
         .saturating_sub(started.elapsed())
         .max(Duration::from_secs(30));
@@ -315,14 +373,12 @@ async fn wait_until_enrolled(
         )
         .resolve(format!(
             "check that {} is reachable from the instance (UDP or TCP), or that the relay is registered (runctl-controller status)",
-            d.config
-                .ec2
-                .controller_endpoint
+            endpoint
                 .as_deref()
                 .or(d.config.daemon.relay.as_deref())
-                .unwrap_or("[ec2] controller_endpoint")
+                .unwrap_or("the controller_endpoint")
         ))
-        .resolve(ec2::launch::boot_log_hint(id, &ec2.region))
+        .resolve(boot_log)
     })?;
     say(
         progress,
@@ -333,6 +389,13 @@ async fn wait_until_enrolled(
         ),
     );
     Ok(())
+}
+
+/// A local instance where a cloud one was expected (the callers have returned already).
+fn unreachable_local(name: &InstanceName) -> Result<(Option<String>, String), UserError> {
+    Err(internal(anyhow::anyhow!(
+        "{name} is a local instance, not a cloud one"
+    )))
 }
 
 /// Terminates an instance: the agent stops its runs and flushes their events (and
@@ -358,6 +421,18 @@ pub(super) async fn terminate_now(d: &Arc<Daemon>, name: &InstanceName) -> Resul
             // Billed time ends in `record_terminated`.
             if let Some(cloud) = d.db.cloud(name).map_err(internal)? {
                 ec2_client(d).await?.terminate(&cloud.cloud_id).await?;
+            }
+        }
+        Some(ProviderKind::Runpod) => {
+            if let Some(cloud) = d.db.cloud(name).map_err(internal)? {
+                match runpod_client(d)?
+                    .action(&cloud.cloud_id, PodAction::Terminate)
+                    .await
+                {
+                    // Already gone (terminated from inside, or in the console).
+                    Err(e) if e.code == ErrorCode::NotFound => {}
+                    other => other?,
+                }
             }
         }
         None => {}
@@ -472,6 +547,17 @@ pub(super) async fn power(d: &Daemon, name: &InstanceName, start: bool) -> Resul
                 ec2.stop(&cloud.cloud_id).await
             }
         }
+        ProviderKind::Runpod => {
+            let action = if start {
+                PodAction::Start
+            } else {
+                PodAction::Stop
+            };
+            match runpod_client(d) {
+                Ok(api) => api.action(&cloud.cloud_id, action).await,
+                Err(e) => Err(e),
+            }
+        }
         // `check_power` has refused it; said again rather than assumed.
         ProviderKind::Local => Err(UserError::new(
             ErrorCode::Conflict,
@@ -493,6 +579,72 @@ pub(super) async fn power(d: &Daemon, name: &InstanceName, start: bool) -> Resul
 pub(super) async fn refresh(
     d: &Arc<Daemon>,
 ) -> Result<Vec<crate::ipc::ForeignInstance>, UserError> {
+    let mut foreign = refresh_ec2(d).await?;
+    foreign.extend(refresh_runpod(d).await?);
+    Ok(foreign)
+}
+
+/// RunPod's part of `refresh`: asked only while there are live pod records.
+async fn refresh_runpod(d: &Arc<Daemon>) -> Result<Vec<crate::ipc::ForeignInstance>, UserError> {
+    let rows = d.db.instances().map_err(internal)?;
+    let live: Vec<&InstanceRow> = rows
+        .iter()
+        .filter(|r| r.provider == ProviderKind::Runpod && r.state != InstanceState::Terminated)
+        .collect();
+    if live.is_empty() {
+        return Ok(Vec::new());
+    }
+    let api = runpod_client(d)?;
+    let pods = tokio::time::timeout(Duration::from_secs(15), api.pods())
+        .await
+        .map_err(|_| UserError::new(ErrorCode::Internal, "RunPod did not answer within 15 s"))??;
+    let now = now_ms();
+    let records = d.db.clouds().map_err(internal)?;
+    let live: Vec<(runpod::plan::Record<'_>, bool)> = live
+        .iter()
+        .filter_map(|row| {
+            let record = records.iter().find(|c| c.name == row.name)?;
+            Some((
+                runpod::plan::Record {
+                    name: &row.name,
+                    pod_id: &record.cloud_id,
+                },
+                row.state == InstanceState::Stopped,
+            ))
+        })
+        .collect();
+    let known: Vec<&str> = records.iter().map(|r| r.cloud_id.as_str()).collect();
+    let (changes, foreign) = runpod::plan::reconcile(&live, &known, &pods);
+    for (name, observed) in changes {
+        match observed {
+            runpod::plan::Observed::Terminated => record_terminated(d, name, now),
+            runpod::plan::Observed::Stopped => {
+                let _ = d.db.set_cloud_running(name, false, now);
+                let _ = d.db.set_instance_state(name, InstanceState::Stopped, now);
+            }
+            runpod::plan::Observed::Running => {
+                let _ = d.db.set_cloud_running(name, true, now);
+                let _ = d.db.set_instance_state(name, InstanceState::Running, now);
+            }
+        }
+    }
+    Ok(foreign
+        .into_iter()
+        .map(|p| crate::ipc::ForeignInstance {
+            cloud_id: p.id.clone(),
+            name: Some(p.name.clone()),
+            state: runpod::plan::status_word(p.status).to_owned(),
+            instance_type: p
+                .gpu
+                .as_ref()
+                .map(|g| format!("{} x{}", g.id, g.count))
+                .unwrap_or_default(),
+        })
+        .collect())
+}
+
+/// EC2's part of `refresh`.
+async fn refresh_ec2(d: &Arc<Daemon>) -> Result<Vec<crate::ipc::ForeignInstance>, UserError> {
     let rows = d.db.instances().map_err(internal)?;
     let live: Vec<&InstanceRow> = rows
         .iter()

@@ -4,6 +4,7 @@
 //! the provider-neutral steps of a launch once and calls into a provider's folder for the
 //! rest; `Capabilities` answer what differs, so no other place matches on the kind.
 
+pub mod artifact;
 pub mod ec2;
 pub mod local;
 pub mod runpod;
@@ -51,6 +52,9 @@ pub enum ProviderKind {
     Local,
     /// An EC2 instance whose cloud-init installs the agent ([ec2] in the config).
     Ec2,
+    /// A RunPod pod whose start command installs the agent ([runpod] in the config, the
+    /// key in RUNPOD_API_KEY).
+    Runpod,
 }
 
 /// What a provider can do, declared once and asked wherever behaviour differs.
@@ -74,6 +78,7 @@ impl ProviderKind {
         match self {
             ProviderKind::Local => "local",
             ProviderKind::Ec2 => "ec2",
+            ProviderKind::Runpod => "runpod",
         }
     }
 
@@ -82,6 +87,7 @@ impl ProviderKind {
         match self {
             ProviderKind::Local => "a local instance",
             ProviderKind::Ec2 => "an EC2 instance",
+            ProviderKind::Runpod => "a RunPod pod",
         }
     }
 
@@ -98,6 +104,13 @@ impl ProviderKind {
                 stop_start: true,
                 spot: true,
                 volumes: true,
+                multi_node: false,
+                remote: true,
+            },
+            ProviderKind::Runpod => Capabilities {
+                stop_start: true,
+                spot: true,
+                volumes: false,
                 multi_node: false,
                 remote: true,
             },
@@ -145,6 +158,7 @@ impl rusqlite::types::FromSql for ProviderKind {
 pub enum LaunchOptions {
     Local,
     Ec2(Box<ec2::Ec2Launch>),
+    Runpod(Box<runpod::RunpodLaunch>),
 }
 
 impl LaunchOptions {
@@ -152,6 +166,7 @@ impl LaunchOptions {
         match self {
             LaunchOptions::Local => ProviderKind::Local,
             LaunchOptions::Ec2(_) => ProviderKind::Ec2,
+            LaunchOptions::Runpod(_) => ProviderKind::Runpod,
         }
     }
 
@@ -160,6 +175,7 @@ impl LaunchOptions {
         match self {
             LaunchOptions::Local => false,
             LaunchOptions::Ec2(opts) => opts.spot,
+            LaunchOptions::Runpod(opts) => opts.spot,
         }
     }
 }

@@ -10,9 +10,10 @@ use std::time::{Duration, Instant};
 use protocol::agent_config::AgentConfigFile;
 use protocol::{InstanceName, RunId};
 
-use super::{DataVolume, Ec2, Ec2Launch, Image, LaunchPlan, artifact, plan, prices, userdata};
+use super::{DataVolume, Ec2, Ec2Launch, Image, LaunchPlan, plan, prices, userdata};
 use crate::config::Config;
 use crate::error::{ErrorCode, UserError};
+use crate::provider::artifact;
 use crate::provider::{Progress, say, seconds};
 
 /// How often a launch asks EC2 for the instance's state.

@@ -4,7 +4,6 @@
 //! through RunInstances market options, and user-data that installs the agent. Also the
 //! lifecycle calls (describe, stop, start, terminate), spot prices and EBS volumes.
 
-pub mod artifact;
 pub mod ids;
 pub mod launch;
 pub mod plan;

@@ -122,6 +122,7 @@ mod tests {
             nvidia_smi: None,
             idle_timeout_secs: None,
             poweroff_command: Some(vec!["systemctl".into(), "poweroff".into()]),
+            pod_api: None,
             metadata_endpoint: Some("http://169.254.169.254".into()),
             log_max_bytes: None,
             keep_runs: Some(5),

@@ -7,6 +7,7 @@
 //! The API key travels only in the `Authorization` header, never in a URL, a log line or
 //! a run spec; `ApiKey`'s `Debug` redacts it.
 
+pub mod launch;
 pub mod plan;
 pub mod start;
 
@@ -25,6 +26,28 @@ pub const GRAPHQL_URL: &str = "https://api.runpod.io/graphql";
 
 /// How many times a call answered 429 or 5xx is tried in all.
 const ATTEMPTS: u32 = 4;
+
+/// How to launch a pod (`launch --provider runpod`, `run --provider runpod`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunpodLaunch {
+    /// A GPU type of the catalog, by id or name (`NVIDIA A100 80GB PCIe`, `A100 PCIe`).
+    pub gpu: String,
+    /// GPUs on the pod.
+    pub gpus: u32,
+    /// An interruptible pod, bid for at `max_price`.
+    pub spot: bool,
+    /// The most per hour for the whole pod (spot: turned into RunPod's bid per GPU;
+    /// default the on-demand price).
+    pub max_price: Option<f64>,
+    /// The image (default `[runpod] image`).
+    pub image: Option<String>,
+    /// The data center (default `[runpod] datacenter`, else RunPod's choice).
+    pub datacenter: Option<String>,
+    /// Container disk in GB (default `[runpod] disk_gb`).
+    pub disk_gb: Option<u32>,
+    /// A network volume to mount at /workspace instead of the pod's own volume.
+    pub volume: Option<String>,
+}
 
 /// A RunPod API key; shown as `rpa_…(redacted)` wherever it is printed.
 #[derive(Clone, PartialEq, Eq)]

@@ -3,8 +3,126 @@
 //! `errors` list), which catalog GPU a name means (with the nearest names when none),
 //! and a spot bid from the most the user will pay per hour.
 
-use super::GpuType;
+use protocol::InstanceName;
+
+use super::{GpuType, Pod, PodStatus, RunpodLaunch};
 use crate::error::{ErrorCode, UserError};
+
+/// The options' own checks, made before RunPod is asked anything.
+pub fn check_options(opts: &RunpodLaunch) -> Result<(), UserError> {
+    let bad = |message: String| UserError::new(ErrorCode::BadInput, message);
+    if opts.gpu.trim().is_empty() {
+        return Err(bad(
+            "--gpu is empty: name a RunPod GPU type, e.g. \"NVIDIA A100 80GB PCIe\"".into(),
+        ));
+    }
+    if opts.gpus == 0 {
+        return Err(bad("--gpus 0: a pod has at least one GPU".into()));
+    }
+    if opts.disk_gb == Some(0) {
+        return Err(bad("--disk 0: a container disk is at least 1 GB".into()));
+    }
+    if let Some(price) = opts.max_price
+        && !(price.is_finite() && price > 0.0)
+    {
+        return Err(bad(format!("--max-price {price} is not a positive price")));
+    }
+    if let Some(volume) = &opts.volume
+        && (volume.is_empty() || !volume.bytes().all(|b| b.is_ascii_alphanumeric()))
+    {
+        return Err(bad(format!(
+            "--volume {volume:?} is not a RunPod network volume id"
+        )));
+    }
+    Ok(())
+}
+
+/// Refused when one pod of `gpu` cannot have `count` GPUs.
+pub fn check_count(gpu: &GpuType, count: u32) -> Result<(), UserError> {
+    if count <= gpu.max_count.secure {
+        return Ok(());
+    }
+    Err(UserError::new(
+        ErrorCode::BadInput,
+        format!(
+            "--gpus {count}: a pod has at most {} x {}",
+            gpu.max_count.secure, gpu.id
+        ),
+    ))
+}
+
+/// A pod that runs or is on its way to (and is billed for its GPUs).
+pub fn is_live(status: PodStatus) -> bool {
+    match status {
+        PodStatus::Provisioning | PodStatus::Starting | PodStatus::Running => true,
+        PodStatus::Exited | PodStatus::Error | PodStatus::Terminated => false,
+    }
+}
+
+/// A status as the phase lines say it.
+pub fn status_word(status: PodStatus) -> &'static str {
+    match status {
+        PodStatus::Provisioning => "provisioning",
+        PodStatus::Starting => "starting",
+        PodStatus::Running => "running",
+        PodStatus::Exited => "exited",
+        PodStatus::Error => "error",
+        PodStatus::Terminated => "terminated",
+    }
+}
+
+/// A live record as the daemon holds it: its name and pod id.
+#[derive(Debug, Clone)]
+pub struct Record<'a> {
+    pub name: &'a InstanceName,
+    pub pod_id: &'a str,
+}
+
+/// What RunPod's listing says happened to a live record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Observed {
+    /// Terminated, or gone from the account's pods.
+    Terminated,
+    /// Stopped (exited, or interrupted).
+    Stopped,
+    /// Running again (started outside runctl).
+    Running,
+}
+
+/// Reconciles live records with the account's pods: the records RunPod says are gone,
+/// stopped or running, and runctl's pods (by name) that no record names. Other pods of
+/// the account are never listed, let alone touched.
+pub fn reconcile<'a>(
+    live: &[(Record<'a>, bool)],
+    known_ids: &[&str],
+    pods: &'a [Pod],
+) -> (Vec<(&'a InstanceName, Observed)>, Vec<&'a Pod>) {
+    let mut changes = Vec::new();
+    for (record, stopped) in live {
+        let observed = match pods
+            .iter()
+            .find(|p| p.id == record.pod_id)
+            .map(|p| p.status)
+        {
+            None | Some(PodStatus::Terminated) => Some(Observed::Terminated),
+            Some(PodStatus::Exited | PodStatus::Error) if !stopped => Some(Observed::Stopped),
+            Some(PodStatus::Running) if *stopped => Some(Observed::Running),
+            Some(_) => None,
+        };
+        if let Some(observed) = observed {
+            changes.push((record.name, observed));
+        }
+    }
+    let foreign = pods
+        .iter()
+        .filter(|p| {
+            p.name.starts_with(super::launch::NAME_PREFIX)
+                && p.status != PodStatus::Terminated
+                && !known_ids.contains(&p.id.as_str())
+        })
+        .collect();
+    (changes, foreign)
+}
 
 /// RFC 9457's problem body, as RunPod's REST API sends it (`ErrorResponse`).
 #[derive(Debug, Clone, Default, PartialEq, serde::Deserialize)]
@@ -135,7 +253,8 @@ pub fn find_gpu<'a>(catalog: &'a [GpuType], wanted: &str) -> Result<&'a GpuType,
     if !names.is_empty() {
         error = error.resolve(format!("the nearest: {}", names.join(", ")));
     }
-    Err(error.resolve("list them: runctl-controller launch --provider runpod --gpu list"))
+    Err(error
+        .resolve("RunPod's GPU types and their ids: https://docs.runpod.io/references/gpu-types"))
 }
 
 /// RunPod's `bidPerGpu` for a pod of `gpus` GPUs when the user pays at most `max_per_hour`
@@ -341,6 +460,108 @@ mod tests {
         check("NVIDIA A100 80GB", Err("\"NVIDIA A100 80GB PCIe\""));
         check("H100", Err("\"NVIDIA H100 80GB HBM3\""));
         assert!(find_gpu(&[], "A100").is_err());
+    }
+
+    fn pod(id: &str, name: &str, status: PodStatus) -> Pod {
+        Pod {
+            id: id.into(),
+            name: name.into(),
+            status,
+            gpu: None,
+            data_center_id: None,
+            cost: 0.0,
+            created_at: None,
+        }
+    }
+
+    /// A live record (stopped or not) against the account's pods -> what is observed.
+    fn check_reconcile(stopped: bool, pods: &[Pod], expected: Option<Observed>) {
+        let name: InstanceName = "runpod-abcdef".parse().expect("name");
+        let live = [(
+            Record {
+                name: &name,
+                pod_id: "p1",
+            },
+            stopped,
+        )];
+        let (changes, _) = reconcile(&live, &["p1"], pods);
+        assert_eq!(
+            changes.first().map(|c| c.1),
+            expected,
+            "stopped={stopped} {pods:?}"
+        );
+    }
+
+    #[test]
+    fn the_accounts_pods_move_records_to_what_runpod_reports() {
+        use PodStatus::*;
+        let mine = "runctl-runpod-abcdef";
+        check_reconcile(false, &[pod("p1", mine, Running)], None);
+        check_reconcile(false, &[pod("p1", mine, Provisioning)], None);
+        check_reconcile(false, &[pod("p1", mine, Exited)], Some(Observed::Stopped));
+        check_reconcile(false, &[pod("p1", mine, Error)], Some(Observed::Stopped));
+        check_reconcile(true, &[pod("p1", mine, Exited)], None);
+        check_reconcile(true, &[pod("p1", mine, Running)], Some(Observed::Running));
+        check_reconcile(
+            false,
+            &[pod("p1", mine, Terminated)],
+            Some(Observed::Terminated),
+        );
+        check_reconcile(false, &[], Some(Observed::Terminated));
+        check_reconcile(
+            true,
+            &[pod("p2", mine, Running)],
+            Some(Observed::Terminated),
+        );
+    }
+
+    #[test]
+    fn only_runctls_unknown_pods_are_foreign() {
+        let pods = [
+            pod("p1", "runctl-runpod-aaaaaa", PodStatus::Running),
+            pod("p2", "runctl-runpod-bbbbbb", PodStatus::Exited),
+            pod("p3", "my-notebook", PodStatus::Running),
+            pod("p4", "runctl-runpod-cccccc", PodStatus::Terminated),
+        ];
+        let (_, foreign) = reconcile(&[], &["p1"], &pods);
+        let ids: Vec<&str> = foreign.iter().map(|p| p.id.as_str()).collect();
+        assert_eq!(ids, ["p2"]);
+    }
+
+    #[test]
+    fn launch_options_are_checked_before_runpod_is_asked() {
+        let opts = RunpodLaunch {
+            gpu: "NVIDIA A100 80GB PCIe".into(),
+            gpus: 1,
+            spot: false,
+            max_price: None,
+            image: None,
+            datacenter: None,
+            disk_gb: None,
+            volume: None,
+        };
+        let check = |edit: &dyn Fn(&mut RunpodLaunch), refused: Option<&str>| {
+            let mut o = opts.clone();
+            edit(&mut o);
+            match (check_options(&o), refused) {
+                (Ok(()), None) => {}
+                (Err(e), Some(said)) => assert!(e.message.contains(said), "{}", e.message),
+                (got, want) => panic!("{o:?}: {got:?}, not {want:?}"),
+            }
+        };
+        check(&|_| {}, None);
+        check(&|o| o.gpu = " ".into(), Some("--gpu is empty"));
+        check(&|o| o.gpus = 0, Some("--gpus 0"));
+        check(&|o| o.disk_gb = Some(0), Some("--disk 0"));
+        check(&|o| o.max_price = Some(-1.0), Some("not a positive price"));
+        check(
+            &|o| o.volume = Some("../x".into()),
+            Some("network volume id"),
+        );
+        check(&|o| o.volume = Some("agv6w2qcg7".into()), None);
+        let a100 = gpu("NVIDIA A100 80GB PCIe", "A100 PCIe");
+        assert!(check_count(&a100, 8).is_ok());
+        assert!(check_count(&a100, 9).is_err());
     }
 
     #[test]

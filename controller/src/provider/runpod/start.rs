@@ -57,6 +57,7 @@ mod tests {
             nvidia_smi: None,
             idle_timeout_secs: Some(3600),
             poweroff_command: None,
+            pod_api: None,
             metadata_endpoint: None,
             log_max_bytes: None,
             keep_runs: None,

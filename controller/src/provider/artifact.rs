@@ -30,7 +30,7 @@ pub fn static_binary(
         .ok_or_else(|| {
             UserError::new(
                 ErrorCode::BadInput,
-                format!("cannot find the static {name} to install on EC2"),
+                format!("cannot find the static {name} to install on cloud instances"),
             )
             .resolve(how)
         })?;
@@ -39,7 +39,7 @@ pub fn static_binary(
         Ok(ElfKind::Dynamic) => Err(UserError::new(
             ErrorCode::BadInput,
             format!(
-                "{} is dynamically linked; EC2 hosts need the static {name}",
+                "{} is dynamically linked; cloud hosts need the static {name}",
                 path.display()
             ),
         )
@@ -96,25 +96,36 @@ fn elf_kind(path: &Path) -> std::io::Result<ElfKind> {
     })
 }
 
-/// Where binaries go: `[ec2] artifacts`, else `runctl/` in the checkpoint bucket. Needs
-/// the S3 backend: instances cannot reach a local store.
+/// Where binaries go for EC2: `[ec2] artifacts`, else `runctl/` in the checkpoint bucket.
 pub fn location(config: &Config) -> Result<storage::ObjectUrl, UserError> {
-    let location = match (&config.ec2.artifacts, config.storage.backend) {
+    location_in(config.ec2.artifacts.as_deref(), config, "ec2")
+}
+
+/// Where binaries go for `[SECTION]`'s instances: its `artifacts`, else `runctl/` in the
+/// checkpoint bucket. Needs the S3 backend: instances cannot reach a local store.
+pub fn location_in(
+    artifacts: Option<&str>,
+    config: &Config,
+    section: &str,
+) -> Result<storage::ObjectUrl, UserError> {
+    let location = match (artifacts, config.storage.backend) {
         (_, Backend::Local) => {
             return Err(UserError::new(
                 ErrorCode::BadInput,
-                "EC2 instances cannot reach the local object store ([storage] backend = \"local\")",
+                "cloud instances cannot reach the local object store ([storage] backend = \"local\")",
             )
-            .resolve("set backend = \"s3\" under [storage] and artifacts = \"s3://BUCKET/runctl\" under [ec2]"));
+            .resolve(format!("set backend = \"s3\" under [storage] and artifacts = \"s3://BUCKET/runctl\" under [{section}]")));
         }
-        (Some(url), _) => url.clone(),
+        (Some(url), _) => url.to_owned(),
         (None, _) => {
             let checkpoints = config.storage.checkpoints().ok_or_else(|| {
                 UserError::new(
                     ErrorCode::BadInput,
-                    "no bucket for the binaries EC2 instances install",
+                    "no bucket for the binaries cloud instances install",
                 )
-                .resolve("set artifacts = \"s3://BUCKET/runctl\" under [ec2] in config.toml")
+                .resolve(format!(
+                    "set artifacts = \"s3://BUCKET/runctl\" under [{section}] in config.toml"
+                ))
             })?;
             let url = storage::ObjectUrl::parse(&checkpoints).map_err(store_error)?;
             format!("s3://{}/runctl", url.bucket)
