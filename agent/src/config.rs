@@ -23,6 +23,7 @@ pub struct AgentConfig {
     pub idle_timeout: Option<Duration>,
     pub poweroff_command: Option<Vec<String>>,
     pub pod_api: Option<String>,
+    pub store_credentials: protocol::agent_config::CredentialsFrom,
     pub metadata_endpoint: Option<String>,
     pub log_max_bytes: u64,
     pub disk: crate::workspace::DiskLimits,
@@ -76,6 +77,7 @@ impl AgentConfig {
             idle_timeout: file.idle_timeout_secs.map(Duration::from_secs),
             poweroff_command: file.poweroff_command,
             pod_api: file.pod_api,
+            store_credentials: file.store_credentials,
             metadata_endpoint: file.metadata_endpoint,
             log_max_bytes: file
                 .log_max_bytes

@@ -66,6 +66,10 @@ pub struct Fatal(pub String);
 /// the instance off; they stay on the agent's disk either way.
 const DELIVERY_BOUND: Duration = Duration::from_secs(30);
 
+/// How long an interrupted pod's runs get to end (RunPod sends SIGKILL 5 s after SIGTERM;
+/// whatever upload is in flight goes on until then).
+const POD_STOP_BOUND: Duration = Duration::from_secs(5);
+
 /// Runs the agent until the controller shuts it down, the instance powers off, or
 /// `shutdown` resolves.
 pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<Exit> {
@@ -76,6 +80,8 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
             config.log_max_bytes,
             config.disk,
             ended_tx,
+            (config.store_credentials == protocol::agent_config::CredentialsFrom::Controller)
+                .then(storage::handed::Handed::default),
         )
         .with_context(|| format!("opening run state in {}", config.state_dir.display()))?,
     );
@@ -121,7 +127,16 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
                 return exit.unwrap_or_else(|e| Err(anyhow::anyhow!("the session task failed: {e}")));
             }
             () = &mut shutdown => {
-                runs.stop_all(None).await;
+                if config.pod_api.is_some() && runs.active() > 0 {
+                    // A pod's PID 1 got SIGTERM while runs were active: RunPod is
+                    // interrupting the pod (or someone stopped it), and SIGKILL follows in
+                    // 5 s. The runs get their spot signal now, to checkpoint in time.
+                    tracing::warn!("the pod is being stopped while runs are active: treating it as an interruption");
+                    runs.interrupt_all("pod-stop", &lifecycle::rfc3339_now());
+                    runs.wait_all_ended(POD_STOP_BOUND).await;
+                } else {
+                    runs.stop_all(None).await;
+                }
                 return Ok(Exit::Interrupted);
             }
             Some((run, action)) = ended_rx.recv() => {

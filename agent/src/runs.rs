@@ -25,6 +25,7 @@ use nix::unistd::Pid;
 use protocol::{
     EndAction, ErrorKind, EventKind, Notice, RunCursor, RunEnd, RunId, RunSpec, WireError,
 };
+use storage::handed::Handed;
 use tokio::sync::{Notify, mpsc};
 
 #[derive(Debug)]
@@ -44,6 +45,8 @@ pub struct Runs {
     log_max_bytes: u64,
     /// Told when a run ends, with its end action.
     ended: mpsc::UnboundedSender<(RunId, EndAction)>,
+    /// Store credentials from the controller, when the host has none of its own.
+    handed: Option<Handed>,
     /// Per run, the highest sequence number handed to a controller connection.
     delivered: Mutex<HashMap<RunId, u64>>,
     delivered_changed: Notify,
@@ -61,6 +64,7 @@ impl Runs {
         log_max_bytes: u64,
         limits: DiskLimits,
         ended: mpsc::UnboundedSender<(RunId, EndAction)>,
+        handed: Option<Handed>,
     ) -> anyhow::Result<Self> {
         let runs_dir = &state_dir.join("runs");
         let data_dir = &state_dir.join("data");
@@ -86,7 +90,12 @@ impl Runs {
             );
             if !log.cursor().ended {
                 match std::fs::read(dirent.path().join(data::SAVED_FILE)) {
-                    Ok(saved) => finish_lost_run(dirent.path(), saved, log.clone()),
+                    Ok(saved) => finish_lost_run(
+                        dirent.path(),
+                        saved,
+                        log.clone(),
+                        handed.as_ref().map(|h| h.for_run(run.clone())),
+                    ),
                     Err(_) => end_lost_run(&log),
                 }
             }
@@ -98,6 +107,7 @@ impl Runs {
             workspace,
             log_max_bytes,
             ended,
+            handed,
             delivered: Mutex::default(),
             delivered_changed: Notify::new(),
             entries: Mutex::new(entries),
@@ -263,9 +273,13 @@ impl Runs {
     ) -> Result<Job, RunEnd> {
         let Some(plan) = plan else { return Ok(job) };
         let failed = |message: String| RunEnd::DataFailed { message };
-        let conn = storage::connect_with(&(&plan.spec).into(), storage::dns::Dns::Hickory)
-            .await
-            .map_err(|e| failed(format!("opening the object store: {e}")))?;
+        let conn = storage::connect_handed(
+            &(&plan.spec).into(),
+            storage::dns::Dns::Hickory,
+            self.handed.as_ref().map(|h| h.for_run(spec.run.clone())),
+        )
+        .await
+        .map_err(|e| failed(format!("opening the object store: {e}")))?;
         if let (Some((url, keep)), Some(push)) = (&plan.checkpoints, &spec.checkpoints) {
             let saved = data::Saved {
                 storage: plan.spec.clone(),
@@ -418,6 +432,30 @@ impl Runs {
                 tracing::warn!("run log write failed: {e}");
             }
             handle.interrupt();
+        }
+    }
+
+    /// Where handed-over store credentials go; `None` when the host has its own.
+    pub fn handed(&self) -> Option<&Handed> {
+        self.handed.as_ref()
+    }
+
+    /// Waits (at most `bound`) until every active run has ended.
+    pub async fn wait_all_ended(&self, bound: Duration) {
+        let logs: Vec<Arc<EventLog>> = self
+            .lock()
+            .values()
+            .filter(|e| !e.log.cursor().ended)
+            .map(|e| e.log.clone())
+            .collect();
+        let all = async {
+            for log in logs {
+                let mut cursor = log.subscribe();
+                let _ = cursor.wait_for(|c| c.ended).await;
+            }
+        };
+        if tokio::time::timeout(bound, all).await.is_err() {
+            tracing::warn!("runs still active {bound:?} after the interruption");
         }
     }
 
@@ -605,13 +643,22 @@ fn record_lost(log: &EventLog) {
 
 /// A lost run that pushes checkpoints: its process is killed, then every checkpoint it
 /// saved that the store lacks is uploaded (recorded in its log), then it ends as `Lost`.
-fn finish_lost_run(run_dir: PathBuf, saved: Vec<u8>, log: Arc<EventLog>) {
+fn finish_lost_run(
+    run_dir: PathBuf,
+    saved: Vec<u8>,
+    log: Arc<EventLog>,
+    handed: Option<storage::handed::RunCredentials>,
+) {
     kill_lost_process(&log);
     tokio::spawn(async move {
         let pushed = async {
             let saved: data::Saved = serde_json::from_slice(&saved)?;
-            let conn =
-                storage::connect_with(&(&saved.storage).into(), storage::dns::Dns::Hickory).await?;
+            let conn = storage::connect_handed(
+                &(&saved.storage).into(),
+                storage::dns::Dns::Hickory,
+                handed,
+            )
+            .await?;
             let url = storage::ObjectUrl::parse(&saved.checkpoints.dest)?;
             let engine = data::engine(&conn, &url).map_err(anyhow::Error::msg)?;
             let dir = run_dir.join(CHECKPOINT_DIR);

@@ -216,6 +216,12 @@ pub async fn serve(
                     }
                     tracing::warn!("the controller reported: {}", e.message);
                 }
+                ControllerMsg::StoreCredentials(creds) => match runs.handed() {
+                    Some(handed) => handed.set(creds),
+                    None => tracing::warn!(
+                        "ignoring store credentials from the controller: this agent uses its host's (store_credentials = \"host\")"
+                    ),
+                },
                 ControllerMsg::Hello(_) | ControllerMsg::Enrolled { .. } => {
                     tracing::warn!("ignoring an out-of-place message from the controller");
                 }

@@ -71,6 +71,22 @@ pub struct RunpodConfig {
     pub max_running: u32,
     /// Terminate a pod after this long with no run and no controller (default: never).
     pub idle_timeout_secs: Option<u64>,
+    /// The IAM role the daemon assumes to give a pod's agent store credentials: short
+    /// lived, limited by a session policy to the prefixes of the pod's runs, handed over
+    /// the channel and renewed before they expire.
+    pub store_role_arn: Option<String>,
+    /// Instead of a role: the named AWS profile whose credentials pods' agents are handed
+    /// (not scoped to the run; renewed when the profile's own expire).
+    pub store_profile: Option<String>,
+    /// How long assumed-role credentials last (900 to 43200 s).
+    #[serde(default = "default_store_credentials_secs")]
+    pub store_credentials_secs: u64,
+    /// The STS endpoint to assume the role at (default: AWS's for the region).
+    pub sts_endpoint: Option<String>,
+}
+
+fn default_store_credentials_secs() -> u64 {
+    3600
 }
 
 fn default_runpod_api() -> String {
@@ -109,6 +125,10 @@ impl Default for RunpodConfig {
             enroll_timeout_secs: default_runpod_enroll(),
             max_running: default_max_running(),
             idle_timeout_secs: None,
+            store_role_arn: None,
+            store_profile: None,
+            store_credentials_secs: default_store_credentials_secs(),
+            sts_endpoint: None,
         }
     }
 }
@@ -125,6 +145,29 @@ impl RunpodConfig {
         }
         if let Some(endpoint) = &self.controller_endpoint {
             check_host_port("runpod", endpoint)?;
+        }
+        if self.store_role_arn.is_some() && self.store_profile.is_some() {
+            return Err("[runpod] store_role_arn and store_profile both say where pods' store credentials come from; give one".into());
+        }
+        if let Some(arn) = &self.store_role_arn
+            && !(arn.starts_with("arn:") && arn.contains(":role/"))
+        {
+            return Err(format!(
+                "[runpod] store_role_arn {arn:?} is not a role ARN (e.g. \"arn:aws:iam::123456789012:role/runctl-pods\")"
+            ));
+        }
+        if !(900..=43_200).contains(&self.store_credentials_secs) {
+            return Err(format!(
+                "[runpod] store_credentials_secs is {}; STS gives 900 to 43200 seconds",
+                self.store_credentials_secs
+            ));
+        }
+        if let Some(url) = &self.sts_endpoint
+            && !(url.starts_with("https://") || url.starts_with("http://"))
+        {
+            return Err(format!(
+                "[runpod] sts_endpoint {url:?} is not an http(s):// URL"
+            ));
         }
         if let Some(url) = &self.artifacts {
             storage::ObjectUrl::parse(url).map_err(|e| format!("[runpod] artifacts: {e}"))?;

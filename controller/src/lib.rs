@@ -9,6 +9,7 @@
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod credentials;
 pub mod daemon;
 pub mod db;
 pub mod detach;

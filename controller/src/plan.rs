@@ -133,16 +133,38 @@ pub fn run_end(
     }
 }
 
+/// Where an instance's agent gets its object-store credentials.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreAccess {
+    /// Its host's own (an instance profile; this machine's environment for a local one).
+    Own,
+    /// Handed over the channel by the daemon, from the configured role or profile.
+    Handed,
+    /// It has none of its own and none are configured to hand over.
+    Nothing,
+}
+
 /// The object store a run's agent is told about: none unless the run pulls data, pushes
 /// checkpoints or resumes (`needs_store`). A remote instance cannot reach a local store,
-/// and uses its own credentials (its instance profile), not this laptop's named profile.
+/// and uses its own credentials (its instance profile) or handed ones, never this
+/// laptop's named profile.
 pub fn run_store(
     configured: StoreSpec,
     needs_store: bool,
     remote: bool,
+    access: StoreAccess,
 ) -> Result<Option<StoreSpec>, UserError> {
     if !needs_store {
         return Ok(None);
+    }
+    if access == StoreAccess::Nothing && matches!(configured, StoreSpec::S3 { .. }) {
+        return Err(UserError::new(
+            ErrorCode::BadInput,
+            "a pod has no credentials of its own for the object store, which this run's data or checkpoints need, and none are configured to hand it",
+        )
+        .resolve("set store_role_arn = \"arn:aws:iam::ACCOUNT:role/ROLE\" under [runpod]: the daemon assumes it and hands the pod short-lived credentials limited to the run's prefixes, renewed over the channel")
+        .resolve("or store_profile = \"NAME\" under [runpod]: that profile's credentials are handed over as they are")
+        .resolve("or run without the store: --no-checkpoints and no --data"));
     }
     match configured {
         StoreSpec::Local { .. } if remote => Err(UserError::new(
@@ -364,10 +386,20 @@ mod tests {
         remote: bool,
         expected: Result<Option<StoreSpec>, ()>,
     ) {
-        let got = run_store(configured.clone(), needs, remote).map_err(|_| ());
+        check_store_with(configured, needs, remote, StoreAccess::Own, expected);
+    }
+
+    fn check_store_with(
+        configured: StoreSpec,
+        needs: bool,
+        remote: bool,
+        access: StoreAccess,
+        expected: Result<Option<StoreSpec>, ()>,
+    ) {
+        let got = run_store(configured.clone(), needs, remote, access).map_err(|_| ());
         assert_eq!(
             got, expected,
-            "{configured:?} needs={needs} remote={remote}"
+            "{configured:?} needs={needs} remote={remote} {access:?}"
         );
     }
 
@@ -379,6 +411,13 @@ mod tests {
         check_store(local(), true, true, Err(()));
         check_store(s3(Some("dev")), true, false, Ok(Some(s3(Some("dev")))));
         check_store(s3(Some("dev")), true, true, Ok(Some(s3(None))));
+        // A pod: handed credentials, or a refusal when none are configured.
+        let handed = StoreAccess::Handed;
+        let nothing = StoreAccess::Nothing;
+        check_store_with(s3(Some("dev")), true, true, handed, Ok(Some(s3(None))));
+        check_store_with(s3(None), true, true, nothing, Err(()));
+        check_store_with(s3(None), false, true, nothing, Ok(None));
+        check_store_with(local(), true, true, nothing, Err(()));
     }
 
     /// (stop_start, spot, stopped, start) -> allowed, or refused with `refused`.

@@ -45,6 +45,11 @@ pub struct AgentConfigFile {
     /// is ever on the pod. Takes the place of `poweroff_command`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod_api: Option<String>,
+    /// Where the agent's object-store credentials come from: its host's credential chain
+    /// (an instance profile, the environment), or the controller over the channel (a pod,
+    /// which has none of its own; nothing secret is then in its config or environment).
+    #[serde(default, skip_serializing_if = "CredentialsFrom::is_host")]
+    pub store_credentials: CredentialsFrom,
     /// The EC2 instance metadata endpoint (e.g. `http://169.254.169.254`); when set and
     /// the instance is spot, it is polled for interruption notices every 5 s.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -70,6 +75,54 @@ pub struct AgentConfigFile {
     /// newest first (default [`DEFAULT_KEEP_LOCAL_CHECKPOINTS`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keep_local_checkpoints: Option<u32>,
+}
+
+impl AgentConfigFile {
+    /// A config with what every agent needs and every other setting at its default.
+    pub fn new(
+        instance: InstanceName,
+        controller: Vec<crate::path::Endpoint>,
+        ca_sha256: Fingerprint,
+        token: EnrollToken,
+        state_dir: PathBuf,
+    ) -> Self {
+        AgentConfigFile {
+            instance,
+            controller,
+            ca_sha256,
+            token,
+            state_dir,
+            stats_interval_ms: None,
+            nvidia_smi: None,
+            idle_timeout_secs: None,
+            poweroff_command: None,
+            pod_api: None,
+            store_credentials: CredentialsFrom::Host,
+            metadata_endpoint: None,
+            log_max_bytes: None,
+            keep_runs: None,
+            disk_budget: None,
+            min_free: None,
+            keep_local_checkpoints: None,
+        }
+    }
+}
+
+/// Where an agent's object-store credentials come from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CredentialsFrom {
+    /// The standard AWS credential chain of the agent's host.
+    #[default]
+    Host,
+    /// `ControllerMsg::StoreCredentials`, scoped to the runs and renewed before expiry.
+    Controller,
+}
+
+impl CredentialsFrom {
+    pub fn is_host(&self) -> bool {
+        *self == CredentialsFrom::Host
+    }
 }
 
 pub const DEFAULT_KEEP_RUNS: u32 = 5;

@@ -35,15 +35,20 @@ pub enum Feature {
     /// it held before (`BulkOpen::SyncFrom`), and it reports its disk use
     /// (`AgentMsg::Disk`).
     Store,
+    /// The agent takes object-store credentials from the controller
+    /// (`ControllerMsg::StoreCredentials`), for hosts with no credentials of their own (a
+    /// pod has no instance profile).
+    StoreCredentials,
 }
 
 impl Feature {
-    pub const ALL: &[Feature] = &[Feature::Carriers, Feature::Store];
+    pub const ALL: &[Feature] = &[Feature::Carriers, Feature::Store, Feature::StoreCredentials];
 
     pub fn name(self) -> &'static str {
         match self {
             Feature::Carriers => "carriers",
             Feature::Store => "store",
+            Feature::StoreCredentials => "store-credentials",
         }
     }
 }
@@ -196,6 +201,39 @@ pub enum ControllerMsg {
     },
     /// A request failed or was refused; the connection may be closed after it.
     Error(WireError),
+    /// Object-store credentials for the runs named in them (feature `store-credentials`),
+    /// replacing any given before; sent when the session starts, before a run starts, and
+    /// again before they expire.
+    StoreCredentials(StoreCredentials),
+}
+
+/// Temporary object-store credentials the controller hands an agent over the channel, for
+/// the runs they were scoped to. Never written to disk by the agent.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoreCredentials {
+    pub access_key_id: String,
+    pub secret_access_key: String,
+    pub session_token: Option<String>,
+    /// When they stop working (Unix ms); `None`: they do not expire.
+    pub expires_at_ms: Option<u64>,
+    /// The runs whose prefixes they reach; a run's store requests wait for credentials
+    /// that name it.
+    pub runs: Vec<RunId>,
+}
+
+impl std::fmt::Debug for StoreCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreCredentials")
+            .field("access_key_id", &self.access_key_id)
+            .field("secret_access_key", &"<redacted>")
+            .field(
+                "session_token",
+                &self.session_token.as_ref().map(|_| "<redacted>"),
+            )
+            .field("expires_at_ms", &self.expires_at_ms)
+            .field("runs", &self.runs)
+            .finish()
+    }
 }
 
 /// The first frame on every stream the controller opens beside the control stream.
@@ -783,6 +821,13 @@ mod tests {
             },
             ControllerMsg::Shutdown { grace_ms: None },
             ControllerMsg::Error(WireError::new(ErrorKind::TokenReused, "used")),
+            ControllerMsg::StoreCredentials(StoreCredentials {
+                access_key_id: "ASIAEXAMPLE".into(),
+                secret_access_key: "secret".into(),
+                session_token: Some("token".into()),
+                expires_at_ms: Some(1_700_000_900_000),
+                runs: vec![run_id()],
+            }),
         ];
         let bulk = [
             BulkOpen::StartRun(Box::new(RunSpec {

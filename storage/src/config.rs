@@ -112,6 +112,16 @@ pub async fn connect(config: &StoreConfig) -> Result<Connection, StoreError> {
 
 /// [`connect`], resolving names with `dns`.
 pub async fn connect_with(config: &StoreConfig, dns: Dns) -> Result<Connection, StoreError> {
+    connect_handed(config, dns, None).await
+}
+
+/// [`connect_with`], signing S3 requests with `handed` credentials (asked for on every
+/// request, so renewed ones are used at once) instead of the host's credential chain.
+pub async fn connect_handed(
+    config: &StoreConfig,
+    dns: Dns,
+    handed: Option<crate::handed::RunCredentials>,
+) -> Result<Connection, StoreError> {
     let backend = match config {
         StoreConfig::Local { root } => {
             std::fs::create_dir_all(root)
@@ -131,7 +141,15 @@ pub async fn connect_with(config: &StoreConfig, dns: Dns) -> Result<Connection, 
                 dns,
             )
             .await?;
-            let s3 = aws_sdk_s3::config::Builder::from(&sdk).force_path_style(*force_path_style);
+            let mut s3 =
+                aws_sdk_s3::config::Builder::from(&sdk).force_path_style(*force_path_style);
+            if let Some(handed) = handed {
+                s3 = s3
+                    .credentials_provider(aws_sdk_s3::config::SharedCredentialsProvider::new(
+                        handed,
+                    ))
+                    .identity_cache(aws_sdk_s3::config::IdentityCache::no_cache());
+            }
             Backend::S3(aws_sdk_s3::Client::from_conf(s3.build()))
         }
     };

@@ -10,12 +10,13 @@
 pub mod checkpoints;
 mod config;
 pub mod dns;
+pub mod handed;
 mod local;
 mod s3;
 pub mod transfer;
 mod url;
 
-pub use config::{Connection, StoreConfig, aws_sdk_config, connect, connect_with};
+pub use config::{Connection, StoreConfig, aws_sdk_config, connect, connect_handed, connect_with};
 pub use local::LocalStore;
 pub use s3::S3Store;
 pub use url::{ObjectUrl, relative_key};

@@ -50,25 +50,14 @@ impl Drop for Files {
 }
 
 fn config() -> AgentConfigFile {
-    AgentConfigFile {
-        instance: "runpod-3fa9c1".parse().expect("name"),
+    AgentConfigFile::new(
+        "runpod-3fa9c1".parse().expect("name"),
         // Nobody listens there: the agent redials while the test looks at it.
-        controller: vec!["tcp://127.0.0.1:9".parse().expect("endpoint")],
-        ca_sha256: "ab".repeat(32).parse().expect("fingerprint"),
-        token: protocol::EnrollToken::from_random([7; 32]),
-        state_dir: "state".into(),
-        stats_interval_ms: None,
-        nvidia_smi: None,
-        idle_timeout_secs: None,
-        poweroff_command: None,
-        pod_api: None,
-        metadata_endpoint: None,
-        log_max_bytes: None,
-        keep_runs: None,
-        disk_budget: None,
-        min_free: None,
-        keep_local_checkpoints: None,
-    }
+        vec!["tcp://127.0.0.1:9".parse().expect("endpoint")],
+        "ab".repeat(32).parse().expect("fingerprint"),
+        protocol::EnrollToken::from_random([7; 32]),
+        "state".into(),
+    )
 }
 
 fn sha256_of(path: &Path) -> String {

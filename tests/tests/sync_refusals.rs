@@ -49,6 +49,7 @@ async fn hostile_controller() -> Hostile {
             agent::eventlog::DEFAULT_MAX_BYTES,
             agent::workspace::DiskLimits::default(),
             tokio::sync::mpsc::unbounded_channel().0,
+            None,
         )
         .expect("runs"),
     );

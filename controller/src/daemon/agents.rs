@@ -215,7 +215,8 @@ async fn session(
             conn.set_receive_window(AUTHENTICATED_RECEIVE_WINDOW.into());
             write_frame(&mut send, &ControllerMsg::Hello(ours)).await?;
             let store = theirs.has(protocol::Feature::Store);
-            serve_agent(d, conn, send, recv, instance, store).await
+            let handed = theirs.has(protocol::Feature::StoreCredentials);
+            serve_agent(d, conn, send, recv, instance, store, handed).await
         }
     }
 }
@@ -292,6 +293,7 @@ async fn serve_agent(
     mut recv: quinn::RecvStream,
     instance: InstanceName,
     store: bool,
+    handed: bool,
 ) -> anyhow::Result<()> {
     let runs = match read_frame::<_, AgentMsg>(&mut recv).await {
         Ok(Some(AgentMsg::Ready { runs })) => runs,
@@ -304,6 +306,20 @@ async fn serve_agent(
     };
     let (tx, mut rx) = mpsc::channel::<ControllerMsg>(64);
     let id = NEXT_LINK_ID.fetch_add(1, Ordering::Relaxed);
+    // An agent with no store credentials of its own is handed them by a task of its own.
+    let (credentials, renewal) = if super::credentials::needed(d, &instance) {
+        let (ask, requests) = mpsc::channel(8);
+        let task = tokio::spawn(super::credentials::keep_renewed(
+            d.clone(),
+            instance.clone(),
+            handed,
+            tx.clone(),
+            requests,
+        ));
+        (Some(ask), Some(task))
+    } else {
+        (None, None)
+    };
     let previous = d.agents.lock().expect("agents lock").insert(
         instance.clone(),
         AgentLink {
@@ -311,6 +327,7 @@ async fn serve_agent(
             tx: tx.clone(),
             id,
             store,
+            credentials,
         },
     );
     if let Some(previous) = previous {
@@ -381,6 +398,9 @@ async fn serve_agent(
         }
     };
     reader.abort();
+    if let Some(renewal) = renewal {
+        renewal.abort();
+    }
     {
         let mut agents = d.agents.lock().expect("agents lock");
         if agents.get(&instance).is_some_and(|link| link.id == id) {

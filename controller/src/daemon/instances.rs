@@ -124,27 +124,13 @@ pub(super) async fn launch(
         let token =
             d.db.mint_token(&name, now_ms() + ttl.as_millis() as u64)
                 .map_err(internal)?;
-        let mut config = AgentConfigFile {
-            instance: name.clone(),
-            controller: super::carriers::agent_endpoints(
-                reach.direct.as_deref(),
-                reach.relay.as_deref(),
-            ),
-            ca_sha256: d.pki.ca.fingerprint(),
+        let mut config = AgentConfigFile::new(
+            name.clone(),
+            super::carriers::agent_endpoints(reach.direct.as_deref(), reach.relay.as_deref()),
+            d.pki.ca.fingerprint(),
             token,
-            state_dir: PathBuf::from("state"),
-            stats_interval_ms: None,
-            nvidia_smi: None,
-            idle_timeout_secs: None,
-            poweroff_command: None,
-            pod_api: None,
-            metadata_endpoint: None,
-            log_max_bytes: None,
-            keep_runs: None,
-            disk_budget: None,
-            min_free: None,
-            keep_local_checkpoints: None,
-        };
+            PathBuf::from("state"),
+        );
         match &prepared {
             Prepared::Local { agent_bin } => {
                 local::agent_settings(&d.config, &mut config);

@@ -5,6 +5,7 @@
 
 mod agents;
 pub mod carriers;
+mod credentials;
 mod instances;
 mod requests;
 mod runs;
@@ -49,6 +50,9 @@ struct AgentLink {
     id: usize,
     /// The agent keeps a content store (`Feature::Store`): new runs' trees may be seeded.
     store: bool,
+    /// Asks the task handing the agent its store credentials to do it now (an agent with
+    /// none of its own: a pod).
+    credentials: Option<mpsc::Sender<credentials::Request>>,
 }
 
 /// State shared by every task of the daemon.

@@ -566,16 +566,29 @@ fn run_storage(d: &Arc<Daemon>, req: &RunRequest, run: &RunId) -> Result<RunStor
         }
     };
     let needs_store = !req.data.is_empty() || checkpoints.is_some() || resume_from.is_some();
-    let remote = match &req.on {
+    let caps = match &req.on {
         Some(name) => {
             d.db.instance(name)
                 .ok()
                 .flatten()
-                .is_some_and(|row| row.provider.capabilities().remote)
+                .map(|row| row.provider.capabilities())
         }
-        None => req.launch.kind().capabilities().remote,
+        None => Some(req.launch.kind().capabilities()),
     };
-    let storage = plan::run_store(d.config.storage.spec(d.home.root()), needs_store, remote)?;
+    let remote = caps.is_some_and(|c| c.remote);
+    let access = match caps {
+        Some(c) if !c.own_store_credentials => match crate::credentials::Source::of(&d.config) {
+            Some(_) => plan::StoreAccess::Handed,
+            None => plan::StoreAccess::Nothing,
+        },
+        Some(_) | None => plan::StoreAccess::Own,
+    };
+    let storage = plan::run_store(
+        d.config.storage.spec(d.home.root()),
+        needs_store,
+        remote,
+        access,
+    )?;
     Ok(RunStorage {
         storage,
         checkpoints,

@@ -10,7 +10,7 @@ use anyhow::Context;
 use protocol::framed::{read_frame, write_frame};
 use protocol::{AgentMsg, BulkOpen, ControllerMsg, InstanceName, RunId, RunSpec};
 
-use super::{Daemon, instances, now_ms, sync};
+use super::{Daemon, credentials, instances, now_ms, sync};
 use crate::db::{InstanceState, RunState};
 use crate::error::{ErrorCode, UserError};
 
@@ -59,6 +59,22 @@ async fn try_start(
     tracing::info!(%run, files = report.summary.written, bytes = report.summary.stream_bytes, elapsed_ms = report.elapsed_ms, "project synced");
     // For `run` to tell: what the first sync sent, and what the instance already had.
     d.db.set_setting(&first_sync_key(run), &serde_json::to_string(&report)?)?;
+    if let (Some(_), Some(ask)) = (&spec.storage, &link.credentials) {
+        // The run's store requests wait on the agent until credentials naming it arrive.
+        credentials::remember(d, &spec).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        ask.send(reply).await.map_err(|_| {
+            anyhow::anyhow!("the agent disconnected before its store credentials were handed over")
+        })?;
+        answer
+            .await
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "the agent disconnected before its store credentials were handed over"
+                )
+            })?
+            .map_err(|e| anyhow::anyhow!("handing {instance} its store credentials: {e}"))?;
+    }
     let (mut send, mut recv) = link
         .conn
         .open_bi()

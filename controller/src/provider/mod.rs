@@ -71,6 +71,10 @@ pub struct Capabilities {
     /// The instance runs elsewhere: it has its own credentials and cannot reach this
     /// machine's files (a local object store), and it is billed.
     pub remote: bool,
+    /// The instance has object-store credentials of its own (an instance profile, or
+    /// this machine's environment); without them the daemon hands its agent short-lived
+    /// ones over the channel.
+    pub own_store_credentials: bool,
 }
 
 impl ProviderKind {
@@ -99,6 +103,7 @@ impl ProviderKind {
                 volumes: false,
                 multi_node: false,
                 remote: false,
+                own_store_credentials: true,
             },
             ProviderKind::Ec2 => Capabilities {
                 stop_start: true,
@@ -106,6 +111,7 @@ impl ProviderKind {
                 volumes: true,
                 multi_node: false,
                 remote: true,
+                own_store_credentials: true,
             },
             ProviderKind::Runpod => Capabilities {
                 stop_start: true,
@@ -113,6 +119,7 @@ impl ProviderKind {
                 volumes: false,
                 multi_node: false,
                 remote: true,
+                own_store_credentials: false,
             },
         }
     }

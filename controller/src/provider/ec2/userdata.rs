@@ -110,25 +110,20 @@ mod tests {
 
     fn config() -> AgentConfigFile {
         AgentConfigFile {
-            instance: "ec2-3fa9c1".parse().expect("name"),
-            controller: vec![
-                "203.0.113.7:7443".parse().expect("valid"),
-                "tcp://203.0.113.7:7443".parse().expect("valid"),
-            ],
-            ca_sha256: "ab".repeat(32).parse().expect("fingerprint"),
-            token: protocol::EnrollToken::from_random([7; 32]),
-            state_dir: "state".into(),
-            stats_interval_ms: None,
-            nvidia_smi: None,
-            idle_timeout_secs: None,
             poweroff_command: Some(vec!["systemctl".into(), "poweroff".into()]),
-            pod_api: None,
             metadata_endpoint: Some("http://169.254.169.254".into()),
-            log_max_bytes: None,
             keep_runs: Some(5),
             disk_budget: Some(protocol::agent_config::DiskSize::Percent(50)),
-            min_free: None,
-            keep_local_checkpoints: None,
+            ..AgentConfigFile::new(
+                "ec2-3fa9c1".parse().expect("name"),
+                vec![
+                    "203.0.113.7:7443".parse().expect("valid"),
+                    "tcp://203.0.113.7:7443".parse().expect("valid"),
+                ],
+                "ab".repeat(32).parse().expect("fingerprint"),
+                protocol::EnrollToken::from_random([7; 32]),
+                "state".into(),
+            )
         }
     }
 

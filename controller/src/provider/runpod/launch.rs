@@ -140,10 +140,13 @@ pub async fn prepare(
 }
 
 /// RunPod's settings in an agent's config: powering off asks RunPod, with the pod's own
-/// key, to stop or terminate the pod; the state dir sits on the pod's volume.
+/// key, to stop or terminate the pod; store credentials come from the controller.
 pub fn agent_settings(config: &Config, file: &mut AgentConfigFile) {
     file.idle_timeout_secs = config.runpod.idle_timeout_secs;
     file.pod_api = Some(config.runpod.api_url.clone());
+    // A pod has no instance profile: the daemon hands it store credentials over the
+    // channel (never in its environment or start command, which RunPod's API shows).
+    file.store_credentials = protocol::agent_config::CredentialsFrom::Controller;
     config.agent.write_into(file);
 }
 

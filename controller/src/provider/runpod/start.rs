@@ -48,22 +48,14 @@ mod tests {
 
     fn config() -> AgentConfigFile {
         AgentConfigFile {
-            instance: "runpod-3fa9c1".parse().expect("name"),
-            controller: vec!["tcp://203.0.113.7:7443".parse().expect("valid")],
-            ca_sha256: "ab".repeat(32).parse().expect("fingerprint"),
-            token: protocol::EnrollToken::from_random([7; 32]),
-            state_dir: "state".into(),
-            stats_interval_ms: None,
-            nvidia_smi: None,
             idle_timeout_secs: Some(3600),
-            poweroff_command: None,
-            pod_api: None,
-            metadata_endpoint: None,
-            log_max_bytes: None,
-            keep_runs: None,
-            disk_budget: None,
-            min_free: None,
-            keep_local_checkpoints: None,
+            ..AgentConfigFile::new(
+                "runpod-3fa9c1".parse().expect("name"),
+                vec!["tcp://203.0.113.7:7443".parse().expect("valid")],
+                "ab".repeat(32).parse().expect("fingerprint"),
+                protocol::EnrollToken::from_random([7; 32]),
+                "state".into(),
+            )
         }
     }
 
