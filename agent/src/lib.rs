@@ -68,7 +68,7 @@ const DELIVERY_BOUND: Duration = Duration::from_secs(30);
 
 /// How long an interrupted pod's runs get to end (RunPod sends SIGKILL 5 s after SIGTERM;
 /// whatever upload is in flight goes on until then).
-const POD_STOP_BOUND: Duration = Duration::from_secs(5);
+const POD_STOP_BOUND: Duration = Duration::from_millis(4500);
 
 /// Runs the agent until the controller shuts it down, the instance powers off, or
 /// `shutdown` resolves.
@@ -132,8 +132,15 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
                     // interrupting the pod (or someone stopped it), and SIGKILL follows in
                     // 5 s. The runs get their spot signal now, to checkpoint in time.
                     tracing::warn!("the pod is being stopped while runs are active: treating it as an interruption");
+                    let interrupted = runs.active_set();
                     runs.interrupt_all("pod-stop", &lifecycle::rfc3339_now());
-                    runs.wait_all_ended(POD_STOP_BOUND).await;
+                    let deadline = tokio::time::Instant::now() + POD_STOP_BOUND;
+                    runs.wait_all_ended(POD_STOP_BOUND.mul_f32(0.7)).await;
+                    // Their ends reach the controller if the link and SIGKILL allow.
+                    for run in &interrupted {
+                        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                        runs.wait_delivered(run, left).await;
+                    }
                 } else {
                     runs.stop_all(None).await;
                 }

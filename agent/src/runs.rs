@@ -141,7 +141,7 @@ impl Runs {
     }
 
     /// The runs that have not ended.
-    fn active_set(&self) -> HashSet<RunId> {
+    pub fn active_set(&self) -> HashSet<RunId> {
         self.lock()
             .iter()
             .filter(|(_, e)| !e.log.cursor().ended)

@@ -331,6 +331,15 @@ async fn a_pods_container_runs_its_start_command_and_gets_signals_as_runpod_send
 /// A controller home whose pods come from `double`, with the S3 server for the agent's
 /// download and the static agent, or `None` (SKIPPED) outside scripts/test.sh.
 fn runpod_home(double: &RunPodDouble, test: &str) -> Option<(tests::Home, tests::s3::S3Env)> {
+    runpod_home_with(double, test, "")
+}
+
+/// [`runpod_home`] with `extra` lines in its `[runpod]` table.
+fn runpod_home_with(
+    double: &RunPodDouble,
+    test: &str,
+    extra: &str,
+) -> Option<(tests::Home, tests::s3::S3Env)> {
     let s3 = tests::s3::S3Env::get(test)?;
     let Some(agent) = std::env::var("RUNCTL_STATIC_AGENT")
         .ok()
@@ -354,7 +363,7 @@ fn runpod_home(double: &RunPodDouble, test: &str) -> Option<(tests::Home, tests:
          [runpod]\napi_url = \"{api}\"\ngraphql_url = \"{graphql}\"\n\
          controller_endpoint = \"127.0.0.1:{port}\"\n\
          artifacts = \"s3://{bucket}/{prefix}artifacts\"\n\
-         agent_binary = \"{agent}\"\nenroll_timeout_secs = 60\n",
+         agent_binary = \"{agent}\"\nenroll_timeout_secs = 60\n{extra}",
         storage = s3.config_toml(&s3.endpoint),
         api = double.api(),
         graphql = double.graphql(),
@@ -488,4 +497,340 @@ fn a_launch_without_a_key_or_with_an_unknown_gpu_is_refused_before_anything_is_m
         list["instances"].as_array().is_some_and(|a| a.is_empty()),
         "{list}"
     );
+}
+
+/// A profile whose credentials come from a `credential_process` that hands out the S3
+/// server's keys valid for `secs` and counts how often it was asked; the directory, the
+/// environment pointing the AWS SDK at it, and the count file.
+fn expiring_profile(
+    s3: &tests::s3::S3Env,
+    secs: u32,
+) -> (
+    tempfile::TempDir,
+    Vec<(&'static str, String)>,
+    std::path::PathBuf,
+) {
+    let dir = tempfile::tempdir().expect("profile dir");
+    let count = dir.path().join("issued");
+    let script = dir.path().join("creds.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\necho issued >> '{count}'\nexp=$(date -u -d '+{secs} seconds' +%Y-%m-%dT%H:%M:%SZ)\n\
+             printf '{{\"Version\":1,\"AccessKeyId\":\"%s\",\"SecretAccessKey\":\"%s\",\"Expiration\":\"%s\"}}' '{key}' '{secret}' \"$exp\"\n",
+            count = count.display(),
+            key = s3.access_key,
+            secret = s3.secret_key,
+        ),
+    )
+    .expect("write script");
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
+    let config = dir.path().join("config");
+    std::fs::write(
+        &config,
+        format!(
+            "[profile pods]\ncredential_process = {}\n",
+            script.display()
+        ),
+    )
+    .expect("write aws config");
+    let envs = vec![
+        ("AWS_CONFIG_FILE", config.display().to_string()),
+        (
+            "AWS_SHARED_CREDENTIALS_FILE",
+            dir.path().join("none").display().to_string(),
+        ),
+    ];
+    (dir, envs, count)
+}
+
+fn lines_in(path: &std::path::Path) -> usize {
+    std::fs::read_to_string(path).map_or(0, |s| s.lines().count())
+}
+
+fn pod_logs(double: &RunPodDouble) -> String {
+    double
+        .pods()
+        .iter()
+        .map(|p| p["dir"].as_str().unwrap_or_default().to_owned())
+        .map(|d| std::fs::read_to_string(format!("{d}/container.log")).unwrap_or_default())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The objects under `prefix` of the test bucket, listed with the S3 server's own keys
+/// (no daemon involved).
+fn objects_under(home: &tests::Home, s3: &tests::s3::S3Env, prefix: &str) -> String {
+    let out = cli(home, s3, None)
+        .args(["--output", "json", "s3", "ls", "--recursive", prefix])
+        .output()
+        .expect("s3 ls");
+    tests::stdout(&out)
+}
+
+#[test]
+fn a_pod_is_handed_store_credentials_renewed_and_waits_for_them_while_the_laptop_is_away() {
+    let double = RunPodDouble::start();
+    let Some((home, s3)) = runpod_home_with(&double, "runpod_handed", "store_profile = \"pods\"\n")
+    else {
+        return;
+    };
+    let (_profile, profile_env, issued) = expiring_profile(&s3, 20);
+    let project = tempfile::tempdir().expect("project");
+    std::fs::copy(
+        tests::fixture("pod_trainer.py"),
+        project.path().join("pod_trainer.py"),
+    )
+    .expect("copy trainer");
+    let cue = project.path().join("cue");
+    let base = format!(
+        "s3://{}/{}ck",
+        s3.bucket,
+        tests::s3::S3Env::unique_prefix("runpod_handed")
+    );
+    let laptop = || {
+        let mut cmd = cli(&home, &s3, Some(KEY));
+        cmd.envs(profile_env.clone());
+        cmd
+    };
+    let out = laptop()
+        .args(["--output", "json", "run", "--detach"])
+        .args(["--provider", "runpod", "--gpu", "A100 PCIe"])
+        .args(["--setup", "none", "--checkpoints", &base, "--workdir"])
+        .arg(project.path())
+        .args(["--", "python3", "pod_trainer.py", "handed"])
+        .arg(&cue)
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}\npod: {}",
+        tests::stderr(&out),
+        pod_logs(&double)
+    );
+    let row = tests::json_output(&out, &["run"]);
+    let run = row["id"].as_str().expect("id").to_owned();
+    let prefix = format!("{base}/{run}/");
+    // Nothing secret is where RunPod's API would show it.
+    let pods = double.pods();
+    assert_eq!(pods.len(), 1, "{pods:?}");
+    let shown = pods[0].to_string();
+    assert!(
+        !shown.contains(&s3.secret_key),
+        "the secret is on show: {shown}"
+    );
+    assert!(
+        !shown.contains("AWS_ACCESS_KEY_ID"),
+        "store keys in the pod's env: {shown}"
+    );
+    // The first checkpoint arrives with handed credentials, and they are renewed.
+    home.wait_until("one.bin in the store", Duration::from_secs(60), || {
+        objects_under(&home, &s3, &prefix).contains("one.bin")
+    });
+    home.wait_until("a renewal", Duration::from_secs(40), || {
+        lines_in(&issued) >= 2
+    });
+
+    // The laptop goes away; the credentials the pod holds expire.
+    let pid = home.daemon_pid().expect("a daemon");
+    assert!(home.run(&["shutdown"]).status.success());
+    let gone = Instant::now();
+    while nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok() {
+        assert!(
+            gone.elapsed() < Duration::from_secs(20),
+            "the daemon stayed"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(22));
+    std::fs::write(&cue, "").expect("cue");
+    std::thread::sleep(Duration::from_secs(6));
+    let held = objects_under(&home, &s3, &prefix);
+    assert!(
+        !held.contains("two.bin"),
+        "uploaded with expired credentials: {held}"
+    );
+    let log = pod_logs(&double);
+    assert!(
+        log.contains("store requests wait for the controller to renew its credentials"),
+        "the wait is not in the agent's log:\n{log}"
+    );
+
+    // Back: the agent reconnects, is handed fresh ones, and the upload goes through.
+    let out = laptop().args(["list"]).output().expect("list");
+    assert!(out.status.success(), "{}", tests::stderr(&out));
+    home.wait_until("two.bin in the store", Duration::from_secs(60), || {
+        objects_under(&home, &s3, &prefix).contains("two.bin")
+    });
+    std::fs::write(cue.with_extension("end"), "").expect("cue");
+    home.wait_until("the run to succeed", Duration::from_secs(60), || {
+        home.json(&["logs", &run])
+            .get("state")
+            .is_some_and(|s| s == "succeeded")
+    });
+    let log = pod_logs(&double);
+    assert!(log.contains("store requests resume"), "{log}");
+}
+
+#[test]
+fn an_interrupted_pod_signals_its_run_which_ends_interrupted_with_its_last_checkpoint_kept() {
+    let double = RunPodDouble::start();
+    let Some((home, s3)) = runpod_home_with(&double, "runpod_spot", "store_profile = \"pods\"\n")
+    else {
+        return;
+    };
+    let (_profile, profile_env, _) = expiring_profile(&s3, 3600);
+    let project = tempfile::tempdir().expect("project");
+    std::fs::copy(
+        tests::fixture("pod_trainer.py"),
+        project.path().join("pod_trainer.py"),
+    )
+    .expect("copy trainer");
+    let base = format!(
+        "s3://{}/{}ck",
+        s3.bucket,
+        tests::s3::S3Env::unique_prefix("runpod_spot")
+    );
+    let out = cli(&home, &s3, Some(KEY))
+        .envs(profile_env)
+        .args(["--output", "json", "run", "--detach"])
+        .args(["--provider", "runpod", "--gpu", "A100 PCIe", "--spot"])
+        .args(["--setup", "none", "--checkpoints", &base, "--workdir"])
+        .arg(project.path())
+        .args(["--", "python3", "pod_trainer.py", "spot", "-"])
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}\npod: {}",
+        tests::stderr(&out),
+        pod_logs(&double)
+    );
+    let run = tests::json_output(&out, &["run"])["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let prefix = format!("{base}/{run}/");
+    home.wait_until("step-1.bin in the store", Duration::from_secs(60), || {
+        objects_under(&home, &s3, &prefix).contains("step-1.bin")
+    });
+    let pods = double.pods();
+    assert_eq!(pods[0]["interruptible"], true, "{pods:?}");
+    let id = pods[0]["id"].as_str().expect("pod id").to_owned();
+    double.interrupt(&id);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let logs = home.json(&["logs", &run]);
+        if logs.get("state").is_some_and(|s| s == "interrupted") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the run did not end interrupted: {}\npod: {}",
+            logs.get("state").cloned().unwrap_or_default(),
+            pod_logs(&double)
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    // The checkpoint saved on the signal made it out before SIGKILL.
+    let listed = objects_under(&home, &s3, &prefix);
+    assert!(
+        listed.contains("final.bin"),
+        "{listed}\npod: {}",
+        pod_logs(&double)
+    );
+    let (names, latest) = {
+        let listed = home.json(&["checkpoint", "list", &run]);
+        let names: Vec<String> = listed["checkpoints"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{listed}"))
+            .iter()
+            .map(|c| c["name"].as_str().expect("name").to_owned())
+            .collect();
+        (names, listed["latest"].as_str().map(str::to_owned))
+    };
+    assert!(names.contains(&"final.bin".to_owned()), "{names:?}");
+    assert_eq!(latest.as_deref(), Some("final.bin"));
+    let logs = tests::stdout(&home.run(&["logs", &run]));
+    assert!(logs.contains("interrupted: saving"), "{logs}");
+}
+
+/// The STS call itself, against moto's STS (moto does not enforce session policies or
+/// expiry: the policy's content is checked by `controller::credentials`'s unit tables).
+#[tokio::test]
+async fn assumed_role_credentials_come_back_with_their_expiry_for_the_runs_named() {
+    let Some(endpoint) = std::env::var("RUNCTL_TEST_EC2_ENDPOINT")
+        .ok()
+        .filter(|e| !e.is_empty())
+    else {
+        assert!(
+            std::env::var("RUNCTL_REQUIRE_EC2").is_err(),
+            "RUNCTL_TEST_EC2_ENDPOINT is required under scripts/test.sh"
+        );
+        eprintln!("SKIPPED assume role: no moto server (run scripts/test.sh)");
+        return;
+    };
+    use controller::credentials::{Grant, Source, issue};
+    let config: controller::config::Config =
+        toml::from_str("[storage]\nregion = \"us-east-1\"\n").expect("config");
+    let source = Source::AssumeRole {
+        role_arn: "arn:aws:iam::123456789012:role/runctl-pods".into(),
+        lifetime: Duration::from_secs(900),
+        sts_endpoint: Some(endpoint),
+    };
+    let run: protocol::RunId = "run-0123456789ab".parse().expect("run id");
+    let grants = [Grant {
+        bucket: "ckpt".into(),
+        prefix: "runs/run-0123456789ab/".into(),
+        write: true,
+    }];
+    let before = std::time::SystemTime::now();
+    let creds = issue(
+        &config,
+        &source,
+        "runpod-3fa9c1",
+        vec![run.clone()],
+        &grants,
+    )
+    .await
+    .expect("assumed");
+    assert!(creds.access_key_id.starts_with("ASIA"), "{creds:?}");
+    assert!(creds.session_token.is_some(), "{creds:?}");
+    assert_eq!(creds.runs, [run]);
+    let expires = creds.expires_at_ms.expect("an expiry");
+    let issued = before
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64;
+    assert!(
+        (issued + 800_000..issued + 1_000_000).contains(&expires),
+        "900 s from now, not {} s",
+        (expires as i64 - issued as i64) / 1000
+    );
+    assert!(
+        !format!("{creds:?}").contains(&creds.secret_access_key),
+        "the secret is in Debug"
+    );
+}
+
+#[test]
+fn a_run_that_needs_the_store_on_a_pod_with_no_credentials_to_hand_is_refused_before_launch() {
+    let double = RunPodDouble::start();
+    let Some((home, s3)) = runpod_home(&double, "runpod_no_creds") else {
+        return;
+    };
+    let out = cli(&home, &s3, Some(KEY))
+        .args(["run", "--provider", "runpod", "--gpu", "A100 PCIe"])
+        .args(["--checkpoints", &format!("s3://{}/ck", s3.bucket)])
+        .args(["--", "true"])
+        .output()
+        .expect("run");
+    let err = tests::stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("store_role_arn") && err.contains("store_profile"),
+        "{err}"
+    );
+    assert!(double.pods().is_empty(), "{:?}", double.pods());
 }
