@@ -100,11 +100,17 @@ pub struct FaultProxy {
 impl FaultProxy {
     /// Starts the proxy on the current tokio runtime.
     pub async fn start(upstream: &str) -> FaultProxy {
+        FaultProxy::start_on("127.0.0.1:0", upstream).await
+    }
+
+    /// [`FaultProxy::start`], listening on `bind` (e.g. an address a network namespace
+    /// reaches).
+    pub async fn start_on(bind: &str, upstream: &str) -> FaultProxy {
         let upstream = upstream
             .trim_start_matches("http://")
             .trim_end_matches('/')
             .to_owned();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        let listener = tokio::net::TcpListener::bind(bind)
             .await
             .expect("bind proxy");
         let proxy = FaultProxy {

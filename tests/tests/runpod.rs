@@ -834,3 +834,95 @@ fn a_run_that_needs_the_store_on_a_pod_with_no_credentials_to_hand_is_refused_be
     );
     assert!(double.pods().is_empty(), "{:?}", double.pods());
 }
+
+/// A pod as RunPod's are: in a network of its own with no UDP, reaching the daemon, the
+/// store and RunPod's API only at this machine's address on its link.
+#[test]
+fn a_pod_with_no_udp_dials_back_over_tcp_and_runs_with_the_store_through_its_link() {
+    let Some(net) = tests::runpod::PodNet::new("runpod_no_udp") else {
+        return;
+    };
+    let Some(s3) = tests::s3::S3Env::get("runpod_no_udp") else {
+        return;
+    };
+    let Some(agent) = std::env::var("RUNCTL_STATIC_AGENT")
+        .ok()
+        .filter(|a| !a.is_empty())
+    else {
+        assert!(std::env::var("RUNCTL_REQUIRE_S3").is_err());
+        eprintln!("SKIPPED runpod_no_udp: no static agent (run scripts/test.sh)");
+        return;
+    };
+    let host = tests::runpod::PodNet::HOST;
+    let double = RunPodDouble::start_with(Some(&net.netns), host);
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    // The store as the pod sees it: this machine's address on the pod's link.
+    let store = runtime.block_on(tests::s3::FaultProxy::start_on(
+        &format!("{host}:0"),
+        &s3.endpoint,
+    ));
+    let port = std::net::UdpSocket::bind("0.0.0.0:0")
+        .and_then(|s| s.local_addr())
+        .expect("a free port")
+        .port();
+    let prefix = tests::s3::S3Env::unique_prefix("runpod_no_udp");
+    let home = tests::Home::new();
+    let (_profile, profile_env, _) = expiring_profile(&s3, 3600);
+    std::fs::write(
+        home.path().join("config.toml"),
+        format!(
+            "[daemon]\nlisten = \"0.0.0.0:{port}\"\nstop_grace_secs = 3\n{storage}\
+             [runpod]\napi_url = \"{api}\"\ngraphql_url = \"{graphql}\"\n\
+             controller_endpoint = \"{host}:{port}\"\n\
+             artifacts = \"s3://{bucket}/{prefix}artifacts\"\n\
+             agent_binary = \"{agent}\"\nenroll_timeout_secs = 60\nstore_profile = \"pods\"\n",
+            storage = s3.config_toml(&store.endpoint()),
+            api = double.api(),
+            graphql = double.graphql(),
+            bucket = s3.bucket,
+        ),
+    )
+    .expect("config");
+    let project = tempfile::tempdir().expect("project");
+    let base = format!("s3://{}/{prefix}ck", s3.bucket);
+    let started = Instant::now();
+    let out = cli(&home, &s3, Some(KEY))
+        .envs(profile_env)
+        .args(["run", "--provider", "runpod", "--gpu", "A100 PCIe"])
+        .args(["--setup", "none", "--checkpoints", &base, "--workdir"])
+        .arg(project.path())
+        .args([
+            "--",
+            "sh",
+            "-c",
+            "echo first output; echo weights > \"$RUNCTL_CHECKPOINT_DIR/c.bin\"",
+        ])
+        .output()
+        .expect("run");
+    let took = started.elapsed();
+    let err = tests::stderr(&out);
+    let daemon_log = std::fs::read_to_string(home.path().join("daemon.log")).unwrap_or_default();
+    assert!(
+        out.status.success(),
+        "{err}\npod: {}\ndaemon: {daemon_log}",
+        pod_logs(&double)
+    );
+    assert!(
+        tests::stdout(&out).contains("first output"),
+        "{}",
+        tests::stdout(&out)
+    );
+    eprintln!("launch to the run's end on the double, UDP dropped: {took:.1?}\n{err}");
+    // Over TCP, since UDP goes nowhere from the pod.
+    let connected: Vec<&str> = daemon_log
+        .lines()
+        .filter(|l| l.contains("connected from"))
+        .collect();
+    assert!(
+        !connected.is_empty() && connected.iter().all(|l| l.contains("tcp")),
+        "{connected:?}"
+    );
+    let listed = objects_under(&home, &s3, &format!("{base}/"));
+    assert!(listed.contains("c.bin"), "{listed}");
+    drop(runtime);
+}
