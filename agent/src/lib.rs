@@ -144,6 +144,9 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
                 } else {
                     runs.stop_all(None).await;
                 }
+                // The controller sees the agent go at once, not after the idle timeout.
+                closing_tx.send_replace(true);
+                let _ = tokio::time::timeout(Duration::from_millis(500), &mut sessions).await;
                 return Ok(Exit::Interrupted);
             }
             Some((run, action)) = ended_rx.recv() => {

@@ -663,14 +663,14 @@ fn a_pod_is_handed_store_credentials_renewed_and_waits_for_them_while_the_laptop
     home.wait_until("two.bin in the store", Duration::from_secs(60), || {
         objects_under(&home, &s3, &prefix).contains("two.bin")
     });
+    let log = pod_logs(&double);
+    assert!(log.contains("store requests resume"), "{log}");
     std::fs::write(cue.with_extension("end"), "").expect("cue");
     home.wait_until("the run to succeed", Duration::from_secs(60), || {
         home.json(&["logs", &run])
             .get("state")
             .is_some_and(|s| s == "succeeded")
     });
-    let log = pod_logs(&double);
-    assert!(log.contains("store requests resume"), "{log}");
 }
 
 #[test]
@@ -925,4 +925,99 @@ fn a_pod_with_no_udp_dials_back_over_tcp_and_runs_with_the_store_through_its_lin
     let listed = objects_under(&home, &s3, &format!("{base}/"));
     assert!(listed.contains("c.bin"), "{listed}");
     drop(runtime);
+}
+
+/// The instance named in `list` for pod launches: its row.
+fn listed(home: &tests::Home, name: &str) -> serde_json::Value {
+    let list = home.json(&["list"]);
+    list["instances"]
+        .as_array()
+        .and_then(|all| all.iter().find(|i| i["instance"]["name"] == name).cloned())
+        .unwrap_or_else(|| panic!("{name} is not listed: {list}"))
+}
+
+#[test]
+fn a_kept_pod_is_listed_with_its_price_stopped_started_and_terminated_leaving_other_pods_alone() {
+    let double = RunPodDouble::start();
+    let Some((home, s3)) = runpod_home(&double, "runpod_lifecycle") else {
+        return;
+    };
+    // Someone else's pod in the same account: never listed as runctl's, never touched.
+    let theirs = tokio::runtime::Runtime::new()
+        .expect("runtime")
+        .block_on(client(&double, KEY).create_pod(&pod("their-notebook", A100, 1)))
+        .expect("their pod")
+        .id;
+    let out = cli(&home, &s3, Some(KEY))
+        .args(["--output", "json", "launch", "--provider", "runpod"])
+        .args(["--gpu", "A100 PCIe", "--name", "kept", "--wait"])
+        .output()
+        .expect("launch");
+    assert!(
+        out.status.success(),
+        "{}\npod: {}",
+        tests::stderr(&out),
+        pod_logs(&double)
+    );
+    let row = listed(&home, "kept");
+    assert_eq!(row["instance"]["provider"], "runpod", "{row}");
+    assert_eq!(row["connected"], true, "{row}");
+    assert_eq!(row["cloud"]["price_per_hour"], 1.64, "{row}");
+    assert!(row["cost"].as_f64().is_some(), "{row}");
+    let list = home.json(&["list"]);
+    assert!(!list.to_string().contains("their-notebook"), "{list}");
+    let ours = || {
+        double
+            .pods()
+            .into_iter()
+            .find(|p| p["name"] == "runctl-kept")
+            .expect("our pod")
+    };
+
+    let out = cli(&home, &s3, Some(KEY))
+        .args(["stop", "kept"])
+        .output()
+        .expect("stop");
+    assert!(out.status.success(), "{}", tests::stderr(&out));
+    assert_eq!(ours()["status"], "EXITED", "{}", ours());
+    home.wait_until("kept to show stopped", Duration::from_secs(20), || {
+        listed(&home, "kept")["instance"]["state"] == "stopped"
+    });
+    let out = cli(&home, &s3, Some(KEY))
+        .args(["start", "kept"])
+        .output()
+        .expect("start");
+    assert!(out.status.success(), "{}", tests::stderr(&out));
+    // Its container starts again from the volume: the same agent, the same identity.
+    home.wait_until("kept's agent back", Duration::from_secs(60), || {
+        listed(&home, "kept")["connected"] == true
+    });
+    let out = cli(&home, &s3, Some(KEY))
+        .args(["run", "--on", "kept", "--no-checkpoints", "--setup", "none"])
+        .args(["--", "echo", "after a restart"])
+        .output()
+        .expect("run");
+    assert!(
+        tests::stdout(&out).contains("after a restart"),
+        "{}\npod: {}\ndaemon: {}",
+        tests::stderr(&out),
+        pod_logs(&double),
+        std::fs::read_to_string(home.path().join("daemon.log")).unwrap_or_default()
+    );
+
+    let out = cli(&home, &s3, Some(KEY))
+        .args(["terminate", "kept"])
+        .output()
+        .expect("terminate");
+    assert!(out.status.success(), "{}", tests::stderr(&out));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while double.pods().iter().any(|p| p["name"] == "runctl-kept") {
+        assert!(Instant::now() < deadline, "{:?}", double.pods());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let left = double.pods();
+    assert!(
+        left.len() == 1 && left[0]["id"] == theirs.as_str() && left[0]["status"] == "RUNNING",
+        "their pod was touched: {left:?}"
+    );
 }
