@@ -9,6 +9,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use protocol::{EndAction, StoreSpec};
 
 use crate::error::{ErrorCode, UserError};
+use crate::provider::Capabilities;
 
 /// How agents of a remote instance reach this daemon: directly at `direct` (UDP and TCP),
 /// through the relay at `relay`, or both.
@@ -101,15 +102,16 @@ pub struct EndPlan {
 
 /// The instance's fate at the end of a run: `requested` (`--end`), else terminate an
 /// instance launched for this run (`launched` without `--keep`) and keep any other. A
-/// spot instance cannot be stopped. On a provider that stops and starts instances
-/// (`stop_start`), a stop is the daemon's to do through the API (an EC2 instance powered
-/// off from inside terminates, its shutdown behaviour); elsewhere the agent powers off.
+/// spot instance cannot be stopped. Where the provider stops and starts instances
+/// (`caps.stop_start`) but an agent cannot stop its own (EC2: powered off from inside, an
+/// instance terminates, its shutdown behaviour), a stop is the daemon's to do through the
+/// API; elsewhere the agent stops its instance (a pod, with its own key) or powers off.
 pub fn run_end(
     requested: Option<EndAction>,
     launched: bool,
     keep: bool,
     spot: bool,
-    stop_start: bool,
+    caps: Capabilities,
 ) -> Result<EndPlan, UserError> {
     let end = requested.unwrap_or(if launched && !keep {
         EndAction::Terminate
@@ -122,7 +124,7 @@ pub fn run_end(
             "--end stop: a spot instance cannot be stopped, only terminated",
         )
         .resolve("use --end terminate or --end keep")),
-        EndAction::Stop if stop_start => Ok(EndPlan {
+        EndAction::Stop if caps.stop_start && !caps.stops_itself => Ok(EndPlan {
             agent: EndAction::Keep,
             daemon_stops: true,
         }),
@@ -229,6 +231,7 @@ pub fn power(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::provider::ProviderKind;
     use EndAction::*;
 
     fn addr(s: &str) -> SocketAddr {
@@ -325,12 +328,28 @@ mod tests {
         stop_start: bool,
         expected: Option<(EndAction, bool)>,
     ) {
-        let got = run_end(requested, launched, keep, spot, stop_start)
+        let provider = if stop_start {
+            ProviderKind::Ec2
+        } else {
+            ProviderKind::Local
+        };
+        check_end_on(requested, launched, keep, spot, provider, expected);
+    }
+
+    fn check_end_on(
+        requested: Option<EndAction>,
+        launched: bool,
+        keep: bool,
+        spot: bool,
+        provider: ProviderKind,
+        expected: Option<(EndAction, bool)>,
+    ) {
+        let got = run_end(requested, launched, keep, spot, provider.capabilities())
             .ok()
             .map(|p| (p.agent, p.daemon_stops));
         assert_eq!(
             got, expected,
-            "{requested:?} launched={launched} keep={keep} spot={spot} stop_start={stop_start}"
+            "{requested:?} launched={launched} keep={keep} spot={spot} {provider:?}"
         );
     }
 
@@ -352,6 +371,11 @@ mod tests {
         check_end(Some(Stop), true, false, false, true, Some((Keep, true)));
         // Elsewhere (a local instance) the agent powers off with its poweroff command.
         check_end(Some(Stop), false, false, false, false, Some((Stop, false)));
+        // A pod stops itself through RunPod's API with its own key: no laptop needed.
+        let pod = ProviderKind::Runpod;
+        check_end_on(Some(Stop), true, false, false, pod, Some((Stop, false)));
+        check_end_on(None, true, false, false, pod, Some((Terminate, false)));
+        check_end_on(Some(Stop), true, false, true, pod, None);
         // Spot instances cannot be stopped, whoever would.
         check_end(Some(Stop), true, false, true, true, None);
         check_end(Some(Stop), false, false, true, false, None);

@@ -1021,3 +1021,57 @@ fn a_kept_pod_is_listed_with_its_price_stopped_started_and_terminated_leaving_ot
         "their pod was touched: {left:?}"
     );
 }
+
+#[test]
+fn end_stop_leaves_the_pod_stopped_by_its_own_agent_with_its_volume() {
+    let double = RunPodDouble::start();
+    let Some((home, s3)) = runpod_home(&double, "runpod_end_stop") else {
+        return;
+    };
+    let out = cli(&home, &s3, Some(KEY))
+        .args([
+            "run",
+            "--provider",
+            "runpod",
+            "--gpu",
+            "A100 PCIe",
+            "--end",
+            "stop",
+        ])
+        .args(["--no-checkpoints", "--setup", "none"])
+        .args(["--", "sh", "-c", "echo done > /dev/null; echo finished"])
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}\npod: {}",
+        tests::stderr(&out),
+        pod_logs(&double)
+    );
+    assert!(tests::stdout(&out).contains("finished"));
+    // The pod's agent asked RunPod (with the pod's own key) to stop it: EXITED, not gone.
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let pods = double.pods();
+        assert_eq!(pods.len(), 1, "the pod was terminated: {pods:?}");
+        if pods[0]["status"] == "EXITED" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never stopped: {pods:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let daemon = home.daemon_pid();
+    let name = home.json(&["list"])["instances"][0]["instance"]["name"]
+        .as_str()
+        .expect("name")
+        .to_owned();
+    home.wait_until("the pod to show stopped", Duration::from_secs(20), || {
+        listed(&home, &name)["instance"]["state"] == "stopped"
+    });
+    assert_eq!(home.daemon_pid(), daemon);
+    let out = cli(&home, &s3, Some(KEY))
+        .args(["terminate", &name])
+        .output()
+        .expect("terminate");
+    assert!(out.status.success(), "{}", tests::stderr(&out));
+}

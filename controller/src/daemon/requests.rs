@@ -395,13 +395,7 @@ async fn run(d: &Arc<Daemon>, stream: &mut UnixStream, req: RunRequest) -> anyho
                 );
             }
             let spot = d.db.cloud(name)?.is_some_and(|c| c.spot);
-            let end = plan::run_end(
-                req.end,
-                false,
-                req.keep,
-                spot,
-                row.provider.capabilities().stop_start,
-            )?;
+            let end = plan::run_end(req.end, false, req.keep, spot, row.provider.capabilities())?;
             (row.name, false, end)
         }
         None => {
@@ -410,14 +404,17 @@ async fn run(d: &Arc<Daemon>, stream: &mut UnixStream, req: RunRequest) -> anyho
                 true,
                 req.keep,
                 req.launch.spot(),
-                req.launch.kind().capabilities().stop_start,
+                req.launch.kind().capabilities(),
             )?;
             write_frame(
                 stream,
                 &Response::Progress(format!("launching {}", req.launch.kind().an_instance())),
             )
             .await?;
-            let for_run = (!req.keep).then(|| run_id.clone());
+            // A pod that stops itself at the end outlives its run, stopped with its volume.
+            let outlives = end.agent == protocol::EndAction::Stop
+                && req.launch.kind().capabilities().stops_itself;
+            let for_run = (!req.keep && !outlives).then(|| run_id.clone());
             let mut options = req.launch.clone();
             if let LaunchOptions::Ec2(opts) = &mut options {
                 opts.project = req

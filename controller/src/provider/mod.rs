@@ -75,6 +75,9 @@ pub struct Capabilities {
     /// this machine's environment); without them the daemon hands its agent short-lived
     /// ones over the channel.
     pub own_store_credentials: bool,
+    /// Its agent can stop its own instance through the provider's API (a pod, with the
+    /// key RunPod gives it), so a run's `--end stop` needs no daemon.
+    pub stops_itself: bool,
 }
 
 impl ProviderKind {
@@ -104,6 +107,7 @@ impl ProviderKind {
                 multi_node: false,
                 remote: false,
                 own_store_credentials: true,
+                stops_itself: false,
             },
             ProviderKind::Ec2 => Capabilities {
                 stop_start: true,
@@ -112,6 +116,7 @@ impl ProviderKind {
                 multi_node: false,
                 remote: true,
                 own_store_credentials: true,
+                stops_itself: false,
             },
             ProviderKind::Runpod => Capabilities {
                 stop_start: true,
@@ -120,6 +125,7 @@ impl ProviderKind {
                 multi_node: false,
                 remote: true,
                 own_store_credentials: false,
+                stops_itself: true,
             },
         }
     }
