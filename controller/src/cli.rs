@@ -122,8 +122,8 @@ Examples:
   runctl-controller launch --provider ec2 --volume-size 500 --keep-volume p4d.24xlarge")]
     Launch(LaunchArgs),
 
-    /// EBS volumes for runctl instances: create, list, attach, detach, delete, snapshot,
-    /// restore.
+    /// EBS volumes for runctl instances (create, list, attach, detach, delete, snapshot,
+    /// restore), and RunPod network volumes (create, list, delete).
     #[command(
         subcommand,
         after_long_help = "\
@@ -135,7 +135,12 @@ Examples:
   runctl-controller volume create --size 500 --instance ec2-3fa9c1 --persistent
   runctl-controller volume attach vol-0123456789abcdef0 ec2-3fa9c1
   runctl-controller volume snapshot vol-0123456789abcdef0
-  runctl-controller volume restore snap-0123456789abcdef0 --instance ec2-3fa9c1"
+  runctl-controller volume restore snap-0123456789abcdef0 --instance ec2-3fa9c1
+
+RunPod network volumes are named runctl-NAME (only those are listed or deleted), mount at
+/workspace when a pod is launched with them, and only in their own data center:
+  runctl-controller volume create --provider runpod --size 100 --datacenter US-KS-2 --name data
+  runctl-controller launch --provider runpod --gpu \"A100 PCIe\" --volume 2q9m7x4c"
     )]
     Volume(VolumeCommand),
 
@@ -707,14 +712,30 @@ pub struct TopArgs {
     pub run: Option<RunId>,
 }
 
+/// Whose volumes a `volume` command is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum VolumeProvider {
+    /// EBS volumes.
+    Ec2,
+    /// RunPod network volumes (mounted at /workspace by `launch --provider runpod
+    /// --volume ID`, in their data center).
+    Runpod,
+}
+
 /// Where a new volume goes and how it is tagged (`volume create` and `volume restore`).
 #[derive(Debug, Args)]
 pub struct NewVolumeArgs {
+    /// EBS (ec2) or a RunPod network volume (runpod).
+    #[arg(long, value_enum, default_value = "ec2")]
+    pub provider: VolumeProvider,
+    /// RunPod: the data center, e.g. US-KS-2 (pods that mount it run there).
+    #[arg(long, value_name = "DC", conflicts_with_all = ["zone", "instance"])]
+    pub datacenter: Option<String>,
     /// The instance (name or i- id) whose zone to use.
     #[arg(
         long,
         value_name = "INSTANCE",
-        required_unless_present = "zone",
+        required_unless_present_any = ["zone", "datacenter"],
         conflicts_with = "zone"
     )]
     pub instance: Option<String>,
@@ -743,7 +764,11 @@ pub enum VolumeCommand {
         new: NewVolumeArgs,
     },
     /// List runctl's volumes.
-    List,
+    List {
+        /// EBS (ec2) or RunPod network volumes (runpod).
+        #[arg(long, value_enum, default_value = "ec2")]
+        provider: VolumeProvider,
+    },
     /// Attach a volume to an instance (in the same zone).
     Attach {
         /// The volume, e.g. vol-0123456789abcdef0.
@@ -765,11 +790,13 @@ pub enum VolumeCommand {
         #[arg(long)]
         force: bool,
     },
-    /// Delete a detached volume.
+    /// Delete a detached volume (a RunPod one no pod mounts).
     Delete {
-        /// The volume, e.g. vol-0123456789abcdef0.
-        #[arg(value_parser = parse_volume)]
+        /// The volume, e.g. vol-0123456789abcdef0 (or a RunPod volume's id).
         volume: String,
+        /// EBS (ec2) or a RunPod network volume (runpod).
+        #[arg(long, value_enum, default_value = "ec2")]
+        provider: VolumeProvider,
         /// Delete it even if tagged persistent or protected.
         #[arg(long)]
         force: bool,

@@ -1,7 +1,10 @@
-//! `volume ...`: EBS volumes for runctl's EC2 instances, straight from this process to
-//! EC2 (the cloud is the truth for volumes; the daemon keeps no record of them).
+//! `volume ...`: EBS volumes for runctl's EC2 instances and RunPod network volumes,
+//! straight from this process to the cloud (the cloud is the truth for volumes; the daemon
+//! keeps no record of them). The second place that picks a provider, after
+//! `daemon::instances`: volumes are not instances, and each cloud's differ in kind (an EBS
+//! volume attaches and detaches; a network volume is named at a pod's creation).
 
-use crate::cli::{NewVolumeArgs, VolumeCommand};
+use crate::cli::{NewVolumeArgs, VolumeCommand, VolumeProvider};
 use crate::config::Config;
 use crate::error::UserError;
 use crate::provider::ec2::Ec2;
@@ -43,6 +46,37 @@ async fn new_volume(
 }
 
 pub async fn volume(config: &Config, printer: Printer, cmd: VolumeCommand) -> anyhow::Result<u8> {
+    let runpod = match &cmd {
+        VolumeCommand::Create { new, .. } => new.provider == VolumeProvider::Runpod,
+        VolumeCommand::List { provider } | VolumeCommand::Delete { provider, .. } => {
+            *provider == VolumeProvider::Runpod
+        }
+        VolumeCommand::Restore { new, .. } => {
+            if new.provider == VolumeProvider::Runpod || new.datacenter.is_some() {
+                return Err(UserError::new(
+                    crate::error::ErrorCode::BadInput,
+                    "RunPod network volumes have no snapshots to restore from",
+                )
+                .into());
+            }
+            false
+        }
+        VolumeCommand::Attach { .. }
+        | VolumeCommand::Detach { .. }
+        | VolumeCommand::Snapshot { .. } => false,
+    };
+    if runpod {
+        return runpod_volume(config, printer, cmd).await;
+    }
+    if let VolumeCommand::Create { new, .. } = &cmd
+        && new.datacenter.is_some()
+    {
+        return Err(UserError::new(
+            crate::error::ErrorCode::BadInput,
+            "--datacenter is for RunPod network volumes: add --provider runpod, or give --zone or --instance for an EBS volume",
+        )
+        .into());
+    }
     let ec2 = Ec2::connect(&config.ec2).await?;
     match cmd {
         VolumeCommand::Create { size, new } => {
@@ -57,7 +91,7 @@ pub async fn volume(config: &Config, printer: Printer, cmd: VolumeCommand) -> an
             let v = ec2.create_volume(&spec).await?;
             printer.data(&v, || volume_line("created", &v));
         }
-        VolumeCommand::List => {
+        VolumeCommand::List { .. } => {
             let volumes = ec2.volumes().await?;
             printer.data(&volumes, || {
                 let mut t = table(&[
@@ -92,7 +126,9 @@ pub async fn volume(config: &Config, printer: Printer, cmd: VolumeCommand) -> an
             let v = ec2.detach_volume(&volume, force).await?;
             printer.data(&v, || volume_line("detached", &v));
         }
-        VolumeCommand::Delete { volume, force } => {
+        VolumeCommand::Delete { volume, force, .. } => {
+            crate::provider::ec2::ids::check_id(&volume, "vol")
+                .map_err(|e| UserError::new(crate::error::ErrorCode::BadInput, e))?;
             let v = ec2.delete_volume(&volume, force).await?;
             printer.data(&v, || format!("deleted {}\n", v.id));
         }
@@ -123,6 +159,109 @@ pub async fn volume(config: &Config, printer: Printer, cmd: VolumeCommand) -> an
             let spec = new_volume(&ec2, new, size, Some(snapshot)).await?;
             let v = ec2.create_volume(&spec).await?;
             printer.data(&v, || volume_line("restored", &v));
+        }
+    }
+    Ok(0)
+}
+
+/// What RunPod volumes runctl made are named: `runctl-NAME`.
+const RUNPOD_PREFIX: &str = crate::provider::runpod::launch::NAME_PREFIX;
+
+async fn runpod_volume(
+    config: &Config,
+    printer: Printer,
+    cmd: VolumeCommand,
+) -> anyhow::Result<u8> {
+    use crate::error::ErrorCode;
+    let api =
+        crate::provider::runpod::launch::client(config, std::env::var("RUNPOD_API_KEY").ok())?;
+    match cmd {
+        VolumeCommand::Create { size, new } => {
+            if !(10..=4096).contains(&size) {
+                return Err(UserError::new(
+                    ErrorCode::BadInput,
+                    format!("--size {size}: a RunPod network volume is 10 to 4096 GB"),
+                )
+                .into());
+            }
+            let Some(datacenter) = new.datacenter.or_else(|| config.runpod.datacenter.clone())
+            else {
+                return Err(UserError::new(
+                    ErrorCode::BadInput,
+                    "say which data center the volume is in: --datacenter DC (pods that mount it run there)",
+                )
+                .resolve("or set datacenter under [runpod] in config.toml")
+                .into());
+            };
+            if new.instance.is_some() || new.zone.is_some() || new.persistent || new.protected {
+                return Err(UserError::new(
+                    ErrorCode::BadInput,
+                    "--instance, --zone, --persistent and --protected are for EBS volumes",
+                )
+                .into());
+            }
+            let suffix: [u8; 3] = rand::random();
+            let name = format!(
+                "{RUNPOD_PREFIX}{}",
+                new.name.unwrap_or_else(|| hex::encode(suffix))
+            );
+            let v = api.create_volume(&name, size, &datacenter).await?;
+            printer.data(&v, || {
+                format!(
+                    "created {} ({}, {} GB, {})\n",
+                    v.id, v.name, v.size, v.data_center
+                )
+            });
+        }
+        VolumeCommand::List { .. } => {
+            let volumes: Vec<_> = api
+                .volumes()
+                .await?
+                .into_iter()
+                .filter(|v| v.name.starts_with(RUNPOD_PREFIX))
+                .collect();
+            printer.data(&volumes, || {
+                let mut t = table(&["VOLUME", "NAME", "SIZE", "DATACENTER"]);
+                for v in &volumes {
+                    t.add_row(vec![
+                        v.id.clone(),
+                        v.name.clone(),
+                        format!("{} GB", v.size),
+                        v.data_center.clone(),
+                    ]);
+                }
+                format!("{t}\n")
+            });
+        }
+        VolumeCommand::Delete { volume, .. } => {
+            let Some(v) = api.volume(&volume).await? else {
+                return Err(UserError::new(
+                    ErrorCode::NotFound,
+                    format!("RunPod has no network volume {volume}"),
+                )
+                .resolve("list them: runctl-controller volume list --provider runpod")
+                .into());
+            };
+            if !v.name.starts_with(RUNPOD_PREFIX) {
+                return Err(UserError::new(
+                    ErrorCode::Conflict,
+                    format!("network volume {volume} ({}) is not runctl's: runctl deletes only the volumes it made", v.name),
+                )
+                .into());
+            }
+            api.delete_volume(&volume).await?;
+            printer.data(&v, || format!("deleted {}\n", v.id));
+        }
+        VolumeCommand::Attach { .. }
+        | VolumeCommand::Detach { .. }
+        | VolumeCommand::Snapshot { .. }
+        | VolumeCommand::Restore { .. } => {
+            return Err(UserError::new(
+                ErrorCode::BadInput,
+                "RunPod network volumes are mounted when a pod is created, and have no snapshots",
+            )
+            .resolve("mount one at launch: runctl-controller launch --provider runpod --gpu GPU --volume ID")
+            .into());
         }
     }
     Ok(0)

@@ -1075,3 +1075,129 @@ fn end_stop_leaves_the_pod_stopped_by_its_own_agent_with_its_volume() {
         .expect("terminate");
     assert!(out.status.success(), "{}", tests::stderr(&out));
 }
+
+#[test]
+fn network_volumes_are_made_listed_mounted_in_their_datacenter_only_and_deleted_when_free() {
+    let double = RunPodDouble::start();
+    let Some((home, s3)) = runpod_home(&double, "runpod_volumes") else {
+        return;
+    };
+    let cmd = |args: &[&str]| {
+        cli(&home, &s3, Some(KEY))
+            .args(["--output", "json"])
+            .args(args)
+            .output()
+            .expect("runctl-controller")
+    };
+    let out = cmd(&[
+        "volume",
+        "create",
+        "--provider",
+        "runpod",
+        "--size",
+        "50",
+        "--datacenter",
+        "US-KS-2",
+        "--name",
+        "data",
+    ]);
+    assert!(out.status.success(), "{}", tests::stderr(&out));
+    let made = tests::json_output(&out, &["volume", "create"]);
+    let id = made["id"].as_str().expect("id").to_owned();
+    assert_eq!(made["name"], "runctl-data", "{made}");
+    // Someone else's volume is not runctl's to list or delete.
+    let theirs: serde_json::Value = ureq::post(format!("{}/v2/network-volumes", double.api()))
+        .header("Authorization", format!("Bearer {KEY}"))
+        .send_json(serde_json::json!({"name": "their-data", "size": 10, "dataCenter": "US-KS-2"}))
+        .expect("their volume")
+        .into_body()
+        .read_json()
+        .expect("json");
+    let out = cmd(&["volume", "list", "--provider", "runpod"]);
+    let listed = tests::stdout(&out);
+    assert!(
+        listed.contains(&id) && !listed.contains("their-data"),
+        "{listed}"
+    );
+    let out = cmd(&[
+        "volume",
+        "delete",
+        "--provider",
+        "runpod",
+        theirs["id"].as_str().expect("id"),
+    ]);
+    assert_eq!(out.status.code(), Some(4), "{}", tests::stderr(&out));
+
+    // Another data center: refused before anything is made.
+    let out = cli(&home, &s3, Some(KEY))
+        .args([
+            "launch",
+            "--provider",
+            "runpod",
+            "--gpu",
+            "A100 PCIe",
+            "--volume",
+            &id,
+        ])
+        .args(["--datacenter", "EU-RO-1"])
+        .output()
+        .expect("launch");
+    let err = tests::stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("is in data center US-KS-2") && err.contains("--datacenter US-KS-2"),
+        "{err}"
+    );
+    assert!(double.pods().is_empty(), "{:?}", double.pods());
+
+    // Its own: the pod goes there with the volume at /workspace.
+    let out = cmd(&[
+        "launch",
+        "--provider",
+        "runpod",
+        "--gpu",
+        "A100 PCIe",
+        "--volume",
+        &id,
+        "--name",
+        "withvol",
+        "--wait",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}\npod: {}",
+        tests::stderr(&out),
+        pod_logs(&double)
+    );
+    let pods = double.pods();
+    assert_eq!(pods[0]["dataCenterId"], "US-KS-2", "{pods:?}");
+    assert_eq!(
+        pods[0]["mounts"]["network"][0]["volumeId"],
+        id.as_str(),
+        "{pods:?}"
+    );
+    assert_eq!(
+        pods[0]["mounts"]["network"][0]["path"], "/workspace",
+        "{pods:?}"
+    );
+    // In use: RunPod refuses, and says why.
+    let out = cli(&home, &s3, Some(KEY))
+        .args(["volume", "delete", "--provider", "runpod", &id])
+        .output()
+        .expect("delete");
+    assert_ne!(out.status.code(), Some(0));
+    assert!(
+        tests::stderr(&out).contains("in use"),
+        "{}",
+        tests::stderr(&out)
+    );
+    assert!(cmd(&["terminate", "withvol"]).status.success());
+    let out = cmd(&["volume", "delete", "--provider", "runpod", &id]);
+    assert!(out.status.success(), "{}", tests::stderr(&out));
+    let out = cmd(&["volume", "list", "--provider", "runpod"]);
+    assert!(
+        !tests::stdout(&out).contains(&id),
+        "{}",
+        tests::stdout(&out)
+    );
+}

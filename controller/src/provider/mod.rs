@@ -121,7 +121,7 @@ impl ProviderKind {
             ProviderKind::Runpod => Capabilities {
                 stop_start: true,
                 spot: true,
-                volumes: false,
+                volumes: true,
                 multi_node: false,
                 remote: true,
                 own_store_credentials: false,

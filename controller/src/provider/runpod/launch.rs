@@ -49,6 +49,8 @@ pub struct Prepared {
     bid_per_gpu: Option<f64>,
     agent_url: String,
     agent_sha256: String,
+    /// Where the pod goes: asked for, the network volume's, or RunPod's choice.
+    datacenter: Option<String>,
 }
 
 /// A pod RunPod made.
@@ -84,6 +86,22 @@ pub async fn prepare(
     plan::check_options(opts)?;
     let agent_path = agent_binary(config)?;
     let artifacts = artifact::location_in(config.runpod.artifacts.as_deref(), config, "runpod")?;
+    let wanted = opts
+        .datacenter
+        .clone()
+        .or_else(|| config.runpod.datacenter.clone());
+    let datacenter = match &opts.volume {
+        Some(id) => {
+            let volume = api.volume(id).await?;
+            let dc = plan::volume_datacenter(id, volume.as_ref(), wanted.as_deref())?;
+            say(
+                progress,
+                format!("network volume {id} at {VOLUME_PATH}, in {dc}"),
+            );
+            Some(dc)
+        }
+        None => wanted,
+    };
     let catalog = api.gpu_types().await?;
     let gpu = plan::find_gpu(&catalog, &opts.gpu)?;
     plan::check_count(gpu, opts.gpus)?;
@@ -136,6 +154,7 @@ pub async fn prepare(
         bid_per_gpu,
         agent_url,
         agent_sha256,
+        datacenter,
     })
 }
 
@@ -174,7 +193,7 @@ pub async fn start(
     })?;
     let pod_name = format!("{NAME_PREFIX}{name}");
     let image = opts.image.clone().unwrap_or_else(|| cfg.image.clone());
-    let datacenter = opts.datacenter.clone().or_else(|| cfg.datacenter.clone());
+    let datacenter = prepared.datacenter.clone();
     let gpu = GpuConfig {
         id: prepared.gpu_id.clone(),
         count: opts.gpus,

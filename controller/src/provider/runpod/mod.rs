@@ -232,6 +232,25 @@ struct GpuList {
     gpus: Vec<GpuType>,
 }
 
+/// A network volume (`NetworkVolume`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkVolume {
+    pub id: String,
+    pub name: String,
+    /// In GB.
+    pub size: u32,
+    pub data_center: String,
+    #[serde(default, rename = "type")]
+    pub kind: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct VolumeList {
+    network_volumes: Vec<NetworkVolume>,
+}
+
 #[derive(Deserialize)]
 struct PodList {
     pods: Vec<Pod>,
@@ -395,6 +414,59 @@ impl RunPod {
         Ok(Self::parse::<PodList>(what, &answer)?.pods)
     }
 
+    /// Every network volume of the account.
+    pub async fn volumes(&self) -> Result<Vec<NetworkVolume>, UserError> {
+        let what = "listing RunPod network volumes";
+        let answer = self
+            .call(
+                what,
+                "GET",
+                format!("{}/v2/network-volumes", self.api),
+                None,
+            )
+            .await?;
+        Ok(Self::parse::<VolumeList>(what, &answer)?.network_volumes)
+    }
+
+    /// The network volume `id`, or `None` when RunPod does not know it.
+    pub async fn volume(&self, id: &str) -> Result<Option<NetworkVolume>, UserError> {
+        let what = format!("describing network volume {id}");
+        let url = format!("{}/v2/network-volumes/{}", self.api, path_segment(id)?);
+        match self.call(&what, "GET", url, None).await {
+            Ok(answer) => Self::parse(&what, &answer).map(Some),
+            Err(e) if e.code == ErrorCode::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Creates a network volume of `size_gb` in `datacenter`.
+    pub async fn create_volume(
+        &self,
+        name: &str,
+        size_gb: u32,
+        datacenter: &str,
+    ) -> Result<NetworkVolume, UserError> {
+        let what = format!("creating network volume {name}");
+        let body = serde_json::json!({ "name": name, "size": size_gb, "dataCenter": datacenter });
+        let answer = self
+            .call(
+                &what,
+                "POST",
+                format!("{}/v2/network-volumes", self.api),
+                Some(body),
+            )
+            .await?;
+        Self::parse(&what, &answer)
+    }
+
+    /// Deletes network volume `id` (RunPod refuses one a pod mounts).
+    pub async fn delete_volume(&self, id: &str) -> Result<(), UserError> {
+        let what = format!("deleting network volume {id}");
+        let url = format!("{}/v2/network-volumes/{}", self.api, path_segment(id)?);
+        self.call(&what, "DELETE", url, None).await?;
+        Ok(())
+    }
+
     /// Starts, stops, restarts or terminates pod `id`.
     pub async fn action(&self, id: &str, action: PodAction) -> Result<(), UserError> {
         let what = format!(
@@ -517,6 +589,7 @@ fn send(
 ) -> Result<Answer, ureq::Error> {
     let response = match (method, body) {
         ("GET", _) => http.get(url).header("Authorization", bearer).call()?,
+        ("DELETE", _) => http.delete(url).header("Authorization", bearer).call()?,
         (_, Some(body)) => http
             .post(url)
             .header("Authorization", bearer)

@@ -5,7 +5,7 @@
 
 use protocol::InstanceName;
 
-use super::{GpuType, Pod, PodStatus, RunpodLaunch};
+use super::{GpuType, NetworkVolume, Pod, PodStatus, RunpodLaunch};
 use crate::error::{ErrorCode, UserError};
 
 /// The options' own checks, made before RunPod is asked anything.
@@ -282,6 +282,36 @@ pub fn bid_per_gpu(max_per_hour: f64, gpus: u32, minimum: Option<f64>) -> Result
         )));
     }
     Ok(bid)
+}
+
+/// The data center a pod with network volume `volume_id` (`volume`: what RunPod knows of
+/// it) goes to: the volume's, which a pod must share; refused when the volume does not
+/// exist or another data center was asked for (`wanted`).
+pub fn volume_datacenter(
+    volume_id: &str,
+    volume: Option<&NetworkVolume>,
+    wanted: Option<&str>,
+) -> Result<String, UserError> {
+    let Some(volume) = volume else {
+        return Err(UserError::new(
+            ErrorCode::NotFound,
+            format!("RunPod has no network volume {volume_id}"),
+        )
+        .resolve("list them: runctl-controller volume list --provider runpod")
+        .resolve("or make one: runctl-controller volume create --provider runpod --size GB --datacenter DC"));
+    };
+    match wanted {
+        Some(dc) if dc != volume.data_center => Err(UserError::new(
+            ErrorCode::BadInput,
+            format!(
+                "network volume {volume_id} is in data center {}, and a pod can mount only a volume in its own data center ({dc} was asked for)",
+                volume.data_center
+            ),
+        )
+        .resolve(format!("launch in {}: --datacenter {}", volume.data_center, volume.data_center))
+        .resolve(format!("or use a volume in {dc} (runctl-controller volume list --provider runpod)"))),
+        Some(_) | None => Ok(volume.data_center.clone()),
+    }
 }
 
 #[cfg(test)]
@@ -577,5 +607,32 @@ mod tests {
         check(0.0, 1, None, None);
         check(f64::NAN, 1, None, None);
         check(1.0, 0, None, None);
+    }
+
+    #[test]
+    fn a_pod_goes_where_its_network_volume_is() {
+        let volume = NetworkVolume {
+            id: "v1".into(),
+            name: "runctl-data".into(),
+            size: 50,
+            data_center: "US-KS-2".into(),
+            kind: None,
+        };
+        let check =
+            |volume: Option<&NetworkVolume>, wanted: Option<&str>, expected: Result<&str, &str>| {
+                match (volume_datacenter("v1", volume, wanted), expected) {
+                    (Ok(dc), Ok(want)) => assert_eq!(dc, want),
+                    (Err(e), Err(says)) => assert!(e.message.contains(says), "{}", e.message),
+                    (got, expected) => panic!("{volume:?} {wanted:?}: {got:?}, not {expected:?}"),
+                }
+            };
+        check(Some(&volume), None, Ok("US-KS-2"));
+        check(Some(&volume), Some("US-KS-2"), Ok("US-KS-2"));
+        check(
+            Some(&volume),
+            Some("EU-RO-1"),
+            Err("is in data center US-KS-2"),
+        );
+        check(None, None, Err("no network volume v1"));
     }
 }
