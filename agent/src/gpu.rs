@@ -61,20 +61,49 @@ struct Latest {
     apps: HashMap<u32, (u64, Instant)>,
 }
 
+/// Whose process ids `nvidia-smi --query-compute-apps` reports, as this agent sees them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pids {
+    /// The agent's own: a run's processes are matched by pid.
+    Ours,
+    /// The host's, from inside a container with a PID namespace of its own (a pod): they
+    /// match none of ours, so a run's GPU memory cannot be told and is shown unavailable
+    /// rather than 0.
+    Host,
+}
+
+impl Pids {
+    /// `Host` on a pod (RunPod's containers have a PID namespace of their own); else
+    /// `Ours`, with [`Monitor::memory_of`] still refusing to guess when none of the
+    /// reported pids is a process here.
+    pub fn detect(on_pod: bool) -> Pids {
+        if on_pod { Pids::Host } else { Pids::Ours }
+    }
+}
+
+/// Whether `reported` (nvidia-smi's compute pids) can be matched with this agent's
+/// processes: `visible` says which exist here. None reported: nothing holds GPU memory,
+/// so a run's is 0; some reported but none of them here: they are another namespace's.
+pub fn pids_match(reported: &[u32], visible: impl Fn(u32) -> bool) -> bool {
+    reported.is_empty() || reported.iter().any(|&pid| visible(pid))
+}
+
 /// The latest figures from the `nvidia-smi` children.
 #[derive(Debug, Clone)]
 pub struct Monitor {
     latest: Arc<Mutex<Latest>>,
     interval: Duration,
+    pids: Pids,
 }
 
 impl Monitor {
     /// Starts the children (and restarts them when they fail or cannot start). Nothing
     /// waits on them: the agent dials its controller meanwhile.
-    pub fn start(nvidia_smi: PathBuf, interval: Duration) -> Self {
+    pub fn start(nvidia_smi: PathBuf, interval: Duration, pids: Pids) -> Self {
         let monitor = Monitor {
             latest: Arc::default(),
             interval,
+            pids,
         };
         let ms = interval.as_millis().max(100).to_string();
         let gpu_args = vec![
@@ -104,6 +133,7 @@ impl Monitor {
         Monitor {
             latest: Arc::default(),
             interval,
+            pids: Pids::Ours,
         }
     }
 
@@ -118,11 +148,33 @@ impl Monitor {
             .collect()
     }
 
-    /// GPU memory held by `pids`, summed; `None` while no GPU reports (no driver).
+    /// GPU memory held by `pids`, summed; `None` while no GPU reports (no driver), or
+    /// where `nvidia-smi`'s pids are not ours to match (a container).
     pub fn memory_of(&self, pids: &[u32], now: Instant) -> Option<u64> {
+        self.memory_seen(pids, now, |pid| {
+            std::path::Path::new(&format!("/proc/{pid}")).exists()
+        })
+    }
+
+    /// [`Monitor::memory_of`], with `visible` saying which pids are processes here.
+    fn memory_seen(
+        &self,
+        pids: &[u32],
+        now: Instant,
+        visible: impl Fn(u32) -> bool,
+    ) -> Option<u64> {
         let latest = self.latest.lock().expect("gpu lock is never poisoned");
         let fresh = |seen: &Instant| now.duration_since(*seen) < self.interval * 3;
-        if !latest.gpus.values().any(|(_, seen)| fresh(seen)) {
+        if !latest.gpus.values().any(|(_, seen)| fresh(seen)) || self.pids == Pids::Host {
+            return None;
+        }
+        let reported: Vec<u32> = latest
+            .apps
+            .iter()
+            .filter(|(_, (_, seen))| fresh(seen))
+            .map(|(pid, _)| *pid)
+            .collect();
+        if !pids_match(&reported, visible) {
             return None;
         }
         let held = pids
@@ -268,24 +320,56 @@ mod tests {
         let monitor = Monitor {
             latest: Arc::default(),
             interval: Duration::from_secs(1),
+            pids: Pids::Ours,
         };
         let t0 = Instant::now();
         monitor.record(Kind::Gpu, "0, H200, 1, 2, 3, 4, 5", t0);
         monitor.record(Kind::App, "10, 100", t0);
         monitor.record(Kind::App, "10, 50", t0);
-        assert_eq!(monitor.memory_of(&[10], t0), Some(150 * MIB));
+        assert_eq!(monitor.memory_seen(&[10], t0, |_| true), Some(150 * MIB));
         let t1 = t0 + Duration::from_secs(1);
         monitor.record(Kind::Gpu, "0, H200, 1, 2, 3, 4, 5", t1);
         monitor.record(Kind::App, "10, 70", t1);
-        assert_eq!(monitor.memory_of(&[10, 11], t1), Some(70 * MIB));
+        assert_eq!(monitor.memory_seen(&[10, 11], t1, |_| true), Some(70 * MIB));
         let t2 = t1 + Duration::from_secs(5);
         monitor.record(Kind::Gpu, "0, H200, 1, 2, 3, 4, 5", t2);
-        assert_eq!(monitor.memory_of(&[10], t2), Some(0), "its process is gone");
+        assert_eq!(
+            monitor.memory_seen(&[10], t2, |_| true),
+            Some(0),
+            "its process is gone"
+        );
         let later = t2 + Duration::from_secs(10);
         assert_eq!(
-            monitor.memory_of(&[10], later),
+            monitor.memory_seen(&[10], later, |_| true),
             None,
             "no GPU reports any more"
+        );
+    }
+
+    #[test]
+    fn in_a_container_a_runs_gpu_memory_is_unavailable_not_zero() {
+        let monitor = Monitor {
+            latest: Arc::default(),
+            interval: Duration::from_secs(1),
+            pids: Pids::Host,
+        };
+        let t0 = Instant::now();
+        monitor.record(Kind::Gpu, "0, H200, 1, 2, 3, 4, 5", t0);
+        // A host pid: matches nothing of ours, whatever it is.
+        monitor.record(Kind::App, "48213, 100", t0);
+        assert_eq!(monitor.memory_seen(&[12], t0, |_| true), None);
+        assert_eq!(monitor.gpus(t0).len(), 1, "per-GPU figures still show");
+        assert_eq!(Pids::detect(true), Pids::Host);
+    }
+
+    #[test]
+    fn reported_pids_are_matched_only_when_some_are_processes_here() {
+        let here = |pid: u32| [10, 11].contains(&pid);
+        assert!(pids_match(&[], here), "nothing reported: 0 is the truth");
+        assert!(pids_match(&[10, 48213], here));
+        assert!(
+            !pids_match(&[48213, 48214], here),
+            "another namespace's pids"
         );
     }
 }

@@ -91,7 +91,11 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
     let (stats_tx, stats_rx) = watch::channel::<Option<Arc<StatsSample>>>(None);
     let mut background = tokio::task::JoinSet::new();
     background.spawn(reaper::run());
-    let gpus = gpu::Monitor::start(config.nvidia_smi.clone(), config.stats_interval);
+    let gpus = gpu::Monitor::start(
+        config.nvidia_smi.clone(),
+        config.stats_interval,
+        gpu::Pids::detect(config.pod_api.is_some()),
+    );
     match stats::Sampler::new(&config.state_dir, gpus) {
         Ok(sampler) => {
             background.spawn(sample(

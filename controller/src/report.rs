@@ -257,6 +257,12 @@ pub fn top_text(shown: &[crate::ipc::InstanceStats]) -> String {
             }
             out.push_str(&format!("{t}\n"));
         }
+        if !s.sample.gpus.is_empty()
+            && !s.sample.runs.is_empty()
+            && s.sample.runs.iter().all(|r| r.gpu_mem_bytes.is_none())
+        {
+            out.push_str("per-run GPU memory: unavailable here (in a container nvidia-smi reports the host's process ids); per-GPU figures below\n");
+        }
         if s.sample.gpus.is_empty() {
             out.push_str("no GPU figures (no NVIDIA driver on this instance)\n");
         } else {
