@@ -755,9 +755,10 @@ pub struct NewVolumeArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum VolumeCommand {
-    /// Create a gp3 volume (encrypted), in the zone of --instance or --zone.
+    /// Create a gp3 volume (encrypted), in the zone of --instance or --zone; or a RunPod
+    /// network volume (--provider runpod --datacenter DC).
     Create {
-        /// Its size in GiB.
+        /// Its size in GiB (a RunPod volume: GB, 10 to 4096).
         #[arg(long, value_name = "GIB")]
         size: u32,
         #[command(flatten)]
