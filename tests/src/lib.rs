@@ -120,6 +120,18 @@ impl Home {
             .expect("run runctl-controller")
     }
 
+    /// The names of `run`'s complete checkpoints in the store, and the one `LATEST` names.
+    pub fn checkpoint_names(&self, run: &str) -> (Vec<String>, Option<String>) {
+        let listed = self.json(&["checkpoint", "list", run]);
+        let names = listed["checkpoints"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{listed}"))
+            .iter()
+            .map(|c| c["name"].as_str().expect("name").to_owned())
+            .collect();
+        (names, listed["latest"].as_str().map(str::to_owned))
+    }
+
     /// Runs the CLI with `--output json` and parses stdout (the last line, for commands
     /// that print events first).
     pub fn json(&self, args: &[&str]) -> serde_json::Value {
@@ -347,4 +359,19 @@ fn walk(
         };
         out.insert(rel, node);
     }
+}
+
+/// Kills every process in network namespace `ns` and deletes it (with the veth ends in it).
+pub fn delete_netns(ns: &str) {
+    if let Ok(out) = Command::new("ip").args(["netns", "pids", ns]).output() {
+        for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+            if let Ok(pid) = pid.parse::<i32>() {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+    let _ = Command::new("ip").args(["netns", "del", ns]).status();
 }

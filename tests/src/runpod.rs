@@ -191,23 +191,8 @@ impl PodNet {
 
 impl Drop for PodNet {
     fn drop(&mut self) {
-        if let Ok(out) = Command::new("ip")
-            .args(["netns", "pids", &self.netns])
-            .output()
-        {
-            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-                if let Ok(pid) = pid.parse::<i32>() {
-                    let _ = nix::sys::signal::kill(
-                        nix::unistd::Pid::from_raw(pid),
-                        nix::sys::signal::Signal::SIGKILL,
-                    );
-                }
-            }
-        }
-        // Deleting the namespace deletes the veth pair with it.
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.netns])
-            .status();
+        // Deleting the namespace deletes the veth pair with it; the link, in case.
+        crate::delete_netns(&self.netns);
         let _ = Command::new("ip")
             .args(["link", "del", &self.host_dev])
             .status();

@@ -47,14 +47,7 @@ fn run_id(stderr_text: &str) -> String {
 }
 
 fn checkpoint_names(home: &Home, run: &str) -> (Vec<String>, Option<String>) {
-    let listed = home.json(&["checkpoint", "list", run]);
-    let names = listed["checkpoints"]
-        .as_array()
-        .unwrap_or_else(|| panic!("{listed}"))
-        .iter()
-        .map(|c| c["name"].as_str().expect("name").to_owned())
-        .collect();
-    (names, listed["latest"].as_str().map(str::to_owned))
+    home.checkpoint_names(run)
 }
 
 fn download(home: &Home, run: &str, name: &str, to: &Path) {

@@ -153,22 +153,7 @@ impl Drop for Net {
     fn drop(&mut self) {
         for ns in NAMESPACES {
             // Whatever still runs inside goes with it (daemon, relay, agents, tcpdump).
-            if let Ok(out) = Command::new("ip")
-                .args(["netns", "pids", &self.ns(ns)])
-                .output()
-            {
-                for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-                    if let Ok(pid) = pid.parse::<i32>() {
-                        let _ = nix::sys::signal::kill(
-                            nix::unistd::Pid::from_raw(pid),
-                            nix::sys::signal::Signal::SIGKILL,
-                        );
-                    }
-                }
-            }
-            let _ = Command::new("ip")
-                .args(["netns", "del", &self.ns(ns)])
-                .status();
+            tests::delete_netns(&self.ns(ns));
         }
     }
 }

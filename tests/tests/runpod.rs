@@ -569,6 +569,55 @@ fn objects_under(home: &tests::Home, s3: &tests::s3::S3Env, prefix: &str) -> Str
     tests::stdout(&out)
 }
 
+/// A project holding the pod trainer (`fixtures/pod_trainer.py`), and a fresh checkpoint
+/// prefix in the test bucket for `test`.
+fn trainer_project(s3: &tests::s3::S3Env, test: &str) -> (tempfile::TempDir, String) {
+    let project = tempfile::tempdir().expect("project");
+    std::fs::copy(
+        tests::fixture("pod_trainer.py"),
+        project.path().join("pod_trainer.py"),
+    )
+    .expect("copy trainer");
+    let base = format!(
+        "s3://{}/{}ck",
+        s3.bucket,
+        tests::s3::S3Env::unique_prefix(test)
+    );
+    (project, base)
+}
+
+/// Starts `argv` from `project` on a new pod (`extra` launch options), detached, with
+/// checkpoints to `base`, by `cmd`; the run's id.
+fn detach_on_pod(
+    double: &RunPodDouble,
+    mut cmd: std::process::Command,
+    extra: &[&str],
+    base: &str,
+    project: &std::path::Path,
+    argv: &[&str],
+) -> String {
+    let out = cmd
+        .args(["--output", "json", "run", "--detach"])
+        .args(["--provider", "runpod", "--gpu", "A100 PCIe"])
+        .args(extra)
+        .args(["--setup", "none", "--checkpoints", base, "--workdir"])
+        .arg(project)
+        .arg("--")
+        .args(argv)
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}\npod: {}",
+        tests::stderr(&out),
+        pod_logs(double)
+    );
+    tests::json_output(&out, &["run"])["id"]
+        .as_str()
+        .expect("id")
+        .to_owned()
+}
+
 #[test]
 fn a_pod_is_handed_store_credentials_renewed_and_waits_for_them_while_the_laptop_is_away() {
     let double = RunPodDouble::start();
@@ -577,40 +626,22 @@ fn a_pod_is_handed_store_credentials_renewed_and_waits_for_them_while_the_laptop
         return;
     };
     let (_profile, profile_env, issued) = expiring_profile(&s3, 20);
-    let project = tempfile::tempdir().expect("project");
-    std::fs::copy(
-        tests::fixture("pod_trainer.py"),
-        project.path().join("pod_trainer.py"),
-    )
-    .expect("copy trainer");
+    let (project, base) = trainer_project(&s3, "runpod_handed");
     let cue = project.path().join("cue");
-    let base = format!(
-        "s3://{}/{}ck",
-        s3.bucket,
-        tests::s3::S3Env::unique_prefix("runpod_handed")
-    );
     let laptop = || {
         let mut cmd = cli(&home, &s3, Some(KEY));
         cmd.envs(profile_env.clone());
         cmd
     };
-    let out = laptop()
-        .args(["--output", "json", "run", "--detach"])
-        .args(["--provider", "runpod", "--gpu", "A100 PCIe"])
-        .args(["--setup", "none", "--checkpoints", &base, "--workdir"])
-        .arg(project.path())
-        .args(["--", "python3", "pod_trainer.py", "handed"])
-        .arg(&cue)
-        .output()
-        .expect("run");
-    assert!(
-        out.status.success(),
-        "{}\npod: {}",
-        tests::stderr(&out),
-        pod_logs(&double)
+    let cue_arg = cue.display().to_string();
+    let run = detach_on_pod(
+        &double,
+        laptop(),
+        &[],
+        &base,
+        project.path(),
+        &["python3", "pod_trainer.py", "handed", &cue_arg],
     );
-    let row = tests::json_output(&out, &["run"]);
-    let run = row["id"].as_str().expect("id").to_owned();
     let prefix = format!("{base}/{run}/");
     // Nothing secret is where RunPod's API would show it.
     let pods = double.pods();
@@ -681,36 +712,17 @@ fn an_interrupted_pod_signals_its_run_which_ends_interrupted_with_its_last_check
         return;
     };
     let (_profile, profile_env, _) = expiring_profile(&s3, 3600);
-    let project = tempfile::tempdir().expect("project");
-    std::fs::copy(
-        tests::fixture("pod_trainer.py"),
-        project.path().join("pod_trainer.py"),
-    )
-    .expect("copy trainer");
-    let base = format!(
-        "s3://{}/{}ck",
-        s3.bucket,
-        tests::s3::S3Env::unique_prefix("runpod_spot")
+    let (project, base) = trainer_project(&s3, "runpod_spot");
+    let mut cmd = cli(&home, &s3, Some(KEY));
+    cmd.envs(profile_env);
+    let run = detach_on_pod(
+        &double,
+        cmd,
+        &["--spot"],
+        &base,
+        project.path(),
+        &["python3", "pod_trainer.py", "spot", "-"],
     );
-    let out = cli(&home, &s3, Some(KEY))
-        .envs(profile_env)
-        .args(["--output", "json", "run", "--detach"])
-        .args(["--provider", "runpod", "--gpu", "A100 PCIe", "--spot"])
-        .args(["--setup", "none", "--checkpoints", &base, "--workdir"])
-        .arg(project.path())
-        .args(["--", "python3", "pod_trainer.py", "spot", "-"])
-        .output()
-        .expect("run");
-    assert!(
-        out.status.success(),
-        "{}\npod: {}",
-        tests::stderr(&out),
-        pod_logs(&double)
-    );
-    let run = tests::json_output(&out, &["run"])["id"]
-        .as_str()
-        .expect("id")
-        .to_owned();
     let prefix = format!("{base}/{run}/");
     home.wait_until("step-1.bin in the store", Duration::from_secs(60), || {
         objects_under(&home, &s3, &prefix).contains("step-1.bin")
@@ -740,16 +752,7 @@ fn an_interrupted_pod_signals_its_run_which_ends_interrupted_with_its_last_check
         "{listed}\npod: {}",
         pod_logs(&double)
     );
-    let (names, latest) = {
-        let listed = home.json(&["checkpoint", "list", &run]);
-        let names: Vec<String> = listed["checkpoints"]
-            .as_array()
-            .unwrap_or_else(|| panic!("{listed}"))
-            .iter()
-            .map(|c| c["name"].as_str().expect("name").to_owned())
-            .collect();
-        (names, listed["latest"].as_str().map(str::to_owned))
-    };
+    let (names, latest) = home.checkpoint_names(&run);
     assert!(names.contains(&"final.bin".to_owned()), "{names:?}");
     assert_eq!(latest.as_deref(), Some("final.bin"));
     let logs = tests::stdout(&home.run(&["logs", &run]));

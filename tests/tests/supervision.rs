@@ -716,7 +716,7 @@ fn a_supervised_agent_is_started_again_after_a_crash_and_stops_with_its_supervis
     let launched = home.json(&["launch", "--provider", "local"]);
     let name = launched["instance"]["name"]
         .as_str()
-        .expect("name")
+        .unwrap_or_else(|| panic!("{launched}"))
         .to_owned();
     home.kill_agent();
     let config = home.path().join(format!("local/{name}/agent.toml"));
