@@ -1204,3 +1204,47 @@ fn network_volumes_are_made_listed_mounted_in_their_datacenter_only_and_deleted_
         tests::stdout(&out)
     );
 }
+
+#[test]
+fn a_pod_whose_image_ignores_the_start_command_is_reported_and_terminated() {
+    let double = RunPodDouble::start();
+    let Some((home, s3)) = runpod_home(&double, "runpod_ignores_args") else {
+        return;
+    };
+    let config = home.path().join("config.toml");
+    let text = std::fs::read_to_string(&config).expect("config");
+    std::fs::write(
+        &config,
+        text.replace("enroll_timeout_secs = 60", "enroll_timeout_secs = 8"),
+    )
+    .expect("config");
+    let out = cli(&home, &s3, Some(KEY))
+        .args([
+            "launch",
+            "--provider",
+            "runpod",
+            "--gpu",
+            "A100 PCIe",
+            "--wait",
+        ])
+        .args(["--image", "someone/trainer:ignores-args"])
+        .output()
+        .expect("launch");
+    let err = tests::stderr(&out);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("did not enroll") || err.contains("enroll"),
+        "{err}"
+    );
+    assert!(err.contains("entrypoint ignores its arguments"), "{err}");
+    // Nothing left billed.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !double.pods().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "left running: {:?}",
+            double.pods()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
