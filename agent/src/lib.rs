@@ -136,15 +136,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
                     // interrupting the pod (or someone stopped it), and SIGKILL follows in
                     // 5 s. The runs get their spot signal now, to checkpoint in time.
                     tracing::warn!("the pod is being stopped while runs are active: treating it as an interruption");
-                    let interrupted = runs.active_set();
-                    runs.interrupt_all("pod-stop", &lifecycle::rfc3339_now());
-                    let deadline = tokio::time::Instant::now() + POD_STOP_BOUND;
-                    runs.wait_all_ended(POD_STOP_BOUND.mul_f32(0.7)).await;
-                    // Their ends reach the controller if the link and SIGKILL allow.
-                    for run in &interrupted {
-                        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-                        runs.wait_delivered(run, left).await;
-                    }
+                    runs.interrupt_before_kill(POD_STOP_BOUND).await;
                 } else {
                     runs.stop_all(None).await;
                 }

@@ -141,7 +141,7 @@ impl Runs {
     }
 
     /// The runs that have not ended.
-    pub fn active_set(&self) -> HashSet<RunId> {
+    fn active_set(&self) -> HashSet<RunId> {
         self.lock()
             .iter()
             .filter(|(_, e)| !e.log.cursor().ended)
@@ -440,22 +440,33 @@ impl Runs {
         self.handed.as_ref()
     }
 
-    /// Waits (at most `bound`) until every active run has ended.
-    pub async fn wait_all_ended(&self, bound: Duration) {
-        let logs: Vec<Arc<EventLog>> = self
+    /// The host is going away within `bound` (a pod's PID 1 got SIGTERM; SIGKILL
+    /// follows): every active run gets its spot signal at once, and most of `bound` to end
+    /// (its checkpoint upload going on meanwhile); the rest is for its last events to reach
+    /// a controller, if the link allows.
+    pub async fn interrupt_before_kill(&self, bound: Duration) {
+        let start = tokio::time::Instant::now();
+        let active: Vec<(RunId, Arc<EventLog>)> = self
             .lock()
-            .values()
-            .filter(|e| !e.log.cursor().ended)
-            .map(|e| e.log.clone())
+            .iter()
+            .filter(|(_, e)| !e.log.cursor().ended)
+            .map(|(run, e)| (run.clone(), e.log.clone()))
             .collect();
-        let all = async {
-            for log in logs {
-                let mut cursor = log.subscribe();
-                let _ = cursor.wait_for(|c| c.ended).await;
+        self.interrupt_all("pod-stop", &crate::lifecycle::rfc3339_now());
+        let ended_by = start + bound.mul_f32(0.7);
+        for (_, log) in &active {
+            let mut cursor = log.subscribe();
+            if tokio::time::timeout_at(ended_by, cursor.wait_for(|c| c.ended))
+                .await
+                .is_err()
+            {
+                tracing::warn!("runs still active {bound:?} after the interruption");
+                break;
             }
-        };
-        if tokio::time::timeout(bound, all).await.is_err() {
-            tracing::warn!("runs still active {bound:?} after the interruption");
+        }
+        for (run, _) in &active {
+            let left = (start + bound).saturating_duration_since(tokio::time::Instant::now());
+            self.wait_delivered(run, left).await;
         }
     }
 

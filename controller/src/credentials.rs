@@ -271,7 +271,7 @@ pub async fn issue(
 
 /// An STS session name for `instance` (2 to 64 of `[\w+=,.@-]`).
 fn session_name(instance: &str) -> String {
-    let name: String = format!("runctl-{instance}")
+    format!("runctl-{instance}")
         .chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || "+=,.@-_".contains(c) {
@@ -281,8 +281,7 @@ fn session_name(instance: &str) -> String {
             }
         })
         .take(64)
-        .collect();
-    name
+        .collect()
 }
 
 #[cfg(test)]

@@ -98,6 +98,9 @@ pub fn local_reach(listen: SocketAddr, relay: Option<&str>) -> Reach {
 pub struct EndPlan {
     pub agent: EndAction,
     pub daemon_stops: bool,
+    /// The instance is stopped by its own agent and stays, even if launched for the run
+    /// (a pod with `--end stop`).
+    pub outlives_run: bool,
 }
 
 /// The instance's fate at the end of a run: `requested` (`--end`), else terminate an
@@ -127,10 +130,12 @@ pub fn run_end(
         EndAction::Stop if caps.stop_start && !caps.stops_itself => Ok(EndPlan {
             agent: EndAction::Keep,
             daemon_stops: true,
+            outlives_run: false,
         }),
         EndAction::Keep | EndAction::Stop | EndAction::Terminate => Ok(EndPlan {
             agent: end,
             daemon_stops: false,
+            outlives_run: end == EndAction::Stop && caps.stops_itself,
         }),
     }
 }
@@ -376,6 +381,11 @@ mod tests {
         check_end_on(Some(Stop), true, false, false, pod, Some((Stop, false)));
         check_end_on(None, true, false, false, pod, Some((Terminate, false)));
         check_end_on(Some(Stop), true, false, true, pod, None);
+        let caps = pod.capabilities();
+        assert!(run_end(Some(Stop), true, false, false, caps).is_ok_and(|p| p.outlives_run));
+        assert!(run_end(None, true, false, false, caps).is_ok_and(|p| !p.outlives_run));
+        let local = ProviderKind::Local.capabilities();
+        assert!(run_end(Some(Stop), true, false, false, local).is_ok_and(|p| !p.outlives_run));
         // Spot instances cannot be stopped, whoever would.
         check_end(Some(Stop), true, false, true, true, None);
         check_end(Some(Stop), false, false, true, false, None);

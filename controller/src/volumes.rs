@@ -47,19 +47,11 @@ async fn new_volume(
 
 pub async fn volume(config: &Config, printer: Printer, cmd: VolumeCommand) -> anyhow::Result<u8> {
     let runpod = match &cmd {
-        VolumeCommand::Create { new, .. } => new.provider == VolumeProvider::Runpod,
+        VolumeCommand::Create { new, .. } | VolumeCommand::Restore { new, .. } => {
+            new.provider == VolumeProvider::Runpod
+        }
         VolumeCommand::List { provider } | VolumeCommand::Delete { provider, .. } => {
             *provider == VolumeProvider::Runpod
-        }
-        VolumeCommand::Restore { new, .. } => {
-            if new.provider == VolumeProvider::Runpod || new.datacenter.is_some() {
-                return Err(UserError::new(
-                    crate::error::ErrorCode::BadInput,
-                    "RunPod network volumes have no snapshots to restore from",
-                )
-                .into());
-            }
-            false
         }
         VolumeCommand::Attach { .. }
         | VolumeCommand::Detach { .. }
@@ -68,7 +60,7 @@ pub async fn volume(config: &Config, printer: Printer, cmd: VolumeCommand) -> an
     if runpod {
         return runpod_volume(config, printer, cmd).await;
     }
-    if let VolumeCommand::Create { new, .. } = &cmd
+    if let VolumeCommand::Create { new, .. } | VolumeCommand::Restore { new, .. } = &cmd
         && new.datacenter.is_some()
     {
         return Err(UserError::new(

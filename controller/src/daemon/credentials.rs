@@ -40,14 +40,22 @@ pub(super) fn remember(d: &Daemon, spec: &RunSpec) -> Result<(), UserError> {
         .map_err(|e| UserError::new(ErrorCode::Internal, format!("{e:#}")))
 }
 
+/// What a hand-over did.
+enum HandedOver {
+    /// No live run on the instance uses the store: nothing was sent.
+    Nothing,
+    /// Credentials were sent, expiring then (Unix ms; `None`: they do not).
+    Until(Option<u64>),
+}
+
 /// Issues credentials for `instance`'s live runs that use the store and sends them on
-/// `tx`; their expiry (`Ok(None)`: no such run, nothing sent).
+/// `tx`.
 async fn hand_over(
     d: &Arc<Daemon>,
     instance: &InstanceName,
     handed: bool,
     tx: &mpsc::Sender<ControllerMsg>,
-) -> Result<Option<Option<u64>>, UserError> {
+) -> Result<HandedOver, UserError> {
     let internal = |e: anyhow::Error| UserError::new(ErrorCode::Internal, format!("{e:#}"));
     let mut runs = Vec::new();
     let mut grants: Vec<Grant> = Vec::new();
@@ -66,7 +74,7 @@ async fn hand_over(
         }
     }
     if runs.is_empty() {
-        return Ok(None);
+        return Ok(HandedOver::Nothing);
     }
     if !handed {
         return Err(UserError::new(
@@ -100,7 +108,7 @@ async fn hand_over(
                 format!("the agent on {instance} disconnected"),
             )
         })?;
-    Ok(Some(expires))
+    Ok(HandedOver::Until(expires))
 }
 
 /// A request to hand credentials over now, answered when they are sent.
@@ -124,9 +132,9 @@ pub(super) async fn keep_renewed(
         };
         let result = hand_over(&d, &instance, handed, &tx).await;
         wait = match &result {
-            Ok(Some(expires)) => credentials::renew_in(now_ms(), *expires),
+            Ok(HandedOver::Until(expires)) => credentials::renew_in(now_ms(), *expires),
             // No run needs them; a run that starts asks.
-            Ok(None) => IDLE,
+            Ok(HandedOver::Nothing) => IDLE,
             Err(e) => {
                 tracing::warn!(%instance, "handing over store credentials failed: {}", e.message);
                 RETRY

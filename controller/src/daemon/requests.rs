@@ -411,10 +411,7 @@ async fn run(d: &Arc<Daemon>, stream: &mut UnixStream, req: RunRequest) -> anyho
                 &Response::Progress(format!("launching {}", req.launch.kind().an_instance())),
             )
             .await?;
-            // A pod that stops itself at the end outlives its run, stopped with its volume.
-            let outlives = end.agent == protocol::EndAction::Stop
-                && req.launch.kind().capabilities().stops_itself;
-            let for_run = (!req.keep && !outlives).then(|| run_id.clone());
+            let for_run = (!req.keep && !end.outlives_run).then(|| run_id.clone());
             let mut options = req.launch.clone();
             if let LaunchOptions::Ec2(opts) = &mut options {
                 opts.project = req
