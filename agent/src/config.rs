@@ -27,6 +27,7 @@ pub struct AgentConfig {
     pub metadata_endpoint: Option<String>,
     pub log_max_bytes: u64,
     pub disk: crate::workspace::DiskLimits,
+    pub access: protocol::agent_config::Access,
 }
 
 impl AgentConfig {
@@ -93,6 +94,7 @@ impl AgentConfig {
                         .unwrap_or(d.keep_local_checkpoints),
                 }
             },
+            access: file.access,
             instance: file.instance,
             controller: file.controller,
             ca_pin: file.ca_sha256,

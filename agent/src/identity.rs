@@ -117,6 +117,7 @@ pub fn refusal(e: protocol::WireError) -> anyhow::Error {
         | ErrorKind::RunFailed
         | ErrorKind::SyncFailed
         | ErrorKind::NotFound
+        | ErrorKind::Forbidden
         | ErrorKind::Internal
         | ErrorKind::Unsupported => {
             anyhow::anyhow!("the controller refused the request: {}", e.message)

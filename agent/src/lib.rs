@@ -5,6 +5,7 @@
 //!
 //! The agent keeps working while disconnected: runs go on, and their events wait on disk.
 
+pub mod access;
 pub mod backoff;
 pub mod checkpoints;
 pub mod config;
@@ -114,9 +115,15 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
     // A task of its own: the session must keep serving while this loop waits (e.g. for a
     // run's last events to reach the controller before powering off).
     let (closing_tx, closing_rx) = watch::channel(false);
+    let access = Arc::new(access::Access::new(
+        config.access.clone(),
+        &config.state_dir,
+        runs.clone(),
+    ));
     let mut sessions = tokio::spawn(serve_controller(
         config.clone(),
         runs.clone(),
+        access,
         connected.clone(),
         stats_rx,
         closing_rx,
@@ -204,6 +211,7 @@ fn spawn_prune(runs: &Arc<runs::Runs>) {
 async fn serve_controller(
     config: AgentConfig,
     runs: Arc<runs::Runs>,
+    access: Arc<access::Access>,
     connected: Arc<AtomicBool>,
     stats: watch::Receiver<Option<Arc<StatsSample>>>,
     closing: watch::Receiver<bool>,
@@ -217,6 +225,7 @@ async fn serve_controller(
         let outcome = session::connect_and_serve(
             &config,
             &runs,
+            &access,
             &connected,
             stats.clone(),
             closing.clone(),

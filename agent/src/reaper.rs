@@ -24,8 +24,16 @@ fn owned() -> std::sync::MutexGuard<'static, BTreeSet<u32>> {
 /// Spawns `command`, remembering the child as owned. The lock is held across the spawn so
 /// the reaper never sees the new child unowned.
 pub fn spawn(command: &mut tokio::process::Command) -> std::io::Result<tokio::process::Child> {
+    spawn_with(|| command.spawn())
+}
+
+/// Spawns with `spawn` (a command of another kind, e.g. one on a PTY), remembering the
+/// child as owned, as [`spawn`] does.
+pub fn spawn_with(
+    spawn: impl FnOnce() -> std::io::Result<tokio::process::Child>,
+) -> std::io::Result<tokio::process::Child> {
     let mut owned = owned();
-    let child = command.spawn()?;
+    let child = spawn()?;
     if let Some(pid) = child.id() {
         owned.insert(pid);
     }

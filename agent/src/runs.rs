@@ -28,6 +28,38 @@ use protocol::{
 use storage::handed::Handed;
 use tokio::sync::{Notify, mpsc};
 
+/// Where a run's process starts and its environment as runctl gives it (on top of the
+/// agent's own), kept in the run's dir for `exec` and `shell`. Owner-only: the variables
+/// may hold the user's secrets.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RunPlace {
+    pub cwd: PathBuf,
+    pub env: Vec<(String, String)>,
+}
+
+const PLACE_FILE: &str = "place.json";
+
+impl RunPlace {
+    fn save(&self, run_dir: &Path) -> std::io::Result<()> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let tmp = run_dir.join(".place.json.tmp");
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        file.write_all(&serde_json::to_vec(self).expect("serializes"))?;
+        std::fs::rename(&tmp, run_dir.join(PLACE_FILE))
+    }
+
+    fn load(run_dir: &Path) -> Option<Self> {
+        let bytes = std::fs::read(run_dir.join(PLACE_FILE)).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+}
+
 #[derive(Debug)]
 struct Entry {
     log: Arc<EventLog>,
@@ -179,6 +211,25 @@ impl Runs {
     /// The run's directory; its tree is `Tree::work_dir` of it.
     pub fn run_dir(&self, run: &RunId) -> PathBuf {
         self.runs_dir.join(run.as_str())
+    }
+
+    /// Where `exec` and `shell` in a run start, with what environment, and the tree its
+    /// relative paths stay in. A run synced but never started starts at its tree's root
+    /// with only `RUNCTL_RUN_ID`.
+    pub fn place(&self, run: &RunId) -> Result<(RunPlace, PathBuf), WireError> {
+        let run_dir = self.run_dir(run);
+        let work = Tree::work_dir(&run_dir);
+        if !work.is_dir() {
+            return Err(WireError::new(
+                ErrorKind::NotFound,
+                format!("run {run} has no tree on this instance"),
+            ));
+        }
+        let place = RunPlace::load(&run_dir).unwrap_or_else(|| RunPlace {
+            cwd: work.clone(),
+            env: vec![("RUNCTL_RUN_ID".to_owned(), run.to_string())],
+        });
+        Ok((place, work))
     }
 
     /// The run's tree slot: lock it to sync; it holds the tree if one is open.
@@ -355,6 +406,13 @@ impl Runs {
         ];
         env.extend(plan.env);
         env.extend(spec.env.iter().cloned());
+        let place = RunPlace {
+            cwd: cwd.clone(),
+            env: env.clone(),
+        };
+        place
+            .save(run_dir)
+            .map_err(|e| spawn_failed(format!("writing the run's environment: {e}")))?;
         let job = Job {
             steps: plan.steps,
             argv: plan.argv,

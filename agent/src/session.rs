@@ -17,6 +17,7 @@ use protocol::{
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
+use crate::access::Access;
 use crate::eventlog::EventLog;
 use crate::runs::Runs;
 use crate::supervisor;
@@ -49,6 +50,7 @@ const BETTER_PATH_PROBE: Duration = Duration::from_secs(120);
 pub async fn connect_and_serve(
     config: &AgentConfig,
     runs: &Arc<Runs>,
+    access: &Arc<Access>,
     connected: &AtomicBool,
     stats: watch::Receiver<Option<Arc<StatsSample>>>,
     closing: watch::Receiver<bool>,
@@ -101,7 +103,7 @@ pub async fn connect_and_serve(
             }
         });
     }
-    let outcome = serve(dialed.conn.clone(), runs, connected, stats, closing).await;
+    let outcome = serve(dialed.conn.clone(), runs, access, connected, stats, closing).await;
     watchers.shutdown().await;
     if let Some(better) = better.lock().expect("better path lock").take() {
         *last_good = Some(better);
@@ -130,6 +132,7 @@ enum Event {
 pub async fn serve(
     conn: quinn::Connection,
     runs: &Arc<Runs>,
+    access: &Arc<Access>,
     connected: &AtomicBool,
     mut stats: watch::Receiver<Option<Arc<StatsSample>>>,
     mut closing: watch::Receiver<bool>,
@@ -231,12 +234,12 @@ pub async fn serve(
                 break Err(anyhow::Error::new(e).context("reading from the controller"));
             }
             Event::Stream(Ok((send, recv))) => {
-                let runs = runs.clone();
+                let (runs, access) = (runs.clone(), access.clone());
                 // Not tied to this session: a start cut off by a disconnect still records
                 // how it ended in the run's log, so no run is left neither started nor
                 // ended; a sync cut off leaves its tree whole either way.
                 tokio::spawn(async move {
-                    if let Err(e) = handle_bulk(runs, send, recv).await {
+                    if let Err(e) = handle_bulk(runs, access, send, recv).await {
                         tracing::warn!("a bulk stream failed: {e:#}");
                     }
                 });
@@ -361,16 +364,37 @@ async fn stream_events(
     }
 }
 
-/// A stream the controller opened: a run start or a code sync.
+/// A stream the controller opened: a run start, a code sync, or an access stream (exec,
+/// shell, forward, copy). A kind this agent does not know is answered with
+/// `AgentMsg::Error` (`Unsupported`), not dropped.
 async fn handle_bulk(
     runs: Arc<Runs>,
+    access: Arc<Access>,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) -> anyhow::Result<()> {
-    let open: BulkOpen = read_frame(&mut recv)
-        .await?
-        .context("the stream ended before its header")?;
+    let open: BulkOpen = match read_frame(&mut recv).await {
+        Ok(Some(open)) => open,
+        Ok(None) => bail!("the stream ended before its header"),
+        Err(FrameError::Decode(e)) => {
+            let refusal = WireError::new(
+                ErrorKind::Unsupported,
+                format!(
+                    "{} does not know this kind of stream ({e}); upgrade it to use this",
+                    hello().software
+                ),
+            );
+            write_frame(&mut send, &AgentMsg::Error(refusal)).await?;
+            send.finish()?;
+            return Ok(());
+        }
+        Err(e) => return Err(e.into()),
+    };
     match open {
+        open @ (BulkOpen::Exec(_)
+        | BulkOpen::Forward(_)
+        | BulkOpen::CopyOut(_)
+        | BulkOpen::CopyIn(_)) => return crate::access::serve(access, open, send, recv).await,
         BulkOpen::StartRun(spec) => {
             let run = spec.run.clone();
             let result = runs.start(*spec).await;

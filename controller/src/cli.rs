@@ -272,6 +272,72 @@ Examples:
     )]
     S3(ObjectCommand),
 
+    /// Run a command on a run's instance, in the run's tree with its environment (or in
+    /// an instance's home), as `ssh host cmd` would; exit with its status.
+    #[command(after_long_help = "\
+In a run, the command starts in the run's start directory with the run's environment:
+RUNCTL_RUN_ID, RUNCTL_CHECKPOINT_DIR, RUNCTL_DATA_DIR, the run's --env variables, and its
+venv first in PATH. Given an instance, it starts in the agent's home with the agent's
+environment. Stdout and stderr come back apart; stdin is forwarded when it is not a
+terminal (a file or a pipe). Ctrl-C sends SIGINT to the remote command (SIGTERM and SIGHUP
+are passed on too). The command is not a run: nothing restarts it, it ends if this
+connection does, and it is a line in the agent's audit log. The exit status is the
+command's (128+N for signal N), 255 if the connection was lost.
+
+Examples:
+  runctl-controller exec run-3f9a2c1b7d4e -- nvidia-smi
+  runctl-controller exec run-3f9a2c1b7d4e -- ls -la outputs/
+  runctl-controller exec run-3f9a2c1b7d4e -- python - < inspect.py
+  runctl-controller exec gpu-1 -- df -h")]
+    Exec(ExecArgs),
+
+    /// An interactive shell on a run's instance (in its tree, with its environment), or in
+    /// an instance's home.
+    #[command(after_long_help = "\
+A terminal on the instance: a PTY sized to this one (and resized with it), TERM passed
+through, Ctrl-C and Ctrl-Z going to the remote foreground job as on any terminal. `exit N`
+ends it with status N. If the connection drops, the shell is hung up on and this command
+says so and exits with 255. Needs a terminal here; use `exec` from scripts.
+
+Examples:
+  runctl-controller shell run-3f9a2c1b7d4e
+  runctl-controller shell gpu-1")]
+    Shell(ShellArgs),
+
+    /// Forward local TCP ports to ports on a run's instance (as ssh -L does), until Ctrl-C.
+    #[command(after_long_help = "\
+Each forward is [LOCAL:][HOST:]REMOTE: connections to LOCAL on this machine (127.0.0.1
+unless --bind; LOCAL defaults to REMOTE, 0 picks a free port) reach HOST:REMOTE as the
+instance sees it (HOST defaults to its loopback). Each connection is a stream of the
+agent's own channel: nothing listens on the instance beyond the server itself. A line on
+stderr says when each forward listens. Hosts other than the instance's loopback are
+refused unless the agent's config allows them ([agent] forward_hosts).
+
+Examples:
+  runctl-controller forward run-3f9a2c1b7d4e 6006
+  runctl-controller forward run-3f9a2c1b7d4e 6006 8888:8888
+  runctl-controller forward run-3f9a2c1b7d4e 16006:localhost:6006
+  runctl-controller forward --bind 0.0.0.0 gpu-1 8080")]
+    Forward(ForwardArgs),
+
+    /// Copy files and directories between this machine and an instance, as `docker cp`
+    /// does.
+    #[command(after_long_help = "\
+One side is RUN:PATH or INSTANCE:PATH. A relative remote path is in the run's tree (from
+its start directory), or in the instance's home; absolute ones must be under the agent's
+allowed roots (its state directory and home unless [agent] copy_roots says otherwise). A
+directory is copied whole; into an existing directory it lands under its own name,
+otherwise it is created as DEST. Modes and symlinks are kept. The copy is compressed on
+the way and shown with a progress bar on a terminal; it is written beside its destination
+and renamed into place only when whole, so a cut copy leaves nothing under the final name.
+
+Examples:
+  runctl-controller cp run-3f9a2c1b7d4e:outputs ./results
+  runctl-controller cp run-3f9a2c1b7d4e:/var/lib/runctl/runs/run-3f9a2c1b7d4e/checkpoints .
+  runctl-controller cp ./configs run-3f9a2c1b7d4e:configs
+  runctl-controller cp notes.txt gpu-1:")]
+    Cp(CpArgs),
+
     /// Run the controller daemon in the foreground (other commands start it on demand).
     #[command(after_long_help = "\
 Logs go to stderr (RUNCTL_LOG=debug for more). Stops cleanly on SIGTERM or Ctrl-C;
@@ -706,6 +772,100 @@ pub struct LogsArgs {
     pub tail: Option<u64>,
 }
 
+/// A run id or an instance name: where `exec`, `shell`, `forward` and `cp` go.
+pub fn parse_target(text: &str) -> Result<crate::ipc::Target, String> {
+    use crate::ipc::Target;
+    if let Ok(run) = text.parse::<RunId>() {
+        return Ok(Target::Run(run));
+    }
+    text.parse::<InstanceName>()
+        .map(Target::Instance)
+        .map_err(|e| {
+            format!("{text:?} is neither a run id (run-3f9a2c1b7d4e) nor an instance name: {e}")
+        })
+}
+
+#[derive(Debug, Args)]
+pub struct ExecArgs {
+    /// A run (its tree and environment), e.g. run-3f9a2c1b7d4e, or an instance (its
+    /// agent's home).
+    #[arg(value_parser = parse_target, value_name = "RUN|INSTANCE")]
+    pub target: crate::ipc::Target,
+
+    /// The command and its arguments, after `--`.
+    #[arg(last = true, required = true, value_name = "COMMAND")]
+    pub command: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ShellArgs {
+    /// A run (its tree and environment), e.g. run-3f9a2c1b7d4e, or an instance.
+    #[arg(value_parser = parse_target, value_name = "RUN|INSTANCE")]
+    pub target: crate::ipc::Target,
+}
+
+#[derive(Debug, Args)]
+pub struct ForwardArgs {
+    /// A run, e.g. run-3f9a2c1b7d4e, or an instance.
+    #[arg(value_parser = parse_target, value_name = "RUN|INSTANCE")]
+    pub target: crate::ipc::Target,
+
+    /// [LOCAL:][HOST:]REMOTE, e.g. 6006, 8888:8888, 16006:localhost:6006.
+    #[arg(required = true, value_parser = parse_forward, value_name = "FORWARD")]
+    pub forwards: Vec<crate::ipc::ForwardSpec>,
+
+    /// The local address to listen on.
+    #[arg(long, default_value = "127.0.0.1", value_name = "ADDR")]
+    pub bind: std::net::IpAddr,
+}
+
+#[derive(Debug, Args)]
+pub struct CpArgs {
+    /// RUN:PATH, INSTANCE:PATH or a local path.
+    pub source: String,
+    /// RUN:PATH, INSTANCE:PATH or a local path (one side must be remote).
+    pub dest: String,
+}
+
+/// `[LOCAL:][HOST:]REMOTE`, as ssh -L takes it (without the bind address: `--bind`).
+pub fn parse_forward(text: &str) -> Result<crate::ipc::ForwardSpec, String> {
+    let port = |p: &str, what: &str, zero_ok: bool| -> Result<u16, String> {
+        match p.parse::<u16>() {
+            Ok(0) if !zero_ok => Err(format!("{what} port 0 is not a port")),
+            Ok(n) => Ok(n),
+            Err(_) => Err(format!("{what} port {p:?} is not a port number (1-65535)")),
+        }
+    };
+    let bad = || {
+        format!(
+            "{text:?} is not [LOCAL:][HOST:]REMOTE (e.g. 6006, 8888:8888, 16006:localhost:6006)"
+        )
+    };
+    // An IPv6 host is written in brackets: 8080:[::1]:80.
+    let (head, host, remote) = if let Some(open) = text.find('[') {
+        let close = text.find(']').ok_or_else(bad)?;
+        let head = text[..open].strip_suffix(':').ok_or_else(bad)?;
+        let remote = text[close + 1..].strip_prefix(':').ok_or_else(bad)?;
+        (Some(head), Some(&text[open + 1..close]), remote)
+    } else {
+        let parts: Vec<&str> = text.split(':').collect();
+        match parts.as_slice() {
+            [remote] => (None, None, *remote),
+            [a, remote] => (Some(*a), None, *remote),
+            [a, host, remote] => (Some(*a), Some(*host), *remote),
+            _ => return Err(bad()),
+        }
+    };
+    if host.is_some_and(str::is_empty) || head.is_some_and(str::is_empty) {
+        return Err(bad());
+    }
+    Ok(crate::ipc::ForwardSpec {
+        local_port: head.map(|p| port(p, "the local", true)).transpose()?,
+        host: host.unwrap_or("127.0.0.1").to_owned(),
+        port: port(remote, "the remote", false)?,
+    })
+}
+
 #[derive(Debug, Args)]
 pub struct TopArgs {
     /// Only this run's instance and processes, e.g. run-3f9a2c1b7d4e.
@@ -1052,6 +1212,48 @@ mod tests {
         assert!(parse_data("s3://bkt/x=../up").is_err());
         assert!(parse_data("s3://bkt/x=").is_err());
         assert!(parse_data("bkt/x").is_err());
+    }
+
+    #[test]
+    fn forwards_parse_as_ssh_l_takes_them() {
+        let check = |text: &str, expected: Option<(Option<u16>, &str, u16)>| {
+            let got = parse_forward(text)
+                .ok()
+                .map(|f| (f.local_port, f.host.clone(), f.port));
+            assert_eq!(
+                got,
+                expected.map(|(l, h, p)| (l, h.to_owned(), p)),
+                "{text:?}"
+            );
+        };
+        check("6006", Some((None, "127.0.0.1", 6006)));
+        check("16006:6006", Some((Some(16006), "127.0.0.1", 6006)));
+        check("0:8000", Some((Some(0), "127.0.0.1", 8000)));
+        check("8080:localhost:80", Some((Some(8080), "localhost", 80)));
+        check(
+            "8080:db.internal:5432",
+            Some((Some(8080), "db.internal", 5432)),
+        );
+        check("8080:[::1]:80", Some((Some(8080), "::1", 80)));
+        check("0", None);
+        check("70000", None);
+        check("tensorboard", None);
+        check("1:2:3:4", None);
+        check(":6006", None);
+        check("8080::80", None);
+        check("8080:[::1]80", None);
+        check("", None);
+    }
+
+    #[test]
+    fn targets_are_runs_or_instances() {
+        use crate::ipc::Target;
+        assert!(matches!(
+            parse_target("run-3f9a2c1b7d4e"),
+            Ok(Target::Run(_))
+        ));
+        assert!(matches!(parse_target("gpu-1"), Ok(Target::Instance(_))));
+        assert!(parse_target("not a name!").is_err());
     }
 
     #[test]

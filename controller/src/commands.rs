@@ -185,6 +185,10 @@ fn run(cli: Cli, printer: Printer) -> anyhow::Result<u8> {
             }
             Command::Run(args) => run_command(&home, printer, *args).await,
             Command::S3(cmd) => crate::objects::s3(&home, &config, printer, cmd).await,
+            Command::Exec(args) => crate::remote::exec(&home, args).await,
+            Command::Shell(args) => crate::remote::shell(&home, args).await,
+            Command::Forward(args) => crate::remote::forward(&home, printer, args).await,
+            Command::Cp(args) => crate::remote::cp(&home, printer, args).await,
             Command::Checkpoint(cmd) => {
                 crate::objects::checkpoint(&home, &config, printer, cmd).await
             }

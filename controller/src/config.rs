@@ -26,7 +26,7 @@ pub struct Config {
     #[serde(default)]
     pub runpod: RunpodConfig,
     #[serde(default)]
-    pub agent: AgentDisk,
+    pub agent: AgentSettings,
 }
 
 /// `[runpod]`: RunPod pods (`--provider runpod`). The API key comes from `RUNPOD_API_KEY`
@@ -200,12 +200,13 @@ fn check_host_port(section: &str, endpoint: &str) -> Result<(), String> {
     }
 }
 
-/// `[agent]`: how every agent keeps its disk, written into its config at launch (any
-/// provider; `[local.agent]` overrides it for local instances). A change applies to
+/// `[agent]`: how every agent keeps its disk and what it lets the controller do beyond
+/// runs (exec, shell, forward, copy), written into its config at launch (any provider;
+/// `[local.agent]` overrides the disk keys for local instances). A change applies to
 /// instances launched after it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct AgentDisk {
+pub struct AgentSettings {
     /// Ended runs kept whole on an instance (trees, environments), newest first.
     #[serde(default = "default_keep_runs")]
     pub keep_runs: u32,
@@ -219,6 +220,23 @@ pub struct AgentDisk {
     /// An ended run's checkpoints kept on the instance once they are in the store.
     #[serde(default = "default_keep_local_checkpoints")]
     pub keep_local_checkpoints: u32,
+    /// `exec` and `shell` on the instance.
+    #[serde(default = "yes")]
+    pub allow_shell: bool,
+    /// Port forwarding to the instance.
+    #[serde(default = "yes")]
+    pub allow_forward: bool,
+    /// Hosts a forward may reach besides the instance's loopback (`"*"`: any).
+    #[serde(default)]
+    pub forward_hosts: Vec<String>,
+    /// Absolute paths `cp` may reach on the instance (default: the agent's state
+    /// directory and its home).
+    #[serde(default)]
+    pub copy_roots: Vec<PathBuf>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn default_keep_runs() -> u32 {
@@ -234,28 +252,52 @@ fn default_keep_local_checkpoints() -> u32 {
     protocol::agent_config::DEFAULT_KEEP_LOCAL_CHECKPOINTS
 }
 
-impl Default for AgentDisk {
+impl Default for AgentSettings {
     fn default() -> Self {
-        AgentDisk {
+        AgentSettings {
             keep_runs: default_keep_runs(),
             disk_budget: default_disk_budget(),
             min_free: default_min_free(),
             keep_local_checkpoints: default_keep_local_checkpoints(),
+            allow_shell: true,
+            allow_forward: true,
+            forward_hosts: Vec::new(),
+            copy_roots: Vec::new(),
         }
     }
 }
 
-impl AgentDisk {
+impl AgentSettings {
     /// `[agent]` with `[local.agent]`'s keys over it, for a local instance.
-    pub fn for_local(&self, local: &LocalAgentConfig) -> AgentDisk {
-        AgentDisk {
+    pub fn for_local(&self, local: &LocalAgentConfig) -> AgentSettings {
+        AgentSettings {
             keep_runs: local.keep_runs.unwrap_or(self.keep_runs),
             disk_budget: local.disk_budget.unwrap_or(self.disk_budget),
             min_free: local.min_free.unwrap_or(self.min_free),
             keep_local_checkpoints: local
                 .keep_local_checkpoints
                 .unwrap_or(self.keep_local_checkpoints),
+            ..self.clone()
         }
+    }
+
+    fn check(&self) -> Result<(), String> {
+        if let Some(root) = self.copy_roots.iter().find(|r| !r.is_absolute()) {
+            return Err(format!(
+                "[agent] copy_roots: {} is not an absolute path (e.g. \"/data\")",
+                root.display()
+            ));
+        }
+        if let Some(host) = self
+            .forward_hosts
+            .iter()
+            .find(|h| h.is_empty() || h.contains(char::is_whitespace))
+        {
+            return Err(format!(
+                "[agent] forward_hosts: {host:?} is not a host name or address (e.g. \"10.0.0.5\", or \"*\" for any)"
+            ));
+        }
+        Ok(())
     }
 
     /// Writes these settings into an agent's config.
@@ -264,6 +306,12 @@ impl AgentDisk {
         file.disk_budget = Some(self.disk_budget);
         file.min_free = Some(self.min_free);
         file.keep_local_checkpoints = Some(self.keep_local_checkpoints);
+        file.access = protocol::agent_config::Access {
+            allow_shell: self.allow_shell,
+            allow_forward: self.allow_forward,
+            forward_hosts: self.forward_hosts.clone(),
+            copy_roots: self.copy_roots.clone(),
+        };
     }
 }
 
@@ -673,6 +721,7 @@ impl Config {
         config.ec2.check()?;
         config.relay.check()?;
         config.runpod.check()?;
+        config.agent.check()?;
         Ok(config)
     }
 }
@@ -711,6 +760,22 @@ mod tests {
         );
         check("[daemon\n", Err("line 1"));
         check("[relay]\nport = 0\n", Err("[relay] port"));
+        check(
+            "[agent]\nallow_shell = false\nforward_hosts = [\"10.0.0.5\"]\ncopy_roots = [\"/data\"]\n",
+            Ok("127.0.0.1:0"),
+        );
+        check(
+            "[agent]\ncopy_roots = [\"data\"]\n",
+            Err("[agent] copy_roots"),
+        );
+        check(
+            "[agent]\nforward_hosts = [\"\"]\n",
+            Err("[agent] forward_hosts"),
+        );
+        check(
+            "[agent]\nallow_shel = false\n",
+            Err("unknown field `allow_shel`"),
+        );
         check(
             "[relay]\ninstance_type = \"t3 nano\"\n",
             Err("[relay] instance_type"),

@@ -86,6 +86,58 @@ pub enum Restart {
     IfChanged,
 }
 
+/// What `exec`, `shell`, `forward` and `cp` work on: a run (its start directory and
+/// environment, relative paths in its tree) or an instance (its agent's home).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Target {
+    Run(RunId),
+    Instance(InstanceName),
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Run(run) => write!(f, "{run}"),
+            Target::Instance(name) => write!(f, "{name}"),
+        }
+    }
+}
+
+/// A stream to open on a target's agent; once the daemon answers `Spliced`, the socket
+/// carries that stream's own frames (`protocol::streams`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Open {
+    Exec {
+        argv: Vec<String>,
+        tty: Option<protocol::streams::TtySize>,
+        term: Option<String>,
+        stdin: bool,
+    },
+    CopyOut {
+        path: String,
+    },
+    CopyIn {
+        path: String,
+    },
+}
+
+/// One `[LOCAL:][HOST:]REMOTE` forward.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForwardSpec {
+    /// `None`: the same port as `port` (ssh -L's `6006` alone); `Some(0)`: any free one.
+    pub local_port: Option<u16>,
+    pub host: String,
+    pub port: u16,
+}
+
+/// A forward that is listening.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForwardView {
+    pub local: std::net::SocketAddr,
+    /// `host:port` as the instance sees it.
+    pub remote: String,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum Request {
     Status,
@@ -131,6 +183,20 @@ pub enum Request {
     /// Where a run's checkpoints go; answered with `CheckpointDest`.
     CheckpointDest {
         run: RunId,
+    },
+    /// Open an exec, shell or copy stream on the target's agent: answered `Spliced`, after
+    /// which the socket is the stream.
+    Open {
+        target: Target,
+        open: Open,
+    },
+    /// Listen on local ports and forward each connection to the target's instance, until
+    /// this connection closes: answered `Forwarding` once all listen, then `Progress`
+    /// lines for connections that fail.
+    Forward {
+        target: Target,
+        forwards: Vec<ForwardSpec>,
+        bind: std::net::IpAddr,
     },
 }
 
@@ -244,6 +310,12 @@ pub enum Response {
     Instance(InstanceView),
     /// The run's checkpoint prefix, `s3://bucket/prefix/<run>/`; `None` if it pushes none.
     CheckpointDest(Option<String>),
+    /// The stream `Open` asked for is open on `instance`'s agent: from here on the socket
+    /// carries it.
+    Spliced {
+        instance: InstanceName,
+    },
+    Forwarding(Vec<ForwardView>),
     Error(UserError),
 }
 
@@ -335,6 +407,11 @@ impl Client {
             ));
         }
         Ok(self)
+    }
+
+    /// The socket itself, for a stream the daemon has spliced to an agent.
+    pub fn into_stream(self) -> UnixStream {
+        self.stream
     }
 
     pub async fn send(&mut self, request: &Request) -> Result<(), UserError> {

@@ -4,7 +4,8 @@
 //! (`db`); it launches instances through providers (`provider`) and keeps each run's
 //! tree in step with the project (`sync`, driven by `daemon::sync`). `objects` moves data
 //! and checkpoints to and from the object store directly; `volumes` manages EBS volumes
-//! and `relays` runctl-relays directly with EC2.
+//! and `relays` runctl-relays directly with EC2. `remote` is the CLI side of `exec`,
+//! `shell`, `forward` and `cp`.
 
 pub mod cli;
 pub mod commands;
@@ -21,6 +22,7 @@ pub mod pki;
 pub mod plan;
 pub mod provider;
 pub mod relays;
+pub mod remote;
 pub mod report;
 pub mod run_state;
 pub mod sync;

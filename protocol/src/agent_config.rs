@@ -75,6 +75,43 @@ pub struct AgentConfigFile {
     /// newest first (default [`DEFAULT_KEEP_LOCAL_CHECKPOINTS`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keep_local_checkpoints: Option<u32>,
+    /// What the controller may do on the instance beyond runs: exec, shell, forward, copy.
+    #[serde(default, skip_serializing_if = "Access::is_default")]
+    pub access: Access,
+}
+
+/// `[access]`: the exec, shell, forward and copy streams an agent serves, for fleets that
+/// lock them down. Every one served or refused is a line in the agent's audit log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Access {
+    /// `exec` and `shell` (default true).
+    pub allow_shell: bool,
+    /// Port forwarding (default true).
+    pub allow_forward: bool,
+    /// Hosts a forward may reach besides the instance's loopback (`"*"`: any). Default
+    /// none.
+    pub forward_hosts: Vec<String>,
+    /// Absolute paths a copy may read or write (relative paths are in the run's tree or
+    /// the agent's home). Default: the agent's state directory and its home.
+    pub copy_roots: Vec<PathBuf>,
+}
+
+impl Default for Access {
+    fn default() -> Self {
+        Access {
+            allow_shell: true,
+            allow_forward: true,
+            forward_hosts: Vec::new(),
+            copy_roots: Vec::new(),
+        }
+    }
+}
+
+impl Access {
+    pub fn is_default(&self) -> bool {
+        *self == Access::default()
+    }
 }
 
 impl AgentConfigFile {
@@ -104,6 +141,7 @@ impl AgentConfigFile {
             disk_budget: None,
             min_free: None,
             keep_local_checkpoints: None,
+            access: Access::default(),
         }
     }
 }

@@ -39,16 +39,24 @@ pub enum Feature {
     /// (`ControllerMsg::StoreCredentials`), for hosts with no credentials of their own (a
     /// pod has no instance profile).
     StoreCredentials,
+    /// The agent serves exec, shell, forward and copy streams (`crate::streams`).
+    Streams,
 }
 
 impl Feature {
-    pub const ALL: &[Feature] = &[Feature::Carriers, Feature::Store, Feature::StoreCredentials];
+    pub const ALL: &[Feature] = &[
+        Feature::Carriers,
+        Feature::Store,
+        Feature::StoreCredentials,
+        Feature::Streams,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Feature::Carriers => "carriers",
             Feature::Store => "store",
             Feature::StoreCredentials => "store-credentials",
+            Feature::Streams => "streams",
         }
     }
 }
@@ -258,6 +266,14 @@ pub enum BulkOpen {
         open: SyncOpen,
         bases: Vec<ContentHash>,
     },
+    /// A command or a shell (feature `streams`; see `streams::ExecOpen`).
+    Exec(crate::streams::ExecOpen),
+    /// One forwarded TCP connection (feature `streams`; see `streams::ForwardOpen`).
+    Forward(crate::streams::ForwardOpen),
+    /// Files from the instance (feature `streams`; see `streams::CopyOpen`).
+    CopyOut(crate::streams::CopyOpen),
+    /// Files to the instance (feature `streams`; see `streams::CopyOpen`).
+    CopyIn(crate::streams::CopyOpen),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -610,6 +626,9 @@ pub enum ErrorKind {
     Internal,
     /// The peer's version lacks the feature the request needs.
     Unsupported,
+    /// The agent's configuration does not allow this (shell, forwarding, a path or a host
+    /// outside what it permits).
+    Forbidden,
 }
 
 #[cfg(test)]

@@ -24,6 +24,11 @@ struct Hostile {
 
 /// A controller endpoint with its own CA, and a real agent session connected to it.
 async fn hostile_controller() -> Hostile {
+    hostile_controller_with(protocol::agent_config::Access::default()).await
+}
+
+/// The same, with the agent's `[access]` policy given.
+async fn hostile_controller_with(policy: protocol::agent_config::Access) -> Hostile {
     let ca = CertificateAuthority::generate().expect("ca");
     let server = ca.issue_server_identity().expect("server identity");
     let endpoint = quinn::Endpoint::server(
@@ -64,11 +69,16 @@ async fn hostile_controller() -> Hostile {
         agent_conn.expect("agent side"),
         conn.expect("controller side"),
     );
+    let access = Arc::new(agent::access::Access::new(
+        policy,
+        &dir.path().join("state"),
+        runs.clone(),
+    ));
     let agent = tokio::spawn(async move {
         let connected = std::sync::atomic::AtomicBool::new(false);
         let (_stats_tx, stats) = tokio::sync::watch::channel(None);
         let (_closing_tx, closing) = tokio::sync::watch::channel(false);
-        let _ = agent::session::serve(agent_conn, &runs, &connected, stats, closing).await;
+        let _ = agent::session::serve(agent_conn, &runs, &access, &connected, stats, closing).await;
         drop(client);
     });
     let (mut send, mut recv) = conn.accept_bi().await.expect("control stream");

@@ -214,9 +214,7 @@ async fn session(
             unauthenticated.done();
             conn.set_receive_window(AUTHENTICATED_RECEIVE_WINDOW.into());
             write_frame(&mut send, &ControllerMsg::Hello(ours)).await?;
-            let store = theirs.has(protocol::Feature::Store);
-            let handed = theirs.has(protocol::Feature::StoreCredentials);
-            serve_agent(d, conn, send, recv, instance, store, handed).await
+            serve_agent(d, conn, send, recv, instance, theirs).await
         }
     }
 }
@@ -292,9 +290,10 @@ async fn serve_agent(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     instance: InstanceName,
-    store: bool,
-    handed: bool,
+    theirs: Hello,
 ) -> anyhow::Result<()> {
+    let store = theirs.has(protocol::Feature::Store);
+    let handed = theirs.has(protocol::Feature::StoreCredentials);
     let runs = match read_frame::<_, AgentMsg>(&mut recv).await {
         Ok(Some(AgentMsg::Ready { runs })) => runs,
         Ok(Some(_)) => {
@@ -328,6 +327,7 @@ async fn serve_agent(
             id,
             store,
             credentials,
+            hello: Arc::new(theirs),
         },
     );
     if let Some(previous) = previous {

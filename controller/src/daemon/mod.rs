@@ -9,6 +9,7 @@ mod credentials;
 mod instances;
 mod requests;
 mod runs;
+mod streams;
 pub mod sync;
 
 use std::collections::{HashMap, HashSet};
@@ -53,6 +54,8 @@ struct AgentLink {
     /// Asks the task handing the agent its store credentials to do it now (an agent with
     /// none of its own: a pod).
     credentials: Option<mpsc::Sender<credentials::Request>>,
+    /// The agent's `Hello`: its version and features.
+    hello: Arc<protocol::Hello>,
 }
 
 /// State shared by every task of the daemon.

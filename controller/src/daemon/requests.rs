@@ -103,6 +103,12 @@ async fn dispatch(
     request: Request,
 ) -> anyhow::Result<()> {
     match request {
+        Request::Open { target, open } => super::streams::open(d, stream, target, open).await?,
+        Request::Forward {
+            target,
+            forwards,
+            bind,
+        } => super::streams::forward(d, stream, target, forwards, bind).await?,
         Request::Status => {
             let runs_active =
                 d.db.runs()?

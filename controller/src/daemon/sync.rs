@@ -387,7 +387,7 @@ fn snapshot(sent: &Sent, summary: &Summary) -> Progress {
 fn refused(run: &RunId, e: protocol::WireError) -> UserError {
     let code = match e.kind {
         ErrorKind::NotFound => ErrorCode::NotFound,
-        ErrorKind::RunFailed => ErrorCode::Conflict,
+        ErrorKind::RunFailed | ErrorKind::Forbidden => ErrorCode::Conflict,
         ErrorKind::SyncFailed
         | ErrorKind::BadRequest
         | ErrorKind::Internal
