@@ -392,6 +392,12 @@ pub struct RunArgs {
     #[arg(long, short = 'd')]
     pub detach: bool,
 
+    /// Forward a local port to the instance while the run goes on (as `forward` does:
+    /// [LOCAL:][HOST:]REMOTE, e.g. 6006 for TensorBoard); repeatable. Not with --detach
+    /// (use `forward RUN PORT` beside a detached run).
+    #[arg(long, value_parser = parse_forward, value_name = "FORWARD", conflicts_with = "detach")]
+    pub forward: Vec<crate::ipc::ForwardSpec>,
+
     /// Keep the instance launched for this run after the run ends.
     #[arg(long, conflicts_with_all = ["on", "end"])]
     pub keep: bool,

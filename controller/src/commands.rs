@@ -526,6 +526,8 @@ async fn run_command(home: &Home, printer: Printer, args: RunArgs) -> anyhow::Re
     }
     let mut accepted: Option<RunId> = None;
     let mut last_seq = 0u64;
+    // `--forward`: opened once the command has started, closed when the run is over.
+    let mut forwarding: Option<tokio::task::JoinHandle<()>> = None;
     let row = loop {
         let next = match client.next().await {
             Ok(Some(Response::Error(e))) if e.code != ErrorCode::DaemonUnavailable => {
@@ -575,11 +577,24 @@ async fn run_command(home: &Home, printer: Printer, args: RunArgs) -> anyhow::Re
             Response::Event(event) => {
                 last_seq = event.seq;
                 printer.event(&event);
+                if let (protocol::EventKind::Started { .. }, None, Some(run)) =
+                    (&event.kind, &forwarding, &accepted)
+                    && !args.forward.is_empty()
+                {
+                    forwarding = Some(crate::remote::forward_for_run(
+                        home.clone(),
+                        run.clone(),
+                        args.forward.clone(),
+                    ));
+                }
             }
             Response::Run(row) => break row,
             other => anyhow::bail!("unexpected answer to run: {other:?}"),
         }
     };
+    if let Some(forwarding) = forwarding {
+        forwarding.abort();
+    }
     if args.detach {
         printer.data(&row, || format!("{}\n", row.id));
         if row.state.is_terminal() {

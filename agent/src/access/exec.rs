@@ -46,13 +46,14 @@ pub async fn serve(
         end,
         ms: began.elapsed().as_millis() as u64,
     };
-    let spawned = policy::shell(&access.policy)
-        .and_then(|()| access.locate(&open.place))
-        .and_then(|located| spawn(&open, &argv, &located));
+    let spawned = match policy::shell(&access.policy).and_then(|()| access.locate(&open.place)) {
+        Err(e) => Err(("refused", e)),
+        Ok(located) => spawn(&open, &argv, &located).map_err(|e| ("failed", e)),
+    };
     let (child, io) = match spawned {
         Ok(spawned) => spawned,
-        Err(e) => {
-            access.audit(line(format!("refused: {}", e.message)));
+        Err((how, e)) => {
+            access.audit(line(format!("{how}: {}", e.message)));
             write_frame(&mut send, &ExecOutput::Started(Err(e))).await?;
             let _ = send.finish();
             return Ok(());
