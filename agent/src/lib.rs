@@ -118,6 +118,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
     let access = Arc::new(access::Access::new(
         config.access.clone(),
         &config.state_dir,
+        access::agent_home(&config.state_dir),
         runs.clone(),
     ));
     let mut sessions = tokio::spawn(serve_controller(

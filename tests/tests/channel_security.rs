@@ -390,3 +390,128 @@ async fn an_agent_cannot_act_on_another_instances_run() {
     let stopped = c.home.json(&["stop", run.as_str()]);
     assert_eq!(stopped["state"], "stopped");
 }
+
+/// An agent one protocol version older (no `streams` feature) is told "not supported" by
+/// name, without a stream being opened to it; and a certificate of one instance never
+/// receives another instance's streams.
+#[tokio::test]
+async fn streams_go_only_to_agents_that_serve_them_and_only_to_their_own_instance() {
+    use controller::db::{InstanceRow, InstanceState};
+    let c = controller();
+    let old: InstanceName = "old-1".parse().expect("name");
+    c.db()
+        .insert_instance(&InstanceRow {
+            name: old.clone(),
+            provider: controller::provider::ProviderKind::Local,
+            state: InstanceState::Running,
+            created_ms: controller::daemon::now_ms(),
+            terminated_ms: None,
+            pid: None,
+            for_run: None,
+        })
+        .expect("instance row");
+    let identity = c
+        .enroll(&c.mint("old-1", Duration::from_secs(60)))
+        .await
+        .expect("enroll");
+    let conn = c.connect(c.pin, Some(&identity)).await.expect("connect");
+    let (mut send, mut recv) = conn.open_bi().await.expect("control");
+    let previous = Hello {
+        protocol_version: protocol::PROTOCOL_VERSION - 1,
+        software: "runctl-agent 0.0.9".into(),
+        features: vec![
+            "carriers".into(),
+            "store".into(),
+            "store-credentials".into(),
+        ],
+    };
+    write_frame(&mut send, &AgentMsg::Hello(previous))
+        .await
+        .expect("hello");
+    write_frame(&mut send, &AgentMsg::Ready { runs: vec![] })
+        .await
+        .expect("ready");
+    let control = tokio::spawn(async move {
+        while let Ok(Some(_)) = read_frame::<_, ControllerMsg>(&mut recv).await {}
+        drop(send);
+    });
+    let opened = {
+        let conn = conn.clone();
+        tokio::spawn(async move { conn.accept_bi().await.is_ok() })
+    };
+    let c = std::sync::Arc::new(c);
+    let c2 = c.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        c2.home
+            .wait_until("old-1 to be connected", Duration::from_secs(20), || {
+                c2.home.json(&["list"])["instances"]
+                    .as_array()
+                    .is_some_and(|all| {
+                        all.iter()
+                            .any(|i| i["instance"]["name"] == "old-1" && i["connected"] == true)
+                    })
+            });
+        c2.home.run(&["exec", "old-1", "--", "true"])
+    })
+    .await
+    .expect("exec");
+    let err = tests::stderr(&out);
+    assert_eq!(out.status.code(), Some(6), "{err}");
+    assert!(err.contains("does not support streams"), "{err}");
+    assert!(err.contains("upgrade"), "{err}");
+    assert!(
+        !opened.is_finished(),
+        "no stream was opened to the old agent"
+    );
+
+    // Another instance's certificate, on an agent that serves streams, gets nothing of
+    // owner's run: exec reaches owner.
+    let identity = c
+        .enroll(&c.mint("intruder", Duration::from_secs(60)))
+        .await
+        .expect("enroll");
+    let intruder = c.connect(c.pin, Some(&identity)).await.expect("connect");
+    let (mut send, mut recv) = intruder.open_bi().await.expect("control");
+    write_frame(&mut send, &hello()).await.expect("hello");
+    write_frame(&mut send, &AgentMsg::Ready { runs: vec![] })
+        .await
+        .expect("ready");
+    let intruder_control = tokio::spawn(async move {
+        while let Ok(Some(_)) = read_frame::<_, ControllerMsg>(&mut recv).await {}
+        drop(send);
+    });
+    let intruded = {
+        let intruder = intruder.clone();
+        tokio::spawn(async move { intruder.accept_bi().await.is_ok() })
+    };
+    let c2 = c.clone();
+    let (out, run) = tokio::task::spawn_blocking(move || {
+        assert!(c2.home.run(&["launch", "--name", "owner"]).status.success());
+        let started = c2
+            .home
+            .json(&["run", "--on", "owner", "--detach", "--", "sleep", "30"]);
+        let run = started["id"].as_str().expect("id").to_owned();
+        (
+            c2.home
+                .run(&["exec", &run, "--", "sh", "-c", "echo $RUNCTL_RUN_ID"]),
+            run,
+        )
+    })
+    .await
+    .expect("exec");
+    assert_eq!(
+        tests::stdout(&out),
+        format!("{run}\n"),
+        "{}",
+        tests::stderr(&out)
+    );
+    assert!(
+        !intruded.is_finished(),
+        "the intruder's session got no stream"
+    );
+    assert!(!opened.is_finished(), "nor did the old agent's");
+    intruded.abort();
+    intruder_control.abort();
+    opened.abort();
+    control.abort();
+}

@@ -1,6 +1,8 @@
 //! A hostile controller against a real agent session over QUIC on loopback: every sync
 //! stream that could reach outside the run's tree, smuggle special files or blow up in
-//! size is refused with a message that crosses the wire, and nothing is written.
+//! size is refused with a message that crosses the wire, and nothing is written; so is
+//! every access stream (exec, forward, copy) outside the agent's policy, and a stream
+//! kind the agent does not know.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -69,9 +71,11 @@ async fn hostile_controller_with(policy: protocol::agent_config::Access) -> Host
         agent_conn.expect("agent side"),
         conn.expect("controller side"),
     );
+    std::fs::create_dir_all(dir.path().join("home")).expect("home");
     let access = Arc::new(agent::access::Access::new(
         policy,
         &dir.path().join("state"),
+        dir.path().join("home"),
         runs.clone(),
     ));
     let agent = tokio::spawn(async move {
@@ -245,4 +249,194 @@ async fn hostile_sync_streams_are_refused_over_the_wire() {
     let done = h.sync(Vec::new(), Vec::new(), Some(u64::MAX)).await;
     check(&done, "unpacks to more than");
     h.assert_untouched();
+}
+
+impl Hostile {
+    /// Opens a stream with `open` (already encoded as a frame) and returns the stream.
+    async fn open_raw(&self, frame: &[u8]) -> (quinn::SendStream, quinn::RecvStream) {
+        let (mut send, recv) = self.conn.open_bi().await.expect("stream");
+        send.write_all(frame).await.expect("open");
+        (send, recv)
+    }
+
+    async fn open(&self, open: &BulkOpen) -> (quinn::SendStream, quinn::RecvStream) {
+        self.open_raw(&protocol::codec::encode(open).expect("encode"))
+            .await
+    }
+
+    fn audit(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.dir.path().join("state/audit.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("a JSON line"))
+            .collect()
+    }
+}
+
+fn copy_open(path: &str) -> protocol::streams::CopyOpen {
+    protocol::streams::CopyOpen {
+        place: protocol::streams::Place::Home,
+        path: path.into(),
+        who: "mallory@elsewhere".into(),
+    }
+}
+
+fn zstd_of(bytes: &[u8]) -> Vec<u8> {
+    zstd::encode_all(bytes, 1).expect("zstd")
+}
+
+#[tokio::test]
+async fn hostile_access_streams_are_refused_over_the_wire() {
+    use protocol::ErrorKind;
+    use protocol::streams::*;
+    let policy = protocol::agent_config::Access {
+        allow_shell: false,
+        ..Default::default()
+    };
+    let h = hostile_controller_with(policy).await;
+    let bound = Duration::from_secs(10);
+
+    // A stream kind from the future: answered "unsupported", not dropped or hung.
+    let (_send, mut recv) = h.open_raw(&[0, 0, 0, 1, 99]).await;
+    let answer: Option<AgentMsg> = tokio::time::timeout(bound, read_frame(&mut recv))
+        .await
+        .expect("answered in time")
+        .expect("a frame");
+    match answer {
+        Some(AgentMsg::Error(e)) => {
+            assert_eq!(e.kind, ErrorKind::Unsupported);
+            assert!(
+                e.message.contains("does not know this kind of stream"),
+                "{}",
+                e.message
+            );
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+
+    // Exec and shell are off.
+    let exec = BulkOpen::Exec(ExecOpen {
+        place: Place::Home,
+        argv: vec!["touch".into(), "/tmp/runctl-hostile-exec".into()],
+        tty: None,
+        term: None,
+        stdin: false,
+        who: "mallory@elsewhere".into(),
+    });
+    let (_send, mut recv) = h.open(&exec).await;
+    match read_frame::<_, ExecOutput>(&mut recv).await.expect("frame") {
+        Some(ExecOutput::Started(Err(e))) => assert_eq!(e.kind, ErrorKind::Forbidden),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert!(!std::path::Path::new("/tmp/runctl-hostile-exec").exists());
+
+    // A forward beyond the loopback, checked or not.
+    for check_only in [true, false] {
+        let forward = BulkOpen::Forward(ForwardOpen {
+            host: "10.255.0.1".into(),
+            port: 22,
+            check_only,
+            who: "mallory@elsewhere".into(),
+        });
+        let (_send, mut recv) = h.open(&forward).await;
+        let ready: ForwardReady = read_frame(&mut recv).await.expect("frame").expect("answer");
+        assert_eq!(
+            ready.result.expect_err("refused").kind,
+            ErrorKind::Forbidden
+        );
+    }
+
+    // Copies out of the home, or from outside the roots.
+    for path in ["../state/identity", "/etc/passwd", "../../.."] {
+        let (_send, mut recv) = h.open(&BulkOpen::CopyOut(copy_open(path))).await;
+        let head: CopyHead = read_frame(&mut recv).await.expect("frame").expect("answer");
+        let e = head.result.expect_err(path);
+        assert_eq!(e.kind, ErrorKind::Forbidden, "{path}: {e:?}");
+    }
+
+    // A copy in whose tar climbs out, or holds another name, or lies about its size:
+    // refused once its bytes show it, with nothing written anywhere.
+    let source = CopySource {
+        name: "outputs".into(),
+        kind: CopyKind::Dir,
+        bytes: 12,
+        files: 1,
+    };
+    let cases: Vec<(&str, Vec<u8>, CopySource)> = vec![
+        (
+            "climbs out",
+            tar_entry(
+                "outputs/../../evil",
+                tar::EntryType::Regular,
+                b"evil payload",
+            ),
+            source.clone(),
+        ),
+        (
+            "another name",
+            tar_entry("evil", tar::EntryType::Regular, b"evil payload"),
+            source.clone(),
+        ),
+        (
+            "a device",
+            tar_entry("outputs/evil", tar::EntryType::Char, b""),
+            source.clone(),
+        ),
+        (
+            "larger than announced",
+            tar_entry("outputs/evil", tar::EntryType::Regular, &vec![0u8; 8 << 20]),
+            source.clone(),
+        ),
+    ];
+    for (what, tar, source) in cases {
+        let (mut send, mut recv) = h.open(&BulkOpen::CopyIn(copy_open("landing"))).await;
+        write_frame(&mut send, &CopyInHead { source })
+            .await
+            .expect("head");
+        let ready: CopyReady = read_frame(&mut recv).await.expect("frame").expect("ready");
+        assert!(ready.result.is_ok(), "{what}: {ready:?}");
+        // The agent may stop reading as soon as it has seen enough.
+        let _ = send.write_all(&zstd_of(&tar)).await;
+        let _ = send.finish();
+        let done: CopyDone = tokio::time::timeout(bound, read_frame(&mut recv))
+            .await
+            .expect("answered in time")
+            .expect("frame")
+            .expect("done");
+        assert!(done.result.is_err(), "{what}: {done:?}");
+        let home = h.dir.path().join("home");
+        let left: Vec<_> = std::fs::read_dir(&home).expect("ls").flatten().collect();
+        assert!(left.is_empty(), "{what}: left {left:?}");
+        let mut found = Vec::new();
+        find_named(h.dir.path(), "evil", &mut found);
+        assert!(found.is_empty(), "{what}: written {found:?}");
+    }
+    // A copy in to a path outside the roots is refused before any byte.
+    let (mut send, mut recv) = h.open(&BulkOpen::CopyIn(copy_open("/etc/evil"))).await;
+    write_frame(
+        &mut send,
+        &CopyInHead {
+            source: source.clone(),
+        },
+    )
+    .await
+    .expect("head");
+    let ready: CopyReady = read_frame(&mut recv).await.expect("frame").expect("ready");
+    assert_eq!(
+        ready.result.expect_err("outside").kind,
+        ErrorKind::Forbidden
+    );
+
+    // Each is a line in the audit log, with who asked.
+    let audit = h.audit();
+    assert_eq!(audit.len(), 11, "{audit:?}");
+    assert!(
+        audit.iter().all(|l| l["who"] == "mallory@elsewhere"),
+        "{audit:?}"
+    );
+    let refused = audit
+        .iter()
+        .filter(|l| l["end"].as_str().is_some_and(|e| e.starts_with("refused")))
+        .count();
+    assert_eq!(refused, 1 + 2 + 3 + 1, "{audit:?}");
 }

@@ -39,12 +39,21 @@ pub struct Located {
     pub fence: PathBuf,
 }
 
+/// The agent's home: `$HOME` when it is a directory, else its state directory.
+pub fn agent_home(state_dir: &Path) -> PathBuf {
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .filter(|h| h.is_absolute() && h.is_dir())
+        .unwrap_or_else(|| state_dir.to_owned())
+}
+
 impl Access {
-    pub fn new(policy: protocol::agent_config::Access, state_dir: &Path, runs: Arc<Runs>) -> Self {
-        let home = std::env::var_os("HOME")
-            .map(PathBuf::from)
-            .filter(|h| h.is_absolute() && h.is_dir())
-            .unwrap_or_else(|| state_dir.to_owned());
+    pub fn new(
+        policy: protocol::agent_config::Access,
+        state_dir: &Path,
+        home: PathBuf,
+        runs: Arc<Runs>,
+    ) -> Self {
         Access {
             policy,
             home,
