@@ -176,7 +176,13 @@ fn setup(tag: &str, agent_rules: Option<&str>) -> Option<Setup> {
     let relay = RelayProcess::start(&ca(&home), "0.0.0.0:0", None, Some(&net.ns("pub")));
     let relay_port = relay.addr.port();
     use_relay(&home, &format!("198.18.0.1:{relay_port}"));
-    assert!(home.run(&["launch", "--name", "n1"]).status.success());
+    let launched = home.run(&["launch", "--name", "n1"]);
+    assert!(
+        launched.status.success(),
+        "launch: {}{}",
+        stdout(&launched),
+        stderr(&launched)
+    );
     if let Some(rules) = agent_rules {
         net.nft("alan", rules);
     }
@@ -297,6 +303,12 @@ fn behind_two_nats_the_relay_carries_a_run_end_to_end() {
         .as_str()
         .unwrap_or_else(|| panic!("{started}"))
         .to_owned();
+    // So does exec: a stream of the same session.
+    let out = s
+        .home
+        .run(&["exec", &id, "--", "sh", "-c", "echo relayed-$RUNCTL_RUN_ID"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stdout(&out), format!("relayed-{id}\n"));
     let stopped = s.home.json(&["stop", &id]);
     assert_eq!(stopped["state"], "stopped", "{stopped}");
 
@@ -330,6 +342,49 @@ fn with_udp_dropped_the_agent_falls_back_to_tcp() {
     let root = project(&[("train.py", TRAIN)]);
     let (out, _) = run_on(&s.home, root.path(), &["python3", "train.py", "over-tcp"]);
     assert!(out.contains("over-tcp 20"), "{out}");
+
+    // exec and cp ride the same path: streams of the session, over TCP through the relay.
+    let started = s.home.json(&[
+        "run",
+        "--on",
+        "n1",
+        "--root",
+        &root.path().display().to_string(),
+        "--detach",
+        "--",
+        "sleep",
+        "600",
+    ]);
+    let run = started["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{started}"))
+        .to_owned();
+    let out = s
+        .home
+        .run(&["exec", &run, "--", "sh", "-c", "echo via-$((6*7)); ls"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stdout(&out).starts_with("via-42\n"), "{}", stdout(&out));
+    assert!(stdout(&out).contains("train.py"), "{}", stdout(&out));
+    let local = tempfile::tempdir().expect("local");
+    let blob: Vec<u8> = (0..3 << 20).map(|i: u32| (i % 241) as u8).collect();
+    std::fs::write(local.path().join("blob.bin"), &blob).expect("write");
+    let up = s.home.run(&[
+        "cp",
+        &local.path().join("blob.bin").display().to_string(),
+        &format!("{run}:blob.bin"),
+    ]);
+    assert_eq!(up.status.code(), Some(0), "{}", stderr(&up));
+    let back = local.path().join("back.bin");
+    let down = s.home.run(&[
+        "cp",
+        &format!("{run}:blob.bin"),
+        &back.display().to_string(),
+    ]);
+    assert_eq!(down.status.code(), Some(0), "{}", stderr(&down));
+    assert!(
+        std::fs::read(&back).expect("read") == blob,
+        "the copy came back whole"
+    );
     drop(s.relay);
 }
 
