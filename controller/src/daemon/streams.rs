@@ -252,7 +252,15 @@ async fn accept(
     loop {
         tokio::select! {
             accepted = listener.accept() => {
-                let Ok((tcp, _)) = accepted else { continue };
+                let tcp = match accepted {
+                    Ok((tcp, _)) => tcp,
+                    Err(e) => {
+                        // Out of descriptors, most likely: wait rather than spin.
+                        tracing::warn!("accepting a forwarded connection: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
                 let _ = tcp.set_nodelay(true);
                 connections.spawn(connect(d.clone(), instance.clone(), tcp, spec.clone(), failures.clone()));
             }
