@@ -280,7 +280,7 @@ RUNCTL_RUN_ID, RUNCTL_CHECKPOINT_DIR, RUNCTL_DATA_DIR, the run's --env variables
 venv first in PATH. Given an instance, it starts in the agent's home with the agent's
 environment. Stdout and stderr come back apart; stdin is forwarded when it is not a
 terminal (a file or a pipe). Ctrl-C sends SIGINT to the remote command (SIGTERM and SIGHUP
-are passed on too). The command is not a run: nothing restarts it, it ends if this
+are passed on too); a third Ctrl-C hangs up on it. The command is not a run: nothing restarts it, it ends if this
 connection does, and it is a line in the agent's audit log. The exit status is the
 command's (128+N for signal N), 255 if the connection was lost.
 

@@ -25,6 +25,9 @@ use crate::report::{Format, Printer, bytes_words};
 /// The exit status when the connection to the instance is lost (as ssh's).
 const LOST: u8 = 255;
 
+/// The Ctrl-C that hangs up on an `exec` instead of passing SIGINT on.
+const HANG_UP_AFTER: u32 = 3;
+
 /// Asks the daemon for the stream; the socket once it is open.
 async fn open_stream(
     home: &Home,
@@ -185,6 +188,7 @@ async fn interact(
     let mut sighup = signal(SignalKind::hangup()).map_err(signal_err)?;
     let mut winch = signal(SignalKind::window_change()).map_err(signal_err)?;
     let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
+    let (mut interrupts, mut hung_up) = (0, false);
     let ended = loop {
         let input = tokio::select! {
             frame = frames.recv() => match frame {
@@ -209,7 +213,16 @@ async fn interact(
                     ExecInput::StdinEnd
                 }
             },
-            _ = sigint.recv() => ExecInput::Signal(2),
+            _ = sigint.recv() => {
+                // A command that ignores SIGINT must not hold the terminal: the third
+                // Ctrl-C hangs up (the remote command gets SIGHUP, as from a dropped ssh).
+                interrupts += 1;
+                if interrupts >= HANG_UP_AFTER {
+                    hung_up = true;
+                    break None;
+                }
+                ExecInput::Signal(2)
+            }
             _ = sigterm.recv() => ExecInput::Signal(15),
             _ = sighup.recv() => ExecInput::Signal(1),
             _ = winch.recv(), if tty => ExecInput::Resize(terminal_size()),
@@ -221,6 +234,10 @@ async fn interact(
     drop(raw);
     match ended {
         Some(status) => Ok(status.code()),
+        None if hung_up => {
+            eprintln!("runctl: hung up on the command on {instance} (it gets SIGHUP)");
+            Ok(LOST)
+        }
         None => {
             let lead = if tty { "\r\n" } else { "" };
             eprintln!("{lead}runctl: the connection to {instance} was lost");

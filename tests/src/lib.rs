@@ -57,6 +57,19 @@ pub fn in_netns(netns: Option<&str>, program: &Path) -> Command {
     }
 }
 
+/// A port free on 127.0.0.1 for both UDP and TCP, for a daemon's fixed `listen` (which
+/// binds both): a UDP port alone may be some connection's local TCP port.
+pub fn free_daemon_port() -> u16 {
+    for _ in 0..64 {
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").expect("a free UDP port");
+        let port = udp.local_addr().expect("its address").port();
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no port free for both UDP and TCP on 127.0.0.1");
+}
+
 /// A controller home in a temporary directory, with a daemon started on demand.
 #[derive(Debug)]
 pub struct Home {

@@ -154,6 +154,43 @@ fn exec_runs_in_the_runs_tree_with_its_environment_and_returns_its_status() {
     read_until(&mut out, &mut seen, "got SIGINT", Duration::from_secs(5));
     assert_eq!(status.code(), Some(5), "{seen}");
 
+    // A command that ignores SIGINT: the third Ctrl-C hangs up, and the command goes.
+    let mut child = home
+        .cli()
+        .args([
+            "exec",
+            &run,
+            "--",
+            "python3",
+            "-c",
+            "import os,signal,time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nprint('pid', os.getpid(), flush=True)\ntime.sleep(60)",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("exec");
+    let mut out = child.stdout.take().expect("stdout");
+    let mut seen = String::new();
+    read_until(&mut out, &mut seen, "\n", Duration::from_secs(20));
+    let pid: i32 = seen
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {seen:?}"));
+    for _ in 0..3 {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGINT,
+        )
+        .expect("interrupt");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let status = wait_bounded(&mut child, Duration::from_secs(20));
+    assert_eq!(status.code(), Some(255));
+    home.wait_until("the hung-up command to go", Duration::from_secs(15), || {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err()
+    });
+
     // Every one of them is a line in the agent's audit log.
     let audit = std::fs::read_to_string(
         home.path()
@@ -164,7 +201,14 @@ fn exec_runs_in_the_runs_tree_with_its_environment_and_returns_its_status() {
         .lines()
         .map(|l| serde_json::from_str(l).expect("a JSON line"))
         .collect();
-    assert_eq!(lines.len(), 7, "{audit}");
+    assert_eq!(lines.len(), 8, "{audit}");
+    assert!(
+        lines[7]["end"]
+            .as_str()
+            .expect("end")
+            .starts_with("hung up"),
+        "{audit}"
+    );
     assert!(lines.iter().all(|l| l["what"] == "exec"), "{audit}");
     assert_eq!(lines[0]["end"], "exit 7", "{audit}");
     assert_eq!(lines[1]["end"], "signal 15", "{audit}");

@@ -58,13 +58,6 @@ fn ec2_env(test: &str) -> Option<Ec2Env> {
     }
 }
 
-fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .and_then(|s| s.local_addr())
-        .expect("a free port")
-        .port()
-}
-
 /// A controller home for `region`, whose daemon listens where its agents are told to dial.
 struct Cloud {
     home: Home,
@@ -76,7 +69,7 @@ struct Cloud {
 impl Cloud {
     fn new(env: &Ec2Env, test: &str, region: &str, extra_ec2: &str) -> Cloud {
         let home = Home::new();
-        let port = free_udp_port();
+        let port = tests::free_daemon_port();
         let prefix = S3Env::unique_prefix(test);
         let config = format!(
             "[daemon]\nlisten = \"127.0.0.1:{port}\"\nstop_grace_secs = 3\n\
@@ -1051,7 +1044,7 @@ async fn a_relay_is_launched_apart_from_runs_boots_and_takes_the_registration() 
     let Some(env) = ec2_env("relay_launch") else {
         return;
     };
-    let port = free_udp_port();
+    let port = tests::free_daemon_port();
     let relay_config = format!(
         "[relay]\nbinary = \"{}\"\nport = {port}\n",
         env.relay.display()

@@ -352,10 +352,7 @@ fn runpod_home_with(
         eprintln!("SKIPPED {test}: no static agent (run scripts/test.sh)");
         return None;
     };
-    let port = std::net::UdpSocket::bind("127.0.0.1:0")
-        .and_then(|s| s.local_addr())
-        .expect("a free port")
-        .port();
+    let port = tests::free_daemon_port();
     let prefix = tests::s3::S3Env::unique_prefix(test);
     let home = tests::Home::new();
     let config = format!(
