@@ -353,6 +353,46 @@ Examples:
 Examples:
   runctl-controller shutdown")]
     Shutdown,
+
+    /// Print a shell completion script for bash, zsh or fish.
+    #[command(after_long_help = "\
+Load it in the current shell, or install it where the shell looks for completions.
+
+Examples:
+  source <(runctl-controller completions bash)
+  runctl-controller completions bash > ~/.local/share/bash-completion/completions/runctl-controller
+  runctl-controller completions zsh > ~/.zfunc/_runctl-controller   # with fpath+=(~/.zfunc)
+  runctl-controller completions fish > ~/.config/fish/completions/runctl-controller.fish")]
+    Completions(CompletionsArgs),
+
+    /// Print the man page (roff), or write one page per command into a directory.
+    #[command(after_long_help = "\
+Examples:
+  runctl-controller man | man -l -
+  runctl-controller man --dir ~/.local/share/man/man1   # then: man runctl-controller-run")]
+    Man(ManArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// The shell to complete for.
+    #[arg(value_enum, value_name = "SHELL")]
+    pub shell: CompletionShell,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CompletionShell {
+    Bash,
+    Zsh,
+    Fish,
+}
+
+#[derive(Debug, Args)]
+pub struct ManArgs {
+    /// Write runctl-controller.1 and a page for each command (runctl-controller-run.1,
+    /// ...) into this directory instead of printing the main page.
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Args)]

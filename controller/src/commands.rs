@@ -70,6 +70,12 @@ fn clap_error(e: clap::Error) -> ExitCode {
 }
 
 fn run(cli: Cli, printer: Printer) -> anyhow::Result<u8> {
+    // These need neither a home nor a valid config.
+    match cli.command {
+        Command::Completions(args) => return completions(args),
+        Command::Man(args) => return man(printer, args),
+        _ => {}
+    }
     let home = Home::resolve(cli.home)?;
     // Checked here as well as in the daemon, so a bad file is reported before anything starts.
     let config = Config::load(&home.config())?;
@@ -78,6 +84,9 @@ fn run(cli: Cli, printer: Printer) -> anyhow::Result<u8> {
         match cli.command {
             Command::Daemon => daemon(home, config).await,
             Command::Shutdown => shutdown(&home, printer).await,
+            // Answered before the home and config were read; the same calls here.
+            Command::Completions(args) => completions(args),
+            Command::Man(args) => man(printer, args),
             Command::Status => {
                 let Response::Status(status) = Client::call(&home, &Request::Status).await? else {
                     anyhow::bail!("unexpected answer to status");
@@ -616,6 +625,66 @@ async fn run_command(home: &Home, printer: Printer, args: RunArgs) -> anyhow::Re
         printer.progress(&report::run_summary(&row));
     }
     Ok(report::exit_status(&row))
+}
+
+/// The completion script for `args.shell`, on stdout.
+fn completions(args: cli::CompletionsArgs) -> anyhow::Result<u8> {
+    use clap::CommandFactory;
+    use clap_complete::Shell;
+    let shell = match args.shell {
+        cli::CompletionShell::Bash => Shell::Bash,
+        cli::CompletionShell::Zsh => Shell::Zsh,
+        cli::CompletionShell::Fish => Shell::Fish,
+    };
+    let mut command = Cli::command();
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut command, BIN, &mut script);
+    print_bytes(&script)
+}
+
+/// Writes `bytes` to stdout; a reader that went away (`| head`) is not an error.
+fn print_bytes(bytes: &[u8]) -> anyhow::Result<u8> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(0),
+    }
+}
+
+const BIN: &str = "runctl-controller";
+
+/// The man page on stdout, or every command's page written into `--dir`.
+fn man(printer: Printer, args: cli::ManArgs) -> anyhow::Result<u8> {
+    use clap::CommandFactory;
+    let command = Cli::command().name(BIN);
+    let Some(dir) = args.dir else {
+        let mut page = Vec::new();
+        clap_mangen::Man::new(command).render(&mut page)?;
+        return print_bytes(&page);
+    };
+    std::fs::create_dir_all(&dir).map_err(|e| {
+        UserError::new(
+            ErrorCode::BadInput,
+            format!("cannot create {}: {e}", dir.display()),
+        )
+    })?;
+    clap_mangen::generate_to(command, &dir).map_err(|e| {
+        UserError::new(
+            ErrorCode::BadInput,
+            format!("writing man pages into {}: {e}", dir.display()),
+        )
+    })?;
+    let mut written: Vec<String> = std::fs::read_dir(&dir)?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(BIN) && n.ends_with(".1"))
+        .collect();
+    written.sort();
+    printer.data(&written, || {
+        format!("wrote {} pages into {}\n", written.len(), dir.display())
+    });
+    Ok(0)
 }
 
 /// `--setup` values: none given is `auto`; `auto` or `none` stand alone; anything else is
