@@ -354,6 +354,27 @@ Examples:
   runctl-controller shutdown")]
     Shutdown,
 
+    /// See and change the controller's configuration (config.toml) by dotted key.
+    #[command(
+        subcommand,
+        after_long_help = "\
+Keys are dotted paths into config.toml: daemon.stop_grace_secs, ec2.max_running,
+storage.backend, agent.allow_shell. `set` and `unset` keep the file's comments and order,
+and check the result as loading does before replacing the file; a value that would not
+load is refused with the reason and the file is left alone. A change applies to the
+daemon's next start (runctl-controller shutdown) and to instances launched after it.
+
+Examples:
+  runctl-controller config path
+  runctl-controller config show
+  runctl-controller config get ec2.region
+  runctl-controller config set daemon.stop_grace_secs 30
+  runctl-controller config set agent.forward_hosts '[\"10.0.0.5\"]'
+  runctl-controller config unset daemon.stop_grace_secs
+  runctl-controller config validate ./other-config.toml"
+    )]
+    Config(ConfigCommand),
+
     /// Print a shell completion script for bash, zsh or fish.
     #[command(after_long_help = "\
 Load it in the current shell, or install it where the shell looks for completions.
@@ -371,6 +392,54 @@ Examples:
   runctl-controller man | man -l -
   runctl-controller man --dir ~/.local/share/man/man1   # then: man runctl-controller-run")]
     Man(ManArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Print the config file's path.
+    #[command(after_long_help = "Examples:\n  runctl-controller config path")]
+    Path,
+    /// Every key with its value and where it came from (default, file, environment).
+    #[command(
+        after_long_help = "Examples:\n  runctl-controller config show\n  runctl-controller --output json config show"
+    )]
+    Show,
+    /// One key's value, bare (strings unquoted); exit 2 for a key that does not exist.
+    #[command(after_long_help = "Examples:\n  runctl-controller config get daemon.stop_grace_secs")]
+    Get {
+        /// A dotted key, e.g. ec2.region.
+        #[arg(value_name = "KEY")]
+        key: String,
+    },
+    /// Set a key in config.toml (checked before the file is replaced).
+    #[command(
+        after_long_help = "Examples:\n  runctl-controller config set ec2.max_running 8\n  runctl-controller config set storage.backend s3"
+    )]
+    Set {
+        /// A dotted key, e.g. ec2.max_running.
+        #[arg(value_name = "KEY")]
+        key: String,
+        /// The value: as it is for a text key, a TOML literal otherwise (8, true,
+        /// [\"a\", \"b\"]).
+        #[arg(value_name = "VALUE", allow_hyphen_values = true)]
+        value: String,
+    },
+    /// Remove a key from config.toml: its default applies again.
+    #[command(after_long_help = "Examples:\n  runctl-controller config unset ec2.max_running")]
+    Unset {
+        /// A dotted key, e.g. ec2.max_running.
+        #[arg(value_name = "KEY")]
+        key: String,
+    },
+    /// Check a config file (default: this home's) as loading does; exit 2 if it is invalid.
+    #[command(
+        after_long_help = "Examples:\n  runctl-controller config validate\n  runctl-controller config validate ./staging.toml"
+    )]
+    Validate {
+        /// The file to check.
+        #[arg(value_name = "FILE")]
+        file: Option<std::path::PathBuf>,
+    },
 }
 
 #[derive(Debug, Args)]

@@ -77,6 +77,10 @@ fn run(cli: Cli, printer: Printer) -> anyhow::Result<u8> {
         _ => {}
     }
     let home = Home::resolve(cli.home)?;
+    // Needs the file, not a valid one: it is how a broken file gets fixed.
+    if let Command::Config(cmd) = cli.command {
+        return config_command(&home, printer, cmd);
+    }
     // Checked here as well as in the daemon, so a bad file is reported before anything starts.
     let config = Config::load(&home.config())?;
     let runtime = tokio::runtime::Runtime::new()?;
@@ -84,7 +88,8 @@ fn run(cli: Cli, printer: Printer) -> anyhow::Result<u8> {
         match cli.command {
             Command::Daemon => daemon(home, config).await,
             Command::Shutdown => shutdown(&home, printer).await,
-            // Answered before the home and config were read; the same calls here.
+            // Answered before the config was read; the same calls here.
+            Command::Config(cmd) => config_command(&home, printer, cmd),
             Command::Completions(args) => completions(args),
             Command::Man(args) => man(printer, args),
             Command::Status => {
@@ -625,6 +630,88 @@ async fn run_command(home: &Home, printer: Printer, args: RunArgs) -> anyhow::Re
         printer.progress(&report::run_summary(&row));
     }
     Ok(report::exit_status(&row))
+}
+
+/// `config ...`: read and edit config.toml by dotted key.
+fn config_command(home: &Home, printer: Printer, cmd: cli::ConfigCommand) -> anyhow::Result<u8> {
+    use crate::settings;
+    use cli::ConfigCommand;
+    let path = home.config();
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => {
+            return Err(UserError::new(
+                ErrorCode::BadInput,
+                format!("cannot read {}: {e}", path.display()),
+            )
+            .into());
+        }
+    };
+    let loaded = || Config::load(&path);
+    match cmd {
+        ConfigCommand::Path => {
+            printer.data(&serde_json::json!({ "path": path }), || {
+                format!("{}\n", path.display())
+            });
+        }
+        ConfigCommand::Show => {
+            let shown = settings::show(&loaded()?, &text);
+            printer.data(&shown, || {
+                let width = shown.iter().map(|s| s.key.len()).max().unwrap_or(0);
+                shown
+                    .iter()
+                    .map(|s| {
+                        let value = if s.value.is_null() {
+                            "(not set)".to_owned()
+                        } else {
+                            settings::bare(&s.value)
+                        };
+                        format!("{:width$}  {value}  ({})\n", s.key, s.source)
+                    })
+                    .collect()
+            });
+        }
+        ConfigCommand::Get { key } => {
+            let setting = settings::get(&settings::show(&loaded()?, &text), &key)?;
+            printer.data(&setting, || format!("{}\n", settings::bare(&setting.value)));
+        }
+        ConfigCommand::Set { key, value } => {
+            let edited = settings::set(&text, &key, &value)?;
+            home.ensure()?;
+            settings::write(&path, &edited)?;
+            // A key under a table of names (ec2.prices.TYPE) is not listed on its own.
+            let setting = settings::get(&settings::show(&Config::load(&path)?, &edited), &key)
+                .unwrap_or_else(|_| settings::Setting {
+                    key: key.clone(),
+                    value: value.clone().into(),
+                    source: "file".into(),
+                });
+            printer.data(&setting, || {
+                format!("{} = {}\n", key, settings::bare(&setting.value))
+            });
+            printer
+                .progress("the daemon reads it when it next starts (runctl-controller shutdown)");
+        }
+        ConfigCommand::Unset { key } => {
+            let edited = settings::unset(&text, &key)?;
+            if edited != text {
+                settings::write(&path, &edited)?;
+            }
+            let setting = settings::get(&settings::show(&Config::load(&path)?, &edited), &key)?;
+            printer.data(&setting, || {
+                format!("{} = {} (default)\n", key, settings::bare(&setting.value))
+            });
+        }
+        ConfigCommand::Validate { file } => {
+            let file = file.unwrap_or(path);
+            settings::validate(&file)?;
+            printer.data(&serde_json::json!({ "file": file, "valid": true }), || {
+                format!("{} is valid\n", file.display())
+            });
+        }
+    }
+    Ok(0)
 }
 
 /// The completion script for `args.shell`, on stdout.

@@ -6,11 +6,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use protocol::agent_config::DiskSize;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{ErrorCode, UserError};
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     #[serde(default)]
@@ -31,7 +31,7 @@ pub struct Config {
 
 /// `[runpod]`: RunPod pods (`--provider runpod`). The API key comes from `RUNPOD_API_KEY`
 /// in the daemon's environment, else from `api_key_file`; never from this file itself.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RunpodConfig {
     /// A file whose first line is the API key (keep it owner-only).
@@ -204,7 +204,7 @@ fn check_host_port(section: &str, endpoint: &str) -> Result<(), String> {
 /// runs (exec, shell, forward, copy), written into its config at launch (any provider;
 /// `[local.agent]` overrides the disk keys for local instances). A change applies to
 /// instances launched after it.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AgentSettings {
     /// Ended runs kept whole on an instance (trees, environments), newest first.
@@ -317,7 +317,7 @@ impl AgentSettings {
 
 /// `[relay]`: what `relay launch` stands up (EC2's region, credentials, subnet and
 /// artifacts bucket come from `[ec2]`).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RelayConfig {
     /// The static `runctl-relay` to install (default: the one beside this executable;
@@ -369,7 +369,7 @@ impl RelayConfig {
 
 /// `[ec2]`: how instances are launched on EC2. Only `controller_endpoint` is needed to
 /// launch; everything else has a default.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Ec2Config {
     /// The region (default: the AWS configuration's, e.g. AWS_REGION).
@@ -488,7 +488,7 @@ impl Ec2Config {
 
 /// `[storage]`: the object store runs pull data from and push checkpoints to, and that
 /// `s3` and `checkpoint` commands use.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct StorageConfig {
     /// `local` (the default: buckets are directories under `root`) or `s3`.
@@ -513,7 +513,7 @@ pub struct StorageConfig {
     pub keep_checkpoints: u32,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Backend {
     #[default]
@@ -590,7 +590,7 @@ impl StorageConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DaemonConfig {
     /// The QUIC endpoint agents dial. Port 0 picks a free port on first start and keeps it
@@ -608,7 +608,7 @@ pub struct DaemonConfig {
     pub stop_grace_secs: u64,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LocalConfig {
     /// The `runctl-agent` binary the local provider starts. Default: `RUNCTL_AGENT_BIN`,
@@ -621,7 +621,7 @@ pub struct LocalConfig {
 
 /// `[local.agent]`: what local agents are told (the agent config's keys of the same names).
 /// A local instance has no power-off command by default: "powering off" ends its agent.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LocalAgentConfig {
     pub stats_interval_ms: Option<u64>,

@@ -25,5 +25,6 @@ pub mod relays;
 pub mod remote;
 pub mod report;
 pub mod run_state;
+pub mod settings;
 pub mod sync;
 pub mod volumes;
