@@ -391,6 +391,12 @@ async fn logs(home: &Home, printer: Printer, args: LogsArgs) -> anyhow::Result<u
     Ok(if follow { report::exit_status(&row) } else { 0 })
 }
 
+/// Stdout's reader went away (`logs -f | head`): end quietly and at once, as a command in a
+/// pipeline does on SIGPIPE. Nothing of the run is touched.
+fn reader_gone() -> ! {
+    std::process::exit(0)
+}
+
 /// How often a follower reconnects to a daemon that went away before giving up.
 const RECONNECTS: u32 = 5;
 
@@ -447,7 +453,9 @@ async fn stream_once(
         match client.next().await? {
             Some(Response::Event(event)) => {
                 *after_seq = event.seq;
-                printer.event(&event);
+                if !printer.event(&event) {
+                    reader_gone();
+                }
             }
             Some(Response::Progress(_)) => {}
             Some(Response::Run(row)) => return Ok(row),
@@ -590,7 +598,14 @@ async fn run_command(home: &Home, printer: Printer, args: RunArgs) -> anyhow::Re
             }
             Response::Event(event) => {
                 last_seq = event.seq;
-                printer.event(&event);
+                if !printer.event(&event) {
+                    if let Some(run) = &accepted {
+                        eprintln!(
+                            "runctl: the output's reader went away; run {run} goes on (runctl-controller logs -f {run})"
+                        );
+                    }
+                    reader_gone();
+                }
                 if let (protocol::EventKind::Started { .. }, None, Some(run)) =
                     (&event.kind, &forwarding, &accepted)
                     && !args.forward.is_empty()

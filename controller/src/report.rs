@@ -27,18 +27,28 @@ pub struct Printer {
     pub tty: bool,
 }
 
-fn json_line(value: &impl Serialize) {
+/// Writes one JSON line; `false` once stdout's reader has gone away.
+fn json_line(value: &impl Serialize) -> bool {
     let mut out = std::io::stdout().lock();
-    let _ = serde_json::to_writer(&mut out, value);
-    let _ = writeln!(out);
-    let _ = out.flush();
+    let written = serde_json::to_writer(&mut out, value)
+        .map_err(std::io::Error::from)
+        .and_then(|()| writeln!(out))
+        .and_then(|()| out.flush());
+    open(written)
+}
+
+/// Whether a write to stdout leaves it usable: only a reader that went away is final.
+fn open(written: std::io::Result<()>) -> bool {
+    !matches!(written, Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe)
 }
 
 impl Printer {
     /// Prints a result: `value` as JSON, or `human` as text.
     pub fn data(&self, value: &impl Serialize, human: impl FnOnce() -> String) {
         match self.format {
-            Format::Json => json_line(value),
+            Format::Json => {
+                json_line(value);
+            }
             Format::Human => {
                 let text = human();
                 let mut out = std::io::stdout().lock();
@@ -56,17 +66,18 @@ impl Printer {
     }
 
     /// One run event: output lines go to the matching local stream; JSON prints the event.
-    pub fn event(&self, event: &RunEvent) {
+    /// `false` once stdout's reader has gone away (`logs -f | head`): the caller stops.
+    #[must_use]
+    pub fn event(&self, event: &RunEvent) -> bool {
         match self.format {
-            Format::Json => json_line(event),
+            Format::Json => return json_line(event),
             Format::Human => match &event.kind {
                 EventKind::Output {
                     stream: Stream::Stdout,
                     line,
                 } => {
                     let mut out = std::io::stdout().lock();
-                    let _ = writeln!(out, "{line}");
-                    let _ = out.flush();
+                    return open(writeln!(out, "{line}").and_then(|()| out.flush()));
                 }
                 EventKind::Output {
                     stream: Stream::Stderr,
@@ -78,8 +89,7 @@ impl Printer {
                     match stream {
                         Stream::Stdout => {
                             let mut out = std::io::stdout().lock();
-                            let _ = write!(out, "{line}{end}");
-                            let _ = out.flush();
+                            return open(write!(out, "{line}{end}").and_then(|()| out.flush()));
                         }
                         Stream::Stderr => eprint!("{line}{end}"),
                     }
@@ -119,11 +129,14 @@ impl Printer {
                 EventKind::Started { .. } | EventKind::Ended(_) => {}
             },
         }
+        true
     }
 
     pub fn error(&self, error: &UserError) {
         match self.format {
-            Format::Json => json_line(&serde_json::json!({ "error": error })),
+            Format::Json => {
+                json_line(&serde_json::json!({ "error": error }));
+            }
             Format::Human => eprint!("{}", render_error(error)),
         }
     }
@@ -483,6 +496,23 @@ fn truncate(text: &str, max_chars: usize) -> String {
     out
 }
 
+/// A run's command for a table cell: one line (newlines, tabs and other control
+/// characters escaped as Rust writes them), at most 60 characters.
+pub fn command_line(argv: &[String]) -> String {
+    let joined = argv.join(" ");
+    let escaped: String = joined
+        .chars()
+        .flat_map(|c| {
+            if c.is_control() {
+                c.escape_default().collect::<Vec<_>>()
+            } else {
+                vec![c]
+            }
+        })
+        .collect();
+    truncate(&escaped, 60)
+}
+
 pub fn status_text(s: &StatusReport) -> String {
     let plural = |n: u32, word: &str| format!("{n} {word}{}", if n == 1 { "" } else { "s" });
     let mut text = format!(
@@ -571,7 +601,7 @@ pub fn list_text(report: &ListReport, now_ms: u64) -> String {
             truncate(&end_words(row), 48),
             duration_words(row),
             age(now_ms, row.created_ms),
-            row.argv.join(" "),
+            command_line(&row.argv),
         ]);
     }
     let mut text = String::new();
@@ -618,6 +648,30 @@ pub fn run_summary(row: &RunRow) -> String {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn commands_fit_one_table_line() {
+        let check = |argv: &[&str], expected: &str| {
+            let argv: Vec<String> = argv.iter().map(|a| a.to_string()).collect();
+            assert_eq!(command_line(&argv), expected, "{argv:?}");
+        };
+        check(&["python3", "train.py"], "python3 train.py");
+        check(&["sh", "-c", "echo a\necho b"], "sh -c echo a\\necho b");
+        check(&["printf", "a\tb\r"], "printf a\\tb\\r");
+        check(
+            &["x"; 40],
+            &format!(
+                "{}…",
+                "x ".repeat(30)
+                    .trim_end()
+                    .chars()
+                    .take(59)
+                    .collect::<String>()
+            ),
+        );
+        check(&["日本語"], "日本語");
+    }
+
     use super::*;
     use crate::db::InstanceRow;
     use protocol::RunId;

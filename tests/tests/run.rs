@@ -386,3 +386,50 @@ fn a_restarted_agent_reconnects_with_its_certificate_and_reports_lost_runs() {
     let _ = agent.kill();
     let _ = agent.wait();
 }
+
+/// `logs -f | head`: once its reader goes away, `logs -f` ends quietly at once, and the
+/// run goes on.
+#[test]
+fn logs_follow_stops_when_its_reader_goes_away() {
+    let home = Home::new();
+    let started = home.json(&[
+        "run",
+        "--detach",
+        "--",
+        "sh",
+        "-c",
+        "i=0; while [ $i -lt 600 ]; do echo line $i; i=$((i+1)); sleep 0.1; done",
+    ]);
+    let run = started["id"].as_str().expect("id").to_owned();
+    let mut child = home
+        .cli()
+        .args(["logs", "-f", &run])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("logs -f");
+    let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut first = String::new();
+    out.read_line(&mut first).expect("a line");
+    assert!(first.starts_with("line "), "{first}");
+    drop(out);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "logs -f kept following with nobody reading"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(0));
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut err)
+        .expect("stderr");
+    assert!(!err.contains("error"), "quietly: {err}");
+    let row = home.json(&["list"]);
+    assert_eq!(row["runs"][0]["state"], "running", "{row}");
+    home.json(&["stop", &run]);
+}
