@@ -170,10 +170,13 @@ Examples:
 
     /// List instances and runs.
     #[command(after_long_help = "\
+Instances terminated more than a day ago are left out unless --all.
+
 Examples:
   runctl-controller list
+  runctl-controller list --all
   runctl-controller --output json list")]
-    List,
+    List(ListArgs),
 
     /// One line: instances running, what they cost per hour, runs active.
     #[command(after_long_help = "\
@@ -440,6 +443,13 @@ pub enum ConfigCommand {
         #[arg(value_name = "FILE")]
         file: Option<std::path::PathBuf>,
     },
+}
+
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// Also instances terminated more than a day ago.
+    #[arg(long)]
+    pub all: bool,
 }
 
 #[derive(Debug, Args)]

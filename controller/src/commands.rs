@@ -99,10 +99,13 @@ fn run(cli: Cli, printer: Printer) -> anyhow::Result<u8> {
                 printer.data(&status, || report::status_text(&status));
                 Ok(0)
             }
-            Command::List => {
-                let Response::List(list) = Client::call(&home, &Request::List).await? else {
+            Command::List(args) => {
+                let Response::List(mut list) = Client::call(&home, &Request::List).await? else {
                     anyhow::bail!("unexpected answer to list");
                 };
+                if !args.all {
+                    list.instances.retain(|v| report::listed(&v.row, now_ms()));
+                }
                 printer.data(&list, || report::list_text(&list, now_ms()));
                 Ok(0)
             }

@@ -496,6 +496,20 @@ fn truncate(text: &str, max_chars: usize) -> String {
     out
 }
 
+/// How long a terminated instance stays in `list` without `--all`.
+pub const LISTED_AFTER_TERMINATION_MS: u64 = 24 * 3600 * 1000;
+
+/// Whether `list` shows this instance without `--all`: all but those terminated more
+/// than a day ago.
+pub fn listed(row: &crate::db::InstanceRow, now_ms: u64) -> bool {
+    match (row.state, row.terminated_ms) {
+        (InstanceState::Terminated, Some(at)) => {
+            now_ms.saturating_sub(at) <= LISTED_AFTER_TERMINATION_MS
+        }
+        _ => true,
+    }
+}
+
 /// A run's command for a table cell: one line (newlines, tabs and other control
 /// characters escaped as Rust writes them), at most 60 characters.
 pub fn command_line(argv: &[String]) -> String {
@@ -648,6 +662,42 @@ pub fn run_summary(row: &RunRow) -> String {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn list_leaves_out_instances_terminated_a_day_ago() {
+        let now = 10 * LISTED_AFTER_TERMINATION_MS;
+        let row = |state: InstanceState, terminated_ms: Option<u64>| crate::db::InstanceRow {
+            name: "gpu-1".parse().expect("name"),
+            provider: crate::provider::ProviderKind::Local,
+            state,
+            created_ms: 0,
+            terminated_ms,
+            pid: None,
+            for_run: None,
+        };
+        let check = |state, terminated: Option<u64>, shown: bool| {
+            assert_eq!(
+                listed(&row(state, terminated), now),
+                shown,
+                "{state:?} {terminated:?}"
+            );
+        };
+        check(InstanceState::Running, None, true);
+        check(InstanceState::Stopped, None, true);
+        check(InstanceState::Launching, None, true);
+        check(InstanceState::Terminated, Some(now - 1000), true);
+        check(
+            InstanceState::Terminated,
+            Some(now - LISTED_AFTER_TERMINATION_MS),
+            true,
+        );
+        check(
+            InstanceState::Terminated,
+            Some(now - LISTED_AFTER_TERMINATION_MS - 1),
+            false,
+        );
+        check(InstanceState::Terminated, None, true);
+    }
 
     #[test]
     fn commands_fit_one_table_line() {
