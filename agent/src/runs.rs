@@ -41,17 +41,8 @@ const PLACE_FILE: &str = "place.json";
 
 impl RunPlace {
     fn save(&self, run_dir: &Path) -> std::io::Result<()> {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        let tmp = run_dir.join(".place.json.tmp");
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        file.write_all(&serde_json::to_vec(self).expect("serializes"))?;
-        std::fs::rename(&tmp, run_dir.join(PLACE_FILE))
+        let json = serde_json::to_vec(self).expect("serializes");
+        protocol::tls::write_private(&run_dir.join(PLACE_FILE), &json)
     }
 
     fn load(run_dir: &Path) -> Option<Self> {

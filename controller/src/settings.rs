@@ -275,25 +275,12 @@ pub fn validate(path: &Path) -> Result<(), UserError> {
 
 /// Replaces `path` with `text` whole (a temporary file renamed over it), owner-only.
 pub fn write(path: &Path, text: &str) -> Result<(), UserError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let fail = |e: std::io::Error| {
+    protocol::tls::write_private(path, text.as_bytes()).map_err(|e| {
         UserError::new(
             ErrorCode::Internal,
             format!("writing {}: {e}", path.display()),
         )
-    };
-    let tmp = path.with_extension("toml.tmp");
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(fail)?;
-    file.write_all(text.as_bytes()).map_err(fail)?;
-    file.sync_all().map_err(fail)?;
-    std::fs::rename(&tmp, path).map_err(fail)
+    })
 }
 
 #[cfg(test)]

@@ -70,6 +70,21 @@ pub fn free_daemon_port() -> u16 {
     panic!("no port free for both UDP and TCP on 127.0.0.1");
 }
 
+/// Waits for `child` to exit, killing it and failing the test after `bound`.
+pub fn wait_exit(child: &mut std::process::Child, bound: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + bound;
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("did not exit within {bound:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// A controller home in a temporary directory, with a daemon started on demand.
 #[derive(Debug)]
 pub struct Home {

@@ -150,7 +150,7 @@ fn exec_runs_in_the_runs_tree_with_its_environment_and_returns_its_status() {
         nix::sys::signal::Signal::SIGINT,
     )
     .expect("interrupt");
-    let status = wait_bounded(&mut child, Duration::from_secs(20));
+    let status = tests::wait_exit(&mut child, Duration::from_secs(20));
     read_until(&mut out, &mut seen, "got SIGINT", Duration::from_secs(5));
     assert_eq!(status.code(), Some(5), "{seen}");
 
@@ -185,7 +185,7 @@ fn exec_runs_in_the_runs_tree_with_its_environment_and_returns_its_status() {
         .expect("interrupt");
         std::thread::sleep(Duration::from_millis(200));
     }
-    let status = wait_bounded(&mut child, Duration::from_secs(20));
+    let status = tests::wait_exit(&mut child, Duration::from_secs(20));
     assert_eq!(status.code(), Some(255));
     home.wait_until("the hung-up command to go", Duration::from_secs(15), || {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err()
@@ -237,20 +237,6 @@ fn read_until(from: &mut impl Read, seen: &mut String, needle: &str, bound: Dura
             Ok(n) => seen.push_str(&String::from_utf8_lossy(&buf[..n])),
             Err(e) => panic!("reading: {e}"),
         }
-    }
-}
-
-fn wait_bounded(child: &mut Child, bound: Duration) -> std::process::ExitStatus {
-    let deadline = Instant::now() + bound;
-    loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            return status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("did not exit within {bound:?}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -374,7 +360,7 @@ fn shell_is_a_real_terminal_with_sizes_signals_and_the_exit_status() {
 
     // The shell's exit status is the CLI's.
     term.type_text("exit 3\r");
-    let status = wait_bounded(&mut term.child, bound);
+    let status = tests::wait_exit(&mut term.child, bound);
     assert_eq!(
         status.code(),
         Some(3),
@@ -439,6 +425,25 @@ impl Drop for Forward {
 
 /// A server on the instance (this machine's loopback, for a local instance).
 struct Server(Child);
+
+impl Server {
+    /// A Python TCP server: `serve` runs with `s` listening on a free port (and `socket`,
+    /// `struct`, `time` imported); returns once it accepts connections.
+    fn python(serve: &str) -> (Server, u16) {
+        let port = free_port();
+        let program = format!(
+            "import socket,struct,sys,time\ns=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\ns.bind(('127.0.0.1', {port})); s.listen(8)\n{serve}"
+        );
+        let server = Server(
+            Command::new("python3")
+                .args(["-c", &program])
+                .spawn()
+                .expect("python3"),
+        );
+        wait_listening(port);
+        (server, port)
+    }
+}
 
 impl Drop for Server {
     fn drop(&mut self) {
@@ -543,18 +548,9 @@ fn forward_carries_many_connections_byte_for_byte_and_resets_through() {
     );
 
     // A half-close reaches the server, whose answer still comes back.
-    let echo_port = free_port();
-    let _echo = Server(
-        Command::new("python3")
-            .args([
-                "-c",
-                "import socket,sys\ns=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\ns.bind(('127.0.0.1', int(sys.argv[1]))); s.listen(8)\nwhile True:\n    c,_=s.accept(); n=0\n    while True:\n        b=c.recv(65536)\n        if not b: break\n        n+=len(b)\n    c.sendall(b'got %d bytes' % n); c.close()",
-                &echo_port.to_string(),
-            ])
-            .spawn()
-            .expect("echo server"),
+    let (_echo, echo_port) = Server::python(
+        "while True:\n    c,_=s.accept(); n=0\n    while True:\n        b=c.recv(65536)\n        if not b: break\n        n+=len(b)\n    c.sendall(b'got %d bytes' % n); c.close()",
     );
-    wait_listening(echo_port);
     let echo_forward = Forward::start(&home, &run, &format!("0:{echo_port}"));
     let mut conn = TcpStream::connect(&echo_forward.local).expect("connect");
     conn.write_all(&vec![1u8; 300_000]).expect("write");
@@ -567,18 +563,9 @@ fn forward_carries_many_connections_byte_for_byte_and_resets_through() {
     assert_eq!(answer, "got 300000 bytes");
 
     // The server resetting mid-transfer reaches the local client as a reset.
-    let reset_port = free_port();
-    let _resetter = Server(
-        Command::new("python3")
-            .args([
-                "-c",
-                "import socket,struct,sys,time\ns=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\ns.bind(('127.0.0.1', int(sys.argv[1]))); s.listen(8)\nwhile True:\n    c,_=s.accept(); c.sendall(b'x' * 100000); time.sleep(0.3)\n    c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack('ii', 1, 0)); c.close()",
-                &reset_port.to_string(),
-            ])
-            .spawn()
-            .expect("resetting server"),
+    let (_resetter, reset_port) = Server::python(
+        "while True:\n    c,_=s.accept(); c.sendall(b'x' * 100000); time.sleep(0.3)\n    c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack('ii', 1, 0)); c.close()",
     );
-    wait_listening(reset_port);
     let reset_forward = Forward::start(&home, &run, &format!("0:{reset_port}"));
     let mut conn = TcpStream::connect(&reset_forward.local).expect("connect");
     conn.set_read_timeout(Some(Duration::from_secs(20)))
@@ -654,7 +641,7 @@ fn run_forward_opens_for_the_runs_life() {
         nix::sys::signal::Signal::SIGINT,
     )
     .expect("stop the run");
-    wait_bounded(&mut child, Duration::from_secs(30));
+    tests::wait_exit(&mut child, Duration::from_secs(30));
     let gone = Instant::now() + Duration::from_secs(10);
     while TcpStream::connect(&local).is_ok() {
         assert!(Instant::now() < gone, "the forward outlived its run");

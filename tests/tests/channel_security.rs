@@ -391,6 +391,51 @@ async fn an_agent_cannot_act_on_another_instances_run() {
     assert_eq!(stopped["state"], "stopped");
 }
 
+/// An enrolled agent played by the test: its session says `Hello` and `Ready`, keeps
+/// reading its control stream, and notes whether the daemon ever opens a stream to it.
+struct FakeAgent {
+    _conn: quinn::Connection,
+    control: tokio::task::JoinHandle<()>,
+    opened: tokio::task::JoinHandle<bool>,
+}
+
+impl FakeAgent {
+    async fn connect(c: &Controller, identity: &Identity, hello: Hello) -> FakeAgent {
+        let conn = c.connect(c.pin, Some(identity)).await.expect("connect");
+        let (mut send, mut recv) = conn.open_bi().await.expect("control");
+        write_frame(&mut send, &AgentMsg::Hello(hello))
+            .await
+            .expect("hello");
+        write_frame(&mut send, &AgentMsg::Ready { runs: vec![] })
+            .await
+            .expect("ready");
+        let control = tokio::spawn(async move {
+            while let Ok(Some(_)) = read_frame::<_, ControllerMsg>(&mut recv).await {}
+            drop(send);
+        });
+        let opened = {
+            let conn = conn.clone();
+            tokio::spawn(async move { conn.accept_bi().await.is_ok() })
+        };
+        FakeAgent {
+            _conn: conn,
+            control,
+            opened,
+        }
+    }
+
+    fn was_opened(&self) -> bool {
+        self.opened.is_finished()
+    }
+}
+
+impl Drop for FakeAgent {
+    fn drop(&mut self) {
+        self.control.abort();
+        self.opened.abort();
+    }
+}
+
 /// An agent one protocol version older (no `streams` feature) is told "not supported" by
 /// name, without a stream being opened to it; and a certificate of one instance never
 /// receives another instance's streams.
@@ -414,8 +459,6 @@ async fn streams_go_only_to_agents_that_serve_them_and_only_to_their_own_instanc
         .enroll(&c.mint("old-1", Duration::from_secs(60)))
         .await
         .expect("enroll");
-    let conn = c.connect(c.pin, Some(&identity)).await.expect("connect");
-    let (mut send, mut recv) = conn.open_bi().await.expect("control");
     let previous = Hello {
         protocol_version: protocol::PROTOCOL_VERSION - 1,
         software: "runctl-agent 0.0.9".into(),
@@ -425,20 +468,7 @@ async fn streams_go_only_to_agents_that_serve_them_and_only_to_their_own_instanc
             "store-credentials".into(),
         ],
     };
-    write_frame(&mut send, &AgentMsg::Hello(previous))
-        .await
-        .expect("hello");
-    write_frame(&mut send, &AgentMsg::Ready { runs: vec![] })
-        .await
-        .expect("ready");
-    let control = tokio::spawn(async move {
-        while let Ok(Some(_)) = read_frame::<_, ControllerMsg>(&mut recv).await {}
-        drop(send);
-    });
-    let opened = {
-        let conn = conn.clone();
-        tokio::spawn(async move { conn.accept_bi().await.is_ok() })
-    };
+    let old_agent = FakeAgent::connect(&c, &identity, previous).await;
     let c = std::sync::Arc::new(c);
     let c2 = c.clone();
     let out = tokio::task::spawn_blocking(move || {
@@ -460,7 +490,7 @@ async fn streams_go_only_to_agents_that_serve_them_and_only_to_their_own_instanc
     assert!(err.contains("does not support streams"), "{err}");
     assert!(err.contains("upgrade"), "{err}");
     assert!(
-        !opened.is_finished(),
+        !old_agent.was_opened(),
         "no stream was opened to the old agent"
     );
 
@@ -470,20 +500,7 @@ async fn streams_go_only_to_agents_that_serve_them_and_only_to_their_own_instanc
         .enroll(&c.mint("intruder", Duration::from_secs(60)))
         .await
         .expect("enroll");
-    let intruder = c.connect(c.pin, Some(&identity)).await.expect("connect");
-    let (mut send, mut recv) = intruder.open_bi().await.expect("control");
-    write_frame(&mut send, &hello()).await.expect("hello");
-    write_frame(&mut send, &AgentMsg::Ready { runs: vec![] })
-        .await
-        .expect("ready");
-    let intruder_control = tokio::spawn(async move {
-        while let Ok(Some(_)) = read_frame::<_, ControllerMsg>(&mut recv).await {}
-        drop(send);
-    });
-    let intruded = {
-        let intruder = intruder.clone();
-        tokio::spawn(async move { intruder.accept_bi().await.is_ok() })
-    };
+    let intruder = FakeAgent::connect(&c, &identity, Hello::new("runctl-agent test")).await;
     let c2 = c.clone();
     let (out, run) = tokio::task::spawn_blocking(move || {
         assert!(c2.home.run(&["launch", "--name", "owner"]).status.success());
@@ -506,12 +523,8 @@ async fn streams_go_only_to_agents_that_serve_them_and_only_to_their_own_instanc
         tests::stderr(&out)
     );
     assert!(
-        !intruded.is_finished(),
+        !intruder.was_opened(),
         "the intruder's session got no stream"
     );
-    assert!(!opened.is_finished(), "nor did the old agent's");
-    intruded.abort();
-    intruder_control.abort();
-    opened.abort();
-    control.abort();
+    assert!(!old_agent.was_opened(), "nor did the old agent's");
 }

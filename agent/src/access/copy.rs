@@ -104,9 +104,7 @@ pub async fn serve_out(
                 began,
                 format!("refused: {}", e.message),
             ));
-            write_frame(&mut send, &CopyHead { result: Err(e) }).await?;
-            let _ = send.finish();
-            return Ok(());
+            return super::answer_and_end(&mut send, &CopyHead { result: Err(e) }).await;
         }
     };
     write_frame(
@@ -178,9 +176,7 @@ pub async fn serve_in(
                 began,
                 format!("refused: {}", e.message),
             ));
-            write_frame(&mut send, &CopyReady { result: Err(e) }).await?;
-            let _ = send.finish();
-            return Ok(());
+            return super::answer_and_end(&mut send, &CopyReady { result: Err(e) }).await;
         }
     };
     write_frame(

@@ -54,9 +54,7 @@ pub async fn serve(
         Ok(spawned) => spawned,
         Err((how, e)) => {
             access.audit(line(format!("{how}: {}", e.message)));
-            write_frame(&mut send, &ExecOutput::Started(Err(e))).await?;
-            let _ = send.finish();
-            return Ok(());
+            return super::answer_and_end(&mut send, &ExecOutput::Started(Err(e))).await;
         }
     };
     let pid = child.id().unwrap_or(0);

@@ -30,23 +30,17 @@ pub async fn serve(
     };
     if let Err(e) = policy::forward(&access.policy, &open.host) {
         access.audit(line(format!("refused: {}", e.message)));
-        write_frame(&mut send, &ForwardReady { result: Err(e) }).await?;
-        let _ = send.finish();
-        return Ok(());
+        return super::answer_and_end(&mut send, &ForwardReady { result: Err(e) }).await;
     }
     if open.check_only {
-        write_frame(&mut send, &ForwardReady { result: Ok(()) }).await?;
-        let _ = send.finish();
-        return Ok(());
+        return super::answer_and_end(&mut send, &ForwardReady { result: Ok(()) }).await;
     }
     let tcp = match connect(&open.host, open.port).await {
         Ok(tcp) => tcp,
         Err(message) => {
             access.audit(line(format!("failed: {message}")));
             let e = WireError::new(ErrorKind::NotFound, message);
-            write_frame(&mut send, &ForwardReady { result: Err(e) }).await?;
-            let _ = send.finish();
-            return Ok(());
+            return super::answer_and_end(&mut send, &ForwardReady { result: Err(e) }).await;
         }
     };
     let _ = tcp.set_nodelay(true);

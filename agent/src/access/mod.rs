@@ -110,6 +110,17 @@ pub async fn serve(
     }
 }
 
+/// Sends `answer` (an open's reply that ends the exchange: a refusal, a check's result)
+/// and finishes the stream.
+async fn answer_and_end<T: serde::Serialize>(
+    send: &mut quinn::SendStream,
+    answer: &T,
+) -> anyhow::Result<()> {
+    protocol::framed::write_frame(send, answer).await?;
+    let _ = send.finish();
+    Ok(())
+}
+
 /// How a place reads in the audit log.
 fn place_name(place: &Place) -> String {
     match place {

@@ -22,8 +22,13 @@ use crate::ipc::{ForwardSpec, ForwardView, Open, Response, Target};
 /// How long a stream waits for its agent to (re)connect.
 const AGENT_GRACE: Duration = Duration::from_secs(20);
 
-/// The person behind this daemon, for agents' audit logs: `user@host`.
+/// The person behind this daemon, for agents' audit logs: `user@host` (read once).
 pub fn who() -> String {
+    static WHO: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    WHO.get_or_init(read_who).clone()
+}
+
+fn read_who() -> String {
     let user = std::env::var("USER")
         .or_else(|_| std::env::var("LOGNAME"))
         .unwrap_or_else(|_| format!("uid{}", nix::unistd::getuid()));
@@ -109,12 +114,7 @@ pub(super) async fn open(
         Open::CopyOut { path } => BulkOpen::CopyOut(CopyOpen { place, path, who }),
         Open::CopyIn { path } => BulkOpen::CopyIn(CopyOpen { place, path, who }),
     };
-    let (mut send, recv) = link.conn.open_bi().await.map_err(|e| {
-        UserError::new(
-            ErrorCode::Agent,
-            format!("opening a stream to {instance}'s agent: {e}"),
-        )
-    })?;
+    let (mut send, recv) = open_bi(&link, &instance).await?;
     write_frame(&mut send, &bulk).await?;
     write_frame(stream, &Response::Spliced { instance }).await?;
     let mut agent_side = tokio::io::join(recv, send);
@@ -122,6 +122,48 @@ pub(super) async fn open(
         tracing::debug!("a spliced stream ended: {e}");
     }
     Ok(())
+}
+
+async fn open_bi(
+    link: &AgentLink,
+    instance: &InstanceName,
+) -> Result<(quinn::SendStream, quinn::RecvStream), UserError> {
+    link.conn.open_bi().await.map_err(|e| {
+        UserError::new(
+            ErrorCode::Agent,
+            format!("opening a stream to {instance}'s agent: {e}"),
+        )
+    })
+}
+
+/// Asks the agent to forward to `spec` (or, with `check_only`, whether it would): the
+/// stream, and the agent's answer.
+async fn ask_forward(
+    link: &AgentLink,
+    instance: &InstanceName,
+    spec: &ForwardSpec,
+    check_only: bool,
+) -> Result<(quinn::SendStream, quinn::RecvStream, ForwardReady), UserError> {
+    let (mut send, mut recv) = open_bi(link, instance).await?;
+    let open = BulkOpen::Forward(ForwardOpen {
+        host: spec.host.clone(),
+        port: spec.port,
+        check_only,
+        who: who(),
+    });
+    let ready = async {
+        write_frame(&mut send, &open).await?;
+        read_frame::<_, ForwardReady>(&mut recv).await
+    }
+    .await
+    .map_err(|e| UserError::new(ErrorCode::Agent, format!("asking {instance}'s agent: {e}")))?
+    .ok_or_else(|| {
+        UserError::new(
+            ErrorCode::Agent,
+            format!("{instance}'s agent closed the stream"),
+        )
+    })?;
+    Ok((send, recv, ready))
 }
 
 /// Serves `forward`: every spec checked with the agent and listening, then connections
@@ -166,30 +208,7 @@ pub(super) async fn listen(
     let link = agent(d, instance).await?;
     let mut bound = Vec::new();
     for spec in forwards {
-        let (mut send, mut recv) = link.conn.open_bi().await.map_err(|e| {
-            UserError::new(
-                ErrorCode::Agent,
-                format!("opening a stream to {instance}'s agent: {e}"),
-            )
-        })?;
-        let check = BulkOpen::Forward(ForwardOpen {
-            host: spec.host.clone(),
-            port: spec.port,
-            check_only: true,
-            who: who(),
-        });
-        let ready = async {
-            write_frame(&mut send, &check).await?;
-            read_frame::<_, ForwardReady>(&mut recv).await
-        }
-        .await
-        .map_err(|e| UserError::new(ErrorCode::Agent, format!("asking {instance}'s agent: {e}")))?
-        .ok_or_else(|| {
-            UserError::new(
-                ErrorCode::Agent,
-                format!("{instance}'s agent closed the stream"),
-            )
-        })?;
+        let (_, _, ready) = ask_forward(&link, instance, spec, true).await?;
         if let Err(e) = ready.result {
             return Err(refused(instance, &e));
         }
@@ -287,27 +306,11 @@ async fn connect(
         Ok(link) => link,
         Err(e) => return fail(e.message),
     };
-    let (mut send, mut recv) = match link.conn.open_bi().await {
-        Ok(stream) => stream,
-        Err(e) => return fail(format!("the agent's connection: {e}")),
-    };
-    let open = BulkOpen::Forward(ForwardOpen {
-        host: spec.host.clone(),
-        port: spec.port,
-        check_only: false,
-        who: who(),
-    });
-    let ready = async {
-        write_frame(&mut send, &open).await?;
-        read_frame::<_, ForwardReady>(&mut recv).await
-    }
-    .await;
-    match ready {
-        Ok(Some(ForwardReady { result: Ok(()) })) => {
+    match ask_forward(&link, &instance, &spec, false).await {
+        Ok((send, recv, ForwardReady { result: Ok(()) })) => {
             protocol::splice::splice(tcp, send, recv).await;
         }
-        Ok(Some(ForwardReady { result: Err(e) })) => fail(e.message),
-        Ok(None) => fail("the agent closed the stream".into()),
-        Err(e) => fail(e.to_string()),
+        Ok((_, _, ForwardReady { result: Err(e) })) => fail(e.message),
+        Err(e) => fail(e.message),
     }
 }
