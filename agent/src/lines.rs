@@ -239,3 +239,64 @@ mod tests {
         );
     }
 }
+
+/// Replaces a run's secret values in its output with `[secret NAME]`, longest first (so a
+/// secret holding another is replaced whole). A value split across two lines (by the
+/// length cap) is not caught; empty values are never secrets.
+#[derive(Debug, Default, Clone)]
+pub struct Redactor {
+    secrets: Vec<protocol::Secret>,
+}
+
+impl Redactor {
+    pub fn new(secrets: &[protocol::Secret]) -> Self {
+        let mut secrets: Vec<_> = secrets
+            .iter()
+            .filter(|s| !s.value.is_empty())
+            .cloned()
+            .collect();
+        secrets.sort_by_key(|s| std::cmp::Reverse(s.value.len()));
+        Redactor { secrets }
+    }
+
+    pub fn redact(&self, line: String) -> String {
+        self.secrets.iter().fold(line, |line, s| {
+            if line.contains(&s.value) {
+                line.replace(&s.value, &format!("[secret {}]", s.name))
+            } else {
+                line
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod redact_tests {
+    use super::*;
+
+    fn secret(name: &str, value: &str) -> protocol::Secret {
+        protocol::Secret {
+            name: name.into(),
+            value: value.into(),
+        }
+    }
+
+    #[test]
+    fn check() {
+        let r = Redactor::new(&[
+            secret("A", "hf_abc123"),
+            secret("B", "hf_abc123XYZ"),
+            secret("EMPTY", ""),
+        ]);
+        let cases = [
+            ("token=hf_abc123 done", "token=[secret A] done"),
+            ("hf_abc123XYZ", "[secret B]"),
+            ("twice hf_abc123 hf_abc123", "twice [secret A] [secret A]"),
+            ("nothing here", "nothing here"),
+            ("", ""),
+        ];
+        for (line, want) in cases {
+            assert_eq!(r.redact(line.into()), want, "{line:?}");
+        }
+    }
+}

@@ -244,7 +244,11 @@ impl Runs {
     /// Starts a run whose tree has been synced: checks the spec, plans its setup and
     /// hands it to the supervisor. Whatever happens, the run's log exists afterwards; a
     /// failure is recorded in it.
-    pub async fn start(&self, spec: RunSpec) -> Result<(), WireError> {
+    pub async fn start(
+        &self,
+        spec: RunSpec,
+        secrets: Vec<protocol::Secret>,
+    ) -> Result<(), WireError> {
         let run_dir = self.run_dir(&spec.run);
         let work = Tree::work_dir(&run_dir);
         let log = {
@@ -274,7 +278,7 @@ impl Runs {
             );
             log
         };
-        let prepared = match self.prepare(&spec, &run_dir) {
+        let prepared = match self.prepare(&spec, secrets, &run_dir) {
             Ok((job, plan)) => self.attach_storage(job, plan, &spec, &run_dir, &log).await,
             Err(end) => Err(end),
         };
@@ -345,7 +349,12 @@ impl Runs {
     }
 
     /// Checks the spec and plans the run; an error is how the run ends.
-    fn prepare(&self, spec: &RunSpec, run_dir: &Path) -> Result<(Job, Option<data::Plan>), RunEnd> {
+    fn prepare(
+        &self,
+        spec: &RunSpec,
+        secrets: Vec<protocol::Secret>,
+        run_dir: &Path,
+    ) -> Result<(Job, Option<data::Plan>), RunEnd> {
         let spawn_failed = |message: String| RunEnd::SpawnFailed { message };
         if spec.argv.is_empty() || spec.argv[0].is_empty() {
             return Err(spawn_failed("the command is empty".into()));
@@ -417,6 +426,8 @@ impl Runs {
             pusher: None,
             env_notice,
             save_env,
+            // Not in the place file: secrets never reach the agent's disk.
+            secrets,
         };
         Ok((job, storage_plan))
     }

@@ -395,14 +395,9 @@ async fn handle_bulk(
         | BulkOpen::Forward(_)
         | BulkOpen::CopyOut(_)
         | BulkOpen::CopyIn(_)) => return crate::access::serve(access, open, send, recv).await,
-        BulkOpen::StartRun(spec) => {
-            let run = spec.run.clone();
-            let result = runs.start(*spec).await;
-            match &result {
-                Ok(()) => tracing::info!(%run, "run started"),
-                Err(e) => tracing::warn!(%run, "run failed to start: {}", e.message),
-            }
-            write_frame(&mut send, &AgentMsg::RunStarted { run, result }).await?;
+        BulkOpen::StartRun(spec) => start_run(&runs, *spec, Vec::new(), &mut send).await?,
+        BulkOpen::StartRunWithSecrets { spec, secrets } => {
+            start_run(&runs, *spec, secrets, &mut send).await?
         }
         BulkOpen::Sync(open) => handle_sync(runs, open, Vec::new(), &mut send, recv).await?,
         BulkOpen::SyncFrom { open, bases } => {
@@ -412,6 +407,23 @@ async fn handle_bulk(
     send.finish()?;
     // Wait until the controller has read the answer (it closes its side), bounded.
     let _ = tokio::time::timeout(Duration::from_secs(5), send.stopped()).await;
+    Ok(())
+}
+
+/// Starts a run and answers `RunStarted`.
+async fn start_run(
+    runs: &Runs,
+    spec: protocol::RunSpec,
+    secrets: Vec<protocol::Secret>,
+    send: &mut quinn::SendStream,
+) -> anyhow::Result<()> {
+    let run = spec.run.clone();
+    let result = runs.start(spec, secrets).await;
+    match &result {
+        Ok(()) => tracing::info!(%run, "run started"),
+        Err(e) => tracing::warn!(%run, "run failed to start: {}", e.message),
+    }
+    write_frame(send, &AgentMsg::RunStarted { run, result }).await?;
     Ok(())
 }
 

@@ -21,7 +21,7 @@ use tokio::time::Instant;
 use crate::checkpoints;
 use crate::data;
 use crate::eventlog::EventLog;
-use crate::lines::{LineSplitter, Piece};
+use crate::lines::{LineSplitter, Piece, Redactor};
 use crate::pusher::Pusher;
 use crate::restart::{self, History};
 use crate::setup::Step;
@@ -51,6 +51,23 @@ pub struct Job {
     pub env_notice: Option<String>,
     /// Saves the environment setup builds, for later runs with the same key.
     pub save_env: Option<SaveEnv>,
+    /// Secret variables: in the environment of setup and the command, in memory only,
+    /// and redacted from their output.
+    pub secrets: Vec<protocol::Secret>,
+}
+
+impl Job {
+    /// The environment a process of this job starts with, secrets last.
+    fn env_with(&self, more: impl IntoIterator<Item = (String, String)>) -> Vec<(String, String)> {
+        let mut env = self.env.clone();
+        env.extend(more);
+        env.extend(
+            self.secrets
+                .iter()
+                .map(|s| (s.name.clone(), s.value.clone())),
+        );
+        env
+    }
 }
 
 /// Where to save a run's freshly built environment, and under which key.
@@ -219,8 +236,7 @@ async fn supervise(
                 command: step.shown.clone(),
             },
         );
-        let mut env = job.env.clone();
-        env.extend(step.env.iter().cloned());
+        let env = job.env_with(step.env.iter().cloned());
         let mut child = match start(&step.argv, &env, job) {
             Ok(child) => child,
             Err(message) => return RunEnd::SetupFailed { message },
@@ -310,13 +326,11 @@ async fn supervise(
     let mut pending_reply: Option<oneshot::Sender<Result<u32, String>>> = None;
     loop {
         attempt += 1;
-        let mut env = job.env.clone();
-        if let Some(checkpoint) = &resume_from {
-            env.push((
-                "RUNCTL_RESUME_FROM".into(),
-                checkpoint.display().to_string(),
-            ));
-        }
+        let env = job.env_with(
+            resume_from
+                .iter()
+                .map(|c| ("RUNCTL_RESUME_FROM".into(), c.display().to_string())),
+        );
         let mut child = match start(&job.argv, &env, job) {
             Ok(child) => child,
             Err(message) => {
@@ -478,8 +492,14 @@ async fn watch_one(
     let mut readers = tokio::task::JoinSet::new();
     let stdout = child.stdout.take().expect("stdout is piped");
     let stderr = child.stderr.take().expect("stderr is piped");
-    readers.spawn(pump_lines(stdout, Stream::Stdout, log.clone()));
-    readers.spawn(pump_lines(stderr, Stream::Stderr, log.clone()));
+    let redactor = Arc::new(Redactor::new(&job.secrets));
+    readers.spawn(pump_lines(
+        stdout,
+        Stream::Stdout,
+        log.clone(),
+        redactor.clone(),
+    ));
+    readers.spawn(pump_lines(stderr, Stream::Stderr, log.clone(), redactor));
 
     let mut requests = Requests::default();
     let mut stop_requested = false;
@@ -598,14 +618,25 @@ async fn drain(readers: &mut tokio::task::JoinSet<()>) {
 }
 
 /// Reads a stream, splits it into lines and progress updates, and logs them.
-async fn pump_lines(mut reader: impl AsyncRead + Unpin, stream: Stream, log: Arc<EventLog>) {
+async fn pump_lines(
+    mut reader: impl AsyncRead + Unpin,
+    stream: Stream,
+    log: Arc<EventLog>,
+    redactor: Arc<Redactor>,
+) {
     let mut splitter = LineSplitter::default();
     let mut buf = vec![0u8; 64 * 1024];
     let emit = |pieces: Vec<Piece>| {
         for piece in pieces {
             let kind = match piece {
-                Piece::Line(line) => EventKind::Output { stream, line },
-                Piece::Progress(line) => EventKind::Progress { stream, line },
+                Piece::Line(line) => EventKind::Output {
+                    stream,
+                    line: redactor.redact(line),
+                },
+                Piece::Progress(line) => EventKind::Progress {
+                    stream,
+                    line: redactor.redact(line),
+                },
             };
             append(&log, kind);
         }
@@ -648,6 +679,7 @@ mod tests {
             pusher: None,
             env_notice: None,
             save_env: None,
+            secrets: Vec::new(),
         }
     }
 

@@ -480,9 +480,9 @@ pub struct RunArgs {
     #[arg(long, value_name = "NAME", conflicts_with = "provider")]
     pub on: Option<InstanceName>,
 
-    /// Where to launch the instance for this run.
-    #[arg(long, value_enum, default_value = "local")]
-    pub provider: ProviderKind,
+    /// Where to launch the instance for this run (default: local).
+    #[arg(long, value_enum)]
+    pub provider: Option<ProviderKind>,
 
     /// For --provider ec2: the instance type, e.g. g5.xlarge.
     #[arg(long, value_name = "TYPE", conflicts_with = "on", value_parser = parse_instance_type)]
@@ -496,8 +496,9 @@ pub struct RunArgs {
 
     /// The directory to start the command in. The project holding it (its git root, else
     /// the directory itself) is synced, honouring .gitignore and .runctlignore.
-    #[arg(long, value_name = "DIR", default_value = ".")]
-    pub workdir: PathBuf,
+    /// (Default: the current directory; a run file's `workdir` is relative to the root.)
+    #[arg(long, value_name = "DIR")]
+    pub workdir: Option<PathBuf>,
 
     /// Sync this directory as the project root instead of the git root.
     #[arg(long, value_name = "DIR")]
@@ -528,8 +529,8 @@ pub struct RunArgs {
 
     /// Start the command again when it ends by itself: `never`, `on-failure[:N]` (at most N
     /// times, default 3) or `always`; with backoff from 1 s to 60 s.
-    #[arg(long, value_name = "POLICY", default_value = "never", value_parser = parse_restart)]
-    pub restart: RestartPolicy,
+    #[arg(long, value_name = "POLICY", value_parser = parse_restart)]
+    pub restart: Option<RestartPolicy>,
 
     /// Seconds between SIGTERM and SIGKILL when the command is stopped (default:
     /// [daemon] stop_grace_secs, 10).
@@ -542,9 +543,9 @@ pub struct RunArgs {
     pub end: Option<EndArg>,
 
     /// The signal sent to the command when a spot interruption notice arrives, so it can
-    /// checkpoint: TERM, INT, HUP, QUIT, USR1 or USR2.
-    #[arg(long, value_name = "SIGNAL", default_value = "TERM", value_parser = parse_signal)]
-    pub spot_signal: i32,
+    /// checkpoint: TERM (the default), INT, HUP, QUIT, USR1 or USR2.
+    #[arg(long, value_name = "SIGNAL", value_parser = parse_signal)]
+    pub spot_signal: Option<i32>,
 
     /// Pull data before the command starts: every object under an s3:// prefix (or one
     /// object) into DEST inside RUNCTL_DATA_DIR (default: the prefix's last name).
@@ -580,9 +581,57 @@ pub struct RunArgs {
     #[arg(long, value_name = "RUN|s3://...")]
     pub resume_from: Option<String>,
 
-    /// The command to run and its arguments, after `--`.
-    #[arg(last = true, required = true, value_name = "COMMAND")]
+    /// A secret for the command's environment, from this machine's environment variable
+    /// NAME, or NAME=@FILE from a file (repeatable). It travels to the agent at start and
+    /// is never stored: not in the daemon's database, `list`, or the agent's files; the
+    /// command's output shows it as [secret NAME].
+    #[arg(long, value_name = "NAME[=@FILE]", value_parser = parse_secret)]
+    pub secret: Vec<SecretSpec>,
+
+    /// Use the run file's [profile.NAME] over its [run] (runctl.toml at the project root).
+    #[arg(long, value_name = "NAME")]
+    pub profile: Option<String>,
+
+    /// Print the run as resolved from the run file and the flags (what would launch, where,
+    /// with what) and the tree that would be synced, without doing anything.
+    #[arg(long)]
+    pub dry_run: bool,
+
+    /// Send a big tree (over 20,000 files or 1 GiB) without asking.
+    #[arg(long, short = 'y')]
+    pub yes: bool,
+
+    /// The command to run and its arguments, after `--` (default: the run file's
+    /// `command`).
+    #[arg(last = true, value_name = "COMMAND")]
     pub command: Vec<String>,
+}
+
+/// `--secret NAME` or `NAME=@FILE`: where a secret's value is read on this machine.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SecretSpec {
+    pub name: String,
+    /// Read from this file (trailing newline dropped) instead of the environment.
+    pub file: Option<PathBuf>,
+}
+
+pub(crate) fn parse_secret(s: &str) -> Result<SecretSpec, String> {
+    let (name, file) = match s.split_once('=') {
+        None => (s, None),
+        Some((name, at)) => match at.strip_prefix('@') {
+            Some(path) if !path.is_empty() => (name, Some(PathBuf::from(path))),
+            _ => {
+                return Err(format!(
+                    "{name:?}: a secret's value is not written on the command line; use --secret {name} (from the environment) or --secret {name}=@FILE"
+                ));
+            }
+        },
+    };
+    parse_env(&format!("{name}=")).map_err(|e| format!("secret {e}"))?;
+    Ok(SecretSpec {
+        name: name.to_owned(),
+        file,
+    })
 }
 
 #[derive(Debug, Subcommand)]
@@ -1165,7 +1214,7 @@ impl From<EndArg> for EndAction {
     }
 }
 
-fn parse_restart(s: &str) -> Result<RestartPolicy, String> {
+pub(crate) fn parse_restart(s: &str) -> Result<RestartPolicy, String> {
     const HELP: &str = "use never, always, on-failure or on-failure:N (e.g. on-failure:5)";
     match s {
         "never" => Ok(RestartPolicy::Never),
@@ -1193,7 +1242,7 @@ const SIGNALS: [(&str, i32); 6] = [
     ("TERM", 15),
 ];
 
-fn parse_signal(s: &str) -> Result<i32, String> {
+pub(crate) fn parse_signal(s: &str) -> Result<i32, String> {
     let name = s.trim_start_matches("SIG").to_ascii_uppercase();
     SIGNALS
         .iter()
@@ -1248,11 +1297,11 @@ pub struct TerminateArgs {
     pub force: bool,
 }
 
-fn parse_instance_type(s: &str) -> Result<String, String> {
+pub(crate) fn parse_instance_type(s: &str) -> Result<String, String> {
     crate::provider::ec2::ids::check_instance_type(s).map(|()| s.to_owned())
 }
 
-fn parse_ami(s: &str) -> Result<String, String> {
+pub(crate) fn parse_ami(s: &str) -> Result<String, String> {
     crate::provider::ec2::ids::check_id(s, "ami").map(|()| s.to_owned())
 }
 
@@ -1260,7 +1309,7 @@ fn parse_volume(s: &str) -> Result<String, String> {
     crate::provider::ec2::ids::check_id(s, "vol").map(|()| s.to_owned())
 }
 
-fn parse_snapshot(s: &str) -> Result<String, String> {
+pub(crate) fn parse_snapshot(s: &str) -> Result<String, String> {
     crate::provider::ec2::ids::check_id(s, "snap").map(|()| s.to_owned())
 }
 
@@ -1268,7 +1317,7 @@ fn parse_device(s: &str) -> Result<String, String> {
     crate::provider::ec2::ids::check_device(s).map(|()| s.to_owned())
 }
 
-fn parse_price(s: &str) -> Result<f64, String> {
+pub(crate) fn parse_price(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(price) if price.is_finite() && price > 0.0 => Ok(price),
         _ => Err(format!(
@@ -1277,7 +1326,7 @@ fn parse_price(s: &str) -> Result<f64, String> {
     }
 }
 
-fn parse_env(s: &str) -> Result<(String, String), String> {
+pub(crate) fn parse_env(s: &str) -> Result<(String, String), String> {
     let (key, value) = s
         .split_once('=')
         .ok_or_else(|| format!("{s:?} is not KEY=VALUE (e.g. SEED=3)"))?;
@@ -1292,7 +1341,7 @@ fn parse_env(s: &str) -> Result<(String, String), String> {
 }
 
 /// `s3://bucket/prefix[=dest]`: the destination defaults to the prefix's last name.
-fn parse_data(s: &str) -> Result<protocol::DataSource, String> {
+pub(crate) fn parse_data(s: &str) -> Result<protocol::DataSource, String> {
     let (source, dest) = match s.rsplit_once('=') {
         Some((source, dest)) => (source, Some(dest)),
         None => (s, None),

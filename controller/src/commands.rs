@@ -506,7 +506,46 @@ struct Interrupt {
     stop_asked: bool,
 }
 
-async fn run_command(home: &Home, printer: Printer, args: RunArgs) -> anyhow::Result<u8> {
+async fn run_command(home: &Home, printer: Printer, mut args: RunArgs) -> anyhow::Result<u8> {
+    let start = args.workdir.clone().unwrap_or_else(|| ".".into());
+    let mut project = crate::sync::root::resolve(&start, args.root.as_deref())?;
+    let file_path = project.root.join(crate::runfile::FILE_NAME);
+    let run_file = crate::runfile::load(&file_path)?;
+    let from_file = match (&run_file, &args.profile) {
+        (Some(file), profile) => {
+            let section = file.section(profile.as_deref())?;
+            let file_workdir = section.workdir.clone().filter(|_| args.workdir.is_none());
+            crate::runfile::apply(&mut args, section);
+            if let Some(dir) = file_workdir {
+                project = crate::runfile::workdir(&project.root, &dir)?;
+            }
+            true
+        }
+        (None, Some(profile)) => {
+            return Err(UserError::new(
+                ErrorCode::BadInput,
+                format!(
+                    "--profile {profile}: there is no {} at the project root {}",
+                    crate::runfile::FILE_NAME,
+                    project.root.display()
+                ),
+            )
+            .resolve(
+                "create it with a [profile.NAME] table (see the README), or leave out --profile",
+            )
+            .into());
+        }
+        (None, None) => false,
+    };
+    if args.command.is_empty() {
+        return Err(UserError::new(ErrorCode::BadInput, "no command given")
+            .resolve("put the command after `--`: runctl-controller run -- python train.py")
+            .resolve(format!(
+                "or set it once in {} at the project root: [run] command = \"python train.py\"",
+                crate::runfile::FILE_NAME
+            ))
+            .into());
+    }
     if let Some(on) = &args.on
         && (args.ec2.any() || args.runpod.any())
     {
@@ -517,21 +556,34 @@ async fn run_command(home: &Home, printer: Printer, args: RunArgs) -> anyhow::Re
         .resolve("leave them out, or launch a new instance for the run: drop --on and add --provider")
         .into());
     }
-    let project = crate::sync::root::resolve(&args.workdir, args.root.as_deref())?;
-    let request = Request::Run(Box::new(RunRequest {
+    if args.keep && args.on.is_some() {
+        return Err(UserError::new(
+            ErrorCode::BadInput,
+            "--keep applies to an instance launched for the run, not one given with --on",
+        )
+        .into());
+    }
+    let secrets = crate::secrets::read(&args.secret)?;
+    let request = RunRequest {
         root: project.root,
         cwd: project.cwd,
         argv: args.command,
         env: args.env,
         on: args.on,
-        launch: cli::launch_options(args.provider, args.instance_type, &args.ec2, &args.runpod)?,
+        launch: cli::launch_options(
+            args.provider
+                .unwrap_or(crate::provider::ProviderKind::Local),
+            args.instance_type,
+            &args.ec2,
+            &args.runpod,
+        )?,
         keep: args.keep,
         detach: args.detach,
         setup: setup_from(&args.setup)?,
-        restart: args.restart,
+        restart: args.restart.unwrap_or(protocol::RestartPolicy::Never),
         stop_grace_secs: args.stop_grace,
         end: args.end.map(Into::into),
-        spot_signal: args.spot_signal,
+        spot_signal: args.spot_signal.unwrap_or(15),
         data: args.data,
         pull_alongside: args.pull_alongside,
         checkpoints: if args.no_checkpoints {
@@ -541,12 +593,26 @@ async fn run_command(home: &Home, printer: Printer, args: RunArgs) -> anyhow::Re
         },
         keep_checkpoints: args.keep_checkpoints,
         resume_from: args.resume_from,
-    }));
+        secrets,
+    };
+    if args.dry_run {
+        let resolved = report::DryRun {
+            run_file: from_file.then_some(file_path),
+            profile: args.profile,
+            secrets: args.secret,
+            request: &request,
+        };
+        printer.data(&resolved, || report::dry_run_text(&resolved));
+        return Ok(0);
+    }
+    let detach = request.detach;
+    let forwards = args.forward;
+    let request = Request::Run(Box::new(request));
     let mut client = Client::connect(home).await?;
     client.send(&request).await?;
 
     let interrupt = Arc::new(Mutex::new(Interrupt::default()));
-    if !args.detach {
+    if !detach {
         tokio::spawn(watch_ctrl_c(home.clone(), printer, interrupt.clone()));
     }
     let mut accepted: Option<RunId> = None;
@@ -566,7 +632,7 @@ async fn run_command(home: &Home, printer: Printer, args: RunArgs) -> anyhow::Re
             (Ok(response), _) => response,
             // The daemon went away (killed, restarted, laptop slept): the run goes on, so
             // follow it from the last event shown.
-            (Err(e), Some(run)) if !args.detach => {
+            (Err(e), Some(run)) if !detach => {
                 printer.progress(&format!("{}; reconnecting", e.message));
                 break stream_run(home, printer, run, true, last_seq, Window::default()).await?;
             }
@@ -611,12 +677,12 @@ async fn run_command(home: &Home, printer: Printer, args: RunArgs) -> anyhow::Re
                 }
                 if let (protocol::EventKind::Started { .. }, None, Some(run)) =
                     (&event.kind, &forwarding, &accepted)
-                    && !args.forward.is_empty()
+                    && !forwards.is_empty()
                 {
                     forwarding = Some(crate::remote::forward_for_run(
                         home.clone(),
                         run.clone(),
-                        args.forward.clone(),
+                        forwards.clone(),
                     ));
                 }
             }
@@ -627,7 +693,7 @@ async fn run_command(home: &Home, printer: Printer, args: RunArgs) -> anyhow::Re
     if let Some(forwarding) = forwarding {
         forwarding.abort();
     }
-    if args.detach {
+    if detach {
         printer.data(&row, || format!("{}\n", row.id));
         if row.state.is_terminal() {
             // It was over before there was anything to detach from.

@@ -65,6 +65,8 @@ pub struct RunRequest {
     pub keep_checkpoints: Option<u32>,
     /// A run id or an `s3://` checkpoint prefix to resume from.
     pub resume_from: Option<String>,
+    /// Secret variables for the command, handed to the agent at start and stored nowhere.
+    pub secrets: Vec<protocol::Secret>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

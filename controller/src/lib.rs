@@ -25,6 +25,8 @@ pub mod relays;
 pub mod remote;
 pub mod report;
 pub mod run_state;
+pub mod runfile;
+pub mod secrets;
 pub mod settings;
 pub mod sync;
 pub mod volumes;

@@ -647,6 +647,140 @@ pub fn list_text(report: &ListReport, now_ms: u64) -> String {
     text
 }
 
+/// `run --dry-run`: the run as the run file and the flags resolve it.
+#[derive(Debug, Serialize)]
+pub struct DryRun<'a> {
+    /// The run file read, if there was one.
+    pub run_file: Option<std::path::PathBuf>,
+    pub profile: Option<String>,
+    /// Where each secret is read (the values are not shown).
+    pub secrets: Vec<crate::cli::SecretSpec>,
+    /// The request `run` would send, without the secrets' values.
+    #[serde(serialize_with = "without_secrets")]
+    pub request: &'a crate::ipc::RunRequest,
+}
+
+fn without_secrets<S: serde::Serializer>(
+    request: &&crate::ipc::RunRequest,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    let mut shown = (*request).clone();
+    shown.secrets.clear();
+    shown.serialize(s)
+}
+
+pub fn dry_run_text(dry: &DryRun) -> String {
+    use crate::provider::LaunchOptions;
+    let r = dry.request;
+    let mut rows: Vec<(&str, String)> = Vec::new();
+    let command = shlex::try_join(r.argv.iter().map(String::as_str))
+        .unwrap_or_else(|_| format!("{:?}", r.argv));
+    rows.push(("command", command));
+    let start = if r.cwd.is_empty() {
+        r.root.display().to_string()
+    } else {
+        format!("{} (in {})", r.root.display(), r.cwd)
+    };
+    rows.push(("project", start));
+    let on = match (&r.on, &r.launch) {
+        (Some(name), _) => format!("the existing instance {name}"),
+        (None, LaunchOptions::Local) => "a new local instance (an agent on this machine)".into(),
+        (None, LaunchOptions::Ec2(o)) => {
+            let mut text = format!("a new EC2 {} instance", o.instance_type);
+            if o.spot {
+                text.push_str(", spot");
+                match o.max_price {
+                    Some(p) => text.push_str(&format!(" at most ${p}/h")),
+                    None => text.push_str(" at most the on-demand price"),
+                }
+                if o.spot_fallback {
+                    text.push_str(", else on-demand");
+                }
+            }
+            if let Some(ami) = &o.ami {
+                text.push_str(&format!(", {ami}"));
+            }
+            if let Some(gb) = o.volume_gb {
+                text.push_str(&format!(", a {gb} GiB data volume"));
+            }
+            if let Some(snap) = &o.volume_snapshot {
+                text.push_str(&format!(", a volume from {snap}"));
+            }
+            text
+        }
+        (None, LaunchOptions::Runpod(o)) => {
+            let mut text = format!("a new RunPod pod with {} x {}", o.gpus, o.gpu);
+            if o.spot {
+                text.push_str(", interruptible");
+            }
+            if let Some(dc) = &o.datacenter {
+                text.push_str(&format!(", in {dc}"));
+            }
+            text
+        }
+    };
+    rows.push(("on", on));
+    let end = match (r.end, r.keep, &r.on) {
+        (Some(end), _, _) => format!("{end:?}").to_lowercase(),
+        (None, true, _) | (None, _, Some(_)) => "keep the instance".into(),
+        (None, false, None) => "terminate the instance".into(),
+    };
+    rows.push(("at the end", end));
+    if !r.env.is_empty() {
+        let env: Vec<String> = r.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        rows.push(("env", env.join(" ")));
+    }
+    if !dry.secrets.is_empty() {
+        let secrets: Vec<String> = dry
+            .secrets
+            .iter()
+            .map(|s| match &s.file {
+                Some(file) => format!("{} (from {})", s.name, file.display()),
+                None => format!("{} (from this environment)", s.name),
+            })
+            .collect();
+        rows.push(("secrets", secrets.join(", ")));
+    }
+    let setup = match &r.setup {
+        protocol::Setup::Auto => "auto".to_owned(),
+        protocol::Setup::Skip => "none".to_owned(),
+        protocol::Setup::Commands(commands) => commands.join("; "),
+    };
+    rows.push(("setup", setup));
+    let restart = match r.restart {
+        protocol::RestartPolicy::Never => "never".to_owned(),
+        protocol::RestartPolicy::Always => "always".to_owned(),
+        protocol::RestartPolicy::OnFailure { max_restarts } => format!("on-failure:{max_restarts}"),
+    };
+    rows.push(("restart", restart));
+    for data in &r.data {
+        rows.push(("data", format!("{} -> {}", data.source, data.dest)));
+    }
+    let checkpoints = match r.checkpoints.as_deref() {
+        Some("") => "not pushed".to_owned(),
+        Some(dest) => dest.to_owned(),
+        None => "[storage] checkpoints".to_owned(),
+    };
+    rows.push(("checkpoints", checkpoints));
+    if let Some(from) = &r.resume_from {
+        rows.push(("resume from", from.clone()));
+    }
+    match (&dry.run_file, &dry.profile) {
+        (Some(file), Some(profile)) => rows.push((
+            "run file",
+            format!("{} [profile.{profile}]", file.display()),
+        )),
+        (Some(file), None) => rows.push(("run file", file.display().to_string())),
+        _ => rows.push(("run file", "none (flags only)".into())),
+    }
+    let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    let mut text = String::from("would run (nothing launched, nothing sent):\n");
+    for (key, value) in rows {
+        text.push_str(&format!("  {key:width$}  {value}\n"));
+    }
+    text
+}
+
 pub fn run_summary(row: &RunRow) -> String {
     let took = duration_words(row);
     let end = end_words(row);

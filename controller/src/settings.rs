@@ -248,15 +248,17 @@ fn checked(text: String, key: &str) -> Result<String, UserError> {
 
 /// Checks the config file at `path` as loading does.
 pub fn validate(path: &Path) -> Result<(), UserError> {
-    if path.file_name().is_some_and(|n| n == "runctl.toml") {
-        return Err(UserError::new(
-            ErrorCode::BadInput,
-            format!(
-                "{} is a project run file, which this version does not read",
-                path.display()
-            ),
-        )
-        .resolve("config validate checks controller config files (config.toml)"));
+    if path
+        .file_name()
+        .is_some_and(|n| n == crate::runfile::FILE_NAME)
+    {
+        return match crate::runfile::load(path)? {
+            Some(_) => Ok(()),
+            None => Err(UserError::new(
+                ErrorCode::BadInput,
+                format!("there is no {}", path.display()),
+            )),
+        };
     }
     let text = std::fs::read_to_string(path).map_err(|e| {
         UserError::new(
@@ -265,11 +267,16 @@ pub fn validate(path: &Path) -> Result<(), UserError> {
         )
     })?;
     Config::parse(&text).map(|_| ()).map_err(|e| {
-        UserError::new(
+        let error = UserError::new(
             ErrorCode::BadInput,
             format!("{} is invalid: {}", path.display(), e.trim_end()),
-        )
-        .resolve("fix the file (see the README's configuration section)")
+        );
+        match crate::runfile::nearest_key(&e) {
+            Some(key) => error.resolve(format!(
+                "did you mean {key}? (runctl-controller config show lists every key)"
+            )),
+            None => error.resolve("fix the file (see the README's configuration section)"),
+        }
     })
 }
 

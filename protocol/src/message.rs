@@ -41,6 +41,9 @@ pub enum Feature {
     StoreCredentials,
     /// The agent serves exec, shell, forward and copy streams (`crate::streams`).
     Streams,
+    /// The agent takes a run's secrets beside its spec (`BulkOpen::StartRunWithSecrets`),
+    /// keeps them in memory only and redacts them from the run's output.
+    Secrets,
 }
 
 impl Feature {
@@ -49,6 +52,7 @@ impl Feature {
         Feature::Store,
         Feature::StoreCredentials,
         Feature::Streams,
+        Feature::Secrets,
     ];
 
     pub fn name(self) -> &'static str {
@@ -57,6 +61,7 @@ impl Feature {
             Feature::Store => "store",
             Feature::StoreCredentials => "store-credentials",
             Feature::Streams => "streams",
+            Feature::Secrets => "secrets",
         }
     }
 }
@@ -274,6 +279,28 @@ pub enum BulkOpen {
     CopyOut(crate::streams::CopyOpen),
     /// Files to the instance (feature `streams`; see `streams::CopyOpen`).
     CopyIn(crate::streams::CopyOpen),
+    /// `StartRun` with secrets for the command's environment (feature `secrets`): never
+    /// written to the agent's disk, and shown as `[secret NAME]` in the run's output.
+    StartRunWithSecrets {
+        spec: Box<RunSpec>,
+        secrets: Vec<Secret>,
+    },
+}
+
+/// One secret environment variable. Its `Debug` leaves the value out.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Secret {
+    pub name: String,
+    pub value: String,
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Secret")
+            .field("name", &self.name)
+            .field("value", &"<redacted>")
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -895,6 +922,16 @@ mod tests {
         rendered.push(golden(&SyncGo::Apply {
             delta_bytes: 100,
             restart: true,
+        }));
+        let BulkOpen::StartRun(spec) = &bulk[0] else {
+            panic!("the first is a start");
+        };
+        rendered.push(golden(&BulkOpen::StartRunWithSecrets {
+            spec: spec.clone(),
+            secrets: vec![Secret {
+                name: "HF_TOKEN".into(),
+                value: "hf_x".into(),
+            }],
         }));
         insta::assert_snapshot!(rendered.join("\n"));
     }

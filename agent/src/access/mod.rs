@@ -104,7 +104,10 @@ pub async fn serve(
         BulkOpen::Forward(open) => forward::serve(&access, open, send, recv).await,
         BulkOpen::CopyOut(open) => copy::serve_out(&access, open, send).await,
         BulkOpen::CopyIn(open) => copy::serve_in(&access, open, send, recv).await,
-        BulkOpen::StartRun(_) | BulkOpen::Sync(_) | BulkOpen::SyncFrom { .. } => {
+        BulkOpen::StartRun(_)
+        | BulkOpen::StartRunWithSecrets { .. }
+        | BulkOpen::Sync(_)
+        | BulkOpen::SyncFrom { .. } => {
             anyhow::bail!("not an access stream")
         }
     }

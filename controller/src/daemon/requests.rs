@@ -472,8 +472,14 @@ async fn run(d: &Arc<Daemon>, stream: &mut UnixStream, req: RunRequest) -> anyho
     }
     let d2 = d.clone();
     let (run2, root) = (run_id.clone(), req.root);
-    d.tasks
-        .spawn(runs::start(d2, run2, instance.clone(), root, spec));
+    d.tasks.spawn(runs::start(
+        d2,
+        run2,
+        instance.clone(),
+        root,
+        spec,
+        req.secrets,
+    ));
     // Started before the client hears of it: a client gone by now (Ctrl-C twice during a
     // launch) leaves a run going, whose end ends an instance launched for it, rather than
     // a paid instance nobody runs anything on.

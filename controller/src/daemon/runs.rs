@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use protocol::framed::{read_frame, write_frame};
-use protocol::{AgentMsg, BulkOpen, ControllerMsg, InstanceName, RunId, RunSpec};
+use protocol::{AgentMsg, BulkOpen, ControllerMsg, Feature, InstanceName, RunId, RunSpec, Secret};
 
 use super::{Daemon, credentials, instances, now_ms, sync};
 use crate::db::{InstanceState, RunState};
@@ -24,8 +24,9 @@ pub(super) async fn start(
     instance: InstanceName,
     root: PathBuf,
     spec: RunSpec,
+    secrets: Vec<Secret>,
 ) {
-    if let Err(e) = try_start(&d, &run, &instance, root, spec).await {
+    if let Err(e) = try_start(&d, &run, &instance, root, spec, secrets).await {
         let message = format!("{e:#}");
         tracing::warn!("run {run} failed to start: {message}");
         let _ =
@@ -41,11 +42,21 @@ async fn try_start(
     instance: &InstanceName,
     root: PathBuf,
     spec: RunSpec,
+    secrets: Vec<Secret>,
 ) -> anyhow::Result<()> {
     d.db.set_run_state(run, RunState::Syncing, now_ms(), None)?;
     d.bump_run(run);
     let pid = d.db.instance(instance)?.and_then(|row| row.pid);
     let link = d.wait_for_agent(instance, CONNECT_TIMEOUT, pid).await?;
+    if !secrets.is_empty() {
+        // Before the sync: an agent that cannot keep them costs nothing more.
+        link.hello.require(Feature::Secrets).map_err(|e| {
+            anyhow::anyhow!(
+                "{instance}'s agent cannot take --secret: {} (or drop --secret)",
+                e.message
+            )
+        })?;
+    }
     let params = sync::Params {
         run: run.clone(),
         root,
@@ -80,7 +91,15 @@ async fn try_start(
         .open_bi()
         .await
         .context("opening a stream to the agent")?;
-    write_frame(&mut send, &BulkOpen::StartRun(Box::new(spec))).await?;
+    let open = if secrets.is_empty() {
+        BulkOpen::StartRun(Box::new(spec))
+    } else {
+        BulkOpen::StartRunWithSecrets {
+            spec: Box::new(spec),
+            secrets,
+        }
+    };
+    write_frame(&mut send, &open).await?;
     send.finish()?;
     let answer = tokio::time::timeout(
         Duration::from_secs(600),
