@@ -595,15 +595,20 @@ async fn run_command(home: &Home, printer: Printer, mut args: RunArgs) -> anyhow
         resume_from: args.resume_from,
         secrets,
     };
+    let tree = crate::sync::scan::measure(&request.root, home.root())?;
     if args.dry_run {
         let resolved = report::DryRun {
             run_file: from_file.then_some(file_path),
             profile: args.profile,
             secrets: args.secret,
             request: &request,
+            tree,
         };
         printer.data(&resolved, || report::dry_run_text(&resolved));
         return Ok(0);
+    }
+    if !send_big_tree(home, printer, &request.root, &tree, args.yes)? {
+        return Ok(ErrorCode::BadInput.exit_code());
     }
     let detach = request.detach;
     let forwards = args.forward;
@@ -714,6 +719,39 @@ async fn run_command(home: &Home, printer: Printer, mut args: RunArgs) -> anyhow
         printer.progress(&report::run_summary(&row));
     }
     Ok(report::exit_status(&row))
+}
+
+/// Before a big tree's first sync: says how big it is and, on a terminal, asks. `false`
+/// when the user said no.
+fn send_big_tree(
+    home: &Home,
+    printer: Printer,
+    root: &std::path::Path,
+    tree: &crate::sync::scan::TreeSize,
+    yes: bool,
+) -> anyhow::Result<bool> {
+    use crate::sync::big::{self, Decision};
+    use std::io::IsTerminal;
+    let before = crate::sync::scan::cache_path(&home.sync_dir(), root).exists();
+    let terminal = printer.tty && std::io::stdin().is_terminal();
+    match big::decide(tree, before, yes, terminal) {
+        Decision::Send => Ok(true),
+        Decision::Warn => {
+            printer.progress(&big::describe(tree, root));
+            Ok(true)
+        }
+        Decision::Ask => {
+            printer.progress(&big::describe(tree, root));
+            eprint!("runctl: send it all? [y/N] (--yes skips this question) ");
+            let mut answer = String::new();
+            std::io::stdin().read_line(&mut answer)?;
+            let yes = matches!(answer.trim(), "y" | "Y" | "yes");
+            if !yes {
+                printer.progress("nothing was sent or launched");
+            }
+            Ok(yes)
+        }
+    }
 }
 
 /// `config ...`: read and edit config.toml by dotted key.

@@ -658,6 +658,8 @@ pub struct DryRun<'a> {
     /// The request `run` would send, without the secrets' values.
     #[serde(serialize_with = "without_secrets")]
     pub request: &'a crate::ipc::RunRequest,
+    /// What the first sync would send at most.
+    pub tree: crate::sync::scan::TreeSize,
 }
 
 fn without_secrets<S: serde::Serializer>(
@@ -682,6 +684,14 @@ pub fn dry_run_text(dry: &DryRun) -> String {
         format!("{} (in {})", r.root.display(), r.cwd)
     };
     rows.push(("project", start));
+    rows.push((
+        "sync",
+        format!(
+            "{} files, {} (less what the instance already has)",
+            dry.tree.files,
+            crate::sync::big::bytesize(dry.tree.bytes)
+        ),
+    ));
     let on = match (&r.on, &r.launch) {
         (Some(name), _) => format!("the existing instance {name}"),
         (None, LaunchOptions::Local) => "a new local instance (an agent on this machine)".into(),

@@ -5,6 +5,7 @@
 pub mod reach;
 pub mod runpod;
 pub mod s3;
+pub mod terminal;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

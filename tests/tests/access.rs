@@ -7,9 +7,9 @@ use std::net::TcpStream;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use tests::terminal::Terminal;
 use tests::{Home, stderr, stdout};
 
 /// A project whose setup makes a venv (an empty requirements.txt), started detached with a
@@ -240,80 +240,6 @@ fn read_until(from: &mut impl Read, seen: &mut String, needle: &str, bound: Dura
     }
 }
 
-/// A PTY on the laptop side with the CLI on it; what it prints is collected.
-struct Terminal {
-    pty: pty_process::blocking::Pty,
-    child: Child,
-    seen: Arc<Mutex<String>>,
-}
-
-impl Terminal {
-    fn spawn(home: &Home, args: &[&str]) -> Self {
-        let (pty, pts) = pty_process::blocking::open().expect("open a pty");
-        pty.resize(pty_process::Size::new(24, 80)).expect("size");
-        let cmd = home.cli();
-        let mut command = pty_process::blocking::Command::new(cmd.get_program());
-        for (key, value) in cmd.get_envs() {
-            if let Some(value) = value {
-                command = command.env(key, value);
-            }
-        }
-        command = command
-            .args(args)
-            .env("TERM", "xterm-256color")
-            .env("PS1", "$ ")
-            .env_remove("PROMPT_COMMAND");
-        let child = command.spawn(pts).expect("spawn the CLI on the pty");
-        let seen = Arc::new(Mutex::new(String::new()));
-        let mut reader = std::fs::File::from(
-            std::os::fd::AsFd::as_fd(&pty)
-                .try_clone_to_owned()
-                .expect("a second descriptor of the pty"),
-        );
-        let sink = seen.clone();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = reader.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                sink.lock()
-                    .expect("seen")
-                    .push_str(&String::from_utf8_lossy(&buf[..n]));
-            }
-        });
-        Terminal { pty, child, seen }
-    }
-
-    fn type_text(&mut self, text: &str) {
-        self.pty.write_all(text.as_bytes()).expect("type");
-        self.pty.flush().expect("flush");
-    }
-
-    /// Waits for `needle` to appear after `from` bytes of output; returns where it ends.
-    fn expect(&self, from: usize, needle: &str, bound: Duration) -> usize {
-        let deadline = Instant::now() + bound;
-        loop {
-            {
-                let seen = self.seen.lock().expect("seen");
-                if let Some(at) = seen.get(from..).and_then(|s| s.find(needle)) {
-                    return from + at + needle.len();
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "no {needle:?} within {bound:?} in {:?}",
-                    &seen[from.min(seen.len())..]
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn len(&self) -> usize {
-        self.seen.lock().expect("seen").len()
-    }
-}
-
 #[test]
 fn shell_is_a_real_terminal_with_sizes_signals_and_the_exit_status() {
     let home = Home::new();
@@ -361,13 +287,8 @@ fn shell_is_a_real_terminal_with_sizes_signals_and_the_exit_status() {
     // The shell's exit status is the CLI's.
     term.type_text("exit 3\r");
     let status = tests::wait_exit(&mut term.child, bound);
-    assert_eq!(
-        status.code(),
-        Some(3),
-        "{}",
-        &*term.seen.lock().expect("seen")
-    );
-    assert!(term.len() > 0);
+    assert_eq!(status.code(), Some(3), "{}", term.seen());
+    assert!(term.printed() > 0);
 }
 
 #[test]
@@ -621,7 +542,13 @@ fn run_forward_opens_for_the_runs_life() {
         "runctl: forwarding 127.0.0.1:",
         Duration::from_secs(60),
     );
-    read_until(&mut err, &mut seen, "\n", Duration::from_secs(5));
+    // The whole line: the local address is followed by where it goes.
+    read_until(
+        &mut err,
+        &mut seen,
+        &format!(" to 127.0.0.1:{port}"),
+        Duration::from_secs(5),
+    );
     let at = seen.find("runctl: forwarding ").expect("line");
     let local = seen[at..]
         .split_whitespace()
@@ -631,7 +558,7 @@ fn run_forward_opens_for_the_runs_life() {
     wait_listening(port);
     let body = ureq::get(&format!("http://{local}/hello.txt"))
         .call()
-        .expect("get through the run's forward")
+        .unwrap_or_else(|e| panic!("get through the run's forward at {local}: {e}; {seen}"))
         .into_body()
         .read_to_string()
         .expect("body");

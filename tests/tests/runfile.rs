@@ -251,3 +251,68 @@ fn bad_run_files_and_missing_commands_are_refused_with_the_fix() {
         stderr(&out)
     );
 }
+
+/// A project of `n` empty files in two directories.
+fn many_files(n: usize) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("project");
+    for sub in ["data", "src"] {
+        std::fs::create_dir(dir.path().join(sub)).expect("mkdir");
+    }
+    for i in 0..n {
+        let sub = if i % 10 == 0 { "src" } else { "data" };
+        std::fs::write(dir.path().join(format!("{sub}/f{i}")), "").expect("file");
+    }
+    dir
+}
+
+#[test]
+fn a_big_tree_is_reported_before_its_first_sync_and_never_again() {
+    let home = Home::new();
+    let dir = many_files(20_001);
+    let workdir = dir.path().display().to_string();
+    let run = || home.run(&["run", "--workdir", &workdir, "--", "true"]);
+    // Not a terminal: said, then sent.
+    let out = run();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = stderr(&out);
+    assert!(
+        text.contains("holds 20001 files") && text.contains(".runctlignore"),
+        "{text}"
+    );
+    let data = text.find("data/").expect("data listed");
+    let src = text.find("src/").expect("src listed");
+    assert!(data < src, "biggest first: {text}");
+    // Synced once: not said again.
+    let out = run();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(!stderr(&out).contains("holds"), "{}", stderr(&out));
+}
+
+#[test]
+fn on_a_terminal_a_big_tree_is_sent_only_when_the_user_says_so() {
+    let home = Home::new();
+    let dir = many_files(20_001);
+    let workdir = dir.path().display().to_string();
+    let bound = std::time::Duration::from_secs(30);
+    let mut term =
+        tests::terminal::Terminal::spawn(&home, &["run", "--workdir", &workdir, "--", "true"]);
+    term.expect(0, "[y/N]", bound);
+    term.type_text("n\r");
+    let status = tests::wait_exit(&mut term.child, bound);
+    assert_eq!(status.code(), Some(2), "{}", term.seen());
+    assert!(term.seen().contains("nothing was sent"), "{}", term.seen());
+    assert!(home.daemon_pid().is_none(), "nothing started");
+
+    // --yes: said, not asked.
+    let mut term = tests::terminal::Terminal::spawn(
+        &home,
+        &["run", "--yes", "--workdir", &workdir, "--", "true"],
+    );
+    let status = tests::wait_exit(&mut term.child, bound);
+    assert_eq!(status.code(), Some(0), "{}", term.seen());
+    assert!(
+        term.seen().contains("holds 20001 files") && !term.seen().contains("[y/N]"),
+        "{}",
+        term.seen()
+    );
+}

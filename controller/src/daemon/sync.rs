@@ -12,9 +12,7 @@ use anyhow::Context;
 use protocol::codec::{self, MAX_BLOB_BYTES};
 use protocol::delta::{self, Delta, Op, Source, Summary};
 use protocol::framed::{read_frame, write_frame};
-use protocol::{
-    BulkOpen, ContentHash, ErrorKind, Manifest, RunId, SyncDone, SyncGo, SyncHave, SyncOpen,
-};
+use protocol::{BulkOpen, ErrorKind, Manifest, RunId, SyncDone, SyncGo, SyncHave, SyncOpen};
 use serde::{Deserialize, Serialize};
 
 use super::Daemon;
@@ -526,17 +524,12 @@ impl SyncState {
     }
 }
 
-fn cache_path(dir: &Path, root: &Path) -> PathBuf {
-    let key = ContentHash::of(root.as_os_str().as_encoded_bytes());
-    dir.join(format!("stat-{}.cache", &key.to_hex()[..16]))
-}
-
 fn load_cache(dir: &Path, root: &Path) -> Option<StatCache> {
-    read_blob(&cache_path(dir, root))
+    read_blob(&crate::sync::scan::cache_path(dir, root))
 }
 
 fn save_cache(dir: &Path, root: &Path, cache: &StatCache) {
-    let path = cache_path(dir, root);
+    let path = crate::sync::scan::cache_path(dir, root);
     if let Err(e) = write_blob(&path, cache) {
         tracing::warn!("saving {}: {e:#}", path.display());
     }

@@ -3,6 +3,7 @@
 //! exchange with the agent is the daemon's (`daemon::sync`); the decisions are
 //! `protocol::delta`'s.
 
+pub mod big;
 pub mod pack;
 pub mod root;
 pub mod scan;

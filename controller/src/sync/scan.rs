@@ -48,6 +48,86 @@ pub struct Scan {
     pub skipped: Vec<String>,
 }
 
+/// The project's files as a sync sees them: ignore rules applied, `.git` and `private`
+/// left out.
+fn walk(root: &Path, private: &Path) -> ignore::Walk {
+    ignore::WalkBuilder::new(root)
+        .hidden(false)
+        .git_ignore(true)
+        .git_exclude(true)
+        .git_global(false)
+        .require_git(false)
+        .add_custom_ignore_filename(IGNORE_FILE)
+        .filter_entry({
+            let private = private.to_owned();
+            move |e| e.file_name() != ".git" && !e.path().starts_with(&private)
+        })
+        .build()
+}
+
+/// Where the daemon keeps `root`'s stat cache under its sync dir: there is one once the
+/// tree has been scanned for a sync.
+pub fn cache_path(dir: &Path, root: &Path) -> PathBuf {
+    let key = ContentHash::of(root.as_os_str().as_encoded_bytes());
+    dir.join(format!("stat-{}.cache", &key.to_hex()[..16]))
+}
+
+/// How big a tree is as a sync would send it, without reading any file.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct TreeSize {
+    pub files: u64,
+    pub bytes: u64,
+    /// The biggest top-level directories (`.` for the files at the root), by bytes.
+    pub biggest: Vec<DirSize>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DirSize {
+    pub dir: String,
+    pub files: u64,
+    pub bytes: u64,
+}
+
+/// Walks `root` as `scan` would, adding up regular files' sizes per top-level directory.
+pub fn measure(root: &Path, private: &Path) -> anyhow::Result<TreeSize> {
+    let mut per_dir: HashMap<String, DirSize> = HashMap::new();
+    for entry in walk(root, private) {
+        let entry = entry.with_context(|| format!("scanning {}", root.display()))?;
+        if !entry.file_type().is_some_and(|t| t.is_file()) {
+            continue;
+        }
+        let rel = entry.path().strip_prefix(root).unwrap_or(entry.path());
+        let mut parts = rel.components();
+        let first = parts.next();
+        let dir = match (first, parts.next()) {
+            (Some(dir), Some(_)) => dir.as_os_str().to_string_lossy().into_owned(),
+            _ => ".".to_owned(),
+        };
+        let bytes = entry.metadata().map(|m| m.len()).unwrap_or(0);
+        let slot = per_dir.entry(dir.clone()).or_insert(DirSize {
+            dir,
+            files: 0,
+            bytes: 0,
+        });
+        slot.files += 1;
+        slot.bytes += bytes;
+    }
+    Ok(sized(per_dir.into_values().collect()))
+}
+
+/// The totals, and the five biggest directories, biggest first (ties by name).
+fn sized(mut dirs: Vec<DirSize>) -> TreeSize {
+    let files = dirs.iter().map(|d| d.files).sum();
+    let bytes = dirs.iter().map(|d| d.bytes).sum();
+    dirs.sort_by(|a, b| b.bytes.cmp(&a.bytes).then_with(|| a.dir.cmp(&b.dir)));
+    dirs.truncate(5);
+    TreeSize {
+        files,
+        bytes,
+        biggest: dirs,
+    }
+}
+
 /// Scans `root`, leaving out everything under `private` (the controller's home: its CA
 /// key must never leave the laptop, even when a project contains it).
 pub fn scan(root: &Path, private: &Path, cache: &mut StatCache) -> anyhow::Result<Scan> {
@@ -67,19 +147,7 @@ fn scan_at(
     let racy_ns = RACY_WINDOW.as_nanos() as i64;
     // Files the cache cannot vouch for: hashed after the walk, in parallel.
     let mut to_hash: Vec<(String, PathBuf, Cached, bool)> = Vec::new();
-    let walk = ignore::WalkBuilder::new(root)
-        .hidden(false)
-        .git_ignore(true)
-        .git_exclude(true)
-        .git_global(false)
-        .require_git(false)
-        .add_custom_ignore_filename(IGNORE_FILE)
-        .filter_entry({
-            let private = private.to_owned();
-            move |e| e.file_name() != ".git" && !e.path().starts_with(&private)
-        })
-        .build();
-    for entry in walk {
+    for entry in walk(root, private) {
         let entry = entry.with_context(|| format!("scanning {}", root.display()))?;
         let rel = entry
             .path()
