@@ -378,6 +378,21 @@ Examples:
     )]
     Config(ConfigCommand),
 
+    /// Check the set-up: the config, the daemon, the object store, each configured
+    /// provider (credentials, instance profile, GPU quota, the static agent), how agents
+    /// reach this daemon, and the clock; one line each, with the fix when something fails.
+    #[command(after_long_help = "\
+Only harmless calls are made: STS GetCallerIdentity, IAM GetInstanceProfile, Service Quotas
+GetServiceQuota, RunPod's GPU catalog, and a probe object written to the checkpoint bucket
+and deleted. A provider is checked when config.toml has its table ([ec2], [runpod]) or,
+for RunPod, RUNPOD_API_KEY is set. Exits 1 when a check failed, 0 otherwise (warnings
+included).
+
+Examples:
+  runctl-controller doctor
+  runctl-controller --output json doctor")]
+    Doctor,
+
     /// Print a shell completion script for bash, zsh or fish.
     #[command(after_long_help = "\
 Load it in the current shell, or install it where the shell looks for completions.

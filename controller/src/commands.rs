@@ -81,6 +81,10 @@ fn run(cli: Cli, printer: Printer) -> anyhow::Result<u8> {
     if let Command::Config(cmd) = cli.command {
         return config_command(&home, printer, cmd);
     }
+    // Reports a broken file as one of its checks.
+    if let Command::Doctor = cli.command {
+        return tokio::runtime::Runtime::new()?.block_on(doctor(&home, printer));
+    }
     // Checked here as well as in the daemon, so a bad file is reported before anything starts.
     let config = Config::load(&home.config())?;
     let runtime = tokio::runtime::Runtime::new()?;
@@ -90,6 +94,7 @@ fn run(cli: Cli, printer: Printer) -> anyhow::Result<u8> {
             Command::Shutdown => shutdown(&home, printer).await,
             // Answered before the config was read; the same calls here.
             Command::Config(cmd) => config_command(&home, printer, cmd),
+            Command::Doctor => doctor(&home, printer).await,
             Command::Completions(args) => completions(args),
             Command::Man(args) => man(printer, args),
             Command::Status => {
@@ -834,6 +839,13 @@ fn config_command(home: &Home, printer: Printer, cmd: cli::ConfigCommand) -> any
         }
     }
     Ok(0)
+}
+
+/// `doctor`: every check, one line each; 1 when one failed.
+async fn doctor(home: &Home, printer: Printer) -> anyhow::Result<u8> {
+    let checks = crate::doctor::run(home).await;
+    printer.data(&checks, || crate::doctor::text(&checks));
+    Ok(crate::doctor::exit_code(&checks))
 }
 
 /// The completion script for `args.shell`, on stdout.

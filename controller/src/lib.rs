@@ -14,6 +14,7 @@ pub mod credentials;
 pub mod daemon;
 pub mod db;
 pub mod detach;
+pub mod doctor;
 pub mod error;
 pub mod home;
 pub mod ipc;

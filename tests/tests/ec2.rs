@@ -1229,3 +1229,103 @@ async fn a_relay_is_launched_apart_from_runs_boots_and_takes_the_registration() 
     wait_state(&ec2, &id, "terminated").await;
     cloud.refused(&["relay", "terminate", "relay-t1"], 3, "no relay relay-t1");
 }
+
+#[test]
+fn doctor_checks_credentials_the_instance_profile_the_agent_reach_and_the_clock() {
+    let Some(env) = ec2_env("doctor_checks") else {
+        return;
+    };
+    let profile = format!("runctl-doctor-{}", std::process::id());
+    let cloud = Cloud::new(
+        &env,
+        "doctor_checks",
+        "us-west-1",
+        &format!("instance_profile = \"{profile}\"\n"),
+    );
+    let doctor = || {
+        let out = cloud.run(&["--output", "json", "doctor"]);
+        let checks: Vec<serde_json::Value> =
+            serde_json::from_str(&stdout(&out)).unwrap_or_else(|e| panic!("{e}: {}", stdout(&out)));
+        (out.status.code(), checks)
+    };
+    let status_of = |checks: &[serde_json::Value], name: &str| {
+        let check = checks
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap_or_else(|| panic!("no {name} in {checks:?}"));
+        (
+            check["status"].as_str().expect("status").to_owned(),
+            check.to_string(),
+        )
+    };
+
+    let (code, checks) = doctor();
+    assert_eq!(
+        code,
+        Some(1),
+        "the missing instance profile fails it: {checks:?}"
+    );
+    for name in [
+        "config",
+        "daemon",
+        "store",
+        "local",
+        "ec2 credentials",
+        "clock",
+        "ec2 agent",
+        "ec2 reach",
+    ] {
+        let (status, check) = status_of(&checks, name);
+        assert_eq!(status, "ok", "{check}");
+    }
+    assert!(
+        status_of(&checks, "store")
+            .1
+            .contains("wrote, read and deleted a probe")
+    );
+    assert!(
+        status_of(&checks, "ec2 credentials")
+            .1
+            .contains("account 123456789012")
+    );
+    let (status, check) = status_of(&checks, "ec2 instance profile");
+    assert_eq!(status, "fail", "{check}");
+    assert!(
+        check.contains("NoSuchEntity") && check.contains("create-instance-profile"),
+        "{check}"
+    );
+    // moto answers Service Quotas only for VPC: the quota cannot be read, said as a warning.
+    assert_eq!(status_of(&checks, "ec2 gpu quota").0, "warn");
+
+    // With the profile (and a role in it) created, every needed check passes.
+    let made = Command::new(&env.python)
+        .args([
+            "-c",
+            "import boto3, sys\n\
+             iam = boto3.client('iam', endpoint_url=sys.argv[1], region_name='us-east-1')\n\
+             iam.create_role(RoleName=sys.argv[2], AssumeRolePolicyDocument='{}')\n\
+             iam.create_instance_profile(InstanceProfileName=sys.argv[2])\n\
+             iam.add_role_to_instance_profile(InstanceProfileName=sys.argv[2], RoleName=sys.argv[2])\n",
+            &env.endpoint,
+            &profile,
+        ])
+        .envs(env.s3.envs())
+        .output()
+        .expect("boto3");
+    assert!(made.status.success(), "{}", stderr(&made));
+    let (code, checks) = doctor();
+    let (status, check) = status_of(&checks, "ec2 instance profile");
+    assert_eq!(status, "ok", "{check}");
+    assert!(check.contains(&format!("role {profile}")), "{check}");
+    assert_eq!(code, Some(0), "{checks:?}");
+
+    // Human output: one line per check.
+    let out = cloud.run(&["doctor"]);
+    let text = stdout(&out);
+    assert!(
+        text.lines().any(|l| l.starts_with("ok")
+            && l.contains("ec2 reach")
+            && l.contains("directly at 127.0.0.1:")),
+        "{text}"
+    );
+}

@@ -79,15 +79,32 @@ where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
 {
     let code = err.code().unwrap_or_default().to_owned();
+    let context = DisplayErrorContext(&err).to_string();
     let detail = err
         .message()
         .map(str::to_owned)
-        .unwrap_or_else(|| DisplayErrorContext(&err).to_string());
+        .unwrap_or_else(|| context.clone());
+    classify(&what.to_string(), &code, &detail, &context)
+}
+
+/// The error for an EC2 answer `code` with `detail` (`context`: the SDK's whole account of
+/// it, for failures without a code): what the user can do about each kind.
+pub fn classify(what: &str, code: &str, detail: &str, context: &str) -> UserError {
     let message = format!("{what}: {detail}");
-    match code.as_str() {
+    let coded = || format!("{message} ({code})");
+    match code {
         "AuthFailure" | "UnauthorizedOperation" | "InvalidClientTokenId" | "SignatureDoesNotMatch"
-        | "OptInRequired" => UserError::new(ErrorCode::BadInput, format!("{message} ({code})"))
-            .resolve("check the AWS credentials (AWS_PROFILE, [ec2] profile, aws sso login) and that they may use EC2 in this region"),
+        | "OptInRequired" => UserError::new(ErrorCode::BadInput, coded())
+            .resolve("check the AWS credentials (AWS_PROFILE, [ec2] profile, aws sso login) and that they may use EC2 in this region")
+            .resolve("runctl-controller doctor checks them"),
+        "NoSuchEntity" => UserError::new(ErrorCode::BadInput, coded())
+            .resolve("create the instance profile: aws iam create-instance-profile --instance-profile-name NAME, then aws iam add-role-to-instance-profile --instance-profile-name NAME --role-name ROLE (a role EC2 may assume, allowed the bucket)")
+            .resolve("or name an existing one: runctl-controller config set ec2.instance_profile NAME (or --instance-profile)"),
+        "InvalidParameterValue" if detail.contains("iamInstanceProfile") => {
+            UserError::new(ErrorCode::BadInput, coded())
+                .resolve("the instance profile does not exist in this account: create it (aws iam create-instance-profile) or name an existing one with runctl-controller config set ec2.instance_profile NAME")
+                .resolve("runctl-controller doctor checks it")
+        }
         c if c.ends_with(".NotFound") || c == "InvalidAMIID.Unavailable" => {
             UserError::new(ErrorCode::NotFound, message)
                 .resolve("check the id and the region ([ec2] region, AWS_REGION)")
@@ -95,29 +112,39 @@ where
         c if c.ends_with(".Malformed") || c == "InvalidParameterValue" || c == "InvalidParameterCombination" || c == "InvalidInstanceType" => {
             UserError::new(ErrorCode::BadInput, message)
         }
-        "InsufficientInstanceCapacity" | "SpotMaxPriceTooLow" | "MaxSpotInstanceCountExceeded" | "InsufficientCapacity" => {
-            UserError::new(ErrorCode::Conflict, format!("{message} ({code})"))
-                .resolve("try another availability zone ([ec2] subnet), another instance type, or later")
-                .resolve("for spot: raise --max-price, or allow an on-demand fallback with --spot-fallback")
+        "InsufficientInstanceCapacity" | "InsufficientCapacity" => {
+            UserError::new(ErrorCode::Conflict, coded())
+                .resolve("AWS has none of this type free in this availability zone now: try another zone ([ec2] subnet, a subnet in another zone), another instance type, or later")
+                .resolve("for spot: allow an on-demand fallback with --spot-fallback")
         }
-        "InstanceLimitExceeded" | "VcpuLimitExceeded" | "VolumeLimitExceeded" => {
-            UserError::new(ErrorCode::Conflict, format!("{message} ({code})"))
-                .resolve("terminate instances you no longer need, or ask AWS for a higher quota (Service Quotas, EC2)")
+        "SpotMaxPriceTooLow" | "MaxSpotInstanceCountExceeded" => {
+            UserError::new(ErrorCode::Conflict, coded())
+                .resolve("raise --max-price, or allow an on-demand fallback with --spot-fallback")
+                .resolve("or try another instance type or zone ([ec2] subnet)")
+        }
+        "Unsupported" => UserError::new(ErrorCode::Conflict, coded())
+            .resolve("this instance type is not offered in this availability zone: use a subnet in another zone ([ec2] subnet) or another type"),
+        "VcpuLimitExceeded" => UserError::new(ErrorCode::Conflict, coded())
+            .resolve("the account's vCPU quota for this instance family is used up, or is 0 (new accounts start at 0 for GPU types)")
+            .resolve("request an increase in the Service Quotas console, Amazon EC2, in this region: Running On-Demand G and VT instances (L-DB2E81BA) for g*, Running On-Demand P instances (L-417A185B) for p*, All G and VT Spot Instance Requests (L-3819A6DF) for spot")
+            .resolve("runctl-controller doctor shows the quotas; terminating instances you no longer need frees vCPUs"),
+        "InstanceLimitExceeded" | "VolumeLimitExceeded" => {
+            UserError::new(ErrorCode::Conflict, coded())
+                .resolve("terminate instances (or volumes) you no longer need, or ask AWS for a higher quota (Service Quotas, Amazon EC2)")
         }
         "IncorrectState" | "IncorrectInstanceState" | "VolumeInUse" | "UnsupportedOperation" | "InvalidVolume.ZoneMismatch" => {
-            UserError::new(ErrorCode::Conflict, format!("{message} ({code})"))
+            UserError::new(ErrorCode::Conflict, coded())
         }
         "" => {
-            let text = DisplayErrorContext(&err).to_string();
-            if text.contains("credentials") {
-                UserError::new(ErrorCode::BadInput, format!("{what}: no AWS credentials: {text}"))
+            if context.contains("credentials") {
+                UserError::new(ErrorCode::BadInput, format!("{what}: no AWS credentials: {context}"))
                     .resolve("export AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE, or set [ec2] profile")
             } else {
-                UserError::new(ErrorCode::Internal, format!("{what}: could not reach EC2: {text}"))
+                UserError::new(ErrorCode::Internal, format!("{what}: could not reach EC2: {context}"))
                     .resolve("check the network, the region ([ec2] region, AWS_REGION) and [ec2] endpoint_url")
             }
         }
-        _ => UserError::new(ErrorCode::Internal, format!("{message} ({code})")),
+        _ => UserError::new(ErrorCode::Internal, coded()),
     }
 }
 
@@ -778,4 +805,80 @@ pub fn tags_for(kind: ResourceType, tags: &[(String, String)]) -> TagSpecificati
                 .collect(),
         ))
         .build()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_error_a_user_can_fix_says_how() {
+        // (code, detail, exit kind, a fix must mention)
+        let cases = [
+            (
+                "VcpuLimitExceeded",
+                "You have requested more vCPU capacity than your current vCPU limit of 0 allows",
+                ErrorCode::Conflict,
+                "L-DB2E81BA",
+            ),
+            (
+                "InsufficientInstanceCapacity",
+                "We currently do not have sufficient g5.xlarge capacity in the Availability Zone you requested",
+                ErrorCode::Conflict,
+                "another zone",
+            ),
+            (
+                "Unsupported",
+                "Your requested instance type (p4d.24xlarge) is not supported in your requested Availability Zone (us-east-1e)",
+                ErrorCode::Conflict,
+                "another zone",
+            ),
+            (
+                "NoSuchEntity",
+                "Instance profile runctl-agent not found",
+                ErrorCode::BadInput,
+                "create-instance-profile",
+            ),
+            (
+                "InvalidParameterValue",
+                "Value (runctl-agent) for parameter iamInstanceProfile.name is invalid. Invalid IAM Instance Profile name",
+                ErrorCode::BadInput,
+                "instance profile",
+            ),
+            (
+                "AuthFailure",
+                "AWS was not able to validate the provided access credentials",
+                ErrorCode::BadInput,
+                "credentials",
+            ),
+            (
+                "SpotMaxPriceTooLow",
+                "Your Spot request price of 0.1 is lower than the minimum",
+                ErrorCode::Conflict,
+                "--max-price",
+            ),
+            (
+                "InstanceLimitExceeded",
+                "Your quota allows for 0 more running instance(s)",
+                ErrorCode::Conflict,
+                "quota",
+            ),
+        ];
+        for (code, detail, kind, fix) in cases {
+            let e = classify("launching", code, detail, "");
+            assert_eq!(e.code, kind, "{code}");
+            assert!(
+                e.message.contains(code) && e.message.contains(detail),
+                "{code}: {}",
+                e.message
+            );
+            assert!(
+                e.to_resolve.iter().any(|r| r.contains(fix)),
+                "{code}: {:?}",
+                e.to_resolve
+            );
+        }
+        let no_creds = classify("listing", "", "", "failed to load credentials");
+        assert!(no_creds.to_resolve[0].contains("AWS_ACCESS_KEY_ID"));
+    }
 }
