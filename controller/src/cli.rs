@@ -46,6 +46,11 @@ pub struct Cli {
     )]
     pub output: Format,
 
+    /// Leave out runctl's own progress lines and bars (errors, warnings and the remote
+    /// command's output stay).
+    #[arg(long, short = 'q', global = true)]
+    pub quiet: bool,
+
     /// The controller's state directory (config, CA, database, socket).
     #[arg(long, global = true, env = "RUNCTL_HOME", value_name = "DIR")]
     pub home: Option<PathBuf>,

@@ -26,6 +26,7 @@ pub fn main() -> ExitCode {
     let printer = Printer {
         format: cli.output,
         tty: std::io::stdout().is_terminal() && std::io::stderr().is_terminal(),
+        quiet: cli.quiet,
     };
     match run(cli, printer) {
         Ok(code) => ExitCode::from(code),
@@ -60,6 +61,7 @@ fn clap_error(e: clap::Error) -> ExitCode {
         Printer {
             format: Format::Json,
             tty: false,
+            quiet: false,
         }
         .error(&error);
         ExitCode::from(ErrorCode::BadInput.exit_code())
@@ -225,7 +227,7 @@ async fn daemon(home: Home, config: Config) -> anyhow::Result<u8> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_ansi(report::colour_on_stderr())
         .init();
     let bound = crate::daemon::bind(&home, &config)?;
     crate::daemon::serve(home, config, bound, async {
@@ -342,7 +344,7 @@ async fn sync_once(
     let result = loop {
         match client.next().await {
             Ok(Some(Response::SyncProgress(p))) => {
-                if printer.format == Format::Human && p.total_bytes > 0 {
+                if printer.format == Format::Human && printer.tty && !printer.quiet && p.total_bytes > 0 {
                     let bar = bar.get_or_insert_with(|| progress_bar(p.total_bytes));
                     bar.set_position(p.bytes);
                     bar.set_message(format!("{}/{} files", p.files, p.total_files));
@@ -742,17 +744,17 @@ fn send_big_tree(
     match big::decide(tree, before, yes, terminal) {
         Decision::Send => Ok(true),
         Decision::Warn => {
-            printer.progress(&big::describe(tree, root));
+            printer.warn(&big::describe(tree, root));
             Ok(true)
         }
         Decision::Ask => {
-            printer.progress(&big::describe(tree, root));
+            printer.warn(&big::describe(tree, root));
             eprint!("runctl: send it all? [y/N] (--yes skips this question) ");
             let mut answer = String::new();
             std::io::stdin().read_line(&mut answer)?;
             let yes = matches!(answer.trim(), "y" | "Y" | "yes");
             if !yes {
-                printer.progress("nothing was sent or launched");
+                printer.warn("nothing was sent or launched");
             }
             Ok(yes)
         }

@@ -338,6 +338,32 @@ impl Db {
         Ok(())
     }
 
+    /// Moves a terminated instance's record, with its runs, tokens, certificates and cloud
+    /// facts, to the name `to`, so that its own name can be used again. `false` (and
+    /// nothing changed) when `name` is not a terminated instance.
+    pub fn retire_instance(&self, name: &InstanceName, to: &InstanceName) -> anyhow::Result<bool> {
+        let mut conn = self.lock();
+        let tx = conn.transaction()?;
+        let moved = tx.execute(
+            "UPDATE instances SET name = ?2 WHERE name = ?1 AND state = 'terminated'",
+            params![name.as_str(), to.as_str()],
+        )?;
+        if moved == 1 {
+            for table in ["runs", "tokens", "certs"] {
+                tx.execute(
+                    &format!("UPDATE {table} SET instance = ?2 WHERE instance = ?1"),
+                    params![name.as_str(), to.as_str()],
+                )?;
+            }
+            tx.execute(
+                "UPDATE cloud_instances SET name = ?2 WHERE name = ?1",
+                params![name.as_str(), to.as_str()],
+            )?;
+        }
+        tx.commit()?;
+        Ok(moved == 1)
+    }
+
     pub fn instance(&self, name: &InstanceName) -> anyhow::Result<Option<InstanceRow>> {
         Ok(self
             .lock()

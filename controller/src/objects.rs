@@ -56,7 +56,7 @@ struct Bar {
 
 impl Bar {
     fn start(printer: Printer, progress: Arc<Progress>, what: &str) -> Bar {
-        if !printer.tty || printer.format != crate::report::Format::Human {
+        if !printer.tty || printer.quiet || printer.format != crate::report::Format::Human {
             return Bar {
                 task: None,
                 bar: None,

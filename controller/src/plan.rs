@@ -92,6 +92,26 @@ pub fn local_reach(listen: SocketAddr, relay: Option<&str>) -> Reach {
     }
 }
 
+/// The name a terminated instance's record moves to when its name is used again: the
+/// name (cut to fit) and when it was created, in hex seconds, plus `-N` past any `taken`.
+pub fn retired_name(
+    name: &protocol::InstanceName,
+    created_ms: u64,
+    taken: impl Fn(&str) -> bool,
+) -> protocol::InstanceName {
+    let stamp = format!("-t{:x}", created_ms / 1000);
+    (0u32..)
+        .map(|n| {
+            let suffix = if n == 0 { stamp.clone() } else { format!("{stamp}-{n}") };
+            let keep = 40usize.saturating_sub(suffix.len()).min(name.as_str().len());
+            format!("{}{suffix}", name.as_str()[..keep].trim_end_matches('-'))
+        })
+        .find(|candidate| !taken(candidate))
+        .expect("some suffix is free")
+        .parse()
+        .expect("a stem of a valid name, a dash, hex digits")
+}
+
 /// What ends a run's instance: the action in the agent's run spec, and whether the
 /// daemon stops the instance through the provider's API once it hears of the end.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -235,6 +255,24 @@ pub fn power(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn retired_names_are_valid_and_free() {
+        let name = |s: &str| s.parse::<protocol::InstanceName>().expect("name");
+        let long = "a".repeat(40);
+        // (name, created ms, taken, retired)
+        let cases = [
+            ("gpu-1", 1_700_000_000_000, vec![], "gpu-1-t6553f100"),
+            ("gpu-1", 1_700_000_000_000, vec!["gpu-1-t6553f100"], "gpu-1-t6553f100-1"),
+            (long.as_str(), 0, vec![], "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-t0"),
+            ("ab-cdefghijklmnopqrstuvwxyz-abcdefghij", 0, vec![], "ab-cdefghijklmnopqrstuvwxyz-abcdefghi-t0"),
+        ];
+        for (from, created, taken, want) in cases {
+            let got = super::retired_name(&name(from), created, |c| taken.contains(&c));
+            assert_eq!(got.as_str(), want, "{from}");
+            assert!(got.as_str().len() <= 40);
+        }
+    }
+
     use super::*;
     use crate::provider::ProviderKind;
     use EndAction::*;

@@ -365,8 +365,8 @@ pub async fn cp(home: &Home, printer: Printer, args: CpArgs) -> anyhow::Result<u
     }
 }
 
-fn bar(source: &CopySource, verb: &str) -> Option<indicatif::ProgressBar> {
-    if !std::io::stderr().is_terminal() {
+fn bar(printer: Printer, source: &CopySource, verb: &str) -> Option<indicatif::ProgressBar> {
+    if !std::io::stderr().is_terminal() || printer.quiet {
         return None;
     }
     let bar = indicatif::ProgressBar::with_draw_target(
@@ -443,7 +443,7 @@ async fn download(
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .map_or_else(|| PathBuf::from("."), Path::to_owned);
-    let bar = bar(&source, "copying");
+    let bar = bar(printer, &source, "copying");
     let (bar2, source2, landing2) = (bar.clone(), source.clone(), landing.clone());
     let bridge = SyncIoBridge::new(read);
     let placed = tokio::task::spawn_blocking(move || {
@@ -501,7 +501,7 @@ async fn upload(
         )
     })?;
     let at = ready.result.map_err(|e| refusal(&instance, e))?;
-    let bar = bar(&source, "copying");
+    let bar = bar(printer, &source, "copying");
     let (bar2, name) = (bar.clone(), source.name.clone());
     let bridge = SyncIoBridge::new(write);
     let (packed, write) = tokio::task::spawn_blocking(move || {

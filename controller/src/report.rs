@@ -25,6 +25,16 @@ pub struct Printer {
     pub format: Format,
     /// Whether stderr is a terminal: progress updates then redraw one line in place.
     pub tty: bool,
+    /// `--quiet`: runctl's own progress lines and bars are left out (errors, warnings,
+    /// questions and the remote command's output are not).
+    pub quiet: bool,
+}
+
+/// Whether log lines on stderr may be coloured: a terminal, and no `NO_COLOR` (no-color.org:
+/// set and not empty).
+pub fn colour_on_stderr() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 
 /// Writes one JSON line; `false` once stdout's reader has gone away.
@@ -62,6 +72,13 @@ impl Printer {
 
     /// A step of progress, on stderr.
     pub fn progress(&self, message: &str) {
+        if !self.quiet {
+            eprintln!("runctl: {message}");
+        }
+    }
+
+    /// A warning, on stderr, shown even with `--quiet`.
+    pub fn warn(&self, message: &str) {
         eprintln!("runctl: {message}");
     }
 
@@ -94,7 +111,7 @@ impl Printer {
                         Stream::Stderr => eprint!("{line}{end}"),
                     }
                 }
-                EventKind::Setup { command } => eprintln!("runctl: setup: {command}"),
+                EventKind::Setup { command } => self.progress(&format!("setup: {command}")),
                 EventKind::Restarted { previous } => {
                     eprintln!("runctl: restarting the command ({})", previous.describe())
                 }
@@ -117,6 +134,7 @@ impl Printer {
                     eprintln!("runctl: attempt {attempt} started")
                 }
                 EventKind::Notice(notice) => eprintln!("runctl: {}", notice_text(notice)),
+                EventKind::Pull(_) if self.quiet => {}
                 EventKind::Pull(p) => {
                     // A terminal redraws the bar in place; elsewhere only the end is shown.
                     if self.tty && !p.done {
@@ -125,7 +143,7 @@ impl Printer {
                         eprintln!("{}", pull_text(p));
                     }
                 }
-                EventKind::Checkpoint(c) => eprintln!("runctl: {}", checkpoint_text(c)),
+                EventKind::Checkpoint(c) => self.progress(&checkpoint_text(c)),
                 EventKind::Started { .. } | EventKind::Ended(_) => {}
             },
         }

@@ -424,3 +424,43 @@ fn logs_follow_stops_when_its_reader_goes_away() {
     assert_eq!(row["runs"][0]["state"], "running", "{row}");
     home.json(&["stop", &run]);
 }
+
+#[test]
+fn a_terminated_instances_name_can_be_used_again() {
+    let home = Home::new();
+    let launched = home.run(&["launch", "--name", "box", "--wait"]);
+    assert_eq!(launched.status.code(), Some(0), "{}", stderr(&launched));
+    let ran = home.run(&["run", "--on", "box", "--", "echo", "first"]);
+    assert_eq!(stdout(&ran), "first\n", "{}", stderr(&ran));
+    let taken = home.run(&["launch", "--name", "box"]);
+    assert_eq!(taken.status.code(), Some(4), "a live name is taken");
+    assert!(stderr(&taken).contains("already exists"), "{}", stderr(&taken));
+    let gone = home.run(&["terminate", "box"]);
+    assert_eq!(gone.status.code(), Some(0), "{}", stderr(&gone));
+
+    let again = home.run(&["launch", "--name", "box", "--wait"]);
+    assert_eq!(again.status.code(), Some(0), "{}", stderr(&again));
+    let ran = home.run(&["run", "--on", "box", "--", "echo", "second"]);
+    assert_eq!(stdout(&ran), "second\n", "{}", stderr(&ran));
+    // The old record, and its run, moved aside under a name of their own.
+    let list = home.json(&["list", "--all"]);
+    let instances = list["instances"].as_array().expect("instances");
+    let names: Vec<&str> = instances
+        .iter()
+        .map(|i| i["instance"]["name"].as_str().expect("name"))
+        .collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+    let old = names
+        .iter()
+        .find(|n| n.starts_with("box-t"))
+        .unwrap_or_else(|| panic!("{names:?}"));
+    let runs = list["runs"].as_array().expect("runs");
+    let on = |word: &str| {
+        runs.iter()
+            .find(|r| r["argv"].to_string().contains(word))
+            .map(|r| r["instance"].as_str().expect("instance").to_owned())
+    };
+    assert_eq!(on("first").as_deref(), Some(*old));
+    assert_eq!(on("second").as_deref(), Some("box"));
+    let _ = home.run(&["terminate", "box"]);
+}

@@ -63,12 +63,29 @@ pub(super) async fn launch(
     let started = Instant::now();
     let provider = options.kind();
     let name = name.unwrap_or_else(|| provider.fresh_name());
-    if d.db.instance(&name).map_err(internal)?.is_some() {
-        return Err(UserError::new(
-            ErrorCode::Conflict,
-            format!("an instance named {name} already exists"),
-        )
-        .resolve("pick another --name, or leave it out for a generated one"));
+    match d.db.instance(&name).map_err(internal)? {
+        // A terminated instance's name is free: its record (and runs) move aside.
+        Some(old) if old.state == InstanceState::Terminated => {
+            let to = plan::retired_name(&name, old.created_ms, |c| {
+                c.parse().ok().is_some_and(|n| d.db.instance(&n).ok().flatten().is_some())
+            });
+            d.db.retire_instance(&name, &to).map_err(internal)?;
+            let dir = d.home.local_instance(&name);
+            if dir.exists() {
+                std::fs::rename(&dir, d.home.local_instance(&to)).map_err(|e| {
+                    internal(anyhow::anyhow!("moving {} aside: {e}", dir.display()))
+                })?;
+            }
+            tracing::info!("{name} was terminated; its record is now {to}");
+        }
+        Some(_) => {
+            return Err(UserError::new(
+                ErrorCode::Conflict,
+                format!("an instance named {name} already exists"),
+            )
+            .resolve("pick another --name, or leave it out for a generated one"));
+        }
+        None => {}
     }
     // How its agent reaches this daemon, checked before anything is made.
     let relay = d.config.daemon.relay.as_deref();
