@@ -223,6 +223,15 @@ async fn serve_controller(
         if *closing.borrow() {
             return Ok(Exit::Shutdown);
         }
+        if !config.state_dir.is_dir() {
+            // Deleted under it (a local agent whose controller home was removed): there is
+            // nothing left to serve or report, and no controller will come back for it.
+            runs.stop_all(None).await;
+            return Err(anyhow::anyhow!(
+                "the agent's state dir {} is gone: exiting instead of redialling",
+                config.state_dir.display()
+            ));
+        }
         let outcome = session::connect_and_serve(
             &config,
             &runs,

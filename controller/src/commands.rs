@@ -344,7 +344,11 @@ async fn sync_once(
     let result = loop {
         match client.next().await {
             Ok(Some(Response::SyncProgress(p))) => {
-                if printer.format == Format::Human && printer.tty && !printer.quiet && p.total_bytes > 0 {
+                if printer.format == Format::Human
+                    && printer.tty
+                    && !printer.quiet
+                    && p.total_bytes > 0
+                {
                     let bar = bar.get_or_insert_with(|| progress_bar(p.total_bytes));
                     bar.set_position(p.bytes);
                     bar.set_message(format!("{}/{} files", p.files, p.total_files));

@@ -102,8 +102,14 @@ pub fn retired_name(
     let stamp = format!("-t{:x}", created_ms / 1000);
     (0u32..)
         .map(|n| {
-            let suffix = if n == 0 { stamp.clone() } else { format!("{stamp}-{n}") };
-            let keep = 40usize.saturating_sub(suffix.len()).min(name.as_str().len());
+            let suffix = if n == 0 {
+                stamp.clone()
+            } else {
+                format!("{stamp}-{n}")
+            };
+            let keep = 40usize
+                .saturating_sub(suffix.len())
+                .min(name.as_str().len());
             format!("{}{suffix}", name.as_str()[..keep].trim_end_matches('-'))
         })
         .find(|candidate| !taken(candidate))
@@ -262,9 +268,24 @@ mod tests {
         // (name, created ms, taken, retired)
         let cases = [
             ("gpu-1", 1_700_000_000_000, vec![], "gpu-1-t6553f100"),
-            ("gpu-1", 1_700_000_000_000, vec!["gpu-1-t6553f100"], "gpu-1-t6553f100-1"),
-            (long.as_str(), 0, vec![], "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-t0"),
-            ("ab-cdefghijklmnopqrstuvwxyz-abcdefghij", 0, vec![], "ab-cdefghijklmnopqrstuvwxyz-abcdefghi-t0"),
+            (
+                "gpu-1",
+                1_700_000_000_000,
+                vec!["gpu-1-t6553f100"],
+                "gpu-1-t6553f100-1",
+            ),
+            (
+                long.as_str(),
+                0,
+                vec![],
+                "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-t0",
+            ),
+            (
+                "ab-cdefghijklmnopqrstuvwxyz-abcdefghij",
+                0,
+                vec![],
+                "ab-cdefghijklmnopqrstuvwxyz-abcdefghi-t0",
+            ),
         ];
         for (from, created, taken, want) in cases {
             let got = super::retired_name(&name(from), created, |c| taken.contains(&c));

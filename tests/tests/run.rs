@@ -434,7 +434,11 @@ fn a_terminated_instances_name_can_be_used_again() {
     assert_eq!(stdout(&ran), "first\n", "{}", stderr(&ran));
     let taken = home.run(&["launch", "--name", "box"]);
     assert_eq!(taken.status.code(), Some(4), "a live name is taken");
-    assert!(stderr(&taken).contains("already exists"), "{}", stderr(&taken));
+    assert!(
+        stderr(&taken).contains("already exists"),
+        "{}",
+        stderr(&taken)
+    );
     let gone = home.run(&["terminate", "box"]);
     assert_eq!(gone.status.code(), Some(0), "{}", stderr(&gone));
 
@@ -463,4 +467,28 @@ fn a_terminated_instances_name_can_be_used_again() {
     assert_eq!(on("first").as_deref(), Some(*old));
     assert_eq!(on("second").as_deref(), Some("box"));
     let _ = home.run(&["terminate", "box"]);
+}
+
+#[test]
+fn a_local_agent_whose_home_is_deleted_stops_redialling() {
+    let home = Home::new();
+    let launched = home.run(&["launch", "--name", "orphan", "--wait"]);
+    assert_eq!(launched.status.code(), Some(0), "{}", stderr(&launched));
+    let pid = home.json(&["list"])["instances"][0]["instance"]["pid"]
+        .as_i64()
+        .expect("the agent's pid") as i32;
+    let down = home.run(&["shutdown"]);
+    assert_eq!(down.status.code(), Some(0), "{}", stderr(&down));
+    std::fs::remove_dir_all(home.path().join("local/orphan")).expect("delete its dir");
+    let alive = || nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok();
+    home.wait_until(
+        "the orphaned agent to exit",
+        Duration::from_secs(60),
+        || {
+            // Reap it if it is our grandchild's zombie: the daemon is gone, so init has it.
+            !alive()
+                || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .is_ok_and(|s| s.contains(") Z "))
+        },
+    );
 }

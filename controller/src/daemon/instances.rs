@@ -67,7 +67,9 @@ pub(super) async fn launch(
         // A terminated instance's name is free: its record (and runs) move aside.
         Some(old) if old.state == InstanceState::Terminated => {
             let to = plan::retired_name(&name, old.created_ms, |c| {
-                c.parse().ok().is_some_and(|n| d.db.instance(&n).ok().flatten().is_some())
+                c.parse()
+                    .ok()
+                    .is_some_and(|n| d.db.instance(&n).ok().flatten().is_some())
             });
             d.db.retire_instance(&name, &to).map_err(internal)?;
             let dir = d.home.local_instance(&name);
