@@ -84,8 +84,17 @@ uv.lock runs `uv sync`; a requirements.txt is installed with uv (or python3 -m p
 uv); a `python script.py` whose script has PEP 723 inline metadata runs with `uv run`.
 Packages go into a venv of the run's own, which comes first in the command's PATH.
 
+A runctl.toml at the project root gives the run's settings: [run] takes these flags'
+names with _ for - (command as an argv array or a sh -c string, env as a table, secrets
+as a list), [profile.NAME] tables overlay it (--profile NAME). A flag given wins over the
+file; --env and --secret add to it; a command after -- replaces the file's. --dry-run
+shows the result. Before a tree's first sync, more than 20,000 files or 1 GiB is reported,
+and asked about on a terminal (--yes skips the question).
+
 Examples:
   runctl-controller run --workdir examples/quickstart -- python3 train.py
+  runctl-controller run --dry-run --profile gpu      # with a runctl.toml
+  runctl-controller run --secret HF_TOKEN --secret WANDB_API_KEY=@~/.wandb-key -- python3 train.py
   runctl-controller run --on gpu-1 --env SEED=3 -- python3 train.py --epochs 5
   runctl-controller run --restart on-failure:5 --spot-signal USR1 -- python3 train.py
   runctl-controller run --setup 'make data' --setup 'pip install -e .' -- python3 train.py
@@ -914,8 +923,10 @@ pub fn launch_options(
                 instance_type,
                 ami: ec2.ami.clone(),
                 spot: ec2.spot,
-                max_price: ec2.max_price,
-                spot_fallback: ec2.spot_fallback,
+                // Spot-only settings (a run file's [run] may hold them under a profile
+                // that turns spot off) go with spot.
+                max_price: ec2.max_price.filter(|_| ec2.spot),
+                spot_fallback: ec2.spot_fallback && ec2.spot,
                 instance_profile: ec2.instance_profile.clone(),
                 volume_gb: ec2.volume_size,
                 volume_snapshot: ec2.volume_snapshot.clone(),
@@ -937,7 +948,7 @@ pub fn launch_options(
                 gpu,
                 gpus: runpod.gpus.unwrap_or(1),
                 spot: ec2.spot,
-                max_price: ec2.max_price,
+                max_price: ec2.max_price.filter(|_| ec2.spot),
                 image: runpod.image.clone(),
                 datacenter: runpod.datacenter.clone(),
                 disk_gb: runpod.disk,
