@@ -10,6 +10,7 @@ use clap::Parser;
 /// start command, or the controller's local provider; not usually run by hand.
 #[derive(Debug, Parser)]
 #[command(
+    name = "runctl-agent",
     version,
     after_long_help = "Examples:\n  runctl-agent --config /etc/runctl/agent.toml\n  runctl-agent --supervise --config /workspace/runctl/agent.toml\n  RUNCTL_AGENT_CONFIG=./agent.toml runctl-agent"
 )]

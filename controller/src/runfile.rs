@@ -769,6 +769,27 @@ on = "gpu-1"
     }
 
     #[test]
+    fn every_run_flag_has_its_key() {
+        use clap::CommandFactory;
+        let cli = crate::cli::Cli::command();
+        let run = cli.find_subcommand("run").expect("run");
+        for arg in run.get_arguments().filter(|a| !a.is_global_set()) {
+            let key = match arg.get_id().as_str() {
+                // How the command line reaches the file, not what a run is.
+                "profile" | "dry_run" | "yes" | "root" | "help" => continue,
+                "secret" => "secrets",
+                id => id,
+            };
+            let answer = parse(&format!("[run]\n{key} = 0\n"));
+            assert!(
+                !answer.as_ref().is_err_and(|e| e.contains("unknown field")),
+                "--{} has no key in [run]: {answer:?}",
+                arg.get_id()
+            );
+        }
+    }
+
+    #[test]
     fn a_missing_profile_names_the_ones_there() {
         let file = parse(FILE).expect("parses");
         let e = file.section(Some("gpu")).expect_err("no such profile");
