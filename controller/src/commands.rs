@@ -606,7 +606,13 @@ async fn run_command(home: &Home, printer: Printer, mut args: RunArgs) -> anyhow
         resume_from: args.resume_from,
         secrets,
     };
-    let tree = crate::sync::scan::measure(&request.root, home.root())?;
+    // A tree synced before is never asked about: it is not even walked here.
+    let synced_before = crate::sync::scan::cache_path(&home.sync_dir(), &request.root).exists();
+    let tree = if args.dry_run || !synced_before {
+        crate::sync::scan::measure(&request.root, home.root())?
+    } else {
+        crate::sync::scan::TreeSize::default()
+    };
     if args.dry_run {
         let resolved = report::DryRun {
             run_file: from_file.then_some(file_path),
@@ -618,7 +624,7 @@ async fn run_command(home: &Home, printer: Printer, mut args: RunArgs) -> anyhow
         printer.data(&resolved, || report::dry_run_text(&resolved));
         return Ok(0);
     }
-    if !send_big_tree(home, printer, &request.root, &tree, args.yes)? {
+    if !send_big_tree(printer, &request.root, &tree, synced_before, args.yes)? {
         return Ok(ErrorCode::BadInput.exit_code());
     }
     let detach = request.detach;
@@ -735,17 +741,16 @@ async fn run_command(home: &Home, printer: Printer, mut args: RunArgs) -> anyhow
 /// Before a big tree's first sync: says how big it is and, on a terminal, asks. `false`
 /// when the user said no.
 fn send_big_tree(
-    home: &Home,
     printer: Printer,
     root: &std::path::Path,
     tree: &crate::sync::scan::TreeSize,
+    synced_before: bool,
     yes: bool,
 ) -> anyhow::Result<bool> {
     use crate::sync::big::{self, Decision};
     use std::io::IsTerminal;
-    let before = crate::sync::scan::cache_path(&home.sync_dir(), root).exists();
     let terminal = printer.tty && std::io::stdin().is_terminal();
-    match big::decide(tree, before, yes, terminal) {
+    match big::decide(tree, synced_before, yes, terminal) {
         Decision::Send => Ok(true),
         Decision::Warn => {
             printer.warn(&big::describe(tree, root));
