@@ -488,6 +488,31 @@ async fn streams_go_only_to_agents_that_serve_them_and_only_to_their_own_instanc
     let err = tests::stderr(&out);
     assert_eq!(out.status.code(), Some(6), "{err}");
     assert!(err.contains("does not support streams"), "{err}");
+
+    // Nor is a run with a secret started on it: the value is never sent.
+    let c2 = c.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        c2.home
+            .cli()
+            .env("RUNCTL_TEST_SECRET", "s3cr3t-for-an-old-agent")
+            .args([
+                "run",
+                "--on",
+                "old-1",
+                "--secret",
+                "RUNCTL_TEST_SECRET",
+                "--",
+                "true",
+            ])
+            .output()
+            .expect("run")
+    })
+    .await
+    .expect("run");
+    let err = tests::stderr(&out);
+    assert_ne!(out.status.code(), Some(0), "{err}");
+    assert!(err.contains("cannot take --secret"), "{err}");
+    assert!(err.contains("does not support secrets"), "{err}");
     assert!(err.contains("upgrade"), "{err}");
     assert!(
         !old_agent.was_opened(),
