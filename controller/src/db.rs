@@ -14,15 +14,50 @@ use crate::provider::ProviderKind;
 use crate::run_state::{self, Held};
 use serde::{Deserialize, Serialize};
 
-const SCHEMA_VERSION: i64 = 4;
+const SCHEMA_VERSION: i64 = 5;
 
 /// Version 2 added where each run's checkpoints go.
 const MIGRATE_1_TO_2: &str =
     "CREATE TABLE run_checkpoints (run_id TEXT PRIMARY KEY, url TEXT NOT NULL);";
 
 /// `MIGRATIONS[n]` takes a database from version n + 1 to n + 2.
-const MIGRATIONS: [&str; SCHEMA_VERSION as usize - 1] =
-    [MIGRATE_1_TO_2, MIGRATE_2_TO_3, MIGRATE_3_TO_4];
+const MIGRATIONS: [&str; SCHEMA_VERSION as usize - 1] = [
+    MIGRATE_1_TO_2,
+    MIGRATE_2_TO_3,
+    MIGRATE_3_TO_4,
+    MIGRATE_4_TO_5,
+];
+
+/// Version 5: a run's events come from sources, each numbering its own: a node of the run
+/// and an incarnation of that node's agent (a replacement after an interruption is a new
+/// one). Events are kept per (source, seq), where version 4 kept one per seq and would
+/// have dropped a second source's as repeats, and each gets `shown`, the daemon's own
+/// order across the run's sources, which is what clients see as an event's number. Old
+/// events are node 0, incarnation 0, shown as they were numbered.
+const MIGRATE_4_TO_5: &str = "
+CREATE TABLE run_events_v5 (
+    run_id TEXT NOT NULL,
+    shown INTEGER NOT NULL,
+    node INTEGER NOT NULL,
+    incarnation INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    at_ms INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    PRIMARY KEY (run_id, shown),
+    UNIQUE (run_id, node, incarnation, seq)
+) WITHOUT ROWID;
+INSERT INTO run_events_v5 SELECT run_id, seq, 0, 0, seq, at_ms, kind FROM run_events;
+DROP TABLE run_events;
+ALTER TABLE run_events_v5 RENAME TO run_events;
+";
+
+/// Where a run's events come from: one node of the run, one life of its agent. Each
+/// numbers its events itself, from 1.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct Source {
+    pub node: u32,
+    pub incarnation: u32,
+}
 
 /// Version 3 added cloud instances: their ids, prices and billed time.
 const MIGRATE_2_TO_3: &str = "
@@ -623,12 +658,14 @@ impl Db {
         Ok(rows)
     }
 
-    /// Stores events (ignoring any already stored) and, when the run's `Ended` event is
-    /// among them, ends the run in the same transaction. Returns the highest stored sequence
-    /// number and the run's new terminal state, if it just ended.
+    /// Stores events from `source` (ignoring any of its already stored), each given the
+    /// run's next `shown` number, and, when the run's `Ended` event is among them, ends the
+    /// run in the same transaction. Returns the source's highest stored sequence number and
+    /// the run's new terminal state, if it just ended.
     pub fn insert_events(
         &self,
         run: &RunId,
+        source: Source,
         events: &[RunEvent],
     ) -> anyhow::Result<(u64, Option<RunState>)> {
         let mut conn = self.lock();
@@ -647,17 +684,27 @@ impl Db {
         )?;
         let mut fresh = Vec::with_capacity(events.len());
         {
-            let mut insert =
-                tx.prepare_cached("INSERT OR IGNORE INTO run_events (run_id, seq, at_ms, kind) VALUES (?1, ?2, ?3, ?4)")?;
+            let mut shown: u64 = tx.query_row(
+                "SELECT COALESCE(MAX(shown), 0) FROM run_events WHERE run_id = ?1",
+                [run.as_str()],
+                |r| r.get(0),
+            )?;
+            let mut insert = tx.prepare_cached(
+                "INSERT OR IGNORE INTO run_events (run_id, shown, node, incarnation, seq, at_ms, kind) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?;
             for event in events {
                 let stored = insert.execute(params![
                     run.as_str(),
+                    shown + 1,
+                    source.node,
+                    source.incarnation,
                     event.seq,
                     event.at_ms,
                     serde_json::to_string(&event.kind)?
                 ])?;
                 // A replayed event already moved the state when it first came.
                 if stored == 1 {
+                    shown += 1;
                     fresh.push(event.clone());
                 }
             }
@@ -680,25 +727,19 @@ impl Db {
             )?;
             new_state = Some(change.state);
         }
-        let last: u64 = tx.query_row(
-            "SELECT COALESCE(MAX(seq), 0) FROM run_events WHERE run_id = ?1",
-            [run.as_str()],
-            |r| r.get(0),
-        )?;
+        let last = last_seq_of(&tx, run, source)?;
         tx.commit()?;
         Ok((last, new_state))
     }
 
-    pub fn last_seq(&self, run: &RunId) -> anyhow::Result<u64> {
-        Ok(self.lock().query_row(
-            "SELECT COALESCE(MAX(seq), 0) FROM run_events WHERE run_id = ?1",
-            [run.as_str()],
-            |r| r.get(0),
-        )?)
+    /// The highest sequence number stored from `source`: what to ask its agent to replay
+    /// after.
+    pub fn last_seq(&self, run: &RunId, source: Source) -> anyhow::Result<u64> {
+        last_seq_of(&self.lock(), run, source)
     }
 
-    /// Where to start showing a run's events: after the sequence number before the first
-    /// event at or after `since_ms`, and before the last `tail` output lines.
+    /// Where to start showing a run's events (a `shown` number): after the one before the
+    /// first event at or after `since_ms`, and before the last `tail` output lines.
     pub fn start_after(
         &self,
         run: &RunId,
@@ -709,14 +750,14 @@ impl Db {
         let mut after = 0u64;
         if let Some(since) = since_ms {
             let first: Option<u64> = conn.query_row(
-                "SELECT MIN(seq) FROM run_events WHERE run_id = ?1 AND at_ms >= ?2",
+                "SELECT MIN(shown) FROM run_events WHERE run_id = ?1 AND at_ms >= ?2",
                 params![run.as_str(), since],
                 |r| r.get(0),
             )?;
             after = match first {
                 Some(first) => first - 1,
                 None => conn.query_row(
-                    "SELECT COALESCE(MAX(seq), 0) FROM run_events WHERE run_id = ?1",
+                    "SELECT COALESCE(MAX(shown), 0) FROM run_events WHERE run_id = ?1",
                     [run.as_str()],
                     |r| r.get(0),
                 )?,
@@ -725,13 +766,13 @@ impl Db {
         if let Some(n) = tail {
             let nth_last: Option<u64> = if n == 0 {
                 conn.query_row(
-                    "SELECT MAX(seq) FROM run_events WHERE run_id = ?1",
+                    "SELECT MAX(shown) FROM run_events WHERE run_id = ?1",
                     [run.as_str()],
                     |r| r.get(0),
                 )?
             } else {
                 conn.query_row(
-                    "SELECT seq FROM run_events WHERE run_id = ?1 AND kind LIKE '{\"output\":%' ORDER BY seq DESC LIMIT 1 OFFSET ?2",
+                    "SELECT shown FROM run_events WHERE run_id = ?1 AND kind LIKE '{\"output\":%' ORDER BY shown DESC LIMIT 1 OFFSET ?2",
                     params![run.as_str(), n - 1],
                     |r| r.get(0),
                 )
@@ -743,7 +784,8 @@ impl Db {
         Ok(after)
     }
 
-    /// Up to `limit` events of `run` after `after_seq`, in order.
+    /// Up to `limit` events of `run` after `after_seq` (a `shown` number), in the daemon's
+    /// order, numbered by it.
     pub fn events_after(
         &self,
         run: &RunId,
@@ -752,7 +794,7 @@ impl Db {
     ) -> anyhow::Result<Vec<RunEvent>> {
         let conn = self.lock();
         let mut stmt = conn.prepare_cached(
-            "SELECT seq, at_ms, kind FROM run_events WHERE run_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+            "SELECT shown, at_ms, kind FROM run_events WHERE run_id = ?1 AND shown > ?2 ORDER BY shown LIMIT ?3",
         )?;
         let rows = stmt
             .query_map(params![run.as_str(), after_seq, limit], |r| {
@@ -766,6 +808,14 @@ impl Db {
             .collect::<Result<_, _>>()?;
         Ok(rows)
     }
+}
+
+fn last_seq_of(conn: &Connection, run: &RunId, source: Source) -> anyhow::Result<u64> {
+    Ok(conn.query_row(
+        "SELECT COALESCE(MAX(seq), 0) FROM run_events WHERE run_id = ?1 AND node = ?2 AND incarnation = ?3",
+        params![run.as_str(), source.node, source.incarnation],
+        |r| r.get(0),
+    )?)
 }
 
 const RUN_SELECT: &str = "SELECT id, instance, argv, workdir, state, created_ms, started_ms, ended_ms, exit, error FROM runs";
@@ -904,6 +954,7 @@ mod tests {
             let id: RunId = id.parse().expect("run id");
             db.insert_events(
                 &id,
+                Source::default(),
                 &[RunEvent {
                     seq: 1,
                     at_ms: 9,
@@ -1022,7 +1073,8 @@ mod tests {
             },
         };
         assert_eq!(
-            db.insert_events(&run, &[out(1), out(2)]).expect("insert"),
+            db.insert_events(&run, Source::default(), &[out(1), out(2)])
+                .expect("insert"),
             (2, None)
         );
         let end = RunEvent {
@@ -1034,12 +1086,14 @@ mod tests {
             }),
         };
         assert_eq!(
-            db.insert_events(&run, &[out(2), end.clone()])
+            db.insert_events(&run, Source::default(), &[out(2), end.clone()])
                 .expect("insert"),
             (3, Some(RunState::Failed))
         );
         assert_eq!(
-            db.insert_events(&run, &[end]).expect("replay").1,
+            db.insert_events(&run, Source::default(), &[end])
+                .expect("replay")
+                .1,
             None,
             "ending twice is a no-op"
         );
@@ -1057,5 +1111,142 @@ mod tests {
                 .expect("db"),
             "terminal states stick"
         );
+    }
+
+    /// A run row for `run` on local-1, running.
+    fn running(db: &Db, run: &RunId) {
+        db.insert_run(&RunRow {
+            id: run.clone(),
+            instance: name("local-1"),
+            argv: vec!["true".into()],
+            root: "/w".into(),
+            state: RunState::Running,
+            created_ms: 1,
+            started_ms: None,
+            ended_ms: None,
+            exit: None,
+            error: None,
+        })
+        .expect("insert");
+    }
+
+    fn line(seq: u64, text: &str) -> RunEvent {
+        RunEvent {
+            seq,
+            at_ms: seq,
+            kind: EventKind::Output {
+                stream: protocol::Stream::Stdout,
+                line: text.into(),
+            },
+        }
+    }
+
+    #[test]
+    fn each_source_keeps_its_own_numbering() {
+        let (_dir, db) = db();
+        let run = RunId::from_random([2; 6]);
+        running(&db, &run);
+        let first = Source::default();
+        let node1 = Source {
+            node: 1,
+            incarnation: 0,
+        };
+        let again = Source {
+            node: 0,
+            incarnation: 1,
+        };
+        // Three sources numbering from 1: version 4 kept only the first of each number.
+        db.insert_events(&run, first, &[line(1, "a1"), line(2, "a2")])
+            .expect("a");
+        db.insert_events(&run, node1, &[line(1, "b1"), line(2, "b2"), line(3, "b3")])
+            .expect("b");
+        db.insert_events(&run, again, &[line(1, "c1")]).expect("c");
+        // Replays of what a source sent are still stored once.
+        assert_eq!(
+            db.insert_events(&run, node1, &[line(2, "b2"), line(3, "b3")])
+                .expect("replay")
+                .0,
+            3
+        );
+        let shown: Vec<(u64, String)> = db
+            .events_after(&run, 0, 100)
+            .expect("read")
+            .into_iter()
+            .map(|e| match e.kind {
+                EventKind::Output { line, .. } => (e.seq, line),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        let want: Vec<(u64, String)> = ["a1", "a2", "b1", "b2", "b3", "c1"]
+            .iter()
+            .enumerate()
+            .map(|(i, l)| (i as u64 + 1, (*l).to_owned()))
+            .collect();
+        assert_eq!(shown, want, "numbered in the daemon's order of arrival");
+        assert_eq!(db.last_seq(&run, first).expect("db"), 2);
+        assert_eq!(db.last_seq(&run, node1).expect("db"), 3);
+        assert_eq!(db.last_seq(&run, again).expect("db"), 1);
+        assert_eq!(
+            db.last_seq(
+                &run,
+                Source {
+                    node: 2,
+                    incarnation: 0
+                }
+            )
+            .expect("db"),
+            0
+        );
+        // --tail and a cursor work on the daemon's numbers.
+        assert_eq!(db.start_after(&run, None, Some(2)).expect("db"), 4);
+        assert_eq!(db.events_after(&run, 4, 100).expect("db").len(), 2);
+    }
+
+    #[test]
+    fn a_version_4_database_keeps_its_events_in_order() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("state.db");
+        let run = RunId::from_random([3; 6]);
+        {
+            let conn = Connection::open(&path).expect("open");
+            conn.execute_batch(&format!(
+                "{SCHEMA_V1} {MIGRATE_1_TO_2} {MIGRATE_2_TO_3} {MIGRATE_3_TO_4} PRAGMA user_version = 4;"
+            ))
+            .expect("a version 4 database");
+            conn.execute(
+                "INSERT INTO runs (id, instance, argv, workdir, state, created_ms) VALUES (?1, 'local-1', '[]', '/p', 'running', 1)",
+                [run.as_str()],
+            )
+            .expect("run");
+            for seq in [1u64, 2, 5] {
+                conn.execute(
+                    "INSERT INTO run_events (run_id, seq, at_ms, kind) VALUES (?1, ?2, ?2, ?3)",
+                    params![
+                        run.as_str(),
+                        seq,
+                        serde_json::to_string(&line(seq, &format!("old {seq}")).kind)
+                            .expect("json")
+                    ],
+                )
+                .expect("event");
+            }
+        }
+        let db = Db::open(&path).expect("upgrade");
+        let seqs: Vec<u64> = db
+            .events_after(&run, 0, 100)
+            .expect("read")
+            .iter()
+            .map(|e| e.seq)
+            .collect();
+        assert_eq!(seqs, [1, 2, 5], "old events keep their numbers");
+        assert_eq!(db.last_seq(&run, Source::default()).expect("db"), 5);
+        // The agent's next events continue after them, and are shown after them.
+        db.insert_events(&run, Source::default(), &[line(5, "old 5"), line(6, "new")])
+            .expect("insert");
+        let events = db.events_after(&run, 5, 100).expect("read");
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].seq, 6);
+        drop(db);
+        Db::open(&path).expect("a current database opens as is");
     }
 }

@@ -15,7 +15,7 @@ use protocol::{
 use tokio::sync::mpsc;
 
 use super::{AgentLink, Daemon, now_ms};
-use crate::db::{InstanceState, RunState};
+use crate::db::{InstanceState, RunState, Source};
 
 /// How long an agent certificate is valid.
 const CERT_LIFETIME: Duration = Duration::from_secs(90 * 86_400);
@@ -434,7 +434,8 @@ fn reconcile(
             );
             continue;
         }
-        let have = d.db.last_seq(&cursor.run)?;
+        // A run has one node and its agent one life so far: the first source.
+        let have = d.db.last_seq(&cursor.run, Source::default())?;
         // A live run is followed; an ended one is fetched only if something is missing.
         if !cursor.ended || have < cursor.last_seq {
             replays.push(ControllerMsg::Replay {
@@ -491,7 +492,9 @@ fn on_events(
         ));
     }
     // The state follows from the events, in the transaction that stores them.
-    let (_, ended) = d.db.insert_events(run, events).map_err(internal)?;
+    let (_, ended) =
+        d.db.insert_events(run, Source::default(), events)
+            .map_err(internal)?;
     d.bump_run(run);
     if ended.is_some() {
         super::runs::on_run_ended(d, run);

@@ -11,7 +11,7 @@ use protocol::framed::{read_frame, write_frame};
 use protocol::{AgentMsg, BulkOpen, ControllerMsg, Feature, InstanceName, RunId, RunSpec, Secret};
 
 use super::{Daemon, credentials, instances, now_ms, sync};
-use crate::db::{InstanceState, RunState};
+use crate::db::{InstanceState, RunState, Source};
 use crate::error::{ErrorCode, UserError};
 
 /// How long a run's agent gets to (re)connect before its start fails.
@@ -139,7 +139,7 @@ async fn try_start(
     // events anyway: it reports the run in `Ready`.
     let replay = ControllerMsg::Replay {
         run: run.clone(),
-        after_seq: d.db.last_seq(run)?,
+        after_seq: d.db.last_seq(run, Source::default())?,
     };
     if link.tx.send(replay).await.is_err() {
         tracing::info!(%run, "the agent disconnected right after the start; its reconnect catches up");
