@@ -567,13 +567,6 @@ async fn run_command(home: &Home, printer: Printer, mut args: RunArgs) -> anyhow
         .resolve("leave them out, or launch a new instance for the run: drop --on and add --provider")
         .into());
     }
-    if args.keep && args.on.is_some() {
-        return Err(UserError::new(
-            ErrorCode::BadInput,
-            "--keep applies to an instance launched for the run, not one given with --on",
-        )
-        .into());
-    }
     let secrets = crate::secrets::read(&args.secret)?;
     let request = RunRequest {
         root: project.root,

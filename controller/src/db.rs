@@ -1051,27 +1051,8 @@ mod tests {
     fn events_are_stored_once_and_end_the_run() {
         let (_dir, db) = db();
         let run = RunId::from_random([1; 6]);
-        db.insert_run(&RunRow {
-            id: run.clone(),
-            instance: name("local-1"),
-            argv: vec!["true".into()],
-            root: "/w".into(),
-            state: RunState::Running,
-            created_ms: 1,
-            started_ms: None,
-            ended_ms: None,
-            exit: None,
-            error: None,
-        })
-        .expect("insert");
-        let out = |seq| RunEvent {
-            seq,
-            at_ms: seq,
-            kind: EventKind::Output {
-                stream: protocol::Stream::Stdout,
-                line: format!("{seq}"),
-            },
-        };
+        running(&db, &run);
+        let out = |seq: u64| line(seq, &seq.to_string());
         assert_eq!(
             db.insert_events(&run, Source::default(), &[out(1), out(2)])
                 .expect("insert"),

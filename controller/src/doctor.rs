@@ -129,7 +129,7 @@ pub async fn run(home: &Home) -> Vec<Check> {
 
 /// The daemon, if running: its status. Not running is fine: it starts on demand.
 async fn daemon(home: &Home, checks: &mut Vec<Check>) -> Option<crate::ipc::StatusReport> {
-    let client = match Client::connect_existing(home).await {
+    let mut client = match Client::connect_existing(home).await {
         Ok(Some(client)) => client,
         Ok(None) => {
             checks.push(Check::ok(
@@ -143,7 +143,6 @@ async fn daemon(home: &Home, checks: &mut Vec<Check>) -> Option<crate::ipc::Stat
             return None;
         }
     };
-    let mut client = client;
     let answer = match client.send(&Request::Status).await {
         Ok(()) => client.next().await,
         Err(e) => Err(e),

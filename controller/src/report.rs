@@ -707,7 +707,7 @@ pub fn dry_run_text(dry: &DryRun) -> String {
         format!(
             "{} files, {} (less what the instance already has)",
             dry.tree.files,
-            crate::sync::big::bytesize(dry.tree.bytes)
+            bytes_words(dry.tree.bytes)
         ),
     ));
     let on = match (&r.on, &r.launch) {

@@ -227,45 +227,9 @@ impl RunSection {
     /// options (and `keep`), and its launch options this section's `on`, as the flags do.
     fn overlaid(mut self, over: RunSection) -> RunSection {
         if over.on.is_some() {
-            let RunSection {
-                command,
-                env,
-                secrets,
-                workdir,
-                detach,
-                forward,
-                setup,
-                restart,
-                stop_grace,
-                end,
-                spot_signal,
-                data,
-                pull_alongside,
-                checkpoints,
-                no_checkpoints,
-                keep_checkpoints,
-                resume_from,
-                ..
-            } = self;
             self = RunSection {
-                command,
-                env,
-                secrets,
-                workdir,
-                detach,
-                forward,
-                setup,
-                restart,
-                stop_grace,
-                end,
-                spot_signal,
-                data,
-                pull_alongside,
-                checkpoints,
-                no_checkpoints,
-                keep_checkpoints,
-                resume_from,
-                ..RunSection::default()
+                keep: None,
+                ..self.without_launch()
             };
         } else if over.launches() {
             self.on = None;
@@ -314,24 +278,32 @@ impl RunSection {
         )
     }
 
+    /// The section with nothing about how an instance is launched.
+    fn without_launch(self) -> RunSection {
+        RunSection {
+            provider: None,
+            instance_type: None,
+            ami: None,
+            spot: None,
+            max_price: None,
+            spot_fallback: None,
+            instance_profile: None,
+            volume_size: None,
+            volume_snapshot: None,
+            keep_volume: None,
+            gpu: None,
+            gpus: None,
+            image: None,
+            datacenter: None,
+            disk: None,
+            volume: None,
+            ..self
+        }
+    }
+
     /// Whether the section sets anything about how an instance is launched.
     fn launches(&self) -> bool {
-        self.provider.is_some()
-            || self.instance_type.is_some()
-            || self.ami.is_some()
-            || self.spot.is_some()
-            || self.max_price.is_some()
-            || self.spot_fallback.is_some()
-            || self.instance_profile.is_some()
-            || self.volume_size.is_some()
-            || self.volume_snapshot.is_some()
-            || self.keep_volume.is_some()
-            || self.gpu.is_some()
-            || self.gpus.is_some()
-            || self.image.is_some()
-            || self.datacenter.is_some()
-            || self.disk.is_some()
-            || self.volume.is_some()
+        self.clone().without_launch() != *self
     }
 }
 

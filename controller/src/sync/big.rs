@@ -3,6 +3,7 @@
 //! before it is sent. A tree synced before is not asked about again.
 
 use super::scan::TreeSize;
+use crate::report::bytes_words;
 
 pub const FILES: u64 = 20_000;
 pub const BYTES: u64 = 1 << 30;
@@ -34,14 +35,14 @@ pub fn describe(size: &TreeSize, root: &std::path::Path) -> String {
         "{} holds {} files ({}) to send, more than runctl expects of code (over {} files or {}):",
         root.display(),
         size.files,
-        bytesize(size.bytes),
+        bytes_words(size.bytes),
         FILES,
-        bytesize(BYTES)
+        bytes_words(BYTES)
     );
     for dir in &size.biggest {
         text.push_str(&format!(
             "\n  {:>10}  {:>7} files  {}",
-            bytesize(dir.bytes),
+            bytes_words(dir.bytes),
             dir.files,
             if dir.dir == "." {
                 "(files at the root)".to_owned()
@@ -55,21 +56,6 @@ pub fn describe(size: &TreeSize, root: &std::path::Path) -> String {
         super::scan::IGNORE_FILE
     ));
     text
-}
-
-pub fn bytesize(bytes: u64) -> String {
-    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit < UNITS.len() - 1 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
-    }
 }
 
 #[cfg(test)]
@@ -102,7 +88,5 @@ mod tests {
                 "{files} files, {bytes} bytes, before {before}, yes {yes}, tty {tty}"
             );
         }
-        assert_eq!(bytesize(512), "512 B");
-        assert_eq!(bytesize(3 << 29), "1.5 GiB");
     }
 }
