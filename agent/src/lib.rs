@@ -7,6 +7,7 @@
 
 pub mod access;
 pub mod backoff;
+pub mod budget;
 pub mod checkpoints;
 pub mod config;
 pub mod data;

@@ -248,6 +248,7 @@ impl Runs {
         &self,
         spec: RunSpec,
         secrets: Vec<protocol::Secret>,
+        budget: Option<protocol::budget::Budget>,
     ) -> Result<(), WireError> {
         let run_dir = self.run_dir(&spec.run);
         let work = Tree::work_dir(&run_dir);
@@ -285,7 +286,10 @@ impl Runs {
         match prepared {
             Ok(job) => {
                 let mut cursor = log.subscribe();
-                let handle = supervisor::spawn(job, log);
+                let handle = supervisor::spawn(job, log.clone());
+                if let Some(budget) = budget {
+                    tokio::spawn(crate::budget::hold(budget, handle.clone(), log));
+                }
                 if let Some(entry) = self.lock().get_mut(&spec.run) {
                     entry.stop = Some(handle);
                 }

@@ -395,9 +395,17 @@ async fn handle_bulk(
         | BulkOpen::Forward(_)
         | BulkOpen::CopyOut(_)
         | BulkOpen::CopyIn(_)) => return crate::access::serve(access, open, send, recv).await,
-        BulkOpen::StartRun(spec) => start_run(&runs, *spec, Vec::new(), &mut send).await?,
+        BulkOpen::StartRun(spec) => start_run(&runs, *spec, Vec::new(), None, &mut send).await?,
         BulkOpen::StartRunWithSecrets { spec, secrets } => {
-            start_run(&runs, *spec, secrets, &mut send).await?
+            start_run(&runs, *spec, secrets, None, &mut send).await?
+        }
+        BulkOpen::StartRunWith(start) => {
+            let protocol::RunStart {
+                spec,
+                secrets,
+                budget,
+            } = *start;
+            start_run(&runs, spec, secrets, budget, &mut send).await?
         }
         BulkOpen::Sync(open) => handle_sync(runs, open, Vec::new(), &mut send, recv).await?,
         BulkOpen::SyncFrom { open, bases } => {
@@ -415,10 +423,11 @@ async fn start_run(
     runs: &Runs,
     spec: protocol::RunSpec,
     secrets: Vec<protocol::Secret>,
+    budget: Option<protocol::budget::Budget>,
     send: &mut quinn::SendStream,
 ) -> anyhow::Result<()> {
     let run = spec.run.clone();
-    let result = runs.start(spec, secrets).await;
+    let result = runs.start(spec, secrets, budget).await;
     match &result {
         Ok(()) => tracing::info!(%run, "run started"),
         Err(e) => tracing::warn!(%run, "run failed to start: {}", e.message),

@@ -576,6 +576,18 @@ pub struct RunArgs {
     #[arg(long, value_name = "SIGNAL", value_parser = parse_signal)]
     pub spot_signal: Option<i32>,
 
+    /// Stop the run once it has cost this many dollars (its instance's price times its
+    /// time, from its launch), the graceful way: SIGTERM, the grace period, checkpoints
+    /// pushed, then the end action; it ends `budget exceeded`. The agent holds the cap, so
+    /// it holds while this laptop sleeps. Needs a known price (EC2, RunPod).
+    #[arg(long, value_name = "DOLLARS", value_parser = parse_dollars)]
+    pub max_cost: Option<f64>,
+
+    /// Stop the run the same way once it has taken this many hours (from its launch, or
+    /// its start on an existing instance), e.g. 1.5.
+    #[arg(long, value_name = "HOURS", value_parser = parse_hours)]
+    pub max_hours: Option<f64>,
+
     /// Pull data before the command starts: every object under an s3:// prefix (or one
     /// object) into DEST inside RUNCTL_DATA_DIR (default: the prefix's last name).
     /// Repeatable. Files already present and identical are skipped.
@@ -1353,6 +1365,25 @@ pub(crate) fn parse_price(s: &str) -> Result<f64, String> {
         Ok(price) if price.is_finite() && price > 0.0 => Ok(price),
         _ => Err(format!(
             "{s:?} is not a price in dollars per hour (e.g. 0.45)"
+        )),
+    }
+}
+
+pub(crate) fn parse_dollars(s: &str) -> Result<f64, String> {
+    match s.trim_start_matches('$').parse::<f64>() {
+        Ok(d) if d.is_finite() && d >= 0.000_001 => Ok(d),
+        _ => Err(format!(
+            "{s:?} is not an amount in dollars (e.g. 25 or 2.50)"
+        )),
+    }
+}
+
+pub(crate) fn parse_hours(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        // At least a second, at most ten years: beyond is a typo, not a cap.
+        Ok(h) if h.is_finite() && h * 3600.0 >= 1.0 && h <= 87_600.0 => Ok(h),
+        _ => Err(format!(
+            "{s:?} is not a number of hours (e.g. 1.5; at least 1 s, at most 87600)"
         )),
     }
 }

@@ -598,6 +598,8 @@ async fn run_command(home: &Home, printer: Printer, mut args: RunArgs) -> anyhow
         keep_checkpoints: args.keep_checkpoints,
         resume_from: args.resume_from,
         secrets,
+        max_cost: args.max_cost,
+        max_hours: args.max_hours,
     };
     // A tree synced before is never asked about: it is not even walked here.
     let synced_before = crate::sync::scan::cache_path(&home.sync_dir(), &request.root).exists();

@@ -14,7 +14,7 @@ use crate::provider::ProviderKind;
 use crate::run_state::{self, Held};
 use serde::{Deserialize, Serialize};
 
-const SCHEMA_VERSION: i64 = 5;
+const SCHEMA_VERSION: i64 = 6;
 
 /// Version 2 added where each run's checkpoints go.
 const MIGRATE_1_TO_2: &str =
@@ -26,7 +26,30 @@ const MIGRATIONS: [&str; SCHEMA_VERSION as usize - 1] = [
     MIGRATE_2_TO_3,
     MIGRATE_3_TO_4,
     MIGRATE_4_TO_5,
+    MIGRATE_5_TO_6,
 ];
+
+/// Version 6: runs may have a budget (`--max-cost`, `--max-hours`), counted from
+/// `since_ms` (the launch of an instance made for the run, else the run's creation), and
+/// keep whether their budget stopped them (read when they end, as `spot_notice` is).
+const MIGRATE_5_TO_6: &str = "
+CREATE TABLE run_budgets (
+    run_id TEXT PRIMARY KEY,
+    max_cost REAL,
+    max_ms INTEGER,
+    since_ms INTEGER NOT NULL
+);
+ALTER TABLE runs ADD COLUMN budget_notice INTEGER NOT NULL DEFAULT 0;
+";
+
+/// A run's caps, as the user gave them, and when its spend began.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct RunBudget {
+    /// Dollars.
+    pub max_cost: Option<f64>,
+    pub max_ms: Option<u64>,
+    pub since_ms: u64,
+}
 
 /// Version 5: a run's events come from sources, each numbering its own: a node of the run
 /// and an incarnation of that node's agent (a replacement after an interruption is a new
@@ -611,6 +634,33 @@ impl Db {
             .optional()?)
     }
 
+    /// Records a run's budget.
+    pub fn set_run_budget(&self, id: &RunId, budget: &RunBudget) -> anyhow::Result<()> {
+        self.lock().execute(
+            "INSERT OR REPLACE INTO run_budgets (run_id, max_cost, max_ms, since_ms) VALUES (?1, ?2, ?3, ?4)",
+            params![id.as_str(), budget.max_cost, budget.max_ms, budget.since_ms],
+        )?;
+        Ok(())
+    }
+
+    /// A run's budget, if it has one.
+    pub fn run_budget(&self, id: &RunId) -> anyhow::Result<Option<RunBudget>> {
+        Ok(self
+            .lock()
+            .query_row(
+                "SELECT max_cost, max_ms, since_ms FROM run_budgets WHERE run_id = ?1",
+                params![id.as_str()],
+                |r| {
+                    Ok(RunBudget {
+                        max_cost: r.get(0)?,
+                        max_ms: r.get(1)?,
+                        since_ms: r.get(2)?,
+                    })
+                },
+            )
+            .optional()?)
+    }
+
     /// Moves a run to `state` unless it already ended; returns whether it changed.
     pub fn set_run_state(
         &self,
@@ -623,7 +673,7 @@ impl Db {
         let ended = state.is_terminal().then_some(now_ms);
         let changed = self.lock().execute(
             "UPDATE runs SET state = ?2, started_ms = COALESCE(started_ms, ?3), ended_ms = COALESCE(ended_ms, ?4), error = COALESCE(?5, error)
-             WHERE id = ?1 AND state NOT IN ('succeeded', 'failed', 'stopped', 'interrupted')",
+             WHERE id = ?1 AND state NOT IN ('succeeded', 'failed', 'stopped', 'interrupted', 'budget_exceeded')",
             params![id.as_str(), text(&state), started, ended, error],
         )?;
         Ok(changed == 1)
@@ -671,14 +721,17 @@ impl Db {
         let mut conn = self.lock();
         let tx = conn.transaction()?;
         let held: Held = tx.query_row(
-            "SELECT state, spot_notice, exit IS NOT NULL FROM runs WHERE id = ?1",
+            "SELECT state, spot_notice, budget_notice, exit IS NOT NULL FROM runs WHERE id = ?1",
             [run.as_str()],
             |r| {
                 let state: String = r.get(0)?;
                 Ok(Held {
                     state: parse(&state)?,
-                    spot_notice: r.get(1)?,
-                    ended: r.get(2)?,
+                    notices: run_state::Notices {
+                        spot: r.get(1)?,
+                        budget: r.get(2)?,
+                    },
+                    ended: r.get(3)?,
                 })
             },
         )?;
@@ -711,11 +764,12 @@ impl Db {
         }
         let change = run_state::apply(held, &fresh);
         tx.execute(
-            "UPDATE runs SET state = ?2, spot_notice = ?3, started_ms = COALESCE(started_ms, ?4) WHERE id = ?1",
+            "UPDATE runs SET state = ?2, spot_notice = ?3, budget_notice = ?4, started_ms = COALESCE(started_ms, ?5) WHERE id = ?1",
             params![
                 run.as_str(),
                 text(&change.state),
-                change.spot_notice,
+                change.notices.spot,
+                change.notices.budget,
                 change.started_ms
             ],
         )?;
@@ -1229,5 +1283,53 @@ mod tests {
         assert_eq!(events[0].seq, 6);
         drop(db);
         Db::open(&path).expect("a current database opens as is");
+    }
+
+    #[test]
+    fn a_budget_is_kept_and_its_stop_ends_the_run_so() {
+        let (_dir, db) = db();
+        let run = RunId::from_random([4; 6]);
+        running(&db, &run);
+        assert_eq!(db.run_budget(&run).expect("read"), None);
+        let budget = RunBudget {
+            max_cost: Some(2.5),
+            max_ms: None,
+            since_ms: 7,
+        };
+        db.set_run_budget(&run, &budget).expect("set");
+        assert_eq!(db.run_budget(&run).expect("read"), Some(budget));
+        let notice = RunEvent {
+            seq: 1,
+            at_ms: 5,
+            kind: EventKind::Notice(protocol::Notice::BudgetExceeded {
+                limit: protocol::budget::Limit::Cost {
+                    max_micros: 2_500_000,
+                },
+                spend: protocol::budget::Spend {
+                    cost_micros: Some(2_500_001),
+                    elapsed_ms: 9,
+                },
+            }),
+        };
+        // The notice in one batch, the end in the next: the notice is remembered between.
+        db.insert_events(&run, Source::default(), &[notice])
+            .expect("insert");
+        let ended = RunEvent {
+            seq: 2,
+            at_ms: 6,
+            kind: EventKind::Ended(RunEnd::Exited {
+                code: 0,
+                stop_requested: true,
+            }),
+        };
+        let (_, state) = db
+            .insert_events(&run, Source::default(), &[ended])
+            .expect("insert");
+        assert_eq!(state, Some(RunState::BudgetExceeded));
+        assert!(
+            !db.set_run_state(&run, RunState::Failed, 9, None)
+                .expect("set"),
+            "budget_exceeded is terminal"
+        );
     }
 }

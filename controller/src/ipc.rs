@@ -67,6 +67,10 @@ pub struct RunRequest {
     pub resume_from: Option<String>,
     /// Secret variables for the command, handed to the agent at start and stored nowhere.
     pub secrets: Vec<protocol::Secret>,
+    /// Stop the run once it has cost this many dollars (needs a known price).
+    pub max_cost: Option<f64>,
+    /// Stop the run once it has taken this many hours.
+    pub max_hours: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -226,6 +230,16 @@ pub struct StatusReport {
     pub agents: Vec<AgentPathView>,
     /// The relay link, when `[daemon] relay` is set.
     pub relay: Option<RelayView>,
+    /// Each active run with `--max-cost` or `--max-hours`: its caps and its spend now.
+    pub budgets: Vec<BudgetView>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BudgetView {
+    pub run: RunId,
+    pub instance: InstanceName,
+    /// The caps, with what was spent as of the report in `spent_micros`/`elapsed_ms`.
+    pub budget: protocol::budget::Budget,
 }
 
 /// The path one agent's session runs over.

@@ -6,8 +6,10 @@
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
+use protocol::budget::Budget;
 use protocol::{EndAction, StoreSpec};
 
+use crate::db::RunBudget;
 use crate::error::{ErrorCode, UserError};
 use crate::provider::Capabilities;
 
@@ -127,6 +129,13 @@ pub struct EndPlan {
     /// The instance is stopped by its own agent and stays, even if launched for the run
     /// (a pod with `--end stop`).
     pub outlives_run: bool,
+}
+
+/// A run's budget as of `now_ms`, to hand to its agent or show: its caps, its instance's
+/// price, and what it has spent since its spend began (the agent counts on from there).
+pub fn budget(caps: &RunBudget, price_per_hour: Option<f64>, now_ms: u64) -> Budget {
+    Budget::new(caps.max_cost, caps.max_ms, price_per_hour)
+        .later(now_ms.saturating_sub(caps.since_ms))
 }
 
 /// The instance's fate at the end of a run: `requested` (`--end`), else terminate an
@@ -261,6 +270,35 @@ pub fn power(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_budget_counts_from_when_its_spend_began() {
+        use super::{RunBudget, budget};
+        let hour = 3_600_000;
+        let caps = RunBudget {
+            max_cost: Some(5.0),
+            max_ms: Some(2 * hour),
+            since_ms: 1_000,
+        };
+        // (price $/h, now, spent micros, elapsed ms, left ms)
+        let cases = [
+            (Some(2.0), 1_000, 0, 0, Some(2 * hour)),
+            (Some(2.0), 1_000 + hour, 2_000_000, hour, Some(hour)),
+            (Some(4.0), 1_000 + hour, 4_000_000, hour, Some(hour / 4)),
+            (Some(6.0), 1_000 + hour, 6_000_000, hour, Some(0)),
+            (None, 1_000 + hour, 0, hour, Some(hour)),
+            // A clock behind the start counts nothing rather than going negative.
+            (Some(2.0), 0, 0, 0, Some(2 * hour)),
+        ];
+        for (price, now, spent, elapsed, left) in cases {
+            let b = budget(&caps, price, now);
+            assert_eq!(
+                (b.spent_micros, b.elapsed_ms, b.left_ms(0)),
+                (spent, elapsed, left),
+                "{price:?} at {now}"
+            );
+        }
+    }
+
     #[test]
     fn retired_names_are_valid_and_free() {
         let name = |s: &str| s.parse::<protocol::InstanceName>().expect("name");

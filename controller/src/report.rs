@@ -240,6 +240,10 @@ pub fn notice_text(notice: &Notice) -> String {
         Notice::LogTruncated { through_seq } => format!(
             "the agent's log reached its size cap; events through #{through_seq} were deleted there"
         ),
+        Notice::BudgetExceeded { limit, spend } => format!(
+            "budget reached: {}; stopping the run (its stop signal, the grace period, checkpoints pushed, then its end action)",
+            limit.describe(spend)
+        ),
     }
 }
 
@@ -435,6 +439,7 @@ pub fn state_word(state: RunState) -> &'static str {
         RunState::Failed => "failed",
         RunState::Stopped => "stopped",
         RunState::Interrupted => "interrupted",
+        RunState::BudgetExceeded => "budget exceeded",
     }
 }
 
@@ -467,15 +472,21 @@ pub fn end_words(row: &RunRow) -> String {
 }
 
 /// The exit status `run` and `logs -f` report for a finished run: the remote exit code,
-/// 128 + N for signal N (as shells do), 127 when the command could not start.
+/// 128 + N for signal N (as shells do), 127 when the command could not start; a run
+/// its budget stopped never reports success, whatever its command returned.
 pub fn exit_status(row: &RunRow) -> u8 {
-    match &row.exit {
+    let status = match &row.exit {
         Some(RunEnd::Exited { code, .. }) => (*code & 0xff) as u8,
         Some(RunEnd::Signaled { signal, .. }) => 128u8.saturating_add(*signal as u8),
         Some(RunEnd::SpawnFailed { .. }) => 127,
         Some(RunEnd::SetupFailed { .. } | RunEnd::DataFailed { .. } | RunEnd::Lost { .. }) => 1,
         None if row.state == RunState::Succeeded => 0,
         None => 1,
+    };
+    if status == 0 && row.state == RunState::BudgetExceeded {
+        1
+    } else {
+        status
     }
 }
 
@@ -567,7 +578,45 @@ pub fn status_text(s: &StatusReport) -> String {
     for a in &s.agents {
         text.push_str(&format!("\n{}: {}", a.instance, path_words(&a.path)));
     }
+    for b in &s.budgets {
+        text.push_str(&format!(
+            "\n{} on {}: {}",
+            b.run,
+            b.instance,
+            budget_words(&b.budget)
+        ));
+    }
     text
+}
+
+/// A budget's spend against its caps: `$1.20 of $8.00 (15%), 20m of 2h (16%)`.
+pub fn budget_words(b: &protocol::budget::Budget) -> String {
+    use protocol::budget::{dollars, duration};
+    let share = |part: u64, whole: u64| match whole {
+        0 => 100,
+        whole => u128::from(part) * 100 / u128::from(whole),
+    };
+    let mut parts = Vec::new();
+    if let Some(max) = b.max_cost_micros {
+        parts.push(match b.price_micros_per_hour {
+            Some(_) => format!(
+                "{} of {} ({}%)",
+                dollars(b.spent_micros),
+                dollars(max),
+                share(b.spent_micros, max)
+            ),
+            None => format!("cost unknown of {}", dollars(max)),
+        });
+    }
+    if let Some(max) = b.max_ms {
+        parts.push(format!(
+            "{} of {} ({}%)",
+            duration(b.elapsed_ms),
+            duration(max),
+            share(b.elapsed_ms, max)
+        ));
+    }
+    parts.join(", ")
 }
 
 fn path_words(p: &crate::ipc::AgentPath) -> String {
@@ -781,6 +830,21 @@ pub fn dry_run_text(dry: &DryRun) -> String {
         protocol::RestartPolicy::OnFailure { max_restarts } => format!("on-failure:{max_restarts}"),
     };
     rows.push(("restart", restart));
+    let mut caps = Vec::new();
+    if let Some(max) = r.max_cost {
+        caps.push(format!(
+            "{} (the instance's time, from its launch)",
+            protocol::budget::dollars(protocol::budget::micros(max))
+        ));
+    }
+    if let Some(hours) = r.max_hours {
+        caps.push(protocol::budget::duration(protocol::budget::hours_ms(
+            hours,
+        )));
+    }
+    if !caps.is_empty() {
+        rows.push(("budget", format!("stop at {}", caps.join(" or "))));
+    }
     for data in &r.data {
         rows.push(("data", format!("{} -> {}", data.source, data.dest)));
     }
@@ -940,6 +1004,22 @@ mod tests {
             127,
         );
         check(None, RunState::Failed, 1);
+        check(
+            Some(RunEnd::Exited {
+                code: 0,
+                stop_requested: true,
+            }),
+            RunState::BudgetExceeded,
+            1,
+        );
+        check(
+            Some(RunEnd::Signaled {
+                signal: 15,
+                stop_requested: true,
+            }),
+            RunState::BudgetExceeded,
+            143,
+        );
     }
 
     #[test]
@@ -1099,11 +1179,26 @@ mod tests {
                 registered: false,
                 last_error: Some("connecting to 192.0.2.1:443 timed out".into()),
             }),
+            budgets: vec![
+                crate::ipc::BudgetView {
+                    run: RunId::from_random([0xcd; 6]),
+                    instance: "i-gpu".parse().expect("valid"),
+                    budget: protocol::budget::Budget::new(Some(8.0), Some(7_200_000), Some(3.6))
+                        .later(1_200_000),
+                },
+                crate::ipc::BudgetView {
+                    run: RunId::from_random([0xef; 6]),
+                    instance: "local-1".parse().expect("valid"),
+                    budget: protocol::budget::Budget::new(None, Some(60_000), None).later(90_000),
+                },
+            ],
         };
         insta::assert_snapshot!(status_text(&status), @r"
         2 instances running ($1.46/h), 2 runs active, 1 agent connected (daemon pid 7, v0.1.0, QUIC 127.0.0.1:4433, UDP and TCP)
         relay relay.example.com:443: not registered: connecting to 192.0.2.1:443 timed out
         local-1: udp direct, rtt 0.5 ms
+        run-cdcdcdcdcdcd on i-gpu: $1.20 of $8.00 (15%), 20m of 2h (16%)
+        run-efefefefefef on local-1: 1m 30s of 1m (150%)
         ");
         insta::assert_snapshot!(run_summary(&report.runs[0]), @"run run-abababababab failed (exit 3) after 3.5s");
     }

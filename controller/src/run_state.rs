@@ -18,14 +18,18 @@ pub enum RunState {
     Stopped,
     /// Ended after a spot interruption notice: the instance was taken back.
     Interrupted,
+    /// Stopped by its budget (`--max-cost`, `--max-hours`) on reaching a cap.
+    BudgetExceeded,
 }
 
 impl RunState {
     pub fn is_terminal(self) -> bool {
         match self {
-            RunState::Succeeded | RunState::Failed | RunState::Stopped | RunState::Interrupted => {
-                true
-            }
+            RunState::Succeeded
+            | RunState::Failed
+            | RunState::Stopped
+            | RunState::Interrupted
+            | RunState::BudgetExceeded => true,
             RunState::Pending
             | RunState::Syncing
             | RunState::SettingUp
@@ -34,10 +38,13 @@ impl RunState {
         }
     }
 
-    /// The state a run's end puts it in. A non-zero exit is a failure unless the user asked
-    /// for the stop, or a spot interruption notice came first.
-    pub fn after(end: &RunEnd, spot_notice: bool) -> Self {
+    /// The state a run's end puts it in. A run its budget stopped ended for that, however
+    /// its process took it. A non-zero exit is a failure unless the user asked for the
+    /// stop, or a spot interruption notice came first.
+    pub fn after(end: &RunEnd, notices: Notices) -> Self {
+        let spot_notice = notices.spot;
         match end {
+            _ if notices.budget => RunState::BudgetExceeded,
             RunEnd::Exited { code: 0, .. } => RunState::Succeeded,
             RunEnd::Exited { .. }
             | RunEnd::Signaled { .. }
@@ -67,12 +74,21 @@ impl RunState {
     }
 }
 
+/// The notices among a run's events that decide how its end reads.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Notices {
+    /// A spot interruption notice.
+    pub spot: bool,
+    /// Its budget stopped it (`Notice::BudgetExceeded`).
+    pub budget: bool,
+}
+
 /// What the database holds of a run before new events land.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Held {
     pub state: RunState,
-    /// A spot interruption notice is among its stored events.
-    pub spot_notice: bool,
+    /// Among its stored events.
+    pub notices: Notices,
     /// Its end is recorded (the agent's `Ended`, not a state the daemon set).
     pub ended: bool,
 }
@@ -82,7 +98,7 @@ pub struct Held {
 pub struct Change {
     /// The run's state after the events.
     pub state: RunState,
-    pub spot_notice: bool,
+    pub notices: Notices,
     /// When the process first started, if among the events (`started_ms` is kept once set).
     pub started_ms: Option<u64>,
     /// The end, when the events carry it and none was recorded: written once.
@@ -103,7 +119,7 @@ pub struct Ended {
 /// is the truth), but only once. Events already stored must not be passed again.
 pub fn apply(held: Held, events: &[RunEvent]) -> Change {
     let mut state = held.state;
-    let mut spot_notice = held.spot_notice;
+    let mut notices = held.notices;
     let mut end = None;
     let mut started_ms = None;
     for event in events {
@@ -117,9 +133,10 @@ pub fn apply(held: Held, events: &[RunEvent]) -> Change {
                 state = RunState::Running;
                 started_ms = started_ms.or(Some(event.at_ms));
             }
-            EventKind::Notice(Notice::SpotInterruption { .. }) => spot_notice = true,
+            EventKind::Notice(Notice::SpotInterruption { .. }) => notices.spot = true,
+            EventKind::Notice(Notice::BudgetExceeded { .. }) => notices.budget = true,
             EventKind::Ended(e) if !held.ended && end.is_none() => {
-                state = RunState::after(e, spot_notice);
+                state = RunState::after(e, notices);
                 end = Some(Ended {
                     end: e.clone(),
                     at_ms: event.at_ms,
@@ -144,7 +161,7 @@ pub fn apply(held: Held, events: &[RunEvent]) -> Change {
     }
     Change {
         state,
-        spot_notice,
+        notices,
         started_ms,
         end,
     }
@@ -209,9 +226,18 @@ mod tests {
     fn held(state: RunState) -> Held {
         Held {
             state,
-            spot_notice: false,
+            notices: Notices::default(),
             ended: false,
         }
+    }
+    fn budget() -> RunEvent {
+        ev(EventKind::Notice(Notice::BudgetExceeded {
+            limit: protocol::budget::Limit::Time { max_ms: 1000 },
+            spend: protocol::budget::Spend {
+                cost_micros: None,
+                elapsed_ms: 1000,
+            },
+        }))
     }
 
     /// `held`, then `events` -> the state, whether an end is recorded, and its error.
@@ -263,10 +289,51 @@ mod tests {
         );
         check(held(Running), &[spot(), exited(0)], Succeeded, true, None);
         let noticed = Held {
-            spot_notice: true,
+            notices: Notices {
+                spot: true,
+                budget: false,
+            },
             ..held(Running)
         };
         check(noticed, &[exited(143)], Interrupted, true, None);
+        // The budget stopped it: however the process took the SIGTERM.
+        check(
+            held(Running),
+            &[budget(), exited(0)],
+            BudgetExceeded,
+            true,
+            None,
+        );
+        check(
+            held(Running),
+            &[budget(), exited(143)],
+            BudgetExceeded,
+            true,
+            None,
+        );
+        check(
+            held(SettingUp),
+            &[budget(), exited(143)],
+            BudgetExceeded,
+            true,
+            None,
+        );
+        check(
+            held(Running),
+            &[spot(), budget(), exited(143)],
+            BudgetExceeded,
+            true,
+            None,
+        );
+        let capped = Held {
+            notices: Notices {
+                spot: false,
+                budget: true,
+            },
+            ..held(Running)
+        };
+        check(capped, &[out(), exited(1)], BudgetExceeded, true, None);
+        check(held(Running), &[budget()], Running, false, None);
         // The daemon failed it (its instance went), then the agent's own end arrives.
         check(held(Failed), &[exited(0)], Succeeded, true, None);
         check(held(Failed), &[setup(), started()], Failed, false, None);
@@ -287,7 +354,17 @@ mod tests {
     #[test]
     fn run_end_states() {
         let check = |end: RunEnd, spot: bool, state: RunState| {
-            assert_eq!(RunState::after(&end, spot), state, "{end:?} spot {spot}")
+            let notices = Notices {
+                spot,
+                budget: false,
+            };
+            assert_eq!(RunState::after(&end, notices), state, "{end:?} spot {spot}");
+            let capped = Notices { spot, budget: true };
+            assert_eq!(
+                RunState::after(&end, capped),
+                BudgetExceeded,
+                "{end:?} capped"
+            );
         };
         let exit = |code, stop_requested| RunEnd::Exited {
             code,

@@ -101,6 +101,10 @@ pub struct RunSection {
     pub end: Option<EndArg>,
     #[serde(default, deserialize_with = "signal")]
     pub spot_signal: Option<i32>,
+    #[serde(default, deserialize_with = "dollars")]
+    pub max_cost: Option<f64>,
+    #[serde(default, deserialize_with = "hours")]
+    pub max_hours: Option<f64>,
     #[serde(default, deserialize_with = "data")]
     pub data: Option<Vec<DataSource>>,
     pub pull_alongside: Option<bool>,
@@ -155,11 +159,27 @@ checked_by! {
         .map_err(|_| format!("{s:?} is not an end action: use keep, stop or terminate"));
 }
 
-fn price<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
-    let price = f64::deserialize(d)?;
-    cli::parse_price(&price.to_string())
+/// A number (TOML integer or float) checked by the flag's own parser.
+fn number<'de, D: Deserializer<'de>>(
+    d: D,
+    parse: fn(&str) -> Result<f64, String>,
+) -> Result<Option<f64>, D::Error> {
+    let value = f64::deserialize(d)?;
+    parse(&value.to_string())
         .map(Some)
         .map_err(serde::de::Error::custom)
+}
+
+fn price<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
+    number(d, cli::parse_price)
+}
+
+fn dollars<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
+    number(d, cli::parse_dollars)
+}
+
+fn hours<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
+    number(d, cli::parse_hours)
 }
 
 fn forwards<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<ForwardSpec>>, D::Error> {
@@ -269,6 +289,8 @@ impl RunSection {
             stop_grace,
             end,
             spot_signal,
+            max_cost,
+            max_hours,
             data,
             pull_alongside,
             checkpoints,
@@ -479,6 +501,8 @@ pub fn apply(args: &mut RunArgs, file: RunSection) {
         args.stop_grace => file.stop_grace,
         args.end => end,
         args.spot_signal => file.spot_signal,
+        args.max_cost => file.max_cost,
+        args.max_hours => file.max_hours,
         args.checkpoints => checkpoints,
         args.keep_checkpoints => keep_checkpoints,
         args.resume_from => file.resume_from,

@@ -1,12 +1,13 @@
 //! runctl's wire protocol: the messages both sides exchange, their one codec, and the QUIC
 //! channel (endpoints, mutual TLS, framing) that carries them.
 //!
-//! `ids`, `message`, `streams`, `stats`, `codec`, `manifest`, `delta`, `agent_config`, `path` and
+//! `ids`, `budget`, `message`, `streams`, `stats`, `codec`, `manifest`, `delta`, `agent_config`, `path` and
 //! `relay` are pure: no tokio, no clock, no I/O. `tls`, `framed`, `carrier`, `copy` (a copy's tar, checked
 //! unpack) and `splice` (a forwarded TCP connection over a stream) are the thin I/O shell
 //! around them.
 
 pub mod agent_config;
+pub mod budget;
 pub mod carrier;
 pub mod codec;
 pub mod copy;
@@ -30,4 +31,4 @@ pub use stats::{GpuStats, HostStats, RunStats, StatsSample};
 
 /// The version of the agent-controller protocol this build speaks. Bump it on any change
 /// to the messages; the golden encodings in `message` tests make such a change visible.
-pub const PROTOCOL_VERSION: u16 = 9;
+pub const PROTOCOL_VERSION: u16 = 10;

@@ -44,6 +44,9 @@ pub enum Feature {
     /// The agent takes a run's secrets beside its spec (`BulkOpen::StartRunWithSecrets`),
     /// keeps them in memory only and redacts them from the run's output.
     Secrets,
+    /// The agent holds a run's budget (`BulkOpen::StartRunWith`): it stops the run the
+    /// graceful way when the cap is reached, and says so (`Notice::BudgetExceeded`).
+    Budget,
 }
 
 impl Feature {
@@ -53,6 +56,7 @@ impl Feature {
         Feature::StoreCredentials,
         Feature::Streams,
         Feature::Secrets,
+        Feature::Budget,
     ];
 
     pub fn name(self) -> &'static str {
@@ -62,6 +66,7 @@ impl Feature {
             Feature::StoreCredentials => "store-credentials",
             Feature::Streams => "streams",
             Feature::Secrets => "secrets",
+            Feature::Budget => "budget",
         }
     }
 }
@@ -285,6 +290,18 @@ pub enum BulkOpen {
         spec: Box<RunSpec>,
         secrets: Vec<Secret>,
     },
+    /// `StartRun` with what comes beside a spec (feature `budget`): its secrets, as for
+    /// `StartRunWithSecrets`, and its budget, which the agent holds while the daemon is
+    /// away.
+    StartRunWith(Box<RunStart>),
+}
+
+/// A run's start with everything beside its spec.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunStart {
+    pub spec: RunSpec,
+    pub secrets: Vec<Secret>,
+    pub budget: Option<crate::budget::Budget>,
 }
 
 /// One secret environment variable. Its `Debug` leaves the value out.
@@ -555,6 +572,12 @@ pub enum Notice {
     LinesDropped { lines: u64, reason: String },
     /// The log reached its size cap; events up to `through_seq` were deleted on the agent.
     LogTruncated { through_seq: u64 },
+    /// The run reached a cap of its budget (`spend` then): it is being stopped the graceful
+    /// way (SIGTERM, the grace period, checkpoints pushed), then its end action.
+    BudgetExceeded {
+        limit: crate::budget::Limit,
+        spend: crate::budget::Spend,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -798,6 +821,15 @@ mod tests {
                 reason: "disk full".into(),
             }),
             EventKind::Notice(Notice::LogTruncated { through_seq: 99 }),
+            EventKind::Notice(Notice::BudgetExceeded {
+                limit: crate::budget::Limit::Cost {
+                    max_micros: 6_000_000,
+                },
+                spend: crate::budget::Spend {
+                    cost_micros: Some(6_001_000),
+                    elapsed_ms: 6_000,
+                },
+            }),
         ];
         rendered.extend(more_events.into_iter().map(|kind| {
             golden(&RunEvent {
@@ -933,6 +965,17 @@ mod tests {
                 value: "hf_x".into(),
             }],
         }));
+        rendered.push(golden(&BulkOpen::StartRunWith(Box::new(RunStart {
+            spec: (**spec).clone(),
+            secrets: vec![],
+            budget: Some(crate::budget::Budget {
+                max_cost_micros: Some(6_000_000),
+                max_ms: Some(3_600_000),
+                price_micros_per_hour: Some(1_006_000),
+                spent_micros: 12_000,
+                elapsed_ms: 40_000,
+            }),
+        }))));
         insta::assert_snapshot!(rendered.join("\n"));
     }
 

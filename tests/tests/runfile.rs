@@ -156,6 +156,8 @@ provider = "ec2"
 instance_type = "g5.xlarge"
 spot = true
 secrets = ["HF_TOKEN"]
+max_cost = 8
+max_hours = 1.5
 "#,
     );
     let workdir = dir.path().display().to_string();
@@ -184,7 +186,22 @@ secrets = ["HF_TOKEN"]
     );
     assert_eq!(shown["request"]["launch"]["Ec2"]["spot"], true);
     assert_eq!(shown["secrets"][0]["name"], "HF_TOKEN");
+    assert_eq!(shown["request"]["max_cost"], 8.0);
+    assert_eq!(shown["request"]["max_hours"], 1.5);
     assert!(!stdout(&out).contains(SECRET), "{}", stdout(&out));
+    let out = home
+        .cli()
+        .env("HF_TOKEN", SECRET)
+        .args(["run", "--dry-run", "--workdir", &workdir])
+        .output()
+        .expect("dry run");
+    assert!(
+        stdout(&out).contains(
+            "budget       stop at $8.00 (the instance's time, from its launch) or 1h 30m"
+        ),
+        "{}",
+        stdout(&out)
+    );
 
     // A flag given wins; --on sets the file's launch options aside.
     let out = home

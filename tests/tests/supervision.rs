@@ -230,6 +230,89 @@ impl Drop for Imds {
 }
 
 #[test]
+fn a_time_cap_stops_the_run_the_graceful_way_while_the_daemon_is_away() {
+    let home = Home::new();
+    // Nothing launched for a cost cap the local provider cannot price.
+    let out = home.run(&["run", "--max-cost", "5", "--", "true"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("--max-cost needs the instance's price per hour"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(home.json(&["list"])["instances"], serde_json::json!([]));
+    for bad in [
+        "--max-cost=0",
+        "--max-cost=ten",
+        "--max-hours=0",
+        "--max-hours=-1",
+        "--max-hours=100000",
+    ] {
+        let out = home.run(&["run", bad, "--", "true"]);
+        assert_eq!(out.status.code(), Some(2), "{bad}: {}", stderr(&out));
+        assert!(stderr(&out).contains("is not"), "{bad}: {}", stderr(&out));
+    }
+
+    // A 10.8 s cap, counted from the local instance's launch.
+    let trainer = fixture("ckpt_trainer.py").display().to_string();
+    let asked = now_ms();
+    let run = detach(
+        &home,
+        &["--max-hours", "0.003"],
+        &["python3", &trainer, "until-stopped"],
+    );
+    wait_for_line(&home, &run, "training");
+    let status = home.json(&["status"]);
+    let budget = &status["budgets"][0];
+    assert_eq!(budget["run"], run.as_str(), "{status}");
+    assert_eq!(budget["budget"]["max_ms"], 10_800, "{status}");
+    let text = stdout(&home.run(&["status"]));
+    assert!(text.contains(&format!("{run} on ")), "{text}");
+    assert!(text.contains(" of 10s ("), "{text}");
+
+    // The daemon goes away before the cap; the agent holds it.
+    let out = home.run(&["shutdown"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    std::thread::sleep(Duration::from_millis(
+        (asked + 13_000).saturating_sub(now_ms()),
+    ));
+    assert!(
+        home.daemon_pid().is_none(),
+        "no daemon while the cap was reached"
+    );
+    let back = now_ms();
+    // `logs -f` brings the daemon back within the agent's delivery window; a run its
+    // budget stopped never reports success.
+    let follow = home.run(&["logs", "-f", &run]);
+    assert_eq!(follow.status.code(), Some(1), "{}", stderr(&follow));
+    assert!(
+        stderr(&follow).contains("budget reached: the 10s time cap"),
+        "{}",
+        stderr(&follow)
+    );
+    let events = events(&home, &run);
+    let notice = events
+        .iter()
+        .find(|e| e["kind"]["notice"].get("budget_exceeded").is_some())
+        .unwrap_or_else(|| panic!("no budget notice in {events:?}"));
+    let at = notice["at_ms"].as_u64().expect("at_ms");
+    assert!(at < back, "the agent stopped the run on its own");
+    assert!(at >= asked + 10_800, "not before the cap: {at} vs {asked}");
+    let exceeded = &notice["kind"]["notice"]["budget_exceeded"];
+    assert_eq!(exceeded["limit"]["time"]["max_ms"], 10_800, "{exceeded}");
+    assert!(
+        output_lines(&events)
+            .iter()
+            .any(|(l, _)| l == "stopped: saved final.bin"),
+        "the trainer got its stop signal: {events:?}"
+    );
+    assert_eq!(run_state(&home, &run)["state"], "budget_exceeded");
+    let (names, latest) = home.checkpoint_names(&run);
+    assert!(names.contains(&"final.bin".to_owned()), "{names:?}");
+    assert_eq!(latest.as_deref(), Some("final.bin"));
+}
+
+#[test]
 fn a_spot_notice_reaches_the_trainer_as_its_signal_within_6_seconds() {
     let imds = Imds::start();
     let home = Home::with_config(&format!(

@@ -106,6 +106,7 @@ pub async fn serve(
         BulkOpen::CopyIn(open) => copy::serve_in(&access, open, send, recv).await,
         BulkOpen::StartRun(_)
         | BulkOpen::StartRunWithSecrets { .. }
+        | BulkOpen::StartRunWith(_)
         | BulkOpen::Sync(_)
         | BulkOpen::SyncFrom { .. } => {
             anyhow::bail!("not an access stream")

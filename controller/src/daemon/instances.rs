@@ -49,15 +49,29 @@ enum Prepared {
     Runpod(Box<runpod::launch::Prepared>),
 }
 
+impl Prepared {
+    /// What the instance will cost per hour, where known before it is made.
+    fn price_per_hour(&self) -> Option<f64> {
+        match self {
+            Prepared::Local { .. } => None,
+            Prepared::Ec2(prepared) => prepared.price_per_hour(),
+            Prepared::Runpod(prepared) => Some(prepared.price),
+        }
+    }
+}
+
 /// Launches an instance; with `wait` (always, for a local one) returns once its agent has
 /// enrolled. A failure before the provider makes the instance leaves nothing behind; one
-/// after it terminates the instance, so a failed launch never leaves a paid machine.
+/// after it terminates the instance, so a failed launch never leaves a paid machine. With
+/// `needs_price` (a run with a cost cap) an instance whose price is not known is refused
+/// before it is made.
 pub(super) async fn launch(
     d: &Arc<Daemon>,
     options: &LaunchOptions,
     name: Option<InstanceName>,
     for_run: Option<RunId>,
     wait: bool,
+    needs_price: bool,
     progress: &Progress,
 ) -> Result<InstanceRow, UserError> {
     let started = Instant::now();
@@ -125,6 +139,19 @@ pub(super) async fn launch(
                 .await?,
         )),
     };
+    if needs_price && prepared.price_per_hour().is_none() {
+        let mut refusal = UserError::new(
+            ErrorCode::BadInput,
+            format!(
+                "--max-cost needs the instance's price per hour, and that of {} is not known",
+                provider.an_instance()
+            ),
+        );
+        if provider == ProviderKind::Ec2 {
+            refusal = refusal.resolve("add the type's price under [ec2.prices] in config.toml");
+        }
+        return Err(refusal.resolve("or cap the run's time with --max-hours instead"));
+    }
 
     // From here on there is a record: a failure marks it terminated.
     d.db.insert_instance(&InstanceRow {

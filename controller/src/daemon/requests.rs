@@ -11,11 +11,11 @@ use storage::ObjectUrl;
 use tokio::net::UnixStream;
 
 use super::{Daemon, instances, now_ms, runs, sync};
-use crate::db::{InstanceState, RunRow, RunState};
+use crate::db::{InstanceState, RunBudget, RunRow, RunState};
 use crate::error::{ErrorCode, UserError};
 use crate::ipc::{
-    ClientHello, DaemonHello, InstanceStats, InstanceView, ListReport, Request, Response, Restart,
-    RunRequest, StatusReport, SyncRequest, VERSION,
+    BudgetView, ClientHello, DaemonHello, InstanceStats, InstanceView, ListReport, Request,
+    Response, Restart, RunRequest, StatusReport, SyncRequest, VERSION,
 };
 use crate::plan;
 use crate::provider::LaunchOptions;
@@ -110,11 +110,22 @@ async fn dispatch(
             bind,
         } => super::streams::forward(d, stream, target, forwards, bind).await?,
         Request::Status => {
-            let runs_active =
+            let active: Vec<_> =
                 d.db.runs()?
-                    .iter()
+                    .into_iter()
                     .filter(|r| !r.state.is_terminal())
-                    .count() as u32;
+                    .collect();
+            let mut budgets = Vec::new();
+            for r in &active {
+                if let Some(caps) = d.db.run_budget(&r.id)? {
+                    let price = d.db.cloud(&r.instance)?.and_then(|c| c.price_per_hour);
+                    budgets.push(BudgetView {
+                        run: r.id.clone(),
+                        instance: r.instance.clone(),
+                        budget: plan::budget(&caps, price, now_ms()),
+                    });
+                }
+            }
             if let Err(e) = instances::refresh(d).await {
                 tracing::warn!("asking EC2 for instance states failed: {}", e.message);
             }
@@ -136,7 +147,7 @@ async fn dispatch(
                 quic_addr: d.quic_addr.to_string(),
                 ca_sha256: d.pki.ca.fingerprint().to_string(),
                 agents_connected: d.connected_count(),
-                runs_active,
+                runs_active: active.len() as u32,
                 instances_running: live.len() as u32,
                 dollars_per_hour: live
                     .iter()
@@ -145,6 +156,7 @@ async fn dispatch(
                     .fold(0.0, |total, price| total + price),
                 agents: d.agent_paths(),
                 relay: d.relay_view(),
+                budgets,
             };
             write_frame(stream, &Response::Status(report)).await?;
         }
@@ -172,7 +184,7 @@ async fn dispatch(
             wait,
         } => {
             let row = with_progress(stream, |progress| async move {
-                instances::launch(d, &options, name, None, wait, &progress).await
+                instances::launch(d, &options, name, None, wait, false, &progress).await
             })
             .await?;
             write_frame(stream, &Response::Launched(view(d, row))).await?;
@@ -400,7 +412,16 @@ async fn run(d: &Arc<Daemon>, stream: &mut UnixStream, req: RunRequest) -> anyho
                         .into(),
                 );
             }
-            let spot = d.db.cloud(name)?.is_some_and(|c| c.spot);
+            let cloud = d.db.cloud(name)?;
+            if req.max_cost.is_some() && cloud.as_ref().and_then(|c| c.price_per_hour).is_none() {
+                return Err(UserError::new(
+                    ErrorCode::BadInput,
+                    format!("--max-cost needs {name}'s price per hour, and it is not known"),
+                )
+                .resolve("cap the run's time with --max-hours instead")
+                .into());
+            }
+            let spot = cloud.is_some_and(|c| c.spot);
             let end = plan::run_end(req.end, false, req.keep, spot, row.provider.capabilities())?;
             (row.name, false, end)
         }
@@ -425,8 +446,9 @@ async fn run(d: &Arc<Daemon>, stream: &mut UnixStream, req: RunRequest) -> anyho
                     .file_name()
                     .map(|n| n.to_string_lossy().into_owned());
             }
+            let needs_price = req.max_cost.is_some();
             let row = with_progress(stream, |progress| async move {
-                instances::launch(d, &options, None, for_run, true, &progress).await
+                instances::launch(d, &options, None, for_run, true, needs_price, &progress).await
             })
             .await?;
             (row.name, true, end)
@@ -446,6 +468,22 @@ async fn run(d: &Arc<Daemon>, stream: &mut UnixStream, req: RunRequest) -> anyho
     })?;
     if end.daemon_stops {
         d.db.set_setting(&runs::stop_at_end_key(&run_id), "1")?;
+    }
+    if req.max_cost.is_some() || req.max_hours.is_some() {
+        // An instance made for the run is paid for from its launch.
+        let since_ms = match launched {
+            true => {
+                d.db.instance(&instance)?
+                    .map_or(now_ms(), |row| row.created_ms)
+            }
+            false => now_ms(),
+        };
+        let budget = RunBudget {
+            max_cost: req.max_cost,
+            max_ms: req.max_hours.map(protocol::budget::hours_ms),
+            since_ms,
+        };
+        d.db.set_run_budget(&run_id, &budget)?;
     }
     let spec = RunSpec {
         run: run_id.clone(),

@@ -7,12 +7,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use protocol::budget::Budget;
 use protocol::framed::{read_frame, write_frame};
-use protocol::{AgentMsg, BulkOpen, ControllerMsg, Feature, InstanceName, RunId, RunSpec, Secret};
+use protocol::{
+    AgentMsg, BulkOpen, ControllerMsg, Feature, InstanceName, RunId, RunSpec, RunStart, Secret,
+};
 
 use super::{Daemon, credentials, instances, now_ms, sync};
-use crate::db::{InstanceState, RunState, Source};
+use crate::db::{InstanceState, RunBudget, RunState, Source};
 use crate::error::{ErrorCode, UserError};
+use crate::plan;
 
 /// How long a run's agent gets to (re)connect before its start fails.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -36,6 +40,23 @@ pub(super) async fn start(
     }
 }
 
+/// `caps` as of now on `instance`, at its price. A cost cap needs a price: `run` checks
+/// before launching, and this is the last word (a spot launch fell back to on-demand at a
+/// price not known).
+pub(super) fn budget_now(
+    d: &Daemon,
+    instance: &InstanceName,
+    caps: &RunBudget,
+) -> anyhow::Result<Budget> {
+    let price = d.db.cloud(instance)?.and_then(|c| c.price_per_hour);
+    if caps.max_cost.is_some() && price.is_none() {
+        anyhow::bail!(
+            "--max-cost needs {instance}'s price per hour, and it is not known (cap the run's time with --max-hours instead)"
+        );
+    }
+    Ok(plan::budget(caps, price, now_ms()))
+}
+
 async fn try_start(
     d: &Arc<Daemon>,
     run: &RunId,
@@ -53,6 +74,15 @@ async fn try_start(
         link.hello.require(Feature::Secrets).map_err(|e| {
             anyhow::anyhow!(
                 "{instance}'s agent cannot take --secret: {} (or drop --secret)",
+                e.message
+            )
+        })?;
+    }
+    let caps = d.db.run_budget(run)?;
+    if caps.is_some() {
+        link.hello.require(Feature::Budget).map_err(|e| {
+            anyhow::anyhow!(
+                "{instance}'s agent cannot hold a budget: {} (or drop --max-cost and --max-hours)",
                 e.message
             )
         })?;
@@ -91,13 +121,22 @@ async fn try_start(
         .open_bi()
         .await
         .context("opening a stream to the agent")?;
-    let open = if secrets.is_empty() {
-        BulkOpen::StartRun(Box::new(spec))
-    } else {
-        BulkOpen::StartRunWithSecrets {
+    // As of now: what the launch and the sync cost is spent, and the agent counts on.
+    let budget = match &caps {
+        Some(caps) => Some(budget_now(d, instance, caps)?),
+        None => None,
+    };
+    let open = match budget {
+        Some(budget) => BulkOpen::StartRunWith(Box::new(RunStart {
+            spec,
+            secrets,
+            budget: Some(budget),
+        })),
+        None if secrets.is_empty() => BulkOpen::StartRun(Box::new(spec)),
+        None => BulkOpen::StartRunWithSecrets {
             spec: Box::new(spec),
             secrets,
-        }
+        },
     };
     write_frame(&mut send, &open).await?;
     send.finish()?;

@@ -32,6 +32,19 @@ pub struct Prepared {
     on_demand: Option<f64>,
 }
 
+impl Prepared {
+    /// What the instance will be billed per hour, where known (`plan::price_paid` for the
+    /// launch asked for).
+    pub fn price_per_hour(&self) -> Option<f64> {
+        plan::price_paid(
+            self.opts.spot,
+            self.spot_now,
+            self.max_price,
+            self.on_demand,
+        )
+    }
+}
+
 /// An instance RunInstances made.
 #[derive(Debug, Clone)]
 pub struct Started {

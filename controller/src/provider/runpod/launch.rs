@@ -45,7 +45,7 @@ pub struct Prepared {
     opts: RunpodLaunch,
     gpu_id: String,
     /// $/h for the pod: the on-demand price, or the most bid for spot.
-    price: f64,
+    pub(crate) price: f64,
     bid_per_gpu: Option<f64>,
     agent_url: String,
     agent_sha256: String,
