@@ -4,7 +4,8 @@
 //! lifecycle, volumes, and a simulated boot in which the user-data's own install steps
 //! fetch the static agent by its presigned URL, check its hash and start it, and the agent
 //! dials back and runs a job end to end; a relay launched, kept apart from runs, booted
-//! the same way and registered with. Each test works in a region of its own, so they
+//! the same way and registered with; a cost cap held by the agent while the daemon is
+//! stopped, the run's last checkpoint in the store. Each test works in a region of its own, so they
 //! never see each other's instances.
 
 use std::path::{Path, PathBuf};
@@ -15,6 +16,13 @@ use controller::config::Ec2Config;
 use controller::provider::ec2::Ec2;
 use tests::s3::S3Env;
 use tests::{Home, fixture, stderr, stdout};
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_millis() as u64
+}
 
 /// Where moto, the static agent and the tools are, from `scripts/test.sh`.
 #[derive(Debug, Clone)]
@@ -789,6 +797,17 @@ async fn start_run(
         "import os\nprint('hello from ec2', os.environ['RUNCTL_RUN_ID'])\n",
     )
     .expect("write");
+    start_command(cloud, ec2, project, extra, &["python3", "train.py"]).await
+}
+
+/// As `start_run`, for `command` instead of train.py.
+async fn start_command(
+    cloud: &Cloud,
+    ec2: &Ec2,
+    project: &Path,
+    extra: &[&str],
+    command: &[&str],
+) -> (Child, String, String) {
     let before: Vec<String> = ec2
         .instances(&[])
         .await
@@ -808,7 +827,8 @@ async fn start_run(
         ])
         .arg(project)
         .args(extra)
-        .args(["--", "python3", "train.py"])
+        .arg("--")
+        .args(command)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -953,6 +973,119 @@ async fn end_stop_stops_the_instance_through_the_api() {
             .as_str()
             .expect("name"),
     ]);
+    wait_state(&ec2, &id, "terminated").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cost_cap_holds_while_the_daemon_is_away_and_the_checkpoint_is_in_the_store() {
+    let Some(env) = ec2_env("budget") else {
+        return;
+    };
+    // $360/h is 10 cents a second: a $5 cap is reached 50 s after the launch.
+    let cloud = Cloud::new(
+        &env,
+        "budget",
+        "eu-north-1",
+        "[ec2.prices]\n\"g5.xlarge\" = 360.0\n",
+    );
+    let ec2 = cloud.ec2().await;
+    // A type without a known price is refused before anything is made.
+    cloud.refused(
+        &[
+            "run",
+            "--provider",
+            "ec2",
+            "--instance-type",
+            "m5.large",
+            "--max-cost",
+            "5",
+            "--",
+            "true",
+        ],
+        2,
+        "--max-cost needs the instance's price per hour",
+    );
+    assert_eq!(live(&ec2).await, 0, "nothing launched");
+
+    let project = tempfile::tempdir().expect("project");
+    let trainer = fixture("ckpt_trainer.py").display().to_string();
+    let (run, id, user_data) = start_command(
+        &cloud,
+        &ec2,
+        project.path(),
+        &["--max-cost", "5", "--detach"],
+        &["python3", &trainer, "until-stopped"],
+    )
+    .await;
+    let dir = tempfile::tempdir().expect("sandbox");
+    let file = dir.path().join("user-data.yaml");
+    std::fs::write(&file, &user_data).expect("write");
+    let root = dir.path().join("root");
+    let _agent = Reaped(simulate_boot(&env, &file, &root, "3"));
+    let started = tokio::task::spawn_blocking(move || run.wait_with_output())
+        .await
+        .expect("join")
+        .expect("run output");
+    let boot_log = || std::fs::read_to_string(root.with_extension("log")).unwrap_or_default();
+    assert!(
+        started.status.success(),
+        "{}\n--- boot log ---\n{}",
+        stderr(&started),
+        boot_log()
+    );
+    let run = stdout(&started).trim().to_owned();
+    let list = cloud.json(&["list"]);
+    let launched_ms = list["instances"][0]["instance"]["created_ms"]
+        .as_u64()
+        .expect("created_ms");
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while !stdout(&cloud.run(&["logs", &run])).contains("training") {
+        assert!(
+            Instant::now() < deadline,
+            "the trainer never started: {}",
+            boot_log()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let status = cloud.json(&["status"]);
+    assert_eq!(status["budgets"][0]["run"], run.as_str(), "{status}");
+    assert_eq!(
+        status["budgets"][0]["budget"]["max_cost_micros"], 5_000_000,
+        "{status}"
+    );
+    let text = stdout(&cloud.run(&["status"]));
+    assert!(text.contains(" of $5.00 ("), "{text}");
+
+    // The daemon goes away before the cap; the agent holds it.
+    assert!(cloud.run(&["shutdown"]).status.success());
+    let now = now_ms();
+    tokio::time::sleep(Duration::from_millis(
+        (launched_ms + 53_000).saturating_sub(now),
+    ))
+    .await;
+    assert!(cloud.home.daemon_pid().is_none(), "no daemon at the cap");
+    let back = now_ms();
+    let follow = cloud.run(&["logs", "-f", &run]);
+    assert_eq!(follow.status.code(), Some(1), "{}", stderr(&follow));
+    assert!(
+        stderr(&follow).contains("budget reached: the $5.00 cost cap ($5."),
+        "{}",
+        stderr(&follow)
+    );
+    let out = cloud.run(&["--output", "json", "logs", &run]);
+    let notice = stdout(&out)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|e| e["kind"]["notice"].get("budget_exceeded").is_some())
+        .expect("a budget notice");
+    let at = notice["at_ms"].as_u64().expect("at_ms");
+    assert!(at < back, "the agent stopped the run on its own");
+    assert!(at >= launched_ms + 50_000, "not before the cap");
+    let runs = cloud.json(&["list"])["runs"].clone();
+    assert_eq!(runs[0]["state"], "budget_exceeded", "{runs}");
+    let listed = cloud.json(&["checkpoint", "list", &run]);
+    assert_eq!(listed["latest"], "final.bin", "{listed}");
+    // Its end action: the instance launched for it is terminated.
     wait_state(&ec2, &id, "terminated").await;
 }
 

@@ -1,6 +1,6 @@
 //! The agent running the job, end to end with real Python trainers on loopback: restart
 //! policy with RUNCTL_RESUME_FROM, stop escalation, spot notices from a metadata double,
-//! the idle timeout and end actions, stats with the trainer's RSS, setup detection, and
+//! a time cap held while the daemon is away, the idle timeout and end actions, stats with the trainer's RSS, setup detection, and
 //! `logs --tail/--since`.
 
 use std::io::{BufRead, BufReader};
