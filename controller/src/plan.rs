@@ -138,6 +138,39 @@ pub fn budget(caps: &RunBudget, price_per_hour: Option<f64>, now_ms: u64) -> Bud
         .later(now_ms.saturating_sub(caps.since_ms))
 }
 
+/// Why a run that never reported its end is over with its terminated instance. A capped
+/// run whose cap fell before `now_ms` was stopped by its agent then, as far as the daemon
+/// can know (its last events went with the instance): the message says when, and where
+/// its checkpoints are.
+pub fn gone_with_instance(
+    run: &str,
+    caps: Option<&RunBudget>,
+    price_per_hour: Option<f64>,
+    now_ms: u64,
+) -> String {
+    let gone = "its instance was terminated";
+    let Some(caps) = caps else {
+        return gone.to_owned();
+    };
+    let start = budget(caps, price_per_hour, caps.since_ms);
+    let Some(left) = start.left_ms(0) else {
+        return gone.to_owned();
+    };
+    let at_ms = caps.since_ms.saturating_add(left);
+    let spend = start.spend(left);
+    match start.reached(&spend) {
+        Some(limit) if at_ms <= now_ms => {
+            let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(at_ms);
+            format!(
+                "{gone}; it reached {} at {}, when its agent stops the run and pushes its checkpoints (see: runctl-controller checkpoint list {run})",
+                limit.describe(&spend),
+                humantime::format_rfc3339_seconds(at)
+            )
+        }
+        _ => gone.to_owned(),
+    }
+}
+
 /// The instance's fate at the end of a run: `requested` (`--end`), else terminate an
 /// instance launched for this run (`launched` without `--keep`) and keep any other. A
 /// spot instance cannot be stopped. Where the provider stops and starts instances
@@ -270,6 +303,65 @@ pub fn power(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_run_gone_with_its_instance_after_its_cap_says_when_the_cap_fell() {
+        use super::{RunBudget, gone_with_instance};
+        let hour = 3_600_000;
+        let caps = |max_cost, max_ms| RunBudget {
+            max_cost,
+            max_ms,
+            since_ms: 1_000,
+        };
+        let gone = "its instance was terminated";
+        let capped = |at: &str, what: &str| {
+            format!(
+                "{gone}; it reached {what} at {at}, when its agent stops the run and pushes its checkpoints (see: runctl-controller checkpoint list run-1)"
+            )
+        };
+        // (caps, price $/h, now, message)
+        let cases = [
+            (None, Some(2.0), 10 * hour, gone.to_owned()),
+            (
+                Some(caps(Some(4.0), None)),
+                Some(2.0),
+                hour,
+                gone.to_owned(),
+            ),
+            (
+                Some(caps(Some(4.0), None)),
+                Some(2.0),
+                3 * hour,
+                capped(
+                    "1970-01-01T02:00:01Z",
+                    "the $4.00 cost cap ($4.00 spent in 2h)",
+                ),
+            ),
+            // The time cap falls first; the cost cap cannot without a price.
+            (
+                Some(caps(Some(100.0), Some(hour))),
+                Some(2.0),
+                3 * hour,
+                capped(
+                    "1970-01-01T01:00:01Z",
+                    "the 1h time cap ($2.00 spent in 1h)",
+                ),
+            ),
+            (
+                Some(caps(Some(4.0), None)),
+                None,
+                30 * hour,
+                gone.to_owned(),
+            ),
+        ];
+        for (caps, price, now, message) in cases {
+            assert_eq!(
+                gone_with_instance("run-1", caps.as_ref(), price, now),
+                message,
+                "{caps:?} {price:?} {now}"
+            );
+        }
+    }
+
     #[test]
     fn a_budget_counts_from_when_its_spend_began() {
         use super::{RunBudget, budget};

@@ -520,13 +520,16 @@ pub(super) fn record_terminated(d: &Daemon, name: &InstanceName, now: u64) {
         for row in &rows {
             sync::forget_tree(d, &row.id);
         }
+        let price =
+            d.db.cloud(name)
+                .ok()
+                .flatten()
+                .and_then(|c| c.price_per_hour);
         for row in rows.into_iter().filter(|r| !r.state.is_terminal()) {
-            let _ = d.db.set_run_state(
-                &row.id,
-                RunState::Failed,
-                now,
-                Some("its instance was terminated"),
-            );
+            let caps = d.db.run_budget(&row.id).ok().flatten();
+            let why = plan::gone_with_instance(row.id.as_str(), caps.as_ref(), price, now);
+            let _ =
+                d.db.set_run_state(&row.id, RunState::Failed, now, Some(&why));
             d.bump_run(&row.id);
         }
     }
