@@ -756,6 +756,70 @@ fn an_interrupted_pod_signals_its_run_which_ends_interrupted_with_its_last_check
     assert!(logs.contains("interrupted: saving"), "{logs}");
 }
 
+#[test]
+fn a_cost_cap_on_a_pod_stops_its_run_the_graceful_way_at_the_pods_price() {
+    let double = RunPodDouble::start();
+    let Some((home, s3)) = runpod_home_with(&double, "runpod_budget", "store_profile = \"pods\"\n")
+    else {
+        return;
+    };
+    let (_profile, profile_env, _) = expiring_profile(&s3, 3600);
+    let (project, base) = trainer_project(&s3, "runpod_budget");
+    let mut cmd = cli(&home, &s3, Some(KEY));
+    cmd.envs(profile_env);
+    // $1.64/h: two cents last 44 s from the launch.
+    let run = detach_on_pod(
+        &double,
+        cmd,
+        &["--max-cost", "0.02"],
+        &base,
+        project.path(),
+        &["python3", "pod_trainer.py", "spot", "-"],
+    );
+    let status = home.json(&["status"]);
+    assert_eq!(
+        status["budgets"][0]["budget"]["price_micros_per_hour"], 1_640_000,
+        "{status}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let logs = home.json(&["logs", &run]);
+        if logs.get("state").is_some_and(|s| s == "budget_exceeded") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the run did not end budget_exceeded: {}\npod: {}",
+            logs.get("state").cloned().unwrap_or_default(),
+            pod_logs(&double)
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let logs = home.run(&["logs", &run]);
+    assert!(
+        tests::stderr(&logs).contains("budget reached: the $0.02 cost cap"),
+        "{}",
+        tests::stderr(&logs)
+    );
+    assert!(
+        tests::stdout(&logs).contains("interrupted: saving"),
+        "the trainer got its stop signal"
+    );
+    let (names, latest) = home.checkpoint_names(&run);
+    assert!(names.contains(&"final.bin".to_owned()), "{names:?}");
+    assert_eq!(latest.as_deref(), Some("final.bin"));
+    // Launched for the run, so gone with it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !double.pods().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the pod outlived its run: {:?}",
+            double.pods()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// The STS call itself, against moto's STS (moto does not enforce session policies or
 /// expiry: the policy's content is checked by `controller::credentials`'s unit tables).
 #[tokio::test]
