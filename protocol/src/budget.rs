@@ -114,6 +114,37 @@ impl Budget {
     }
 }
 
+impl Budget {
+    /// The caps as a run's start reports them, each with how long it leaves from now:
+    /// `stops at $5.00 (4h 57m from now at $1.01/h) or 48h (47h 59m from now)`.
+    pub fn caps_words(&self) -> String {
+        let mut parts = Vec::new();
+        if let Some(max) = self.max_cost_micros {
+            let alone = Budget {
+                max_ms: None,
+                ..*self
+            };
+            parts.push(match (alone.left_ms(0), self.price_micros_per_hour) {
+                (Some(left), Some(price)) => format!(
+                    "{} ({} from now at {}/h)",
+                    dollars(max),
+                    duration(left),
+                    dollars(price)
+                ),
+                _ => format!("{} (the price is not known)", dollars(max)),
+            });
+        }
+        if let Some(max) = self.max_ms {
+            parts.push(format!(
+                "{} ({} from now)",
+                duration(max),
+                duration(max.saturating_sub(self.elapsed_ms))
+            ));
+        }
+        format!("stops at {}", parts.join(" or "))
+    }
+}
+
 /// Dollars as people read them: `$1.50`, `$0.0042` under a cent.
 pub fn dollars(micros: u64) -> String {
     let d = micros as f64 / 1e6;
@@ -168,6 +199,32 @@ mod tests {
             elapsed_ms: 60_000,
             ..Budget::new(max_cost, max_hours.map(hours_ms), price)
         }
+    }
+
+    #[test]
+    fn the_caps_are_told_with_the_time_they_leave() {
+        let check = |b: Budget, want: &str| assert_eq!(b.caps_words(), want, "{b:?}");
+        check(
+            Budget::new(Some(5.0), None, Some(1.0)),
+            "stops at $5.00 (5h from now at $1.00/h)",
+        );
+        check(
+            Budget::new(Some(5.0), Some(hours_ms(48.0)), Some(2.0)).later(HOUR),
+            "stops at $5.00 (1h 30m from now at $2.00/h) or 2days (1day 23h from now)",
+        );
+        check(
+            Budget::new(None, Some(hours_ms(0.5)), None),
+            "stops at 30m (30m from now)",
+        );
+        check(
+            Budget::new(Some(5.0), None, None),
+            "stops at $5.00 (the price is not known)",
+        );
+        // Already past: nothing left.
+        check(
+            Budget::new(Some(1.0), Some(HOUR), Some(4.0)).later(2 * HOUR),
+            "stops at $1.00 (0s from now at $4.00/h) or 1h (0s from now)",
+        );
     }
 
     #[test]

@@ -985,7 +985,7 @@ async fn a_cost_cap_holds_while_the_daemon_is_away_and_the_checkpoint_is_in_the_
     let cloud = Cloud::new(
         &env,
         "budget",
-        "eu-north-1",
+        "eu-west-3",
         "[ec2.prices]\n\"g5.xlarge\" = 360.0\n",
     );
     let ec2 = cloud.ec2().await;
@@ -1034,6 +1034,11 @@ async fn a_cost_cap_holds_while_the_daemon_is_away_and_the_checkpoint_is_in_the_
         boot_log()
     );
     let run = stdout(&started).trim().to_owned();
+    assert!(
+        stderr(&started).contains("budget: stops at $5.00 ("),
+        "{}",
+        stderr(&started)
+    );
     let list = cloud.json(&["list"]);
     let launched_ms = list["instances"][0]["instance"]["created_ms"]
         .as_u64()

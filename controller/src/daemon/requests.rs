@@ -469,6 +469,7 @@ async fn run(d: &Arc<Daemon>, stream: &mut UnixStream, req: RunRequest) -> anyho
     if end.daemon_stops {
         d.db.set_setting(&runs::stop_at_end_key(&run_id), "1")?;
     }
+    let mut budget_words = None;
     if req.max_cost.is_some() || req.max_hours.is_some() {
         // An instance made for the run is paid for from its launch.
         let since_ms = match launched {
@@ -484,6 +485,8 @@ async fn run(d: &Arc<Daemon>, stream: &mut UnixStream, req: RunRequest) -> anyho
             since_ms,
         };
         d.db.set_run_budget(&run_id, &budget)?;
+        let price = d.db.cloud(&instance)?.and_then(|c| c.price_per_hour);
+        budget_words = Some(plan::budget(&budget, price, now_ms()).caps_words());
     }
     let spec = RunSpec {
         run: run_id.clone(),
@@ -530,6 +533,9 @@ async fn run(d: &Arc<Daemon>, stream: &mut UnixStream, req: RunRequest) -> anyho
         },
     )
     .await?;
+    if let Some(words) = budget_words {
+        write_frame(stream, &Response::Progress(format!("budget: {words}"))).await?;
+    }
 
     if req.detach {
         let row = wait_started(d, stream, &run_id).await?;
