@@ -28,6 +28,16 @@ if [ ! -x "$TOOLS/bin/uv" ] || [ ! -x "$TOOLS/bin/weed" ] || [ ! -x "$TOOLS/bin/
 fi
 export PATH="$TOOLS/bin:$PATH"
 export RUNCTL_TEST_PYTHON="$TOOLS/venv/bin/python"
+# PyTorch for the torchrun tests (gloo on CPU). Only the full wheel imports: with --no-deps
+# it fails on its missing nvidia-* libraries (libcublasLt), so this is the whole install,
+# about 5 GB, once per machine (a minute here).
+TORCH_VERSION=2.15.0
+if ! [ -x "$TOOLS/venv/bin/torchrun" ] || ! [ -f "$TOOLS/torch-$TORCH_VERSION" ]; then
+    echo "== installing torch $TORCH_VERSION (and numpy) into $TOOLS (once: about 5 GB)"
+    "$TOOLS/venv/bin/pip" install --quiet --disable-pip-version-check "torch==$TORCH_VERSION" numpy
+    touch "$TOOLS/torch-$TORCH_VERSION"
+fi
+export RUNCTL_TEST_TORCH_BIN="$TOOLS/venv/bin" RUNCTL_REQUIRE_TORCH=1
 
 # Debian packages: cloud-init validates the rendered user-data against its schema;
 # iproute2, nftables and tcpdump build and watch the network-namespace topologies of the

@@ -28,6 +28,33 @@ fn number(field: &str) -> Option<f64> {
     field.trim().parse::<f64>().ok().filter(|v| v.is_finite())
 }
 
+/// How many GPUs the host has, from one `nvidia-smi` report: 0 where it is missing,
+/// fails, or takes over 10 s (a wedged driver must not hold a run's start).
+pub async fn count(nvidia_smi: &std::path::Path) -> u32 {
+    let mut command = tokio::process::Command::new(nvidia_smi);
+    command
+        .arg(format!("--query-gpu={GPU_QUERY}"))
+        .arg("--format=csv,noheader,nounits")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true);
+    let Ok(child) = crate::reaper::spawn(&mut command) else {
+        return 0;
+    };
+    let pid = child.id().unwrap_or(0);
+    let out = tokio::time::timeout(Duration::from_secs(10), child.wait_with_output()).await;
+    crate::reaper::forget(pid);
+    match out {
+        Ok(Ok(out)) if out.status.success() => {
+            let lines = String::from_utf8_lossy(&out.stdout);
+            let gpus = lines.lines().filter_map(parse_gpu_line).count();
+            u32::try_from(gpus).unwrap_or(u32::MAX)
+        }
+        _ => 0,
+    }
+}
+
 /// One line of `--query-gpu=GPU_QUERY --format=csv,noheader,nounits`.
 pub fn parse_gpu_line(line: &str) -> Option<GpuStats> {
     let fields: Vec<&str> = line.split(',').map(str::trim).collect();

@@ -85,7 +85,8 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
             (config.store_credentials == protocol::agent_config::CredentialsFrom::Controller)
                 .then(storage::handed::Handed::default),
         )
-        .with_context(|| format!("opening run state in {}", config.state_dir.display()))?,
+        .with_context(|| format!("opening run state in {}", config.state_dir.display()))?
+        .with_nvidia_smi(config.nvidia_smi.clone()),
     );
     // Whatever an earlier agent left: ended runs beyond the limits, half-done deletes.
     spawn_prune(&runs);

@@ -77,6 +77,8 @@ pub struct Runs {
     /// Per run, its tree (kept open between syncs) behind the lock a sync holds from
     /// reading the tree to the swap.
     trees: Mutex<HashMap<RunId, TreeSlot>>,
+    /// Asked how many GPUs the host has, for a launch of a process per GPU.
+    nvidia_smi: PathBuf,
 }
 
 impl Runs {
@@ -135,7 +137,14 @@ impl Runs {
             delivered_changed: Notify::new(),
             entries: Mutex::new(entries),
             trees: Mutex::default(),
+            nvidia_smi: "nvidia-smi".into(),
         })
+    }
+
+    /// Asks `nvidia_smi` (not `nvidia-smi` in `PATH`) how many GPUs the host has.
+    pub fn with_nvidia_smi(mut self, nvidia_smi: PathBuf) -> Self {
+        self.nvidia_smi = nvidia_smi;
+        self
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<RunId, Entry>> {
@@ -244,12 +253,13 @@ impl Runs {
     /// Starts a run whose tree has been synced: checks the spec, plans its setup and
     /// hands it to the supervisor. Whatever happens, the run's log exists afterwards; a
     /// failure is recorded in it.
-    pub async fn start(
-        &self,
-        spec: RunSpec,
-        secrets: Vec<protocol::Secret>,
-        budget: Option<protocol::budget::Budget>,
-    ) -> Result<(), WireError> {
+    pub async fn start(&self, start: protocol::RunStart) -> Result<(), WireError> {
+        let protocol::RunStart {
+            spec,
+            secrets,
+            budget,
+            launch,
+        } = start;
         let run_dir = self.run_dir(&spec.run);
         let work = Tree::work_dir(&run_dir);
         let log = {
@@ -279,7 +289,11 @@ impl Runs {
             );
             log
         };
-        let prepared = match self.prepare(&spec, secrets, &run_dir) {
+        let launch = match launch {
+            Some(launch) => self.resolve_launch(&launch).await.map(Some),
+            None => Ok(None),
+        };
+        let prepared = match launch.and_then(|l| self.prepare(&spec, secrets, l, &run_dir)) {
             Ok((job, plan)) => self.attach_storage(job, plan, &spec, &run_dir, &log).await,
             Err(end) => Err(end),
         };
@@ -353,10 +367,35 @@ impl Runs {
     }
 
     /// Checks the spec and plans the run; an error is how the run ends.
+    /// The launch with this host's facts: its GPU count (asked only for a process per
+    /// GPU) and, for a run of one node, a loopback port free now for the rendezvous.
+    async fn resolve_launch(
+        &self,
+        launch: &protocol::launch::Launch,
+    ) -> Result<protocol::launch::Resolved, RunEnd> {
+        let spawn_failed = |message: String| RunEnd::SpawnFailed { message };
+        launch.check().map_err(spawn_failed)?;
+        let gpus = match (launch.launcher, launch.nproc_per_node) {
+            (protocol::launch::Launcher::Torchrun, None) => {
+                crate::gpu::count(&self.nvidia_smi).await
+            }
+            _ => 0,
+        };
+        let port = match &launch.master {
+            Some(master) => master.port,
+            None => std::net::TcpListener::bind(("127.0.0.1", 0))
+                .and_then(|l| l.local_addr())
+                .map_err(|e| spawn_failed(format!("finding a free port for the rendezvous: {e}")))?
+                .port(),
+        };
+        Ok(launch.resolve(gpus, port))
+    }
+
     fn prepare(
         &self,
         spec: &RunSpec,
         secrets: Vec<protocol::Secret>,
+        launch: Option<protocol::launch::Resolved>,
         run_dir: &Path,
     ) -> Result<(Job, Option<data::Plan>), RunEnd> {
         let spawn_failed = |message: String| RunEnd::SpawnFailed { message };
@@ -409,6 +448,9 @@ impl Runs {
             ("PYTHONUNBUFFERED".to_owned(), "1".to_owned()),
         ];
         env.extend(plan.env);
+        if let Some(launch) = &launch {
+            env.extend(launch.env());
+        }
         env.extend(spec.env.iter().cloned());
         let place = RunPlace {
             cwd: cwd.clone(),
@@ -419,7 +461,10 @@ impl Runs {
             .map_err(|e| spawn_failed(format!("writing the run's environment: {e}")))?;
         let job = Job {
             steps: plan.steps,
-            argv: plan.argv,
+            argv: match &launch {
+                Some(launch) => launch.argv(&plan.argv, spec.run.as_str()),
+                None => plan.argv,
+            },
             env,
             cwd,
             restart: spec.restart,

@@ -395,18 +395,13 @@ async fn handle_bulk(
         | BulkOpen::Forward(_)
         | BulkOpen::CopyOut(_)
         | BulkOpen::CopyIn(_)) => return crate::access::serve(access, open, send, recv).await,
-        BulkOpen::StartRun(spec) => start_run(&runs, *spec, Vec::new(), None, &mut send).await?,
+        BulkOpen::StartRun(spec) => {
+            start_run(&runs, plain_start(*spec, Vec::new()), &mut send).await?
+        }
         BulkOpen::StartRunWithSecrets { spec, secrets } => {
-            start_run(&runs, *spec, secrets, None, &mut send).await?
+            start_run(&runs, plain_start(*spec, secrets), &mut send).await?
         }
-        BulkOpen::StartRunWith(start) => {
-            let protocol::RunStart {
-                spec,
-                secrets,
-                budget,
-            } = *start;
-            start_run(&runs, spec, secrets, budget, &mut send).await?
-        }
+        BulkOpen::StartRunWith(start) => start_run(&runs, *start, &mut send).await?,
         BulkOpen::Sync(open) => handle_sync(runs, open, Vec::new(), &mut send, recv).await?,
         BulkOpen::SyncFrom { open, bases } => {
             handle_sync(runs, open, bases, &mut send, recv).await?
@@ -418,16 +413,24 @@ async fn handle_bulk(
     Ok(())
 }
 
+/// A start from before `RunStart`: its spec and secrets, nothing else.
+fn plain_start(spec: protocol::RunSpec, secrets: Vec<protocol::Secret>) -> protocol::RunStart {
+    protocol::RunStart {
+        spec,
+        secrets,
+        budget: None,
+        launch: None,
+    }
+}
+
 /// Starts a run and answers `RunStarted`.
 async fn start_run(
     runs: &Runs,
-    spec: protocol::RunSpec,
-    secrets: Vec<protocol::Secret>,
-    budget: Option<protocol::budget::Budget>,
+    start: protocol::RunStart,
     send: &mut quinn::SendStream,
 ) -> anyhow::Result<()> {
-    let run = spec.run.clone();
-    let result = runs.start(spec, secrets, budget).await;
+    let run = start.spec.run.clone();
+    let result = runs.start(start).await;
     match &result {
         Ok(()) => tracing::info!(%run, "run started"),
         Err(e) => tracing::warn!(%run, "run failed to start: {}", e.message),

@@ -467,9 +467,12 @@ fn start(
             "could not start {program:?}: the directory {} does not exist",
             job.cwd.display()
         ),
-        std::io::ErrorKind::NotFound => {
-            format!("could not start {program:?}: no such program (is it installed and in PATH?)")
-        }
+        std::io::ErrorKind::NotFound => match protocol::launch::not_found_hint(program) {
+            Some(hint) => format!("could not start {program:?}: no such program ({hint})"),
+            None => format!(
+                "could not start {program:?}: no such program (is it installed and in PATH?)"
+            ),
+        },
         _ => format!("could not start {program:?} in {}: {e}", job.cwd.display()),
     })
 }

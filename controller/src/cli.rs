@@ -588,6 +588,22 @@ pub struct RunArgs {
     #[arg(long, value_name = "HOURS", value_parser = parse_hours)]
     pub max_hours: Option<f64>,
 
+    /// Launch the command the way PyTorch's distributed training expects. `torchrun`: run
+    /// it under torchrun (`torchrun --nproc-per-node N ... --no-python COMMAND`, after a
+    /// c10d rendezvous), which starts N copies and sets each one's RANK, LOCAL_RANK and
+    /// WORLD_SIZE; torchrun must be in the run's environment (it comes with torch).
+    /// `none`: run it as given, as the one process of its node (RANK=0, WORLD_SIZE=1,
+    /// LOCAL_RANK=0). Either way it gets MASTER_ADDR, MASTER_PORT (free on the node),
+    /// NODE_RANK, NNODES, NPROC_PER_NODE and RUNCTL_NODE_RANK. Default: run as given,
+    /// without these.
+    #[arg(long, value_enum, value_name = "LAUNCHER")]
+    pub launcher: Option<LauncherArg>,
+
+    /// Processes torchrun starts on the node (default: one per GPU the node has, one
+    /// where it has none).
+    #[arg(long, value_name = "N")]
+    pub nproc_per_node: Option<u32>,
+
     /// Pull data before the command starts: every object under an s3:// prefix (or one
     /// object) into DEST inside RUNCTL_DATA_DIR (default: the prefix's last name).
     /// Repeatable. Files already present and identical are skipped.
@@ -1234,6 +1250,43 @@ pub enum RelayCommand {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum RelayProvider {
     Ec2,
+}
+
+/// `--launcher` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LauncherArg {
+    Torchrun,
+    /// The command as given, one process per node.
+    None,
+}
+
+impl From<LauncherArg> for protocol::launch::Launcher {
+    fn from(arg: LauncherArg) -> Self {
+        match arg {
+            LauncherArg::Torchrun => protocol::launch::Launcher::Torchrun,
+            LauncherArg::None => protocol::launch::Launcher::None,
+        }
+    }
+}
+
+/// The run's launch from `--launcher` and `--nproc-per-node` (checked by the daemon with
+/// the rest of the launch).
+pub fn launch_from(
+    launcher: Option<LauncherArg>,
+    nproc_per_node: Option<u32>,
+) -> Result<Option<protocol::launch::Launch>, UserError> {
+    match (launcher, nproc_per_node) {
+        (None, None) => Ok(None),
+        (None, Some(n)) => Err(UserError::new(
+            ErrorCode::BadInput,
+            format!("--nproc-per-node {n} is torchrun's"),
+        )
+        .resolve(format!("add --launcher torchrun: runctl-controller run --launcher torchrun --nproc-per-node {n} -- python train.py"))),
+        (Some(launcher), nproc) => Ok(Some(protocol::launch::Launch::single(
+            launcher.into(),
+            nproc,
+        ))),
+    }
 }
 
 /// `--end` values.

@@ -600,6 +600,7 @@ async fn run_command(home: &Home, printer: Printer, mut args: RunArgs) -> anyhow
         secrets,
         max_cost: args.max_cost,
         max_hours: args.max_hours,
+        launcher: cli::launch_from(args.launcher, args.nproc_per_node)?,
     };
     // A tree synced before is never asked about: it is not even walked here.
     let synced_before = crate::sync::scan::cache_path(&home.sync_dir(), &request.root).exists();

@@ -71,6 +71,8 @@ pub struct RunRequest {
     pub max_cost: Option<f64>,
     /// Stop the run once it has taken this many hours.
     pub max_hours: Option<f64>,
+    /// How the command is launched (`--launcher`); `None`: as given.
+    pub launcher: Option<protocol::launch::Launch>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

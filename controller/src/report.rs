@@ -830,6 +830,9 @@ pub fn dry_run_text(dry: &DryRun) -> String {
         protocol::RestartPolicy::OnFailure { max_restarts } => format!("on-failure:{max_restarts}"),
     };
     rows.push(("restart", restart));
+    if let Some(launch) = &r.launcher {
+        rows.push(("launcher", launch.words()));
+    }
     let mut caps = Vec::new();
     if let Some(max) = r.max_cost {
         caps.push(format!(

@@ -105,6 +105,9 @@ pub struct RunSection {
     pub max_cost: Option<f64>,
     #[serde(default, deserialize_with = "hours")]
     pub max_hours: Option<f64>,
+    #[serde(default, deserialize_with = "launcher")]
+    pub launcher: Option<cli::LauncherArg>,
+    pub nproc_per_node: Option<u32>,
     #[serde(default, deserialize_with = "data")]
     pub data: Option<Vec<DataSource>>,
     pub pull_alongside: Option<bool>,
@@ -157,6 +160,8 @@ checked_by! {
     instance_name: protocol::InstanceName = |s: &str| s.parse().map_err(|e| format!("{e}"));
     end: EndArg = |s: &str| <EndArg as clap::ValueEnum>::from_str(s, false)
         .map_err(|_| format!("{s:?} is not an end action: use keep, stop or terminate"));
+    launcher: cli::LauncherArg = |s: &str| <cli::LauncherArg as clap::ValueEnum>::from_str(s, false)
+        .map_err(|_| format!("{s:?} is not a launcher: use torchrun or none"));
 }
 
 /// A number (TOML integer or float) checked by the flag's own parser.
@@ -291,6 +296,8 @@ impl RunSection {
             spot_signal,
             max_cost,
             max_hours,
+            launcher,
+            nproc_per_node,
             data,
             pull_alongside,
             checkpoints,
@@ -503,6 +510,8 @@ pub fn apply(args: &mut RunArgs, file: RunSection) {
         args.spot_signal => file.spot_signal,
         args.max_cost => file.max_cost,
         args.max_hours => file.max_hours,
+        args.launcher => file.launcher,
+        args.nproc_per_node => file.nproc_per_node,
         args.checkpoints => checkpoints,
         args.keep_checkpoints => keep_checkpoints,
         args.resume_from => file.resume_from,

@@ -1,7 +1,7 @@
 //! runctl's wire protocol: the messages both sides exchange, their one codec, and the QUIC
 //! channel (endpoints, mutual TLS, framing) that carries them.
 //!
-//! `ids`, `budget`, `message`, `streams`, `stats`, `codec`, `manifest`, `delta`, `agent_config`, `path` and
+//! `ids`, `budget`, `launch`, `message`, `streams`, `stats`, `codec`, `manifest`, `delta`, `agent_config`, `path` and
 //! `relay` are pure: no tokio, no clock, no I/O. `tls`, `framed`, `carrier`, `copy` (a copy's tar, checked
 //! unpack) and `splice` (a forwarded TCP connection over a stream) are the thin I/O shell
 //! around them.
@@ -14,6 +14,7 @@ pub mod copy;
 pub mod delta;
 pub mod framed;
 pub mod ids;
+pub mod launch;
 pub mod manifest;
 pub mod message;
 pub mod path;

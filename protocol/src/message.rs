@@ -47,6 +47,9 @@ pub enum Feature {
     /// The agent holds a run's budget (`BulkOpen::StartRunWith`): it stops the run the
     /// graceful way when the cap is reached, and says so (`Notice::BudgetExceeded`).
     Budget,
+    /// The agent takes a run's launch (`RunStart::launch`): torchrun's environment and,
+    /// under `--launcher torchrun`, the command wrapped in torchrun.
+    Launcher,
 }
 
 impl Feature {
@@ -57,6 +60,7 @@ impl Feature {
         Feature::Streams,
         Feature::Secrets,
         Feature::Budget,
+        Feature::Launcher,
     ];
 
     pub fn name(self) -> &'static str {
@@ -67,6 +71,7 @@ impl Feature {
             Feature::Streams => "streams",
             Feature::Secrets => "secrets",
             Feature::Budget => "budget",
+            Feature::Launcher => "launcher",
         }
     }
 }
@@ -302,6 +307,9 @@ pub struct RunStart {
     pub spec: RunSpec,
     pub secrets: Vec<Secret>,
     pub budget: Option<crate::budget::Budget>,
+    /// How the command is launched (feature `launcher`); `None`: as given, with no
+    /// distributed environment.
+    pub launch: Option<crate::launch::Launch>,
 }
 
 /// One secret environment variable. Its `Debug` leaves the value out.
@@ -974,6 +982,16 @@ mod tests {
                 price_micros_per_hour: Some(1_006_000),
                 spent_micros: 12_000,
                 elapsed_ms: 40_000,
+            }),
+            launch: Some(crate::launch::Launch {
+                launcher: crate::launch::Launcher::Torchrun,
+                nodes: 2,
+                rank: 1,
+                nproc_per_node: Some(8),
+                master: Some(crate::launch::Master {
+                    addr: "10.0.0.5".into(),
+                    port: 29500,
+                }),
             }),
         }))));
         insta::assert_snapshot!(rendered.join("\n"));

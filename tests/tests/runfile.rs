@@ -158,6 +158,8 @@ spot = true
 secrets = ["HF_TOKEN"]
 max_cost = 8
 max_hours = 1.5
+launcher = "torchrun"
+nproc_per_node = 4
 "#,
     );
     let workdir = dir.path().display().to_string();
@@ -188,6 +190,8 @@ max_hours = 1.5
     assert_eq!(shown["secrets"][0]["name"], "HF_TOKEN");
     assert_eq!(shown["request"]["max_cost"], 8.0);
     assert_eq!(shown["request"]["max_hours"], 1.5);
+    assert_eq!(shown["request"]["launcher"]["launcher"], "torchrun");
+    assert_eq!(shown["request"]["launcher"]["nproc_per_node"], 4);
     assert!(!stdout(&out).contains(SECRET), "{}", stdout(&out));
     let out = home
         .cli()
@@ -199,6 +203,11 @@ max_hours = 1.5
         stdout(&out).contains(
             "budget       stop at $8.00 (the instance's time, from its launch) or 1h 30m"
         ),
+        "{}",
+        stdout(&out)
+    );
+    assert!(
+        stdout(&out).contains("launcher     torchrun, 1 node x 4 processes"),
         "{}",
         stdout(&out)
     );
@@ -256,6 +265,15 @@ fn bad_run_files_and_missing_commands_are_refused_with_the_fix() {
     assert_eq!(out.status.code(), Some(2));
     assert!(
         stderr(&out).contains("there is no runctl.toml"),
+        "{}",
+        stderr(&out)
+    );
+
+    let bad = project("[run]\ncommand = \"true\"\nlauncher = \"mpirun\"\n");
+    let out = home.run(&["run", "--workdir", &bad.path().display().to_string()]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("\"mpirun\" is not a launcher: use torchrun or none"),
         "{}",
         stderr(&out)
     );

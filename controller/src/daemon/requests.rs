@@ -398,6 +398,11 @@ async fn run(d: &Arc<Daemon>, stream: &mut UnixStream, req: RunRequest) -> anyho
     let run_id = RunId::from_random(rand::random());
     // Checked before anything is launched: bad input costs nothing.
     let stored = run_storage(d, &req, &run_id)?;
+    if let Some(launch) = &req.launcher {
+        launch
+            .check()
+            .map_err(|e| UserError::new(ErrorCode::BadInput, e))?;
+    }
     let (instance, launched, end) = match &req.on {
         Some(name) => {
             let row = d.db.instance(name)?.ok_or_else(|| {
@@ -520,6 +525,7 @@ async fn run(d: &Arc<Daemon>, stream: &mut UnixStream, req: RunRequest) -> anyho
         root,
         spec,
         req.secrets,
+        req.launcher.clone(),
     ));
     // Started before the client hears of it: a client gone by now (Ctrl-C twice during a
     // launch) leaves a run going, whose end ends an instance launched for it, rather than
@@ -535,6 +541,10 @@ async fn run(d: &Arc<Daemon>, stream: &mut UnixStream, req: RunRequest) -> anyho
     .await?;
     if let Some(words) = budget_words {
         write_frame(stream, &Response::Progress(format!("budget: {words}"))).await?;
+    }
+    if let Some(launch) = &req.launcher {
+        let words = format!("launcher: {}", launch.words());
+        write_frame(stream, &Response::Progress(words)).await?;
     }
 
     if req.detach {

@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use protocol::budget::Budget;
 use protocol::framed::{read_frame, write_frame};
+use protocol::launch::Launch;
 use protocol::{
     AgentMsg, BulkOpen, ControllerMsg, Feature, InstanceName, RunId, RunSpec, RunStart, Secret,
 };
@@ -29,8 +30,9 @@ pub(super) async fn start(
     root: PathBuf,
     spec: RunSpec,
     secrets: Vec<Secret>,
+    launch: Option<Launch>,
 ) {
-    if let Err(e) = try_start(&d, &run, &instance, root, spec, secrets).await {
+    if let Err(e) = try_start(&d, &run, &instance, root, spec, secrets, launch).await {
         let message = format!("{e:#}");
         tracing::warn!("run {run} failed to start: {message}");
         let _ =
@@ -64,6 +66,7 @@ async fn try_start(
     root: PathBuf,
     spec: RunSpec,
     secrets: Vec<Secret>,
+    launch: Option<Launch>,
 ) -> anyhow::Result<()> {
     d.db.set_run_state(run, RunState::Syncing, now_ms(), None)?;
     d.bump_run(run);
@@ -83,6 +86,14 @@ async fn try_start(
         link.hello.require(Feature::Budget).map_err(|e| {
             anyhow::anyhow!(
                 "{instance}'s agent cannot hold a budget: {} (or drop --max-cost and --max-hours)",
+                e.message
+            )
+        })?;
+    }
+    if launch.is_some() {
+        link.hello.require(Feature::Launcher).map_err(|e| {
+            anyhow::anyhow!(
+                "{instance}'s agent cannot launch with --launcher: {} (or drop --launcher)",
                 e.message
             )
         })?;
@@ -126,17 +137,18 @@ async fn try_start(
         Some(caps) => Some(budget_now(d, instance, caps)?),
         None => None,
     };
-    let open = match budget {
-        Some(budget) => BulkOpen::StartRunWith(Box::new(RunStart {
-            spec,
-            secrets,
-            budget: Some(budget),
-        })),
-        None if secrets.is_empty() => BulkOpen::StartRun(Box::new(spec)),
-        None => BulkOpen::StartRunWithSecrets {
+    let open = match (budget, launch) {
+        (None, None) if secrets.is_empty() => BulkOpen::StartRun(Box::new(spec)),
+        (None, None) => BulkOpen::StartRunWithSecrets {
             spec: Box::new(spec),
             secrets,
         },
+        (budget, launch) => BulkOpen::StartRunWith(Box::new(RunStart {
+            spec,
+            secrets,
+            budget,
+            launch,
+        })),
     };
     write_frame(&mut send, &open).await?;
     send.finish()?;
