@@ -366,7 +366,6 @@ impl Runs {
         Ok(job)
     }
 
-    /// Checks the spec and plans the run; an error is how the run ends.
     /// The launch with this host's facts: its GPU count (asked only for a process per
     /// GPU) and, for a run of one node, a loopback port free now for the rendezvous.
     async fn resolve_launch(
@@ -391,6 +390,7 @@ impl Runs {
         Ok(launch.resolve(gpus, port))
     }
 
+    /// Checks the spec and plans the run; an error is how the run ends.
     fn prepare(
         &self,
         spec: &RunSpec,

@@ -1255,6 +1255,7 @@ pub enum RelayProvider {
 /// `--launcher` values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LauncherArg {
+    /// Under torchrun, --nproc-per-node processes per node.
     Torchrun,
     /// The command as given, one process per node.
     None,

@@ -21,15 +21,6 @@ pub enum Launcher {
     Torchrun,
 }
 
-impl Launcher {
-    pub fn name(self) -> &'static str {
-        match self {
-            Launcher::None => "none",
-            Launcher::Torchrun => "torchrun",
-        }
-    }
-}
-
 /// A run's launch, as the daemon hands it to one node's agent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Launch {

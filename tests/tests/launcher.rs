@@ -22,14 +22,30 @@ fn torch_bin(test: &str) -> Option<String> {
     }
 }
 
-/// `run ARGS` with `dir` first in the daemon's (and so the local agent's) `PATH`.
-fn run_with_path(home: &Home, dir: &str, args: &[&str]) -> Output {
+/// The DDP trainer run under torchrun with `flags`, with `dir` (torch's) first in the
+/// daemon's (and so the local agent's) `PATH`.
+fn run_ddp(home: &Home, dir: &str, flags: &[&str]) -> Output {
     let path = format!("{dir}:{}", std::env::var("PATH").unwrap_or_default());
+    let trainer = fixture("ddp_trainer.py").display().to_string();
+    let mut args = vec!["run", "--setup", "none", "--launcher", "torchrun"];
+    args.extend_from_slice(flags);
+    args.extend_from_slice(&["--", "python3", &trainer]);
     home.cli()
         .env("PATH", path)
-        .args(args)
+        .args(&args)
         .output()
         .expect("run runctl-controller")
+}
+
+/// The trainer's lines, one per rank, sorted.
+fn rank_lines(out: &Output) -> Vec<String> {
+    let mut lines: Vec<String> = stdout(out)
+        .lines()
+        .filter(|l| l.starts_with("rank "))
+        .map(str::to_owned)
+        .collect();
+    lines.sort();
+    lines
 }
 
 #[test]
@@ -37,39 +53,21 @@ fn a_ddp_job_runs_under_torchrun_with_two_processes_and_its_all_reduce_is_right(
     let test = "a_ddp_job_runs_under_torchrun_with_two_processes_and_its_all_reduce_is_right";
     let Some(bin) = torch_bin(test) else { return };
     let home = Home::new();
-    let trainer = fixture("ddp_trainer.py").display().to_string();
-    let out = run_with_path(
-        &home,
-        &bin,
-        &[
-            "run",
-            "--setup",
-            "none",
-            "--launcher",
-            "torchrun",
-            "--nproc-per-node",
-            "2",
-            "--",
-            "python3",
-            &trainer,
-        ],
-    );
+    let out = run_ddp(&home, &bin, &["--nproc-per-node", "2"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(
         stderr(&out).contains("launcher: torchrun, 1 node x 2 processes"),
         "{}",
         stderr(&out)
     );
-    let text = stdout(&out);
-    let mut lines: Vec<&str> = text.lines().filter(|l| l.starts_with("rank ")).collect();
-    lines.sort();
     assert_eq!(
-        lines,
+        rank_lines(&out),
         [
             "rank 0/2 local 0 node 0 replicas equal all-reduce 3 expected 3",
             "rank 1/2 local 1 node 0 replicas equal all-reduce 3 expected 3",
         ],
-        "{text}"
+        "{}",
+        stdout(&out)
     );
 }
 
@@ -151,27 +149,12 @@ fn under_torchrun_a_node_runs_a_process_per_gpu_by_default() {
         "[local.agent]\nnvidia_smi = \"{}\"\n",
         fixture("nvidia-smi").display()
     ));
-    let trainer = fixture("ddp_trainer.py").display().to_string();
-    let out = run_with_path(
-        &home,
-        &bin,
-        &[
-            "run",
-            "--setup",
-            "none",
-            "--launcher",
-            "torchrun",
-            "--",
-            "python3",
-            &trainer,
-        ],
-    );
+    let out = run_ddp(&home, &bin, &[]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    let text = stdout(&out);
-    let lines: Vec<&str> = text.lines().filter(|l| l.starts_with("rank ")).collect();
     assert_eq!(
-        lines,
+        rank_lines(&out),
         ["rank 0/1 local 0 node 0 replicas equal all-reduce 1 expected 1"],
-        "{text}"
+        "{}",
+        stdout(&out)
     );
 }
