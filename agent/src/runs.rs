@@ -462,7 +462,7 @@ impl Runs {
         let job = Job {
             steps: plan.steps,
             argv: match &launch {
-                Some(launch) => launch.argv(&plan.argv, spec.run.as_str()),
+                Some(launch) => launch.argv(&plan.argv),
                 None => plan.argv,
             },
             env,

@@ -589,13 +589,13 @@ pub struct RunArgs {
     pub max_hours: Option<f64>,
 
     /// Launch the command the way PyTorch's distributed training expects. `torchrun`: run
-    /// it under torchrun (`torchrun --nproc-per-node N ... --no-python COMMAND`, after a
-    /// c10d rendezvous), which starts N copies and sets each one's RANK, LOCAL_RANK and
-    /// WORLD_SIZE; torchrun must be in the run's environment (it comes with torch).
-    /// `none`: run it as given, as the one process of its node (RANK=0, WORLD_SIZE=1,
-    /// LOCAL_RANK=0). Either way it gets MASTER_ADDR, MASTER_PORT (free on the node),
-    /// NODE_RANK, NNODES, NPROC_PER_NODE and RUNCTL_NODE_RANK. Default: run as given,
-    /// without these.
+    /// it under torchrun (`torchrun --nproc-per-node N --node-rank R --master-addr ...
+    /// --no-python COMMAND`), which starts N copies and sets each one's RANK, LOCAL_RANK
+    /// and WORLD_SIZE; torchrun must be in the run's environment (it comes with torch).
+    /// `none`: run it as given, as the one process of its node (RANK=NODE_RANK,
+    /// WORLD_SIZE=NNODES, LOCAL_RANK=0). Either way it gets MASTER_ADDR, MASTER_PORT (node
+    /// 0's), NODE_RANK, NNODES, NPROC_PER_NODE and RUNCTL_NODE_RANK. Default: run as given,
+    /// without these, on one node; with --nodes, torchrun for a Python command, else none.
     #[arg(long, value_enum, value_name = "LAUNCHER")]
     pub launcher: Option<LauncherArg>,
 
@@ -603,6 +603,14 @@ pub struct RunArgs {
     /// where it has none).
     #[arg(long, value_name = "N")]
     pub nproc_per_node: Option<u32>,
+
+    /// Run on this many instances at once, launched together for the run (all or none),
+    /// each with the code synced and NODE_RANK set; node 0's private address is every
+    /// node's MASTER_ADDR. The launcher defaults to torchrun when the command is python,
+    /// python3 or a .py file, else to none. A node that fails stops the others; the run
+    /// ends when every node has. Local provider only, for now.
+    #[arg(long, value_name = "N", conflicts_with = "on")]
+    pub nodes: Option<u32>,
 
     /// Pull data before the command starts: every object under an s3:// prefix (or one
     /// object) into DEST inside RUNCTL_DATA_DIR (default: the prefix's last name).
@@ -1003,6 +1011,11 @@ pub struct LogsArgs {
     /// Only the last N lines of output (and what follows them).
     #[arg(long, value_name = "N")]
     pub tail: Option<u64>,
+
+    /// Only node R's output, of a run of several nodes (`run --nodes`); without it every
+    /// node's lines are shown merged, each prefixed `[node R]`.
+    #[arg(long, value_name = "R")]
+    pub node: Option<u32>,
 }
 
 /// A run id or an instance name: where `exec`, `shell`, `forward` and `cp` go.
@@ -1275,19 +1288,30 @@ impl From<LauncherArg> for protocol::launch::Launcher {
 pub fn launch_from(
     launcher: Option<LauncherArg>,
     nproc_per_node: Option<u32>,
+    nodes: Option<u32>,
+    command: &[String],
 ) -> Result<Option<protocol::launch::Launch>, UserError> {
-    match (launcher, nproc_per_node) {
-        (None, None) => Ok(None),
-        (None, Some(n)) => Err(UserError::new(
+    let nodes = nodes.unwrap_or(1);
+    if nodes == 0 {
+        return Err(UserError::new(
+            ErrorCode::BadInput,
+            "--nodes 0: a run has at least one node",
+        )
+        .resolve("leave --nodes out for one instance"));
+    }
+    if let (None, Some(n), 1) = (launcher, nproc_per_node, nodes) {
+        return Err(UserError::new(
             ErrorCode::BadInput,
             format!("--nproc-per-node {n} is torchrun's"),
         )
-        .resolve(format!("add --launcher torchrun: runctl-controller run --launcher torchrun --nproc-per-node {n} -- python train.py"))),
-        (Some(launcher), nproc) => Ok(Some(protocol::launch::Launch::single(
-            launcher.into(),
-            nproc,
-        ))),
+        .resolve(format!("add --launcher torchrun: runctl-controller run --launcher torchrun --nproc-per-node {n} -- python train.py")));
     }
+    Ok(protocol::launch::Launch::asked(
+        launcher.map(Into::into),
+        nproc_per_node,
+        nodes,
+        command,
+    ))
 }
 
 /// `--end` values.

@@ -395,6 +395,7 @@ async fn logs(home: &Home, printer: Printer, args: LogsArgs) -> anyhow::Result<u
     let window = Window {
         since_ms,
         tail: args.tail,
+        node: args.node,
     };
     let row = stream_run(home, printer, &args.run, follow, 0, window).await?;
     if printer.format == Format::Json {
@@ -444,6 +445,8 @@ async fn stream_run(
 struct Window {
     since_ms: Option<u64>,
     tail: Option<u64>,
+    /// One node's events alone (a run of several nodes).
+    node: Option<u32>,
 }
 
 async fn stream_once(
@@ -461,13 +464,20 @@ async fn stream_once(
         after_seq: *after_seq,
         since_ms: window.since_ms,
         tail: window.tail,
+        node: window.node,
     };
     client.send(&request).await?;
     loop {
         match client.next().await? {
             Some(Response::Event(event)) => {
                 *after_seq = event.seq;
-                if !printer.event(&event) {
+                if !printer.event(&event, None) {
+                    reader_gone();
+                }
+            }
+            Some(Response::NodeEvent { node, event }) => {
+                *after_seq = event.seq;
+                if !printer.event(&event, Some(node)) {
                     reader_gone();
                 }
             }
@@ -568,6 +578,12 @@ async fn run_command(home: &Home, printer: Printer, mut args: RunArgs) -> anyhow
         .into());
     }
     let secrets = crate::secrets::read(&args.secret)?;
+    let launcher = cli::launch_from(
+        args.launcher,
+        args.nproc_per_node,
+        args.nodes,
+        &args.command,
+    )?;
     let request = RunRequest {
         root: project.root,
         cwd: project.cwd,
@@ -600,7 +616,7 @@ async fn run_command(home: &Home, printer: Printer, mut args: RunArgs) -> anyhow
         secrets,
         max_cost: args.max_cost,
         max_hours: args.max_hours,
-        launcher: cli::launch_from(args.launcher, args.nproc_per_node)?,
+        launcher,
     };
     // A tree synced before is never asked about: it is not even walked here.
     let synced_before = crate::sync::scan::cache_path(&home.sync_dir(), &request.root).exists();
@@ -683,9 +699,14 @@ async fn run_command(home: &Home, printer: Printer, mut args: RunArgs) -> anyhow
                 }
                 accepted = Some(run);
             }
-            Response::Event(event) => {
+            Response::Event(_) | Response::NodeEvent { .. } => {
+                let (node, event) = match response {
+                    Response::NodeEvent { node, event } => (Some(node), event),
+                    Response::Event(event) => (None, event),
+                    _ => unreachable!("matched above"),
+                };
                 last_seq = event.seq;
-                if !printer.event(&event) {
+                if !printer.event(&event, node) {
                     if let Some(run) = &accepted {
                         eprintln!(
                             "runctl: the output's reader went away; run {run} goes on (runctl-controller logs -f {run})"

@@ -14,7 +14,7 @@ use crate::provider::ProviderKind;
 use crate::run_state::{self, Held};
 use serde::{Deserialize, Serialize};
 
-const SCHEMA_VERSION: i64 = 6;
+const SCHEMA_VERSION: i64 = 7;
 
 /// Version 2 added where each run's checkpoints go.
 const MIGRATE_1_TO_2: &str =
@@ -27,7 +27,23 @@ const MIGRATIONS: [&str; SCHEMA_VERSION as usize - 1] = [
     MIGRATE_3_TO_4,
     MIGRATE_4_TO_5,
     MIGRATE_5_TO_6,
+    MIGRATE_6_TO_7,
 ];
+
+/// Version 7: a run may have several nodes (`run --nodes`), each on an instance of its
+/// own (node 0's is the run's `instance`), each reporting its own end; the run ends when
+/// the gang says (see `gang`). A run of one node has no rows here.
+const MIGRATE_6_TO_7: &str = "
+CREATE TABLE run_nodes (
+    run_id TEXT NOT NULL,
+    node INTEGER NOT NULL,
+    instance TEXT NOT NULL,
+    end_kind TEXT,
+    end_ms INTEGER,
+    PRIMARY KEY (run_id, node)
+) WITHOUT ROWID;
+CREATE INDEX run_nodes_by_instance ON run_nodes(instance);
+";
 
 /// Version 6: runs may have a budget (`--max-cost`, `--max-hours`), counted from
 /// `since_ms` (the launch of an instance made for the run, else the run's creation), and
@@ -700,12 +716,57 @@ impl Db {
     pub fn runs_on(&self, instance: &InstanceName) -> anyhow::Result<Vec<RunRow>> {
         let conn = self.lock();
         let mut stmt = conn.prepare(&format!(
-            "{RUN_SELECT} WHERE instance = ?1 ORDER BY created_ms"
+            "{RUN_SELECT} WHERE instance = ?1 OR id IN (SELECT run_id FROM run_nodes WHERE instance = ?1) ORDER BY created_ms"
         ))?;
         let rows = stmt
             .query_map([instance.as_str()], run_row)?
             .collect::<Result<_, _>>()?;
         Ok(rows)
+    }
+
+    /// Records the instances of a run's nodes, node 0's first (a run of several nodes).
+    pub fn insert_run_nodes(&self, run: &RunId, instances: &[InstanceName]) -> anyhow::Result<()> {
+        let mut conn = self.lock();
+        let tx = conn.transaction()?;
+        for (node, instance) in instances.iter().enumerate() {
+            tx.execute(
+                "INSERT INTO run_nodes (run_id, node, instance) VALUES (?1, ?2, ?3)",
+                params![run.as_str(), node as u32, instance.as_str()],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The instances of a run's nodes, in node order: its one instance for a run of one.
+    pub fn run_nodes(&self, run: &RunRow) -> anyhow::Result<Vec<InstanceName>> {
+        let conn = self.lock();
+        let mut stmt =
+            conn.prepare_cached("SELECT instance FROM run_nodes WHERE run_id = ?1 ORDER BY node")?;
+        let nodes: Vec<InstanceName> = stmt
+            .query_map([run.id.as_str()], |r| {
+                let name: String = r.get(0)?;
+                parse(&name)
+            })?
+            .collect::<Result<_, _>>()?;
+        Ok(match nodes.is_empty() {
+            true => vec![run.instance.clone()],
+            false => nodes,
+        })
+    }
+
+    /// Which node of `run` runs on `instance`, if one does.
+    pub fn node_of(&self, run: &RunRow, instance: &InstanceName) -> anyhow::Result<Option<u32>> {
+        Ok(self
+            .run_nodes(run)?
+            .iter()
+            .position(|i| i == instance)
+            .map(|n| n as u32))
+    }
+
+    /// The ends a gang's nodes have reported so far.
+    pub fn node_ends(&self, run: &RunId) -> anyhow::Result<Vec<crate::gang::NodeEnd>> {
+        node_ends_of(&self.lock(), run)
     }
 
     /// Stores events from `source` (ignoring any of its already stored), each given the
@@ -762,7 +823,39 @@ impl Db {
                 }
             }
         }
-        let change = run_state::apply(held, &fresh);
+        // A gang's nodes each end; the run ends when the gang says.
+        let nodes: u32 = tx.query_row(
+            "SELECT COUNT(*) FROM run_nodes WHERE run_id = ?1",
+            [run.as_str()],
+            |r| r.get(0),
+        )?;
+        let mut node_end = None;
+        if nodes > 1 {
+            fresh.retain(|e| match &e.kind {
+                protocol::EventKind::Ended(end) => {
+                    node_end = Some((end.clone(), e.at_ms));
+                    false
+                }
+                _ => true,
+            });
+        }
+        let mut change = run_state::apply(held, &fresh);
+        if let Some((end, at_ms)) = node_end {
+            tx.execute(
+                "UPDATE run_nodes SET end_kind = ?3, end_ms = ?4 WHERE run_id = ?1 AND node = ?2 AND end_kind IS NULL",
+                params![run.as_str(), source.node, serde_json::to_string(&end)?, at_ms],
+            )?;
+            if let crate::gang::Step::End(last) = crate::gang::step(nodes, &node_ends_of(&tx, run)?)
+                && !held.ended
+            {
+                change.state = RunState::after(&last.end, change.notices);
+                change.end = Some(run_state::Ended {
+                    error: crate::gang::error(&last),
+                    end: last.end,
+                    at_ms: last.at_ms,
+                });
+            }
+        }
         tx.execute(
             "UPDATE runs SET state = ?2, spot_notice = ?3, budget_notice = ?4, started_ms = COALESCE(started_ms, ?5) WHERE id = ?1",
             params![
@@ -846,22 +939,58 @@ impl Db {
         after_seq: u64,
         limit: u32,
     ) -> anyhow::Result<Vec<RunEvent>> {
+        Ok(self
+            .node_events_after(run, after_seq, limit, None)?
+            .into_iter()
+            .map(|(_, event)| event)
+            .collect())
+    }
+
+    /// As `events_after`, with the node each event came from; with `only`, that node's
+    /// events alone (still numbered in the daemon's order across the run).
+    pub fn node_events_after(
+        &self,
+        run: &RunId,
+        after_seq: u64,
+        limit: u32,
+        only: Option<u32>,
+    ) -> anyhow::Result<Vec<(u32, RunEvent)>> {
         let conn = self.lock();
         let mut stmt = conn.prepare_cached(
-            "SELECT shown, at_ms, kind FROM run_events WHERE run_id = ?1 AND shown > ?2 ORDER BY shown LIMIT ?3",
+            "SELECT shown, at_ms, kind, node FROM run_events WHERE run_id = ?1 AND shown > ?2 AND (?4 IS NULL OR node = ?4) ORDER BY shown LIMIT ?3",
         )?;
         let rows = stmt
-            .query_map(params![run.as_str(), after_seq, limit], |r| {
+            .query_map(params![run.as_str(), after_seq, limit, only], |r| {
                 let kind: String = r.get(2)?;
-                Ok(RunEvent {
-                    seq: r.get(0)?,
-                    at_ms: r.get(1)?,
-                    kind: parse_json(&kind)?,
-                })
+                Ok((
+                    r.get(3)?,
+                    RunEvent {
+                        seq: r.get(0)?,
+                        at_ms: r.get(1)?,
+                        kind: parse_json(&kind)?,
+                    },
+                ))
             })?
             .collect::<Result<_, _>>()?;
         Ok(rows)
     }
+}
+
+fn node_ends_of(conn: &Connection, run: &RunId) -> anyhow::Result<Vec<crate::gang::NodeEnd>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT node, end_kind, end_ms FROM run_nodes WHERE run_id = ?1 AND end_kind IS NOT NULL ORDER BY node",
+    )?;
+    let rows = stmt
+        .query_map([run.as_str()], |r| {
+            let end: String = r.get(1)?;
+            Ok(crate::gang::NodeEnd {
+                node: r.get(0)?,
+                end: parse_json(&end)?,
+                at_ms: r.get(2)?,
+            })
+        })?
+        .collect::<Result<_, _>>()?;
+    Ok(rows)
 }
 
 fn last_seq_of(conn: &Connection, run: &RunId, source: Source) -> anyhow::Result<u64> {
@@ -1174,6 +1303,74 @@ mod tests {
                 line: text.into(),
             },
         }
+    }
+
+    #[test]
+    fn a_gang_ends_when_every_node_has_with_the_first_failure() {
+        let (_dir, db) = db();
+        let run = RunId::from_random([7; 6]);
+        running(&db, &run);
+        db.insert_run_nodes(&run, &[name("local-1"), name("local-2")])
+            .expect("nodes");
+        let row = db.run(&run).expect("db").expect("run");
+        assert_eq!(
+            db.run_nodes(&row).expect("nodes"),
+            [name("local-1"), name("local-2")]
+        );
+        assert_eq!(db.node_of(&row, &name("local-2")).expect("db"), Some(1));
+        assert_eq!(db.node_of(&row, &name("local-3")).expect("db"), None);
+        assert_eq!(db.runs_on(&name("local-2")).expect("db").len(), 1);
+        let node = |node| Source {
+            node,
+            incarnation: 0,
+        };
+        let ended = |seq, at_ms, end| RunEvent {
+            seq,
+            at_ms,
+            kind: EventKind::Ended(end),
+        };
+        let failed = RunEnd::Exited {
+            code: 3,
+            stop_requested: false,
+        };
+        // Node 1 fails: the run goes on until node 0, stopped for it, has ended too.
+        let (_, state) = db
+            .insert_events(&run, node(1), &[line(1, "b"), ended(2, 10, failed.clone())])
+            .expect("insert");
+        assert_eq!(state, None, "one node of two");
+        assert_eq!(
+            db.run(&run).expect("db").expect("run").state,
+            RunState::Running
+        );
+        let stopped = RunEnd::Signaled {
+            signal: 15,
+            stop_requested: true,
+        };
+        let (_, state) = db
+            .insert_events(&run, node(0), &[ended(1, 20, stopped)])
+            .expect("insert");
+        assert_eq!(state, Some(RunState::Failed));
+        let row = db.run(&run).expect("db").expect("run");
+        assert_eq!(row.exit, Some(failed));
+        assert_eq!(row.ended_ms, Some(10), "when the cause ended");
+        assert_eq!(
+            row.error.as_deref(),
+            Some("node 1: the process exited with 3")
+        );
+        // Both nodes' events are kept, each with its node.
+        let nodes: Vec<u32> = db
+            .node_events_after(&run, 0, 10, None)
+            .expect("read")
+            .iter()
+            .map(|(n, _)| *n)
+            .collect();
+        assert_eq!(nodes, [1, 1, 0]);
+        assert_eq!(
+            db.node_events_after(&run, 0, 10, Some(0))
+                .expect("read")
+                .len(),
+            1
+        );
     }
 
     #[test]

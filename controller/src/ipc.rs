@@ -175,6 +175,8 @@ pub enum Request {
         since_ms: Option<u64>,
         /// Only from the last this many output lines on.
         tail: Option<u64>,
+        /// Only this node's events (a run of several nodes).
+        node: Option<u32>,
     },
     /// Resource samples as they arrive: of every connected instance, or of one run's.
     Top {
@@ -297,6 +299,9 @@ pub struct ForeignInstance {
 pub struct ListReport {
     pub instances: Vec<InstanceView>,
     pub runs: Vec<RunRow>,
+    /// The instances of each run of several nodes, node 0's first.
+    #[serde(default)]
+    pub nodes: Vec<(RunId, Vec<InstanceName>)>,
     pub foreign: Vec<ForeignInstance>,
     /// Why the cloud could not be asked (the list shows what runctl last knew).
     pub cloud_warning: Option<String>,
@@ -318,6 +323,11 @@ pub enum Response {
     SyncProgress(SyncProgress),
     Synced(SyncReport),
     Event(RunEvent),
+    /// An event of a run of several nodes, with the node it came from.
+    NodeEvent {
+        node: u32,
+        event: RunEvent,
+    },
     /// The latest sample of each instance shown by `top`.
     Stats(Vec<InstanceStats>),
     /// The final state of a run: after `Logs`, `Stop`, a finished `Run`, or a detached

@@ -16,6 +16,7 @@ pub mod db;
 pub mod detach;
 pub mod doctor;
 pub mod error;
+pub mod gang;
 pub mod home;
 pub mod ipc;
 pub mod objects;

@@ -38,6 +38,14 @@ pub fn colour_on_stderr() -> bool {
 }
 
 /// Writes one JSON line; `false` once stdout's reader has gone away.
+/// A gang's event in JSON: the event's fields and its node.
+#[derive(Serialize)]
+struct NodeEvent<'a> {
+    node: u32,
+    #[serde(flatten)]
+    event: &'a RunEvent,
+}
+
 fn json_line(value: &impl Serialize) -> bool {
     let mut out = std::io::stdout().lock();
     let written = serde_json::to_writer(&mut out, value)
@@ -82,36 +90,46 @@ impl Printer {
         eprintln!("runctl: {message}");
     }
 
-    /// One run event: output lines go to the matching local stream; JSON prints the event.
-    /// `false` once stdout's reader has gone away (`logs -f | head`): the caller stops.
+    /// One run event (of `node`, for a run of several): output lines go to the matching
+    /// local stream, a gang's prefixed `[node R]`; JSON prints the event (with its
+    /// `node`). `false` once stdout's reader has gone away (`logs -f | head`): the caller
+    /// stops.
     #[must_use]
-    pub fn event(&self, event: &RunEvent) -> bool {
+    pub fn event(&self, event: &RunEvent, node: Option<u32>) -> bool {
+        let tag = node.map(|n| format!("[node {n}] ")).unwrap_or_default();
         match self.format {
-            Format::Json => return json_line(event),
+            Format::Json => {
+                return match node {
+                    Some(node) => json_line(&NodeEvent { node, event }),
+                    None => json_line(event),
+                };
+            }
             Format::Human => match &event.kind {
                 EventKind::Output {
                     stream: Stream::Stdout,
                     line,
                 } => {
                     let mut out = std::io::stdout().lock();
-                    return open(writeln!(out, "{line}").and_then(|()| out.flush()));
+                    return open(writeln!(out, "{tag}{line}").and_then(|()| out.flush()));
                 }
                 EventKind::Output {
                     stream: Stream::Stderr,
                     line,
-                } => eprintln!("{line}"),
+                } => eprintln!("{tag}{line}"),
                 EventKind::Progress { stream, line } => {
                     // A terminal redraws the line in place, as it would have locally.
                     let end = if self.tty { "\r" } else { "\n" };
                     match stream {
                         Stream::Stdout => {
                             let mut out = std::io::stdout().lock();
-                            return open(write!(out, "{line}{end}").and_then(|()| out.flush()));
+                            return open(
+                                write!(out, "{tag}{line}{end}").and_then(|()| out.flush()),
+                            );
                         }
-                        Stream::Stderr => eprint!("{line}{end}"),
+                        Stream::Stderr => eprint!("{tag}{line}{end}"),
                     }
                 }
-                EventKind::Setup { command } => self.progress(&format!("setup: {command}")),
+                EventKind::Setup { command } => self.progress(&format!("{tag}setup: {command}")),
                 EventKind::Restarted { previous } => {
                     eprintln!("runctl: restarting the command ({})", previous.describe())
                 }
@@ -133,7 +151,7 @@ impl Printer {
                 EventKind::Started { attempt, .. } if *attempt > 1 => {
                     eprintln!("runctl: attempt {attempt} started")
                 }
-                EventKind::Notice(notice) => eprintln!("runctl: {}", notice_text(notice)),
+                EventKind::Notice(notice) => eprintln!("runctl: {tag}{}", notice_text(notice)),
                 EventKind::Pull(_) if self.quiet => {}
                 EventKind::Pull(p) => {
                     // A terminal redraws the bar in place; elsewhere only the end is shown.
@@ -143,7 +161,11 @@ impl Printer {
                         eprintln!("{}", pull_text(p));
                     }
                 }
-                EventKind::Checkpoint(c) => self.progress(&checkpoint_text(c)),
+                EventKind::Checkpoint(c) => self.progress(&format!("{tag}{}", checkpoint_text(c))),
+                // A gang's node ends before the run does: say how.
+                EventKind::Ended(end) if node.is_some() => {
+                    self.progress(&format!("{tag}ended: {}", end.describe()))
+                }
                 EventKind::Started { .. } | EventKind::Ended(_) => {}
             },
         }
@@ -675,9 +697,17 @@ pub fn list_text(report: &ListReport, now_ms: u64) -> String {
         "RUN", "INSTANCE", "STATE", "RESULT", "TOOK", "CREATED", "COMMAND",
     ]);
     for row in &report.runs {
+        let instance = match report.nodes.iter().find(|(run, _)| run == &row.id) {
+            Some((_, nodes)) => nodes
+                .iter()
+                .map(|n| n.as_str())
+                .collect::<Vec<_>>()
+                .join(","),
+            None => row.instance.to_string(),
+        };
         runs.add_row(vec![
             row.id.to_string(),
-            row.instance.to_string(),
+            instance,
             state_word(row.state).to_owned(),
             truncate(&end_words(row), 48),
             duration_words(row),
@@ -1148,6 +1178,7 @@ mod tests {
                     stop_requested: false,
                 }),
             )],
+            nodes: vec![],
             foreign: vec![],
             cloud_warning: None,
         };
@@ -1156,6 +1187,7 @@ mod tests {
             &ListReport {
                 instances: vec![],
                 runs: vec![],
+                nodes: vec![],
                 foreign: vec![],
                 cloud_warning: None,
             },

@@ -108,6 +108,7 @@ pub struct RunSection {
     #[serde(default, deserialize_with = "launcher")]
     pub launcher: Option<cli::LauncherArg>,
     pub nproc_per_node: Option<u32>,
+    pub nodes: Option<u32>,
     #[serde(default, deserialize_with = "data")]
     pub data: Option<Vec<DataSource>>,
     pub pull_alongside: Option<bool>,
@@ -298,6 +299,7 @@ impl RunSection {
             max_hours,
             launcher,
             nproc_per_node,
+            nodes,
             data,
             pull_alongside,
             checkpoints,
@@ -488,6 +490,7 @@ pub fn apply(args: &mut RunArgs, file: RunSection) {
         fill!(
             args.provider => file.provider,
             args.instance_type => file.instance_type,
+            args.nodes => file.nodes,
             ec2.ami => file.ami,
             ec2.max_price => file.max_price,
             ec2.instance_profile => file.instance_profile,

@@ -8,6 +8,10 @@ use serde::{Deserialize, Serialize};
 
 /// The most processes one node may be asked for (a node has at most a few dozen GPUs).
 pub const MAX_NPROC_PER_NODE: u32 = 256;
+/// The most nodes one run may have (`run --nodes`).
+pub const MAX_NODES: u32 = 64;
+/// The rendezvous port on node 0 of a gang of cloud instances (torchrun's own default).
+pub const GANG_PORT: u16 = 29500;
 
 /// What starts the command's processes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -64,10 +68,51 @@ impl Launch {
         }
     }
 
-    /// Whether the launch makes sense, with the reason when it does not.
-    pub fn check(&self) -> Result<(), String> {
+    /// A launch of `nodes` nodes by `launcher` (`None`: torchrun for a Python command on
+    /// more than one node, else the command as given), as the user asked for it; each
+    /// node's is made from it by [`Launch::for_node`]. `None` when nothing asks for a
+    /// launcher: one node, no `--launcher`.
+    pub fn asked(
+        launcher: Option<Launcher>,
+        nproc_per_node: Option<u32>,
+        nodes: u32,
+        command: &[String],
+    ) -> Option<Self> {
+        let launcher = match launcher {
+            Some(l) => l,
+            None if nodes > 1 && nproc_per_node.is_some() => Launcher::Torchrun,
+            None if nodes > 1 && is_python(command) => Launcher::Torchrun,
+            None if nodes > 1 => Launcher::None,
+            None => return None,
+        };
+        Some(Launch {
+            launcher,
+            nodes,
+            rank: 0,
+            nproc_per_node,
+            master: None,
+        })
+    }
+
+    /// Node `rank`'s launch, meeting the others at `master`.
+    pub fn for_node(&self, rank: u32, master: Option<Master>) -> Self {
+        Launch {
+            rank,
+            master,
+            ..self.clone()
+        }
+    }
+
+    /// Whether the launch makes sense as asked, before node 0's address is known.
+    pub fn check_asked(&self) -> Result<(), String> {
         if self.nodes == 0 {
             return Err("a run has at least one node".into());
+        }
+        if self.nodes > MAX_NODES {
+            return Err(format!(
+                "--nodes {}: a run has at most {MAX_NODES} nodes",
+                self.nodes
+            ));
         }
         if self.rank >= self.nodes {
             return Err(format!(
@@ -76,19 +121,20 @@ impl Launch {
             ));
         }
         match (self.launcher, self.nproc_per_node) {
-            (Launcher::None, Some(_)) => {
-                return Err(
-                    "--nproc-per-node is torchrun's: with --launcher none each node runs one process"
-                        .into(),
-                );
-            }
-            (Launcher::Torchrun, Some(n)) if n == 0 || n > MAX_NPROC_PER_NODE => {
-                return Err(format!(
-                    "--nproc-per-node {n}: a node runs 1 to {MAX_NPROC_PER_NODE} processes"
-                ));
-            }
-            _ => {}
+            (Launcher::None, Some(_)) => Err(
+                "--nproc-per-node is torchrun's: with --launcher none each node runs one process"
+                    .into(),
+            ),
+            (Launcher::Torchrun, Some(n)) if n == 0 || n > MAX_NPROC_PER_NODE => Err(format!(
+                "--nproc-per-node {n}: a node runs 1 to {MAX_NPROC_PER_NODE} processes"
+            )),
+            _ => Ok(()),
         }
+    }
+
+    /// Whether the launch makes sense, with the reason when it does not.
+    pub fn check(&self) -> Result<(), String> {
+        self.check_asked()?;
         match &self.master {
             None if self.nodes > 1 => Err(format!(
                 "a run of {} nodes needs node 0's address and port",
@@ -173,17 +219,14 @@ impl Resolved {
 
     /// The node's command line: `command` itself, or under torchrun, which starts
     /// `nproc_per_node` copies of it (`--no-python`: `command` is run as given, so a
-    /// `python` in it is the run's own, found in its `PATH`) after a c10d rendezvous at
-    /// node 0, keyed by `rdzv_id` (the run's id) so two runs never meet.
-    pub fn argv(&self, command: &[String], rdzv_id: &str) -> Vec<String> {
+    /// `python` in it is the run's own, found in its `PATH`) after a static rendezvous at
+    /// node 0's address and port. Static, not c10d: c10d hands out ranks in the order
+    /// nodes join, so node 0 (the one that checkpoints, at MASTER_ADDR) could be any rank;
+    /// static makes node R's processes ranks R x nproc to R x nproc + nproc - 1.
+    pub fn argv(&self, command: &[String]) -> Vec<String> {
         if self.launcher == Launcher::None {
             return command.to_vec();
         }
-        let endpoint = if self.master.addr.contains(':') {
-            format!("[{}]:{}", self.master.addr, self.master.port)
-        } else {
-            format!("{}:{}", self.master.addr, self.master.port)
-        };
         let mut argv: Vec<String> = [
             "torchrun",
             "--nnodes",
@@ -192,12 +235,10 @@ impl Resolved {
             &self.nproc_per_node.to_string(),
             "--node-rank",
             &self.rank.to_string(),
-            "--rdzv-backend",
-            "c10d",
-            "--rdzv-endpoint",
-            &endpoint,
-            "--rdzv-id",
-            rdzv_id,
+            "--master-addr",
+            &self.master.addr,
+            "--master-port",
+            &self.master.port.to_string(),
             "--no-python",
         ]
         .iter()
@@ -206,6 +247,20 @@ impl Resolved {
         argv.extend(command.iter().cloned());
         argv
     }
+}
+
+/// Whether `command` runs Python: `python`, `python3` (or `python3.12`, by any path) or a
+/// `.py` file.
+fn is_python(command: &[String]) -> bool {
+    let Some(program) = command.first() else {
+        return false;
+    };
+    let name = program.rsplit('/').next().unwrap_or(program);
+    name == "python"
+        || name
+            .strip_prefix("python3")
+            .is_some_and(|v| v.is_empty() || v.starts_with('.'))
+        || name.ends_with(".py")
 }
 
 /// What to tell a user whose launcher program is not installed, if `program` is one.
@@ -323,6 +378,61 @@ mod tests {
     }
 
     #[test]
+    fn asked() {
+        let argv = |s: &str| s.split(' ').map(str::to_owned).collect::<Vec<_>>();
+        use Launcher::{None as Plain, Torchrun};
+        // launcher, nproc, nodes, command -> launcher
+        type Case<'a> = (
+            Option<Launcher>,
+            Option<u32>,
+            u32,
+            &'a str,
+            Option<Launcher>,
+        );
+        let cases: &[Case] = &[
+            (None, None, 1, "python train.py", None),
+            (Some(Torchrun), None, 1, "python train.py", Some(Torchrun)),
+            (None, None, 2, "python train.py", Some(Torchrun)),
+            (None, None, 2, "python3 -u train.py", Some(Torchrun)),
+            (
+                None,
+                None,
+                2,
+                "/usr/bin/python3.12 train.py",
+                Some(Torchrun),
+            ),
+            (None, None, 2, "./train.py", Some(Torchrun)),
+            (None, None, 2, "python3x train.py", Some(Plain)),
+            (None, None, 2, "bash run.sh", Some(Plain)),
+            (None, Some(2), 2, "bash run.sh", Some(Torchrun)),
+            (Some(Plain), None, 2, "python train.py", Some(Plain)),
+        ];
+        for (launcher, nproc, nodes, command, want) in cases {
+            let got = Launch::asked(*launcher, *nproc, *nodes, &argv(command));
+            assert_eq!(
+                got.as_ref().map(|l| l.launcher),
+                *want,
+                "{launcher:?} {nodes} {command}"
+            );
+            if let Some(got) = got {
+                assert_eq!((got.nodes, got.rank, got.master), (*nodes, 0, None));
+            }
+        }
+        let too_many = Launch::asked(None, None, MAX_NODES + 1, &argv("python t.py"));
+        assert!(
+            too_many
+                .expect("asked")
+                .check_asked()
+                .is_err_and(|e| e.contains("at most 64 nodes"))
+        );
+        let two = Launch::asked(None, None, 2, &argv("python t.py")).expect("asked");
+        assert_eq!(two.check_asked(), Ok(()), "node 0's address comes later");
+        assert!(two.check().is_err(), "but a node's launch needs it");
+        let node = two.for_node(1, master("10.0.0.5", GANG_PORT));
+        assert_eq!((node.rank, node.check()), (1, Ok(())));
+    }
+
+    #[test]
     fn the_process_count_comes_from_the_flag_else_the_gpus() {
         let cases: &[(Launcher, Option<u32>, u32, u32)] = &[
             (Launcher::Torchrun, None, 8, 8),
@@ -411,7 +521,7 @@ mod tests {
             assert!(env.contains(&want.to_owned()), "{want} in {env:?}");
         }
         let command = vec!["python".to_owned(), "train.py".to_owned()];
-        assert_eq!(r.argv(&command, "run-1"), command, "run as given");
+        assert_eq!(r.argv(&command), command, "run as given");
     }
 
     #[test]
@@ -422,19 +532,19 @@ mod tests {
             .collect();
         let r = Launch::single(Launcher::Torchrun, Some(2)).resolve(0, 40123);
         assert_eq!(
-            r.argv(&command, "run-0123456789ab").join(" "),
-            "torchrun --nnodes 1 --nproc-per-node 2 --node-rank 0 --rdzv-backend c10d \
-             --rdzv-endpoint 127.0.0.1:40123 --rdzv-id run-0123456789ab --no-python \
-             python -u train.py --lr 3e-4"
+            r.argv(&command).join(" "),
+            "torchrun --nnodes 1 --nproc-per-node 2 --node-rank 0 --master-addr 127.0.0.1 \
+             --master-port 40123 --no-python python -u train.py --lr 3e-4"
         );
         let v6 = Launch {
             master: master("fd00::5", 29500),
             ..Launch::single(Launcher::Torchrun, Some(1))
         }
         .resolve(0, 1);
+        let argv = v6.argv(&command);
         assert!(
-            v6.argv(&command, "r")
-                .contains(&"[fd00::5]:29500".to_owned())
+            argv.windows(2).any(|w| w == ["--master-addr", "fd00::5"]),
+            "{argv:?}"
         );
     }
 
@@ -452,6 +562,13 @@ mod tests {
             (
                 Launch::single(Launcher::None, None),
                 "no launcher, 1 node x 1 process",
+            ),
+            (
+                Launch {
+                    nodes: 2,
+                    ..Launch::single(Launcher::Torchrun, Some(1))
+                },
+                "torchrun, 2 nodes x 1 process",
             ),
         ];
         for (launch, want) in cases {

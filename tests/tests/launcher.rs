@@ -158,3 +158,242 @@ fn under_torchrun_a_node_runs_a_process_per_gpu_by_default() {
         stdout(&out)
     );
 }
+
+// --- gangs: `run --nodes N` on N local instances ------------------------------------------
+
+/// A gang's lines of `prefix`, sorted (the nodes' lines interleave).
+fn node_lines(out: &Output, needle: &str) -> Vec<String> {
+    let mut lines: Vec<String> = stdout(out)
+        .lines()
+        .filter(|l| l.contains(needle))
+        .map(str::to_owned)
+        .collect();
+    lines.sort();
+    lines
+}
+
+#[test]
+fn a_two_node_ddp_job_meets_at_node_0_and_its_all_reduce_is_right() {
+    let test = "a_two_node_ddp_job_meets_at_node_0_and_its_all_reduce_is_right";
+    let Some(bin) = torch_bin(test) else { return };
+    let home = Home::new();
+    let path = format!("{bin}:{}", std::env::var("PATH").unwrap_or_default());
+    let trainer = fixture("ddp_trainer.py").display().to_string();
+    // torchrun by default: the command is python3 and there are two nodes.
+    let out = home
+        .cli()
+        .env("PATH", path)
+        .args([
+            "run",
+            "--setup",
+            "none",
+            "--nodes",
+            "2",
+            "--nproc-per-node",
+            "1",
+            "--",
+            "python3",
+            &trainer,
+        ])
+        .output()
+        .expect("run runctl-controller");
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = stderr(&out);
+    assert!(
+        text.contains("launching 2 local instances together, one per node")
+            && text.contains("nodes: 0 on local-")
+            && text.contains("launcher: torchrun, 2 nodes x 1 process"),
+        "{text}"
+    );
+    assert_eq!(
+        node_lines(&out, "] rank "),
+        [
+            "[node 0] rank 0/2 local 0 node 0 replicas equal all-reduce 3 expected 3",
+            "[node 1] rank 1/2 local 0 node 1 replicas equal all-reduce 3 expected 3",
+        ],
+        "{}",
+        stdout(&out)
+    );
+    // One run, two instances, both launched for it and gone with it.
+    let list = home.json(&["list"]);
+    let runs = list["runs"].as_array().expect("runs");
+    assert_eq!(runs.len(), 1, "{list}");
+    let nodes = list["nodes"][0][1].as_array().expect("the run's nodes");
+    assert_eq!(nodes.len(), 2, "{list}");
+    assert_eq!(
+        runs[0]["instance"], nodes[0],
+        "node 0's is the run's instance"
+    );
+    home.wait_until(
+        "both nodes terminated",
+        std::time::Duration::from_secs(30),
+        || {
+            let list = home.json(&["list"]);
+            list["instances"].as_array().is_some_and(|i| {
+                i.len() == 2 && i.iter().all(|i| i["instance"]["state"] == "terminated")
+            })
+        },
+    );
+}
+
+/// The run's id from `run --detach`'s JSON.
+fn detached(home: &Home, args: &[&str]) -> String {
+    let run = home.json(args);
+    run["id"].as_str().expect("a run id").to_owned()
+}
+
+#[test]
+fn every_node_gets_its_rank_and_one_master_and_logs_tell_the_nodes_apart() {
+    let home = Home::new();
+    let show = "echo $RANK $WORLD_SIZE $LOCAL_RANK $NODE_RANK $NNODES $RUNCTL_NODE_RANK $MASTER_ADDR $MASTER_PORT";
+    let out = home.run(&["run", "--nodes", "2", "--", "sh", "-c", show]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("launcher: no launcher, 2 nodes x 1 process"),
+        "{}",
+        stderr(&out)
+    );
+    let lines = node_lines(&out, "[node ");
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    let port = lines[0].rsplit(' ').next().expect("a port").to_owned();
+    assert!(port.parse::<u16>().is_ok_and(|p| p != 0), "{lines:?}");
+    assert_eq!(
+        lines,
+        [
+            format!("[node 0] 0 2 0 0 2 0 127.0.0.1 {port}"),
+            format!("[node 1] 1 2 0 1 2 1 127.0.0.1 {port}"),
+        ],
+        "one MASTER_ADDR and MASTER_PORT for both"
+    );
+
+    // `logs` merges the nodes, `--node` keeps one, a node that is not there is refused.
+    let run = detached(
+        &home,
+        &[
+            "run",
+            "--detach",
+            "--nodes",
+            "2",
+            "--",
+            "sh",
+            "-c",
+            "echo hello from $NODE_RANK",
+        ],
+    );
+    home.wait_until("the run ended", std::time::Duration::from_secs(60), || {
+        home.json(&["logs", &run])["state"] == "succeeded"
+    });
+    let all = home.run(&["logs", &run]);
+    assert_eq!(
+        node_lines(&all, "hello"),
+        ["[node 0] hello from 0", "[node 1] hello from 1"],
+        "{}",
+        stdout(&all)
+    );
+    let one = home.run(&["logs", &run, "--node", "1"]);
+    assert_eq!(stdout(&one), "[node 1] hello from 1\n", "{}", stderr(&one));
+    let none = home.run(&["logs", &run, "--node", "2"]);
+    assert_eq!(none.status.code(), Some(2), "{}", stderr(&none));
+    assert!(
+        stderr(&none).contains("has no node 2: its nodes are 0 to 1"),
+        "{}",
+        stderr(&none)
+    );
+    let json = home.run(&["--output", "json", "logs", &run, "--node", "0"]);
+    let first: serde_json::Value = serde_json::from_str(
+        stdout(&json)
+            .lines()
+            .find(|l| l.contains("hello"))
+            .expect("a line"),
+    )
+    .expect("JSON");
+    assert_eq!(first["node"], 0, "{first}");
+}
+
+#[test]
+fn a_node_that_fails_stops_the_others_and_the_run_fails_naming_it() {
+    let home = Home::new();
+    // Node 1 fails after a moment; node 0 would run for ten minutes.
+    let script = "if [ \"$NODE_RANK\" = 1 ]; then sleep 1; echo giving up; exit 3; fi; \
+                  echo waiting; exec sleep 600";
+    let started = std::time::Instant::now();
+    let out = home.run(&[
+        "run",
+        "--nodes",
+        "2",
+        "--stop-grace",
+        "2",
+        "--",
+        "sh",
+        "-c",
+        script,
+    ]);
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(60),
+        "node 0 was stopped, not waited for"
+    );
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    let text = stderr(&out);
+    assert!(
+        text.contains("[node 1] ended: the process exited with 3"),
+        "{text}"
+    );
+    assert!(
+        text.contains("[node 0] ended: the process was killed by signal 15"),
+        "{text}"
+    );
+    let runs = home.json(&["list"]);
+    let run = runs["runs"][0]["id"].as_str().expect("a run").to_owned();
+    let status = home.json(&["logs", &run]);
+    assert_eq!(status["state"], "failed", "{status}");
+    assert_eq!(
+        status["error"], "node 1: the process exited with 3",
+        "{status}"
+    );
+}
+
+#[test]
+fn bad_gangs_are_refused_before_anything_is_launched() {
+    let home = Home::new();
+    let cases: &[(&[&str], &str, i32)] = &[
+        (&["--nodes", "0"], "a run has at least one node", 2),
+        (&["--nodes", "65"], "a run has at most 64 nodes", 2),
+        (
+            &["--nodes", "2", "--on", "local-000000"],
+            "cannot be used with",
+            2,
+        ),
+        (
+            &[
+                "--nodes",
+                "2",
+                "--launcher",
+                "none",
+                "--nproc-per-node",
+                "2",
+            ],
+            "with --launcher none each node runs one process",
+            2,
+        ),
+    ];
+    for (flags, want, code) in cases {
+        let mut args = vec!["run"];
+        args.extend_from_slice(flags);
+        args.extend_from_slice(&["--", "true"]);
+        let out = home.run(&args);
+        assert_eq!(
+            out.status.code(),
+            Some(*code),
+            "{flags:?}: {}",
+            stderr(&out)
+        );
+        assert!(stderr(&out).contains(want), "{flags:?}: {}", stderr(&out));
+    }
+    let list = home.json(&["list"]);
+    assert_eq!(list["runs"].as_array().map(Vec::len), Some(0), "{list}");
+    assert_eq!(
+        list["instances"].as_array().map(Vec::len),
+        Some(0),
+        "{list}"
+    );
+}

@@ -426,16 +426,20 @@ fn reconcile(
         let Some(row) = d.db.run(&cursor.run)? else {
             continue;
         };
-        if &row.instance != instance {
+        let Some(node) = d.db.node_of(&row, instance)? else {
             tracing::warn!(
                 "agent {instance} reports run {} of {}",
                 cursor.run,
                 row.instance
             );
             continue;
-        }
-        // A run has one node and its agent one life so far: the first source.
-        let have = d.db.last_seq(&cursor.run, Source::default())?;
+        };
+        // A node's agent has one life so far: incarnation 0.
+        let source = Source {
+            node,
+            incarnation: 0,
+        };
+        let have = d.db.last_seq(&cursor.run, source)?;
         // A live run is followed; an ended one is fetched only if something is missing.
         if !cursor.ended || have < cursor.last_seq {
             replays.push(ControllerMsg::Replay {
@@ -484,22 +488,57 @@ fn on_events(
 ) -> Result<(), WireError> {
     let internal = |e: anyhow::Error| WireError::new(ErrorKind::Internal, format!("{e:#}"));
     let row = d.db.run(run).map_err(internal)?;
-    if row.is_none_or(|row| &row.instance != instance) {
+    let node = match &row {
+        Some(row) => d.db.node_of(row, instance).map_err(internal)?,
+        None => None,
+    };
+    let (Some(row), Some(node)) = (row, node) else {
         tracing::warn!("agent {instance} sent events for run {run}, which is not its own");
         return Err(WireError::new(
             ErrorKind::NotYourRun,
             format!("run {run} does not belong to {instance}"),
         ));
-    }
+    };
+    let source = Source {
+        node,
+        incarnation: 0,
+    };
     // The state follows from the events, in the transaction that stores them.
-    let (_, ended) =
-        d.db.insert_events(run, Source::default(), events)
-            .map_err(internal)?;
+    let (_, ended) = d.db.insert_events(run, source, events).map_err(internal)?;
     d.bump_run(run);
     if ended.is_some() {
         super::runs::on_run_ended(d, run);
+        return Ok(());
+    }
+    let node_ended = events
+        .iter()
+        .any(|e| matches!(e.kind, protocol::EventKind::Ended(_)));
+    if node_ended {
+        gang_step(d, &row);
     }
     Ok(())
+}
+
+/// After a node of a gang ended: stops the nodes still running when the gang says so.
+fn gang_step(d: &Arc<Daemon>, row: &crate::db::RunRow) {
+    let (Ok(nodes), Ok(ends)) = (d.db.run_nodes(row), d.db.node_ends(&row.id)) else {
+        return;
+    };
+    let crate::gang::Step::StopOthers { cause } = crate::gang::step(nodes.len() as u32, &ends)
+    else {
+        return;
+    };
+    let running: Vec<InstanceName> = nodes
+        .into_iter()
+        .enumerate()
+        .filter(|(node, _)| !ends.iter().any(|e| e.node == *node as u32))
+        .map(|(_, name)| name)
+        .collect();
+    tracing::info!(run = %row.id, "node {cause} ended; stopping the {} still running", running.len());
+    let (d2, run) = (d.clone(), row.id.clone());
+    d.tasks.spawn(async move {
+        super::runs::stop_nodes(&d2, &run, &running, None).await;
+    });
 }
 
 #[cfg(test)]

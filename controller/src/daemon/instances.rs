@@ -266,6 +266,78 @@ pub(super) async fn launch(
         .ok_or_else(|| internal(anyhow::anyhow!("instance {name} vanished")))
 }
 
+/// Launches the `nodes` instances of a gang together, all or none: each as `launch` does
+/// (waiting for its agent), at once; if any cannot be had, those that were made are
+/// terminated and the error says which node failed and why. Returns the instances in
+/// node order.
+pub(super) async fn launch_gang(
+    d: &Arc<Daemon>,
+    options: &LaunchOptions,
+    nodes: u32,
+    for_run: Option<RunId>,
+    needs_price: bool,
+    progress: &Progress,
+) -> Result<Vec<InstanceName>, UserError> {
+    let kind = options.kind();
+    if !kind.capabilities().multi_node {
+        return Err(UserError::new(
+            ErrorCode::BadInput,
+            format!("--nodes {nodes}: runctl cannot launch a gang of {kind} instances yet"),
+        )
+        .resolve("run the nodes on the local provider (--provider local), or drop --nodes"));
+    }
+    say(
+        progress,
+        format!("launching {nodes} {kind} instances together, one per node"),
+    );
+    let mut tasks = tokio::task::JoinSet::new();
+    for node in 0..nodes {
+        let (d, options, for_run, progress) = (
+            d.clone(),
+            options.clone(),
+            for_run.clone(),
+            progress.clone(),
+        );
+        tasks.spawn(async move {
+            let made = launch(&d, &options, None, for_run, true, needs_price, &progress).await;
+            (node, made)
+        });
+    }
+    let mut made: Vec<Option<InstanceName>> = vec![None; nodes as usize];
+    let mut failed: Vec<(u32, UserError)> = Vec::new();
+    while let Some(joined) = tasks.join_next().await {
+        match joined {
+            Ok((node, Ok(row))) => made[node as usize] = Some(row.name),
+            Ok((node, Err(e))) => failed.push((node, e)),
+            Err(e) => failed.push((u32::MAX, internal(anyhow::anyhow!("a launch task: {e}")))),
+        }
+    }
+    if failed.is_empty() {
+        return Ok(made.into_iter().flatten().collect());
+    }
+    failed.sort_by_key(|(node, _)| *node);
+    let kept: Vec<InstanceName> = made.into_iter().flatten().collect();
+    for name in &kept {
+        if let Err(e) = terminate_now(d, name).await {
+            tracing::error!(
+                "terminating {name} of a gang that could not be launched: {}",
+                e.message
+            );
+        }
+    }
+    let (node, first) = failed.swap_remove(0);
+    let mut error = UserError::new(
+        first.code,
+        format!(
+            "node {node} of {nodes} could not be launched, so none is kept ({} made and terminated): {}",
+            kept.len(),
+            first.message
+        ),
+    );
+    error.to_resolve = first.to_resolve;
+    Err(error)
+}
+
 /// How long an instance of `provider` gets from launch to its agent's enrollment.
 fn enroll_timeout(d: &Daemon, provider: ProviderKind) -> Duration {
     match provider {
@@ -518,7 +590,12 @@ pub(super) fn record_terminated(d: &Daemon, name: &InstanceName, now: u64) {
     // are gone with it.
     if let Ok(rows) = d.db.runs_on(name) {
         for row in &rows {
-            sync::forget_tree(d, &row.id);
+            let node = d.db.node_of(row, name).ok().flatten().unwrap_or(0);
+            let key = sync::TreeKey {
+                run: row.id.clone(),
+                node,
+            };
+            sync::forget_tree(d, &key);
         }
         let price =
             d.db.cloud(name)

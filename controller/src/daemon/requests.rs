@@ -170,9 +170,18 @@ async fn dispatch(
                     .into_iter()
                     .map(|row| view(d, row))
                     .collect();
+            let runs = d.db.runs()?;
+            let mut nodes = Vec::new();
+            for row in &runs {
+                let of = d.db.run_nodes(row)?;
+                if of.len() > 1 {
+                    nodes.push((row.id.clone(), of));
+                }
+            }
             let report = ListReport {
                 instances,
-                runs: d.db.runs()?,
+                runs,
+                nodes,
                 foreign,
                 cloud_warning,
             };
@@ -218,12 +227,33 @@ async fn dispatch(
             after_seq,
             since_ms,
             tail,
+            node,
         } => {
-            if d.db.run(&run)?.is_none() {
+            let Some(row) = d.db.run(&run)? else {
                 return Err(runs::not_found_run(&run).into());
+            };
+            let nodes = d.db.run_nodes(&row)?.len() as u32;
+            if let Some(node) = node
+                && node >= nodes
+            {
+                return Err(UserError::new(
+                    ErrorCode::BadInput,
+                    format!(
+                        "run {run} has no node {node}: its nodes are 0 to {}",
+                        nodes - 1
+                    ),
+                )
+                .resolve(format!(
+                    "leave --node out for every node's output: runctl-controller logs {run}"
+                ))
+                .into());
             }
             let start = d.db.start_after(&run, since_ms, tail)?;
-            let row = stream_events(d, stream, &run, follow, after_seq.max(start)).await?;
+            let from = Shown {
+                after: after_seq.max(start),
+                node,
+            };
+            let row = stream_events(d, stream, &run, follow, from).await?;
             write_frame(stream, &Response::Run(row)).await?;
         }
         Request::Top { run } => top(d, stream, run).await?,
@@ -332,24 +362,38 @@ async fn sync_request(
         .resolve("sync without --restart, or start a new run: runctl-controller run -- COMMAND")
         .into());
     }
-    let instance = d.db.instance(&row.instance)?;
-    if instance
-        .as_ref()
-        .is_none_or(|i| i.state == crate::db::InstanceState::Terminated)
-    {
+    let nodes = d.db.run_nodes(&row)?;
+    if nodes.len() > 1 && req.restart != Restart::Never {
         return Err(UserError::new(
-            ErrorCode::Conflict,
+            ErrorCode::BadInput,
             format!(
-                "the instance of run {} ({}) is terminated",
-                req.run, row.instance
+                "run {} has {} nodes: restarting their processes one by one would break the gang's rendezvous",
+                req.run,
+                nodes.len()
             ),
         )
-        .resolve("start a new run: runctl-controller run -- COMMAND")
+        .resolve("sync without --restart, or stop the run and start it again with the new code")
         .into());
     }
-    // A daemon that just started gives agents a moment to redial.
-    let pid = instance.and_then(|i| i.pid);
-    let link = d.wait_for_agent(&row.instance, AGENT_GRACE, pid).await?;
+    let mut links = Vec::with_capacity(nodes.len());
+    for (node, name) in nodes.iter().enumerate() {
+        let instance = d.db.instance(name)?;
+        if instance
+            .as_ref()
+            .is_none_or(|i| i.state == crate::db::InstanceState::Terminated)
+        {
+            return Err(UserError::new(
+                ErrorCode::Conflict,
+                format!("the instance of run {} ({name}) is terminated", req.run),
+            )
+            .resolve("start a new run: runctl-controller run -- COMMAND")
+            .into());
+        }
+        // A daemon that just started gives agents a moment to redial.
+        let pid = instance.and_then(|i| i.pid);
+        links.push((node as u32, d.wait_for_agent(name, AGENT_GRACE, pid).await?));
+    }
+    let link = links[0].1.clone();
     let root = req.root.unwrap_or_else(|| PathBuf::from(&row.root));
     if !root.is_dir() {
         return Err(UserError::new(
@@ -361,11 +405,18 @@ async fn sync_request(
     }
     let params = sync::Params {
         run: req.run,
+        node: 0,
         root,
         dry_run: req.dry_run,
         restart: req.restart,
         create: false,
     };
+    if links.len() > 1 {
+        // Node 0's report stands for the gang's: every node gets the same tree.
+        let reports = sync::sync_nodes(d, &links, params).await?;
+        write_frame(stream, &Response::Synced(reports[0].clone())).await?;
+        return Ok(());
+    }
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let work = sync::sync(d, &link, params, move |p| {
         let _ = tx.send(p);
@@ -400,10 +451,20 @@ async fn run(d: &Arc<Daemon>, stream: &mut UnixStream, req: RunRequest) -> anyho
     let stored = run_storage(d, &req, &run_id)?;
     if let Some(launch) = &req.launcher {
         launch
-            .check()
+            .check_asked()
             .map_err(|e| UserError::new(ErrorCode::BadInput, e))?;
     }
+    let nodes = req.launcher.as_ref().map_or(1, |l| l.nodes);
+    let mut gang = Vec::new();
     let (instance, launched, end) = match &req.on {
+        Some(name) if nodes > 1 => {
+            return Err(UserError::new(
+                ErrorCode::BadInput,
+                format!("--nodes {nodes} launches its instances; it cannot run on {name}"),
+            )
+            .resolve("drop --on to launch the nodes, or drop --nodes to run on it")
+            .into());
+        }
         Some(name) => {
             let row = d.db.instance(name)?.ok_or_else(|| {
                 UserError::new(ErrorCode::NotFound, format!("no instance {name}"))
@@ -438,11 +499,13 @@ async fn run(d: &Arc<Daemon>, stream: &mut UnixStream, req: RunRequest) -> anyho
                 req.launch.spot(),
                 req.launch.kind().capabilities(),
             )?;
-            write_frame(
-                stream,
-                &Response::Progress(format!("launching {}", req.launch.kind().an_instance())),
-            )
-            .await?;
+            if nodes == 1 {
+                write_frame(
+                    stream,
+                    &Response::Progress(format!("launching {}", req.launch.kind().an_instance())),
+                )
+                .await?;
+            }
             let for_run = (!req.keep && !end.outlives_run).then(|| run_id.clone());
             let mut options = req.launch.clone();
             if let LaunchOptions::Ec2(opts) = &mut options {
@@ -452,11 +515,21 @@ async fn run(d: &Arc<Daemon>, stream: &mut UnixStream, req: RunRequest) -> anyho
                     .map(|n| n.to_string_lossy().into_owned());
             }
             let needs_price = req.max_cost.is_some();
-            let row = with_progress(stream, |progress| async move {
-                instances::launch(d, &options, None, for_run, true, needs_price, &progress).await
-            })
-            .await?;
-            (row.name, true, end)
+            if nodes > 1 {
+                gang = with_progress(stream, |progress| async move {
+                    instances::launch_gang(d, &options, nodes, for_run, needs_price, &progress)
+                        .await
+                })
+                .await?;
+                (gang[0].clone(), true, end)
+            } else {
+                let row = with_progress(stream, |progress| async move {
+                    instances::launch(d, &options, None, for_run, true, needs_price, &progress)
+                        .await
+                })
+                .await?;
+                (row.name, true, end)
+            }
         }
     };
     d.db.insert_run(&RunRow {
@@ -471,6 +544,9 @@ async fn run(d: &Arc<Daemon>, stream: &mut UnixStream, req: RunRequest) -> anyho
         exit: None,
         error: None,
     })?;
+    if !gang.is_empty() {
+        d.db.insert_run_nodes(&run_id, &gang)?;
+    }
     if end.daemon_stops {
         d.db.set_setting(&runs::stop_at_end_key(&run_id), "1")?;
     }
@@ -518,10 +594,22 @@ async fn run(d: &Arc<Daemon>, stream: &mut UnixStream, req: RunRequest) -> anyho
     }
     let d2 = d.clone();
     let (run2, root) = (run_id.clone(), req.root);
+    let placed = match gang.is_empty() {
+        true => vec![instance.clone()],
+        false => gang,
+    };
+    let gang_words = (placed.len() > 1).then(|| {
+        let nodes: Vec<String> = placed
+            .iter()
+            .enumerate()
+            .map(|(node, name)| format!("{node} on {name}"))
+            .collect();
+        format!("nodes: {}", nodes.join(", "))
+    });
     d.tasks.spawn(runs::start(
         d2,
         run2,
-        instance.clone(),
+        placed,
         root,
         spec,
         req.secrets,
@@ -539,6 +627,9 @@ async fn run(d: &Arc<Daemon>, stream: &mut UnixStream, req: RunRequest) -> anyho
         },
     )
     .await?;
+    if let Some(words) = gang_words {
+        write_frame(stream, &Response::Progress(words)).await?;
+    }
     if let Some(words) = budget_words {
         write_frame(stream, &Response::Progress(format!("budget: {words}"))).await?;
     }
@@ -552,7 +643,7 @@ async fn run(d: &Arc<Daemon>, stream: &mut UnixStream, req: RunRequest) -> anyho
         write_frame(stream, &Response::Run(row)).await?;
         return Ok(());
     }
-    let row = stream_events(d, stream, &run_id, true, 0).await?;
+    let row = stream_events(d, stream, &run_id, true, Shown::default()).await?;
     write_frame(stream, &Response::Run(row)).await?;
     Ok(())
 }
@@ -722,15 +813,28 @@ fn phase_message(state: RunState) -> Option<&'static str> {
 
 /// Sends the run's stored events, and with `follow` keeps sending new ones until the run
 /// has ended and its last event went out. Returns the final row.
+/// Which of a run's events a stream shows: those after `after` (a `shown` number), of
+/// `node` alone or of every node.
+#[derive(Debug, Clone, Copy, Default)]
+struct Shown {
+    after: u64,
+    node: Option<u32>,
+}
+
 async fn stream_events(
     d: &Arc<Daemon>,
     stream: &mut UnixStream,
     run: &RunId,
     follow: bool,
-    after_seq: u64,
+    from: Shown,
 ) -> anyhow::Result<RunRow> {
     let mut changes = d.run_watch(run);
-    let mut after = after_seq;
+    let mut after = from.after;
+    // A gang's events say their node.
+    let gang = match d.db.run(run)? {
+        Some(row) => d.db.run_nodes(&row)?.len() > 1,
+        None => false,
+    };
     let mut last_state = None;
     loop {
         changes.borrow_and_update();
@@ -741,11 +845,17 @@ async fn stream_events(
             announce_phase(d, stream, run, &mut last_state, row.state).await?;
         }
         loop {
-            let events = d.db.events_after(run, after, PAGE)?;
-            let Some(last) = events.last() else { break };
+            let events = d.db.node_events_after(run, after, PAGE, from.node)?;
+            let Some((_, last)) = events.last() else {
+                break;
+            };
             after = last.seq;
-            for event in events {
-                write_frame(stream, &Response::Event(event)).await?;
+            for (node, event) in events {
+                let frame = match gang {
+                    true => Response::NodeEvent { node, event },
+                    false => Response::Event(event),
+                };
+                write_frame(stream, &frame).await?;
             }
         }
         if !follow || row.state.is_terminal() {
@@ -782,6 +892,11 @@ async fn top(d: &Arc<Daemon>, stream: &mut UnixStream, run: Option<RunId>) -> an
         .resolve(format!("see its output: runctl-controller logs {}", row.id))
         .into());
     }
+    // A gang's every node.
+    let nodes = match &row {
+        Some(row) => Some(d.db.run_nodes(row)?),
+        None => None,
+    };
     let mut changes = d.stats_changed.subscribe();
     let mut run_changes = run.as_ref().map(|r| d.run_watch(r));
     loop {
@@ -791,7 +906,7 @@ async fn top(d: &Arc<Daemon>, stream: &mut UnixStream, run: Option<RunId>) -> an
             .lock()
             .expect("stats lock")
             .iter()
-            .filter(|(name, _)| row.as_ref().is_none_or(|r| &r.instance == *name))
+            .filter(|(name, _)| nodes.as_ref().is_none_or(|n| n.contains(name)))
             .map(|(name, sample)| InstanceStats {
                 instance: name.clone(),
                 sample: (**sample).clone(),

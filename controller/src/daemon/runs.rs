@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use protocol::budget::Budget;
 use protocol::framed::{read_frame, write_frame};
-use protocol::launch::Launch;
+use protocol::launch::{Launch, Master};
 use protocol::{
     AgentMsg, BulkOpen, ControllerMsg, Feature, InstanceName, RunId, RunSpec, RunStart, Secret,
 };
@@ -22,22 +22,27 @@ use crate::plan;
 /// How long a run's agent gets to (re)connect before its start fails.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Starts `run` on its instance. Failures end the run as failed with the reason.
+/// Starts `run` on its instances (one, or a gang's, node 0's first). Failures end the
+/// run as failed with the reason.
 pub(super) async fn start(
     d: Arc<Daemon>,
     run: RunId,
-    instance: InstanceName,
+    nodes: Vec<InstanceName>,
     root: PathBuf,
     spec: RunSpec,
     secrets: Vec<Secret>,
     launch: Option<Launch>,
 ) {
-    if let Err(e) = try_start(&d, &run, &instance, root, spec, secrets, launch).await {
+    if let Err(e) = try_start(&d, &run, &nodes, root, spec, secrets, launch).await {
         let message = format!("{e:#}");
         tracing::warn!("run {run} failed to start: {message}");
         let _ =
             d.db.set_run_state(&run, RunState::Failed, now_ms(), Some(&message));
         d.bump_run(&run);
+        if nodes.len() > 1 {
+            // Nodes that did start are not left running on their own.
+            stop_nodes(&d, &run, &nodes, None).await;
+        }
         on_run_ended(&d, &run);
     }
 }
@@ -62,7 +67,7 @@ pub(super) fn budget_now(
 async fn try_start(
     d: &Arc<Daemon>,
     run: &RunId,
-    instance: &InstanceName,
+    nodes: &[InstanceName],
     root: PathBuf,
     spec: RunSpec,
     secrets: Vec<Secret>,
@@ -70,8 +75,91 @@ async fn try_start(
 ) -> anyhow::Result<()> {
     d.db.set_run_state(run, RunState::Syncing, now_ms(), None)?;
     d.bump_run(run);
-    let pid = d.db.instance(instance)?.and_then(|row| row.pid);
-    let link = d.wait_for_agent(instance, CONNECT_TIMEOUT, pid).await?;
+    let caps = d.db.run_budget(run)?;
+    let mut links = Vec::with_capacity(nodes.len());
+    for (node, instance) in nodes.iter().enumerate() {
+        let pid = d.db.instance(instance)?.and_then(|row| row.pid);
+        let link = d.wait_for_agent(instance, CONNECT_TIMEOUT, pid).await?;
+        check_features(&link, instance, &secrets, caps.is_some(), launch.is_some())?;
+        links.push((node as u32, link));
+    }
+    let params = sync::Params {
+        run: run.clone(),
+        node: 0,
+        root,
+        dry_run: false,
+        restart: crate::ipc::Restart::Never,
+        create: true,
+    };
+    let report = match links.as_slice() {
+        [(_, link)] => sync::sync(d, link, params, |_| {}).await,
+        _ => sync::sync_nodes(d, &links, params)
+            .await
+            .map(|reports| reports[0].clone()),
+    }
+    .map_err(|e| anyhow::anyhow!("syncing the project failed: {e}"))?;
+    tracing::info!(%run, nodes = links.len(), files = report.summary.written, bytes = report.summary.stream_bytes, elapsed_ms = report.elapsed_ms, "project synced");
+    // For `run` to tell: what the first sync sent, and what the instance already had.
+    d.db.set_setting(&first_sync_key(run), &serde_json::to_string(&report)?)?;
+    for ((_, link), instance) in links.iter().zip(nodes) {
+        hand_credentials(d, link, instance, &spec).await?;
+    }
+    // A gang meets at node 0; a run of one finds its own port.
+    let master = match nodes.len() {
+        1 => None,
+        _ => Some(gang_master()?),
+    };
+    let mut tasks = tokio::task::JoinSet::new();
+    for ((node, link), instance) in links.iter().zip(nodes) {
+        // As of now: what the launch and the sync cost is spent, and the agent counts on.
+        let budget = match &caps {
+            Some(caps) => Some(budget_now(d, instance, caps)?),
+            None => None,
+        };
+        let open = start_message(
+            spec.clone(),
+            secrets.clone(),
+            budget,
+            launch.as_ref().map(|l| l.for_node(*node, master.clone())),
+        );
+        let (d, run, link, instance) = (d.clone(), run.clone(), link.clone(), instance.clone());
+        let node = *node;
+        tasks.spawn(async move {
+            let started = start_node(&d, &run, &link, &instance, node, open).await;
+            (node, started)
+        });
+    }
+    let mut failed = None;
+    while let Some(joined) = tasks.join_next().await {
+        let e = match joined {
+            Ok((_, Ok(()))) => continue,
+            Ok((_, Err(e))) if nodes.len() == 1 => e,
+            Ok((node, Err(e))) => e.context(format!("starting node {node}")),
+            Err(e) => anyhow::anyhow!("a start task: {e}"),
+        };
+        failed = failed.or(Some(e));
+    }
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    if d.pending_stops
+        .lock()
+        .expect("pending stops lock")
+        .remove(run)
+    {
+        stop_nodes(d, run, nodes, None).await;
+    }
+    Ok(())
+}
+
+/// What a run's agent must be able to do for it: keep secrets, hold a budget, launch.
+fn check_features(
+    link: &super::AgentLink,
+    instance: &InstanceName,
+    secrets: &[Secret],
+    budget: bool,
+    launch: bool,
+) -> anyhow::Result<()> {
     if !secrets.is_empty() {
         // Before the sync: an agent that cannot keep them costs nothing more.
         link.hello.require(Feature::Secrets).map_err(|e| {
@@ -81,8 +169,7 @@ async fn try_start(
             )
         })?;
     }
-    let caps = d.db.run_budget(run)?;
-    if caps.is_some() {
+    if budget {
         link.hello.require(Feature::Budget).map_err(|e| {
             anyhow::anyhow!(
                 "{instance}'s agent cannot hold a budget: {} (or drop --max-cost and --max-hours)",
@@ -90,7 +177,7 @@ async fn try_start(
             )
         })?;
     }
-    if launch.is_some() {
+    if launch {
         link.hello.require(Feature::Launcher).map_err(|e| {
             anyhow::anyhow!(
                 "{instance}'s agent cannot launch with --launcher: {} (or drop --launcher)",
@@ -98,46 +185,40 @@ async fn try_start(
             )
         })?;
     }
-    let params = sync::Params {
-        run: run.clone(),
-        root,
-        dry_run: false,
-        restart: crate::ipc::Restart::Never,
-        create: true,
+    Ok(())
+}
+
+/// Hands the agent its store credentials when it has none of its own and the run uses the
+/// store: its store requests wait until credentials naming the run arrive.
+async fn hand_credentials(
+    d: &Arc<Daemon>,
+    link: &super::AgentLink,
+    instance: &InstanceName,
+    spec: &RunSpec,
+) -> anyhow::Result<()> {
+    let (Some(_), Some(ask)) = (&spec.storage, &link.credentials) else {
+        return Ok(());
     };
-    let report = sync::sync(d, &link, params, |_| {})
+    credentials::remember(d, spec).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    let gone =
+        || anyhow::anyhow!("the agent disconnected before its store credentials were handed over");
+    ask.send(reply).await.map_err(|_| gone())?;
+    answer
         .await
-        .map_err(|e| anyhow::anyhow!("syncing the project failed: {e}"))?;
-    tracing::info!(%run, files = report.summary.written, bytes = report.summary.stream_bytes, elapsed_ms = report.elapsed_ms, "project synced");
-    // For `run` to tell: what the first sync sent, and what the instance already had.
-    d.db.set_setting(&first_sync_key(run), &serde_json::to_string(&report)?)?;
-    if let (Some(_), Some(ask)) = (&spec.storage, &link.credentials) {
-        // The run's store requests wait on the agent until credentials naming it arrive.
-        credentials::remember(d, &spec).map_err(|e| anyhow::anyhow!("{e}"))?;
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        ask.send(reply).await.map_err(|_| {
-            anyhow::anyhow!("the agent disconnected before its store credentials were handed over")
-        })?;
-        answer
-            .await
-            .map_err(|_| {
-                anyhow::anyhow!(
-                    "the agent disconnected before its store credentials were handed over"
-                )
-            })?
-            .map_err(|e| anyhow::anyhow!("handing {instance} its store credentials: {e}"))?;
-    }
-    let (mut send, mut recv) = link
-        .conn
-        .open_bi()
-        .await
-        .context("opening a stream to the agent")?;
-    // As of now: what the launch and the sync cost is spent, and the agent counts on.
-    let budget = match &caps {
-        Some(caps) => Some(budget_now(d, instance, caps)?),
-        None => None,
-    };
-    let open = match (budget, launch) {
+        .map_err(|_| gone())?
+        .map_err(|e| anyhow::anyhow!("handing {instance} its store credentials: {e}"))
+}
+
+/// The start message for what the run needs: the oldest one that carries it, so older
+/// agents keep starting plain runs.
+fn start_message(
+    spec: RunSpec,
+    secrets: Vec<Secret>,
+    budget: Option<Budget>,
+    launch: Option<Launch>,
+) -> BulkOpen {
+    match (budget, launch) {
         (None, None) if secrets.is_empty() => BulkOpen::StartRun(Box::new(spec)),
         (None, None) => BulkOpen::StartRunWithSecrets {
             spec: Box::new(spec),
@@ -149,7 +230,33 @@ async fn try_start(
             budget,
             launch,
         })),
-    };
+    }
+}
+
+/// Where a gang of local instances meets: loopback, at a port free on this machine now.
+fn gang_master() -> anyhow::Result<Master> {
+    let probe = std::net::TcpListener::bind(("127.0.0.1", 0))
+        .context("finding a free port for the gang's rendezvous")?;
+    Ok(Master {
+        addr: "127.0.0.1".into(),
+        port: probe.local_addr()?.port(),
+    })
+}
+
+/// Starts one node of the run on its agent and asks for its events.
+async fn start_node(
+    d: &Arc<Daemon>,
+    run: &RunId,
+    link: &super::AgentLink,
+    instance: &InstanceName,
+    node: u32,
+    open: BulkOpen,
+) -> anyhow::Result<()> {
+    let (mut send, mut recv) = link
+        .conn
+        .open_bi()
+        .await
+        .context("opening a stream to the agent")?;
     write_frame(&mut send, &open).await?;
     send.finish()?;
     let answer = tokio::time::timeout(
@@ -159,43 +266,57 @@ async fn try_start(
     .await
     .context("the agent did not confirm the start within 10 minutes")??;
     match answer {
+        // Its events (setup steps, the process start) move its state from here on.
         Some(AgentMsg::RunStarted { result: Ok(()), .. }) => {
-            // Its events (setup steps, the process start) move its state from here on.
-            tracing::info!(%run, "run started on {instance}");
-            if d.pending_stops
-                .lock()
-                .expect("pending stops lock")
-                .remove(run)
-            {
-                let stop = ControllerMsg::StopRun {
-                    run: run.clone(),
-                    grace_ms: None,
-                };
-                if link.tx.send(stop).await.is_err() {
-                    // Delivered when the agent is back (see `reconcile`).
-                    d.pending_stops
-                        .lock()
-                        .expect("pending stops lock")
-                        .insert(run.clone());
-                }
-            }
+            tracing::info!(%run, node, "run started on {instance}")
         }
         // The agent recorded the failure in the run's log; the replay below brings it here.
         Some(AgentMsg::RunStarted { result: Err(e), .. }) => {
-            tracing::info!(%run, "agent could not start the run: {}", e.message)
+            tracing::info!(%run, node, "agent could not start the run: {}", e.message)
         }
         other => anyhow::bail!("the agent answered the start with {other:?}"),
     }
     // If the connection dropped meanwhile, the agent's next session asks for this run's
     // events anyway: it reports the run in `Ready`.
+    let source = Source {
+        node,
+        incarnation: 0,
+    };
     let replay = ControllerMsg::Replay {
         run: run.clone(),
-        after_seq: d.db.last_seq(run, Source::default())?,
+        after_seq: d.db.last_seq(run, source)?,
     };
     if link.tx.send(replay).await.is_err() {
-        tracing::info!(%run, "the agent disconnected right after the start; its reconnect catches up");
+        tracing::info!(%run, node, "the agent disconnected right after the start; its reconnect catches up");
     }
     Ok(())
+}
+
+/// Asks the agents of `nodes` to stop the run (each with `grace`, or the run's own); one
+/// out of reach gets the stop when it is back.
+pub(super) async fn stop_nodes(
+    d: &Arc<Daemon>,
+    run: &RunId,
+    nodes: &[InstanceName],
+    grace: Option<Duration>,
+) {
+    for instance in nodes {
+        let stop = ControllerMsg::StopRun {
+            run: run.clone(),
+            grace_ms: grace.map(|g| g.as_millis() as u64),
+        };
+        let sent = match d.agent(instance) {
+            Some(link) => link.tx.send(stop).await.is_ok(),
+            None => false,
+        };
+        if !sent {
+            // Delivered when the agent is back (see `reconcile`).
+            d.pending_stops
+                .lock()
+                .expect("pending stops lock")
+                .insert(run.clone());
+        }
+    }
 }
 
 /// The settings key holding a run's first sync report (JSON).
@@ -208,49 +329,49 @@ pub(super) fn stop_at_end_key(run: &RunId) -> String {
     format!("stop_at_end:{run}")
 }
 
-/// Called once a run has reached its end: an instance launched just for it goes too, and
-/// a cloud instance whose run asked for `--end stop` is stopped.
+/// Called once a run has reached its end: an instance launched just for it goes too (each
+/// of a gang's), and a cloud instance whose run asked for `--end stop` is stopped.
 pub(super) fn on_run_ended(d: &Arc<Daemon>, run: &RunId) {
     d.pending_stops
         .lock()
         .expect("pending stops lock")
         .remove(run);
     let Ok(Some(row)) = d.db.run(run) else { return };
-    let Ok(Some(instance)) = d.db.instance(&row.instance) else {
-        return;
-    };
-    if d.db
-        .take_setting(&stop_at_end_key(run))
-        .ok()
-        .flatten()
-        .is_some()
-        && instance.state != InstanceState::Terminated
-    {
+    let stop_at_end =
+        d.db.take_setting(&stop_at_end_key(run))
+            .ok()
+            .flatten()
+            .is_some();
+    let nodes =
+        d.db.run_nodes(&row)
+            .unwrap_or_else(|_| vec![row.instance.clone()]);
+    for name in nodes {
+        let Ok(Some(instance)) = d.db.instance(&name) else {
+            continue;
+        };
+        if instance.state == InstanceState::Terminated {
+            continue;
+        }
         let d2 = d.clone();
-        let name = instance.name.clone();
-        d.tasks.spawn(async move {
-            tracing::info!("run ended; stopping {name} as its --end stop asked");
-            if let Err(e) = instances::power(&d2, &name, false).await {
-                tracing::error!(
-                    "stopping {name} at the end of its run failed: {}",
-                    e.message
-                );
-            }
-        });
-        return;
-    }
-    if instance.for_run.as_ref() == Some(run) && instance.state != InstanceState::Terminated {
-        let d2 = d.clone();
-        d.tasks.spawn(async move {
-            tracing::info!(
-                "run {} ended; terminating {}, launched for it",
-                row.id,
-                instance.name
-            );
-            if let Err(e) = instances::terminate_now(&d2, &instance.name).await {
-                tracing::error!("terminating {} failed: {}", instance.name, e.message);
-            }
-        });
+        if stop_at_end {
+            d.tasks.spawn(async move {
+                tracing::info!("run ended; stopping {name} as its --end stop asked");
+                if let Err(e) = instances::power(&d2, &name, false).await {
+                    tracing::error!(
+                        "stopping {name} at the end of its run failed: {}",
+                        e.message
+                    );
+                }
+            });
+        } else if instance.for_run.as_ref() == Some(run) {
+            let id = row.id.clone();
+            d.tasks.spawn(async move {
+                tracing::info!("run {id} ended; terminating {name}, launched for it");
+                if let Err(e) = instances::terminate_now(&d2, &name).await {
+                    tracing::error!("terminating {name} failed: {}", e.message);
+                }
+            });
+        }
     }
 }
 
@@ -276,6 +397,12 @@ pub(super) async fn stop(
                 .lock()
                 .expect("pending stops lock")
                 .insert(run.clone());
+            Ok(())
+        }
+        _ if d.db.run_nodes(&row).map_err(internal)?.len() > 1 => {
+            // Every node is told; one out of reach is told when it is back.
+            let nodes = d.db.run_nodes(&row).map_err(internal)?;
+            stop_nodes(d, run, &nodes, grace).await;
             Ok(())
         }
         _ => {

@@ -29,6 +29,8 @@ pub const MAX_LISTED: usize = 10_000;
 #[derive(Debug, Clone)]
 pub struct Params {
     pub run: RunId,
+    /// Which node of the run the agent holds (0 but in a gang).
+    pub node: u32,
     pub root: PathBuf,
     pub dry_run: bool,
     /// Whether the run's process restarts after the sync (with its own grace period).
@@ -83,13 +85,42 @@ pub struct Progress {
     pub total_bytes: u64,
 }
 
+/// One agent's tree of a run: the run's, on the instance of one of its nodes.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TreeKey {
+    pub run: RunId,
+    pub node: u32,
+}
+
+impl TreeKey {
+    /// Its file under the sync dir: `RUN.tree` for node 0, `RUN.nN.tree` for node N.
+    fn file_name(&self) -> String {
+        match self.node {
+            0 => format!("{}.tree", self.run),
+            n => format!("{}.n{n}.tree", self.run),
+        }
+    }
+
+    fn from_file_name(name: &str) -> Option<Self> {
+        let stem = name.strip_suffix(".tree")?;
+        let (run, node) = match stem.split_once(".n") {
+            Some((run, node)) => (run, node.parse().ok().filter(|n| *n > 0)?),
+            None => (stem, 0),
+        };
+        Some(TreeKey {
+            run: run.parse().ok()?,
+            node,
+        })
+    }
+}
+
 /// The daemon's memory of projects and agents' trees.
 #[derive(Debug, Default)]
 pub struct SyncState {
     caches: std::sync::Mutex<HashMap<PathBuf, StatCache>>,
-    /// Per run, the manifest the agent was last known to have.
-    trees: std::sync::Mutex<HashMap<RunId, Manifest>>,
-    locks: std::sync::Mutex<HashMap<RunId, Arc<tokio::sync::Mutex<()>>>>,
+    /// Per run and node, the manifest the agent was last known to have.
+    trees: std::sync::Mutex<HashMap<TreeKey, Manifest>>,
+    locks: std::sync::Mutex<HashMap<TreeKey, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// Syncs `params.root` to the run's tree. `progress` is called as content goes out.
@@ -97,36 +128,79 @@ pub(super) async fn sync(
     d: &Arc<Daemon>,
     link: &super::AgentLink,
     params: Params,
+    progress: impl FnMut(Progress),
+) -> Result<SyncReport, UserError> {
+    let started = Instant::now();
+    let (run, root) = (params.run.clone(), params.root.clone());
+    let scan = async move {
+        let scan = scan_project(d, &root).await;
+        if let Ok(scan) = &scan {
+            tracing::debug!(run = %run, files = scan.manifest.entries.len(), hashed = scan.hashed_files, ms = started.elapsed().as_millis() as u64, "scanned");
+        }
+        scan
+    };
+    sync_scanned(d, link, params, scan, progress).await
+}
+
+/// Syncs `params.root` to the run's tree on every one of `links` (node, agent) at once,
+/// from one scan. Returns each node's report, in the order of `links`.
+pub(super) async fn sync_nodes(
+    d: &Arc<Daemon>,
+    links: &[(u32, super::AgentLink)],
+    params: Params,
+) -> Result<Vec<SyncReport>, UserError> {
+    let scan = scan_project(d, &params.root).await?;
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, (node, link)) in links.iter().enumerate() {
+        let (d, link, scan) = (d.clone(), link.clone(), scan.clone());
+        let params = Params {
+            node: *node,
+            ..params.clone()
+        };
+        tasks.spawn(async move {
+            let done = sync_scanned(&d, &link, params, async { Ok(scan) }, |_| {}).await;
+            (i, done)
+        });
+    }
+    let mut reports: Vec<Option<SyncReport>> = vec![None; links.len()];
+    while let Some(joined) = tasks.join_next().await {
+        let (i, done) =
+            joined.map_err(|e| UserError::new(ErrorCode::Internal, format!("a sync task: {e}")))?;
+        let report = done.map_err(|e| {
+            let node = links[i].0;
+            UserError {
+                message: format!("node {node}: {}", e.message),
+                ..e
+            }
+        })?;
+        reports[i] = Some(report);
+    }
+    Ok(reports.into_iter().flatten().collect())
+}
+
+async fn sync_scanned(
+    d: &Arc<Daemon>,
+    link: &super::AgentLink,
+    params: Params,
+    scan: impl Future<Output = Result<scan::Scan, UserError>>,
     mut progress: impl FnMut(Progress),
 ) -> Result<SyncReport, UserError> {
     let conn = &link.conn;
+    let key = params.key();
     let lock = d
         .sync
         .locks
         .lock()
         .expect("sync locks")
-        .entry(params.run.clone())
+        .entry(key.clone())
         .or_default()
         .clone();
     let _turn = lock.lock().await;
     let started = Instant::now();
     let before = wire_bytes(conn);
-    let known = d
-        .sync
-        .trees
-        .lock()
-        .expect("trees")
-        .get(&params.run)
-        .cloned();
-    let scan = async {
-        let scan = scan_project(d, &params.root).await;
-        if let Ok(scan) = &scan {
-            tracing::debug!(run = %params.run, files = scan.manifest.entries.len(), hashed = scan.hashed_files, ms = started.elapsed().as_millis() as u64, "scanned");
-        }
-        scan
-    };
+    let known = d.sync.trees.lock().expect("trees").get(&key).cloned();
     // A new tree is seeded on the agent from an earlier run's, when it still has one.
-    let bases = if known.is_none() && params.create && link.store {
+    let bases = if known.is_none() && params.create && link.store && params.node == 0 {
         bases_for(d, &params.run)
     } else {
         Vec::new()
@@ -136,7 +210,7 @@ pub(super) async fn sync(
         Ok(done) => done,
         Err(e) => {
             // Whatever the agent has now, learn it afresh next time.
-            forget_tree(d, &params.run);
+            forget_tree(d, &key);
             return Err(e);
         }
     };
@@ -289,7 +363,7 @@ async fn exchange(
             .map_err(|e| lost(&e))?;
         let _ = send.finish();
         if have.manifest_bytes > 0 || seeded.is_some() {
-            remember_tree(d, &params.run, remote);
+            remember_tree(d, &params.key(), remote);
         }
         return Ok((scanned, delta, None, have.manifest_bytes, seeded));
     }
@@ -348,7 +422,7 @@ async fn exchange(
         )
         .resolve("sync again"));
     }
-    remember_tree(d, &params.run, local.clone());
+    remember_tree(d, &params.key(), local.clone());
     Ok((
         scanned,
         delta,
@@ -463,7 +537,11 @@ fn bases_for(d: &Daemon, run: &RunId) -> Vec<(RunId, Manifest)> {
     let trees = d.sync.trees.lock().expect("trees");
     let mut bases: Vec<(RunId, Manifest)> = Vec::new();
     for other in runs.iter().filter(|r| r.id != *run) {
-        if let Some(m) = trees.get(&other.id)
+        let key = TreeKey {
+            run: other.id.clone(),
+            node: 0,
+        };
+        if let Some(m) = trees.get(&key)
             && !bases.iter().any(|(_, b)| b.root() == m.root())
         {
             bases.push((other.id.clone(), m.clone()));
@@ -475,8 +553,8 @@ fn bases_for(d: &Daemon, run: &RunId) -> Vec<(RunId, Manifest)> {
     bases
 }
 
-fn remember_tree(d: &Daemon, run: &RunId, manifest: Manifest) {
-    let path = d.home.sync_dir().join(format!("{run}.tree"));
+fn remember_tree(d: &Daemon, key: &TreeKey, manifest: Manifest) {
+    let path = d.home.sync_dir().join(key.file_name());
     if let Err(e) = write_blob(&path, &manifest) {
         tracing::warn!("saving {}: {e:#}", path.display());
     }
@@ -484,39 +562,35 @@ fn remember_tree(d: &Daemon, run: &RunId, manifest: Manifest) {
         .trees
         .lock()
         .expect("trees")
-        .insert(run.clone(), manifest);
+        .insert(key.clone(), manifest);
 }
 
-/// Drops what the daemon remembers of a run's tree (its instance is gone).
-pub(super) fn forget_tree(d: &Daemon, run: &RunId) {
-    d.sync.trees.lock().expect("trees").remove(run);
-    let _ = std::fs::remove_file(d.home.sync_dir().join(format!("{run}.tree")));
+/// Drops what the daemon remembers of one agent's tree of a run (its instance is gone).
+pub(super) fn forget_tree(d: &Daemon, key: &TreeKey) {
+    d.sync.trees.lock().expect("trees").remove(key);
+    let _ = std::fs::remove_file(d.home.sync_dir().join(key.file_name()));
 }
 
 /// Loads the remembered trees of every run (at daemon start).
-pub fn load_trees(dir: &Path) -> HashMap<RunId, Manifest> {
+pub fn load_trees(dir: &Path) -> HashMap<TreeKey, Manifest> {
     let mut trees = HashMap::new();
     let Ok(entries) = std::fs::read_dir(dir) else {
         return trees;
     };
     for entry in entries.flatten() {
         let name = entry.file_name();
-        let Some(run) = name
-            .to_str()
-            .and_then(|n| n.strip_suffix(".tree"))
-            .and_then(|n| n.parse::<RunId>().ok())
-        else {
+        let Some(key) = name.to_str().and_then(TreeKey::from_file_name) else {
             continue;
         };
         if let Some(manifest) = read_blob::<Manifest>(&entry.path()) {
-            trees.insert(run, manifest);
+            trees.insert(key, manifest);
         }
     }
     trees
 }
 
 impl SyncState {
-    pub fn new(trees: HashMap<RunId, Manifest>) -> Self {
+    pub fn new(trees: HashMap<TreeKey, Manifest>) -> Self {
         SyncState {
             trees: std::sync::Mutex::new(trees),
             ..Default::default()
@@ -550,9 +624,47 @@ fn write_blob<T: Serialize>(path: &Path, value: &T) -> anyhow::Result<()> {
     Ok(())
 }
 
+impl Params {
+    fn key(&self) -> TreeKey {
+        TreeKey {
+            run: self.run.clone(),
+            node: self.node,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tree_files_name_the_run_and_the_node() {
+        let run: RunId = "run-0123456789ab".parse().expect("id");
+        for node in [0, 1, 17] {
+            let key = TreeKey {
+                run: run.clone(),
+                node,
+            };
+            assert_eq!(TreeKey::from_file_name(&key.file_name()), Some(key));
+        }
+        assert_eq!(
+            TreeKey {
+                run: run.clone(),
+                node: 0
+            }
+            .file_name(),
+            "run-0123456789ab.tree",
+            "as before gangs"
+        );
+        for bad in [
+            "run-0123456789ab.n0.tree",
+            "run-0123456789ab.nx.tree",
+            "run-0123456789ab",
+            "other.tree",
+        ] {
+            assert_eq!(TreeKey::from_file_name(bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn restarts_as_asked() {

@@ -66,7 +66,7 @@ pub struct Capabilities {
     pub spot: bool,
     /// Data volumes made and attached by runctl.
     pub volumes: bool,
-    /// Several instances launched together for one run.
+    /// Several instances launched together for one run (`run --nodes`).
     pub multi_node: bool,
     /// The instance runs elsewhere: it has its own credentials and cannot reach this
     /// machine's files (a local object store), and it is billed.
@@ -104,7 +104,7 @@ impl ProviderKind {
                 stop_start: false,
                 spot: false,
                 volumes: false,
-                multi_node: false,
+                multi_node: true,
                 remote: false,
                 own_store_credentials: true,
                 stops_itself: false,

@@ -39,7 +39,7 @@ struct Cached {
 }
 
 /// A scan's result.
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Scan {
     pub manifest: Manifest,
     /// Files read and hashed because the cache could not vouch for them.

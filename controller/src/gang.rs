@@ -1,0 +1,207 @@
+//! A run of several nodes (`run --nodes N`) as one run: what a node's end does to the
+//! others and to the run. Pure: the database passes in the ends the nodes of the gang
+//! have reported so far, and does what this returns in the transaction that stored the
+//! last one; the daemon stops the nodes still running when told to.
+//!
+//! The rules: a node that ends without success (it failed, was killed, lost its process,
+//! or was interrupted) stops the others, since a collective job cannot go on without
+//! it; a node that succeeds waits for the others (ranks finish at slightly different
+//! times); the run is over when every node has ended, and its end is the first failure
+//! (the cause: the nodes stopped because of it ended `stopped`), else the first stop the
+//! user asked for, else node 0's success.
+
+use protocol::RunEnd;
+
+/// One node's reported end.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeEnd {
+    pub node: u32,
+    pub end: RunEnd,
+    pub at_ms: u64,
+}
+
+/// What the gang does after a node's end.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// The nodes still running go on: nothing went wrong.
+    Wait,
+    /// Stop the nodes still running: `cause` ended without success.
+    StopOthers { cause: u32 },
+    /// Every node has ended: the run ends so.
+    End(NodeEnd),
+}
+
+/// How a node's end reads for the gang.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Kind {
+    /// The process failed (or was lost): the cause of a gang's end.
+    Failed,
+    /// The stop the user (or the gang) asked for.
+    Stopped,
+    Succeeded,
+}
+
+fn kind(end: &RunEnd) -> Kind {
+    match end {
+        RunEnd::Exited { code: 0, .. } => Kind::Succeeded,
+        RunEnd::Exited {
+            stop_requested: true,
+            ..
+        }
+        | RunEnd::Signaled {
+            stop_requested: true,
+            ..
+        } => Kind::Stopped,
+        RunEnd::Exited { .. }
+        | RunEnd::Signaled { .. }
+        | RunEnd::SpawnFailed { .. }
+        | RunEnd::SetupFailed { .. }
+        | RunEnd::DataFailed { .. }
+        | RunEnd::Lost { .. } => Kind::Failed,
+    }
+}
+
+/// The gang's next step, given its size and the ends its nodes reported (one per node).
+pub fn step(nodes: u32, ends: &[NodeEnd]) -> Step {
+    let first = |k: Kind| {
+        ends.iter()
+            .filter(|e| kind(&e.end) == k)
+            .min_by_key(|e| (e.at_ms, e.node))
+    };
+    if ends.len() as u32 >= nodes {
+        let end = first(Kind::Failed)
+            .or_else(|| first(Kind::Stopped))
+            .or_else(|| ends.iter().find(|e| e.node == 0))
+            .or_else(|| ends.first())
+            .cloned();
+        return match end {
+            Some(end) => Step::End(end),
+            None => Step::Wait,
+        };
+    }
+    match first(Kind::Failed).or_else(|| first(Kind::Stopped)) {
+        Some(cause) => Step::StopOthers { cause: cause.node },
+        None => Step::Wait,
+    }
+}
+
+/// The run's error for its end, naming the node: `node 1: exited with code 3`.
+pub fn error(end: &NodeEnd) -> Option<String> {
+    end.end
+        .failure()
+        .map(|message| format!("node {}: {message}", end.node))
+        .or_else(|| {
+            (kind(&end.end) == Kind::Failed)
+                .then(|| format!("node {}: {}", end.node, end.end.describe()))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn exited(code: i32) -> RunEnd {
+        RunEnd::Exited {
+            code,
+            stop_requested: false,
+        }
+    }
+    fn stopped() -> RunEnd {
+        RunEnd::Signaled {
+            signal: 15,
+            stop_requested: true,
+        }
+    }
+    fn lost() -> RunEnd {
+        RunEnd::Lost {
+            message: "the agent restarted".into(),
+        }
+    }
+    fn at(node: u32, end: RunEnd, at_ms: u64) -> NodeEnd {
+        NodeEnd { node, end, at_ms }
+    }
+
+    #[test]
+    fn check() {
+        let cases: &[(&str, u32, Vec<NodeEnd>, Step)] = &[
+            ("nothing yet", 2, vec![], Step::Wait),
+            (
+                "a rank finished first",
+                2,
+                vec![at(1, exited(0), 5)],
+                Step::Wait,
+            ),
+            (
+                "all finished: node 0's success",
+                2,
+                vec![at(1, exited(0), 5), at(0, exited(0), 6)],
+                Step::End(at(0, exited(0), 6)),
+            ),
+            (
+                "a node failed: the others stop",
+                3,
+                vec![at(2, exited(3), 5)],
+                Step::StopOthers { cause: 2 },
+            ),
+            (
+                "a node lost: the others stop",
+                2,
+                vec![at(1, lost(), 5)],
+                Step::StopOthers { cause: 1 },
+            ),
+            (
+                "still stopping the third after the second went",
+                3,
+                vec![at(2, exited(3), 5), at(1, stopped(), 6)],
+                Step::StopOthers { cause: 2 },
+            ),
+            (
+                "the failure is the run's end, not the stops it caused",
+                2,
+                vec![at(1, exited(3), 5), at(0, stopped(), 6)],
+                Step::End(at(1, exited(3), 5)),
+            ),
+            (
+                "the first failure of two",
+                3,
+                vec![at(2, exited(1), 9), at(1, lost(), 5), at(0, stopped(), 10)],
+                Step::End(at(1, lost(), 5)),
+            ),
+            (
+                "a user's stop stops them all",
+                2,
+                vec![at(0, stopped(), 5)],
+                Step::StopOthers { cause: 0 },
+            ),
+            (
+                "and the run ends stopped",
+                2,
+                vec![at(0, stopped(), 5), at(1, stopped(), 6)],
+                Step::End(at(0, stopped(), 5)),
+            ),
+            (
+                "a stop after a success is the run's end",
+                2,
+                vec![at(1, exited(0), 5), at(0, stopped(), 6)],
+                Step::End(at(0, stopped(), 6)),
+            ),
+        ];
+        for (name, nodes, ends, want) in cases {
+            assert_eq!(step(*nodes, ends), *want, "{name}");
+        }
+    }
+
+    #[test]
+    fn the_error_names_the_node() {
+        assert_eq!(
+            error(&at(1, exited(3), 5)).as_deref(),
+            Some("node 1: the process exited with 3")
+        );
+        assert_eq!(
+            error(&at(1, lost(), 5)).as_deref(),
+            Some("node 1: the agent restarted")
+        );
+        assert_eq!(error(&at(0, exited(0), 5)), None);
+        assert_eq!(error(&at(0, stopped(), 5)), None);
+    }
+}
