@@ -612,6 +612,12 @@ pub struct RunArgs {
     #[arg(long, value_name = "N", conflicts_with = "on")]
     pub nodes: Option<u32>,
 
+    /// Which nodes of a gang push checkpoints: `node0` (the default: every rank of
+    /// data-parallel training holds the same weights) or `all` (node R pushes to its own
+    /// prefix beside the run's, RUN-nodeR/).
+    #[arg(long, value_enum, value_name = "NODES", requires = "nodes")]
+    pub checkpoints_from: Option<CheckpointsFrom>,
+
     /// Pull data before the command starts: every object under an s3:// prefix (or one
     /// object) into DEST inside RUNCTL_DATA_DIR (default: the prefix's last name).
     /// Repeatable. Files already present and identical are skipped.
@@ -1263,6 +1269,15 @@ pub enum RelayCommand {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum RelayProvider {
     Ec2,
+}
+
+/// `--checkpoints-from` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CheckpointsFrom {
+    /// Node 0 alone, to the run's prefix.
+    Node0,
+    /// Every node: node 0 to the run's prefix, node R to RUN-nodeR/.
+    All,
 }
 
 /// `--launcher` values.

@@ -764,6 +764,22 @@ impl Db {
             .map(|n| n as u32))
     }
 
+    /// The pid (and process group) of the process node `node` of `run` last started.
+    pub fn last_started_pid(&self, run: &RunId, node: u32) -> anyhow::Result<Option<u32>> {
+        let kind: Option<String> = self
+            .lock()
+            .query_row(
+                "SELECT kind FROM run_events WHERE run_id = ?1 AND node = ?2 AND kind LIKE '{\"started\":%' ORDER BY shown DESC LIMIT 1",
+                params![run.as_str(), node],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(match kind.map(|k| serde_json::from_str(&k)).transpose()? {
+            Some(protocol::EventKind::Started { pid, .. }) => Some(pid),
+            _ => None,
+        })
+    }
+
     /// The ends a gang's nodes have reported so far.
     pub fn node_ends(&self, run: &RunId) -> anyhow::Result<Vec<crate::gang::NodeEnd>> {
         node_ends_of(&self.lock(), run)

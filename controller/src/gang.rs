@@ -96,9 +96,55 @@ pub fn error(end: &NodeEnd) -> Option<String> {
         })
 }
 
+/// Where node `node` of a gang pushes its checkpoints: node 0 to the run's prefix (where
+/// `checkpoint`, `--resume-from RUN` and a restart look); with `all` (`--checkpoints-from
+/// all`) each other node to a prefix of its own beside it, `RUN-nodeR/`; without, nowhere:
+/// in data-parallel training every rank holds the same weights, and nodes writing the
+/// same names under one prefix would overwrite each other's checkpoints and `LATEST`.
+pub fn checkpoints(
+    push: Option<&protocol::CheckpointPush>,
+    node: u32,
+    all: bool,
+) -> Option<protocol::CheckpointPush> {
+    let push = push?;
+    match (node, all) {
+        (0, _) => Some(push.clone()),
+        (_, false) => None,
+        (n, true) => Some(protocol::CheckpointPush {
+            dest: format!("{}-node{n}/", push.dest.trim_end_matches('/')),
+            keep: push.keep,
+        }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn checkpoints_come_from_node_0_unless_all_are_asked_for() {
+        let push = protocol::CheckpointPush {
+            dest: "s3://b/checkpoints/run-0123456789ab/".into(),
+            keep: 3,
+        };
+        let dest = |node, all| checkpoints(Some(&push), node, all).map(|p| p.dest);
+        let cases: &[(u32, bool, Option<&str>)] = &[
+            (0, false, Some("s3://b/checkpoints/run-0123456789ab/")),
+            (1, false, None),
+            (0, true, Some("s3://b/checkpoints/run-0123456789ab/")),
+            (1, true, Some("s3://b/checkpoints/run-0123456789ab-node1/")),
+            (
+                12,
+                true,
+                Some("s3://b/checkpoints/run-0123456789ab-node12/"),
+            ),
+        ];
+        for (node, all, want) in cases {
+            assert_eq!(dest(*node, *all).as_deref(), *want, "node {node} all {all}");
+        }
+        assert_eq!(checkpoints(None, 0, true), None, "a run that pushes none");
+        assert_eq!(checkpoints(Some(&push), 1, true).map(|p| p.keep), Some(3));
+    }
 
     fn exited(code: i32) -> RunEnd {
         RunEnd::Exited {

@@ -71,8 +71,10 @@ pub struct RunRequest {
     pub max_cost: Option<f64>,
     /// Stop the run once it has taken this many hours.
     pub max_hours: Option<f64>,
-    /// How the command is launched (`--launcher`); `None`: as given.
+    /// How the command is launched (`--launcher`, `--nodes`); `None`: as given.
     pub launcher: Option<protocol::launch::Launch>,
+    /// Every node of a gang pushes checkpoints, not only node 0 (`--checkpoints-from all`).
+    pub checkpoints_from_all: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -109,6 +109,8 @@ pub struct RunSection {
     pub launcher: Option<cli::LauncherArg>,
     pub nproc_per_node: Option<u32>,
     pub nodes: Option<u32>,
+    #[serde(default, deserialize_with = "checkpoints_from")]
+    pub checkpoints_from: Option<cli::CheckpointsFrom>,
     #[serde(default, deserialize_with = "data")]
     pub data: Option<Vec<DataSource>>,
     pub pull_alongside: Option<bool>,
@@ -163,6 +165,8 @@ checked_by! {
         .map_err(|_| format!("{s:?} is not an end action: use keep, stop or terminate"));
     launcher: cli::LauncherArg = |s: &str| <cli::LauncherArg as clap::ValueEnum>::from_str(s, false)
         .map_err(|_| format!("{s:?} is not a launcher: use torchrun or none"));
+    checkpoints_from: cli::CheckpointsFrom = |s: &str| <cli::CheckpointsFrom as clap::ValueEnum>::from_str(s, false)
+        .map_err(|_| format!("{s:?} is not a choice of nodes: use node0 or all"));
 }
 
 /// A number (TOML integer or float) checked by the flag's own parser.
@@ -300,6 +304,7 @@ impl RunSection {
             launcher,
             nproc_per_node,
             nodes,
+            checkpoints_from,
             data,
             pull_alongside,
             checkpoints,
@@ -491,6 +496,7 @@ pub fn apply(args: &mut RunArgs, file: RunSection) {
             args.provider => file.provider,
             args.instance_type => file.instance_type,
             args.nodes => file.nodes,
+            args.checkpoints_from => file.checkpoints_from,
             ec2.ami => file.ami,
             ec2.max_price => file.max_price,
             ec2.instance_profile => file.instance_profile,

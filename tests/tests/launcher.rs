@@ -397,3 +397,108 @@ fn bad_gangs_are_refused_before_anything_is_launched() {
         "{list}"
     );
 }
+
+#[test]
+fn checkpoints_come_from_node_0_unless_every_node_is_asked_for() {
+    let home = Home::new();
+    let save = "echo $NODE_RANK > \"$RUNCTL_CHECKPOINT_DIR/step-$NODE_RANK.txt\"";
+    let out = home.run(&["run", "--nodes", "2", "--", "sh", "-c", save]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let run = home.json(&["list"])["runs"][0]["id"]
+        .as_str()
+        .expect("a run")
+        .to_owned();
+    let (names, latest) = home.checkpoint_names(&run);
+    assert_eq!(names, ["step-0.txt"], "node 1 pushed nothing");
+    assert_eq!(latest.as_deref(), Some("step-0.txt"));
+
+    let out = home.run(&[
+        "run",
+        "--nodes",
+        "2",
+        "--checkpoints-from",
+        "all",
+        "--",
+        "sh",
+        "-c",
+        save,
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let list = home.json(&["list"]);
+    let run = list["runs"][1]["id"].as_str().expect("a run").to_owned();
+    let (names, _) = home.checkpoint_names(&run);
+    assert_eq!(names, ["step-0.txt"], "node 0's at the run's prefix");
+    let ls = home.json(&[
+        "s3",
+        "ls",
+        "--recursive",
+        &format!("s3://runctl/checkpoints/{run}-node1/"),
+    ]);
+    assert!(ls.to_string().contains("step-1.txt"), "{ls}");
+    assert!(!ls.to_string().contains("step-0.txt"), "{ls}");
+
+    let out = home.run(&["run", "--checkpoints-from", "all", "--", "true"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("--nodes"), "{}", stderr(&out));
+}
+
+#[test]
+fn a_node_whose_agent_dies_is_lost_and_the_gang_stops() {
+    let home = Home::new();
+    // Each node sleeps under a name of its own, to be found (and found gone) after.
+    let marker = format!("gang-lost-{}", std::process::id());
+    let script = format!("echo up $NODE_RANK; exec -a {marker}-$NODE_RANK sleep 600");
+    let run = detached(
+        &home,
+        &[
+            "run",
+            "--detach",
+            "--nodes",
+            "2",
+            "--stop-grace",
+            "2",
+            "--",
+            "bash",
+            "-c",
+            &script,
+        ],
+    );
+    home.wait_until("both nodes up", std::time::Duration::from_secs(30), || {
+        let out = home.run(&["logs", &run]);
+        stdout(&out).contains("[node 0] up 0") && stdout(&out).contains("[node 1] up 1")
+    });
+    let list = home.json(&["list"]);
+    let node1 = list["nodes"][0][1][1].as_str().expect("node 1").to_owned();
+    let pid = list["instances"]
+        .as_array()
+        .expect("instances")
+        .iter()
+        .find(|i| i["instance"]["name"] == node1.as_str())
+        .and_then(|i| i["instance"]["pid"].as_i64())
+        .expect("node 1's agent pid");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill node 1's agent");
+    home.wait_until("the run ended", std::time::Duration::from_secs(30), || {
+        home.json(&["logs", &run])["state"] == "failed"
+    });
+    let row = home.json(&["logs", &run]);
+    assert_eq!(
+        row["error"],
+        format!("node 1: its agent on {node1} (pid {pid}) died"),
+        "{row}"
+    );
+    let text = stderr(&home.run(&["logs", &run]));
+    assert!(
+        text.contains("[node 0] ended: the process was killed by signal 15"),
+        "node 0 was stopped: {text}"
+    );
+    // Node 1's process did not outlive its agent.
+    let left = std::process::Command::new("pgrep")
+        .args(["-f", &format!("{marker}-1")])
+        .output()
+        .expect("pgrep");
+    assert!(left.stdout.is_empty(), "left running: {}", stdout(&left));
+}

@@ -411,6 +411,8 @@ async fn serve_agent(
     d.bump_agents();
     conn.close(0u32.into(), b"");
     tracing::info!("agent {instance} disconnected");
+    d.tasks
+        .spawn(super::runs::after_disconnect(d.clone(), instance.clone()));
     result
 }
 
@@ -514,31 +516,9 @@ fn on_events(
         .iter()
         .any(|e| matches!(e.kind, protocol::EventKind::Ended(_)));
     if node_ended {
-        gang_step(d, &row);
+        super::runs::gang_step(d, &row);
     }
     Ok(())
-}
-
-/// After a node of a gang ended: stops the nodes still running when the gang says so.
-fn gang_step(d: &Arc<Daemon>, row: &crate::db::RunRow) {
-    let (Ok(nodes), Ok(ends)) = (d.db.run_nodes(row), d.db.node_ends(&row.id)) else {
-        return;
-    };
-    let crate::gang::Step::StopOthers { cause } = crate::gang::step(nodes.len() as u32, &ends)
-    else {
-        return;
-    };
-    let running: Vec<InstanceName> = nodes
-        .into_iter()
-        .enumerate()
-        .filter(|(node, _)| !ends.iter().any(|e| e.node == *node as u32))
-        .map(|(_, name)| name)
-        .collect();
-    tracing::info!(run = %row.id, "node {cause} ended; stopping the {} still running", running.len());
-    let (d2, run) = (d.clone(), row.id.clone());
-    d.tasks.spawn(async move {
-        super::runs::stop_nodes(&d2, &run, &running, None).await;
-    });
 }
 
 #[cfg(test)]

@@ -349,7 +349,7 @@ fn enroll_timeout(d: &Daemon, provider: ProviderKind) -> Duration {
 
 /// Starts a local agent with `config` and reaps it when it exits.
 fn start_local(
-    d: &Daemon,
+    d: &Arc<Daemon>,
     name: &InstanceName,
     config: &AgentConfigFile,
     agent_bin: &std::path::Path,
@@ -367,10 +367,19 @@ fn start_local(
     d.db.set_instance_pid(name, pid).map_err(internal)?;
     // Reap the agent when it exits, as long as this daemon lives. Untracked: the agent
     // outlives the daemon, and shutdown must not wait for it.
-    let reaped = name.clone();
+    let (reaped, d2) = (name.clone(), d.clone());
     tokio::spawn(async move {
         let status = child.wait().await;
         tracing::info!("local agent {reaped} exited: {status:?}");
+        // Its connection is gone with it: closed now rather than when QUIC's idle timeout
+        // finds out, so what the agent held is seen to be lost at once. Unless the
+        // instance has another agent process by now.
+        let current = d2.db.instance(&reaped).ok().flatten().and_then(|r| r.pid);
+        if current == Some(pid)
+            && let Some(link) = d2.agent(&reaped)
+        {
+            link.conn.close(0u32.into(), b"the agent process exited");
+        }
     });
     Ok(())
 }

@@ -606,15 +606,15 @@ async fn run(d: &Arc<Daemon>, stream: &mut UnixStream, req: RunRequest) -> anyho
             .collect();
         format!("nodes: {}", nodes.join(", "))
     });
-    d.tasks.spawn(runs::start(
-        d2,
-        run2,
-        placed,
+    let start = runs::Start {
+        nodes: placed,
         root,
         spec,
-        req.secrets,
-        req.launcher.clone(),
-    ));
+        secrets: req.secrets,
+        launch: req.launcher.clone(),
+        all_checkpoints: req.checkpoints_from_all,
+    };
+    d.tasks.spawn(runs::start(d2, run2, start));
     // Started before the client hears of it: a client gone by now (Ctrl-C twice during a
     // launch) leaves a run going, whose end ends an instance launched for it, rather than
     // a paid instance nobody runs anything on.

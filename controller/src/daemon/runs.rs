@@ -24,16 +24,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Starts `run` on its instances (one, or a gang's, node 0's first). Failures end the
 /// run as failed with the reason.
-pub(super) async fn start(
-    d: Arc<Daemon>,
-    run: RunId,
-    nodes: Vec<InstanceName>,
-    root: PathBuf,
-    spec: RunSpec,
-    secrets: Vec<Secret>,
-    launch: Option<Launch>,
-) {
-    if let Err(e) = try_start(&d, &run, &nodes, root, spec, secrets, launch).await {
+pub(super) async fn start(d: Arc<Daemon>, run: RunId, start: Start) {
+    let nodes = start.nodes.clone();
+    if let Err(e) = try_start(&d, &run, start).await {
         let message = format!("{e:#}");
         tracing::warn!("run {run} failed to start: {message}");
         let _ =
@@ -64,15 +57,29 @@ pub(super) fn budget_now(
     Ok(plan::budget(caps, price, now_ms()))
 }
 
-async fn try_start(
-    d: &Arc<Daemon>,
-    run: &RunId,
-    nodes: &[InstanceName],
-    root: PathBuf,
-    spec: RunSpec,
-    secrets: Vec<Secret>,
-    launch: Option<Launch>,
-) -> anyhow::Result<()> {
+/// What starting a run takes.
+pub(super) struct Start {
+    /// Its instances: one, or a gang's, node 0's first.
+    pub nodes: Vec<InstanceName>,
+    pub root: PathBuf,
+    pub spec: RunSpec,
+    pub secrets: Vec<Secret>,
+    pub launch: Option<Launch>,
+    /// Every node of a gang pushes its checkpoints (`--checkpoints-from all`), not only
+    /// node 0.
+    pub all_checkpoints: bool,
+}
+
+async fn try_start(d: &Arc<Daemon>, run: &RunId, start: Start) -> anyhow::Result<()> {
+    let Start {
+        nodes,
+        root,
+        spec,
+        secrets,
+        launch,
+        all_checkpoints,
+    } = start;
+    let nodes = nodes.as_slice();
     d.db.set_run_state(run, RunState::Syncing, now_ms(), None)?;
     d.bump_run(run);
     let caps = d.db.run_budget(run)?;
@@ -116,8 +123,11 @@ async fn try_start(
             Some(caps) => Some(budget_now(d, instance, caps)?),
             None => None,
         };
+        let mut spec = spec.clone();
+        spec.checkpoints =
+            crate::gang::checkpoints(spec.checkpoints.as_ref(), *node, all_checkpoints);
         let open = start_message(
-            spec.clone(),
+            spec,
             secrets.clone(),
             budget,
             launch.as_ref().map(|l| l.for_node(*node, master.clone())),
@@ -428,6 +438,97 @@ pub(super) async fn stop(
             Ok(())
         }
     }
+}
+
+/// After a node of a gang ended: stops the nodes still running when the gang says so.
+pub(super) fn gang_step(d: &Arc<Daemon>, row: &crate::db::RunRow) {
+    let (Ok(nodes), Ok(ends)) = (d.db.run_nodes(row), d.db.node_ends(&row.id)) else {
+        return;
+    };
+    let crate::gang::Step::StopOthers { cause } = crate::gang::step(nodes.len() as u32, &ends)
+    else {
+        return;
+    };
+    let running: Vec<InstanceName> = nodes
+        .into_iter()
+        .enumerate()
+        .filter(|(node, _)| !ends.iter().any(|e| e.node == *node as u32))
+        .map(|(_, name)| name)
+        .collect();
+    tracing::info!(run = %row.id, "node {cause} ended; stopping the {} still running", running.len());
+    let (d2, run) = (d.clone(), row.id.clone());
+    d.tasks.spawn(async move {
+        stop_nodes(&d2, &run, &running, None).await;
+    });
+}
+
+/// How long a disconnected local agent's process gets to be gone before its nodes are.
+const DYING: Duration = Duration::from_millis(500);
+
+/// A local agent that disconnected because its process died (killed, crashed) holds its
+/// gang nodes no more: each is ended `lost` (the daemon writes the end its agent never
+/// will, and kills what is left of the node's process group), so the gang stops the
+/// others. A cloud agent out of touch may come back (a laptop asleep, a partition): its
+/// nodes wait for it, and its instance's end (found by `list`) ends them.
+pub(super) async fn after_disconnect(d: Arc<Daemon>, instance: InstanceName) {
+    let Ok(Some(row)) = d.db.instance(&instance) else {
+        return;
+    };
+    let Some(pid) = row.pid else { return };
+    if row.provider != crate::provider::ProviderKind::Local
+        || row.state == InstanceState::Terminated
+    {
+        return;
+    }
+    tokio::time::sleep(DYING).await;
+    if d.connected(&instance) || crate::provider::local::is_agent_alive(&d.home, &instance, pid) {
+        return;
+    }
+    let Ok(runs) = d.db.runs_on(&instance) else {
+        return;
+    };
+    for run in runs.iter().filter(|r| !r.state.is_terminal()) {
+        if let Err(e) = lose_node(&d, run, &instance, pid) {
+            tracing::error!(run = %run.id, "ending the node on {instance}: {e:#}");
+        }
+    }
+}
+
+fn lose_node(
+    d: &Arc<Daemon>,
+    run: &crate::db::RunRow,
+    instance: &InstanceName,
+    pid: u32,
+) -> anyhow::Result<()> {
+    let nodes = d.db.run_nodes(run)?;
+    let Some(node) = nodes.iter().position(|n| n == instance).map(|n| n as u32) else {
+        return Ok(());
+    };
+    if nodes.len() < 2 || d.db.node_ends(&run.id)?.iter().any(|e| e.node == node) {
+        return Ok(());
+    }
+    if let Some(group) = d.db.last_started_pid(&run.id, node)? {
+        crate::provider::local::kill_group(group);
+    }
+    let source = Source {
+        node,
+        incarnation: 0,
+    };
+    let end = protocol::RunEvent {
+        seq: d.db.last_seq(&run.id, source)? + 1,
+        at_ms: now_ms(),
+        kind: protocol::EventKind::Ended(protocol::RunEnd::Lost {
+            message: format!("its agent on {instance} (pid {pid}) died"),
+        }),
+    };
+    tracing::warn!(run = %run.id, "node {node}'s agent on {instance} died; the node is lost");
+    let (_, ended) = d.db.insert_events(&run.id, source, &[end])?;
+    d.bump_run(&run.id);
+    match ended {
+        Some(_) => on_run_ended(d, &run.id),
+        None => gang_step(d, run),
+    }
+    Ok(())
 }
 
 pub(super) fn not_found_run(run: &RunId) -> UserError {

@@ -122,6 +122,24 @@ pub fn kill_agent(home: &Home, name: &InstanceName, pid: u32) {
     }
 }
 
+/// Kills (SIGKILL) what is left of a run's process group `pgid` after its local agent
+/// died: the group's processes outlive the agent (they are in a session of their own).
+/// Only while `pgid` still leads its group, so a pid since reused by something else is
+/// left alone.
+pub fn kill_group(pgid: u32) {
+    let leads = std::fs::read_to_string(format!("/proc/{pgid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            // After the command's name in parentheses: state, ppid, pgrp.
+            let rest = stat.rsplit_once(')')?.1;
+            rest.split_whitespace().nth(2)?.parse::<u32>().ok()
+        })
+        == Some(pgid);
+    if leads {
+        let _ = nix::sys::signal::killpg(Pid::from_raw(pgid as i32), Signal::SIGKILL);
+    }
+}
+
 /// The last lines of the instance's agent log, for error messages.
 pub fn log_tail(home: &Home, name: &InstanceName) -> String {
     crate::home::log_tail(&home.local_instance(name).join("agent.log"), 3)
