@@ -12,6 +12,8 @@
 
 use protocol::RunEnd;
 
+use crate::run_state::{Notices, RunState};
+
 /// One node's reported end.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeEnd {
@@ -41,23 +43,12 @@ enum Kind {
     Succeeded,
 }
 
+/// A node's end read as a run's would be (`RunState::after`, no notices).
 fn kind(end: &RunEnd) -> Kind {
-    match end {
-        RunEnd::Exited { code: 0, .. } => Kind::Succeeded,
-        RunEnd::Exited {
-            stop_requested: true,
-            ..
-        }
-        | RunEnd::Signaled {
-            stop_requested: true,
-            ..
-        } => Kind::Stopped,
-        RunEnd::Exited { .. }
-        | RunEnd::Signaled { .. }
-        | RunEnd::SpawnFailed { .. }
-        | RunEnd::SetupFailed { .. }
-        | RunEnd::DataFailed { .. }
-        | RunEnd::Lost { .. } => Kind::Failed,
+    match RunState::after(end, Notices::default()) {
+        RunState::Succeeded => Kind::Succeeded,
+        RunState::Stopped => Kind::Stopped,
+        _ => Kind::Failed,
     }
 }
 

@@ -37,11 +37,11 @@ fn run_ddp(home: &Home, dir: &str, flags: &[&str]) -> Output {
         .expect("run runctl-controller")
 }
 
-/// The trainer's lines, one per rank, sorted.
-fn rank_lines(out: &Output) -> Vec<String> {
+/// The lines of stdout holding `needle`, sorted (ranks and nodes interleave).
+fn lines_with(out: &Output, needle: &str) -> Vec<String> {
     let mut lines: Vec<String> = stdout(out)
         .lines()
-        .filter(|l| l.starts_with("rank "))
+        .filter(|l| l.contains(needle))
         .map(str::to_owned)
         .collect();
     lines.sort();
@@ -61,7 +61,7 @@ fn a_ddp_job_runs_under_torchrun_with_two_processes_and_its_all_reduce_is_right(
         stderr(&out)
     );
     assert_eq!(
-        rank_lines(&out),
+        lines_with(&out, "rank "),
         [
             "rank 0/2 local 0 node 0 replicas equal all-reduce 3 expected 3",
             "rank 1/2 local 1 node 0 replicas equal all-reduce 3 expected 3",
@@ -152,7 +152,7 @@ fn under_torchrun_a_node_runs_a_process_per_gpu_by_default() {
     let out = run_ddp(&home, &bin, &[]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert_eq!(
-        rank_lines(&out),
+        lines_with(&out, "rank "),
         ["rank 0/1 local 0 node 0 replicas equal all-reduce 1 expected 1"],
         "{}",
         stdout(&out)
@@ -160,17 +160,6 @@ fn under_torchrun_a_node_runs_a_process_per_gpu_by_default() {
 }
 
 // --- gangs: `run --nodes N` on N local instances ------------------------------------------
-
-/// A gang's lines of `prefix`, sorted (the nodes' lines interleave).
-fn node_lines(out: &Output, needle: &str) -> Vec<String> {
-    let mut lines: Vec<String> = stdout(out)
-        .lines()
-        .filter(|l| l.contains(needle))
-        .map(str::to_owned)
-        .collect();
-    lines.sort();
-    lines
-}
 
 #[test]
 fn a_two_node_ddp_job_meets_at_node_0_and_its_all_reduce_is_right() {
@@ -206,7 +195,7 @@ fn a_two_node_ddp_job_meets_at_node_0_and_its_all_reduce_is_right() {
         "{text}"
     );
     assert_eq!(
-        node_lines(&out, "] rank "),
+        lines_with(&out, "] rank "),
         [
             "[node 0] rank 0/2 local 0 node 0 replicas equal all-reduce 3 expected 3",
             "[node 1] rank 1/2 local 0 node 1 replicas equal all-reduce 3 expected 3",
@@ -253,7 +242,7 @@ fn every_node_gets_its_rank_and_one_master_and_logs_tell_the_nodes_apart() {
         "{}",
         stderr(&out)
     );
-    let lines = node_lines(&out, "[node ");
+    let lines = lines_with(&out, "[node ");
     assert_eq!(lines.len(), 2, "{lines:?}");
     let port = lines[0].rsplit(' ').next().expect("a port").to_owned();
     assert!(port.parse::<u16>().is_ok_and(|p| p != 0), "{lines:?}");
@@ -285,7 +274,7 @@ fn every_node_gets_its_rank_and_one_master_and_logs_tell_the_nodes_apart() {
     });
     let all = home.run(&["logs", &run]);
     assert_eq!(
-        node_lines(&all, "hello"),
+        lines_with(&all, "hello"),
         ["[node 0] hello from 0", "[node 1] hello from 1"],
         "{}",
         stdout(&all)

@@ -396,6 +396,7 @@ pub(super) async fn stop(
         d.db.run(run)
             .map_err(internal)?
             .ok_or_else(|| not_found_run(run))?;
+    let nodes = d.db.run_nodes(&row).map_err(internal)?;
     match row.state {
         s if s.is_terminal() => Err(UserError::new(
             ErrorCode::Conflict,
@@ -409,9 +410,8 @@ pub(super) async fn stop(
                 .insert(run.clone());
             Ok(())
         }
-        _ if d.db.run_nodes(&row).map_err(internal)?.len() > 1 => {
+        _ if nodes.len() > 1 => {
             // Every node is told; one out of reach is told when it is back.
-            let nodes = d.db.run_nodes(&row).map_err(internal)?;
             stop_nodes(d, run, &nodes, grace).await;
             Ok(())
         }
