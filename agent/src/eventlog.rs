@@ -166,6 +166,16 @@ impl EventLog {
         }
     }
 
+    /// Opens the log of an ended run started again: writes `kind` (its `StartedAgain`
+    /// notice) after the `Ended`, and appends go on from there.
+    pub fn reopen(&self, kind: EventKind) -> io::Result<u64> {
+        let mut w = self.state.lock().expect("event log lock is never poisoned");
+        if !self.cursor.borrow().ended {
+            return Err(io::Error::other("the run has not ended"));
+        }
+        self.write(&mut w, vec![kind])
+    }
+
     /// Writes `kinds` as consecutive events in one write (all or none); returns the last
     /// sequence number.
     fn write(&self, w: &mut Writer, kinds: Vec<EventKind>) -> io::Result<u64> {

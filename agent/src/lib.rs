@@ -23,7 +23,6 @@ pub mod procstat;
 pub mod prune;
 pub mod pusher;
 pub mod reaper;
-pub mod restart;
 pub mod runs;
 pub mod session;
 pub mod setup;

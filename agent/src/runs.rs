@@ -289,6 +289,59 @@ impl Runs {
             );
             log
         };
+        self.launch(
+            protocol::RunStart {
+                spec,
+                secrets,
+                budget,
+                launch,
+            },
+            log,
+        )
+        .await
+    }
+
+    /// Starts a run that has ended here once more (a gang's restart): the same tree, the
+    /// same log, going on after a `StartedAgain` notice. Refused while the run is going.
+    pub async fn start_again(
+        &self,
+        start: protocol::RunStart,
+        attempt: u32,
+        cause: String,
+    ) -> Result<(), WireError> {
+        let run = start.spec.run.clone();
+        let refuse = |why: String| Err(WireError::new(ErrorKind::RunFailed, why));
+        if !Tree::work_dir(&self.run_dir(&run)).is_dir() {
+            return refuse(format!("run {run} has no synced work tree on this agent"));
+        }
+        let log = {
+            let mut entries = self.lock();
+            let Some(entry) = entries.get_mut(&run) else {
+                return refuse(format!("run {run} has never started on this agent"));
+            };
+            if !entry.log.cursor().ended {
+                return refuse(format!("run {run} is still going on this agent"));
+            }
+            let notice = EventKind::Notice(protocol::Notice::StartedAgain { attempt, cause });
+            if let Err(e) = entry.log.reopen(notice) {
+                return Err(internal(&self.run_dir(&run).join(LOG_DIR), e));
+            }
+            entry.stop = None;
+            entry.log.clone()
+        };
+        self.launch(start, log).await
+    }
+
+    /// Hands a run whose log is open to the supervisor: resolves its launch, prepares it
+    /// and connects its storage; a failure is the log's `Ended`.
+    async fn launch(&self, start: protocol::RunStart, log: Arc<EventLog>) -> Result<(), WireError> {
+        let protocol::RunStart {
+            spec,
+            secrets,
+            budget,
+            launch,
+        } = start;
+        let run_dir = self.run_dir(&spec.run);
         let launch = match launch {
             Some(launch) => self.resolve_launch(&launch).await.map(Some),
             None => Ok(None),

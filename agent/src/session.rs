@@ -402,6 +402,19 @@ async fn handle_bulk(
             start_run(&runs, plain_start(*spec, secrets), &mut send).await?
         }
         BulkOpen::StartRunWith(start) => start_run(&runs, *start, &mut send).await?,
+        BulkOpen::StartAgain {
+            start,
+            attempt,
+            cause,
+        } => {
+            let run = start.spec.run.clone();
+            let result = runs.start_again(*start, attempt, cause).await;
+            match &result {
+                Ok(()) => tracing::info!(%run, attempt, "run started again"),
+                Err(e) => tracing::warn!(%run, "run failed to start again: {}", e.message),
+            }
+            write_frame(&mut send, &AgentMsg::RunStarted { run, result }).await?;
+        }
         BulkOpen::Sync(open) => handle_sync(runs, open, Vec::new(), &mut send, recv).await?,
         BulkOpen::SyncFrom { open, bases } => {
             handle_sync(runs, open, bases, &mut send, recv).await?

@@ -23,8 +23,8 @@ use crate::data;
 use crate::eventlog::EventLog;
 use crate::lines::{LineSplitter, Piece, Redactor};
 use crate::pusher::Pusher;
-use crate::restart::{self, History};
 use crate::setup::Step;
+use protocol::restart::{self, History};
 
 /// After the process exits, how long its output pipes may stay open (held by leftover
 /// children) before the rest of its process group is killed.

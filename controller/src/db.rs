@@ -14,7 +14,7 @@ use crate::provider::ProviderKind;
 use crate::run_state::{self, Held};
 use serde::{Deserialize, Serialize};
 
-const SCHEMA_VERSION: i64 = 7;
+const SCHEMA_VERSION: i64 = 8;
 
 /// Version 2 added where each run's checkpoints go.
 const MIGRATE_1_TO_2: &str =
@@ -28,7 +28,46 @@ const MIGRATIONS: [&str; SCHEMA_VERSION as usize - 1] = [
     MIGRATE_4_TO_5,
     MIGRATE_5_TO_6,
     MIGRATE_6_TO_7,
+    MIGRATE_7_TO_8,
 ];
+
+/// Version 8: a gang restarts (all its nodes at once), so the daemon keeps what it
+/// started each node with (`start`, JSON: [`StoredStart`]; no secret values) and the
+/// restarts made so far; each node keeps which attempt its events are in (a
+/// `StartedAgain` notice moves it on), so an end from an earlier attempt, replayed late,
+/// does not end the current one.
+const MIGRATE_7_TO_8: &str = "
+CREATE TABLE run_starts (
+    run_id TEXT PRIMARY KEY,
+    start TEXT NOT NULL,
+    restarts INTEGER NOT NULL DEFAULT 0,
+    quick_failures INTEGER NOT NULL DEFAULT 0,
+    attempt_ms INTEGER NOT NULL
+);
+ALTER TABLE run_nodes ADD COLUMN attempt INTEGER NOT NULL DEFAULT 1;
+";
+
+/// What a gang's nodes were started with, kept to start them again: the spec as sent to
+/// node 0 before its per-node changes, the launch, whether every node pushes checkpoints,
+/// and the names (never the values) of its secrets.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredStart {
+    pub spec: protocol::RunSpec,
+    pub launch: Option<protocol::launch::Launch>,
+    pub all_checkpoints: bool,
+    pub secret_names: Vec<String>,
+}
+
+/// What storing a batch of events did to the run.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Stored {
+    /// The source's highest stored sequence number.
+    pub last_seq: u64,
+    /// The run's terminal state, if it just ended.
+    pub ended: Option<RunState>,
+    /// The gang starts again (its nodes' ends are cleared, the restart counted).
+    pub restart: Option<crate::gang::Restart>,
+}
 
 /// Version 7: a run may have several nodes (`run --nodes`), each on an instance of its
 /// own (node 0's is the run's `instance`), each reporting its own end; the run ends when
@@ -789,16 +828,80 @@ impl Db {
         node_ends_of(&self.lock(), run)
     }
 
+    /// Keeps what a gang's nodes were started with, and when the attempt began.
+    pub fn set_run_start(
+        &self,
+        run: &RunId,
+        start: &StoredStart,
+        attempt_ms: u64,
+    ) -> anyhow::Result<()> {
+        self.lock().execute(
+            "INSERT OR REPLACE INTO run_starts (run_id, start, attempt_ms) VALUES (?1, ?2, ?3)",
+            params![run.as_str(), serde_json::to_string(start)?, attempt_ms],
+        )?;
+        Ok(())
+    }
+
+    /// What a gang's nodes were started with, if it is kept.
+    pub fn run_start(&self, run: &RunId) -> anyhow::Result<Option<StoredStart>> {
+        let start: Option<String> = self
+            .lock()
+            .query_row(
+                "SELECT start FROM run_starts WHERE run_id = ?1",
+                [run.as_str()],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(start.map(|s| serde_json::from_str(&s)).transpose()?)
+    }
+
+    /// Marks when a gang's new attempt began (its restart's backoff counts from there).
+    pub fn set_attempt_started(&self, run: &RunId, attempt_ms: u64) -> anyhow::Result<()> {
+        self.lock().execute(
+            "UPDATE run_starts SET attempt_ms = ?2 WHERE run_id = ?1",
+            params![run.as_str(), attempt_ms],
+        )?;
+        Ok(())
+    }
+
+    /// Gangs still going whose restart was decided (counted) but whose nodes have not
+    /// begun it, with the attempt they wait for.
+    pub fn pending_restarts(&self) -> anyhow::Result<Vec<(RunId, u32)>> {
+        let conn = self.lock();
+        let mut stmt = conn.prepare(
+            "SELECT s.run_id, s.restarts + 1 FROM run_starts s JOIN runs r ON r.id = s.run_id
+             WHERE s.restarts > 0
+               AND r.state NOT IN ('succeeded', 'failed', 'stopped', 'interrupted', 'budget_exceeded')
+               AND NOT EXISTS (SELECT 1 FROM run_nodes n WHERE n.run_id = s.run_id AND n.attempt > s.restarts)",
+        )?;
+        let rows = stmt
+            .query_map([], |r| {
+                let run: String = r.get(0)?;
+                Ok((parse(&run)?, r.get(1)?))
+            })?
+            .collect::<Result<_, _>>()?;
+        Ok(rows)
+    }
+
+    /// Whether node 0 of `run` has pushed a checkpoint completely (its `LATEST` exists).
+    pub fn pushed_checkpoint(&self, run: &RunId) -> anyhow::Result<bool> {
+        Ok(self.lock().query_row(
+            "SELECT EXISTS (SELECT 1 FROM run_events WHERE run_id = ?1 AND node = 0 AND kind LIKE '{\"checkpoint\":%' AND kind LIKE '%\"uploaded\":%')",
+            [run.as_str()],
+            |r| r.get(0),
+        )?)
+    }
+
     /// Stores events from `source` (ignoring any of its already stored), each given the
     /// run's next `shown` number, and, when the run's `Ended` event is among them, ends the
-    /// run in the same transaction. Returns the source's highest stored sequence number and
-    /// the run's new terminal state, if it just ended.
+    /// run in the same transaction (or, for a gang, records the node's end and ends the
+    /// run or starts it again when the gang says so).
     pub fn insert_events(
         &self,
         run: &RunId,
         source: Source,
         events: &[RunEvent],
-    ) -> anyhow::Result<(u64, Option<RunState>)> {
+    ) -> anyhow::Result<Stored> {
         let mut conn = self.lock();
         let tx = conn.transaction()?;
         let held: Held = tx.query_row(
@@ -843,7 +946,7 @@ impl Db {
                 }
             }
         }
-        // A gang's nodes each end; the run ends when the gang says.
+        // A gang's nodes each end; the run ends (or starts again) when the gang says.
         let nodes: u32 = tx.query_row(
             "SELECT COUNT(*) FROM run_nodes WHERE run_id = ?1",
             [run.as_str()],
@@ -851,15 +954,35 @@ impl Db {
         )?;
         let mut node_end = None;
         if nodes > 1 {
+            let gang = gang_attempt(&tx, run)?;
+            let mut attempt: u32 = tx.query_row(
+                "SELECT attempt FROM run_nodes WHERE run_id = ?1 AND node = ?2",
+                params![run.as_str(), source.node],
+                |r| r.get(0),
+            )?;
             fresh.retain(|e| match &e.kind {
+                protocol::EventKind::Notice(protocol::Notice::StartedAgain {
+                    attempt: a, ..
+                }) => {
+                    attempt = *a;
+                    true
+                }
+                // An earlier attempt's end, come late, ends nothing now.
                 protocol::EventKind::Ended(end) => {
-                    node_end = Some((end.clone(), e.at_ms));
+                    if attempt == gang.attempt {
+                        node_end = Some((end.clone(), e.at_ms));
+                    }
                     false
                 }
                 _ => true,
             });
+            tx.execute(
+                "UPDATE run_nodes SET attempt = ?3 WHERE run_id = ?1 AND node = ?2",
+                params![run.as_str(), source.node, attempt],
+            )?;
         }
         let mut change = run_state::apply(held, &fresh);
+        let mut restart = None;
         if let Some((end, at_ms)) = node_end {
             tx.execute(
                 "UPDATE run_nodes SET end_kind = ?3, end_ms = ?4 WHERE run_id = ?1 AND node = ?2 AND end_kind IS NULL",
@@ -868,12 +991,15 @@ impl Db {
             if let crate::gang::Step::End(last) = crate::gang::step(nodes, &node_ends_of(&tx, run)?)
                 && !held.ended
             {
-                change.state = RunState::after(&last.end, change.notices);
-                change.end = Some(run_state::Ended {
-                    error: crate::gang::error(&last),
-                    end: last.end,
-                    at_ms: last.at_ms,
-                });
+                restart = restart_gang(&tx, run, &last, change.notices)?;
+                if restart.is_none() {
+                    change.state = RunState::after(&last.end, change.notices);
+                    change.end = Some(run_state::Ended {
+                        error: crate::gang::error(&last),
+                        end: last.end,
+                        at_ms: last.at_ms,
+                    });
+                }
             }
         }
         tx.execute(
@@ -894,9 +1020,13 @@ impl Db {
             )?;
             new_state = Some(change.state);
         }
-        let last = last_seq_of(&tx, run, source)?;
+        let last_seq = last_seq_of(&tx, run, source)?;
         tx.commit()?;
-        Ok((last, new_state))
+        Ok(Stored {
+            last_seq,
+            ended: new_state,
+            restart,
+        })
     }
 
     /// The highest sequence number stored from `source`: what to ask its agent to replay
@@ -994,6 +1124,76 @@ impl Db {
             .collect::<Result<_, _>>()?;
         Ok(rows)
     }
+}
+
+/// A gang's current attempt (1 until it restarts) and restart history.
+struct GangAttempt {
+    attempt: u32,
+    history: protocol::restart::History,
+    attempt_ms: u64,
+    policy: Option<protocol::RestartPolicy>,
+}
+
+fn gang_attempt(conn: &Connection, run: &RunId) -> anyhow::Result<GangAttempt> {
+    let row: Option<(String, u32, u32, u64)> = conn
+        .query_row(
+            "SELECT start, restarts, quick_failures, attempt_ms FROM run_starts WHERE run_id = ?1",
+            [run.as_str()],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+        )
+        .optional()?;
+    Ok(match row {
+        Some((start, restarts, quick_failures, attempt_ms)) => {
+            let start: StoredStart = serde_json::from_str(&start)?;
+            GangAttempt {
+                attempt: restarts + 1,
+                history: protocol::restart::History {
+                    restarts,
+                    quick_failures,
+                },
+                attempt_ms,
+                policy: Some(start.spec.restart),
+            }
+        }
+        None => GangAttempt {
+            attempt: 1,
+            history: Default::default(),
+            attempt_ms: 0,
+            policy: None,
+        },
+    })
+}
+
+/// After every node of a gang ended with `last` as the run's end: whether the gang starts
+/// again (`gang::restart`); if so its nodes' ends are cleared and the restart counted.
+fn restart_gang(
+    tx: &Connection,
+    run: &RunId,
+    last: &crate::gang::NodeEnd,
+    notices: run_state::Notices,
+) -> anyhow::Result<Option<crate::gang::Restart>> {
+    let mut gang = gang_attempt(tx, run)?;
+    let Some(policy) = gang.policy else {
+        return Ok(None);
+    };
+    let ran_for = std::time::Duration::from_millis(last.at_ms.saturating_sub(gang.attempt_ms));
+    let Some(restart) = crate::gang::restart(policy, last, notices, ran_for, &mut gang.history)
+    else {
+        return Ok(None);
+    };
+    tx.execute(
+        "UPDATE run_nodes SET end_kind = NULL, end_ms = NULL WHERE run_id = ?1",
+        [run.as_str()],
+    )?;
+    tx.execute(
+        "UPDATE run_starts SET restarts = ?2, quick_failures = ?3 WHERE run_id = ?1",
+        params![
+            run.as_str(),
+            gang.history.restarts,
+            gang.history.quick_failures
+        ],
+    )?;
+    Ok(Some(restart))
 }
 
 fn node_ends_of(conn: &Connection, run: &RunId) -> anyhow::Result<Vec<crate::gang::NodeEnd>> {
@@ -1259,7 +1459,10 @@ mod tests {
         assert_eq!(
             db.insert_events(&run, Source::default(), &[out(1), out(2)])
                 .expect("insert"),
-            (2, None)
+            Stored {
+                last_seq: 2,
+                ..Stored::default()
+            }
         );
         let end = RunEvent {
             seq: 3,
@@ -1272,12 +1475,16 @@ mod tests {
         assert_eq!(
             db.insert_events(&run, Source::default(), &[out(2), end.clone()])
                 .expect("insert"),
-            (3, Some(RunState::Failed))
+            Stored {
+                last_seq: 3,
+                ended: Some(RunState::Failed),
+                restart: None
+            }
         );
         assert_eq!(
             db.insert_events(&run, Source::default(), &[end])
                 .expect("replay")
-                .1,
+                .ended,
             None,
             "ending twice is a no-op"
         );
@@ -1326,6 +1533,124 @@ mod tests {
     }
 
     #[test]
+    fn a_gang_under_a_restart_policy_starts_again_and_a_late_end_ends_nothing() {
+        let (_dir, db) = db();
+        let run = RunId::from_random([8; 6]);
+        running(&db, &run);
+        db.insert_run_nodes(&run, &[name("local-1"), name("local-2")])
+            .expect("nodes");
+        let spec = protocol::RunSpec {
+            run: run.clone(),
+            argv: vec!["true".into()],
+            env: vec![],
+            cwd: String::new(),
+            setup: protocol::Setup::Skip,
+            restart: protocol::RestartPolicy::OnFailure { max_restarts: 1 },
+            stop_grace_ms: 1000,
+            end: protocol::EndAction::Keep,
+            spot_signal: 15,
+            storage: None,
+            data: vec![],
+            pull_alongside: false,
+            checkpoints: None,
+            resume_from: None,
+        };
+        let start = StoredStart {
+            spec,
+            launch: None,
+            all_checkpoints: false,
+            secret_names: vec!["HF_TOKEN".into()],
+        };
+        db.set_run_start(&run, &start, 0).expect("start");
+        assert_eq!(db.run_start(&run).expect("db"), Some(start));
+        let node = |node| Source {
+            node,
+            incarnation: 0,
+        };
+        let event = |seq, kind| RunEvent {
+            seq,
+            at_ms: 100 * seq,
+            kind,
+        };
+        let lost = EventKind::Ended(RunEnd::Lost {
+            message: "its agent died".into(),
+        });
+        let stopped = EventKind::Ended(RunEnd::Signaled {
+            signal: 15,
+            stop_requested: true,
+        });
+        let again = || {
+            EventKind::Notice(protocol::Notice::StartedAgain {
+                attempt: 2,
+                cause: "node 1: its agent died".into(),
+            })
+        };
+        let success = EventKind::Ended(RunEnd::Exited {
+            code: 0,
+            stop_requested: false,
+        });
+        db.insert_events(&run, node(1), &[event(1, lost.clone())])
+            .expect("node 1");
+        let stored = db
+            .insert_events(&run, node(0), &[event(1, stopped.clone())])
+            .expect("node 0");
+        assert_eq!(stored.ended, None, "the gang starts again");
+        let restart = stored.restart.expect("a restart");
+        assert_eq!(
+            (restart.attempt, restart.cause.as_str()),
+            (2, "node 1: its agent died")
+        );
+        assert_eq!(db.node_ends(&run).expect("db"), vec![], "ends cleared");
+        assert_eq!(db.pending_restarts().expect("db"), vec![(run.clone(), 2)]);
+        // Node 1's agent, come back, ends its first attempt again under a number of its
+        // own: that end is of attempt 1 and ends nothing now.
+        let late = db
+            .insert_events(&run, node(1), &[event(2, lost.clone())])
+            .expect("late");
+        assert_eq!((late.ended, late.restart), (None, None));
+        assert_eq!(db.node_ends(&run).expect("db"), vec![]);
+        // Attempt 2 on both nodes, and both succeed: the run succeeds.
+        db.insert_events(
+            &run,
+            node(1),
+            &[event(3, again()), event(4, success.clone())],
+        )
+        .expect("node 1, attempt 2");
+        assert_eq!(db.pending_restarts().expect("db"), vec![], "begun");
+        let done = db
+            .insert_events(
+                &run,
+                node(0),
+                &[event(2, again()), event(3, success.clone())],
+            )
+            .expect("node 0, attempt 2");
+        assert_eq!(done.ended, Some(RunState::Succeeded));
+        // A second failure after the one restart allowed ends the run.
+        let run2 = RunId::from_random([9; 6]);
+        running(&db, &run2);
+        db.insert_run_nodes(&run2, &[name("local-3"), name("local-4")])
+            .expect("nodes");
+        let mut start2 = db.run_start(&run).expect("db").expect("start");
+        start2.spec.run = run2.clone();
+        db.set_run_start(&run2, &start2, 0).expect("start");
+        db.insert_events(&run2, node(1), &[event(1, lost.clone())])
+            .expect("1");
+        let first = db
+            .insert_events(&run2, node(0), &[event(1, stopped.clone())])
+            .expect("0");
+        assert!(first.restart.is_some());
+        db.insert_events(&run2, node(1), &[event(2, again()), event(3, lost)])
+            .expect("1 again");
+        let second = db
+            .insert_events(&run2, node(0), &[event(2, again()), event(3, stopped)])
+            .expect("0 again");
+        assert_eq!(
+            (second.ended, second.restart),
+            (Some(RunState::Failed), None)
+        );
+    }
+
+    #[test]
     fn a_gang_ends_when_every_node_has_with_the_first_failure() {
         let (_dir, db) = db();
         let run = RunId::from_random([7; 6]);
@@ -1354,9 +1679,10 @@ mod tests {
             stop_requested: false,
         };
         // Node 1 fails: the run goes on until node 0, stopped for it, has ended too.
-        let (_, state) = db
+        let state = db
             .insert_events(&run, node(1), &[line(1, "b"), ended(2, 10, failed.clone())])
-            .expect("insert");
+            .expect("insert")
+            .ended;
         assert_eq!(state, None, "one node of two");
         assert_eq!(
             db.run(&run).expect("db").expect("run").state,
@@ -1366,9 +1692,10 @@ mod tests {
             signal: 15,
             stop_requested: true,
         };
-        let (_, state) = db
+        let state = db
             .insert_events(&run, node(0), &[ended(1, 20, stopped)])
-            .expect("insert");
+            .expect("insert")
+            .ended;
         assert_eq!(state, Some(RunState::Failed));
         let row = db.run(&run).expect("db").expect("run");
         assert_eq!(row.exit, Some(failed));
@@ -1417,7 +1744,7 @@ mod tests {
         assert_eq!(
             db.insert_events(&run, node1, &[line(2, "b2"), line(3, "b3")])
                 .expect("replay")
-                .0,
+                .last_seq,
             3
         );
         let shown: Vec<(u64, String)> = db
@@ -1539,9 +1866,10 @@ mod tests {
                 stop_requested: true,
             }),
         };
-        let (_, state) = db
+        let state = db
             .insert_events(&run, Source::default(), &[ended])
-            .expect("insert");
+            .expect("insert")
+            .ended;
         assert_eq!(state, Some(RunState::BudgetExceeded));
         assert!(
             !db.set_run_state(&run, RunState::Failed, 9, None)

@@ -8,9 +8,13 @@
 //! it; a node that succeeds waits for the others (ranks finish at slightly different
 //! times); the run is over when every node has ended, and its end is the first failure
 //! (the cause: the nodes stopped because of it ended `stopped`), else the first stop the
-//! user asked for, else node 0's success.
+//! user asked for, else node 0's success. Under a restart policy the gang may instead
+//! start again, every node at once, from the run's newest checkpoint (`restart`).
 
-use protocol::RunEnd;
+use std::time::Duration;
+
+use protocol::restart::History;
+use protocol::{EndAction, RestartPolicy, RunEnd, RunSpec};
 
 use crate::run_state::{Notices, RunState};
 
@@ -76,6 +80,74 @@ pub fn step(nodes: u32, ends: &[NodeEnd]) -> Step {
     }
 }
 
+/// A gang's start again, all its nodes together: the attempt it will be (2 for the
+/// first), after how long, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Restart {
+    pub attempt: u32,
+    pub delay: Duration,
+    pub cause: String,
+}
+
+/// Whether a gang whose nodes have all ended, the run's end being `last` (by [`step`]),
+/// starts again under the run's restart policy, having run `ran_for` since its last
+/// start; `history` is the gang's, and counts this restart when there is one.
+///
+/// The gang's restart is the node's policy lifted to the gang: a failure (a node's
+/// process failed or was lost with its agent) restarts it under `on-failure`, any end
+/// by itself under `always`. Never: a stop the user asked for, a spot interruption (a
+/// new instance is needed, not a new process) or a cap of the budget, and a start that
+/// failed (setup, spawn, data: it would fail the same way again).
+pub fn restart(
+    policy: RestartPolicy,
+    last: &NodeEnd,
+    notices: Notices,
+    ran_for: Duration,
+    history: &mut History,
+) -> Option<Restart> {
+    let failed = match &last.end {
+        RunEnd::Exited {
+            code,
+            stop_requested: false,
+        } => *code != 0,
+        RunEnd::Signaled {
+            stop_requested: false,
+            ..
+        }
+        | RunEnd::Lost { .. } => true,
+        RunEnd::Exited {
+            stop_requested: true,
+            ..
+        }
+        | RunEnd::Signaled {
+            stop_requested: true,
+            ..
+        }
+        | RunEnd::SpawnFailed { .. }
+        | RunEnd::SetupFailed { .. }
+        | RunEnd::DataFailed { .. } => return None,
+    };
+    if notices.spot || notices.budget {
+        return None;
+    }
+    let delay = protocol::restart::next(policy, failed, ran_for, history)?;
+    Some(Restart {
+        attempt: history.restarts + 1,
+        delay,
+        cause: error(last).unwrap_or_else(|| format!("node {} ended by itself", last.node)),
+    })
+}
+
+/// What a gang started again resumes from: its own checkpoints once node 0 has pushed
+/// one (`dest`, where `LATEST` is), else what the run was started from (`--resume-from`),
+/// else nothing.
+pub fn resume_from(dest: Option<&str>, pushed: bool, first: Option<&str>) -> Option<String> {
+    match (dest, pushed) {
+        (Some(dest), true) => Some(dest.to_owned()),
+        _ => first.map(str::to_owned),
+    }
+}
+
 /// The run's error for its end, naming the node: `node 1: exited with code 3`.
 pub fn error(end: &NodeEnd) -> Option<String> {
     end.end
@@ -85,6 +157,21 @@ pub fn error(end: &NodeEnd) -> Option<String> {
             (kind(&end.end) == Kind::Failed)
                 .then(|| format!("node {}: {}", end.node, end.end.describe()))
         })
+}
+
+/// What node `node` of a gang is started with: the run's spec with the node's own
+/// checkpoints ([`checkpoints`]). A node's process is never restarted alone (the gang's
+/// rendezvous would not take it back): the gang restarts together, by the daemon. Under a
+/// restart policy a node's agent keeps its instance when the node ends, since the gang may
+/// start again on it; the daemon ends the instances with the run.
+pub fn node_spec(spec: &RunSpec, node: u32, all_checkpoints: bool) -> RunSpec {
+    let mut node_spec = spec.clone();
+    node_spec.checkpoints = checkpoints(spec.checkpoints.as_ref(), node, all_checkpoints);
+    node_spec.restart = RestartPolicy::Never;
+    if spec.restart != RestartPolicy::Never {
+        node_spec.end = EndAction::Keep;
+    }
+    node_spec
 }
 
 /// Where node `node` of a gang pushes its checkpoints: node 0 to the run's prefix (where
@@ -135,6 +222,56 @@ mod tests {
         }
         assert_eq!(checkpoints(None, 0, true), None, "a run that pushes none");
         assert_eq!(checkpoints(Some(&push), 1, true).map(|p| p.keep), Some(3));
+    }
+
+    #[test]
+    fn a_node_is_never_restarted_alone_and_keeps_its_instance_while_the_gang_may_restart() {
+        let spec = RunSpec {
+            run: "run-0123456789ab".parse().expect("run id"),
+            argv: vec!["python".into(), "train.py".into()],
+            env: vec![],
+            cwd: String::new(),
+            setup: protocol::Setup::Auto,
+            restart: RestartPolicy::OnFailure { max_restarts: 3 },
+            stop_grace_ms: 1000,
+            end: EndAction::Terminate,
+            spot_signal: 15,
+            storage: None,
+            data: vec![],
+            pull_alongside: false,
+            checkpoints: Some(protocol::CheckpointPush {
+                dest: "s3://b/checkpoints/run-0123456789ab/".into(),
+                keep: 3,
+            }),
+            resume_from: None,
+        };
+        // (policy, node) -> (node's policy, node's end action, pushes checkpoints)
+        let cases: &[(RestartPolicy, u32, EndAction, bool)] = &[
+            (
+                RestartPolicy::OnFailure { max_restarts: 3 },
+                0,
+                EndAction::Keep,
+                true,
+            ),
+            (
+                RestartPolicy::OnFailure { max_restarts: 3 },
+                1,
+                EndAction::Keep,
+                false,
+            ),
+            (RestartPolicy::Always, 1, EndAction::Keep, false),
+            (RestartPolicy::Never, 0, EndAction::Terminate, true),
+            (RestartPolicy::Never, 1, EndAction::Terminate, false),
+        ];
+        for (policy, node, end, pushes) in cases {
+            let mut run = spec.clone();
+            run.restart = *policy;
+            let got = node_spec(&run, *node, false);
+            assert_eq!(got.restart, RestartPolicy::Never, "{policy:?} {node}");
+            assert_eq!(got.end, *end, "{policy:?} {node}");
+            assert_eq!(got.checkpoints.is_some(), *pushes, "{policy:?} {node}");
+            assert_eq!(got.argv, spec.argv);
+        }
     }
 
     fn exited(code: i32) -> RunEnd {
@@ -225,6 +362,129 @@ mod tests {
         ];
         for (name, nodes, ends, want) in cases {
             assert_eq!(step(*nodes, ends), *want, "{name}");
+        }
+    }
+
+    #[test]
+    fn restarts() {
+        let on_failure = RestartPolicy::OnFailure { max_restarts: 2 };
+        let spot = Notices {
+            spot: true,
+            budget: false,
+        };
+        let quiet = Notices::default();
+        // (case, policy, the run's end, notices, restarts so far, the restart as (attempt, delay s))
+        type Case = (
+            &'static str,
+            RestartPolicy,
+            RunEnd,
+            Notices,
+            u32,
+            Option<(u32, u64)>,
+        );
+        let cases: &[Case] = &[
+            (
+                "a lost node, on failure",
+                on_failure,
+                lost(),
+                quiet,
+                0,
+                Some((2, 1)),
+            ),
+            (
+                "a failed node",
+                on_failure,
+                exited(3),
+                quiet,
+                0,
+                Some((2, 1)),
+            ),
+            ("the second", on_failure, exited(3), quiet, 1, Some((3, 2))),
+            ("out of restarts", on_failure, exited(3), quiet, 2, None),
+            ("never", RestartPolicy::Never, lost(), quiet, 0, None),
+            ("success, on failure", on_failure, exited(0), quiet, 0, None),
+            (
+                "success, always",
+                RestartPolicy::Always,
+                exited(0),
+                quiet,
+                0,
+                Some((2, 1)),
+            ),
+            (
+                "stopped by the user",
+                RestartPolicy::Always,
+                stopped(),
+                quiet,
+                0,
+                None,
+            ),
+            ("a spot notice", on_failure, exited(3), spot, 0, None),
+            (
+                "setup failed",
+                on_failure,
+                RunEnd::SetupFailed {
+                    message: "pip".into(),
+                },
+                quiet,
+                0,
+                None,
+            ),
+        ];
+        for (name, policy, end, notices, restarts, want) in cases {
+            let mut history = History {
+                restarts: *restarts,
+                quick_failures: *restarts,
+            };
+            let got = restart(
+                *policy,
+                &at(1, end.clone(), 5),
+                *notices,
+                Duration::from_secs(10),
+                &mut history,
+            )
+            .map(|r| (r.attempt, r.delay.as_secs()));
+            assert_eq!(got, *want, "{name}");
+        }
+        let why = restart(
+            on_failure,
+            &at(1, lost(), 5),
+            quiet,
+            Duration::ZERO,
+            &mut History::default(),
+        )
+        .map(|r| r.cause);
+        assert_eq!(why.as_deref(), Some("node 1: the agent restarted"));
+    }
+
+    #[test]
+    fn a_restart_resumes_from_the_runs_own_checkpoints_once_there_are_some() {
+        let dest = Some("s3://b/checkpoints/run-0123456789ab/");
+        // (the run's prefix, node 0 pushed one, --resume-from, what a restart resumes from)
+        type Case = (
+            Option<&'static str>,
+            bool,
+            Option<&'static str>,
+            Option<&'static str>,
+        );
+        let cases: &[Case] = &[
+            (dest, true, None, dest),
+            (dest, false, None, None),
+            (
+                dest,
+                false,
+                Some("s3://b/checkpoints/run-a/"),
+                Some("s3://b/checkpoints/run-a/"),
+            ),
+            (dest, true, Some("s3://b/checkpoints/run-a/"), dest),
+            (None, false, None, None),
+        ];
+        for (dest, pushed, first, want) in cases {
+            assert_eq!(
+                resume_from(*dest, *pushed, *first).as_deref(),
+                *want,
+                "{dest:?} {pushed} {first:?}"
+            );
         }
     }
 

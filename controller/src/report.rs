@@ -266,6 +266,9 @@ pub fn notice_text(notice: &Notice) -> String {
             "budget reached: {}; stopping the run (its stop signal, the grace period, checkpoints pushed, then its end action)",
             limit.describe(spend)
         ),
+        Notice::StartedAgain { attempt, cause } => {
+            format!("started again (attempt {attempt}) after {cause}")
+        }
     }
 }
 

@@ -1,7 +1,7 @@
 //! runctl's wire protocol: the messages both sides exchange, their one codec, and the QUIC
 //! channel (endpoints, mutual TLS, framing) that carries them.
 //!
-//! `ids`, `budget`, `launch`, `message`, `streams`, `stats`, `codec`, `manifest`, `delta`, `agent_config`, `path` and
+//! `ids`, `budget`, `launch`, `restart`, `message`, `streams`, `stats`, `codec`, `manifest`, `delta`, `agent_config`, `path` and
 //! `relay` are pure: no tokio, no clock, no I/O. `tls`, `framed`, `carrier`, `copy` (a copy's tar, checked
 //! unpack) and `splice` (a forwarded TCP connection over a stream) are the thin I/O shell
 //! around them.
@@ -19,6 +19,7 @@ pub mod manifest;
 pub mod message;
 pub mod path;
 pub mod relay;
+pub mod restart;
 pub mod splice;
 pub mod stats;
 pub mod streams;
@@ -32,4 +33,4 @@ pub use stats::{GpuStats, HostStats, RunStats, StatsSample};
 
 /// The version of the agent-controller protocol this build speaks. Bump it on any change
 /// to the messages; the golden encodings in `message` tests make such a change visible.
-pub const PROTOCOL_VERSION: u16 = 10;
+pub const PROTOCOL_VERSION: u16 = 11;

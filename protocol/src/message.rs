@@ -50,6 +50,9 @@ pub enum Feature {
     /// The agent takes a run's launch (`RunStart::launch`): torchrun's environment and,
     /// under `--launcher torchrun`, the command wrapped in torchrun.
     Launcher,
+    /// The agent starts a run that has ended once more on the same log
+    /// (`BulkOpen::StartAgain`): a gang restarting all its nodes together.
+    StartAgain,
 }
 
 impl Feature {
@@ -61,6 +64,7 @@ impl Feature {
         Feature::Secrets,
         Feature::Budget,
         Feature::Launcher,
+        Feature::StartAgain,
     ];
 
     pub fn name(self) -> &'static str {
@@ -72,6 +76,7 @@ impl Feature {
             Feature::Secrets => "secrets",
             Feature::Budget => "budget",
             Feature::Launcher => "launcher",
+            Feature::StartAgain => "start-again",
         }
     }
 }
@@ -299,6 +304,16 @@ pub enum BulkOpen {
     /// `StartRunWithSecrets`, and its budget, which the agent holds while the daemon is
     /// away.
     StartRunWith(Box<RunStart>),
+    /// Start a run that has ended on this agent once more (feature `start-again`), its
+    /// events going on in the same log after a `Notice::StartedAgain`: a gang's restart,
+    /// every node at once. Refused while the run is still going. Answered by
+    /// `AgentMsg::RunStarted`.
+    StartAgain {
+        start: Box<RunStart>,
+        /// The attempt this is (2 for the first start again) and why, for the log.
+        attempt: u32,
+        cause: String,
+    },
 }
 
 /// A run's start with everything beside its spec.
@@ -586,6 +601,10 @@ pub enum Notice {
         limit: crate::budget::Limit,
         spend: crate::budget::Spend,
     },
+    /// The run, which had ended here, was started again (`BulkOpen::StartAgain`): its
+    /// `attempt`, and the `cause` its controller gave (a gang restarting after a node
+    /// failed). An `Ended` before this one was not the run's last.
+    StartedAgain { attempt: u32, cause: String },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -838,6 +857,10 @@ mod tests {
                     elapsed_ms: 6_000,
                 },
             }),
+            EventKind::Notice(Notice::StartedAgain {
+                attempt: 2,
+                cause: "node 1: its agent died".into(),
+            }),
         ];
         rendered.extend(more_events.into_iter().map(|kind| {
             golden(&RunEvent {
@@ -994,6 +1017,16 @@ mod tests {
                 }),
             }),
         }))));
+        rendered.push(golden(&BulkOpen::StartAgain {
+            start: Box::new(RunStart {
+                spec: (**spec).clone(),
+                secrets: vec![],
+                budget: None,
+                launch: None,
+            }),
+            attempt: 2,
+            cause: "node 1: its agent died".into(),
+        }));
         insta::assert_snapshot!(rendered.join("\n"));
     }
 

@@ -491,3 +491,107 @@ fn a_node_whose_agent_dies_is_lost_and_the_gang_stops() {
         .expect("pgrep");
     assert!(left.stdout.is_empty(), "left running: {}", stdout(&left));
 }
+
+#[test]
+fn a_gang_whose_node_dies_starts_again_from_latest_and_finishes_right() {
+    let test = "a_gang_whose_node_dies_starts_again_from_latest_and_finishes_right";
+    let Some(bin) = torch_bin(test) else { return };
+    let home = Home::new();
+    let path = format!("{bin}:{}", std::env::var("PATH").unwrap_or_default());
+    let trainer = fixture("ddp_resume_trainer.py").display().to_string();
+    let args = [
+        "--output",
+        "json",
+        "run",
+        "--detach",
+        "--setup",
+        "none",
+        "--nodes",
+        "2",
+        "--nproc-per-node",
+        "1",
+        "--restart",
+        "on-failure:2",
+        "--stop-grace",
+        "2",
+        "--",
+        "python3",
+        &trainer,
+    ];
+    let out = home
+        .cli()
+        .env("PATH", &path)
+        .args(args)
+        .output()
+        .expect("run runctl-controller");
+    let run = tests::json_output(&out, &args)["id"]
+        .as_str()
+        .expect("a run id")
+        .to_owned();
+    // Mid-run, once node 0 has pushed a checkpoint: node 1's agent dies.
+    home.wait_until(
+        "node 0's first checkpoint in the store",
+        std::time::Duration::from_secs(90),
+        // (The bucket itself comes with the first checkpoint.)
+        || home.json(&["checkpoint", "list", &run])["latest"].is_string(),
+    );
+    let list = home.json(&["list"]);
+    let node1 = list["nodes"][0][1][1].as_str().expect("node 1").to_owned();
+    let pid = list["instances"]
+        .as_array()
+        .expect("instances")
+        .iter()
+        .find(|i| i["instance"]["name"] == node1.as_str())
+        .and_then(|i| i["instance"]["pid"].as_i64())
+        .expect("node 1's agent pid");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill node 1's agent");
+    home.wait_until("the run ended", std::time::Duration::from_secs(180), || {
+        let state = home.json(&["logs", &run])["state"].clone();
+        !matches!(
+            state.as_str(),
+            Some("pending" | "syncing" | "setting_up" | "pulling_data" | "running")
+        )
+    });
+    let logs = home.run(&["logs", &run]);
+    let text = format!("{}{}", stdout(&logs), stderr(&logs));
+    let row = home.json(&["logs", &run]);
+    assert_eq!(row["state"], "succeeded", "{row}\n{text}");
+    assert!(
+        text.contains(&format!(
+            "started again (attempt 2) after node 1: its agent on {node1} (pid {pid}) died"
+        )),
+        "{text}"
+    );
+    // Attempt 1 started fresh; attempt 2 resumed on both nodes from node 0's LATEST, and
+    // each rank's total is what an uninterrupted run gives.
+    assert_eq!(lines_with(&logs, "(fresh)").len(), 2, "{text}");
+    let resumed = lines_with(&logs, "starts at step");
+    let resumed: Vec<&String> = resumed.iter().filter(|l| l.contains("resumed")).collect();
+    assert_eq!(resumed.len(), 2, "{text}");
+    assert!(
+        resumed.iter().all(|l| !l.contains("starts at step 0 ")),
+        "{text}"
+    );
+    let done = lines_with(&logs, "done:");
+    assert_eq!(done.len(), 2, "{text}");
+    for line in &done {
+        let (total, expected) = line.split_once(" expected ").expect("a done line");
+        let total = total.rsplit(' ').next().expect("the total");
+        assert!(expected.starts_with(&format!("{total} ")), "{line}");
+        assert!(line.contains("(resumed from step-"), "{line}");
+    }
+    home.wait_until(
+        "both nodes terminated",
+        std::time::Duration::from_secs(30),
+        || {
+            let list = home.json(&["list"]);
+            list["instances"].as_array().is_some_and(|i| {
+                i.len() == 2 && i.iter().all(|i| i["instance"]["state"] == "terminated")
+            })
+        },
+    );
+}

@@ -107,6 +107,7 @@ pub async fn serve(
         BulkOpen::StartRun(_)
         | BulkOpen::StartRunWithSecrets { .. }
         | BulkOpen::StartRunWith(_)
+        | BulkOpen::StartAgain { .. }
         | BulkOpen::Sync(_)
         | BulkOpen::SyncFrom { .. } => {
             anyhow::bail!("not an access stream")

@@ -506,17 +506,13 @@ fn on_events(
         incarnation: 0,
     };
     // The state follows from the events, in the transaction that stores them.
-    let (_, ended) = d.db.insert_events(run, source, events).map_err(internal)?;
+    let stored = d.db.insert_events(run, source, events).map_err(internal)?;
     d.bump_run(run);
-    if ended.is_some() {
-        super::runs::on_run_ended(d, run);
-        return Ok(());
-    }
     let node_ended = events
         .iter()
         .any(|e| matches!(e.kind, protocol::EventKind::Ended(_)));
-    if node_ended {
-        super::runs::gang_step(d, &row);
+    if stored.ended.is_some() || node_ended {
+        super::runs::after_node_end(d, &row, stored);
     }
     Ok(())
 }

@@ -354,7 +354,7 @@ fn start_local(
     config: &AgentConfigFile,
     agent_bin: &std::path::Path,
 ) -> Result<(), UserError> {
-    let mut child = local::launch(
+    let child = local::launch(
         &d.home,
         local::LaunchSpec {
             name,
@@ -363,6 +363,46 @@ fn start_local(
         },
     )
     .map_err(internal)?;
+    reap_local(d, name, child)
+}
+
+/// Brings back the agent of an instance a run needs again (a gang starting again): a local
+/// agent whose process died is started again with its config and identity. A cloud
+/// instance's agent is its init system's to restart; the caller waits for it to connect.
+pub(super) async fn revive(d: &Arc<Daemon>, name: &InstanceName) -> Result<(), UserError> {
+    let row =
+        d.db.instance(name)
+            .map_err(internal)?
+            .ok_or_else(|| UserError::new(ErrorCode::NotFound, format!("no instance {name}")))?;
+    if row.state == InstanceState::Terminated {
+        return Err(UserError::new(
+            ErrorCode::Conflict,
+            format!("{name} is terminated"),
+        ));
+    }
+    match row.provider {
+        ProviderKind::Local => {
+            let alive = row
+                .pid
+                .is_some_and(|pid| local::is_agent_alive(&d.home, name, pid));
+            if alive || d.connected(name) {
+                return Ok(());
+            }
+            tracing::info!("starting the agent of {name} again: its process died");
+            let agent_bin = local::agent_binary(&d.config.local)?;
+            let child = local::spawn(&d.home, name, &agent_bin).map_err(internal)?;
+            reap_local(d, name, child)
+        }
+        ProviderKind::Ec2 | ProviderKind::Runpod => Ok(()),
+    }
+}
+
+/// Records a local agent's pid and reaps the process when it exits.
+fn reap_local(
+    d: &Arc<Daemon>,
+    name: &InstanceName,
+    mut child: tokio::process::Child,
+) -> Result<(), UserError> {
     let pid = child.id().unwrap_or(0);
     d.db.set_instance_pid(name, pid).map_err(internal)?;
     // Reap the agent when it exits, as long as this daemon lives. Untracked: the agent

@@ -79,6 +79,11 @@ pub struct Daemon {
     run_changes: Mutex<HashMap<RunId, watch::Sender<u64>>>,
     /// Stops asked for while a run was still starting; delivered once it has started.
     pending_stops: Mutex<HashSet<RunId>>,
+    /// Gangs waiting out their restart's delay; a stop meanwhile takes the run out, and
+    /// it ends stopped instead.
+    restarting: Mutex<HashSet<RunId>>,
+    /// The secrets of gangs still going, in memory only, to start their nodes again with.
+    secrets: Mutex<HashMap<RunId, Vec<protocol::Secret>>>,
     /// Stat caches and what each agent's trees hold.
     sync: sync::SyncState,
     /// The latest resource sample of each connected agent, and a counter bumped on each.
@@ -316,6 +321,8 @@ pub async fn serve(
         agents_changed: watch::channel(0).0,
         run_changes: Mutex::new(HashMap::new()),
         pending_stops: Mutex::new(HashSet::new()),
+        restarting: Mutex::default(),
+        secrets: Mutex::default(),
         sync: sync::SyncState::new(sync::load_trees(&home.sync_dir())),
         stats: Mutex::default(),
         disk: Mutex::default(),
@@ -351,6 +358,7 @@ pub async fn serve(
             daemon.shutdown.clone(),
         ));
     }
+    runs::resume_restarts(&daemon);
 
     tokio::pin!(shutdown);
     loop {

@@ -27,17 +27,21 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
 pub(super) async fn start(d: Arc<Daemon>, run: RunId, start: Start) {
     let nodes = start.nodes.clone();
     if let Err(e) = try_start(&d, &run, start).await {
-        let message = format!("{e:#}");
-        tracing::warn!("run {run} failed to start: {message}");
-        let _ =
-            d.db.set_run_state(&run, RunState::Failed, now_ms(), Some(&message));
-        d.bump_run(&run);
-        if nodes.len() > 1 {
-            // Nodes that did start are not left running on their own.
-            stop_nodes(&d, &run, &nodes, None).await;
-        }
-        on_run_ended(&d, &run);
+        fail(&d, &run, &nodes, &format!("{e:#}")).await;
     }
+}
+
+/// Ends a run that could not be started (or started again) as failed with `message`;
+/// nodes of a gang that did start are not left running on their own.
+async fn fail(d: &Arc<Daemon>, run: &RunId, nodes: &[InstanceName], message: &str) {
+    tracing::warn!("run {run} failed to start: {message}");
+    let _ =
+        d.db.set_run_state(run, RunState::Failed, now_ms(), Some(message));
+    d.bump_run(run);
+    if nodes.len() > 1 {
+        stop_nodes(d, run, nodes, None).await;
+    }
+    on_run_ended(d, run);
 }
 
 /// `caps` as of now on `instance`, at its price. A cost cap needs a price: `run` checks
@@ -111,47 +115,32 @@ async fn try_start(d: &Arc<Daemon>, run: &RunId, start: Start) -> anyhow::Result
     for ((_, link), instance) in links.iter().zip(nodes) {
         hand_credentials(d, link, instance, &spec).await?;
     }
-    // A gang meets at node 0; a run of one finds its own port.
-    let master = match nodes.len() {
-        1 => None,
-        _ => Some(gang_master()?),
+    let gang = Gang {
+        spec,
+        secrets,
+        launch,
+        all_checkpoints,
     };
-    let mut tasks = tokio::task::JoinSet::new();
-    for ((node, link), instance) in links.iter().zip(nodes) {
-        // As of now: what the launch and the sync cost is spent, and the agent counts on.
-        let budget = match &caps {
-            Some(caps) => Some(budget_now(d, instance, caps)?),
-            None => None,
+    if nodes.len() > 1 {
+        // Kept to start the gang again: what it was started with (secrets in memory only).
+        let stored = crate::db::StoredStart {
+            spec: gang.spec.clone(),
+            launch: gang.launch.clone(),
+            all_checkpoints,
+            secret_names: gang.secrets.iter().map(|s| s.name.clone()).collect(),
         };
-        let mut spec = spec.clone();
-        spec.checkpoints =
-            crate::gang::checkpoints(spec.checkpoints.as_ref(), *node, all_checkpoints);
-        let open = start_message(
-            spec,
-            secrets.clone(),
-            budget,
-            launch.as_ref().map(|l| l.for_node(*node, master.clone())),
-        );
-        let (d, run, link, instance) = (d.clone(), run.clone(), link.clone(), instance.clone());
-        let node = *node;
-        tasks.spawn(async move {
-            let started = start_node(&d, &run, &link, &instance, node, open).await;
-            (node, started)
-        });
+        d.db.set_run_start(run, &stored, now_ms())?;
+        if !gang.secrets.is_empty() {
+            d.secrets
+                .lock()
+                .expect("secrets lock")
+                .insert(run.clone(), gang.secrets.clone());
+        }
     }
-    let mut failed = None;
-    while let Some(joined) = tasks.join_next().await {
-        let e = match joined {
-            Ok((_, Ok(()))) => continue,
-            Ok((_, Err(e))) if nodes.len() == 1 => e,
-            Ok((node, Err(e))) => e.context(format!("starting node {node}")),
-            Err(e) => anyhow::anyhow!("a start task: {e}"),
-        };
-        failed = failed.or(Some(e));
-    }
-    if let Some(e) = failed {
-        return Err(e);
-    }
+    let opens = gang.opens(d, &links, nodes, caps.as_ref(), |start| {
+        start_message(start)
+    })?;
+    start_all(d, run, &links, nodes, opens).await?;
     if d.pending_stops
         .lock()
         .expect("pending stops lock")
@@ -220,14 +209,98 @@ async fn hand_credentials(
         .map_err(|e| anyhow::anyhow!("handing {instance} its store credentials: {e}"))
 }
 
-/// The start message for what the run needs: the oldest one that carries it, so older
-/// agents keep starting plain runs.
-fn start_message(
+/// What every node of a run is started with, before each node's part of it.
+struct Gang {
     spec: RunSpec,
     secrets: Vec<Secret>,
-    budget: Option<Budget>,
     launch: Option<Launch>,
-) -> BulkOpen {
+    all_checkpoints: bool,
+}
+
+impl Gang {
+    /// Each node's start, as `open` wraps it: its spec (`gang::node_spec` for a gang), its
+    /// budget as of now (what the launch and the sync cost is spent, and the agent counts
+    /// on it), its launch meeting at node 0.
+    fn opens(
+        &self,
+        d: &Daemon,
+        links: &[(u32, super::AgentLink)],
+        nodes: &[InstanceName],
+        caps: Option<&RunBudget>,
+        open: impl Fn(RunStart) -> BulkOpen,
+    ) -> anyhow::Result<Vec<BulkOpen>> {
+        // A gang meets at node 0; a run of one finds its own port.
+        let master = match nodes.len() {
+            1 => None,
+            _ => Some(gang_master()?),
+        };
+        let mut opens = Vec::with_capacity(nodes.len());
+        for ((node, _), instance) in links.iter().zip(nodes) {
+            let budget = match caps {
+                Some(caps) => Some(budget_now(d, instance, caps)?),
+                None => None,
+            };
+            let spec = match nodes.len() {
+                1 => self.spec.clone(),
+                _ => crate::gang::node_spec(&self.spec, *node, self.all_checkpoints),
+            };
+            opens.push(open(RunStart {
+                spec,
+                secrets: self.secrets.clone(),
+                budget,
+                launch: self
+                    .launch
+                    .as_ref()
+                    .map(|l| l.for_node(*node, master.clone())),
+            }));
+        }
+        Ok(opens)
+    }
+}
+
+/// Sends each node its start (`opens`, in node order) at once and follows its events;
+/// the first failure, naming its node in a gang.
+async fn start_all(
+    d: &Arc<Daemon>,
+    run: &RunId,
+    links: &[(u32, super::AgentLink)],
+    nodes: &[InstanceName],
+    opens: Vec<BulkOpen>,
+) -> anyhow::Result<()> {
+    let mut tasks = tokio::task::JoinSet::new();
+    for (((node, link), instance), open) in links.iter().zip(nodes).zip(opens) {
+        let (d, run, link, instance) = (d.clone(), run.clone(), link.clone(), instance.clone());
+        let node = *node;
+        tasks.spawn(async move {
+            let started = start_node(&d, &run, &link, &instance, node, open).await;
+            (node, started)
+        });
+    }
+    let mut failed = None;
+    while let Some(joined) = tasks.join_next().await {
+        let e = match joined {
+            Ok((_, Ok(()))) => continue,
+            Ok((_, Err(e))) if nodes.len() == 1 => e,
+            Ok((node, Err(e))) => e.context(format!("starting node {node}")),
+            Err(e) => anyhow::anyhow!("a start task: {e}"),
+        };
+        failed = failed.or(Some(e));
+    }
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// The start message for what the run needs: the oldest one that carries it, so older
+/// agents keep starting plain runs.
+fn start_message(start: RunStart) -> BulkOpen {
+    let RunStart {
+        spec,
+        secrets,
+        budget,
+        launch,
+    } = start;
     match (budget, launch) {
         (None, None) if secrets.is_empty() => BulkOpen::StartRun(Box::new(spec)),
         (None, None) => BulkOpen::StartRunWithSecrets {
@@ -240,6 +313,115 @@ fn start_message(
             budget,
             launch,
         })),
+    }
+}
+
+/// Starts a gang again after `restart`'s delay, every node at once (`BulkOpen::StartAgain`),
+/// resuming from the run's newest checkpoint; a local node whose agent died gets its agent
+/// started again first. A stop during the delay ends the run stopped instead.
+pub(super) async fn restart_gang(d: Arc<Daemon>, run: RunId, restart: crate::gang::Restart) {
+    d.restarting
+        .lock()
+        .expect("restarting lock")
+        .insert(run.clone());
+    tracing::info!(%run, attempt = restart.attempt, "the gang ended ({}); starting it again in {:?}", restart.cause, restart.delay);
+    tokio::select! {
+        _ = tokio::time::sleep(restart.delay) => {}
+        // The next daemon finds the restart pending (`resume_restarts`).
+        _ = d.shutdown.cancelled() => return,
+    }
+    if !d.restarting.lock().expect("restarting lock").remove(&run) {
+        return;
+    }
+    let nodes = match d.db.run(&run) {
+        Ok(Some(row)) => d.db.run_nodes(&row).unwrap_or_default(),
+        _ => return,
+    };
+    if let Err(e) = try_restart(&d, &run, &nodes, &restart).await {
+        let message = format!(
+            "starting the gang again (attempt {}): {e:#}",
+            restart.attempt
+        );
+        fail(&d, &run, &nodes, &message).await;
+    }
+}
+
+async fn try_restart(
+    d: &Arc<Daemon>,
+    run: &RunId,
+    nodes: &[InstanceName],
+    restart: &crate::gang::Restart,
+) -> anyhow::Result<()> {
+    let stored =
+        d.db.run_start(run)?
+            .context("what its nodes were started with is not kept")?;
+    let secrets = d
+        .secrets
+        .lock()
+        .expect("secrets lock")
+        .get(run)
+        .cloned()
+        .unwrap_or_default();
+    if secrets.len() < stored.secret_names.len() {
+        anyhow::bail!(
+            "its secrets ({}) were held in the daemon's memory only, and the daemon has restarted since the run began: run it again",
+            stored.secret_names.join(", ")
+        );
+    }
+    let caps = d.db.run_budget(run)?;
+    let mut links = Vec::with_capacity(nodes.len());
+    for (node, instance) in nodes.iter().enumerate() {
+        instances::revive(d, instance)
+            .await
+            .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+        let pid = d.db.instance(instance)?.and_then(|row| row.pid);
+        let link = d.wait_for_agent(instance, CONNECT_TIMEOUT, pid).await?;
+        link.hello.require(Feature::StartAgain).map_err(|e| {
+            anyhow::anyhow!("{instance}'s agent cannot start a run again: {}", e.message)
+        })?;
+        links.push((node as u32, link));
+    }
+    let mut spec = stored.spec;
+    let dest = spec.checkpoints.as_ref().map(|c| c.dest.clone());
+    spec.resume_from = crate::gang::resume_from(
+        dest.as_deref(),
+        d.db.pushed_checkpoint(run)?,
+        spec.resume_from.as_deref(),
+    );
+    let gang = Gang {
+        spec,
+        secrets,
+        launch: stored.launch,
+        all_checkpoints: stored.all_checkpoints,
+    };
+    d.db.set_attempt_started(run, now_ms())?;
+    let opens = gang.opens(d, &links, nodes, caps.as_ref(), |start| {
+        BulkOpen::StartAgain {
+            start: Box::new(start),
+            attempt: restart.attempt,
+            cause: restart.cause.clone(),
+        }
+    })?;
+    start_all(d, run, &links, nodes, opens).await
+}
+
+/// At the daemon's start: gangs whose restart was decided but not made (the daemon
+/// stopped during its delay) are started again now.
+pub(super) fn resume_restarts(d: &Arc<Daemon>) {
+    let pending = match d.db.pending_restarts() {
+        Ok(pending) => pending,
+        Err(e) => {
+            tracing::error!("reading the gangs waiting to start again: {e:#}");
+            return;
+        }
+    };
+    for (run, attempt) in pending {
+        let restart = crate::gang::Restart {
+            attempt,
+            delay: Duration::ZERO,
+            cause: "the daemon restarted while the gang waited to start again".into(),
+        };
+        d.tasks.spawn(restart_gang(d.clone(), run, restart));
     }
 }
 
@@ -346,6 +528,7 @@ pub(super) fn on_run_ended(d: &Arc<Daemon>, run: &RunId) {
         .lock()
         .expect("pending stops lock")
         .remove(run);
+    d.secrets.lock().expect("secrets lock").remove(run);
     let Ok(Some(row)) = d.db.run(run) else { return };
     let stop_at_end =
         d.db.take_setting(&stop_at_end_key(run))
@@ -403,6 +586,14 @@ pub(super) async fn stop(
             format!("run {run} already ended ({})", crate::report::state_word(s)),
         )
         .resolve(format!("see its output: runctl-controller logs {run}"))),
+        _ if d.restarting.lock().expect("restarting lock").remove(run) => {
+            // A gang waiting to start again: it does not, and ends stopped.
+            d.db.set_run_state(run, RunState::Stopped, now_ms(), None)
+                .map_err(internal)?;
+            d.bump_run(run);
+            on_run_ended(d, run);
+            Ok(())
+        }
         RunState::Pending | RunState::Syncing => {
             d.pending_stops
                 .lock()
@@ -522,13 +713,23 @@ fn lose_node(
         }),
     };
     tracing::warn!(run = %run.id, "node {node}'s agent on {instance} died; the node is lost");
-    let (_, ended) = d.db.insert_events(&run.id, source, &[end])?;
+    let stored = d.db.insert_events(&run.id, source, &[end])?;
     d.bump_run(&run.id);
-    match ended {
-        Some(_) => on_run_ended(d, &run.id),
-        None => gang_step(d, run),
-    }
+    after_node_end(d, run, stored);
     Ok(())
+}
+
+/// What follows a node's end being stored: the run's end, the gang's restart, or the
+/// others stopped.
+pub(super) fn after_node_end(d: &Arc<Daemon>, run: &crate::db::RunRow, stored: crate::db::Stored) {
+    if stored.ended.is_some() {
+        on_run_ended(d, &run.id);
+    } else if let Some(restart) = stored.restart {
+        d.tasks
+            .spawn(restart_gang(d.clone(), run.id.clone(), restart));
+    } else {
+        gang_step(d, run);
+    }
 }
 
 pub(super) fn not_found_run(run: &RunId) -> UserError {

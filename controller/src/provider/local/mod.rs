@@ -75,13 +75,26 @@ pub fn launch(home: &Home, spec: LaunchSpec<'_>) -> anyhow::Result<tokio::proces
     let config_path = config_path(home, spec.name);
     protocol::tls::write_private(&config_path, toml::to_string(spec.config)?.as_bytes())
         .with_context(|| format!("writing {}", config_path.display()))?;
+    spawn(home, spec.name, spec.agent_bin)
+}
+
+/// Starts the agent of instance `name` with the config it was launched with (its identity
+/// is in its state dir), in a session of its own: a launch, or an agent started again
+/// after its process died (what systemd does for a cloud instance's).
+pub fn spawn(
+    home: &Home,
+    name: &InstanceName,
+    agent_bin: &Path,
+) -> anyhow::Result<tokio::process::Child> {
+    let dir = home.local_instance(name);
+    let config_path = config_path(home, name);
     let log_path = dir.join("agent.log");
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(&log_path)
         .with_context(|| format!("opening {}", log_path.display()))?;
-    let mut command = std::process::Command::new(spec.agent_bin);
+    let mut command = std::process::Command::new(agent_bin);
     command
         .arg("--config")
         .arg(&config_path)
@@ -92,7 +105,7 @@ pub fn launch(home: &Home, spec: LaunchSpec<'_>) -> anyhow::Result<tokio::proces
     crate::detach::new_session(&mut command);
     let child = tokio::process::Command::from(command)
         .spawn()
-        .with_context(|| format!("starting {}", spec.agent_bin.display()))?;
+        .with_context(|| format!("starting {}", agent_bin.display()))?;
     Ok(child)
 }
 

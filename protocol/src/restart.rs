@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use protocol::{RestartPolicy, RunEnd};
+use crate::{RestartPolicy, RunEnd};
 
 /// The first restart after a quick failure waits this long; each further quick failure
 /// doubles it, up to [`MAX_DELAY`].
@@ -47,6 +47,18 @@ pub fn decide(
     if stop_requested || interrupted {
         return None;
     }
+    next(policy, failed, ran_for, history)
+}
+
+/// After an attempt that ended by itself, `failed` or not, having run `ran_for`: whether
+/// the policy starts it again, and after how long. The caller has already ruled out what
+/// is never restarted (a stop asked for, an interruption).
+pub fn next(
+    policy: RestartPolicy,
+    failed: bool,
+    ran_for: Duration,
+    history: &mut History,
+) -> Option<Duration> {
     let allowed = match policy {
         RestartPolicy::Never => false,
         RestartPolicy::OnFailure { max_restarts } => failed && history.restarts < max_restarts,
