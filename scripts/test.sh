@@ -74,12 +74,13 @@ S3_BUCKET=runctl-test weed mini -dir="$S3_DIR" -ip=127.0.0.1 -ip.bind=127.0.0.1 
     >"$S3_DIR/weed.log" 2>&1 &
 S3_PID=$!
 # The EC2 server: moto on loopback, with the test AMIs (a Deep Learning AMI among them)
-# and instance types checked against its catalogue.
+# and instance types checked against its catalogue, plus the placement groups moto lacks
+# (tests/fixtures/moto_server.py).
 EC2_PORT="${RUNCTL_TEST_EC2_PORT:-5055}"
 export RUNCTL_TEST_EC2_ENDPOINT="http://127.0.0.1:$EC2_PORT" RUNCTL_REQUIRE_EC2=1
 echo "== starting moto (EC2 on 127.0.0.1:$EC2_PORT)"
 MOTO_AMIS_PATH="$PWD/tests/fixtures/moto-amis.json" MOTO_EC2_ENABLE_INSTANCE_TYPE_VALIDATION=true \
-    moto_server -H 127.0.0.1 -p "$EC2_PORT" >"$S3_DIR/moto.log" 2>&1 &
+    "$TOOLS/venv/bin/python" tests/fixtures/moto_server.py -H 127.0.0.1 -p "$EC2_PORT" >"$S3_DIR/moto.log" 2>&1 &
 EC2_PID=$!
 trap 'kill "$S3_PID" "$EC2_PID" 2>/dev/null; wait "$S3_PID" "$EC2_PID" 2>/dev/null; rm -rf "$S3_DIR"' EXIT
 for _ in $(seq 1 120); do

@@ -974,6 +974,7 @@ pub fn launch_options(
                 volume_snapshot: ec2.volume_snapshot.clone(),
                 keep_volume: ec2.keep_volume,
                 project: None,
+                gang: None,
             })))
         }
         ProviderKind::Runpod if ec2_only => Err(UserError::new(

@@ -1467,3 +1467,294 @@ fn doctor_checks_credentials_the_instance_profile_the_agent_reach_and_the_clock(
         "{text}"
     );
 }
+
+/// Starts `run --provider ec2 --nodes 2 EXTRA -- COMMAND` and returns it with the ids of
+/// the two instances it launched (running, their agents not yet installed).
+async fn start_gang(
+    cloud: &Cloud,
+    ec2: &Ec2,
+    project: &Path,
+    extra: &[&str],
+    command: &[&str],
+) -> (Child, Vec<String>) {
+    let run = cloud
+        .cli()
+        .args([
+            "run",
+            "--provider",
+            "ec2",
+            "--instance-type",
+            "g5.xlarge",
+            "--nodes",
+            "2",
+            "--workdir",
+        ])
+        .arg(project)
+        .args(extra)
+        .arg("--")
+        .args(command)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run");
+    let mut run = run;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let running: Vec<String> = ec2
+            .instances(&[])
+            .await
+            .expect("list")
+            .into_iter()
+            .filter(|i| i.state == "running")
+            .map(|i| i.id)
+            .collect();
+        if running.len() == 2 {
+            return (run, running);
+        }
+        if let Ok(Some(_)) = run.try_wait() {
+            let out = run.wait_with_output().expect("output");
+            panic!(
+                "the run ended before its gang was launched: {}",
+                stderr(&out)
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the gang's instances were not launched"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// Boots instance `id` from its user-data in a sandbox under `dir`.
+async fn boot(env: &Ec2Env, ec2: &Ec2, id: &str, dir: &Path) -> Reaped {
+    let user_data = ec2.user_data(id).await.expect("user-data");
+    let file = dir.join(format!("{id}.yaml"));
+    std::fs::write(&file, user_data).expect("write");
+    Reaped(simulate_boot(env, &file, &dir.join(id), "3"))
+}
+
+/// Whether the gang's placement group and security group still exist.
+async fn gang_place_exists(ec2: &Ec2, name: &str) -> (bool, bool) {
+    let groups = ec2
+        .client()
+        .describe_security_groups()
+        .filters(controller::provider::ec2::filter("group-name", &[name]))
+        .send()
+        .await
+        .expect("security groups");
+    let placement = ec2
+        .client()
+        .describe_placement_groups()
+        .send()
+        .await
+        .expect("placement groups");
+    (
+        placement
+            .placement_groups()
+            .iter()
+            .any(|g| g.group_name() == Some(name)),
+        !groups.security_groups().is_empty(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_gang_shares_one_placement_group_and_zone_behind_a_members_only_group() {
+    let Some(env) = ec2_env("ec2_gang") else {
+        return;
+    };
+    let cloud = Cloud::new(
+        &env,
+        "gang",
+        "sa-east-1",
+        "[ec2.prices]\n\"g5.xlarge\" = 1.006\n",
+    );
+    let ec2 = cloud.ec2().await;
+    let project = tempfile::tempdir().expect("project");
+    let show = "echo node $NODE_RANK of $NNODES meets at $MASTER_ADDR:$MASTER_PORT";
+    let (run, ids) = start_gang(
+        &cloud,
+        &ec2,
+        project.path(),
+        &["--launcher", "none"],
+        &["sh", "-c", show],
+    )
+    .await;
+    // One placement group, one zone, one security group of the gang's own.
+    let described = ec2
+        .client()
+        .describe_instances()
+        .set_instance_ids(Some(ids.clone()))
+        .send()
+        .await
+        .expect("describe");
+    let instances: Vec<_> = described
+        .reservations()
+        .iter()
+        .flat_map(|r| r.instances())
+        .collect();
+    assert_eq!(instances.len(), 2);
+    let places: Vec<(String, String)> = instances
+        .iter()
+        .map(|i| {
+            let p = i.placement().expect("placement");
+            (
+                p.group_name().unwrap_or_default().to_owned(),
+                p.availability_zone().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    let gang = places[0].0.clone();
+    assert!(gang.starts_with("runctl-gang-run-"), "{gang}");
+    assert_eq!(places[0], places[1], "one placement group, one zone");
+    let groups: Vec<Vec<String>> = instances
+        .iter()
+        .map(|i| {
+            i.security_groups()
+                .iter()
+                .map(|g| g.group_id().unwrap_or_default().to_owned())
+                .collect()
+        })
+        .collect();
+    assert_eq!(groups[0], groups[1]);
+    assert_eq!(groups[0].len(), 1, "{groups:?}");
+    let sg = groups[0][0].clone();
+    let rules = ec2
+        .client()
+        .describe_security_groups()
+        .group_ids(&sg)
+        .send()
+        .await
+        .expect("group");
+    let rules = rules.security_groups()[0].ip_permissions();
+    assert_eq!(rules.len(), 1, "one inbound rule: {rules:?}");
+    assert_eq!(rules[0].ip_protocol(), Some("-1"), "every port");
+    assert!(rules[0].ip_ranges().is_empty() && rules[0].ipv6_ranges().is_empty());
+    let sources: Vec<_> = rules[0]
+        .user_id_group_pairs()
+        .iter()
+        .map(|p| p.group_id().unwrap_or_default())
+        .collect();
+    assert_eq!(sources, [sg.as_str()], "its own members only");
+    let dir = tempfile::tempdir().expect("sandbox");
+    let mut agents = Vec::new();
+    for id in &ids {
+        agents.push(boot(&env, &ec2, id, dir.path()).await);
+    }
+    let output = tokio::task::spawn_blocking(move || run.wait_with_output())
+        .await
+        .expect("join")
+        .expect("run output");
+    drop(agents);
+    let text = stderr(&output);
+    assert!(output.status.success(), "{text}");
+    assert!(
+        text.contains("cost: 2 x $1.01/h = $2.01/h for the gang"),
+        "{text}"
+    );
+    for node in 0..2 {
+        assert!(text.contains(&format!("[node {node}] ready")), "{text}");
+    }
+
+    // Both nodes meet at node 0's private address.
+    let list = cloud.json(&["list", "--all"]);
+    assert_eq!(
+        gang,
+        format!(
+            "runctl-gang-{}",
+            list["runs"][0]["id"].as_str().expect("run")
+        )
+    );
+    let node0 = list["nodes"][0][1][0].as_str().expect("node 0").to_owned();
+    let ip0 = instances
+        .iter()
+        .find(|i| {
+            controller::provider::ec2::tag_value(i.tags(), "runctl:instance")
+                == Some(node0.as_str())
+        })
+        .and_then(|i| i.private_ip_address())
+        .expect("node 0's private address")
+        .to_owned();
+    let out = stdout(&output);
+    for node in 0..2 {
+        assert!(
+            out.contains(&format!(
+                "[node {node}] node {node} of 2 meets at {ip0}:29500"
+            )),
+            "{out}"
+        );
+    }
+
+    // The run's end took the instances, then the gang's place.
+    for id in &ids {
+        wait_state(&ec2, id, "terminated").await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while gang_place_exists(&ec2, &gang).await != (false, false) {
+        assert!(Instant::now() < deadline, "{gang} was not deleted");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_gang_whose_node_never_comes_up_keeps_nothing() {
+    let Some(env) = ec2_env("ec2_gang_none") else {
+        return;
+    };
+    let cloud = Cloud::new(&env, "gang-none", "eu-west-2", "");
+    cloud.enroll_timeout(8);
+    let ec2 = cloud.ec2().await;
+    let project = tempfile::tempdir().expect("project");
+    let (run, ids) = start_gang(
+        &cloud,
+        &ec2,
+        project.path(),
+        &["--launcher", "none"],
+        &["true"],
+    )
+    .await;
+    // One node comes up; the other never does.
+    let dir = tempfile::tempdir().expect("sandbox");
+    let agent = boot(&env, &ec2, &ids[0], dir.path()).await;
+    let output = tokio::task::spawn_blocking(move || run.wait_with_output())
+        .await
+        .expect("join")
+        .expect("run output");
+    drop(agent);
+    let text = stderr(&output);
+    assert_eq!(output.status.code(), Some(6), "{text}");
+    assert!(
+        text.contains("of 2 could not be launched, so none is kept (1 made and terminated)"),
+        "{text}"
+    );
+    for id in &ids {
+        wait_state(&ec2, id, "terminated").await;
+    }
+    let list = cloud.json(&["list", "--all"]);
+    assert_eq!(list["runs"].as_array().map(Vec::len), Some(0), "{list}");
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let placement = ec2
+            .client()
+            .describe_placement_groups()
+            .send()
+            .await
+            .expect("placement groups");
+        let left: Vec<_> = placement
+            .placement_groups()
+            .iter()
+            .filter_map(|g| g.group_name())
+            .filter(|n| n.starts_with("runctl-gang-"))
+            .map(str::to_owned)
+            .collect();
+        let mut gone = true;
+        for name in &left {
+            gone &= gang_place_exists(&ec2, name).await == (false, false);
+        }
+        if gone {
+            break;
+        }
+        assert!(Instant::now() < deadline, "left behind: {left:?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}

@@ -273,6 +273,7 @@ pub(super) async fn launch(
 pub(super) async fn launch_gang(
     d: &Arc<Daemon>,
     options: &LaunchOptions,
+    run: &RunId,
     nodes: u32,
     for_run: Option<RunId>,
     needs_price: bool,
@@ -290,14 +291,32 @@ pub(super) async fn launch_gang(
         progress,
         format!("launching {nodes} {kind} instances together, one per node"),
     );
+    // The gang's place, before any node: on EC2 one placement group, zone and
+    // members-only security group.
+    let mut options = options.clone();
+    match &mut options {
+        LaunchOptions::Ec2(opts) => {
+            let ec2 = ec2_client(d).await?;
+            let gang =
+                ec2::launch::prepare_gang(ec2, &d.config, opts, run, nodes, progress).await?;
+            opts.gang = Some(gang);
+        }
+        LaunchOptions::Local | LaunchOptions::Runpod(_) => {}
+    }
+    let options = &options;
+    let outer = progress;
+    let mut forwarders = Vec::with_capacity(nodes as usize);
     let mut tasks = tokio::task::JoinSet::new();
     for node in 0..nodes {
-        let (d, options, for_run, progress) = (
-            d.clone(),
-            options.clone(),
-            for_run.clone(),
-            progress.clone(),
-        );
+        let (d, options, for_run) = (d.clone(), options.clone(), for_run.clone());
+        // Each node's phase lines say whose they are.
+        let (progress, mut lines) = tokio::sync::mpsc::unbounded_channel::<String>();
+        let out = outer.clone();
+        forwarders.push(tokio::spawn(async move {
+            while let Some(line) = lines.recv().await {
+                say(&out, format!("[node {node}] {}", line.trim_start()));
+            }
+        }));
         tasks.spawn(async move {
             let made = launch(&d, &options, None, for_run, true, needs_price, &progress).await;
             (node, made)
@@ -312,6 +331,10 @@ pub(super) async fn launch_gang(
             Err(e) => failed.push((u32::MAX, internal(anyhow::anyhow!("a launch task: {e}")))),
         }
     }
+    // Every node's last lines are out before the gang's outcome.
+    for forwarder in forwarders {
+        let _ = forwarder.await;
+    }
     if failed.is_empty() {
         return Ok(made.into_iter().flatten().collect());
     }
@@ -325,6 +348,7 @@ pub(super) async fn launch_gang(
             );
         }
     }
+    release_gang(d, kind, run);
     let (node, first) = failed.swap_remove(0);
     let mut error = UserError::new(
         first.code,
@@ -337,6 +361,97 @@ pub(super) async fn launch_gang(
     error.to_resolve = first.to_resolve;
     Err(error)
 }
+
+/// How often, and how long, a gang's place is tried for deletion while its instances
+/// shut down (EC2 refuses to delete a group an instance still holds).
+const RELEASE_EVERY: Duration = Duration::from_secs(10);
+const RELEASE_FOR: Duration = Duration::from_secs(600);
+
+/// Deletes what a gang's place holds once its instances are gone (EC2: its placement
+/// group and security group), in the background, retrying while they shut down.
+pub(super) fn release_gang(d: &Arc<Daemon>, provider: ProviderKind, run: &RunId) {
+    match provider {
+        ProviderKind::Ec2 => {}
+        ProviderKind::Local | ProviderKind::Runpod => return,
+    }
+    let (d2, name) = (d.clone(), ec2::gang_name(run));
+    d.tasks.spawn(async move {
+        let Ok(ec2) = ec2_client(&d2).await else {
+            return;
+        };
+        let deadline = Instant::now() + RELEASE_FOR;
+        loop {
+            match ec2.delete_gang(&name).await {
+                Ok(true) => {
+                    tracing::info!("deleted {name}'s placement group and security group");
+                    return;
+                }
+                Ok(false) if Instant::now() < deadline => {}
+                Ok(false) => {
+                    tracing::warn!(
+                        "{name} is still held by an instance after {RELEASE_FOR:?}; left in place"
+                    );
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!("deleting {name}: {}", e.message);
+                    return;
+                }
+            }
+            tokio::select! {
+                () = tokio::time::sleep(RELEASE_EVERY) => {}
+                () = d2.shutdown.cancelled() => return,
+            }
+        }
+    });
+}
+
+/// Where a gang's nodes meet (`MASTER_ADDR`, `MASTER_PORT`): a local gang on loopback at
+/// a port free here now; an EC2 gang at node 0's private address, at torch's port.
+pub(super) async fn gang_master(
+    d: &Arc<Daemon>,
+    node0: &InstanceName,
+) -> anyhow::Result<protocol::launch::Master> {
+    let row =
+        d.db.instance(node0)?
+            .ok_or_else(|| anyhow::anyhow!("no instance {node0}"))?;
+    match row.provider {
+        ProviderKind::Local => {
+            let probe = std::net::TcpListener::bind(("127.0.0.1", 0)).map_err(|e| {
+                anyhow::anyhow!("finding a free port for the gang's rendezvous: {e}")
+            })?;
+            Ok(protocol::launch::Master {
+                addr: "127.0.0.1".into(),
+                port: probe.local_addr()?.port(),
+            })
+        }
+        ProviderKind::Ec2 => {
+            let cloud =
+                d.db.cloud(node0)?
+                    .ok_or_else(|| anyhow::anyhow!("{node0} has no cloud record"))?;
+            let ec2 = ec2_client(d)
+                .await
+                .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+            let addr = ec2
+                .instance(&cloud.cloud_id)
+                .await
+                .map_err(|e| anyhow::anyhow!("{}", e.message))?
+                .and_then(|i| i.private_ip)
+                .ok_or_else(|| {
+                    anyhow::anyhow!("EC2 gives {node0} ({}) no private address", cloud.cloud_id)
+                })?;
+            Ok(protocol::launch::Master {
+                addr,
+                port: GANG_PORT,
+            })
+        }
+        ProviderKind::Runpod => anyhow::bail!("a gang of RunPod pods cannot meet yet"),
+    }
+}
+
+/// Where node 0 of a cloud gang listens for the others: torch's own default port, open
+/// to the gang's members by its security group.
+const GANG_PORT: u16 = 29500;
 
 /// How long an instance of `provider` gets from launch to its agent's enrollment.
 fn enroll_timeout(d: &Daemon, provider: ProviderKind) -> Duration {

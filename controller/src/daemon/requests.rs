@@ -516,9 +516,18 @@ async fn run(d: &Arc<Daemon>, stream: &mut UnixStream, req: RunRequest) -> anyho
             }
             let needs_price = req.max_cost.is_some();
             if nodes > 1 {
+                let run_id = &run_id;
                 gang = with_progress(stream, |progress| async move {
-                    instances::launch_gang(d, &options, nodes, for_run, needs_price, &progress)
-                        .await
+                    instances::launch_gang(
+                        d,
+                        &options,
+                        run_id,
+                        nodes,
+                        for_run,
+                        needs_price,
+                        &progress,
+                    )
+                    .await
                 })
                 .await?;
                 (gang[0].clone(), true, end)

@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use protocol::budget::Budget;
 use protocol::framed::{read_frame, write_frame};
-use protocol::launch::{Launch, Master};
+use protocol::launch::Launch;
 use protocol::{
     AgentMsg, BulkOpen, ControllerMsg, Feature, InstanceName, RunId, RunSpec, RunStart, Secret,
 };
@@ -137,9 +137,9 @@ async fn try_start(d: &Arc<Daemon>, run: &RunId, start: Start) -> anyhow::Result
                 .insert(run.clone(), gang.secrets.clone());
         }
     }
-    let opens = gang.opens(d, &links, nodes, caps.as_ref(), |start| {
-        start_message(start)
-    })?;
+    let opens = gang
+        .opens(d, &links, nodes, caps.as_ref(), start_message)
+        .await?;
     start_all(d, run, &links, nodes, opens).await?;
     if d.pending_stops
         .lock()
@@ -221,18 +221,18 @@ impl Gang {
     /// Each node's start, as `open` wraps it: its spec (`gang::node_spec` for a gang), its
     /// budget as of now (what the launch and the sync cost is spent, and the agent counts
     /// on it), its launch meeting at node 0.
-    fn opens(
+    async fn opens(
         &self,
-        d: &Daemon,
+        d: &Arc<Daemon>,
         links: &[(u32, super::AgentLink)],
         nodes: &[InstanceName],
         caps: Option<&RunBudget>,
         open: impl Fn(RunStart) -> BulkOpen,
     ) -> anyhow::Result<Vec<BulkOpen>> {
         // A gang meets at node 0; a run of one finds its own port.
-        let master = match nodes.len() {
-            1 => None,
-            _ => Some(gang_master()?),
+        let master = match nodes {
+            [_] | [] => None,
+            [node0, ..] => Some(instances::gang_master(d, node0).await?),
         };
         let mut opens = Vec::with_capacity(nodes.len());
         for ((node, _), instance) in links.iter().zip(nodes) {
@@ -395,13 +395,15 @@ async fn try_restart(
         all_checkpoints: stored.all_checkpoints,
     };
     d.db.set_attempt_started(run, now_ms())?;
-    let opens = gang.opens(d, &links, nodes, caps.as_ref(), |start| {
-        BulkOpen::StartAgain {
-            start: Box::new(start),
-            attempt: restart.attempt,
-            cause: restart.cause.clone(),
-        }
-    })?;
+    let opens = gang
+        .opens(d, &links, nodes, caps.as_ref(), |start| {
+            BulkOpen::StartAgain {
+                start: Box::new(start),
+                attempt: restart.attempt,
+                cause: restart.cause.clone(),
+            }
+        })
+        .await?;
     start_all(d, run, &links, nodes, opens).await
 }
 
@@ -423,16 +425,6 @@ pub(super) fn resume_restarts(d: &Arc<Daemon>) {
         };
         d.tasks.spawn(restart_gang(d.clone(), run, restart));
     }
-}
-
-/// Where a gang of local instances meets: loopback, at a port free on this machine now.
-fn gang_master() -> anyhow::Result<Master> {
-    let probe = std::net::TcpListener::bind(("127.0.0.1", 0))
-        .context("finding a free port for the gang's rendezvous")?;
-    Ok(Master {
-        addr: "127.0.0.1".into(),
-        port: probe.local_addr()?.port(),
-    })
 }
 
 /// Starts one node of the run on its agent and asks for its events.
@@ -538,6 +530,7 @@ pub(super) fn on_run_ended(d: &Arc<Daemon>, run: &RunId) {
     let nodes =
         d.db.run_nodes(&row)
             .unwrap_or_else(|_| vec![row.instance.clone()]);
+    let gang = nodes.len() > 1;
     for name in nodes {
         let Ok(Some(instance)) = d.db.instance(&name) else {
             continue;
@@ -557,6 +550,10 @@ pub(super) fn on_run_ended(d: &Arc<Daemon>, run: &RunId) {
                 }
             });
         } else if instance.for_run.as_ref() == Some(run) {
+            if gang && name == row.instance {
+                // The gang's place goes once its instances have.
+                instances::release_gang(d, instance.provider, run);
+            }
             let id = row.id.clone();
             d.tasks.spawn(async move {
                 tracing::info!("run {id} ended; terminating {name}, launched for it");

@@ -113,7 +113,7 @@ impl ProviderKind {
                 stop_start: true,
                 spot: true,
                 volumes: true,
-                multi_node: false,
+                multi_node: true,
                 remote: true,
                 own_store_credentials: true,
                 stops_itself: false,

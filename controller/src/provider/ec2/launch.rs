@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use protocol::agent_config::AgentConfigFile;
 use protocol::{InstanceName, RunId};
 
-use super::{DataVolume, Ec2, Ec2Launch, Image, LaunchPlan, plan, prices, userdata};
+use super::{DataVolume, Ec2, Ec2Gang, Ec2Launch, Image, LaunchPlan, plan, prices, userdata};
 use crate::config::Config;
 use crate::error::{ErrorCode, UserError};
 use crate::provider::artifact;
@@ -92,7 +92,10 @@ pub async fn prepare(
     if let Some(snapshot) = &opts.volume_snapshot {
         ec2.snapshot_size(snapshot).await?;
     }
-    plan::check_limit(ec2.running_count().await?, cfg.max_running, &ec2.region)?;
+    if opts.gang.is_none() {
+        // A gang's nodes were counted together (`prepare_gang`).
+        plan::check_limit(ec2.running_count().await?, cfg.max_running, &ec2.region)?;
+    }
     let on_demand = prices::on_demand(kind, &cfg.prices);
     let spot_now = if opts.spot {
         ec2.spot_price(kind).await?
@@ -127,7 +130,10 @@ pub async fn prepare(
             plan::spot_price(kind, now, max_price, opts.spot_fallback)?,
         );
     }
-    let security_group = ec2.security_group(cfg.subnet.as_deref()).await?;
+    let security_group = match &opts.gang {
+        Some(gang) => gang.security_group.clone(),
+        None => ec2.security_group(cfg.subnet.as_deref()).await?,
+    };
     let (agent_url, agent_sha256) = artifact::publish(
         &config.storage.store_config(home),
         &agent_path,
@@ -146,6 +152,57 @@ pub async fn prepare(
         spot_now: spot_now.map(|(price, _)| price),
         max_price,
         on_demand: on_demand.map(|p| p.per_hour),
+    })
+}
+
+/// Makes a gang's place before its `nodes` instances are launched: checks that they fit
+/// under the instance limit together, picks the zone, and creates the gang's cluster
+/// placement group and its members-only security group (`Ec2::create_gang`); says what
+/// the gang costs, all nodes together. Nothing else that costs exists when this returns.
+pub async fn prepare_gang(
+    ec2: &Ec2,
+    config: &Config,
+    opts: &Ec2Launch,
+    run: &RunId,
+    nodes: u32,
+    progress: &Progress,
+) -> Result<Ec2Gang, UserError> {
+    let cfg = &config.ec2;
+    plan::check_options(opts)?;
+    let running = ec2.running_count().await?;
+    plan::check_limit(running + nodes as usize - 1, cfg.max_running, &ec2.region)?;
+    let kind = opts.instance_type.as_str();
+    let zone = ec2.gang_zone(kind, cfg.subnet.as_deref()).await?;
+    let on_demand = prices::on_demand(kind, &cfg.prices).map(|p| p.per_hour);
+    let spot_now = match opts.spot {
+        true => ec2.spot_price(kind).await?.map(|(price, _)| price),
+        false => None,
+    };
+    let max_price = opts.max_price.or(on_demand);
+    say(
+        progress,
+        plan::gang_cost(
+            nodes,
+            plan::price_paid(opts.spot, spot_now, max_price, on_demand),
+        ),
+    );
+    let name = super::gang_name(run);
+    let vpc = ec2.vpc(cfg.subnet.as_deref()).await?;
+    let tags = [
+        (super::MANAGED_TAG.to_owned(), "true".to_owned()),
+        (super::RUN_TAG.to_owned(), run.to_string()),
+    ];
+    let security_group = ec2.create_gang(&name, &vpc, &tags).await?;
+    say(
+        progress,
+        format!(
+            "gang: placement group {name} (cluster) in {zone}; security group {security_group}, open only to its members"
+        ),
+    );
+    Ok(Ec2Gang {
+        name,
+        security_group,
+        zone,
     })
 }
 
@@ -213,6 +270,7 @@ pub async fn start(
             }
         }),
         client_token: format!("runctl-{name}"),
+        placement: opts.gang.as_ref().map(|g| (g.name.clone(), g.zone.clone())),
     };
     let api_start = Instant::now();
     let launched = match ec2.run_instance(&launch_plan, opts.spot).await {

@@ -61,6 +61,25 @@ pub struct Ec2Launch {
     pub keep_volume: bool,
     /// The project the instance is for (a tag), e.g. the project root's name.
     pub project: Option<String>,
+    /// Where a node of a gang goes (`run --nodes`): set by the daemon, never by a flag.
+    #[serde(default)]
+    pub gang: Option<Ec2Gang>,
+}
+
+/// A gang's place on EC2 (`run --nodes N`): every node in one cluster placement group, in
+/// one availability zone, behind a security group of the gang's own whose one inbound rule
+/// admits its members (NCCL and gloo pick ports as they go) and nothing else.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ec2Gang {
+    /// The placement group's name and the security group's: `runctl-gang-RUN`.
+    pub name: String,
+    pub security_group: String,
+    pub zone: String,
+}
+
+/// The name of a gang's placement group and security group.
+pub fn gang_name(run: &protocol::RunId) -> String {
+    format!("runctl-gang-{run}")
 }
 
 /// A connected EC2 client for one region.
@@ -196,6 +215,8 @@ pub struct CloudInstance {
     pub launched_ms: u64,
     pub zone: String,
     pub reason: Option<String>,
+    /// Its address inside its VPC (a gang's `MASTER_ADDR` is node 0's).
+    pub private_ip: Option<String>,
 }
 
 impl From<&aws_sdk_ec2::types::Instance> for CloudInstance {
@@ -223,6 +244,7 @@ impl From<&aws_sdk_ec2::types::Instance> for CloudInstance {
                 .state_reason()
                 .and_then(|r| r.message())
                 .map(str::to_owned),
+            private_ip: i.private_ip_address().map(str::to_owned),
         }
     }
 }
@@ -243,6 +265,8 @@ pub struct LaunchPlan {
     pub data_volume: Option<DataVolume>,
     /// Makes a retried RunInstances launch at most one instance.
     pub client_token: String,
+    /// A gang's node: its placement group and zone.
+    pub placement: Option<(String, String)>,
 }
 
 #[derive(Debug, Clone)]
@@ -535,6 +559,161 @@ impl Ec2 {
         }
     }
 
+    /// The zone a gang's nodes go to: `subnet`'s, else the first of the region's zones that
+    /// offers `kind` (a cluster placement group holds one zone).
+    pub async fn gang_zone(&self, kind: &str, subnet: Option<&str>) -> Result<String, UserError> {
+        if let Some(subnet) = subnet {
+            let out = self
+                .client
+                .describe_subnets()
+                .subnet_ids(subnet)
+                .send()
+                .await
+                .map_err(|e| api_error(format!("subnet {subnet}"), e))?;
+            return out
+                .subnets()
+                .first()
+                .and_then(|s| s.availability_zone())
+                .map(str::to_owned)
+                .ok_or_else(|| {
+                    UserError::new(
+                        ErrorCode::NotFound,
+                        format!("subnet {subnet} does not exist in {}", self.region),
+                    )
+                });
+        }
+        let out = self
+            .client
+            .describe_instance_type_offerings()
+            .location_type(aws_sdk_ec2::types::LocationType::AvailabilityZone)
+            .filters(filter("instance-type", &[kind]))
+            .send()
+            .await
+            .map_err(|e| api_error(format!("the zones offering {kind}"), e))?;
+        let mut zones: Vec<&str> = out
+            .instance_type_offerings()
+            .iter()
+            .filter_map(|o| o.location())
+            .collect();
+        zones.sort_unstable();
+        zones.first().map(|z| (*z).to_owned()).ok_or_else(|| {
+            UserError::new(
+                ErrorCode::BadInput,
+                format!("no availability zone of {} offers {kind}", self.region),
+            )
+            .resolve("pick another instance type or region")
+        })
+    }
+
+    /// Makes a gang's place: its cluster placement group and its security group in `vpc`,
+    /// whose one inbound rule admits traffic from its own members on every port. Either
+    /// both exist when this returns, or neither.
+    pub async fn create_gang(
+        &self,
+        name: &str,
+        vpc: &str,
+        tags: &[(String, String)],
+    ) -> Result<String, UserError> {
+        self.client
+            .create_placement_group()
+            .group_name(name)
+            .strategy(aws_sdk_ec2::types::PlacementStrategy::Cluster)
+            .tag_specifications(tags_for(ResourceType::PlacementGroup, tags))
+            .send()
+            .await
+            .map_err(|e| api_error(format!("creating placement group {name}"), e))?;
+        let group = async {
+            let created = self
+                .client
+                .create_security_group()
+                .group_name(name)
+                .description("runctl gang: inbound from its own members only")
+                .vpc_id(vpc)
+                .tag_specifications(tags_for(ResourceType::SecurityGroup, tags))
+                .send()
+                .await
+                .map_err(|e| api_error(format!("creating security group {name}"), e))?;
+            let id = created.group_id().unwrap_or_default().to_owned();
+            let members = aws_sdk_ec2::types::IpPermission::builder()
+                .ip_protocol("-1")
+                .user_id_group_pairs(
+                    aws_sdk_ec2::types::UserIdGroupPair::builder()
+                        .group_id(&id)
+                        .build(),
+                )
+                .build();
+            let opened = self
+                .client
+                .authorize_security_group_ingress()
+                .group_id(&id)
+                .ip_permissions(members)
+                .send()
+                .await
+                .map_err(|e| api_error(format!("admitting {id}'s members to each other"), e));
+            if let Err(e) = opened {
+                let _ = self
+                    .client
+                    .delete_security_group()
+                    .group_id(&id)
+                    .send()
+                    .await;
+                return Err(e);
+            }
+            Ok(id)
+        }
+        .await;
+        if group.is_err() {
+            let _ = self
+                .client
+                .delete_placement_group()
+                .group_name(name)
+                .send()
+                .await;
+        }
+        group
+    }
+
+    /// Deletes a gang's security group and placement group once no instance holds them;
+    /// `Ok(false)` while one still does (an instance shutting down), to be tried again. One
+    /// already gone counts as deleted.
+    pub async fn delete_gang(&self, name: &str) -> Result<bool, UserError> {
+        let groups = self
+            .client
+            .describe_security_groups()
+            .filters(filter("group-name", &[name]))
+            .filters(filter(&format!("tag:{MANAGED_TAG}"), &["true"]))
+            .send()
+            .await
+            .map_err(|e| api_error(format!("finding security group {name}"), e))?;
+        for group in groups.security_groups() {
+            let id = group.group_id().unwrap_or_default();
+            match self
+                .client
+                .delete_security_group()
+                .group_id(id)
+                .send()
+                .await
+            {
+                Ok(_) => {}
+                Err(e) if e.code() == Some("DependencyViolation") => return Ok(false),
+                Err(e) if e.code() == Some("InvalidGroup.NotFound") => {}
+                Err(e) => return Err(api_error(format!("deleting security group {id}"), e)),
+            }
+        }
+        match self
+            .client
+            .delete_placement_group()
+            .group_name(name)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) if e.code() == Some("InvalidPlacementGroup.InUse") => Ok(false),
+            Err(e) if e.code() == Some("InvalidPlacementGroup.Unknown") => Ok(true),
+            Err(e) => Err(api_error(format!("deleting placement group {name}"), e)),
+        }
+    }
+
     /// The VPC of `subnet`, else the region's default VPC.
     pub async fn vpc(&self, subnet: Option<&str>) -> Result<String, UserError> {
         Ok(match subnet {
@@ -682,6 +861,14 @@ impl Ec2 {
             } else {
                 format!("{}-od", plan.client_token)
             });
+        if let Some((group, zone)) = &plan.placement {
+            request = request.placement(
+                aws_sdk_ec2::types::Placement::builder()
+                    .group_name(group)
+                    .availability_zone(zone)
+                    .build(),
+            );
+        }
         if let Some(profile) = &plan.instance_profile {
             let spec = if profile.starts_with("arn:") {
                 IamInstanceProfileSpecification::builder().arn(profile)

@@ -47,6 +47,20 @@ pub fn check_limit(running: usize, max_running: u32, region: &str) -> Result<(),
     .resolve("or raise max_running under [ec2] in config.toml"))
 }
 
+/// What a gang of `nodes` instances costs, all together, at `each` $/h where known.
+pub fn gang_cost(nodes: u32, each: Option<f64>) -> String {
+    match each {
+        Some(each) => format!(
+            "cost: {nodes} x {}/h = {}/h for the gang",
+            prices::dollars(each),
+            prices::dollars(each * f64::from(nodes))
+        ),
+        None => {
+            format!("cost: {nodes} instances, price per hour unknown (add it under [ec2.prices])")
+        }
+    }
+}
+
 /// What a spot launch does at today's price: `spot_now` (price and zone, when EC2 has a
 /// history) against `max` (`--max-price`, else the on-demand price). Above the maximum it
 /// is refused unless `fallback` allows on-demand; otherwise the line to tell the user.
@@ -159,6 +173,7 @@ mod tests {
             volume_snapshot: None,
             keep_volume: false,
             project: None,
+            gang: None,
         }
     }
 
@@ -272,6 +287,18 @@ mod tests {
         assert_eq!(price_paid(false, None, None, None), None);
     }
 
+    #[test]
+    fn a_gang_costs_its_nodes_together() {
+        assert_eq!(
+            gang_cost(2, Some(1.006)),
+            "cost: 2 x $1.01/h = $2.01/h for the gang"
+        );
+        assert_eq!(
+            gang_cost(3, None),
+            "cost: 3 instances, price per hour unknown (add it under [ec2.prices])"
+        );
+    }
+
     fn listed(id: &str, state: &str) -> CloudInstance {
         CloudInstance {
             id: id.into(),
@@ -282,6 +309,7 @@ mod tests {
             launched_ms: 0,
             zone: "us-east-1a".into(),
             reason: None,
+            private_ip: None,
         }
     }
 
