@@ -254,6 +254,15 @@ impl Runs {
     /// hands it to the supervisor. Whatever happens, the run's log exists afterwards; a
     /// failure is recorded in it.
     pub async fn start(&self, start: protocol::RunStart) -> Result<(), WireError> {
+        self.start_fresh(start, None).await
+    }
+
+    /// `start`, with `first` (a `StartedAgain` notice) as the new log's first event.
+    async fn start_fresh(
+        &self,
+        start: protocol::RunStart,
+        first: Option<EventKind>,
+    ) -> Result<(), WireError> {
         let protocol::RunStart {
             spec,
             secrets,
@@ -280,6 +289,9 @@ impl Runs {
             let log = Arc::new(
                 EventLog::open(&path, self.log_max_bytes).map_err(|e| internal(&path, e))?,
             );
+            if let Some(first) = first {
+                log.append(first).map_err(|e| internal(&path, e))?;
+            }
             entries.insert(
                 spec.run.clone(),
                 Entry {
@@ -301,8 +313,10 @@ impl Runs {
         .await
     }
 
-    /// Starts a run that has ended here once more (a gang's restart): the same tree, the
-    /// same log, going on after a `StartedAgain` notice. Refused while the run is going.
+    /// Starts a run once more: where it has ended here (a gang's restart), the same tree
+    /// and the same log, going on after a `StartedAgain` notice; where it never ran (a
+    /// spot run's replacement instance), a new log that opens with that notice. Refused
+    /// while the run is going.
     pub async fn start_again(
         &self,
         start: protocol::RunStart,
@@ -314,15 +328,19 @@ impl Runs {
         if !Tree::work_dir(&self.run_dir(&run)).is_dir() {
             return refuse(format!("run {run} has no synced work tree on this agent"));
         }
+        let notice = EventKind::Notice(protocol::Notice::StartedAgain { attempt, cause });
+        let known = self.lock().contains_key(&run);
+        if !known {
+            return self.start_fresh(start, Some(notice)).await;
+        }
         let log = {
             let mut entries = self.lock();
             let Some(entry) = entries.get_mut(&run) else {
-                return refuse(format!("run {run} has never started on this agent"));
+                return refuse(format!("run {run} is not known on this agent"));
             };
             if !entry.log.cursor().ended {
                 return refuse(format!("run {run} is still going on this agent"));
             }
-            let notice = EventKind::Notice(protocol::Notice::StartedAgain { attempt, cause });
             if let Err(e) = entry.log.reopen(notice) {
                 return Err(internal(&self.run_dir(&run).join(LOG_DIR), e));
             }

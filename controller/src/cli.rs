@@ -576,6 +576,15 @@ pub struct RunArgs {
     #[arg(long, value_name = "SIGNAL", value_parser = parse_signal)]
     pub spot_signal: Option<i32>,
 
+    /// What a spot run does when its instance is taken back: `end` (the default: the run
+    /// ends interrupted) or `relaunch[:N]` (at most N times, default 3): a replacement of
+    /// the same type is launched, the project synced to it, and the command started again
+    /// from the newest checkpoint in the store (RUNCTL_RESUME_FROM); one run, one log. An
+    /// interruption while the daemon is away (the laptop asleep) is relaunched when it is
+    /// back. Needs --spot on an instance launched for the run; one node.
+    #[arg(long, value_name = "end|relaunch[:N]", value_parser = crate::relaunch::parse)]
+    pub on_interrupt: Option<crate::relaunch::OnInterrupt>,
+
     /// Stop the run once it has cost this many dollars (its instance's price times its
     /// time, from its launch), the graceful way: SIGTERM, the grace period, checkpoints
     /// pushed, then the end action; it ends `budget exceeded`. The agent holds the cap, so

@@ -618,6 +618,7 @@ async fn run_command(home: &Home, printer: Printer, mut args: RunArgs) -> anyhow
         max_hours: args.max_hours,
         launcher,
         checkpoints_from_all: args.checkpoints_from == Some(cli::CheckpointsFrom::All),
+        on_interrupt: args.on_interrupt.unwrap_or_default(),
     };
     // A tree synced before is never asked about: it is not even walked here.
     let synced_before = crate::sync::scan::cache_path(&home.sync_dir(), &request.root).exists();

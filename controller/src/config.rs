@@ -417,6 +417,9 @@ pub struct Ec2Config {
     /// On-demand $/hour by instance type, overriding (or adding to) the built-in table.
     #[serde(default)]
     pub prices: std::collections::BTreeMap<String, f64>,
+    /// The instance metadata endpoint agents poll for spot notices (default EC2's,
+    /// `http://169.254.169.254`; `http://[fd00:ec2::254]` on IPv6-only subnets).
+    pub metadata_endpoint: Option<String>,
 }
 
 fn default_ami_name() -> String {
@@ -606,6 +609,11 @@ pub struct DaemonConfig {
     /// How long a stopped run gets between SIGTERM and SIGKILL, in seconds.
     #[serde(default = "default_stop_grace")]
     pub stop_grace_secs: u64,
+    /// How often the daemon asks the provider whether the instance of a spot run under
+    /// `--on-interrupt relaunch` that is out of touch is gone, in seconds (and once when
+    /// it starts).
+    #[serde(default = "default_watch_secs")]
+    pub watch_secs: u64,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -647,6 +655,9 @@ fn default_token_ttl() -> u64 {
 fn default_stop_grace() -> u64 {
     10
 }
+fn default_watch_secs() -> u64 {
+    30
+}
 
 impl Default for DaemonConfig {
     fn default() -> Self {
@@ -655,6 +666,7 @@ impl Default for DaemonConfig {
             relay: None,
             token_ttl_secs: default_token_ttl(),
             stop_grace_secs: default_stop_grace(),
+            watch_secs: default_watch_secs(),
         }
     }
 }
@@ -680,6 +692,9 @@ impl DaemonConfig {
     }
     pub fn stop_grace(&self) -> Duration {
         Duration::from_secs(self.stop_grace_secs)
+    }
+    pub fn watch(&self) -> Duration {
+        Duration::from_secs(self.watch_secs.max(1))
     }
 }
 

@@ -31,31 +31,53 @@ const MIGRATIONS: [&str; SCHEMA_VERSION as usize - 1] = [
     MIGRATE_7_TO_8,
 ];
 
-/// Version 8: a gang restarts (all its nodes at once), so the daemon keeps what it
-/// started each node with (`start`, JSON: [`StoredStart`]; no secret values) and the
-/// restarts made so far; each node keeps which attempt its events are in (a
-/// `StartedAgain` notice moves it on), so an end from an earlier attempt, replayed late,
-/// does not end the current one.
+/// Version 8: a gang restarts (all its nodes at once) and a spot run is relaunched
+/// (`--on-interrupt relaunch`), so the daemon keeps what it started the run with (`start`,
+/// JSON: [`StoredStart`]; no secret values), the restarts and relaunches made so far;
+/// each node keeps which attempt its events are in (a `StartedAgain` notice moves it on),
+/// so an end from an earlier attempt, replayed late, does not end the current one; and
+/// each instance a node has run on is an incarnation of it (`run_incarnations`; none
+/// listed: incarnation 0 on the run's own instances), whose events are its own source.
 const MIGRATE_7_TO_8: &str = "
 CREATE TABLE run_starts (
     run_id TEXT PRIMARY KEY,
     start TEXT NOT NULL,
     restarts INTEGER NOT NULL DEFAULT 0,
     quick_failures INTEGER NOT NULL DEFAULT 0,
-    attempt_ms INTEGER NOT NULL
+    attempt_ms INTEGER NOT NULL,
+    relaunches INTEGER NOT NULL DEFAULT 0
 );
 ALTER TABLE run_nodes ADD COLUMN attempt INTEGER NOT NULL DEFAULT 1;
+CREATE TABLE run_incarnations (
+    run_id TEXT NOT NULL,
+    instance TEXT NOT NULL,
+    node INTEGER NOT NULL,
+    incarnation INTEGER NOT NULL,
+    PRIMARY KEY (run_id, instance)
+) WITHOUT ROWID;
 ";
 
-/// What a gang's nodes were started with, kept to start them again: the spec as sent to
-/// node 0 before its per-node changes, the launch, whether every node pushes checkpoints,
-/// and the names (never the values) of its secrets.
+/// What a run was started with, kept to start it again (a gang's restart, a spot run's
+/// relaunch): the spec as sent to node 0 before its per-node changes, the launch, whether
+/// every node pushes checkpoints, the names (never the values) of its secrets, what it
+/// does when interrupted, and how its instance was launched.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StoredStart {
     pub spec: protocol::RunSpec,
     pub launch: Option<protocol::launch::Launch>,
     pub all_checkpoints: bool,
     pub secret_names: Vec<String>,
+    #[serde(default)]
+    pub on_interrupt: crate::relaunch::OnInterrupt,
+    #[serde(default)]
+    pub launch_options: Option<crate::provider::LaunchOptions>,
+}
+
+/// A spot run to relaunch: replacement `number`, after `interruption`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Relaunch {
+    pub number: u32,
+    pub interruption: crate::relaunch::Interruption,
 }
 
 /// What storing a batch of events did to the run.
@@ -67,6 +89,8 @@ pub struct Stored {
     pub ended: Option<RunState>,
     /// The gang starts again (its nodes' ends are cleared, the restart counted).
     pub restart: Option<crate::gang::Restart>,
+    /// The spot run is relaunched (the relaunch counted, the run not ended).
+    pub relaunch: Option<Relaunch>,
 }
 
 /// Version 7: a run may have several nodes (`run --nodes`), each on an instance of its
@@ -952,6 +976,10 @@ impl Db {
             [run.as_str()],
             |r| r.get(0),
         )?;
+        // An end from an instance the run has been relaunched from ends nothing now.
+        if source.incarnation < current_incarnation(&tx, run, source.node)? {
+            fresh.retain(|e| !matches!(e.kind, protocol::EventKind::Ended(_)));
+        }
         let mut node_end = None;
         if nodes > 1 {
             let gang = gang_attempt(&tx, run)?;
@@ -982,6 +1010,29 @@ impl Db {
             )?;
         }
         let mut change = run_state::apply(held, &fresh);
+        let mut relaunch = None;
+        if change.state == RunState::Interrupted
+            && let Some(ended) = &mut change.end
+        {
+            let instance: String = tx.query_row(
+                "SELECT instance FROM runs WHERE id = ?1",
+                [run.as_str()],
+                |r| r.get(0),
+            )?;
+            let interruption = crate::relaunch::Interruption::Notice {
+                instance,
+                at_ms: ended.at_ms,
+            };
+            match decide_relaunch(&tx, run, interruption)? {
+                Some(Ok(next)) => {
+                    relaunch = Some(next);
+                    change.end = None;
+                    change.state = RunState::Pending;
+                }
+                Some(Err(error)) => ended.error = Some(error),
+                None => {}
+            }
+        }
         let mut restart = None;
         if let Some((end, at_ms)) = node_end {
             tx.execute(
@@ -1026,7 +1077,150 @@ impl Db {
             last_seq,
             ended: new_state,
             restart,
+            relaunch,
         })
+    }
+
+    /// Where events from `instance` for `run` come from: the incarnation of a node it
+    /// was relaunched on, else incarnation 0 of the node it runs; `None`: not the run's.
+    pub fn source_of(
+        &self,
+        run: &RunRow,
+        instance: &InstanceName,
+    ) -> anyhow::Result<Option<Source>> {
+        let listed: Option<(u32, u32)> = self
+            .lock()
+            .query_row(
+                "SELECT node, incarnation FROM run_incarnations WHERE run_id = ?1 AND instance = ?2",
+                params![run.id.as_str(), instance.as_str()],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        if let Some((node, incarnation)) = listed {
+            return Ok(Some(Source { node, incarnation }));
+        }
+        Ok(self.node_of(run, instance)?.map(|node| Source {
+            node,
+            incarnation: 0,
+        }))
+    }
+
+    /// A spot run's instance found gone with no end reported: relaunched, or ended
+    /// interrupted (the relaunches used up) in one transaction. `None`: the run is not
+    /// one to relaunch (or already ended).
+    pub fn relaunch_gone(
+        &self,
+        run: &RunId,
+        instance: &InstanceName,
+        now_ms: u64,
+    ) -> anyhow::Result<Option<Result<Relaunch, String>>> {
+        let mut conn = self.lock();
+        let tx = conn.transaction()?;
+        let state: String = tx.query_row(
+            "SELECT state FROM runs WHERE id = ?1",
+            [run.as_str()],
+            |r| r.get(0),
+        )?;
+        if parse::<RunState>(&state)?.is_terminal() {
+            return Ok(None);
+        }
+        let interruption = crate::relaunch::Interruption::Gone {
+            instance: instance.to_string(),
+            at_ms: now_ms,
+        };
+        let decided = decide_relaunch(&tx, run, interruption)?;
+        match &decided {
+            Some(Ok(_)) => {
+                tx.execute(
+                    "UPDATE runs SET state = 'pending' WHERE id = ?1",
+                    [run.as_str()],
+                )?;
+            }
+            Some(Err(error)) => {
+                tx.execute(
+                    "UPDATE runs SET state = 'interrupted', ended_ms = COALESCE(ended_ms, ?2), error = COALESCE(error, ?3) WHERE id = ?1",
+                    params![run.as_str(), now_ms, error],
+                )?;
+            }
+            None => {}
+        }
+        tx.commit()?;
+        Ok(decided)
+    }
+
+    /// Records that node `node` of `run` now runs on `to` as incarnation `incarnation`,
+    /// having run on `from` as the one before: `to` becomes the run's (node 0's) instance.
+    pub fn relaunched(
+        &self,
+        run: &RunId,
+        node: u32,
+        incarnation: u32,
+        from: &InstanceName,
+        to: &InstanceName,
+    ) -> anyhow::Result<()> {
+        let mut conn = self.lock();
+        let tx = conn.transaction()?;
+        tx.execute(
+            "INSERT OR IGNORE INTO run_incarnations (run_id, instance, node, incarnation) VALUES (?1, ?2, ?3, ?4)",
+            params![run.as_str(), from.as_str(), node, incarnation - 1],
+        )?;
+        tx.execute(
+            "INSERT OR REPLACE INTO run_incarnations (run_id, instance, node, incarnation) VALUES (?1, ?2, ?3, ?4)",
+            params![run.as_str(), to.as_str(), node, incarnation],
+        )?;
+        if node == 0 {
+            tx.execute(
+                "UPDATE runs SET instance = ?2 WHERE id = ?1",
+                params![run.as_str(), to.as_str()],
+            )?;
+        }
+        tx.execute(
+            "UPDATE run_nodes SET instance = ?3 WHERE run_id = ?1 AND node = ?2",
+            params![run.as_str(), node, to.as_str()],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Spot runs still going whose relaunch was decided (counted) but not made, with the
+    /// replacement's number, and those that are not waiting for one: each with its
+    /// current instance.
+    pub fn relaunch_runs(&self) -> anyhow::Result<Vec<(RunId, InstanceName, Option<u32>)>> {
+        let conn = self.lock();
+        let mut stmt = conn.prepare(
+            "SELECT s.run_id, r.instance, s.start, s.relaunches,
+                    COALESCE((SELECT MAX(i.incarnation) FROM run_incarnations i WHERE i.run_id = s.run_id AND i.node = 0), 0)
+             FROM run_starts s JOIN runs r ON r.id = s.run_id
+             WHERE r.state NOT IN ('succeeded', 'failed', 'stopped', 'interrupted', 'budget_exceeded')",
+        )?;
+        let rows: Vec<(String, String, String, u32, u32)> = stmt
+            .query_map([], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            })?
+            .collect::<Result<_, _>>()?;
+        let mut runs = Vec::new();
+        for (run, instance, start, relaunches, incarnation) in rows {
+            let start: StoredStart = serde_json::from_str(&start)?;
+            if start.on_interrupt == crate::relaunch::OnInterrupt::End {
+                continue;
+            }
+            let pending = (relaunches > incarnation).then_some(relaunches);
+            runs.push((parse(&run)?, parse(&instance)?, pending));
+        }
+        Ok(runs)
+    }
+
+    /// Whether `run` waits for a relaunch decided but not made.
+    pub fn relaunch_pending(&self, run: &RunId) -> anyhow::Result<bool> {
+        let conn = self.lock();
+        let relaunches: Option<u32> = conn
+            .query_row(
+                "SELECT relaunches FROM run_starts WHERE run_id = ?1",
+                [run.as_str()],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(relaunches.unwrap_or(0) > current_incarnation(&conn, run, 0)?)
     }
 
     /// The highest sequence number stored from `source`: what to ask its agent to replay
@@ -1124,6 +1318,52 @@ impl Db {
             .collect::<Result<_, _>>()?;
         Ok(rows)
     }
+}
+
+/// The incarnation node `node` of `run` runs in now (0 until it is relaunched).
+fn current_incarnation(conn: &Connection, run: &RunId, node: u32) -> anyhow::Result<u32> {
+    Ok(conn.query_row(
+        "SELECT COALESCE(MAX(incarnation), 0) FROM run_incarnations WHERE run_id = ?1 AND node = ?2",
+        params![run.as_str(), node],
+        |r| r.get(0),
+    )?)
+}
+
+/// An interrupted run's next step under its `--on-interrupt` (`relaunch::decide`): a
+/// relaunch (counted here), or its end with the reason. `None`: nothing kept for it (an
+/// ordinary interrupted run).
+fn decide_relaunch(
+    tx: &Connection,
+    run: &RunId,
+    interruption: crate::relaunch::Interruption,
+) -> anyhow::Result<Option<Result<Relaunch, String>>> {
+    let row: Option<(String, u32)> = tx
+        .query_row(
+            "SELECT start, relaunches FROM run_starts WHERE run_id = ?1",
+            [run.as_str()],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
+    let Some((start, relaunches)) = row else {
+        return Ok(None);
+    };
+    let start: StoredStart = serde_json::from_str(&start)?;
+    Ok(
+        match crate::relaunch::decide(start.on_interrupt, relaunches) {
+            crate::relaunch::Decision::Relaunch { number } => {
+                tx.execute(
+                    "UPDATE run_starts SET relaunches = ?2 WHERE run_id = ?1",
+                    params![run.as_str(), number],
+                )?;
+                Some(Ok(Relaunch {
+                    number,
+                    interruption,
+                }))
+            }
+            crate::relaunch::Decision::End { error: Some(error) } => Some(Err(error)),
+            crate::relaunch::Decision::End { error: None } => None,
+        },
+    )
 }
 
 /// A gang's current attempt (1 until it restarts) and restart history.
@@ -1478,7 +1718,8 @@ mod tests {
             Stored {
                 last_seq: 3,
                 ended: Some(RunState::Failed),
-                restart: None
+                restart: None,
+                relaunch: None,
             }
         );
         assert_eq!(
@@ -1560,6 +1801,8 @@ mod tests {
             launch: None,
             all_checkpoints: false,
             secret_names: vec!["HF_TOKEN".into()],
+            on_interrupt: crate::relaunch::OnInterrupt::End,
+            launch_options: None,
         };
         db.set_run_start(&run, &start, 0).expect("start");
         assert_eq!(db.run_start(&run).expect("db"), Some(start));

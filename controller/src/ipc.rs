@@ -75,6 +75,8 @@ pub struct RunRequest {
     pub launcher: Option<protocol::launch::Launch>,
     /// Every node of a gang pushes checkpoints, not only node 0 (`--checkpoints-from all`).
     pub checkpoints_from_all: bool,
+    /// What the run does when its spot instance is taken back (`--on-interrupt`).
+    pub on_interrupt: crate::relaunch::OnInterrupt,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -23,6 +23,7 @@ pub mod objects;
 pub mod pki;
 pub mod plan;
 pub mod provider;
+pub mod relaunch;
 pub mod relays;
 pub mod remote;
 pub mod report;

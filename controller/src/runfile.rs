@@ -101,6 +101,8 @@ pub struct RunSection {
     pub end: Option<EndArg>,
     #[serde(default, deserialize_with = "signal")]
     pub spot_signal: Option<i32>,
+    #[serde(default, deserialize_with = "on_interrupt")]
+    pub on_interrupt: Option<crate::relaunch::OnInterrupt>,
     #[serde(default, deserialize_with = "dollars")]
     pub max_cost: Option<f64>,
     #[serde(default, deserialize_with = "hours")]
@@ -159,6 +161,7 @@ checked_by! {
     ami: String = cli::parse_ami;
     snapshot: String = cli::parse_snapshot;
     restart: RestartPolicy = cli::parse_restart;
+    on_interrupt: crate::relaunch::OnInterrupt = crate::relaunch::parse;
     signal: i32 = cli::parse_signal;
     instance_name: protocol::InstanceName = |s: &str| s.parse().map_err(|e| format!("{e}"));
     end: EndArg = |s: &str| <EndArg as clap::ValueEnum>::from_str(s, false)
@@ -299,6 +302,7 @@ impl RunSection {
             stop_grace,
             end,
             spot_signal,
+            on_interrupt,
             max_cost,
             max_hours,
             launcher,
@@ -517,6 +521,7 @@ pub fn apply(args: &mut RunArgs, file: RunSection) {
         args.stop_grace => file.stop_grace,
         args.end => end,
         args.spot_signal => file.spot_signal,
+        args.on_interrupt => file.on_interrupt,
         args.max_cost => file.max_cost,
         args.max_hours => file.max_hours,
         args.launcher => file.launcher,

@@ -404,3 +404,49 @@ pub fn delete_netns(ns: &str) {
     }
     let _ = Command::new("ip").args(["netns", "del", ns]).status();
 }
+
+/// The metadata double, serving on loopback; killed on drop.
+#[derive(Debug)]
+pub struct Imds {
+    child: std::process::Child,
+    pub port: u16,
+    state: tempfile::TempDir,
+}
+
+impl Imds {
+    pub fn start() -> Self {
+        use std::io::BufRead;
+        let state = tempfile::tempdir().expect("tempdir");
+        let mut child = std::process::Command::new("python3")
+            .arg(fixture("imds_double.py"))
+            .arg(state.path())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("start the metadata double");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().expect("piped"))
+            .read_line(&mut line)
+            .expect("port line");
+        let port = line.trim().parse().expect("a port");
+        Imds { child, port, state }
+    }
+
+    /// Publishes a notice (`instance-action.json`, `rebalance.json`) for the agents that poll.
+    pub fn notice(&self, file: &str, body: &str) {
+        let tmp = self.state.path().join(format!("{file}.tmp"));
+        std::fs::write(&tmp, body).expect("write notice");
+        std::fs::rename(&tmp, self.state.path().join(file)).expect("publish notice");
+    }
+
+    /// Takes a notice back (a replacement instance has a metadata service of its own).
+    pub fn withdraw(&self, file: &str) {
+        let _ = std::fs::remove_file(self.state.path().join(file));
+    }
+}
+
+impl Drop for Imds {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use controller::config::Ec2Config;
 use controller::provider::ec2::Ec2;
 use tests::s3::S3Env;
-use tests::{Home, fixture, stderr, stdout};
+use tests::{Home, Imds, fixture, stderr, stdout};
 
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -1756,5 +1756,316 @@ async fn a_gang_whose_node_never_comes_up_keeps_nothing() {
         }
         assert!(Instant::now() < deadline, "left behind: {left:?}");
         tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+// --- managed spot: `run --spot --on-interrupt relaunch[:N]` ------------------------------
+
+/// A trainer for the relaunch tests: `train.py TOTAL` runs steps to TOTAL (0.2 s each),
+/// saving `step-NNN` after each; resumed, it carries on after the step it was given; on
+/// SIGTERM (the spot signal) it saves where it is and exits.
+const SPOT_TRAINER: &str = r#"
+import os, signal, sys, time
+ckpt = os.environ["RUNCTL_CHECKPOINT_DIR"]
+total = int(sys.argv[1])
+resume = os.environ.get("RUNCTL_RESUME_FROM")
+step = int(open(resume).read()) + 1 if resume else 0
+print(f"starts at step {step} ({'resumed from ' + os.path.basename(resume) if resume else 'fresh'})", flush=True)
+def save(n):
+    tmp = os.path.join(ckpt, f".step-{n:03}")
+    with open(tmp, "w") as f:
+        f.write(str(n))
+    os.rename(tmp, os.path.join(ckpt, f"step-{n:03}"))
+def interrupted(*_):
+    print(f"interrupted at step {step}", flush=True)
+    sys.exit(143)
+signal.signal(signal.SIGTERM, interrupted)
+while step < total:
+    time.sleep(0.2)
+    save(step)
+    step += 1
+print(f"done: {total} steps", flush=True)
+"#;
+
+const SPOT_NOTICE: &str = r#"{"action": "terminate", "time": "2026-12-07T17:00:00Z"}"#;
+
+/// A home for managed-spot runs: agents poll `imds` for notices, the daemon watches every
+/// second, g5.xlarge has a price.
+fn spot_cloud(env: &Ec2Env, test: &str, region: &str, imds: &Imds) -> (Cloud, tempfile::TempDir) {
+    let cloud = Cloud::new(
+        env,
+        test,
+        region,
+        &format!(
+            "metadata_endpoint = \"http://127.0.0.1:{}\"\n[ec2.prices]\n\"g5.xlarge\" = 1.006\n",
+            imds.port
+        ),
+    );
+    let config = cloud.home.path().join("config.toml");
+    let text = std::fs::read_to_string(&config).expect("config");
+    std::fs::write(
+        &config,
+        text.replace(
+            "stop_grace_secs = 3\n",
+            "stop_grace_secs = 3\nwatch_secs = 1\n",
+        ),
+    )
+    .expect("write");
+    let project = tempfile::tempdir().expect("project");
+    std::fs::write(project.path().join("train.py"), SPOT_TRAINER).expect("write");
+    (cloud, project)
+}
+
+/// The first running instance launched for `run` other than `not`, waited for.
+async fn replacement(ec2: &Ec2, run: &str, not: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let found = ec2
+            .client()
+            .describe_instances()
+            .filters(controller::provider::ec2::filter("tag:runctl:run", &[run]))
+            .filters(controller::provider::ec2::filter(
+                "instance-state-name",
+                &["running"],
+            ))
+            .send()
+            .await
+            .expect("describe");
+        let ids: Vec<String> = found
+            .reservations()
+            .iter()
+            .flat_map(|r| r.instances())
+            .filter_map(|i| i.instance_id())
+            .filter(|id| *id != not)
+            .map(str::to_owned)
+            .collect();
+        if let Some(id) = ids.into_iter().next() {
+            return id;
+        }
+        assert!(Instant::now() < deadline, "no replacement was launched");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The run's events, as `logs --output json` gives them (each a line).
+fn run_events(cloud: &Cloud, run: &str) -> Vec<serde_json::Value> {
+    let out = cloud
+        .cli()
+        .args(["--output", "json", "logs", run])
+        .output()
+        .expect("logs");
+    stdout(&out)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|e| e.get("kind").is_some())
+        .collect()
+}
+
+fn the_run(cloud: &Cloud) -> String {
+    cloud.json(&["list", "--all"])["runs"][0]["id"]
+        .as_str()
+        .expect("a run")
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_spot_run_interrupted_is_relaunched_and_resumes_from_its_checkpoint() {
+    let Some(env) = ec2_env("relaunch") else {
+        return;
+    };
+    let imds = Imds::start();
+    let (cloud, project) = spot_cloud(&env, "relaunch", "ap-northeast-2", &imds);
+    let ec2 = cloud.ec2().await;
+    let (run, first, _) = start_command(
+        &cloud,
+        &ec2,
+        project.path(),
+        &["--spot", "--on-interrupt", "relaunch:2"],
+        &["python3", "train.py", "40"],
+    )
+    .await;
+    let dir = tempfile::tempdir().expect("sandbox");
+    let agent = boot(&env, &ec2, &first, dir.path()).await;
+    let run_id = {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let list = cloud.json(&["list", "--all"]);
+            if let Some(id) = list["runs"][0]["id"].as_str() {
+                break id.to_owned();
+            }
+            assert!(Instant::now() < deadline, "no run: {list}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !cloud.json(&["checkpoint", "list", &run_id])["latest"].is_string() {
+        assert!(Instant::now() < deadline, "no checkpoint was pushed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // The notice: the trainer saves and goes, the daemon relaunches.
+    imds.notice("instance-action.json", SPOT_NOTICE);
+    let noticed = now_ms();
+    let second = replacement(&ec2, &run_id, &first).await;
+    wait_state(&ec2, &first, "terminated").await;
+    drop(agent);
+    imds.withdraw("instance-action.json");
+    let agent = boot(&env, &ec2, &second, dir.path()).await;
+    let output = tokio::task::spawn_blocking(move || run.wait_with_output())
+        .await
+        .expect("join")
+        .expect("run output");
+    drop(agent);
+    let (out, err) = (stdout(&output), stderr(&output));
+    assert!(output.status.success(), "{err}");
+    assert!(out.contains("starts at step 0 (fresh)"), "{out}");
+    assert!(out.contains("interrupted at step"), "{out}");
+    let resumed = out
+        .lines()
+        .find(|l| l.contains("(resumed from step-"))
+        .unwrap_or_else(|| panic!("no resumed start: {out}"));
+    assert!(!resumed.starts_with("starts at step 0 "), "{resumed}");
+    assert!(out.contains("done: 40 steps"), "{out}");
+    assert!(
+        err.contains("spot interruption notice: the instance will terminate"),
+        "{err}"
+    );
+    assert!(
+        err.contains("started again (attempt 2) after a spot interruption of ec2-")
+            && err.contains("; relaunch 1 on ec2-")
+            && err.contains("/h"),
+        "{err}"
+    );
+    // One run, one log: the replacement's lines follow the first instance's.
+    let events = run_events(&cloud, &run_id);
+    let first_line = events
+        .iter()
+        .skip_while(|e| e["kind"]["notice"].get("started_again").is_none())
+        .find(|e| e["kind"].get("output").is_some())
+        .expect("the replacement's first line");
+    let at = first_line["at_ms"].as_u64().expect("at_ms");
+    eprintln!(
+        "relaunch: spot notice to the replacement's first output line: {} ms (the test boots the replacement once it is seen running)",
+        at.saturating_sub(noticed)
+    );
+    let row = cloud.json(&["logs", &run_id]);
+    assert_eq!(row["state"], "succeeded", "{row}");
+    assert_eq!(the_run(&cloud), run_id, "still one run");
+    wait_state(&ec2, &second, "terminated").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_spot_run_interrupted_while_the_daemon_is_away_is_relaunched_when_it_is_back() {
+    let Some(env) = ec2_env("relaunch_away") else {
+        return;
+    };
+    let imds = Imds::start();
+    let (cloud, project) = spot_cloud(&env, "relaunch-away", "us-east-1", &imds);
+    let ec2 = cloud.ec2().await;
+    let (run, first, _) = start_command(
+        &cloud,
+        &ec2,
+        project.path(),
+        &["--spot", "--on-interrupt", "relaunch:1", "--detach"],
+        &["python3", "train.py", "100000"],
+    )
+    .await;
+    let dir = tempfile::tempdir().expect("sandbox");
+    let agent = boot(&env, &ec2, &first, dir.path()).await;
+    let started = tokio::task::spawn_blocking(move || run.wait_with_output())
+        .await
+        .expect("join")
+        .expect("run output");
+    assert!(started.status.success(), "{}", stderr(&started));
+    let run_id = the_run(&cloud);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !cloud.json(&["checkpoint", "list", &run_id])["latest"].is_string() {
+        assert!(Instant::now() < deadline, "no checkpoint was pushed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // The laptop sleeps; the instance is taken back meanwhile.
+    let out = cloud.run(&["shutdown"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    imds.notice("instance-action.json", SPOT_NOTICE);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    ec2.terminate(&first).await.expect("reclaim");
+    drop(agent);
+    imds.withdraw("instance-action.json");
+
+    // Back: the daemon finds the instance gone and relaunches.
+    let out = cloud.run(&["status"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let second = replacement(&ec2, &run_id, &first).await;
+    let agent = boot(&env, &ec2, &second, dir.path()).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let logs = cloud.run(&["logs", &run_id]);
+        if stdout(&logs).contains("(resumed from step-") {
+            let err = stderr(&logs);
+            assert!(
+                err.contains("started again (attempt 2) after ec2-")
+                    && err.contains("was found gone at"),
+                "{err}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the replacement did not resume: {}{}\n--- daemon log ---\n{}",
+            stdout(&logs),
+            stderr(&logs),
+            std::fs::read_to_string(cloud.home.path().join("daemon.log")).unwrap_or_default()
+                + &std::fs::read_to_string(dir.path().join(format!("{second}.log")))
+                    .unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
+    // A second interruption is one more than relaunch:1 allows: the run ends saying so.
+    imds.notice("instance-action.json", SPOT_NOTICE);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let row = loop {
+        let row = cloud.json(&["logs", &run_id]);
+        if row["state"] == "interrupted" {
+            break row;
+        }
+        assert!(Instant::now() < deadline, "the run did not end: {row}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    drop(agent);
+    assert!(
+        row["error"].as_str().is_some_and(|e| e
+            .contains("interrupted again after 1 relaunch (--on-interrupt relaunch:1 allows 1)")),
+        "{row}"
+    );
+    assert_eq!(the_run(&cloud), run_id, "still one run");
+    wait_state(&ec2, &second, "terminated").await;
+}
+
+#[test]
+fn relaunch_is_refused_where_it_cannot_apply() {
+    let Some(env) = ec2_env("relaunch_refused") else {
+        return;
+    };
+    let cloud = Cloud::new(&env, "relaunch-refused", "us-east-2", "");
+    let base = ["run", "--provider", "ec2", "--instance-type", "g5.xlarge"];
+    let with = |extra: &[&str]| {
+        let mut args: Vec<&str> = base.to_vec();
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--", "true"]);
+        args.into_iter().map(str::to_owned).collect::<Vec<_>>()
+    };
+    for (extra, needle) in [
+        (vec!["--on-interrupt", "relaunch"], "is for spot instances"),
+        (
+            vec!["--spot", "--on-interrupt", "relaunch", "--nodes", "2"],
+            "gang of 2 nodes",
+        ),
+        (vec!["--spot", "--on-interrupt", "relaunch:0"], "at least 1"),
+    ] {
+        let args = with(&extra);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        cloud.refused(&args, 2, needle);
     }
 }

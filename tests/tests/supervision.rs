@@ -5,12 +5,12 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use agent::procstat::{self, ProcStat};
 use serde_json::Value;
-use tests::{Home, fixture, stderr, stdout};
+use tests::{Home, Imds, fixture, stderr, stdout};
 
 fn now_ms() -> u64 {
     SystemTime::now()
@@ -189,44 +189,6 @@ fn process_with_arg_exists(needle: &str) -> bool {
             std::fs::read(p.path().join("cmdline"))
                 .is_ok_and(|c| String::from_utf8_lossy(&c).contains(needle))
         })
-}
-
-/// The metadata double, serving on loopback; killed on drop.
-struct Imds {
-    child: Child,
-    port: u16,
-    state: tempfile::TempDir,
-}
-
-impl Imds {
-    fn start() -> Self {
-        let state = tempfile::tempdir().expect("tempdir");
-        let mut child = Command::new("python3")
-            .arg(fixture("imds_double.py"))
-            .arg(state.path())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("start the metadata double");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("piped"))
-            .read_line(&mut line)
-            .expect("port line");
-        let port = line.trim().parse().expect("a port");
-        Imds { child, port, state }
-    }
-
-    fn notice(&self, file: &str, body: &str) {
-        let tmp = self.state.path().join(format!("{file}.tmp"));
-        std::fs::write(&tmp, body).expect("write notice");
-        std::fs::rename(&tmp, self.state.path().join(file)).expect("publish notice");
-    }
-}
-
-impl Drop for Imds {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 #[test]

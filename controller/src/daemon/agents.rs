@@ -15,7 +15,7 @@ use protocol::{
 use tokio::sync::mpsc;
 
 use super::{AgentLink, Daemon, now_ms};
-use crate::db::{InstanceState, RunState, Source};
+use crate::db::{InstanceState, RunState};
 
 /// How long an agent certificate is valid.
 const CERT_LIFETIME: Duration = Duration::from_secs(90 * 86_400);
@@ -428,18 +428,13 @@ fn reconcile(
         let Some(row) = d.db.run(&cursor.run)? else {
             continue;
         };
-        let Some(node) = d.db.node_of(&row, instance)? else {
+        let Some(source) = d.db.source_of(&row, instance)? else {
             tracing::warn!(
                 "agent {instance} reports run {} of {}",
                 cursor.run,
                 row.instance
             );
             continue;
-        };
-        // A node's agent has one life so far: incarnation 0.
-        let source = Source {
-            node,
-            incarnation: 0,
         };
         let have = d.db.last_seq(&cursor.run, source)?;
         // A live run is followed; an ended one is fetched only if something is missing.
@@ -490,20 +485,16 @@ fn on_events(
 ) -> Result<(), WireError> {
     let internal = |e: anyhow::Error| WireError::new(ErrorKind::Internal, format!("{e:#}"));
     let row = d.db.run(run).map_err(internal)?;
-    let node = match &row {
-        Some(row) => d.db.node_of(row, instance).map_err(internal)?,
+    let source = match &row {
+        Some(row) => d.db.source_of(row, instance).map_err(internal)?,
         None => None,
     };
-    let (Some(row), Some(node)) = (row, node) else {
+    let (Some(row), Some(source)) = (row, source) else {
         tracing::warn!("agent {instance} sent events for run {run}, which is not its own");
         return Err(WireError::new(
             ErrorKind::NotYourRun,
             format!("run {run} does not belong to {instance}"),
         ));
-    };
-    let source = Source {
-        node,
-        incarnation: 0,
     };
     // The state follows from the events, in the transaction that stores them.
     let stored = d.db.insert_events(run, source, events).map_err(internal)?;

@@ -406,6 +406,33 @@ pub(super) fn release_gang(d: &Arc<Daemon>, provider: ProviderKind, run: &RunId)
     });
 }
 
+/// Whether instance `name` is gone from its provider (terminated, or being terminated, or
+/// not listed at all): a spot instance taken back while its agent was out of touch.
+pub(super) async fn gone(d: &Arc<Daemon>, name: &InstanceName) -> Result<bool, UserError> {
+    let Some(row) = d.db.instance(name).map_err(internal)? else {
+        return Ok(true);
+    };
+    if row.state == InstanceState::Terminated {
+        return Ok(true);
+    }
+    let Some(cloud) = d.db.cloud(name).map_err(internal)? else {
+        return Ok(false);
+    };
+    match row.provider {
+        ProviderKind::Ec2 => {
+            let listed = ec2_client(d).await?.instance(&cloud.cloud_id).await?;
+            Ok(listed.is_none_or(|i| matches!(i.state.as_str(), "terminated" | "shutting-down")))
+        }
+        ProviderKind::Runpod => {
+            let pods = runpod_client(d)?.pods().await?;
+            Ok(!pods.iter().any(|p| {
+                p.id == cloud.cloud_id && runpod::plan::status_word(p.status) != "terminated"
+            }))
+        }
+        ProviderKind::Local => Ok(false),
+    }
+}
+
 /// Where a gang's nodes meet (`MASTER_ADDR`, `MASTER_PORT`): a local gang on loopback at
 /// a port free here now; an EC2 gang at node 0's private address, at torch's port.
 pub(super) async fn gang_master(
@@ -767,6 +794,10 @@ pub(super) fn record_terminated(d: &Daemon, name: &InstanceName, now: u64) {
                 .flatten()
                 .and_then(|c| c.price_per_hour);
         for row in rows.into_iter().filter(|r| !r.state.is_terminal()) {
+            // A spot run being relaunched goes on on its replacement.
+            if d.db.relaunch_pending(&row.id).unwrap_or(false) {
+                continue;
+            }
             let caps = d.db.run_budget(&row.id).ok().flatten();
             let why = plan::gone_with_instance(row.id.as_str(), caps.as_ref(), price, now);
             let _ =

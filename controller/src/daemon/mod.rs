@@ -82,6 +82,8 @@ pub struct Daemon {
     /// Gangs waiting out their restart's delay; a stop meanwhile takes the run out, and
     /// it ends stopped instead.
     restarting: Mutex<HashSet<RunId>>,
+    /// Spot runs whose relaunch is under way in this daemon.
+    relaunching: Mutex<HashSet<RunId>>,
     /// The secrets of gangs still going, in memory only, to start their nodes again with.
     secrets: Mutex<HashMap<RunId, Vec<protocol::Secret>>>,
     /// Stat caches and what each agent's trees hold.
@@ -322,6 +324,7 @@ pub async fn serve(
         run_changes: Mutex::new(HashMap::new()),
         pending_stops: Mutex::new(HashSet::new()),
         restarting: Mutex::default(),
+        relaunching: Mutex::default(),
         secrets: Mutex::default(),
         sync: sync::SyncState::new(sync::load_trees(&home.sync_dir())),
         stats: Mutex::default(),
@@ -359,6 +362,7 @@ pub async fn serve(
         ));
     }
     runs::resume_restarts(&daemon);
+    daemon.tasks.spawn(runs::watch_relaunches(daemon.clone()));
 
     tokio::pin!(shutdown);
     loop {

@@ -455,7 +455,16 @@ async fn run(d: &Arc<Daemon>, stream: &mut UnixStream, req: RunRequest) -> anyho
             .map_err(|e| UserError::new(ErrorCode::BadInput, e))?;
     }
     let nodes = req.launcher.as_ref().map_or(1, |l| l.nodes);
+    crate::relaunch::check(
+        req.on_interrupt,
+        req.launch.spot(),
+        req.on.is_none(),
+        req.keep,
+        nodes,
+    )
+    .map_err(|(why, fix)| UserError::new(ErrorCode::BadInput, why).resolve(fix))?;
     let mut gang = Vec::new();
+    let mut launch_options = None;
     let (instance, launched, end) = match &req.on {
         Some(name) if nodes > 1 => {
             return Err(UserError::new(
@@ -515,6 +524,7 @@ async fn run(d: &Arc<Daemon>, stream: &mut UnixStream, req: RunRequest) -> anyho
                     .map(|n| n.to_string_lossy().into_owned());
             }
             let needs_price = req.max_cost.is_some();
+            launch_options = Some(options.clone());
             if nodes > 1 {
                 let run_id = &run_id;
                 gang = with_progress(stream, |progress| async move {
@@ -622,6 +632,8 @@ async fn run(d: &Arc<Daemon>, stream: &mut UnixStream, req: RunRequest) -> anyho
         secrets: req.secrets,
         launch: req.launcher.clone(),
         all_checkpoints: req.checkpoints_from_all,
+        on_interrupt: req.on_interrupt,
+        launch_options,
     };
     d.tasks.spawn(runs::start(d2, run2, start));
     // Started before the client hears of it: a client gone by now (Ctrl-C twice during a

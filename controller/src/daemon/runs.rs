@@ -72,6 +72,10 @@ pub(super) struct Start {
     /// Every node of a gang pushes its checkpoints (`--checkpoints-from all`), not only
     /// node 0.
     pub all_checkpoints: bool,
+    /// What the run does when its spot instance is taken back.
+    pub on_interrupt: crate::relaunch::OnInterrupt,
+    /// How its instance was launched (to launch a replacement), if it was for the run.
+    pub launch_options: Option<crate::provider::LaunchOptions>,
 }
 
 async fn try_start(d: &Arc<Daemon>, run: &RunId, start: Start) -> anyhow::Result<()> {
@@ -82,6 +86,8 @@ async fn try_start(d: &Arc<Daemon>, run: &RunId, start: Start) -> anyhow::Result
         secrets,
         launch,
         all_checkpoints,
+        on_interrupt,
+        launch_options,
     } = start;
     let nodes = nodes.as_slice();
     d.db.set_run_state(run, RunState::Syncing, now_ms(), None)?;
@@ -121,13 +127,16 @@ async fn try_start(d: &Arc<Daemon>, run: &RunId, start: Start) -> anyhow::Result
         launch,
         all_checkpoints,
     };
-    if nodes.len() > 1 {
-        // Kept to start the gang again: what it was started with (secrets in memory only).
+    if nodes.len() > 1 || on_interrupt != crate::relaunch::OnInterrupt::End {
+        // Kept to start the gang again or relaunch the run: what it was started with
+        // (secrets in memory only).
         let stored = crate::db::StoredStart {
             spec: gang.spec.clone(),
             launch: gang.launch.clone(),
             all_checkpoints,
             secret_names: gang.secrets.iter().map(|s| s.name.clone()).collect(),
+            on_interrupt,
+            launch_options,
         };
         d.db.set_run_start(run, &stored, now_ms())?;
         if !gang.secrets.is_empty() {
@@ -140,7 +149,7 @@ async fn try_start(d: &Arc<Daemon>, run: &RunId, start: Start) -> anyhow::Result
     let opens = gang
         .opens(d, &links, nodes, caps.as_ref(), start_message)
         .await?;
-    start_all(d, run, &links, nodes, opens).await?;
+    start_all(d, run, &links, nodes, opens, 0).await?;
     if d.pending_stops
         .lock()
         .expect("pending stops lock")
@@ -258,21 +267,23 @@ impl Gang {
     }
 }
 
-/// Sends each node its start (`opens`, in node order) at once and follows its events;
-/// the first failure, naming its node in a gang.
+/// Sends each node its start (`opens`, in node order) at once and follows its events (of
+/// `incarnation`); the first failure, naming its node in a gang.
 async fn start_all(
     d: &Arc<Daemon>,
     run: &RunId,
     links: &[(u32, super::AgentLink)],
     nodes: &[InstanceName],
     opens: Vec<BulkOpen>,
+    incarnation: u32,
 ) -> anyhow::Result<()> {
     let mut tasks = tokio::task::JoinSet::new();
     for (((node, link), instance), open) in links.iter().zip(nodes).zip(opens) {
         let (d, run, link, instance) = (d.clone(), run.clone(), link.clone(), instance.clone());
         let node = *node;
         tasks.spawn(async move {
-            let started = start_node(&d, &run, &link, &instance, node, open).await;
+            let source = Source { node, incarnation };
+            let started = start_node(&d, &run, &link, &instance, source, open).await;
             (node, started)
         });
     }
@@ -404,7 +415,7 @@ async fn try_restart(
             }
         })
         .await?;
-    start_all(d, run, &links, nodes, opens).await
+    start_all(d, run, &links, nodes, opens, 0).await
 }
 
 /// At the daemon's start: gangs whose restart was decided but not made (the daemon
@@ -433,9 +444,10 @@ async fn start_node(
     run: &RunId,
     link: &super::AgentLink,
     instance: &InstanceName,
-    node: u32,
+    source: Source,
     open: BulkOpen,
 ) -> anyhow::Result<()> {
+    let node = source.node;
     let (mut send, mut recv) = link
         .conn
         .open_bi()
@@ -462,10 +474,6 @@ async fn start_node(
     }
     // If the connection dropped meanwhile, the agent's next session asks for this run's
     // events anyway: it reports the run in `Ready`.
-    let source = Source {
-        node,
-        incarnation: 0,
-    };
     let replay = ControllerMsg::Replay {
         run: run.clone(),
         after_seq: d.db.last_seq(run, source)?,
@@ -721,6 +729,8 @@ fn lose_node(
 pub(super) fn after_node_end(d: &Arc<Daemon>, run: &crate::db::RunRow, stored: crate::db::Stored) {
     if stored.ended.is_some() {
         on_run_ended(d, &run.id);
+    } else if let Some(next) = stored.relaunch {
+        d.tasks.spawn(relaunch(d.clone(), run.id.clone(), next));
     } else if let Some(restart) = stored.restart {
         d.tasks
             .spawn(restart_gang(d.clone(), run.id.clone(), restart));
@@ -732,4 +742,226 @@ pub(super) fn after_node_end(d: &Arc<Daemon>, run: &crate::db::RunRow, stored: c
 pub(super) fn not_found_run(run: &RunId) -> UserError {
     UserError::new(ErrorCode::NotFound, format!("no run {run}"))
         .resolve("list runs: runctl-controller list")
+}
+
+/// Relaunches a spot run whose instance was taken back (`--on-interrupt relaunch`): ends
+/// what is left of the old instance, launches a replacement the way the first was
+/// launched, syncs the project to it and starts the command again there as the node's
+/// next incarnation (`BulkOpen::StartAgain`, its log opening with `started again (attempt
+/// N) after ...`), resuming from the run's newest checkpoint. A failure ends the run
+/// failed, saying so.
+pub(super) async fn relaunch(d: Arc<Daemon>, run: RunId, next: crate::db::Relaunch) {
+    if !d
+        .relaunching
+        .lock()
+        .expect("relaunching lock")
+        .insert(run.clone())
+    {
+        return;
+    }
+    let outcome = try_relaunch(&d, &run, &next).await;
+    d.relaunching.lock().expect("relaunching lock").remove(&run);
+    if let Err(e) = outcome {
+        let nodes = match d.db.run(&run) {
+            Ok(Some(row)) => vec![row.instance],
+            _ => Vec::new(),
+        };
+        let message = format!(
+            "relaunch {} after {}: {e:#}",
+            next.number,
+            next.interruption.words()
+        );
+        fail(&d, &run, &nodes, &message).await;
+    }
+}
+
+async fn try_relaunch(
+    d: &Arc<Daemon>,
+    run: &RunId,
+    next: &crate::db::Relaunch,
+) -> anyhow::Result<()> {
+    let row = d.db.run(run)?.context("the run is not known")?;
+    let stored =
+        d.db.run_start(run)?
+            .context("what the run was started with is not kept")?;
+    let options = stored
+        .launch_options
+        .clone()
+        .context("how its instance was launched is not kept")?;
+    let secrets = d
+        .secrets
+        .lock()
+        .expect("secrets lock")
+        .get(run)
+        .cloned()
+        .unwrap_or_default();
+    if secrets.len() < stored.secret_names.len() {
+        anyhow::bail!(
+            "its secrets ({}) were held in the daemon's memory only, and the daemon has restarted since the run began: run it again",
+            stored.secret_names.join(", ")
+        );
+    }
+    let old = row.instance.clone();
+    tracing::info!(%run, number = next.number, "relaunching after {}", next.interruption.words());
+    // What is left of the old instance goes first: nothing is paid for twice.
+    if let Err(e) = instances::terminate_now(d, &old).await {
+        tracing::warn!(%run, "terminating {old} before its relaunch: {}", e.message);
+    }
+    let (progress, mut lines) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let said = tokio::spawn(async move {
+        while let Some(line) = lines.recv().await {
+            tracing::info!("relaunch: {}", line.trim_start());
+        }
+    });
+    let caps = d.db.run_budget(run)?;
+    let launched = instances::launch(
+        d,
+        &options,
+        None,
+        Some(run.clone()),
+        true,
+        caps.as_ref().is_some_and(|c| c.max_cost.is_some()),
+        &progress,
+    )
+    .await;
+    drop(progress);
+    let _ = said.await;
+    let new = launched.map_err(|e| anyhow::anyhow!("launching the replacement: {}", e.message))?;
+    let incarnation = next.number;
+    d.db.relaunched(run, 0, incarnation, &old, &new.name)?;
+    d.bump_run(run);
+    let link = d
+        .wait_for_agent(&new.name, CONNECT_TIMEOUT, new.pid)
+        .await?;
+    link.hello.require(Feature::StartAgain).map_err(|e| {
+        anyhow::anyhow!(
+            "{}'s agent cannot start a run again: {}",
+            new.name,
+            e.message
+        )
+    })?;
+    // The old agent's tree went with its instance: the replacement gets the project whole.
+    sync::forget_tree(
+        d,
+        &sync::TreeKey {
+            run: run.clone(),
+            node: 0,
+        },
+    );
+    let params = sync::Params {
+        run: run.clone(),
+        node: 0,
+        root: PathBuf::from(&row.root),
+        dry_run: false,
+        restart: crate::ipc::Restart::Never,
+        create: true,
+    };
+    sync::sync(d, &link, params, |_| {})
+        .await
+        .map_err(|e| anyhow::anyhow!("syncing the project to {}: {e}", new.name))?;
+    let mut spec = stored.spec;
+    hand_credentials(d, &link, &new.name, &spec).await?;
+    let dest = spec.checkpoints.as_ref().map(|c| c.dest.clone());
+    spec.resume_from = crate::gang::resume_from(
+        dest.as_deref(),
+        d.db.pushed_checkpoint(run)?,
+        spec.resume_from.as_deref(),
+    );
+    let price =
+        d.db.cloud(&new.name)?
+            .and_then(|c| c.price_per_hour)
+            .map(|p| format!(", {}/h", crate::provider::ec2::prices::dollars(p)))
+            .unwrap_or_default();
+    let cause = format!(
+        "{}; relaunch {} on {}{price}",
+        next.interruption.words(),
+        next.number,
+        new.name
+    );
+    let gang = Gang {
+        spec,
+        secrets,
+        launch: stored.launch,
+        all_checkpoints: stored.all_checkpoints,
+    };
+    let links = [(0, link)];
+    let nodes = [new.name.clone()];
+    let opens = gang
+        .opens(d, &links, &nodes, caps.as_ref(), |start| {
+            BulkOpen::StartAgain {
+                start: Box::new(start),
+                attempt: next.number + 1,
+                cause: cause.clone(),
+            }
+        })
+        .await?;
+    start_all(d, run, &links, &nodes, opens, incarnation).await
+}
+
+/// Watches spot runs under `--on-interrupt relaunch` for the instance that went while
+/// nobody heard its end (the laptop asleep, a reclaim with no notice): at the start and
+/// every `[daemon] watch_secs`, an instance out of touch is looked up at its provider, and
+/// one that is gone gets its run relaunched (or ended, its relaunches used up). A
+/// relaunch decided before the daemon stopped and not made is made now.
+pub(super) async fn watch_relaunches(d: Arc<Daemon>) {
+    let mut tick = tokio::time::interval(d.config.daemon.watch());
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = d.shutdown.cancelled() => return,
+        }
+        let runs = match d.db.relaunch_runs() {
+            Ok(runs) => runs,
+            Err(e) => {
+                tracing::error!("reading the spot runs to watch: {e:#}");
+                continue;
+            }
+        };
+        for (run, instance, pending) in runs {
+            if d.relaunching
+                .lock()
+                .expect("relaunching lock")
+                .contains(&run)
+            {
+                continue;
+            }
+            if let Some(number) = pending {
+                let interruption = crate::relaunch::Interruption::Gone {
+                    instance: instance.to_string(),
+                    at_ms: now_ms(),
+                };
+                let next = crate::db::Relaunch {
+                    number,
+                    interruption,
+                };
+                d.tasks.spawn(relaunch(d.clone(), run, next));
+                continue;
+            }
+            if d.connected(&instance) {
+                continue;
+            }
+            match instances::gone(&d, &instance).await {
+                Ok(true) => {}
+                Ok(false) => continue,
+                Err(e) => {
+                    tracing::warn!(%run, "asking whether {instance} is gone: {}", e.message);
+                    continue;
+                }
+            }
+            match d.db.relaunch_gone(&run, &instance, now_ms()) {
+                Ok(Some(Ok(next))) => {
+                    tracing::info!(%run, "{instance} is gone; relaunching");
+                    d.bump_run(&run);
+                    d.tasks.spawn(relaunch(d.clone(), run, next));
+                }
+                Ok(Some(Err(error))) => {
+                    tracing::info!(%run, "{instance} is gone: {error}");
+                    d.bump_run(&run);
+                    on_run_ended(&d, &run);
+                }
+                Ok(None) => {}
+                Err(e) => tracing::error!(%run, "deciding its relaunch: {e:#}"),
+            }
+        }
+    }
 }

@@ -211,7 +211,13 @@ pub async fn prepare_gang(
 pub fn agent_settings(config: &Config, file: &mut AgentConfigFile) {
     file.idle_timeout_secs = config.ec2.idle_timeout_secs;
     file.poweroff_command = Some(vec!["systemctl".into(), "poweroff".into()]);
-    file.metadata_endpoint = Some("http://169.254.169.254".into());
+    file.metadata_endpoint = Some(
+        config
+            .ec2
+            .metadata_endpoint
+            .clone()
+            .unwrap_or_else(|| "http://169.254.169.254".into()),
+    );
     config.agent.write_into(file);
 }
 
