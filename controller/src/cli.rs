@@ -617,7 +617,9 @@ pub struct RunArgs {
     /// each with the code synced and NODE_RANK set; node 0's private address is every
     /// node's MASTER_ADDR. The launcher defaults to torchrun when the command is python,
     /// python3 or a .py file, else to none. A node that fails stops the others; the run
-    /// ends when every node has. Local provider only, for now.
+    /// ends when every node has, or, under --restart, starts again on every node from the
+    /// newest checkpoint. Local and EC2 (one cluster placement group and zone, a security
+    /// group open only to the gang's members); not RunPod yet.
     #[arg(long, value_name = "N", conflicts_with = "on")]
     pub nodes: Option<u32>,
 

@@ -1309,3 +1309,63 @@ fn a_pod_whose_image_ignores_the_start_command_is_reported_and_terminated() {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+#[test]
+fn an_interrupted_spot_pod_is_relaunched_and_its_run_resumes_from_the_last_checkpoint() {
+    let double = RunPodDouble::start();
+    let Some((home, s3)) =
+        runpod_home_with(&double, "runpod_relaunch", "store_profile = \"pods\"\n")
+    else {
+        return;
+    };
+    let (_profile, profile_env, _) = expiring_profile(&s3, 3600);
+    let (project, base) = trainer_project(&s3, "runpod_relaunch");
+    let mut cmd = cli(&home, &s3, Some(KEY));
+    cmd.envs(profile_env);
+    let run = detach_on_pod(
+        &double,
+        cmd,
+        &["--spot", "--on-interrupt", "relaunch:1"],
+        &base,
+        project.path(),
+        &["python3", "pod_trainer.py", "relaunch", "-"],
+    );
+    let prefix = format!("{base}/{run}/");
+    home.wait_until("step-1.bin in the store", Duration::from_secs(60), || {
+        objects_under(&home, &s3, &prefix).contains("step-1.bin")
+    });
+    let first = double.pods()[0]["id"].as_str().expect("pod id").to_owned();
+    double.interrupt(&first);
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let logs = home.json(&["logs", &run]);
+        if logs.get("state").is_some_and(|s| s == "succeeded") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the run was not relaunched to success: {logs}\npod: {}",
+            pod_logs(&double)
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let logs = home.run(&["logs", &run]);
+    let (out, err) = (tests::stdout(&logs), tests::stderr(&logs));
+    assert!(out.contains("interrupted: saving"), "{out}");
+    assert!(out.contains("resumed from final.bin"), "{out}");
+    assert!(
+        err.contains("started again (attempt 2) after a spot interruption of runpod-"),
+        "{err}"
+    );
+    // Two pods for one run: the interrupted one terminated, its replacement gone with the
+    // run.
+    let list = home.json(&["list", "--all"]);
+    assert_eq!(list["runs"].as_array().map(Vec::len), Some(1), "{list}");
+    home.wait_until("both pods terminated", Duration::from_secs(30), || {
+        let list = home.json(&["list", "--all"]);
+        list["instances"].as_array().is_some_and(|i| {
+            i.len() == 2 && i.iter().all(|i| i["instance"]["state"] == "terminated")
+        })
+    });
+    assert!(double.pods().is_empty(), "{:?}", double.pods());
+}

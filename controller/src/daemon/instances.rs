@@ -425,8 +425,11 @@ pub(super) async fn gone(d: &Arc<Daemon>, name: &InstanceName) -> Result<bool, U
         }
         ProviderKind::Runpod => {
             let pods = runpod_client(d)?.pods().await?;
+            // An interruptible pod outbid is stopped, not terminated: for a run that
+            // relaunches, stopped is gone too.
             Ok(!pods.iter().any(|p| {
-                p.id == cloud.cloud_id && runpod::plan::status_word(p.status) != "terminated"
+                p.id == cloud.cloud_id
+                    && !matches!(runpod::plan::status_word(p.status), "terminated" | "exited")
             }))
         }
         ProviderKind::Local => Ok(false),
