@@ -263,12 +263,7 @@ impl Runs {
         start: protocol::RunStart,
         first: Option<EventKind>,
     ) -> Result<(), WireError> {
-        let protocol::RunStart {
-            spec,
-            secrets,
-            budget,
-            launch,
-        } = start;
+        let spec = &start.spec;
         let run_dir = self.run_dir(&spec.run);
         let work = Tree::work_dir(&run_dir);
         let log = {
@@ -301,16 +296,7 @@ impl Runs {
             );
             log
         };
-        self.launch(
-            protocol::RunStart {
-                spec,
-                secrets,
-                budget,
-                launch,
-            },
-            log,
-        )
-        .await
+        self.launch(start, log).await
     }
 
     /// Starts a run once more: where it has ended here (a gang's restart), the same tree

@@ -225,6 +225,25 @@ fn a_two_node_ddp_job_meets_at_node_0_and_its_all_reduce_is_right() {
     );
 }
 
+/// Kills (SIGKILL) the agent of the first run's node 1; its instance and the agent's pid.
+fn kill_node1_agent(home: &Home) -> (String, i64) {
+    let list = home.json(&["list"]);
+    let node1 = list["nodes"][0][1][1].as_str().expect("node 1").to_owned();
+    let pid = list["instances"]
+        .as_array()
+        .expect("instances")
+        .iter()
+        .find(|i| i["instance"]["name"] == node1.as_str())
+        .and_then(|i| i["instance"]["pid"].as_i64())
+        .expect("node 1's agent pid");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill node 1's agent");
+    (node1, pid)
+}
+
 /// The run's id from `run --detach`'s JSON.
 fn detached(home: &Home, args: &[&str]) -> String {
     let run = home.json(args);
@@ -456,20 +475,7 @@ fn a_node_whose_agent_dies_is_lost_and_the_gang_stops() {
         let out = home.run(&["logs", &run]);
         stdout(&out).contains("[node 0] up 0") && stdout(&out).contains("[node 1] up 1")
     });
-    let list = home.json(&["list"]);
-    let node1 = list["nodes"][0][1][1].as_str().expect("node 1").to_owned();
-    let pid = list["instances"]
-        .as_array()
-        .expect("instances")
-        .iter()
-        .find(|i| i["instance"]["name"] == node1.as_str())
-        .and_then(|i| i["instance"]["pid"].as_i64())
-        .expect("node 1's agent pid");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .expect("kill node 1's agent");
+    let (node1, pid) = kill_node1_agent(&home);
     home.wait_until("the run ended", std::time::Duration::from_secs(30), || {
         home.json(&["logs", &run])["state"] == "failed"
     });
@@ -535,20 +541,7 @@ fn a_gang_whose_node_dies_starts_again_from_latest_and_finishes_right() {
         // (The bucket itself comes with the first checkpoint.)
         || home.json(&["checkpoint", "list", &run])["latest"].is_string(),
     );
-    let list = home.json(&["list"]);
-    let node1 = list["nodes"][0][1][1].as_str().expect("node 1").to_owned();
-    let pid = list["instances"]
-        .as_array()
-        .expect("instances")
-        .iter()
-        .find(|i| i["instance"]["name"] == node1.as_str())
-        .and_then(|i| i["instance"]["pid"].as_i64())
-        .expect("node 1's agent pid");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .expect("kill node 1's agent");
+    let (node1, pid) = kill_node1_agent(&home);
     home.wait_until("the run ended", std::time::Duration::from_secs(180), || {
         let state = home.json(&["logs", &run])["state"].clone();
         !matches!(

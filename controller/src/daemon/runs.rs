@@ -366,19 +366,7 @@ async fn try_restart(
     let stored =
         d.db.run_start(run)?
             .context("what its nodes were started with is not kept")?;
-    let secrets = d
-        .secrets
-        .lock()
-        .expect("secrets lock")
-        .get(run)
-        .cloned()
-        .unwrap_or_default();
-    if secrets.len() < stored.secret_names.len() {
-        anyhow::bail!(
-            "its secrets ({}) were held in the daemon's memory only, and the daemon has restarted since the run began: run it again",
-            stored.secret_names.join(", ")
-        );
-    }
+    let secrets = kept_secrets(d, run, &stored)?;
     let caps = d.db.run_budget(run)?;
     let mut links = Vec::with_capacity(nodes.len());
     for (node, instance) in nodes.iter().enumerate() {
@@ -416,6 +404,29 @@ async fn try_restart(
         })
         .await?;
     start_all(d, run, &links, nodes, opens, 0).await
+}
+
+/// The secrets a run started again needs, from the daemon's memory: refused when the
+/// daemon restarted since the run began (they are never written down).
+fn kept_secrets(
+    d: &Daemon,
+    run: &RunId,
+    stored: &crate::db::StoredStart,
+) -> anyhow::Result<Vec<Secret>> {
+    let secrets = d
+        .secrets
+        .lock()
+        .expect("secrets lock")
+        .get(run)
+        .cloned()
+        .unwrap_or_default();
+    if secrets.len() < stored.secret_names.len() {
+        anyhow::bail!(
+            "its secrets ({}) were held in the daemon's memory only, and the daemon has restarted since the run began: run it again",
+            stored.secret_names.join(", ")
+        );
+    }
+    Ok(secrets)
 }
 
 /// At the daemon's start: gangs whose restart was decided but not made (the daemon
@@ -788,19 +799,7 @@ async fn try_relaunch(
         .launch_options
         .clone()
         .context("how its instance was launched is not kept")?;
-    let secrets = d
-        .secrets
-        .lock()
-        .expect("secrets lock")
-        .get(run)
-        .cloned()
-        .unwrap_or_default();
-    if secrets.len() < stored.secret_names.len() {
-        anyhow::bail!(
-            "its secrets ({}) were held in the daemon's memory only, and the daemon has restarted since the run began: run it again",
-            stored.secret_names.join(", ")
-        );
-    }
+    let secrets = kept_secrets(d, run, &stored)?;
     let old = row.instance.clone();
     tracing::info!(%run, number = next.number, "relaunching after {}", next.interruption.words());
     // What is left of the old instance goes first: nothing is paid for twice.

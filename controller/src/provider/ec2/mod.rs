@@ -333,15 +333,11 @@ impl Ec2 {
             .resolve("pick another type (e.g. g5.xlarge, g6.xlarge) or region ([ec2] region)")
         };
         let info = out.instance_types().first().ok_or_else(not_offered)?;
-        let offered = self
-            .client
-            .describe_instance_type_offerings()
-            .location_type(aws_sdk_ec2::types::LocationType::Region)
-            .filters(filter("instance-type", &[kind]))
-            .send()
-            .await
-            .map_err(|e| api_error(format!("where {kind} is offered"), e))?;
-        if offered.instance_type_offerings().is_empty() {
+        if self
+            .offerings(kind, aws_sdk_ec2::types::LocationType::Region)
+            .await?
+            .is_empty()
+        {
             return Err(not_offered());
         }
         if !info
@@ -563,46 +559,40 @@ impl Ec2 {
     /// offers `kind` (a cluster placement group holds one zone).
     pub async fn gang_zone(&self, kind: &str, subnet: Option<&str>) -> Result<String, UserError> {
         if let Some(subnet) = subnet {
-            let out = self
-                .client
-                .describe_subnets()
-                .subnet_ids(subnet)
-                .send()
-                .await
-                .map_err(|e| api_error(format!("subnet {subnet}"), e))?;
-            return out
-                .subnets()
-                .first()
-                .and_then(|s| s.availability_zone())
-                .map(str::to_owned)
-                .ok_or_else(|| {
-                    UserError::new(
-                        ErrorCode::NotFound,
-                        format!("subnet {subnet} does not exist in {}", self.region),
-                    )
-                });
+            return Ok(self.subnet(subnet).await?.0);
         }
-        let out = self
-            .client
-            .describe_instance_type_offerings()
-            .location_type(aws_sdk_ec2::types::LocationType::AvailabilityZone)
-            .filters(filter("instance-type", &[kind]))
-            .send()
-            .await
-            .map_err(|e| api_error(format!("the zones offering {kind}"), e))?;
-        let mut zones: Vec<&str> = out
-            .instance_type_offerings()
-            .iter()
-            .filter_map(|o| o.location())
-            .collect();
+        let mut zones = self
+            .offerings(kind, aws_sdk_ec2::types::LocationType::AvailabilityZone)
+            .await?;
         zones.sort_unstable();
-        zones.first().map(|z| (*z).to_owned()).ok_or_else(|| {
+        zones.into_iter().next().ok_or_else(|| {
             UserError::new(
                 ErrorCode::BadInput,
                 format!("no availability zone of {} offers {kind}", self.region),
             )
             .resolve("pick another instance type or region")
         })
+    }
+
+    /// Where (regions or zones, as `scope` says) EC2 offers `kind`.
+    async fn offerings(
+        &self,
+        kind: &str,
+        scope: aws_sdk_ec2::types::LocationType,
+    ) -> Result<Vec<String>, UserError> {
+        let out = self
+            .client
+            .describe_instance_type_offerings()
+            .location_type(scope)
+            .filters(filter("instance-type", &[kind]))
+            .send()
+            .await
+            .map_err(|e| api_error(format!("where {kind} is offered"), e))?;
+        Ok(out
+            .instance_type_offerings()
+            .iter()
+            .filter_map(|o| o.location().map(str::to_owned))
+            .collect())
     }
 
     /// Makes a gang's place: its cluster placement group and its security group in `vpc`,
@@ -714,28 +704,30 @@ impl Ec2 {
         }
     }
 
+    /// `subnet`'s availability zone and VPC.
+    async fn subnet(&self, subnet: &str) -> Result<(String, String), UserError> {
+        let out = self
+            .client
+            .describe_subnets()
+            .subnet_ids(subnet)
+            .send()
+            .await
+            .map_err(|e| api_error(format!("subnet {subnet}"), e))?;
+        out.subnets()
+            .first()
+            .and_then(|s| Some((s.availability_zone()?.to_owned(), s.vpc_id()?.to_owned())))
+            .ok_or_else(|| {
+                UserError::new(
+                    ErrorCode::NotFound,
+                    format!("subnet {subnet} does not exist in {}", self.region),
+                )
+            })
+    }
+
     /// The VPC of `subnet`, else the region's default VPC.
     pub async fn vpc(&self, subnet: Option<&str>) -> Result<String, UserError> {
         Ok(match subnet {
-            Some(subnet) => {
-                let out = self
-                    .client
-                    .describe_subnets()
-                    .subnet_ids(subnet)
-                    .send()
-                    .await
-                    .map_err(|e| api_error(format!("subnet {subnet}"), e))?;
-                out.subnets()
-                    .first()
-                    .and_then(|s| s.vpc_id())
-                    .map(str::to_owned)
-                    .ok_or_else(|| {
-                        UserError::new(
-                            ErrorCode::NotFound,
-                            format!("subnet {subnet} does not exist in {}", self.region),
-                        )
-                    })?
-            }
+            Some(subnet) => self.subnet(subnet).await?.1,
             None => {
                 let out = self
                     .client
