@@ -894,7 +894,16 @@ async fn try_relaunch(
             }
         })
         .await?;
-    start_all(d, run, &links, &nodes, opens, incarnation).await
+    start_all(d, run, &links, &nodes, opens, incarnation).await?;
+    // A stop asked for while the replacement was on its way.
+    if d.pending_stops
+        .lock()
+        .expect("pending stops lock")
+        .remove(run)
+    {
+        stop_nodes(d, run, &nodes, None).await;
+    }
+    Ok(())
 }
 
 /// Watches spot runs under `--on-interrupt relaunch` for the instance that went while
