@@ -20,6 +20,8 @@ Exit codes:
   4  conflicts with the current state (e.g. the run already ended)
   5  the daemon could not be reached or started
   6  an agent is unreachable or refused the request
+  7  the provider has none of what was asked now (capacity, an instance type not offered
+     there, a spot price above the maximum, a quota)
   `run` and `logs --follow` exit with the remote command's status instead once it has
   ended: its exit code, 128+N for signal N, 127 if it could not be started.
 
@@ -513,8 +515,11 @@ pub struct RunArgs {
     #[arg(long, value_enum)]
     pub provider: Option<ProviderKind>,
 
-    /// For --provider ec2: the instance type, e.g. g5.xlarge.
-    #[arg(long, value_name = "TYPE", conflicts_with = "on", value_parser = parse_instance_type)]
+    /// For --provider ec2: the instance type, e.g. g5.xlarge, or types to try in order,
+    /// e.g. g6e.xlarge,g5.xlarge: the next is tried when EC2 has none of one (no capacity,
+    /// not offered in the region, spot above the maximum, a used-up quota), at launch and
+    /// at a relaunch.
+    #[arg(long, value_name = "TYPE[,TYPE...]", conflicts_with = "on", value_parser = parse_instance_type)]
     pub instance_type: Option<String>,
 
     #[command(flatten)]
@@ -819,8 +824,9 @@ pub struct LaunchArgs {
     #[arg(long, value_enum, default_value = "local")]
     pub provider: ProviderKind,
 
-    /// For --provider ec2: the instance type, e.g. g5.xlarge.
-    #[arg(value_name = "INSTANCE_TYPE", value_parser = parse_instance_type)]
+    /// For --provider ec2: the instance type, e.g. g5.xlarge, or types to try in order
+    /// (g6e.xlarge,g5.xlarge) when EC2 has none of one.
+    #[arg(value_name = "INSTANCE_TYPE[,TYPE...]", value_parser = parse_instance_type)]
     pub instance_type: Option<String>,
 
     /// The instance's name (default: generated, e.g. local-3fa9c1, ec2-3fa9c1).
@@ -972,8 +978,10 @@ pub fn launch_options(
                 )
                 .resolve("e.g. runctl-controller launch --provider ec2 g5.xlarge"));
             };
+            let mut types = instance_type.split(',').map(str::to_owned);
             Ok(LaunchOptions::Ec2(Box::new(Ec2Launch {
-                instance_type,
+                instance_type: types.next().unwrap_or_default(),
+                other_types: types.collect(),
                 ami: ec2.ami.clone(),
                 spot: ec2.spot,
                 // Spot-only settings (a run file's [run] may hold them under a profile
@@ -1445,8 +1453,12 @@ pub struct TerminateArgs {
     pub force: bool,
 }
 
+/// One instance type, or several to try in order, comma-separated.
 pub(crate) fn parse_instance_type(s: &str) -> Result<String, String> {
-    crate::provider::ec2::ids::check_instance_type(s).map(|()| s.to_owned())
+    for kind in s.split(',') {
+        crate::provider::ec2::ids::check_instance_type(kind)?;
+    }
+    Ok(s.to_owned())
 }
 
 pub(crate) fn parse_ami(s: &str) -> Result<String, String> {

@@ -20,6 +20,10 @@ pub enum ErrorCode {
     DaemonUnavailable,
     /// An agent is unreachable or refused the request (exit 6).
     Agent,
+    /// The provider has none of what was asked, here and now: no capacity, an instance
+    /// type not offered there, a spot price above the maximum, a used-up quota (exit 7).
+    /// Another instance type, zone or time may have it.
+    Capacity,
 }
 
 impl ErrorCode {
@@ -31,6 +35,7 @@ impl ErrorCode {
             ErrorCode::Conflict => 4,
             ErrorCode::DaemonUnavailable => 5,
             ErrorCode::Agent => 6,
+            ErrorCode::Capacity => 7,
         }
     }
 }

@@ -357,7 +357,7 @@ async fn launch_refuses_bad_input_and_leaves_nothing_behind() {
         ),
         (
             vec!["--spot", "--max-price", "0.000001", "g5.xlarge"],
-            4,
+            7,
             "above the maximum",
         ),
     ] {
@@ -373,7 +373,7 @@ async fn launch_refuses_bad_input_and_leaves_nothing_behind() {
     let elsewhere = Cloud::new(&env, "refusals", "us-west-1", "");
     elsewhere.refused(
         &["launch", "--provider", "ec2", "--no-wait", "g5.xlarge"],
-        2,
+        7,
         "does not offer g5.xlarge in us-west-1",
     );
     assert_eq!(live(&elsewhere.ec2().await).await, 0);
@@ -2068,4 +2068,60 @@ fn relaunch_is_refused_where_it_cannot_apply() {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         cloud.refused(&args, 2, needle);
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_next_instance_type_is_tried_when_ec2_has_none_of_one() {
+    let Some(env) = ec2_env("instance_types") else {
+        return;
+    };
+    // il-central-1 sells g5.xlarge, and neither p5.48xlarge nor p4d.24xlarge.
+    let cloud = Cloud::new(&env, "instance-types", "il-central-1", "");
+    let out = cloud
+        .cli()
+        .args([
+            "--output",
+            "json",
+            "launch",
+            "--provider",
+            "ec2",
+            "--no-wait",
+        ])
+        .arg("p5.48xlarge,p4d.24xlarge,g5.xlarge")
+        .output()
+        .expect("launch");
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains(
+            "p5.48xlarge: EC2 does not offer p5.48xlarge in il-central-1; trying p4d.24xlarge"
+        ) && err.contains(
+            "p4d.24xlarge: EC2 does not offer p4d.24xlarge in il-central-1; trying g5.xlarge"
+        ),
+        "{err}"
+    );
+    let view = tests::json_output(&out, &["launch"]);
+    assert_eq!(view["cloud"]["instance_type"], "g5.xlarge", "{view}");
+    let name = view["instance"]["name"].as_str().expect("name").to_owned();
+    cloud.json(&["terminate", &name]);
+
+    // None to be had: the last shortage is the answer, with the types tried.
+    cloud.refused(
+        &[
+            "launch",
+            "--provider",
+            "ec2",
+            "--no-wait",
+            "p5.48xlarge,p4d.24xlarge",
+        ],
+        7,
+        "none of p5.48xlarge, p4d.24xlarge could be launched; p4d.24xlarge: EC2 does not offer",
+    );
+    // A malformed type in the list is refused before anything is asked.
+    cloud.refused(
+        &["launch", "--provider", "ec2", "--no-wait", "g5.xlarge,x"],
+        2,
+        "x",
+    );
+    assert_eq!(live(&cloud.ec2().await).await, 0);
 }

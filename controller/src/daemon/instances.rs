@@ -60,12 +60,76 @@ impl Prepared {
     }
 }
 
+/// Launches an instance of the first type EC2 has (`--instance-type a,b,c`: the next is
+/// tried after a shortage, `ec2::plan::next_type`, each said on `progress`), else as
+/// `launch_one`.
+pub(super) async fn launch(
+    d: &Arc<Daemon>,
+    options: &LaunchOptions,
+    name: Option<InstanceName>,
+    for_run: Option<RunId>,
+    wait: bool,
+    needs_price: bool,
+    progress: &Progress,
+) -> Result<InstanceRow, UserError> {
+    let LaunchOptions::Ec2(first) = options else {
+        return launch_one(d, options, name, for_run, wait, needs_price, progress).await;
+    };
+    let types: Vec<String> = std::iter::once(first.instance_type.clone())
+        .chain(first.other_types.iter().cloned())
+        .collect();
+    let mut tried = 0;
+    loop {
+        let mut opts = first.clone();
+        opts.instance_type = types[tried].clone();
+        opts.other_types.clear();
+        let this = LaunchOptions::Ec2(opts);
+        let made = launch_one(
+            d,
+            &this,
+            name.clone(),
+            for_run.clone(),
+            wait,
+            needs_price,
+            progress,
+        )
+        .await;
+        let e = match made {
+            Ok(row) => return Ok(row),
+            Err(e) => e,
+        };
+        match ec2::plan::next_type(&types, tried, e.code) {
+            Some(next) => {
+                say(
+                    progress,
+                    format!("{}: {}; trying {next}", types[tried], e.message),
+                );
+                tried += 1;
+            }
+            None if tried > 0 => {
+                let mut last = UserError::new(
+                    e.code,
+                    format!(
+                        "none of {} could be launched; {}: {}",
+                        types.join(", "),
+                        types[tried],
+                        e.message
+                    ),
+                );
+                last.to_resolve = e.to_resolve;
+                return Err(last);
+            }
+            None => return Err(e),
+        }
+    }
+}
+
 /// Launches an instance; with `wait` (always, for a local one) returns once its agent has
 /// enrolled. A failure before the provider makes the instance leaves nothing behind; one
 /// after it terminates the instance, so a failed launch never leaves a paid machine. With
 /// `needs_price` (a run with a cost cap) an instance whose price is not known is refused
 /// before it is made.
-pub(super) async fn launch(
+async fn launch_one(
     d: &Arc<Daemon>,
     options: &LaunchOptions,
     name: Option<InstanceName>,
@@ -296,6 +360,8 @@ pub(super) async fn launch_gang(
     let mut options = options.clone();
     match &mut options {
         LaunchOptions::Ec2(opts) => {
+            // Every node of a gang is of one type: the first.
+            opts.other_types.clear();
             let ec2 = ec2_client(d).await?;
             let gang =
                 ec2::launch::prepare_gang(ec2, &d.config, opts, run, nodes, progress).await?;

@@ -281,7 +281,7 @@ pub async fn start(
     let api_start = Instant::now();
     let launched = match ec2.run_instance(&launch_plan, opts.spot).await {
         Ok(instance) => instance,
-        Err(e) if opts.spot && opts.spot_fallback && e.code == ErrorCode::Conflict => {
+        Err(e) if opts.spot && opts.spot_fallback && e.code == ErrorCode::Capacity => {
             say(
                 progress,
                 format!(

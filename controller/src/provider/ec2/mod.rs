@@ -44,6 +44,9 @@ pub const DATA_DEVICE: &str = "/dev/sdf";
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Ec2Launch {
     pub instance_type: String,
+    /// Types to try in order when EC2 has none of `instance_type` (`plan::next_type`).
+    #[serde(default)]
+    pub other_types: Vec<String>,
     /// An AMI id; default `[ec2] ami`, else the newest Deep Learning AMI.
     pub ami: Option<String>,
     pub spot: bool,
@@ -132,18 +135,18 @@ pub fn classify(what: &str, code: &str, detail: &str, context: &str) -> UserErro
             UserError::new(ErrorCode::BadInput, message)
         }
         "InsufficientInstanceCapacity" | "InsufficientCapacity" => {
-            UserError::new(ErrorCode::Conflict, coded())
+            UserError::new(ErrorCode::Capacity, coded())
                 .resolve("AWS has none of this type free in this availability zone now: try another zone ([ec2] subnet, a subnet in another zone), another instance type, or later")
                 .resolve("for spot: allow an on-demand fallback with --spot-fallback")
         }
         "SpotMaxPriceTooLow" | "MaxSpotInstanceCountExceeded" => {
-            UserError::new(ErrorCode::Conflict, coded())
+            UserError::new(ErrorCode::Capacity, coded())
                 .resolve("raise --max-price, or allow an on-demand fallback with --spot-fallback")
                 .resolve("or try another instance type or zone ([ec2] subnet)")
         }
-        "Unsupported" => UserError::new(ErrorCode::Conflict, coded())
+        "Unsupported" => UserError::new(ErrorCode::Capacity, coded())
             .resolve("this instance type is not offered in this availability zone: use a subnet in another zone ([ec2] subnet) or another type"),
-        "VcpuLimitExceeded" => UserError::new(ErrorCode::Conflict, coded())
+        "VcpuLimitExceeded" => UserError::new(ErrorCode::Capacity, coded())
             .resolve("the account's vCPU quota for this instance family is used up, or is 0 (new accounts start at 0 for GPU types)")
             .resolve("request an increase in the Service Quotas console, Amazon EC2, in this region: Running On-Demand G and VT instances (L-DB2E81BA) for g*, Running On-Demand P instances (L-417A185B) for p*, All G and VT Spot Instance Requests (L-3819A6DF) for spot")
             .resolve("runctl-controller doctor shows the quotas; terminating instances you no longer need frees vCPUs"),
@@ -325,20 +328,25 @@ impl Ec2 {
                     user
                 }
             })?;
-        let not_offered = || {
+        // A type EC2 has not at all is bad input; one sold elsewhere but not here, a
+        // shortage another type may make up for.
+        let not_offered = |code| {
             UserError::new(
-                ErrorCode::BadInput,
+                code,
                 format!("EC2 does not offer {kind} in {}", self.region),
             )
             .resolve("pick another type (e.g. g5.xlarge, g6.xlarge) or region ([ec2] region)")
         };
-        let info = out.instance_types().first().ok_or_else(not_offered)?;
+        let info = out
+            .instance_types()
+            .first()
+            .ok_or_else(|| not_offered(ErrorCode::BadInput))?;
         if self
             .offerings(kind, aws_sdk_ec2::types::LocationType::Region)
             .await?
             .is_empty()
         {
-            return Err(not_offered());
+            return Err(not_offered(ErrorCode::Capacity));
         }
         if !info
             .processor_info()
@@ -997,19 +1005,19 @@ mod tests {
             (
                 "VcpuLimitExceeded",
                 "You have requested more vCPU capacity than your current vCPU limit of 0 allows",
-                ErrorCode::Conflict,
+                ErrorCode::Capacity,
                 "L-DB2E81BA",
             ),
             (
                 "InsufficientInstanceCapacity",
                 "We currently do not have sufficient g5.xlarge capacity in the Availability Zone you requested",
-                ErrorCode::Conflict,
+                ErrorCode::Capacity,
                 "another zone",
             ),
             (
                 "Unsupported",
                 "Your requested instance type (p4d.24xlarge) is not supported in your requested Availability Zone (us-east-1e)",
-                ErrorCode::Conflict,
+                ErrorCode::Capacity,
                 "another zone",
             ),
             (
@@ -1033,7 +1041,7 @@ mod tests {
             (
                 "SpotMaxPriceTooLow",
                 "Your Spot request price of 0.1 is lower than the minimum",
-                ErrorCode::Conflict,
+                ErrorCode::Capacity,
                 "--max-price",
             ),
             (

@@ -47,6 +47,22 @@ pub fn check_limit(running: usize, max_running: u32, region: &str) -> Result<(),
     .resolve("or raise max_running under [ec2] in config.toml"))
 }
 
+/// The type to try after `tried` (the index in `types`) failed with `code`: the next one,
+/// where the failure was a shortage another type may make up for (`ErrorCode::Capacity`);
+/// none after the last, or after any other failure (bad input, credentials, a limit of
+/// runctl's own), which another type would meet again.
+pub fn next_type(types: &[String], tried: usize, code: ErrorCode) -> Option<&str> {
+    match code {
+        ErrorCode::Capacity => types.get(tried + 1).map(String::as_str),
+        ErrorCode::Internal
+        | ErrorCode::BadInput
+        | ErrorCode::NotFound
+        | ErrorCode::Conflict
+        | ErrorCode::DaemonUnavailable
+        | ErrorCode::Agent => None,
+    }
+}
+
 /// What a gang of `nodes` instances costs, all together, at `each` $/h where known.
 pub fn gang_cost(nodes: u32, each: Option<f64>) -> String {
     match each {
@@ -72,7 +88,7 @@ pub fn spot_price(
 ) -> Result<String, UserError> {
     match (spot_now, max) {
         (Some((now, zone)), Some(max)) if now > max && !fallback => Err(UserError::new(
-            ErrorCode::Conflict,
+            ErrorCode::Capacity,
             format!(
                 "the spot price of {kind} is {}/h ({zone}), above the maximum {}/h",
                 prices::dollars(now),
@@ -164,6 +180,7 @@ mod tests {
     fn opts() -> Ec2Launch {
         Ec2Launch {
             instance_type: "g5.xlarge".into(),
+            other_types: vec![],
             ami: None,
             spot: false,
             max_price: None,
@@ -285,6 +302,26 @@ mod tests {
             Some(1.0)
         );
         assert_eq!(price_paid(false, None, None, None), None);
+    }
+
+    #[test]
+    fn another_type_is_tried_only_for_a_shortage() {
+        let types: Vec<String> = ["p5.48xlarge", "g6e.xlarge", "g5.xlarge"]
+            .map(String::from)
+            .to_vec();
+        let cases: &[(usize, ErrorCode, Option<&str>)] = &[
+            (0, ErrorCode::Capacity, Some("g6e.xlarge")),
+            (1, ErrorCode::Capacity, Some("g5.xlarge")),
+            (2, ErrorCode::Capacity, None),
+            (0, ErrorCode::BadInput, None),
+            (0, ErrorCode::Conflict, None),
+            (0, ErrorCode::Agent, None),
+            (0, ErrorCode::Internal, None),
+        ];
+        for (tried, code, want) in cases {
+            assert_eq!(next_type(&types, *tried, *code), *want, "{tried} {code:?}");
+        }
+        assert_eq!(next_type(&types[..1], 0, ErrorCode::Capacity), None);
     }
 
     #[test]
