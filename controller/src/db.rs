@@ -982,12 +982,14 @@ impl Db {
         }
         let mut node_end = None;
         if nodes > 1 {
-            let gang = gang_attempt(&tx, run)?;
-            let mut attempt: u32 = tx.query_row(
-                "SELECT attempt FROM run_nodes WHERE run_id = ?1 AND node = ?2",
+            // The node's attempt, and the gang's (1 until it restarts).
+            let (stored_attempt, gang_attempt): (u32, u32) = tx.query_row(
+                "SELECT attempt, COALESCE((SELECT restarts FROM run_starts WHERE run_id = ?1), 0) + 1
+                 FROM run_nodes WHERE run_id = ?1 AND node = ?2",
                 params![run.as_str(), source.node],
-                |r| r.get(0),
+                |r| Ok((r.get(0)?, r.get(1)?)),
             )?;
+            let mut attempt = stored_attempt;
             fresh.retain(|e| match &e.kind {
                 protocol::EventKind::Notice(protocol::Notice::StartedAgain {
                     attempt: a, ..
@@ -997,17 +999,19 @@ impl Db {
                 }
                 // An earlier attempt's end, come late, ends nothing now.
                 protocol::EventKind::Ended(end) => {
-                    if attempt == gang.attempt {
+                    if attempt == gang_attempt {
                         node_end = Some((end.clone(), e.at_ms));
                     }
                     false
                 }
                 _ => true,
             });
-            tx.execute(
-                "UPDATE run_nodes SET attempt = ?3 WHERE run_id = ?1 AND node = ?2",
-                params![run.as_str(), source.node, attempt],
-            )?;
+            if attempt != stored_attempt {
+                tx.execute(
+                    "UPDATE run_nodes SET attempt = ?3 WHERE run_id = ?1 AND node = ?2",
+                    params![run.as_str(), source.node, attempt],
+                )?;
+            }
         }
         let mut change = run_state::apply(held, &fresh);
         let mut relaunch = None;
@@ -1366,15 +1370,14 @@ fn decide_relaunch(
     )
 }
 
-/// A gang's current attempt (1 until it restarts) and restart history.
-struct GangAttempt {
-    attempt: u32,
+/// A gang's restart history and policy, read when its restart is decided.
+struct GangHistory {
     history: protocol::restart::History,
     attempt_ms: u64,
     policy: Option<protocol::RestartPolicy>,
 }
 
-fn gang_attempt(conn: &Connection, run: &RunId) -> anyhow::Result<GangAttempt> {
+fn gang_history(conn: &Connection, run: &RunId) -> anyhow::Result<GangHistory> {
     let row: Option<(String, u32, u32, u64)> = conn
         .query_row(
             "SELECT start, restarts, quick_failures, attempt_ms FROM run_starts WHERE run_id = ?1",
@@ -1385,8 +1388,7 @@ fn gang_attempt(conn: &Connection, run: &RunId) -> anyhow::Result<GangAttempt> {
     Ok(match row {
         Some((start, restarts, quick_failures, attempt_ms)) => {
             let start: StoredStart = serde_json::from_str(&start)?;
-            GangAttempt {
-                attempt: restarts + 1,
+            GangHistory {
                 history: protocol::restart::History {
                     restarts,
                     quick_failures,
@@ -1395,8 +1397,7 @@ fn gang_attempt(conn: &Connection, run: &RunId) -> anyhow::Result<GangAttempt> {
                 policy: Some(start.spec.restart),
             }
         }
-        None => GangAttempt {
-            attempt: 1,
+        None => GangHistory {
             history: Default::default(),
             attempt_ms: 0,
             policy: None,
@@ -1412,7 +1413,7 @@ fn restart_gang(
     last: &crate::gang::NodeEnd,
     notices: run_state::Notices,
 ) -> anyhow::Result<Option<crate::gang::Restart>> {
-    let mut gang = gang_attempt(tx, run)?;
+    let mut gang = gang_history(tx, run)?;
     let Some(policy) = gang.policy else {
         return Ok(None);
     };

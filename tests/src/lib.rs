@@ -450,3 +450,17 @@ impl Drop for Imds {
         let _ = self.child.wait();
     }
 }
+
+/// Every event of `run` stored so far, as `logs --output json` prints them (one JSON line
+/// each), asked through `cli` (the CLI as the test's home runs it).
+pub fn events_of(mut cli: Command, run: &str) -> Vec<serde_json::Value> {
+    let out = cli
+        .args(["--output", "json", "logs", run])
+        .output()
+        .expect("logs");
+    stdout(&out)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v.get("seq").is_some())
+        .collect()
+}

@@ -1847,20 +1847,6 @@ async fn replacement(ec2: &Ec2, run: &str, not: &str) -> String {
     }
 }
 
-/// The run's events, as `logs --output json` gives them (each a line).
-fn run_events(cloud: &Cloud, run: &str) -> Vec<serde_json::Value> {
-    let out = cloud
-        .cli()
-        .args(["--output", "json", "logs", run])
-        .output()
-        .expect("logs");
-    stdout(&out)
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|e| e.get("kind").is_some())
-        .collect()
-}
-
 fn the_run(cloud: &Cloud) -> String {
     cloud.json(&["list", "--all"])["runs"][0]["id"]
         .as_str()
@@ -1937,7 +1923,7 @@ async fn a_spot_run_interrupted_is_relaunched_and_resumes_from_its_checkpoint() 
         "{err}"
     );
     // One run, one log: the replacement's lines follow the first instance's.
-    let events = run_events(&cloud, &run_id);
+    let events = tests::events_of(cloud.cli(), &run_id);
     let first_line = events
         .iter()
         .skip_while(|e| e["kind"]["notice"].get("started_again").is_none())

@@ -34,16 +34,7 @@ fn detach(home: &Home, extra: &[&str], command: &[&str]) -> String {
 
 /// Every event of `run` stored so far, as JSON.
 fn events(home: &Home, run: &str) -> Vec<Value> {
-    let out = home
-        .cli()
-        .args(["--output", "json", "logs", run])
-        .output()
-        .expect("logs");
-    stdout(&out)
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|v| v.get("seq").is_some())
-        .collect()
+    tests::events_of(home.cli(), run)
 }
 
 /// The output lines among `events`, with their times.
