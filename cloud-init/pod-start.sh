@@ -1,7 +1,8 @@
 set -eu
 # A RunPod pod's start command: installs the static agent by its presigned URL (curl, wget
 # or python3, whichever the image has), checks its SHA-256, writes the agent's config
-# (owner-only) and becomes the agent's supervisor (PID 1). Everything lives on the pod's
+# (owner-only; a cluster's pods share one start command, so each writes the config of its
+# own NODE_RANK, which RunPod sets) and becomes the agent's supervisor (PID 1). Everything lives on the pod's
 # volume, which outlives a container restart (the container disk does not): a restarted
 # pod finds its verified agent and its state there and needs no download.
 root="${RUNCTL_POD_ROOT:-}"
@@ -59,7 +60,5 @@ else
     mv -f "$bin.download" "$bin"
     say "agent $sha256 installed at $bin"
 fi
-cat >"$root/agent.toml" <<'RUNCTL_CONFIG_END'
-{{config}}
-RUNCTL_CONFIG_END
+{{write_config}}
 exec "$bin" --supervise --config "$root/agent.toml"

@@ -14,7 +14,7 @@ use crate::provider::ProviderKind;
 use crate::run_state::{self, Held};
 use serde::{Deserialize, Serialize};
 
-const SCHEMA_VERSION: i64 = 8;
+const SCHEMA_VERSION: i64 = 9;
 
 /// Version 2 added where each run's checkpoints go.
 const MIGRATE_1_TO_2: &str =
@@ -29,7 +29,12 @@ const MIGRATIONS: [&str; SCHEMA_VERSION as usize - 1] = [
     MIGRATE_5_TO_6,
     MIGRATE_6_TO_7,
     MIGRATE_7_TO_8,
+    MIGRATE_8_TO_9,
 ];
+
+/// Version 9: a cloud instance may be one of a group its provider makes and ends only
+/// together (a RunPod cluster, `--nodes N --provider runpod`): the group's id.
+const MIGRATE_8_TO_9: &str = "ALTER TABLE cloud_instances ADD COLUMN cluster TEXT;";
 
 /// Version 8: a gang restarts (all its nodes at once) and a spot run is relaunched
 /// (`--on-interrupt relaunch`), so the daemon keeps what it started the run with (`start`,
@@ -269,6 +274,8 @@ pub struct CloudRow {
     pub accrued_ms: u64,
     /// Since when it has been running (billed), if it is.
     pub running_since_ms: Option<u64>,
+    /// The group its provider makes and ends it with (a RunPod cluster's id), if any.
+    pub cluster: Option<String>,
 }
 
 impl CloudRow {
@@ -525,7 +532,7 @@ impl Db {
 
     pub fn insert_cloud(&self, row: &CloudRow) -> anyhow::Result<()> {
         self.lock().execute(
-            "INSERT INTO cloud_instances (name, cloud_id, region, instance_type, spot, price_per_hour, accrued_ms, running_since_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            "INSERT INTO cloud_instances (name, cloud_id, region, instance_type, spot, price_per_hour, accrued_ms, running_since_ms, cluster) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
             params![
                 row.name.as_str(),
                 row.cloud_id,
@@ -534,7 +541,8 @@ impl Db {
                 row.spot,
                 row.price_per_hour,
                 row.accrued_ms,
-                row.running_since_ms
+                row.running_since_ms,
+                row.cluster
             ],
         )?;
         Ok(())
@@ -544,18 +552,30 @@ impl Db {
         Ok(self
             .lock()
             .query_row(
-                "SELECT name, cloud_id, region, instance_type, spot, price_per_hour, accrued_ms, running_since_ms FROM cloud_instances WHERE name = ?1",
+                "SELECT name, cloud_id, region, instance_type, spot, price_per_hour, accrued_ms, running_since_ms, cluster FROM cloud_instances WHERE name = ?1",
                 [name.as_str()],
                 cloud_row,
             )
             .optional()?)
     }
 
+    /// The instances of cluster `cluster` not yet terminated.
+    pub fn live_cluster_members(&self, cluster: &str) -> anyhow::Result<Vec<InstanceName>> {
+        let conn = self.lock();
+        let mut stmt = conn.prepare(
+            "SELECT c.name FROM cloud_instances c JOIN instances i ON i.name = c.name WHERE c.cluster = ?1 AND i.state != 'terminated' ORDER BY c.name",
+        )?;
+        let names: Vec<String> = stmt
+            .query_map([cluster], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
+        names.iter().map(|n| Ok(n.parse()?)).collect()
+    }
+
     /// Every cloud instance runctl launched.
     pub fn clouds(&self) -> anyhow::Result<Vec<CloudRow>> {
         let conn = self.lock();
         let mut stmt = conn.prepare(
-            "SELECT name, cloud_id, region, instance_type, spot, price_per_hour, accrued_ms, running_since_ms FROM cloud_instances ORDER BY name",
+            "SELECT name, cloud_id, region, instance_type, spot, price_per_hour, accrued_ms, running_since_ms, cluster FROM cloud_instances ORDER BY name",
         )?;
         let rows = stmt.query_map([], cloud_row)?.collect::<Result<_, _>>()?;
         Ok(rows)
@@ -1490,6 +1510,7 @@ fn cloud_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<CloudRow> {
         price_per_hour: r.get(5)?,
         accrued_ms: r.get(6)?,
         running_since_ms: r.get(7)?,
+        cluster: r.get(8)?,
     })
 }
 
@@ -1549,6 +1570,7 @@ mod tests {
             price_per_hour: Some(1.0),
             accrued_ms: 0,
             running_since_ms: Some(1_000),
+            cluster: None,
         };
         db.insert_cloud(&row).expect("insert");
         assert_eq!(db.cloud(&name("ec2-1")).expect("read"), Some(row));
@@ -1625,6 +1647,51 @@ mod tests {
     }
 
     #[test]
+    fn a_clusters_live_members_are_those_of_its_id_not_yet_terminated() {
+        let (_dir, db) = db();
+        for (pod, cluster) in [
+            ("runpod-aaaaa0", Some("cluster_1")),
+            ("runpod-aaaaa1", Some("cluster_1")),
+            ("runpod-bbbbb0", Some("cluster_2")),
+            ("runpod-ccccc0", None),
+        ] {
+            db.insert_instance(&InstanceRow {
+                name: name(pod),
+                provider: ProviderKind::Runpod,
+                state: InstanceState::Running,
+                created_ms: 0,
+                terminated_ms: None,
+                pid: None,
+                for_run: None,
+            })
+            .expect("instance");
+            let row = CloudRow {
+                name: name(pod),
+                cloud_id: format!("pod{pod}").replace('-', ""),
+                region: "US-TX-3".into(),
+                instance_type: "NVIDIA A100 80GB PCIe x1".into(),
+                spot: false,
+                price_per_hour: Some(1.64),
+                accrued_ms: 0,
+                running_since_ms: Some(0),
+                cluster: cluster.map(str::to_owned),
+            };
+            db.insert_cloud(&row).expect("cloud");
+            assert_eq!(db.cloud(&name(pod)).expect("read"), Some(row));
+        }
+        let live = |c| db.live_cluster_members(c).expect("members");
+        assert_eq!(
+            live("cluster_1"),
+            [name("runpod-aaaaa0"), name("runpod-aaaaa1")]
+        );
+        db.set_instance_state(&name("runpod-aaaaa0"), InstanceState::Terminated, 5)
+            .expect("terminated");
+        assert_eq!(live("cluster_1"), [name("runpod-aaaaa1")]);
+        assert_eq!(live("cluster_2"), [name("runpod-bbbbb0")]);
+        assert!(live("cluster_3").is_empty());
+    }
+
+    #[test]
     fn billed_time_pauses_while_stopped() {
         let (_dir, db) = db();
         let hour = 3_600_000;
@@ -1637,6 +1704,7 @@ mod tests {
             price_per_hour: Some(2.0),
             accrued_ms: 0,
             running_since_ms: Some(0),
+            cluster: None,
         })
         .expect("insert");
         db.set_cloud_running(&name("ec2-1"), false, hour)

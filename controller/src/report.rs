@@ -1169,6 +1169,7 @@ mod tests {
                         price_per_hour: Some(0.45),
                         accrued_ms: 0,
                         running_since_ms: Some(1_000),
+                        cluster: None,
                     }),
                     cost: Some(0.0075),
                     disk: None,

@@ -81,6 +81,25 @@ impl RunPodDouble {
             .expect("the double answers");
     }
 
+    /// Every cluster the double holds, as its API lists them.
+    pub fn clusters(&self) -> Vec<serde_json::Value> {
+        let body: serde_json::Value = ureq::get(format!("{}/v2/clusters", self.api()))
+            .header("Authorization", &format!("Bearer {KEY}"))
+            .call()
+            .expect("the double answers")
+            .into_body()
+            .read_json()
+            .expect("json");
+        body["clusters"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// The next cluster's pod of `rank` runs an image that ignores its start command.
+    pub fn quiet_rank(&self, rank: u32) {
+        ureq::post(format!("{}/_double/quiet-rank", self.api()))
+            .send_json(serde_json::json!({ "rank": rank }))
+            .expect("the double answers");
+    }
+
     /// Sets how many more pods of `gpu` can be had.
     pub fn set_stock(&self, gpu: &str, count: u32) {
         ureq::post(format!("{}/_double/stock", self.api()))

@@ -50,8 +50,12 @@ impl Drop for Files {
 }
 
 fn config() -> AgentConfigFile {
+    config_named("runpod-3fa9c1")
+}
+
+fn config_named(name: &str) -> AgentConfigFile {
     AgentConfigFile::new(
-        "runpod-3fa9c1".parse().expect("name"),
+        name.parse().expect("name"),
         // Nobody listens there: the agent redials while the test looks at it.
         vec!["tcp://127.0.0.1:9".parse().expect("endpoint")],
         "ab".repeat(32).parse().expect("fingerprint"),
@@ -98,7 +102,22 @@ fn python_only_path(dir: &Path) -> String {
 
 /// Runs the start script with `root` as the pod's volume.
 fn start_pod(script: &str, root: &Path, path: Option<&str>, log: &Path) -> Child {
+    start_member(script, root, path, log, None)
+}
+
+/// Runs the start script as a cluster's pod of `rank` (RunPod's `NODE_RANK`) would.
+fn start_member(
+    script: &str,
+    root: &Path,
+    path: Option<&str>,
+    log: &Path,
+    rank: Option<&str>,
+) -> Child {
     let mut command = Command::new("sh");
+    command.env_remove("NODE_RANK");
+    if let Some(rank) = rank {
+        command.env("NODE_RANK", rank);
+    }
     command
         .arg("-c")
         .arg(script)
@@ -164,7 +183,7 @@ fn the_start_script_installs_a_verified_agent_and_becomes_its_supervisor() {
     let config = config();
     let script = |sha256: &str| {
         start::script(&start::Params {
-            config: &config,
+            configs: std::slice::from_ref(&config),
             agent_url: &url,
             agent_sha256: sha256,
         })
@@ -226,11 +245,55 @@ fn the_start_script_installs_a_verified_agent_and_becomes_its_supervisor() {
     let path = python_only_path(&tools);
     let python_root = dir.path().join("python-only");
     let script = start::script(&start::Params {
-        config: &config,
+        configs: std::slice::from_ref(&config),
         agent_url: &url,
         agent_sha256: &sha256,
     })
     .expect("script");
     supervises_then_stops(start_pod(&script, &python_root, Some(&path), &log), &log);
     assert_eq!(sha256_of(&python_root.join("bin/runctl-agent")), sha256);
+}
+
+#[test]
+fn each_pod_of_a_cluster_writes_the_config_of_its_own_rank() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let served = dir.path().join("served");
+    std::fs::create_dir(&served).expect("dir");
+    std::fs::copy(tests::bin("runctl-agent"), served.join("runctl-agent")).expect("copy");
+    let sha256 = sha256_of(&served.join("runctl-agent"));
+    let files = Files::serve(&served);
+    let url = format!("http://127.0.0.1:{}/runctl-agent", files.1);
+    let configs = [config_named("runpod-aaaaa0"), config_named("runpod-bbbbb1")];
+    let script = start::script(&start::Params {
+        configs: &configs,
+        agent_url: &url,
+        agent_sha256: &sha256,
+    })
+    .expect("script");
+    let log = dir.path().join("pod.log");
+    for (rank, config) in configs.iter().enumerate() {
+        let root = dir.path().join(format!("node{rank}"));
+        let pod = start_member(&script, &root, None, &log, Some(&rank.to_string()));
+        supervises_then_stops(pod, &log);
+        let back: AgentConfigFile =
+            toml::from_str(&std::fs::read_to_string(root.join("agent.toml")).expect("read"))
+                .expect("a config");
+        assert_eq!(back.instance, config.instance, "node {rank}");
+        assert_eq!(back.token, config.token, "node {rank}");
+    }
+    // A rank the cluster does not have, or none at all: no agent, and a reason.
+    for rank in [Some("2"), Some("x"), None] {
+        let root = dir.path().join("stray");
+        let status = start_member(&script, &root, None, &log, rank)
+            .wait()
+            .expect("wait");
+        assert_eq!(status.code(), Some(2), "{rank:?}");
+        assert!(
+            std::fs::read_to_string(&log)
+                .expect("log")
+                .contains("not a rank of this cluster's 2 nodes"),
+            "{rank:?}"
+        );
+        assert!(!root.join("agent.toml").exists(), "{rank:?}");
+    }
 }

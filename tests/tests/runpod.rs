@@ -1369,3 +1369,223 @@ fn an_interrupted_spot_pod_is_relaunched_and_its_run_resumes_from_the_last_check
     });
     assert!(double.pods().is_empty(), "{:?}", double.pods());
 }
+
+/// Node 0 listens at `MASTER_ADDR:MASTER_PORT`, node 1 dials it and says where it is from.
+const MEET: &str = r#"
+import os, socket, time
+rank, addr, port = int(os.environ["RANK"]), os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+print(f"node {rank} of {os.environ['WORLD_SIZE']} meets at {addr}:{port}", flush=True)
+if rank == 0:
+    with socket.create_server((addr, port)) as server:
+        conn, _ = server.accept()
+        print("node 0 heard:", conn.recv(200).decode(), flush=True)
+else:
+    for _ in range(150):
+        try:
+            conn = socket.create_connection((addr, port))
+            break
+        except OSError:
+            time.sleep(0.2)
+    conn.sendall(f"hello from node {rank} at {os.environ['NODE_ADDR']}".encode())
+"#;
+
+#[test]
+fn a_gang_on_runpod_is_one_cluster_whose_nodes_meet_on_its_network_and_go_with_the_run() {
+    let double = RunPodDouble::start();
+    let Some((home, s3)) = runpod_home(&double, "runpod_gang") else {
+        return;
+    };
+    let project = tempfile::tempdir().expect("project");
+    std::fs::write(project.path().join("meet.py"), MEET).expect("write");
+    let out = cli(&home, &s3, Some(KEY))
+        .args(["run", "--provider", "runpod", "--gpu", "A100 PCIe"])
+        .args(["--nodes", "2", "--launcher", "none"])
+        .args(["--no-checkpoints", "--setup", "none", "--workdir"])
+        .arg(project.path())
+        .args(["--", "python3", "meet.py"])
+        .output()
+        .expect("run");
+    let (stdout, err) = (tests::stdout(&out), tests::stderr(&out));
+    assert!(
+        out.status.success(),
+        "{err}\n{stdout}\npods: {}",
+        pod_logs(&double)
+    );
+    assert!(
+        err.contains("cost: 2 x $1.64/h = $3.28/h for the gang"),
+        "{err}"
+    );
+    assert!(err.contains("cluster cluster_"), "{err}");
+    for node in 0..2 {
+        assert!(
+            err.contains(&format!("[node {node}] agent enrolled")),
+            "{err}"
+        );
+    }
+    // Both nodes meet at node 0's address on the cluster's network, and reach it.
+    let meets: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.contains(" meets at 127.65."))
+        .collect();
+    assert_eq!(meets.len(), 2, "{stdout}");
+    let at = meets[0].rsplit(' ').next().expect("address");
+    assert!(at.ends_with(".2:29500"), "node 0's cluster address: {at}");
+    for node in 0..2 {
+        assert!(
+            stdout.contains(&format!("[node {node}] node {node} of 2 meets at {at}")),
+            "{stdout}"
+        );
+    }
+    let ip1 = at.replace(".2:29500", ".3");
+    assert!(
+        stdout.contains(&format!(
+            "[node 0] node 0 heard: hello from node 1 at {ip1}"
+        )),
+        "{stdout}"
+    );
+    // Launched for the run, the cluster went with it: no pod, no cluster, both records
+    // terminated.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !double.pods().is_empty() || !double.clusters().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the cluster outlived its run: {:?}",
+            double.clusters()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let list = home.json(&["list", "--all"]);
+    let instances = list["instances"].as_array().expect("instances");
+    assert_eq!(instances.len(), 2, "{list}");
+    assert!(
+        instances
+            .iter()
+            .all(|i| i["instance"]["state"] == "terminated"),
+        "{list}"
+    );
+}
+
+#[test]
+fn a_runpod_cluster_whose_node_never_enrolls_keeps_nothing_and_refusals_make_nothing() {
+    let double = RunPodDouble::start();
+    let Some((home, s3)) = runpod_home(&double, "runpod_gang_none") else {
+        return;
+    };
+    // Refused before anything is made: a cluster has no spot pods, and its pods cannot be
+    // stopped.
+    for (extra, said) in [
+        (&["--spot"][..], "no interruptible pods"),
+        (&["--end", "stop"][..], "cannot stop a cluster's pods"),
+    ] {
+        let out = cli(&home, &s3, Some(KEY))
+            .args(["run", "--provider", "runpod", "--gpu", "A100 PCIe"])
+            .args(["--nodes", "2", "--launcher", "none", "--setup", "none"])
+            .args(extra)
+            .args(["--", "true"])
+            .output()
+            .expect("run");
+        let err = tests::stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{extra:?}: {err}");
+        assert!(err.contains(said), "{err}");
+        assert!(double.clusters().is_empty() && double.pods().is_empty());
+    }
+    let config = home.path().join("config.toml");
+    let text = std::fs::read_to_string(&config).expect("config");
+    std::fs::write(
+        &config,
+        text.replace("enroll_timeout_secs = 60", "enroll_timeout_secs = 10"),
+    )
+    .expect("config");
+    home.run(&["shutdown"]);
+    double.quiet_rank(1);
+    let out = cli(&home, &s3, Some(KEY))
+        .args(["run", "--provider", "runpod", "--gpu", "A100 PCIe"])
+        .args(["--nodes", "2", "--launcher", "none", "--setup", "none"])
+        .args(["--", "true"])
+        .output()
+        .expect("run");
+    let err = tests::stderr(&out);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("node 1 of 2 could not be launched, so none is kept"),
+        "{err}"
+    );
+    assert!(err.contains("did not enroll"), "{err}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !double.pods().is_empty() || !double.clusters().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "left running: {:?}",
+            double.clusters()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let list = home.json(&["list", "--all"]);
+    let instances = list["instances"].as_array().expect("instances");
+    assert_eq!(instances.len(), 2, "{list}");
+    assert!(
+        instances
+            .iter()
+            .all(|i| i["instance"]["state"] == "terminated"),
+        "{list}"
+    );
+}
+
+#[test]
+fn a_runpod_gang_that_ends_while_the_laptop_is_away_deletes_its_own_cluster() {
+    let double = RunPodDouble::start();
+    let Some((home, s3)) = runpod_home(&double, "runpod_gang_away") else {
+        return;
+    };
+    let project = tempfile::tempdir().expect("project");
+    let out = cli(&home, &s3, Some(KEY))
+        .args(["--output", "json", "run", "--detach"])
+        .args(["--provider", "runpod", "--gpu", "A100 PCIe"])
+        .args(["--nodes", "2", "--launcher", "none"])
+        .args(["--no-checkpoints", "--setup", "none", "--workdir"])
+        .arg(project.path())
+        .args(["--", "sleep", "3"])
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}\npods: {}",
+        tests::stderr(&out),
+        pod_logs(&double)
+    );
+    assert_eq!(double.clusters().len(), 1);
+    // The laptop goes away; the nodes end, wait for it a while (the agent's delivery
+    // bound, 30 s), then power off: a cluster's pod cannot be terminated alone, so its
+    // agent deletes the cluster with the pod's own key.
+    home.run(&["shutdown"]);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !double.pods().is_empty() || !double.clusters().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the cluster outlived its run with nobody watching: {:?}\npods: {}",
+            double.clusters(),
+            pod_logs(&double)
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // Every container's log, gone pods' too.
+    let logs: String = std::fs::read_dir(double.dir.path())
+        .expect("the double's dir")
+        .filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("container.log")).ok())
+        .collect();
+    assert!(
+        logs.contains("deleting the cluster, which ends them all"),
+        "{logs}"
+    );
+    // Back, the daemon finds both pods gone.
+    home.wait_until("both pods recorded gone", Duration::from_secs(30), || {
+        let list = cli(&home, &s3, Some(KEY))
+            .args(["--output", "json", "list", "--all"])
+            .output()
+            .expect("list");
+        let list = tests::json_output(&list, &["list"]);
+        list["instances"].as_array().is_some_and(|i| {
+            i.len() == 2 && i.iter().all(|i| i["instance"]["state"] == "terminated")
+        })
+    });
+}

@@ -124,6 +124,59 @@ pub(super) async fn launch(
     }
 }
 
+/// Makes `name` free for a new instance: a terminated instance's record (and runs) move
+/// aside; a live one is a conflict.
+fn claim_name(d: &Daemon, name: &InstanceName) -> Result<(), UserError> {
+    match d.db.instance(name).map_err(internal)? {
+        // A terminated instance's name is free: its record (and runs) move aside.
+        Some(old) if old.state == InstanceState::Terminated => {
+            let to = plan::retired_name(name, old.created_ms, |c| {
+                c.parse()
+                    .ok()
+                    .is_some_and(|n| d.db.instance(&n).ok().flatten().is_some())
+            });
+            d.db.retire_instance(name, &to).map_err(internal)?;
+            let dir = d.home.local_instance(name);
+            if dir.exists() {
+                std::fs::rename(&dir, d.home.local_instance(&to)).map_err(|e| {
+                    internal(anyhow::anyhow!("moving {} aside: {e}", dir.display()))
+                })?;
+            }
+            tracing::info!("{name} was terminated; its record is now {to}");
+        }
+        Some(_) => {
+            return Err(UserError::new(
+                ErrorCode::Conflict,
+                format!("an instance named {name} already exists"),
+            )
+            .resolve("pick another --name, or leave it out for a generated one"));
+        }
+        None => {}
+    }
+    Ok(())
+}
+
+/// A new agent config for instance `name`, with a fresh enrollment token that lives as
+/// long as the instance may take to enroll.
+fn agent_config(
+    d: &Daemon,
+    name: &InstanceName,
+    reach: &plan::Reach,
+    enroll_timeout: Duration,
+) -> Result<AgentConfigFile, UserError> {
+    let ttl = d.config.daemon.token_ttl().max(enroll_timeout);
+    let token =
+        d.db.mint_token(name, now_ms() + ttl.as_millis() as u64)
+            .map_err(internal)?;
+    Ok(AgentConfigFile::new(
+        name.clone(),
+        super::carriers::agent_endpoints(reach.direct.as_deref(), reach.relay.as_deref()),
+        d.pki.ca.fingerprint(),
+        token,
+        PathBuf::from("state"),
+    ))
+}
+
 /// Launches an instance; with `wait` (always, for a local one) returns once its agent has
 /// enrolled. A failure before the provider makes the instance leaves nothing behind; one
 /// after it terminates the instance, so a failed launch never leaves a paid machine. With
@@ -141,32 +194,7 @@ async fn launch_one(
     let started = Instant::now();
     let provider = options.kind();
     let name = name.unwrap_or_else(|| provider.fresh_name());
-    match d.db.instance(&name).map_err(internal)? {
-        // A terminated instance's name is free: its record (and runs) move aside.
-        Some(old) if old.state == InstanceState::Terminated => {
-            let to = plan::retired_name(&name, old.created_ms, |c| {
-                c.parse()
-                    .ok()
-                    .is_some_and(|n| d.db.instance(&n).ok().flatten().is_some())
-            });
-            d.db.retire_instance(&name, &to).map_err(internal)?;
-            let dir = d.home.local_instance(&name);
-            if dir.exists() {
-                std::fs::rename(&dir, d.home.local_instance(&to)).map_err(|e| {
-                    internal(anyhow::anyhow!("moving {} aside: {e}", dir.display()))
-                })?;
-            }
-            tracing::info!("{name} was terminated; its record is now {to}");
-        }
-        Some(_) => {
-            return Err(UserError::new(
-                ErrorCode::Conflict,
-                format!("an instance named {name} already exists"),
-            )
-            .resolve("pick another --name, or leave it out for a generated one"));
-        }
-        None => {}
-    }
+    claim_name(d, &name)?;
     // How its agent reaches this daemon, checked before anything is made.
     let relay = d.config.daemon.relay.as_deref();
     let reach = match options {
@@ -199,8 +227,15 @@ async fn launch_one(
             .await?,
         )),
         LaunchOptions::Runpod(opts) => Prepared::Runpod(Box::new(
-            runpod::launch::prepare(&runpod_client(d)?, &d.config, d.home.root(), opts, progress)
-                .await?,
+            runpod::launch::prepare(
+                &runpod_client(d)?,
+                &d.config,
+                d.home.root(),
+                opts,
+                1,
+                progress,
+            )
+            .await?,
         )),
     };
     if needs_price && prepared.price_per_hour().is_none() {
@@ -230,17 +265,7 @@ async fn launch_one(
     .map_err(internal)?;
     let enroll_timeout = enroll_timeout(d, provider);
     let made = async {
-        let ttl = d.config.daemon.token_ttl().max(enroll_timeout);
-        let token =
-            d.db.mint_token(&name, now_ms() + ttl.as_millis() as u64)
-                .map_err(internal)?;
-        let mut config = AgentConfigFile::new(
-            name.clone(),
-            super::carriers::agent_endpoints(reach.direct.as_deref(), reach.relay.as_deref()),
-            d.pki.ca.fingerprint(),
-            token,
-            PathBuf::from("state"),
-        );
+        let mut config = agent_config(d, &name, &reach, enroll_timeout)?;
         match &prepared {
             Prepared::Local { agent_bin } => {
                 local::agent_settings(&d.config, &mut config);
@@ -268,6 +293,7 @@ async fn launch_one(
                     price_per_hour: instance.price_per_hour,
                     accrued_ms: 0,
                     running_since_ms: Some(now_ms()),
+                    cluster: None,
                 };
                 if let Err(e) = d.db.insert_cloud(&cloud) {
                     // Without the record nothing would ever terminate it: do it now.
@@ -291,6 +317,7 @@ async fn launch_one(
                     price_per_hour: pod.price_per_hour,
                     accrued_ms: 0,
                     running_since_ms: Some(now_ms()),
+                    cluster: None,
                 };
                 if let Err(e) = d.db.insert_cloud(&cloud) {
                     // Without the record nothing would ever terminate it: do it now.
@@ -331,9 +358,11 @@ async fn launch_one(
 }
 
 /// Launches the `nodes` instances of a gang together, all or none: each as `launch` does
-/// (waiting for its agent), at once; if any cannot be had, those that were made are
-/// terminated and the error says which node failed and why. Returns the instances in
-/// node order.
+/// (waiting for its agent), at once, or on RunPod as one cluster (`launch_cluster`); if
+/// any cannot be had, those that were made are terminated and the error says which node
+/// failed and why. Returns the instances in node order. `stops_at_end`: the run asked for
+/// `--end stop`.
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn launch_gang(
     d: &Arc<Daemon>,
     options: &LaunchOptions,
@@ -341,6 +370,7 @@ pub(super) async fn launch_gang(
     nodes: u32,
     for_run: Option<RunId>,
     needs_price: bool,
+    stops_at_end: bool,
     progress: &Progress,
 ) -> Result<Vec<InstanceName>, UserError> {
     let kind = options.kind();
@@ -351,15 +381,15 @@ pub(super) async fn launch_gang(
         )
         .resolve("run the nodes on the local provider (--provider local), or drop --nodes"));
     }
-    say(
-        progress,
-        format!("launching {nodes} {kind} instances together, one per node"),
-    );
     // The gang's place, before any node: on EC2 one placement group, zone and
-    // members-only security group.
+    // members-only security group; on RunPod the cluster, made with its pods.
     let mut options = options.clone();
     match &mut options {
         LaunchOptions::Ec2(opts) => {
+            say(
+                progress,
+                format!("launching {nodes} {kind} instances together, one per node"),
+            );
             // Every node of a gang is of one type: the first.
             opts.other_types.clear();
             let ec2 = ec2_client(d).await?;
@@ -367,40 +397,26 @@ pub(super) async fn launch_gang(
                 ec2::launch::prepare_gang(ec2, &d.config, opts, run, nodes, progress).await?;
             opts.gang = Some(gang);
         }
-        LaunchOptions::Local | LaunchOptions::Runpod(_) => {}
-    }
-    let options = &options;
-    let outer = progress;
-    let mut forwarders = Vec::with_capacity(nodes as usize);
-    let mut tasks = tokio::task::JoinSet::new();
-    for node in 0..nodes {
-        let (d, options, for_run) = (d.clone(), options.clone(), for_run.clone());
-        // Each node's phase lines say whose they are.
-        let (progress, mut lines) = tokio::sync::mpsc::unbounded_channel::<String>();
-        let out = outer.clone();
-        forwarders.push(tokio::spawn(async move {
-            while let Some(line) = lines.recv().await {
-                say(&out, format!("[node {node}] {}", line.trim_start()));
-            }
-        }));
-        tasks.spawn(async move {
-            let made = launch(&d, &options, None, for_run, true, needs_price, &progress).await;
-            (node, made)
-        });
-    }
-    let mut made: Vec<Option<InstanceName>> = vec![None; nodes as usize];
-    let mut failed: Vec<(u32, UserError)> = Vec::new();
-    while let Some(joined) = tasks.join_next().await {
-        match joined {
-            Ok((node, Ok(row))) => made[node as usize] = Some(row.name),
-            Ok((node, Err(e))) => failed.push((node, e)),
-            Err(e) => failed.push((u32::MAX, internal(anyhow::anyhow!("a launch task: {e}")))),
+        LaunchOptions::Runpod(opts) => {
+            runpod::plan::check_cluster(opts, nodes, stops_at_end)?;
+            say(
+                progress,
+                format!("launching {nodes} RunPod pods together as one cluster, one per node"),
+            );
         }
+        LaunchOptions::Local => say(
+            progress,
+            format!("launching {nodes} {kind} instances together, one per node"),
+        ),
     }
-    // Every node's last lines are out before the gang's outcome.
-    for forwarder in forwarders {
-        let _ = forwarder.await;
-    }
+    let (made, mut failed) = match &options {
+        LaunchOptions::Runpod(opts) => {
+            launch_cluster(d, opts, run, nodes, for_run, progress).await?
+        }
+        LaunchOptions::Local | LaunchOptions::Ec2(_) => {
+            launch_each(d, &options, nodes, for_run, needs_price, progress).await
+        }
+    };
     if failed.is_empty() {
         return Ok(made.into_iter().flatten().collect());
     }
@@ -426,6 +442,159 @@ pub(super) async fn launch_gang(
     );
     error.to_resolve = first.to_resolve;
     Err(error)
+}
+
+/// Each node's instance (by node) where it came up, and each node's failure.
+type GangOutcome = (Vec<Option<InstanceName>>, Vec<(u32, UserError)>);
+
+/// A progress sink whose lines are `outer`'s, prefixed `[node R]`, and the task that
+/// forwards them (done once the sink is dropped).
+fn node_progress(outer: &Progress, node: u32) -> (Progress, tokio::task::JoinHandle<()>) {
+    let (progress, mut lines) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let out = outer.clone();
+    let forwarder = tokio::spawn(async move {
+        while let Some(line) = lines.recv().await {
+            say(&out, format!("[node {node}] {}", line.trim_start()));
+        }
+    });
+    (progress, forwarder)
+}
+
+/// Waits for every task's outcome, then for every node's last lines.
+async fn gang_outcome(
+    nodes: u32,
+    mut tasks: tokio::task::JoinSet<(u32, Result<InstanceName, UserError>)>,
+    forwarders: Vec<tokio::task::JoinHandle<()>>,
+) -> GangOutcome {
+    let mut made: Vec<Option<InstanceName>> = vec![None; nodes as usize];
+    let mut failed: Vec<(u32, UserError)> = Vec::new();
+    while let Some(joined) = tasks.join_next().await {
+        match joined {
+            Ok((node, Ok(name))) => made[node as usize] = Some(name),
+            Ok((node, Err(e))) => failed.push((node, e)),
+            Err(e) => failed.push((u32::MAX, internal(anyhow::anyhow!("a launch task: {e}")))),
+        }
+    }
+    // Every node's last lines are out before the gang's outcome.
+    for forwarder in forwarders {
+        let _ = forwarder.await;
+    }
+    (made, failed)
+}
+
+/// A gang's nodes launched one instance each, as `launch` does, all at once.
+async fn launch_each(
+    d: &Arc<Daemon>,
+    options: &LaunchOptions,
+    nodes: u32,
+    for_run: Option<RunId>,
+    needs_price: bool,
+    progress: &Progress,
+) -> GangOutcome {
+    let mut forwarders = Vec::with_capacity(nodes as usize);
+    let mut tasks = tokio::task::JoinSet::new();
+    for node in 0..nodes {
+        let (d, options, for_run) = (d.clone(), options.clone(), for_run.clone());
+        let (progress, forwarder) = node_progress(progress, node);
+        forwarders.push(forwarder);
+        tasks.spawn(async move {
+            let made = launch(&d, &options, None, for_run, true, needs_price, &progress).await;
+            (node, made.map(|row| row.name))
+        });
+    }
+    gang_outcome(nodes, tasks, forwarders).await
+}
+
+/// A RunPod gang: one cluster, whose pods RunPod makes together and alike (one image, one
+/// start command that writes each pod the agent config of its `NODE_RANK`). Until every
+/// rank has its pod, a failure leaves nothing (the cluster deleted, the records
+/// terminated); after that each node's agent is waited for as `launch` waits, and the
+/// outcome is per node.
+async fn launch_cluster(
+    d: &Arc<Daemon>,
+    opts: &runpod::RunpodLaunch,
+    run: &RunId,
+    nodes: u32,
+    for_run: Option<RunId>,
+    progress: &Progress,
+) -> Result<GangOutcome, UserError> {
+    let started = Instant::now();
+    let reach = plan::remote_reach(
+        "runpod",
+        d.config.runpod.controller_endpoint.as_deref(),
+        d.config.daemon.relay.as_deref(),
+        d.quic_addr,
+    )?;
+    let api = runpod_client(d)?;
+    let prepared =
+        runpod::launch::prepare(&api, &d.config, d.home.root(), opts, nodes, progress).await?;
+    let timeout = enroll_timeout(d, ProviderKind::Runpod);
+    let names: Vec<InstanceName> = (0..nodes)
+        .map(|_| ProviderKind::Runpod.fresh_name())
+        .collect();
+    for name in &names {
+        claim_name(d, name)?;
+    }
+    let made = async {
+        let mut configs = Vec::with_capacity(names.len());
+        for name in &names {
+            d.db.insert_instance(&InstanceRow {
+                name: name.clone(),
+                provider: ProviderKind::Runpod,
+                state: InstanceState::Launching,
+                created_ms: now_ms(),
+                terminated_ms: None,
+                pid: None,
+                for_run: for_run.clone(),
+            })
+            .map_err(internal)?;
+            let mut config = agent_config(d, name, &reach, timeout)?;
+            runpod::launch::agent_settings(&d.config, &mut config);
+            configs.push(config);
+        }
+        let (cluster, pods) = runpod::launch::start_cluster(
+            &api, &d.config, &prepared, run, &configs, timeout, progress,
+        )
+        .await?;
+        for (name, pod) in names.iter().zip(&pods) {
+            let cloud = CloudRow {
+                name: name.clone(),
+                cloud_id: pod.id.clone(),
+                region: pod.datacenter.clone(),
+                instance_type: pod.instance_type.clone(),
+                spot: false,
+                price_per_hour: pod.price_per_hour,
+                accrued_ms: 0,
+                running_since_ms: Some(now_ms()),
+                cluster: Some(cluster.clone()),
+            };
+            if let Err(e) = d.db.insert_cloud(&cloud) {
+                // Without the records nothing would ever end it: do it now.
+                let _ = api.delete_cluster(&cluster).await;
+                return Err(internal(e));
+            }
+        }
+        Ok(())
+    };
+    if let Err(e) = made.await {
+        for name in &names {
+            let _ =
+                d.db.set_instance_state(name, InstanceState::Terminated, now_ms());
+        }
+        return Err(e);
+    }
+    let mut forwarders = Vec::with_capacity(names.len());
+    let mut tasks = tokio::task::JoinSet::new();
+    for (node, name) in (0..nodes).zip(names) {
+        let d = d.clone();
+        let (progress, forwarder) = node_progress(progress, node);
+        forwarders.push(forwarder);
+        tasks.spawn(async move {
+            let up = come_up_or_go(&d, &name, started, &progress).await;
+            (node, up.map(|()| name))
+        });
+    }
+    Ok(gang_outcome(nodes, tasks, forwarders).await)
 }
 
 /// How often, and how long, a gang's place is tried for deletion while its instances
@@ -503,7 +672,8 @@ pub(super) async fn gone(d: &Arc<Daemon>, name: &InstanceName) -> Result<bool, U
 }
 
 /// Where a gang's nodes meet (`MASTER_ADDR`, `MASTER_PORT`): a local gang on loopback at
-/// a port free here now; an EC2 gang at node 0's private address, at torch's port.
+/// a port free here now; an EC2 gang at node 0's private address, a RunPod one at node 0's
+/// address on its cluster's network, both at torch's port.
 pub(super) async fn gang_master(
     d: &Arc<Daemon>,
     node0: &InstanceName,
@@ -541,12 +711,34 @@ pub(super) async fn gang_master(
                 port: GANG_PORT,
             })
         }
-        ProviderKind::Runpod => anyhow::bail!("a gang of RunPod pods cannot meet yet"),
+        ProviderKind::Runpod => {
+            let cloud =
+                d.db.cloud(node0)?
+                    .ok_or_else(|| anyhow::anyhow!("{node0} has no cloud record"))?;
+            let pod = runpod_client(d)
+                .map_err(|e| anyhow::anyhow!("{}", e.message))?
+                .pod(&cloud.cloud_id)
+                .await
+                .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+            let addr = pod
+                .and_then(|p| p.cluster)
+                .and_then(|c| c.ip)
+                .ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "RunPod gives {node0} ({}) no address on its cluster's network",
+                        cloud.cloud_id
+                    )
+                })?;
+            Ok(protocol::launch::Master {
+                addr,
+                port: GANG_PORT,
+            })
+        }
     }
 }
 
 /// Where node 0 of a cloud gang listens for the others: torch's own default port, open
-/// to the gang's members by its security group.
+/// to the gang's members by its security group (EC2), on its cluster's network (RunPod).
 const GANG_PORT: u16 = 29500;
 
 /// How long an instance of `provider` gets from launch to its agent's enrollment.
@@ -766,6 +958,9 @@ fn unreachable_local(name: &InstanceName) -> Result<(Option<String>, String), Us
 /// checkpoints), its certificate is revoked, and its process (or cloud instance) is gone
 /// when this returns. Fails only when the cloud refuses; the record then stays live.
 pub(super) async fn terminate_now(d: &Arc<Daemon>, name: &InstanceName) -> Result<(), UserError> {
+    if let Some(cluster) = d.db.cloud(name).map_err(internal)?.and_then(|c| c.cluster) {
+        return terminate_cluster(d, &cluster).await;
+    }
     shut_down_agent(d, name).await;
     let now = now_ms();
     if let Err(e) = d.db.revoke_instance(name, now) {
@@ -802,6 +997,55 @@ pub(super) async fn terminate_now(d: &Arc<Daemon>, name: &InstanceName) -> Resul
         None => {}
     }
     record_terminated(d, name, now);
+    Ok(())
+}
+
+/// The live instances that end with `name` (itself included): every pod of its RunPod
+/// cluster, which RunPod ends only together; else `name` alone.
+pub(super) fn ended_with(d: &Daemon, name: &InstanceName) -> Result<Vec<InstanceName>, UserError> {
+    match d.db.cloud(name).map_err(internal)?.and_then(|c| c.cluster) {
+        Some(cluster) => d.db.live_cluster_members(&cluster).map_err(internal),
+        None => Ok(vec![name.clone()]),
+    }
+}
+
+/// Terminates every pod of RunPod cluster `cluster` at once, by deleting the cluster (the
+/// only way RunPod ends a cluster's pods): each agent first stops its runs and flushes,
+/// as `terminate_now` does for one instance. Once ended, a member's termination finds
+/// nothing left to do.
+async fn terminate_cluster(d: &Arc<Daemon>, cluster: &str) -> Result<(), UserError> {
+    let _one_at_a_time = d.clusters.lock().await;
+    let members = d.db.live_cluster_members(cluster).map_err(internal)?;
+    if members.is_empty() {
+        return Ok(());
+    }
+    let mut flushes = tokio::task::JoinSet::new();
+    for member in &members {
+        let (d, member) = (d.clone(), member.clone());
+        flushes.spawn(async move { shut_down_agent(&d, &member).await });
+    }
+    while flushes.join_next().await.is_some() {}
+    let now = now_ms();
+    for member in &members {
+        if let Err(e) = d.db.revoke_instance(member, now) {
+            tracing::error!("revoking {member}'s certificate failed: {e:#}");
+        }
+        if let Some(link) = d.agent(member) {
+            link.conn.close(0u32.into(), b"instance terminated");
+        }
+    }
+    runpod_client(d)?.delete_cluster(cluster).await?;
+    tracing::info!(
+        "deleted RunPod cluster {cluster}, and with it {}",
+        members
+            .iter()
+            .map(InstanceName::as_str)
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    for member in &members {
+        record_terminated(d, member, now);
+    }
     Ok(())
 }
 
@@ -884,6 +1128,13 @@ pub(super) fn check_power(d: &Daemon, name: &InstanceName, start: bool) -> Resul
             .map_err(internal)?
             .ok_or_else(|| UserError::new(ErrorCode::NotFound, format!("no instance {name}")))?;
     let cloud = d.db.cloud(name).map_err(internal)?;
+    if let Some(cluster) = cloud.as_ref().and_then(|c| c.cluster.as_deref()) {
+        return Err(UserError::new(
+            ErrorCode::BadInput,
+            format!("{name} is a pod of RunPod cluster {cluster}, and RunPod cannot stop or start a cluster's pods"),
+        )
+        .resolve(format!("end it with its whole cluster: runctl-controller terminate {name}")));
+    }
     plan::power(
         name.as_str(),
         row.provider.an_instance(),

@@ -84,6 +84,9 @@ pub struct Daemon {
     restarting: Mutex<HashSet<RunId>>,
     /// Spot runs whose relaunch is under way in this daemon.
     relaunching: Mutex<HashSet<RunId>>,
+    /// Held while a RunPod cluster is terminated, so that its members' terminations (a
+    /// gang's nodes end at once) end it once.
+    clusters: tokio::sync::Mutex<()>,
     /// The secrets of gangs still going, in memory only, to start their nodes again with.
     secrets: Mutex<HashMap<RunId, Vec<protocol::Secret>>>,
     /// Stat caches and what each agent's trees hold.
@@ -325,6 +328,7 @@ pub async fn serve(
         pending_stops: Mutex::new(HashSet::new()),
         restarting: Mutex::default(),
         relaunching: Mutex::default(),
+        clusters: tokio::sync::Mutex::default(),
         secrets: Mutex::default(),
         sync: sync::SyncState::new(sync::load_trees(&home.sync_dir())),
         stats: Mutex::default(),

@@ -277,7 +277,10 @@ async fn dispatch(
         }
         Request::Terminate { name, force } => {
             live_instance(d, &name)?;
-            refuse_active_runs(d, &name, force, "terminate")?;
+            // A RunPod cluster's pods end together.
+            for member in instances::ended_with(d, &name)? {
+                refuse_active_runs(d, &member, force, "terminate")?;
+            }
             instances::terminate_now(d, &name).await?;
             let row =
                 d.db.instance(&name)?
@@ -535,6 +538,7 @@ async fn run(d: &Arc<Daemon>, stream: &mut UnixStream, req: RunRequest) -> anyho
                         nodes,
                         for_run,
                         needs_price,
+                        end.agent == protocol::EndAction::Stop || end.daemon_stops,
                         &progress,
                     )
                     .await

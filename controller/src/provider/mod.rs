@@ -66,7 +66,8 @@ pub struct Capabilities {
     pub spot: bool,
     /// Data volumes made and attached by runctl.
     pub volumes: bool,
-    /// Several instances launched together for one run (`run --nodes`).
+    /// Several instances launched together for one run (`run --nodes`): local agents, EC2
+    /// instances in one placement group, or one RunPod cluster.
     pub multi_node: bool,
     /// The instance runs elsewhere: it has its own credentials and cannot reach this
     /// machine's files (a local object store), and it is billed.
@@ -122,7 +123,7 @@ impl ProviderKind {
                 stop_start: true,
                 spot: true,
                 volumes: true,
-                multi_node: false,
+                multi_node: true,
                 remote: true,
                 own_store_credentials: false,
                 stops_itself: true,

@@ -8,12 +8,12 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use protocol::InstanceName;
 use protocol::agent_config::AgentConfigFile;
+use protocol::{InstanceName, RunId};
 
 use super::{
-    ApiKey, CreatePod, GpuConfig, Mounts, NetworkMount, PersistentMount, PodStatus,
-    RentInterruptible, RunPod, RunpodLaunch, plan, start,
+    ApiKey, ClusterCompute, CreateCluster, CreatePod, GpuConfig, Mounts, NetworkMount,
+    PersistentMount, PodStatus, RentInterruptible, RunPod, RunpodLaunch, plan, start,
 };
 use crate::config::Config;
 use crate::error::{ErrorCode, UserError};
@@ -74,16 +74,19 @@ pub fn agent_binary(config: &Config) -> Result<std::path::PathBuf, UserError> {
     )
 }
 
-/// Checks the launch against RunPod (the GPU type and count, runctl's running pods, the
-/// price) and publishes the agent; says what it found. Nothing billed exists after it.
+/// Checks the launch of `pods` pods (1, or a cluster's) against RunPod (the GPU type and
+/// count, runctl's running pods, the price) and publishes the agent; says what it found.
+/// Nothing billed exists after it.
 pub async fn prepare(
     api: &RunPod,
     config: &Config,
     home: &Path,
     opts: &RunpodLaunch,
+    pods: u32,
     progress: &Progress,
 ) -> Result<Prepared, UserError> {
     plan::check_options(opts)?;
+
     let agent_path = agent_binary(config)?;
     let artifacts = artifact::location_in(config.runpod.artifacts.as_deref(), config, "runpod")?;
     let wanted = opts
@@ -111,7 +114,11 @@ pub async fn prepare(
         .iter()
         .filter(|p| p.name.starts_with(NAME_PREFIX) && plan::is_live(p.status))
         .count();
-    crate::provider::ec2::plan::check_limit(running, config.runpod.max_running, "RunPod")?;
+    crate::provider::ec2::plan::check_limit(
+        running + pods as usize - 1,
+        config.runpod.max_running,
+        "RunPod",
+    )?;
     let on_demand = gpu.price.secure * f64::from(opts.gpus);
     say(
         progress,
@@ -138,6 +145,12 @@ pub async fn prepare(
     } else {
         (on_demand, None)
     };
+    if pods > 1 {
+        say(
+            progress,
+            crate::provider::ec2::plan::gang_cost(pods, Some(price)),
+        );
+    }
     let (agent_url, agent_sha256) = artifact::publish(
         &config.storage.store_config(home),
         &agent_path,
@@ -180,17 +193,7 @@ pub async fn start(
 ) -> Result<Started, UserError> {
     let opts = &prepared.opts;
     let cfg = &config.runpod;
-    let args = start::render(&start::Params {
-        config: agent_config,
-        agent_url: &prepared.agent_url,
-        agent_sha256: &prepared.agent_sha256,
-    })
-    .map_err(|e| {
-        UserError::new(
-            ErrorCode::Internal,
-            format!("rendering the start command: {e}"),
-        )
-    })?;
+    let args = start_command(prepared, std::slice::from_ref(agent_config))?;
     let pod_name = format!("{NAME_PREFIX}{name}");
     let image = opts.image.clone().unwrap_or_else(|| cfg.image.clone());
     let datacenter = prepared.datacenter.clone();
@@ -228,22 +231,7 @@ pub async fn start(
                     env: Default::default(),
                     gpu,
                     data_center_ids: datacenter.clone().into_iter().collect(),
-                    mounts: match &opts.volume {
-                        Some(volume) => Mounts {
-                            persistent: None,
-                            network: vec![NetworkMount {
-                                volume_id: volume.clone(),
-                                path: VOLUME_PATH.into(),
-                            }],
-                        },
-                        None => Mounts {
-                            persistent: Some(PersistentMount {
-                                size: cfg.volume_gb,
-                                path: VOLUME_PATH.into(),
-                            }),
-                            network: vec![],
-                        },
-                    },
+                    mounts: mounts(opts, cfg.volume_gb),
                 })
                 .await?;
             (pod.id, pod.data_center_id.or(datacenter))
@@ -266,6 +254,142 @@ pub async fn start(
         price_per_hour: Some(prepared.price),
         datacenter: datacenter.unwrap_or_else(|| "runpod".into()),
     })
+}
+
+/// The start command for pods with `configs` (one, or a cluster's in rank order).
+fn start_command(prepared: &Prepared, configs: &[AgentConfigFile]) -> Result<String, UserError> {
+    start::render(&start::Params {
+        configs,
+        agent_url: &prepared.agent_url,
+        agent_sha256: &prepared.agent_sha256,
+    })
+    .map_err(|e| {
+        UserError::new(
+            ErrorCode::Internal,
+            format!("rendering the start command: {e}"),
+        )
+    })
+}
+
+/// A pod's storage at `/workspace`: the network volume asked for, else its own.
+fn mounts(opts: &RunpodLaunch, volume_gb: u32) -> Mounts {
+    match &opts.volume {
+        Some(volume) => Mounts {
+            persistent: None,
+            network: vec![NetworkMount {
+                volume_id: volume.clone(),
+                path: VOLUME_PATH.into(),
+            }],
+        },
+        None => Mounts {
+            persistent: Some(PersistentMount {
+                size: volume_gb,
+                path: VOLUME_PATH.into(),
+            }),
+            network: vec![],
+        },
+    }
+}
+
+/// What RunPod calls a run's gang: `runctl-gang-RUN`.
+pub fn cluster_name(run: &RunId) -> String {
+    format!("{NAME_PREFIX}gang-{run}")
+}
+
+/// Creates a run's gang as one RunPod cluster of `configs.len()` pods, each writing the
+/// agent config of its rank, and waits (within `timeout`) until RunPod has given every
+/// rank its pod. Returns the cluster's id and its pods in rank order. A cluster whose
+/// ranks are not all given in time is deleted: nothing is left behind.
+pub async fn start_cluster(
+    api: &RunPod,
+    config: &Config,
+    prepared: &Prepared,
+    run: &RunId,
+    configs: &[AgentConfigFile],
+    timeout: Duration,
+    progress: &Progress,
+) -> Result<(String, Vec<Started>), UserError> {
+    let opts = &prepared.opts;
+    let cfg = &config.runpod;
+    let nodes = configs.len() as u32;
+    let api_start = Instant::now();
+    let cluster = api
+        .create_cluster(&CreateCluster {
+            name: cluster_name(run),
+            kind: "TRAINING",
+            compute: ClusterCompute {
+                gpu_type_id: prepared.gpu_id.clone(),
+                gpu_count_per_pod: opts.gpus,
+                pod_count: nodes,
+            },
+            image: opts.image.clone().unwrap_or_else(|| cfg.image.clone()),
+            args: start_command(prepared, configs)?,
+            disk: Some(opts.disk_gb.unwrap_or(cfg.disk_gb)),
+            env: Default::default(),
+            data_center_ids: prepared.datacenter.clone().into_iter().collect(),
+            mounts: mounts(opts, cfg.volume_gb),
+        })
+        .await?;
+    say(
+        progress,
+        format!(
+            "  {:<16}{:>7}  cluster {} of {nodes} pods (on-demand)",
+            "requested",
+            seconds(api_start.elapsed()),
+            cluster.id
+        ),
+    );
+    let placed = async {
+        loop {
+            let pods = api.cluster_pods(&cluster.id).await?.ok_or_else(|| {
+                UserError::new(
+                    ErrorCode::Conflict,
+                    format!("cluster {} went away while starting", cluster.id),
+                )
+            })?;
+            if let Some(ranked) = plan::by_rank(&pods, nodes) {
+                return Ok(ranked.into_iter().cloned().collect::<Vec<_>>());
+            }
+            if api_start.elapsed() > timeout {
+                return Err(UserError::new(
+                    ErrorCode::Conflict,
+                    format!(
+                        "RunPod did not give all {nodes} pods of cluster {} their ranks within {timeout:?}",
+                        cluster.id
+                    ),
+                )
+                .resolve("try another --gpu or --datacenter, or fewer --nodes"));
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    };
+    let ranked = match placed.await {
+        Ok(ranked) => ranked,
+        Err(e) => {
+            if let Err(d) = api.delete_cluster(&cluster.id).await {
+                return Err(e.resolve(format!(
+                    "deleting cluster {} failed too ({}): delete it in the RunPod console",
+                    cluster.id, d.message
+                )));
+            }
+            return Err(e);
+        }
+    };
+    let started = ranked
+        .into_iter()
+        .map(|pod| Started {
+            id: pod.id.clone(),
+            instance_type: format!("{} x{}", prepared.gpu_id, opts.gpus),
+            spot: false,
+            price_per_hour: Some(prepared.price),
+            datacenter: pod
+                .data_center_id
+                .clone()
+                .or_else(|| cluster.data_center_id.clone())
+                .unwrap_or_else(|| "runpod".into()),
+        })
+        .collect();
+    Ok((cluster.id, started))
 }
 
 /// Polls RunPod until pod `id` is RUNNING (since `started`, within `timeout`); says each

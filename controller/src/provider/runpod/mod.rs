@@ -153,6 +153,67 @@ pub struct Pod {
     pub cost: f64,
     #[serde(default)]
     pub created_at: Option<String>,
+    /// Its cluster, for a member of one (`PodCluster`).
+    #[serde(default)]
+    pub cluster: Option<PodCluster>,
+}
+
+/// A pod's membership in a cluster (`PodCluster`): its rank (`NODE_RANK`) and its address
+/// on the cluster's private network, both assigned during provisioning.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct PodCluster {
+    pub id: String,
+    #[serde(default)]
+    pub rank: Option<u32>,
+    #[serde(default)]
+    pub ip: Option<String>,
+}
+
+/// A cluster's homogeneous shape (`ClusterCompute`): `pod_count` pods of
+/// `gpu_count_per_pod` GPUs of `gpu_type_id` each.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterCompute {
+    pub gpu_type_id: String,
+    pub gpu_count_per_pod: u32,
+    pub pod_count: u32,
+}
+
+/// `POST /v2/clusters`'s body (`CreateClusterRequest`): a training cluster, its pods all
+/// alike (one image, one start command, one environment). Clusters have no interruptible
+/// pods and no private registries.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CreateCluster {
+    pub name: String,
+    /// Always `TRAINING`: the generic distributed-training cluster.
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub compute: ClusterCompute,
+    pub image: String,
+    pub args: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub disk: Option<u32>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub data_center_ids: Vec<String>,
+    pub mounts: Mounts,
+}
+
+/// A cluster as RunPod describes it (`Cluster`): the fields runctl reads.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Cluster {
+    pub id: String,
+    pub name: String,
+    #[serde(default)]
+    pub data_center_id: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ClusterList {
+    clusters: Vec<Cluster>,
 }
 
 /// A network volume mounted at `path` (`NetworkMount`).
@@ -405,13 +466,59 @@ impl RunPod {
         }
     }
 
-    /// Every pod of the account (the caller picks runctl's own by name and record).
+    /// Every pod of the account, clusters' members included (the caller picks runctl's own
+    /// by name and record).
     pub async fn pods(&self) -> Result<Vec<Pod>, UserError> {
         let what = "listing RunPod pods";
-        let answer = self
-            .call(what, "GET", format!("{}/v2/pods", self.api), None)
-            .await?;
+        let url = format!("{}/v2/pods?includeClusterPods=true", self.api);
+        let answer = self.call(what, "GET", url, None).await?;
         Ok(Self::parse::<PodList>(what, &answer)?.pods)
+    }
+
+    /// Creates a cluster; its pods start PROVISIONING, their ranks not yet assigned.
+    pub async fn create_cluster(&self, cluster: &CreateCluster) -> Result<Cluster, UserError> {
+        let what = format!("creating cluster {}", cluster.name);
+        let body = serde_json::to_value(cluster)
+            .map_err(|e| UserError::new(ErrorCode::Internal, format!("{what}: {e}")))?;
+        let answer = self
+            .call(
+                &what,
+                "POST",
+                format!("{}/v2/clusters", self.api),
+                Some(body),
+            )
+            .await?;
+        Self::parse(&what, &answer)
+    }
+
+    /// Every cluster of the account.
+    pub async fn clusters(&self) -> Result<Vec<Cluster>, UserError> {
+        let what = "listing RunPod clusters";
+        let answer = self
+            .call(what, "GET", format!("{}/v2/clusters", self.api), None)
+            .await?;
+        Ok(Self::parse::<ClusterList>(what, &answer)?.clusters)
+    }
+
+    /// Cluster `id`'s member pods, or `None` when RunPod no longer knows it.
+    pub async fn cluster_pods(&self, id: &str) -> Result<Option<Vec<Pod>>, UserError> {
+        let what = format!("listing cluster {id}'s pods");
+        let url = format!("{}/v2/clusters/{}/pods", self.api, path_segment(id)?);
+        match self.call(&what, "GET", url, None).await {
+            Ok(answer) => Ok(Some(Self::parse::<PodList>(&what, &answer)?.pods)),
+            Err(e) if e.code == ErrorCode::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Deletes cluster `id` and so terminates every pod of it; one already gone is fine.
+    pub async fn delete_cluster(&self, id: &str) -> Result<(), UserError> {
+        let what = format!("deleting cluster {id}");
+        let url = format!("{}/v2/clusters/{}", self.api, path_segment(id)?);
+        match self.call(&what, "DELETE", url, None).await {
+            Err(e) if e.code != ErrorCode::NotFound => Err(e),
+            _ => Ok(()),
+        }
     }
 
     /// Every network volume of the account.
@@ -560,14 +667,19 @@ impl RunPod {
     }
 }
 
-/// A pod id as one URL path segment: RunPod's ids are letters and digits.
+/// A RunPod id as one URL path segment: letters, digits, `_` and `-` (`cluster_abc123`).
 fn path_segment(id: &str) -> Result<&str, UserError> {
-    if !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric()) {
+    if !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
         Ok(id)
     } else {
         Err(UserError::new(
             ErrorCode::BadInput,
-            format!("{id:?} is not a RunPod pod id"),
+            format!("{id:?} is not a RunPod id"),
         ))
     }
 }
@@ -642,7 +754,17 @@ mod tests {
     #[test]
     fn pod_ids_cannot_leave_their_path_segment() {
         assert!(path_segment("abc123XYZ").is_ok());
-        for bad in ["", "../pods", "a/b", "a?b=c", "a b", &"x".repeat(65)] {
+        assert!(path_segment("cluster_abc-123").is_ok());
+        for bad in [
+            "",
+            "../pods",
+            "..",
+            "a/b",
+            "a?b=c",
+            "a b",
+            "a%2f",
+            &"x".repeat(65),
+        ] {
             assert!(path_segment(bad).is_err(), "{bad:?}");
         }
     }

@@ -37,6 +37,53 @@ pub fn check_options(opts: &RunpodLaunch) -> Result<(), UserError> {
     Ok(())
 }
 
+/// Most pods one RunPod cluster may have (`ClusterCompute.podCount`: 2 to 250).
+pub const MAX_CLUSTER_PODS: u32 = 250;
+
+/// Whether `nodes` pods of `opts` can be one cluster: RunPod's clusters hold 2 to 250
+/// pods, all on-demand (a cluster has no interruptible pods), which are never stopped
+/// (RunPod ends a cluster's pods only together, by deleting it): `stops_at_end` is a run
+/// that asked for `--end stop`.
+pub fn check_cluster(opts: &RunpodLaunch, nodes: u32, stops_at_end: bool) -> Result<(), UserError> {
+    if opts.spot {
+        return Err(UserError::new(
+            ErrorCode::BadInput,
+            format!("--nodes {nodes} --spot: RunPod's clusters have no interruptible pods"),
+        )
+        .resolve("drop --spot for a multi-node run on RunPod, or run --spot on one pod"));
+    }
+    if stops_at_end {
+        return Err(UserError::new(
+            ErrorCode::BadInput,
+            format!("--nodes {nodes} --end stop: RunPod cannot stop a cluster's pods, only delete the cluster"),
+        )
+        .resolve("use --end terminate, or --end keep to keep the cluster after the run"));
+    }
+    if !(2..=MAX_CLUSTER_PODS).contains(&nodes) {
+        return Err(UserError::new(
+            ErrorCode::BadInput,
+            format!("--nodes {nodes}: a RunPod cluster has 2 to {MAX_CLUSTER_PODS} pods"),
+        ));
+    }
+    Ok(())
+}
+
+/// A cluster's `nodes` pods in rank order, once RunPod has given each rank one pod (a
+/// rank is assigned during provisioning); `None` until then, or while a rank is missing
+/// or doubled.
+pub fn by_rank(pods: &[Pod], nodes: u32) -> Option<Vec<&Pod>> {
+    let mut ranked: Vec<Option<&Pod>> = vec![None; nodes as usize];
+    for pod in pods {
+        let rank = pod.cluster.as_ref()?.rank? as usize;
+        let slot = ranked.get_mut(rank)?;
+        if slot.is_some() {
+            return None;
+        }
+        *slot = Some(pod);
+    }
+    ranked.into_iter().collect()
+}
+
 /// Refused when one pod of `gpu` cannot have `count` GPUs.
 pub fn check_count(gpu: &GpuType, count: u32) -> Result<(), UserError> {
     if count <= gpu.max_count.secure {
@@ -318,6 +365,78 @@ pub fn volume_datacenter(
 mod tests {
     use super::*;
 
+    fn member(id: &str, rank: Option<u32>) -> Pod {
+        Pod {
+            id: id.into(),
+            name: format!("runctl-gang-r-{id}"),
+            status: PodStatus::Provisioning,
+            gpu: None,
+            data_center_id: None,
+            cost: 0.0,
+            created_at: None,
+            cluster: Some(super::super::PodCluster {
+                id: "cluster_1".into(),
+                rank,
+                ip: None,
+            }),
+        }
+    }
+
+    /// (the pods' ranks, nodes) -> their ids in rank order, or `None`.
+    fn check_ranks(ranks: &[Option<u32>], nodes: u32, want: Option<&[&str]>) {
+        let pods: Vec<Pod> = ranks
+            .iter()
+            .enumerate()
+            .map(|(i, rank)| member(&format!("p{i}"), *rank))
+            .collect();
+        let got = by_rank(&pods, nodes).map(|v| v.iter().map(|p| p.id.clone()).collect::<Vec<_>>());
+        let want = want.map(|w| w.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        assert_eq!(got, want, "{ranks:?} of {nodes}");
+    }
+
+    #[test]
+    fn a_clusters_pods_are_taken_in_rank_order_once_every_rank_has_one() {
+        check_ranks(&[Some(1), Some(0)], 2, Some(&["p1", "p0"]));
+        check_ranks(&[Some(0), Some(1), Some(2)], 3, Some(&["p0", "p1", "p2"]));
+        check_ranks(&[Some(0), None], 2, None);
+        check_ranks(&[Some(0)], 2, None);
+        check_ranks(&[Some(0), Some(0)], 2, None);
+        check_ranks(&[Some(0), Some(2)], 2, None);
+        check_ranks(&[], 2, None);
+        let mut standalone = member("p0", Some(0));
+        standalone.cluster = None;
+        assert!(by_rank(&[standalone], 1).is_none(), "a pod of no cluster");
+    }
+
+    /// (spot, nodes, --end stop) -> refused with this phrase, or allowed.
+    fn check_cluster_case(spot: bool, nodes: u32, stop: bool, refused: Option<&str>) {
+        let opts = RunpodLaunch {
+            gpu: "A100".into(),
+            gpus: 1,
+            spot,
+            max_price: None,
+            image: None,
+            datacenter: None,
+            disk_gb: None,
+            volume: None,
+        };
+        match (check_cluster(&opts, nodes, stop), refused) {
+            (Ok(()), None) => {}
+            (Err(e), Some(said)) => assert!(e.message.contains(said), "{}", e.message),
+            (got, want) => panic!("spot {spot}, {nodes} nodes: {got:?}, wanted {want:?}"),
+        }
+    }
+
+    #[test]
+    fn a_cluster_is_two_to_250_on_demand_pods() {
+        check_cluster_case(false, 2, false, None);
+        check_cluster_case(false, 250, false, None);
+        check_cluster_case(false, 1, false, Some("2 to 250"));
+        check_cluster_case(false, 251, false, Some("2 to 250"));
+        check_cluster_case(true, 2, false, Some("no interruptible pods"));
+        check_cluster_case(false, 2, true, Some("cannot stop a cluster's pods"));
+    }
+
     fn problem(detail: &str, errors: &[&str]) -> Problem {
         Problem {
             title: "Bad".into(),
@@ -501,6 +620,7 @@ mod tests {
             data_center_id: None,
             cost: 0.0,
             created_at: None,
+            cluster: None,
         }
     }
 

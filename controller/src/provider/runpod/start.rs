@@ -1,7 +1,8 @@
 //! A pod's start command (`args` of the create call): `cloud-init/pod-start.sh` rendered
 //! with the agent's presigned URL, its SHA-256 and the agent's config, as one `sh -c`
 //! word. RunPod splits `args` into words as a POSIX shell would, so the script is
-//! single-quoted, each quote inside it written `'\''`.
+//! single-quoted, each quote inside it written `'\''`. A cluster's pods all run one start
+//! command: it holds every node's config and each pod writes the one of its `NODE_RANK`.
 
 use protocol::agent_config::AgentConfigFile;
 
@@ -13,7 +14,8 @@ const CONFIG_END: &str = "RUNCTL_CONFIG_END";
 /// What the start command needs.
 #[derive(Debug)]
 pub struct Params<'a> {
-    pub config: &'a AgentConfigFile,
+    /// The agent's config; for a cluster, each node's, in rank order.
+    pub configs: &'a [AgentConfigFile],
     /// A presigned GET URL for the static agent, and its SHA-256.
     pub agent_url: &'a str,
     pub agent_sha256: &'a str,
@@ -22,14 +24,36 @@ pub struct Params<'a> {
 /// The script itself (what `sh -c` runs), or why it cannot be written.
 pub fn script(params: &Params<'_>) -> Result<String, String> {
     crate::provider::check_download("runctl-agent", params.agent_url, params.agent_sha256)?;
-    let config = toml::to_string(params.config).map_err(|e| e.to_string())?;
-    if config.lines().any(|line| line.trim() == CONFIG_END) {
-        return Err(format!("the agent config holds the line {CONFIG_END}"));
+    let mut heredocs = Vec::with_capacity(params.configs.len());
+    for config in params.configs {
+        let text = toml::to_string(config).map_err(|e| e.to_string())?;
+        if text.lines().any(|line| line.trim() == CONFIG_END) {
+            return Err(format!("the agent config holds the line {CONFIG_END}"));
+        }
+        heredocs.push(format!(
+            "cat >\"$root/agent.toml\" <<'{CONFIG_END}'\n{}\n{CONFIG_END}",
+            text.trim_end()
+        ));
     }
+    let write_config = match heredocs.as_slice() {
+        [] => return Err("no agent config".into()),
+        [one] => one.clone(),
+        many => {
+            let mut case = String::from("case \"${NODE_RANK:-}\" in\n");
+            for (rank, heredoc) in many.iter().enumerate() {
+                case.push_str(&format!("{rank})\n{heredoc}\n;;\n"));
+            }
+            case.push_str(&format!(
+                "*) say \"NODE_RANK is '${{NODE_RANK:-}}', not a rank of this cluster's {} nodes\"; exit 2 ;;\nesac",
+                many.len()
+            ));
+            case
+        }
+    };
     Ok(TEMPLATE
         .replace("{{url}}", params.agent_url)
         .replace("{{sha256}}", params.agent_sha256)
-        .replace("{{config}}", config.trim_end()))
+        .replace("{{write_config}}", &write_config))
 }
 
 /// The start command: `sh -c '<script>'`.
@@ -61,9 +85,9 @@ mod tests {
 
     #[test]
     fn the_start_command_is_one_word_that_a_shell_splits_back_into_the_script() {
-        let config = config();
+        let config = [config()];
         let params = Params {
-            config: &config,
+            configs: &config,
             agent_url: "https://bucket.s3.amazonaws.com/agent/abc/runctl-agent?X-Amz-Signature=1",
             agent_sha256: &"c".repeat(64),
         };
@@ -94,7 +118,7 @@ mod tests {
 
     #[test]
     fn a_url_or_hash_that_could_break_the_script_is_refused() {
-        let config = config();
+        let config = [config()];
         let sha = "c".repeat(64);
         for (url, sha256) in [
             ("https://x/a'b", sha.as_str()),
@@ -104,7 +128,7 @@ mod tests {
             ("https://x/a", &"g".repeat(64)),
         ] {
             let params = Params {
-                config: &config,
+                configs: &config,
                 agent_url: url,
                 agent_sha256: sha256,
             };
