@@ -246,9 +246,11 @@ Examples:
     Start(StartArgs),
 
     /// Terminate an instance: its agent stops its runs and pushes their checkpoints, its
-    /// certificate is revoked, and (on EC2) the instance is terminated.
+    /// certificate is revoked, and (on EC2 or RunPod) the instance is terminated.
     #[command(after_long_help = "\
 Refuses while the instance has active runs, unless --force (which stops them first).
+A pod of a RunPod cluster (run --nodes) ends with the whole cluster: terminating one
+terminates every pod of it.
 
 Examples:
   runctl-controller terminate local-3fa9c1
@@ -623,8 +625,9 @@ pub struct RunArgs {
     /// node's MASTER_ADDR. The launcher defaults to torchrun when the command is python,
     /// python3 or a .py file, else to none. A node that fails stops the others; the run
     /// ends when every node has, or, under --restart, starts again on every node from the
-    /// newest checkpoint. Local and EC2 (one cluster placement group and zone, a security
-    /// group open only to the gang's members); not RunPod yet.
+    /// newest checkpoint. Local; EC2 (one cluster placement group and zone, a security
+    /// group open only to the gang's members); RunPod (one cluster of 2 to 250 on-demand
+    /// pods, which end together: no --spot, no --end stop).
     #[arg(long, value_name = "N", conflicts_with = "on")]
     pub nodes: Option<u32>,
 
