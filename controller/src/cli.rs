@@ -588,7 +588,8 @@ pub struct RunArgs {
     /// the same type is launched, the project synced to it, and the command started again
     /// from the newest checkpoint in the store (RUNCTL_RESUME_FROM); one run, one log. An
     /// interruption while the daemon is away (the laptop asleep) is relaunched when it is
-    /// back. Needs --spot on an instance launched for the run; one node.
+    /// back. A gang (--nodes) is relaunched whole, on new instances. Needs --spot on
+    /// instances launched for the run.
     #[arg(long, value_name = "end|relaunch[:N]", value_parser = crate::relaunch::parse)]
     pub on_interrupt: Option<crate::relaunch::OnInterrupt>,
 

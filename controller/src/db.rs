@@ -78,6 +78,10 @@ pub struct StoredStart {
     pub launch_options: Option<crate::provider::LaunchOptions>,
 }
 
+/// A spot run under `--on-interrupt relaunch`: its current instances (a gang's in node
+/// order) and the number of a relaunch decided but not made, if one is.
+pub type SpotRun = (RunId, Vec<InstanceName>, Option<u32>);
+
 /// A spot run to relaunch: replacement `number`, after `interruption`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Relaunch {
@@ -899,6 +903,25 @@ impl Db {
         Ok(start.map(|s| serde_json::from_str(&s)).transpose()?)
     }
 
+    /// The attempt a run's nodes are in once started again: one after every restart and
+    /// relaunch made so far (1 before any).
+    pub fn gang_attempt(&self, run: &RunId) -> anyhow::Result<u32> {
+        gang_attempt_of(&self.lock(), run)
+    }
+
+    /// How many relaunches of `run` were decided so far (the gang's place is named by it).
+    pub fn relaunches(&self, run: &RunId) -> anyhow::Result<u32> {
+        Ok(self
+            .lock()
+            .query_row(
+                "SELECT relaunches FROM run_starts WHERE run_id = ?1",
+                [run.as_str()],
+                |r| r.get(0),
+            )
+            .optional()?
+            .unwrap_or(0))
+    }
+
     /// Marks when a gang's new attempt began (its restart's backoff counts from there).
     pub fn set_attempt_started(&self, run: &RunId, attempt_ms: u64) -> anyhow::Result<()> {
         self.lock().execute(
@@ -909,14 +932,15 @@ impl Db {
     }
 
     /// Gangs still going whose restart was decided (counted) but whose nodes have not
-    /// begun it, with the attempt they wait for.
+    /// begun it (and that wait for no relaunch), with the attempt they wait for.
     pub fn pending_restarts(&self) -> anyhow::Result<Vec<(RunId, u32)>> {
         let conn = self.lock();
         let mut stmt = conn.prepare(
-            "SELECT s.run_id, s.restarts + 1 FROM run_starts s JOIN runs r ON r.id = s.run_id
+            "SELECT s.run_id, s.restarts + s.relaunches + 1 FROM run_starts s JOIN runs r ON r.id = s.run_id
              WHERE s.restarts > 0
                AND r.state NOT IN ('succeeded', 'failed', 'stopped', 'interrupted', 'budget_exceeded')
-               AND NOT EXISTS (SELECT 1 FROM run_nodes n WHERE n.run_id = s.run_id AND n.attempt > s.restarts)",
+               AND NOT EXISTS (SELECT 1 FROM run_nodes n WHERE n.run_id = s.run_id AND n.attempt > s.restarts + s.relaunches)
+               AND s.relaunches <= COALESCE((SELECT MAX(i.incarnation) FROM run_incarnations i WHERE i.run_id = s.run_id AND i.node = 0), 0)",
         )?;
         let rows = stmt
             .query_map([], |r| {
@@ -1002,9 +1026,9 @@ impl Db {
         }
         let mut node_end = None;
         if nodes > 1 {
-            // The node's attempt, and the gang's (1 until it restarts).
+            // The node's attempt, and the gang's (1 until it restarts or is relaunched).
             let (stored_attempt, gang_attempt): (u32, u32) = tx.query_row(
-                "SELECT attempt, COALESCE((SELECT restarts FROM run_starts WHERE run_id = ?1), 0) + 1
+                "SELECT attempt, COALESCE((SELECT restarts + relaunches FROM run_starts WHERE run_id = ?1), 0) + 1
                  FROM run_nodes WHERE run_id = ?1 AND node = ?2",
                 params![run.as_str(), source.node],
                 |r| Ok((r.get(0)?, r.get(1)?)),
@@ -1067,10 +1091,27 @@ impl Db {
                 && !held.ended
             {
                 restart = restart_gang(&tx, run, &last, change.notices)?;
-                if restart.is_none() {
-                    change.state = RunState::after(&last.end, change.notices);
+                let state = RunState::after(&last.end, change.notices);
+                let mut error = crate::gang::error(&last);
+                if restart.is_none() && state == RunState::Interrupted {
+                    // The whole gang is relaunched (`--on-interrupt relaunch`).
+                    let interruption = crate::relaunch::Interruption::Notice {
+                        instance: noticed_instance(&tx, run)?,
+                        at_ms: last.at_ms,
+                    };
+                    match decide_relaunch(&tx, run, interruption)? {
+                        Some(Ok(next)) => {
+                            relaunch = Some(next);
+                            change.state = RunState::Pending;
+                        }
+                        Some(Err(why)) => error = Some(why),
+                        None => {}
+                    }
+                }
+                if restart.is_none() && relaunch.is_none() {
+                    change.state = state;
                     change.end = Some(run_state::Ended {
-                        error: crate::gang::error(&last),
+                        error,
                         end: last.end,
                         at_ms: last.at_ms,
                     });
@@ -1208,8 +1249,8 @@ impl Db {
 
     /// Spot runs still going whose relaunch was decided (counted) but not made, with the
     /// replacement's number, and those that are not waiting for one: each with its
-    /// current instance.
-    pub fn relaunch_runs(&self) -> anyhow::Result<Vec<(RunId, InstanceName, Option<u32>)>> {
+    /// current instances (a gang's, in node order).
+    pub fn relaunch_runs(&self) -> anyhow::Result<Vec<SpotRun>> {
         let conn = self.lock();
         let mut stmt = conn.prepare(
             "SELECT s.run_id, r.instance, s.start, s.relaunches,
@@ -1222,6 +1263,8 @@ impl Db {
                 Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
             })?
             .collect::<Result<_, _>>()?;
+        let mut nodes =
+            conn.prepare_cached("SELECT instance FROM run_nodes WHERE run_id = ?1 ORDER BY node")?;
         let mut runs = Vec::new();
         for (run, instance, start, relaunches, incarnation) in rows {
             let start: StoredStart = serde_json::from_str(&start)?;
@@ -1229,7 +1272,17 @@ impl Db {
                 continue;
             }
             let pending = (relaunches > incarnation).then_some(relaunches);
-            runs.push((parse(&run)?, parse(&instance)?, pending));
+            let mut instances: Vec<String> = nodes
+                .query_map([run.as_str()], |r| r.get(0))?
+                .collect::<Result<_, _>>()?;
+            if instances.is_empty() {
+                instances.push(instance);
+            }
+            let instances = instances
+                .iter()
+                .map(|i| parse(i))
+                .collect::<Result<_, _>>()?;
+            runs.push((parse(&run)?, instances, pending));
         }
         Ok(runs)
     }
@@ -1379,6 +1432,11 @@ fn decide_relaunch(
                     "UPDATE run_starts SET relaunches = ?2 WHERE run_id = ?1",
                     params![run.as_str(), number],
                 )?;
+                // A gang's next attempt starts with no node ended.
+                tx.execute(
+                    "UPDATE run_nodes SET end_kind = NULL, end_ms = NULL WHERE run_id = ?1",
+                    [run.as_str()],
+                )?;
                 Some(Ok(Relaunch {
                     number,
                     interruption,
@@ -1388,6 +1446,29 @@ fn decide_relaunch(
             crate::relaunch::Decision::End { error: None } => None,
         },
     )
+}
+
+/// The instance of the node whose spot notice came last (a gang's, when it ends
+/// interrupted); the run's own when none is stored. Read from the log's end backwards,
+/// where the notice is.
+fn noticed_instance(tx: &Connection, run: &RunId) -> anyhow::Result<String> {
+    let noticed: Option<String> = tx
+        .query_row(
+            "SELECT n.instance FROM run_events e JOIN run_nodes n ON n.run_id = e.run_id AND n.node = e.node
+             WHERE e.run_id = ?1 AND e.kind LIKE '{\"notice\":{\"spot_interruption\"%'
+             ORDER BY e.shown DESC LIMIT 1",
+            [run.as_str()],
+            |r| r.get(0),
+        )
+        .optional()?;
+    match noticed {
+        Some(instance) => Ok(instance),
+        None => Ok(tx.query_row(
+            "SELECT instance FROM runs WHERE id = ?1",
+            [run.as_str()],
+            |r| r.get(0),
+        )?),
+    }
 }
 
 /// A gang's restart history and policy, read when its restart is decided.
@@ -1438,7 +1519,7 @@ fn restart_gang(
         return Ok(None);
     };
     let ran_for = std::time::Duration::from_millis(last.at_ms.saturating_sub(gang.attempt_ms));
-    let Some(restart) = crate::gang::restart(policy, last, notices, ran_for, &mut gang.history)
+    let Some(mut restart) = crate::gang::restart(policy, last, notices, ran_for, &mut gang.history)
     else {
         return Ok(None);
     };
@@ -1454,7 +1535,21 @@ fn restart_gang(
             gang.history.quick_failures
         ],
     )?;
+    // Relaunches moved the gang's attempts on too.
+    restart.attempt = gang_attempt_of(tx, run)?;
     Ok(Some(restart))
+}
+
+/// `Db::gang_attempt` within a transaction.
+fn gang_attempt_of(conn: &Connection, run: &RunId) -> anyhow::Result<u32> {
+    Ok(conn
+        .query_row(
+            "SELECT restarts + relaunches + 1 FROM run_starts WHERE run_id = ?1",
+            [run.as_str()],
+            |r| r.get(0),
+        )
+        .optional()?
+        .unwrap_or(1))
 }
 
 fn node_ends_of(conn: &Connection, run: &RunId) -> anyhow::Result<Vec<crate::gang::NodeEnd>> {
@@ -1960,6 +2055,127 @@ mod tests {
             (second.ended, second.restart),
             (Some(RunState::Failed), None)
         );
+    }
+
+    #[test]
+    fn a_spot_gang_is_relaunched_whole_and_the_old_instances_ends_end_nothing() {
+        let (_dir, db) = db();
+        let run = RunId::from_random([10; 6]);
+        running(&db, &run);
+        db.insert_run_nodes(&run, &[name("ec2-a0"), name("ec2-a1")])
+            .expect("nodes");
+        let spec = protocol::RunSpec {
+            run: run.clone(),
+            argv: vec!["true".into()],
+            env: vec![],
+            cwd: String::new(),
+            setup: protocol::Setup::Skip,
+            restart: protocol::RestartPolicy::Never,
+            stop_grace_ms: 1000,
+            end: protocol::EndAction::Terminate,
+            spot_signal: 15,
+            storage: None,
+            data: vec![],
+            pull_alongside: false,
+            checkpoints: None,
+            resume_from: None,
+        };
+        db.set_run_start(
+            &run,
+            &StoredStart {
+                spec,
+                launch: None,
+                all_checkpoints: false,
+                secret_names: vec![],
+                on_interrupt: crate::relaunch::OnInterrupt::Relaunch { max: 1 },
+                launch_options: None,
+            },
+            0,
+        )
+        .expect("start");
+        let at = |node, incarnation| Source { node, incarnation };
+        let event = |seq, kind| RunEvent {
+            seq,
+            at_ms: 100 * seq,
+            kind,
+        };
+        let notice = || {
+            EventKind::Notice(protocol::Notice::SpotInterruption {
+                action: "terminate".into(),
+                time: "soon".into(),
+                signal: 15,
+            })
+        };
+        let signalled = |stop_requested| {
+            EventKind::Ended(RunEnd::Exited {
+                code: 143,
+                stop_requested,
+            })
+        };
+        let again = || {
+            EventKind::Notice(protocol::Notice::StartedAgain {
+                attempt: 2,
+                cause: "a spot interruption".into(),
+            })
+        };
+        let success = EventKind::Ended(RunEnd::Exited {
+            code: 0,
+            stop_requested: false,
+        });
+        // Node 1 is taken back; node 0 is stopped with it: the gang is relaunched.
+        db.insert_events(
+            &run,
+            at(1, 0),
+            &[event(1, notice()), event(2, signalled(false))],
+        )
+        .expect("node 1");
+        let stored = db
+            .insert_events(&run, at(0, 0), &[event(1, signalled(true))])
+            .expect("node 0");
+        assert_eq!((stored.ended, stored.restart.is_some()), (None, false));
+        let next = stored.relaunch.expect("a relaunch");
+        assert_eq!(next.number, 1);
+        assert!(
+            next.interruption.words().contains("of ec2-a1"),
+            "the node noticed is named: {}",
+            next.interruption.words()
+        );
+        assert_eq!(db.node_ends(&run).expect("db"), vec![], "ends cleared");
+        assert!(db.relaunch_pending(&run).expect("db"));
+        assert_eq!(db.pending_restarts().expect("db"), vec![], "no restart");
+        assert_eq!(db.gang_attempt(&run).expect("db"), 2);
+        // Both nodes move to new instances as incarnation 1.
+        for (node, (from, to)) in [("ec2-a0", "ec2-b0"), ("ec2-a1", "ec2-b1")]
+            .into_iter()
+            .enumerate()
+        {
+            db.relaunched(&run, node as u32, 1, &name(from), &name(to))
+                .expect("relaunched");
+        }
+        assert!(!db.relaunch_pending(&run).expect("db"));
+        let row = db.run(&run).expect("db").expect("run");
+        assert_eq!(row.instance, name("ec2-b0"));
+        assert_eq!(
+            db.run_nodes(&row).expect("db"),
+            [name("ec2-b0"), name("ec2-b1")]
+        );
+        // The old node 0's end, replayed late, ends nothing.
+        let late = db
+            .insert_events(&run, at(0, 0), &[event(2, success.clone())])
+            .expect("late");
+        assert_eq!((late.ended, late.relaunch.is_some()), (None, false));
+        // The new gang's attempt 2 ends well on both nodes: the run succeeds, the old
+        // notice forgotten.
+        db.insert_events(
+            &run,
+            at(1, 1),
+            &[event(1, again()), event(2, success.clone())],
+        )
+        .expect("new node 1");
+        let done = db
+            .insert_events(&run, at(0, 1), &[event(1, again()), event(2, success)])
+            .expect("new node 0");
+        assert_eq!(done.ended, Some(RunState::Succeeded));
     }
 
     #[test]

@@ -100,14 +100,25 @@ pub fn decide(policy: OnInterrupt, relaunches: u32) -> Decision {
     }
 }
 
+/// The replacement in words, for the `started again ... after` line: `relaunch 1 on
+/// ec2-3fa9c1, $1.01/h`, or for a gang `relaunch 1 on ec2-a, ec2-b, 2 x $1.01/h`.
+pub fn replaced_by(number: u32, instances: &[impl std::fmt::Display], each: Option<f64>) -> String {
+    let names: Vec<String> = instances.iter().map(ToString::to_string).collect();
+    let price = match (each, names.len()) {
+        (None, _) => String::new(),
+        (Some(p), 1) => format!(", {}/h", crate::provider::ec2::prices::dollars(p)),
+        (Some(p), n) => format!(", {n} x {}/h", crate::provider::ec2::prices::dollars(p)),
+    };
+    format!("relaunch {number} on {}{price}", names.join(", "))
+}
+
 /// Why `--on-interrupt relaunch` cannot apply to this run, if it cannot: a relaunch
-/// replaces a spot instance launched for the run, one node (gangs are not relaunched yet).
+/// replaces spot instances launched for the run (a gang's all together).
 pub fn check(
     policy: OnInterrupt,
     spot: bool,
     launched: bool,
     keep: bool,
-    nodes: u32,
 ) -> Result<(), (String, &'static str)> {
     if policy == OnInterrupt::End {
         return Ok(());
@@ -129,12 +140,6 @@ pub fn check(
             "--on-interrupt relaunch launches replacements for the run; --keep would keep each"
                 .into(),
             "drop --keep, or drop --on-interrupt",
-        ));
-    }
-    if nodes > 1 {
-        return Err((
-            format!("--on-interrupt relaunch does not relaunch a gang of {nodes} nodes yet"),
-            "drop --nodes, or drop --on-interrupt (a gang's restart policy still applies)",
         ));
     }
     Ok(())
@@ -195,25 +200,46 @@ mod tests {
     }
 
     #[test]
-    fn only_a_spot_instance_launched_for_one_node_is_relaunched() {
+    fn only_spot_instances_launched_for_the_run_are_relaunched() {
         let relaunch = OnInterrupt::Relaunch { max: 3 };
-        // (policy, spot, launched, keep, nodes) -> refused, with a word of why
-        type Case = (OnInterrupt, bool, bool, bool, u32, Option<&'static str>);
+        // (policy, spot, launched, keep) -> refused, with a word of why
+        type Case = (OnInterrupt, bool, bool, bool, Option<&'static str>);
         let cases: &[Case] = &[
-            (relaunch, true, true, false, 1, None),
-            (OnInterrupt::End, false, false, true, 4, None),
-            (relaunch, false, true, false, 1, Some("spot")),
-            (relaunch, true, false, false, 1, Some("--on")),
-            (relaunch, true, true, true, 1, Some("--keep")),
-            (relaunch, true, true, false, 2, Some("gang")),
+            (relaunch, true, true, false, None),
+            (OnInterrupt::End, false, false, true, None),
+            (relaunch, false, true, false, Some("spot")),
+            (relaunch, true, false, false, Some("--on")),
+            (relaunch, true, true, true, Some("--keep")),
         ];
-        for (policy, spot, launched, keep, nodes, want) in cases {
-            let got = super::check(*policy, *spot, *launched, *keep, *nodes).err();
+        for (policy, spot, launched, keep, want) in cases {
+            let got = super::check(*policy, *spot, *launched, *keep).err();
             match (got, want) {
                 (None, None) => {}
                 (Some((e, _)), Some(needle)) => assert!(e.contains(needle), "{e}"),
                 (got, want) => panic!("{got:?}, expected {want:?}"),
             }
+        }
+    }
+
+    #[test]
+    fn a_replacement_is_said_with_its_instances_and_price() {
+        let cases: &[(u32, &[&str], Option<f64>, &str)] = &[
+            (
+                1,
+                &["ec2-aaaaaa"],
+                Some(1.006),
+                "relaunch 1 on ec2-aaaaaa, $1.01/h",
+            ),
+            (2, &["ec2-aaaaaa"], None, "relaunch 2 on ec2-aaaaaa"),
+            (
+                1,
+                &["ec2-aaaaaa", "ec2-bbbbbb"],
+                Some(1.006),
+                "relaunch 1 on ec2-aaaaaa, ec2-bbbbbb, 2 x $1.01/h",
+            ),
+        ];
+        for (number, names, price, want) in cases {
+            assert_eq!(replaced_by(*number, names, *price), *want);
         }
     }
 

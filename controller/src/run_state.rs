@@ -134,6 +134,8 @@ pub fn apply(held: Held, events: &[RunEvent]) -> Change {
                 started_ms = started_ms.or(Some(event.at_ms));
             }
             EventKind::Notice(Notice::SpotInterruption { .. }) => notices.spot = true,
+            // A new attempt (a relaunch on a new instance) has had no notice yet.
+            EventKind::Notice(Notice::StartedAgain { .. }) => notices.spot = false,
             EventKind::Notice(Notice::BudgetExceeded { .. }) => notices.budget = true,
             EventKind::Ended(e) if !held.ended && end.is_none() => {
                 state = RunState::after(e, notices);
@@ -155,8 +157,7 @@ pub fn apply(held: Held, events: &[RunEvent]) -> Change {
             | EventKind::Notice(
                 Notice::RebalanceRecommended { .. }
                 | Notice::LinesDropped { .. }
-                | Notice::LogTruncated { .. }
-                | Notice::StartedAgain { .. },
+                | Notice::LogTruncated { .. },
             ) => {}
         }
     }
@@ -297,6 +298,26 @@ mod tests {
             ..held(Running)
         };
         check(noticed, &[exited(143)], Interrupted, true, None);
+        // Relaunched after the notice: the new attempt's end is its own.
+        let again = || {
+            ev(EventKind::Notice(Notice::StartedAgain {
+                attempt: 2,
+                cause: "a spot interruption".into(),
+            }))
+        };
+        let stop = ev(EventKind::Ended(RunEnd::Exited {
+            code: 143,
+            stop_requested: true,
+        }));
+        check(noticed, &[again(), stop], Stopped, true, None);
+        check(noticed, &[again(), exited(1)], Failed, true, None);
+        check(
+            noticed,
+            &[again(), spot(), exited(143)],
+            Interrupted,
+            true,
+            None,
+        );
         // The budget stopped it: however the process took the SIGTERM.
         check(
             held(Running),

@@ -2029,6 +2029,147 @@ async fn a_spot_run_interrupted_while_the_daemon_is_away_is_relaunched_when_it_i
     wait_state(&ec2, &second, "terminated").await;
 }
 
+/// The `count` running instances launched for `run` other than `not`, waited for.
+async fn replacements(ec2: &Ec2, run: &str, not: &[String], count: usize) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let found = ec2
+            .client()
+            .describe_instances()
+            .filters(controller::provider::ec2::filter("tag:runctl:run", &[run]))
+            .filters(controller::provider::ec2::filter(
+                "instance-state-name",
+                &["running"],
+            ))
+            .send()
+            .await
+            .expect("describe");
+        let ids: Vec<String> = found
+            .reservations()
+            .iter()
+            .flat_map(|r| r.instances())
+            .filter_map(|i| i.instance_id())
+            .filter(|id| !not.iter().any(|n| n == id))
+            .map(str::to_owned)
+            .collect();
+        if ids.len() == count {
+            return ids;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{count} replacements were not launched: {ids:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_spot_gang_interrupted_is_relaunched_whole_and_resumes_from_node_0s_checkpoint() {
+    let Some(env) = ec2_env("relaunch_gang") else {
+        return;
+    };
+    let imds = Imds::start();
+    let (cloud, project) = spot_cloud(&env, "relaunch-gang", "ap-southeast-3", &imds);
+    let ec2 = cloud.ec2().await;
+    let (run, first) = start_gang(
+        &cloud,
+        &ec2,
+        project.path(),
+        &[
+            "--spot",
+            "--on-interrupt",
+            "relaunch:1",
+            "--launcher",
+            "none",
+        ],
+        &["python3", "train.py", "120"],
+    )
+    .await;
+    let dir = tempfile::tempdir().expect("sandbox");
+    let mut agents = Vec::new();
+    for id in &first {
+        agents.push(boot(&env, &ec2, id, dir.path()).await);
+    }
+    let run_id = {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let list = cloud.json(&["list", "--all"]);
+            if let Some(id) = list["runs"][0]["id"].as_str() {
+                break id.to_owned();
+            }
+            assert!(Instant::now() < deadline, "no run: {list}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !cloud.json(&["checkpoint", "list", &run_id])["latest"].is_string() {
+        assert!(Instant::now() < deadline, "no checkpoint was pushed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // The notice reaches both nodes (one metadata double): the gang ends interrupted and
+    // is relaunched whole, on two new instances in a place of their own.
+    imds.notice("instance-action.json", SPOT_NOTICE);
+    let second = replacements(&ec2, &run_id, &first, 2).await;
+    for id in &first {
+        wait_state(&ec2, id, "terminated").await;
+    }
+    drop(agents);
+    imds.withdraw("instance-action.json");
+    let mut agents = Vec::new();
+    for id in &second {
+        agents.push(boot(&env, &ec2, id, dir.path()).await);
+    }
+    let output = tokio::task::spawn_blocking(move || run.wait_with_output())
+        .await
+        .expect("join")
+        .expect("run output");
+    drop(agents);
+    let (out, err) = (stdout(&output), stderr(&output));
+    assert!(output.status.success(), "{err}\n{out}");
+    for node in 0..2 {
+        assert!(
+            out.contains(&format!("[node {node}] starts at step 0 (fresh)")),
+            "{out}"
+        );
+        let resumed = out
+            .lines()
+            .find(|l| {
+                l.starts_with(&format!("[node {node}] starts at step"))
+                    && l.contains("(resumed from step-")
+            })
+            .unwrap_or_else(|| panic!("node {node} did not resume: {out}"));
+        assert!(!resumed.contains("starts at step 0 "), "{resumed}");
+        assert!(
+            out.contains(&format!("[node {node}] done: 120 steps")),
+            "{out}"
+        );
+    }
+    assert!(
+        err.contains("started again (attempt 2) after a spot interruption of ec2-")
+            && err.contains("; relaunch 1 on ec2-")
+            && err.contains(", 2 x $"),
+        "{err}"
+    );
+    let row = cloud.json(&["logs", &run_id]);
+    assert_eq!(row["state"], "succeeded", "{row}");
+    assert_eq!(the_run(&cloud), run_id, "still one run");
+    // Both gangs' places are gone with their instances.
+    for id in &second {
+        wait_state(&ec2, id, "terminated").await;
+    }
+    for place in [
+        format!("runctl-gang-{run_id}"),
+        format!("runctl-gang-{run_id}-r1"),
+    ] {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while gang_place_exists(&ec2, &place).await != (false, false) {
+            assert!(Instant::now() < deadline, "{place} was not deleted");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+}
+
 #[test]
 fn relaunch_is_refused_where_it_cannot_apply() {
     let Some(env) = ec2_env("relaunch_refused") else {
@@ -2044,10 +2185,6 @@ fn relaunch_is_refused_where_it_cannot_apply() {
     };
     for (extra, needle) in [
         (vec!["--on-interrupt", "relaunch"], "is for spot instances"),
-        (
-            vec!["--spot", "--on-interrupt", "relaunch", "--nodes", "2"],
-            "gang of 2 nodes",
-        ),
         (vec!["--spot", "--on-interrupt", "relaunch:0"], "at least 1"),
     ] {
         let args = with(&extra);

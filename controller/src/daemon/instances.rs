@@ -393,8 +393,10 @@ pub(super) async fn launch_gang(
             // Every node of a gang is of one type: the first.
             opts.other_types.clear();
             let ec2 = ec2_client(d).await?;
+            let relaunch = d.db.relaunches(run).map_err(internal)?;
             let gang =
-                ec2::launch::prepare_gang(ec2, &d.config, opts, run, nodes, progress).await?;
+                ec2::launch::prepare_gang(ec2, &d.config, opts, run, relaunch, nodes, progress)
+                    .await?;
             opts.gang = Some(gang);
         }
         LaunchOptions::Runpod(opts) => {
@@ -602,14 +604,30 @@ async fn launch_cluster(
 const RELEASE_EVERY: Duration = Duration::from_secs(10);
 const RELEASE_FOR: Duration = Duration::from_secs(600);
 
-/// Deletes what a gang's place holds once its instances are gone (EC2: its placement
-/// group and security group), in the background, retrying while they shut down.
+/// Deletes what the place of a run's current gang holds once its instances are gone
+/// (EC2: its placement group and security group), in the background, retrying while
+/// they shut down.
 pub(super) fn release_gang(d: &Arc<Daemon>, provider: ProviderKind, run: &RunId) {
+    match d.db.relaunches(run) {
+        Ok(relaunch) => release_gang_place(d, provider, run, relaunch),
+        Err(e) => {
+            tracing::error!(%run, "reading its relaunches to release its gang's place: {e:#}")
+        }
+    }
+}
+
+/// `release_gang` for the place of the run's gang of relaunch `relaunch` (0: its first).
+pub(super) fn release_gang_place(
+    d: &Arc<Daemon>,
+    provider: ProviderKind,
+    run: &RunId,
+    relaunch: u32,
+) {
     match provider {
         ProviderKind::Ec2 => {}
         ProviderKind::Local | ProviderKind::Runpod => return,
     }
-    let (d2, name) = (d.clone(), ec2::gang_name(run));
+    let (d2, name) = (d.clone(), ec2::gang_name(run, relaunch));
     d.tasks.spawn(async move {
         let Ok(ec2) = ec2_client(&d2).await else {
             return;

@@ -463,7 +463,6 @@ async fn run(d: &Arc<Daemon>, stream: &mut UnixStream, req: RunRequest) -> anyho
         req.launch.spot(),
         req.on.is_none(),
         req.keep,
-        nodes,
     )
     .map_err(|(why, fix)| UserError::new(ErrorCode::BadInput, why).resolve(fix))?;
     let mut gang = Vec::new();

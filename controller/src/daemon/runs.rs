@@ -774,7 +774,7 @@ pub(super) async fn relaunch(d: Arc<Daemon>, run: RunId, next: crate::db::Relaun
     d.relaunching.lock().expect("relaunching lock").remove(&run);
     if let Err(e) = outcome {
         let nodes = match d.db.run(&run) {
-            Ok(Some(row)) => vec![row.instance],
+            Ok(Some(row)) => d.db.run_nodes(&row).unwrap_or_else(|_| vec![row.instance]),
             _ => Vec::new(),
         };
         let message = format!(
@@ -800,11 +800,23 @@ async fn try_relaunch(
         .clone()
         .context("how its instance was launched is not kept")?;
     let secrets = kept_secrets(d, run, &stored)?;
-    let old = row.instance.clone();
-    tracing::info!(%run, number = next.number, "relaunching after {}", next.interruption.words());
-    // What is left of the old instance goes first: nothing is paid for twice.
-    if let Err(e) = instances::terminate_now(d, &old).await {
-        tracing::warn!(%run, "terminating {old} before its relaunch: {}", e.message);
+    let old = d.db.run_nodes(&row)?;
+    let count = old.len() as u32;
+    tracing::info!(%run, number = next.number, nodes = count, "relaunching after {}", next.interruption.words());
+    // What is left of the old instances goes first: nothing is paid for twice. A gang is
+    // relaunched whole: its nodes meet in one place, made again for the new ones.
+    let mut ending = tokio::task::JoinSet::new();
+    for name in &old {
+        let (d, run, name) = (d.clone(), run.clone(), name.clone());
+        ending.spawn(async move {
+            if let Err(e) = instances::terminate_now(&d, &name).await {
+                tracing::warn!(%run, "terminating {name} before its relaunch: {}", e.message);
+            }
+        });
+    }
+    while ending.join_next().await.is_some() {}
+    if count > 1 {
+        instances::release_gang_place(d, options.kind(), run, next.number - 1);
     }
     let (progress, mut lines) = tokio::sync::mpsc::unbounded_channel::<String>();
     let said = tokio::spawn(async move {
@@ -813,40 +825,59 @@ async fn try_relaunch(
         }
     });
     let caps = d.db.run_budget(run)?;
-    let launched = instances::launch(
-        d,
-        &options,
-        None,
-        Some(run.clone()),
-        true,
-        caps.as_ref().is_some_and(|c| c.max_cost.is_some()),
-        &progress,
-    )
-    .await;
+    let needs_price = caps.as_ref().is_some_and(|c| c.max_cost.is_some());
+    let launched = match count {
+        1 => instances::launch(
+            d,
+            &options,
+            None,
+            Some(run.clone()),
+            true,
+            needs_price,
+            &progress,
+        )
+        .await
+        .map(|row| vec![row.name]),
+        _ => {
+            instances::launch_gang(
+                d,
+                &options,
+                run,
+                count,
+                Some(run.clone()),
+                needs_price,
+                false,
+                &progress,
+            )
+            .await
+        }
+    };
     drop(progress);
     let _ = said.await;
     let new = launched.map_err(|e| anyhow::anyhow!("launching the replacement: {}", e.message))?;
     let incarnation = next.number;
-    d.db.relaunched(run, 0, incarnation, &old, &new.name)?;
+    for (node, (from, to)) in (0..).zip(old.iter().zip(&new)) {
+        d.db.relaunched(run, node, incarnation, from, to)?;
+    }
     d.bump_run(run);
-    let link = d
-        .wait_for_agent(&new.name, CONNECT_TIMEOUT, new.pid)
-        .await?;
-    link.hello.require(Feature::StartAgain).map_err(|e| {
-        anyhow::anyhow!(
-            "{}'s agent cannot start a run again: {}",
-            new.name,
-            e.message
-        )
-    })?;
-    // The old agent's tree went with its instance: the replacement gets the project whole.
-    sync::forget_tree(
-        d,
-        &sync::TreeKey {
-            run: run.clone(),
-            node: 0,
-        },
-    );
+    let mut links = Vec::with_capacity(new.len());
+    for (node, name) in (0..).zip(&new) {
+        let pid = d.db.instance(name)?.and_then(|row| row.pid);
+        let link = d.wait_for_agent(name, CONNECT_TIMEOUT, pid).await?;
+        link.hello.require(Feature::StartAgain).map_err(|e| {
+            anyhow::anyhow!("{name}'s agent cannot start a run again: {}", e.message)
+        })?;
+        // The old agent's tree went with its instance: the replacement gets the project
+        // whole.
+        sync::forget_tree(
+            d,
+            &sync::TreeKey {
+                run: run.clone(),
+                node,
+            },
+        );
+        links.push((node, link));
+    }
     let params = sync::Params {
         run: run.clone(),
         node: 0,
@@ -855,27 +886,29 @@ async fn try_relaunch(
         restart: crate::ipc::Restart::Never,
         create: true,
     };
-    sync::sync(d, &link, params, |_| {})
-        .await
-        .map_err(|e| anyhow::anyhow!("syncing the project to {}: {e}", new.name))?;
+    match links.as_slice() {
+        [(_, link)] => sync::sync(d, link, params, |_| {}).await.map(|_| ()),
+        _ => sync::sync_nodes(d, &links, params).await.map(|_| ()),
+    }
+    .map_err(|e| {
+        let names: Vec<&str> = new.iter().map(InstanceName::as_str).collect();
+        anyhow::anyhow!("syncing the project to {}: {e}", names.join(", "))
+    })?;
     let mut spec = stored.spec;
-    hand_credentials(d, &link, &new.name, &spec).await?;
+    for ((_, link), name) in links.iter().zip(&new) {
+        hand_credentials(d, link, name, &spec).await?;
+    }
     let dest = spec.checkpoints.as_ref().map(|c| c.dest.clone());
     spec.resume_from = crate::gang::resume_from(
         dest.as_deref(),
         d.db.pushed_checkpoint(run)?,
         spec.resume_from.as_deref(),
     );
-    let price =
-        d.db.cloud(&new.name)?
-            .and_then(|c| c.price_per_hour)
-            .map(|p| format!(", {}/h", crate::provider::ec2::prices::dollars(p)))
-            .unwrap_or_default();
+    let price = d.db.cloud(&new[0])?.and_then(|c| c.price_per_hour);
     let cause = format!(
-        "{}; relaunch {} on {}{price}",
+        "{}; {}",
         next.interruption.words(),
-        next.number,
-        new.name
+        crate::relaunch::replaced_by(next.number, &new, price)
     );
     let gang = Gang {
         spec,
@@ -883,25 +916,26 @@ async fn try_relaunch(
         launch: stored.launch,
         all_checkpoints: stored.all_checkpoints,
     };
-    let links = [(0, link)];
-    let nodes = [new.name.clone()];
+    // The attempt after every earlier one: restarts and relaunches both count.
+    let attempt = d.db.gang_attempt(run)?;
+    d.db.set_attempt_started(run, now_ms())?;
     let opens = gang
-        .opens(d, &links, &nodes, caps.as_ref(), |start| {
+        .opens(d, &links, &new, caps.as_ref(), |start| {
             BulkOpen::StartAgain {
                 start: Box::new(start),
-                attempt: next.number + 1,
+                attempt,
                 cause: cause.clone(),
             }
         })
         .await?;
-    start_all(d, run, &links, &nodes, opens, incarnation).await?;
+    start_all(d, run, &links, &new, opens, incarnation).await?;
     // A stop asked for while the replacement was on its way.
     if d.pending_stops
         .lock()
         .expect("pending stops lock")
         .remove(run)
     {
-        stop_nodes(d, run, &nodes, None).await;
+        stop_nodes(d, run, &new, None).await;
     }
     Ok(())
 }
@@ -925,7 +959,7 @@ pub(super) async fn watch_relaunches(d: Arc<Daemon>) {
                 continue;
             }
         };
-        for (run, instance, pending) in runs {
+        for (run, nodes, pending) in runs {
             if d.relaunching
                 .lock()
                 .expect("relaunching lock")
@@ -935,7 +969,7 @@ pub(super) async fn watch_relaunches(d: Arc<Daemon>) {
             }
             if let Some(number) = pending {
                 let interruption = crate::relaunch::Interruption::Gone {
-                    instance: instance.to_string(),
+                    instance: nodes.first().map(ToString::to_string).unwrap_or_default(),
                     at_ms: now_ms(),
                 };
                 let next = crate::db::Relaunch {
@@ -945,17 +979,23 @@ pub(super) async fn watch_relaunches(d: Arc<Daemon>) {
                 d.tasks.spawn(relaunch(d.clone(), run, next));
                 continue;
             }
-            if d.connected(&instance) {
-                continue;
-            }
-            match instances::gone(&d, &instance).await {
-                Ok(true) => {}
-                Ok(false) => continue,
-                Err(e) => {
-                    tracing::warn!(%run, "asking whether {instance} is gone: {}", e.message);
-                    continue;
+            // A gang is relaunched whole when any of its instances is gone.
+            let mut gone = None;
+            for instance in nodes.iter().filter(|i| !d.connected(i)) {
+                match instances::gone(&d, instance).await {
+                    Ok(true) => {
+                        gone = Some(instance.clone());
+                        break;
+                    }
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::warn!(%run, "asking whether {instance} is gone: {}", e.message)
+                    }
                 }
             }
+            let Some(instance) = gone else {
+                continue;
+            };
             match d.db.relaunch_gone(&run, &instance, now_ms()) {
                 Ok(Some(Ok(next))) => {
                     tracing::info!(%run, "{instance} is gone; relaunching");

@@ -164,6 +164,7 @@ pub async fn prepare_gang(
     config: &Config,
     opts: &Ec2Launch,
     run: &RunId,
+    relaunch: u32,
     nodes: u32,
     progress: &Progress,
 ) -> Result<Ec2Gang, UserError> {
@@ -186,7 +187,7 @@ pub async fn prepare_gang(
             plan::price_paid(opts.spot, spot_now, max_price, on_demand),
         ),
     );
-    let name = super::gang_name(run);
+    let name = super::gang_name(run, relaunch);
     let vpc = ec2.vpc(cfg.subnet.as_deref()).await?;
     let tags = [
         (super::MANAGED_TAG.to_owned(), "true".to_owned()),

@@ -80,9 +80,14 @@ pub struct Ec2Gang {
     pub zone: String,
 }
 
-/// The name of a gang's placement group and security group.
-pub fn gang_name(run: &protocol::RunId) -> String {
-    format!("runctl-gang-{run}")
+/// The name of a gang's placement group and security group: `runctl-gang-RUN`, and
+/// `runctl-gang-RUN-rN` for the gang of its relaunch N (the place of the gang before it
+/// may still be held by instances shutting down).
+pub fn gang_name(run: &protocol::RunId, relaunch: u32) -> String {
+    match relaunch {
+        0 => format!("runctl-gang-{run}"),
+        n => format!("runctl-gang-{run}-r{n}"),
+    }
 }
 
 /// A connected EC2 client for one region.
