@@ -2194,6 +2194,40 @@ fn relaunch_is_refused_where_it_cannot_apply() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_zone_without_the_type_gives_way_to_one_with_it() {
+    let Some(env) = ec2_env("zones") else {
+        return;
+    };
+    // In ap-southeast-2 g5.xlarge is sold in zones b and c, not in a, where EC2 (moto)
+    // puts an instance asked for without a zone: refused there (`Unsupported`, as EC2
+    // says it), then launched in the next zone that has it.
+    let cloud = Cloud::new(&env, "zones", "ap-southeast-2", "");
+    let out = cloud
+        .cli()
+        .args([
+            "--output",
+            "json",
+            "launch",
+            "--provider",
+            "ec2",
+            "--no-wait",
+            "g5.xlarge",
+        ])
+        .output()
+        .expect("launch");
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("g5.xlarge in ap-southeast-2a: ") && err.contains("; trying ap-southeast-2b"),
+        "{err}"
+    );
+    assert!(err.contains("in ap-southeast-2b (on-demand)"), "{err}");
+    let view = tests::json_output(&out, &["launch"]);
+    let name = view["instance"]["name"].as_str().expect("name").to_owned();
+    cloud.json(&["terminate", &name]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn the_next_instance_type_is_tried_when_ec2_has_none_of_one() {
     let Some(env) = ec2_env("instance_types") else {
         return;

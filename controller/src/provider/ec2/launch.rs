@@ -256,7 +256,7 @@ pub async fn start(
     if let Ok(user) = std::env::var("USER") {
         tags.push((super::USER_TAG.to_owned(), user));
     }
-    let launch_plan = LaunchPlan {
+    let mut launch_plan = LaunchPlan {
         instance_type: opts.instance_type.clone(),
         image: prepared.image.clone(),
         security_group: prepared.security_group.clone(),
@@ -278,11 +278,51 @@ pub async fn start(
         }),
         client_token: format!("runctl-{name}"),
         placement: opts.gang.as_ref().map(|g| (g.name.clone(), g.zone.clone())),
+        zone: None,
     };
     let api_start = Instant::now();
-    let launched = match ec2.run_instance(&launch_plan, opts.spot).await {
+    // A shortage in the zone EC2 picked: the other zones that offer the type, in turn
+    // (`plan::next_zone`), unless the zone is pinned.
+    let pinned = launch_plan.subnet.is_some() || launch_plan.placement.is_some();
+    let mut offered: Option<Vec<String>> = None;
+    let mut tried: Vec<String> = Vec::new();
+    let first = loop {
+        let e = match ec2.run_instance(&launch_plan, opts.spot).await {
+            Ok(instance) => break Ok(instance),
+            Err(e) => e,
+        };
+        if pinned || e.code != ErrorCode::Capacity {
+            break Err(e);
+        }
+        if offered.is_none() {
+            offered = Some(ec2.offered_zones(&opts.instance_type).await?);
+        }
+        let zones = offered.as_deref().unwrap_or_default();
+        let short = launch_plan
+            .zone
+            .take()
+            .or_else(|| plan::failed_zone(&e.message, &ec2.region));
+        tried.extend(short);
+        match plan::next_zone(zones, &tried, e.code, pinned) {
+            Some(next) => {
+                say(
+                    progress,
+                    format!(
+                        "{} in {}: {}; trying {next}",
+                        opts.instance_type,
+                        tried.last().map_or("the zone EC2 picked", String::as_str),
+                        e.message
+                    ),
+                );
+                launch_plan.zone = Some(next.to_owned());
+            }
+            None => break Err(e),
+        }
+    };
+    let launched = match first {
         Ok(instance) => instance,
         Err(e) if opts.spot && opts.spot_fallback && e.code == ErrorCode::Capacity => {
+            launch_plan.zone = None;
             say(
                 progress,
                 format!(

@@ -275,6 +275,8 @@ pub struct LaunchPlan {
     pub client_token: String,
     /// A gang's node: its placement group and zone.
     pub placement: Option<(String, String)>,
+    /// The zone asked for (after EC2's own choice had no capacity); `None`: EC2 picks.
+    pub zone: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -587,6 +589,15 @@ impl Ec2 {
         })
     }
 
+    /// The zones of this region that offer `kind`, in name order.
+    pub async fn offered_zones(&self, kind: &str) -> Result<Vec<String>, UserError> {
+        let mut zones = self
+            .offerings(kind, aws_sdk_ec2::types::LocationType::AvailabilityZone)
+            .await?;
+        zones.sort_unstable();
+        Ok(zones)
+    }
+
     /// Where (regions or zones, as `scope` says) EC2 offers `kind`.
     async fn offerings(
         &self,
@@ -870,6 +881,12 @@ impl Ec2 {
             request = request.placement(
                 aws_sdk_ec2::types::Placement::builder()
                     .group_name(group)
+                    .availability_zone(zone)
+                    .build(),
+            );
+        } else if let Some(zone) = &plan.zone {
+            request = request.placement(
+                aws_sdk_ec2::types::Placement::builder()
                     .availability_zone(zone)
                     .build(),
             );

@@ -63,6 +63,38 @@ pub fn next_type(types: &[String], tried: usize, code: ErrorCode) -> Option<&str
     }
 }
 
+/// The zone to try after a launch of one instance failed with `code`, when the zone is
+/// not pinned (no `[ec2] subnet`, not a gang's node): the first zone offering the type
+/// (`offered`) not yet `tried`, where the failure was a shortage another zone may not
+/// have (`ErrorCode::Capacity`); none otherwise. The first try is EC2's own choice of
+/// zone, which is not known, so one zone may be tried twice.
+pub fn next_zone<'a>(
+    offered: &'a [String],
+    tried: &[String],
+    code: ErrorCode,
+    pinned: bool,
+) -> Option<&'a str> {
+    if pinned || code != ErrorCode::Capacity {
+        return None;
+    }
+    offered
+        .iter()
+        .find(|z| !tried.contains(z))
+        .map(String::as_str)
+}
+
+/// The zone of `region` a shortage happened in, where EC2's message names it: EC2 writes
+/// the zone asked for (or picked) in parentheses ("...in the Availability Zone you
+/// requested (us-east-1a)..."), then the zones to try instead, without.
+pub fn failed_zone(message: &str, region: &str) -> Option<String> {
+    let open = format!("({region}");
+    let start = message.find(&open)? + 1;
+    let zone = &message[start..start + message[start..].find(')')?];
+    zone.bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        .then(|| zone.to_owned())
+}
+
 /// What a gang of `nodes` instances costs, all together, at `each` $/h where known.
 pub fn gang_cost(nodes: u32, each: Option<f64>) -> String {
     match each {
@@ -322,6 +354,59 @@ mod tests {
             assert_eq!(next_type(&types, *tried, *code), *want, "{tried} {code:?}");
         }
         assert_eq!(next_type(&types[..1], 0, ErrorCode::Capacity), None);
+    }
+
+    #[test]
+    fn a_shortage_in_one_zone_tries_the_next_zone_that_offers_the_type() {
+        let offered: Vec<String> = ["us-east-1a", "us-east-1b"].map(String::from).to_vec();
+        let tried = |zones: &[&str]| zones.iter().map(|z| z.to_string()).collect::<Vec<_>>();
+        // (tried, code, pinned) -> the next zone
+        let cases: &[(&[&str], ErrorCode, bool, Option<&str>)] = &[
+            (&[], ErrorCode::Capacity, false, Some("us-east-1a")),
+            (
+                &["us-east-1a"],
+                ErrorCode::Capacity,
+                false,
+                Some("us-east-1b"),
+            ),
+            (
+                &["us-east-1a", "us-east-1b"],
+                ErrorCode::Capacity,
+                false,
+                None,
+            ),
+            (&[], ErrorCode::Capacity, true, None),
+            (&[], ErrorCode::BadInput, false, None),
+            (&[], ErrorCode::Conflict, false, None),
+        ];
+        for (done, code, pinned, want) in cases {
+            assert_eq!(
+                next_zone(&offered, &tried(done), *code, *pinned),
+                *want,
+                "{done:?} {code:?} {pinned}"
+            );
+        }
+        assert_eq!(next_zone(&[], &[], ErrorCode::Capacity, false), None);
+        // Where EC2 says which zone was short.
+        let said: &[(&str, Option<&str>)] = &[
+            (
+                "We currently do not have sufficient g5.xlarge capacity in the Availability Zone you requested (us-east-1b). You can currently get g5.xlarge capacity by not specifying an Availability Zone in your request or choosing us-east-1a.",
+                Some("us-east-1b"),
+            ),
+            (
+                "Your requested instance type (g5.xlarge) is not supported in your requested Availability Zone (us-east-1a). Please retry your request by not specifying an Availability Zone or choosing us-east-1b.",
+                Some("us-east-1a"),
+            ),
+            ("Insufficient capacity.", None),
+            ("Insufficient capacity (us-east-1a; try later).", None),
+        ];
+        for (message, want) in said {
+            assert_eq!(
+                failed_zone(message, "us-east-1").as_deref(),
+                *want,
+                "{message}"
+            );
+        }
     }
 
     #[test]
