@@ -1937,6 +1937,30 @@ mod tests {
         }
     }
 
+    /// A plain spec of `run` (`true`) with `restart` and `end`.
+    fn spec_of(
+        run: &RunId,
+        restart: protocol::RestartPolicy,
+        end: protocol::EndAction,
+    ) -> protocol::RunSpec {
+        protocol::RunSpec {
+            run: run.clone(),
+            argv: vec!["true".into()],
+            env: vec![],
+            cwd: String::new(),
+            setup: protocol::Setup::Skip,
+            restart,
+            stop_grace_ms: 1000,
+            end,
+            spot_signal: 15,
+            storage: None,
+            data: vec![],
+            pull_alongside: false,
+            checkpoints: None,
+            resume_from: None,
+        }
+    }
+
     #[test]
     fn a_gang_under_a_restart_policy_starts_again_and_a_late_end_ends_nothing() {
         let (_dir, db) = db();
@@ -1944,22 +1968,11 @@ mod tests {
         running(&db, &run);
         db.insert_run_nodes(&run, &[name("local-1"), name("local-2")])
             .expect("nodes");
-        let spec = protocol::RunSpec {
-            run: run.clone(),
-            argv: vec!["true".into()],
-            env: vec![],
-            cwd: String::new(),
-            setup: protocol::Setup::Skip,
-            restart: protocol::RestartPolicy::OnFailure { max_restarts: 1 },
-            stop_grace_ms: 1000,
-            end: protocol::EndAction::Keep,
-            spot_signal: 15,
-            storage: None,
-            data: vec![],
-            pull_alongside: false,
-            checkpoints: None,
-            resume_from: None,
-        };
+        let spec = spec_of(
+            &run,
+            protocol::RestartPolicy::OnFailure { max_restarts: 1 },
+            protocol::EndAction::Keep,
+        );
         let start = StoredStart {
             spec,
             launch: None,
@@ -2064,22 +2077,11 @@ mod tests {
         running(&db, &run);
         db.insert_run_nodes(&run, &[name("ec2-a0"), name("ec2-a1")])
             .expect("nodes");
-        let spec = protocol::RunSpec {
-            run: run.clone(),
-            argv: vec!["true".into()],
-            env: vec![],
-            cwd: String::new(),
-            setup: protocol::Setup::Skip,
-            restart: protocol::RestartPolicy::Never,
-            stop_grace_ms: 1000,
-            end: protocol::EndAction::Terminate,
-            spot_signal: 15,
-            storage: None,
-            data: vec![],
-            pull_alongside: false,
-            checkpoints: None,
-            resume_from: None,
-        };
+        let spec = spec_of(
+            &run,
+            protocol::RestartPolicy::Never,
+            protocol::EndAction::Terminate,
+        );
         db.set_run_start(
             &run,
             &StoredStart {

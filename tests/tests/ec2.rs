@@ -1816,35 +1816,27 @@ fn spot_cloud(env: &Ec2Env, test: &str, region: &str, imds: &Imds) -> (Cloud, te
     (cloud, project)
 }
 
-/// The first running instance launched for `run` other than `not`, waited for.
-async fn replacement(ec2: &Ec2, run: &str, not: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        let found = ec2
-            .client()
-            .describe_instances()
-            .filters(controller::provider::ec2::filter("tag:runctl:run", &[run]))
-            .filters(controller::provider::ec2::filter(
-                "instance-state-name",
-                &["running"],
-            ))
-            .send()
-            .await
-            .expect("describe");
-        let ids: Vec<String> = found
-            .reservations()
-            .iter()
-            .flat_map(|r| r.instances())
-            .filter_map(|i| i.instance_id())
-            .filter(|id| *id != not)
-            .map(str::to_owned)
-            .collect();
-        if let Some(id) = ids.into_iter().next() {
-            return id;
+/// The run, once it is listed and node 0 has pushed its first checkpoint.
+async fn checkpointed_run(cloud: &Cloud) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let run_id = loop {
+        let list = cloud.json(&["list", "--all"]);
+        if let Some(id) = list["runs"][0]["id"].as_str() {
+            break id.to_owned();
         }
-        assert!(Instant::now() < deadline, "no replacement was launched");
+        assert!(Instant::now() < deadline, "no run: {list}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    while !cloud.json(&["checkpoint", "list", &run_id])["latest"].is_string() {
+        assert!(Instant::now() < deadline, "no checkpoint was pushed");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    run_id
+}
+
+/// The first running instance launched for `run` other than `not`, waited for.
+async fn replacement(ec2: &Ec2, run: &str, not: &str) -> String {
+    replacements(ec2, run, &[not.to_owned()], 1).await.remove(0)
 }
 
 fn the_run(cloud: &Cloud) -> String {
@@ -1872,22 +1864,7 @@ async fn a_spot_run_interrupted_is_relaunched_and_resumes_from_its_checkpoint() 
     .await;
     let dir = tempfile::tempdir().expect("sandbox");
     let agent = boot(&env, &ec2, &first, dir.path()).await;
-    let run_id = {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let list = cloud.json(&["list", "--all"]);
-            if let Some(id) = list["runs"][0]["id"].as_str() {
-                break id.to_owned();
-            }
-            assert!(Instant::now() < deadline, "no run: {list}");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !cloud.json(&["checkpoint", "list", &run_id])["latest"].is_string() {
-        assert!(Instant::now() < deadline, "no checkpoint was pushed");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let run_id = checkpointed_run(&cloud).await;
 
     // The notice: the trainer saves and goes, the daemon relaunches.
     imds.notice("instance-action.json", SPOT_NOTICE);
@@ -1963,12 +1940,7 @@ async fn a_spot_run_interrupted_while_the_daemon_is_away_is_relaunched_when_it_i
         .expect("join")
         .expect("run output");
     assert!(started.status.success(), "{}", stderr(&started));
-    let run_id = the_run(&cloud);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !cloud.json(&["checkpoint", "list", &run_id])["latest"].is_string() {
-        assert!(Instant::now() < deadline, "no checkpoint was pushed");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let run_id = checkpointed_run(&cloud).await;
 
     // The laptop sleeps; the instance is taken back meanwhile.
     let out = cloud.run(&["shutdown"]);
@@ -2090,26 +2062,12 @@ async fn a_spot_gang_interrupted_is_relaunched_whole_and_resumes_from_node_0s_ch
     for id in &first {
         agents.push(boot(&env, &ec2, id, dir.path()).await);
     }
-    let run_id = {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let list = cloud.json(&["list", "--all"]);
-            if let Some(id) = list["runs"][0]["id"].as_str() {
-                break id.to_owned();
-            }
-            assert!(Instant::now() < deadline, "no run: {list}");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !cloud.json(&["checkpoint", "list", &run_id])["latest"].is_string() {
-        assert!(Instant::now() < deadline, "no checkpoint was pushed");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let run_id = checkpointed_run(&cloud).await;
 
     // The notice reaches both nodes (one metadata double): the gang ends interrupted and
     // is relaunched whole, on two new instances in a place of their own.
     imds.notice("instance-action.json", SPOT_NOTICE);
+    let noticed = now_ms();
     let second = replacements(&ec2, &run_id, &first, 2).await;
     for id in &first {
         wait_state(&ec2, id, "terminated").await;
@@ -2150,6 +2108,17 @@ async fn a_spot_gang_interrupted_is_relaunched_whole_and_resumes_from_node_0s_ch
             && err.contains("; relaunch 1 on ec2-")
             && err.contains(", 2 x $"),
         "{err}"
+    );
+    let events = tests::events_of(cloud.cli(), &run_id);
+    let first_line = events
+        .iter()
+        .skip_while(|e| e["kind"]["notice"].get("started_again").is_none())
+        .find(|e| e["kind"].get("output").is_some())
+        .expect("the new gang's first line");
+    let at = first_line["at_ms"].as_u64().expect("at_ms");
+    eprintln!(
+        "gang relaunch: spot notice to the new gang's first output line: {} ms (the test boots the replacements once it sees both running)",
+        at.saturating_sub(noticed)
     );
     let row = cloud.json(&["logs", &run_id]);
     assert_eq!(row["state"], "succeeded", "{row}");
@@ -2193,15 +2162,8 @@ fn relaunch_is_refused_where_it_cannot_apply() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_zone_without_the_type_gives_way_to_one_with_it() {
-    let Some(env) = ec2_env("zones") else {
-        return;
-    };
-    // In ap-southeast-2 g5.xlarge is sold in zones b and c, not in a, where EC2 (moto)
-    // puts an instance asked for without a zone: refused there (`Unsupported`, as EC2
-    // says it), then launched in the next zone that has it.
-    let cloud = Cloud::new(&env, "zones", "ap-southeast-2", "");
+/// `launch --no-wait` of `types` (JSON output), and what it said.
+fn launch_types(cloud: &Cloud, types: &str) -> (std::process::Output, String) {
     let out = cloud
         .cli()
         .args([
@@ -2211,11 +2173,24 @@ async fn a_zone_without_the_type_gives_way_to_one_with_it() {
             "--provider",
             "ec2",
             "--no-wait",
-            "g5.xlarge",
         ])
+        .arg(types)
         .output()
         .expect("launch");
     let err = stderr(&out);
+    (out, err)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_zone_without_the_type_gives_way_to_one_with_it() {
+    let Some(env) = ec2_env("zones") else {
+        return;
+    };
+    // In ap-southeast-2 g5.xlarge is sold in zones b and c, not in a, where EC2 (moto)
+    // puts an instance asked for without a zone: refused there (`Unsupported`, as EC2
+    // says it), then launched in the next zone that has it.
+    let cloud = Cloud::new(&env, "zones", "ap-southeast-2", "");
+    let (out, err) = launch_types(&cloud, "g5.xlarge");
     assert!(out.status.success(), "{err}");
     assert!(
         err.contains("g5.xlarge in ap-southeast-2a: ") && err.contains("; trying ap-southeast-2b"),
@@ -2234,20 +2209,7 @@ async fn the_next_instance_type_is_tried_when_ec2_has_none_of_one() {
     };
     // il-central-1 sells g5.xlarge, and neither p5.48xlarge nor p4d.24xlarge.
     let cloud = Cloud::new(&env, "instance-types", "il-central-1", "");
-    let out = cloud
-        .cli()
-        .args([
-            "--output",
-            "json",
-            "launch",
-            "--provider",
-            "ec2",
-            "--no-wait",
-        ])
-        .arg("p5.48xlarge,p4d.24xlarge,g5.xlarge")
-        .output()
-        .expect("launch");
-    let err = stderr(&out);
+    let (out, err) = launch_types(&cloud, "p5.48xlarge,p4d.24xlarge,g5.xlarge");
     assert!(out.status.success(), "{err}");
     assert!(
         err.contains(

@@ -1370,6 +1370,29 @@ fn an_interrupted_spot_pod_is_relaunched_and_its_run_resumes_from_the_last_check
     assert!(double.pods().is_empty(), "{:?}", double.pods());
 }
 
+/// Waits until the double holds no pod and no cluster, and both of the gang's records say
+/// terminated.
+fn cluster_gone(double: &RunPodDouble, home: &tests::Home) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !double.pods().is_empty() || !double.clusters().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the cluster is still there: {:?}",
+            double.clusters()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let list = home.json(&["list", "--all"]);
+    let instances = list["instances"].as_array().expect("instances");
+    assert_eq!(instances.len(), 2, "{list}");
+    assert!(
+        instances
+            .iter()
+            .all(|i| i["instance"]["state"] == "terminated"),
+        "{list}"
+    );
+}
+
 /// Node 0 listens at `MASTER_ADDR:MASTER_PORT`, node 1 dials it and says where it is from.
 const MEET: &str = r#"
 import os, socket, time
@@ -1443,26 +1466,8 @@ fn a_gang_on_runpod_is_one_cluster_whose_nodes_meet_on_its_network_and_go_with_t
         )),
         "{stdout}"
     );
-    // Launched for the run, the cluster went with it: no pod, no cluster, both records
-    // terminated.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !double.pods().is_empty() || !double.clusters().is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "the cluster outlived its run: {:?}",
-            double.clusters()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    let list = home.json(&["list", "--all"]);
-    let instances = list["instances"].as_array().expect("instances");
-    assert_eq!(instances.len(), 2, "{list}");
-    assert!(
-        instances
-            .iter()
-            .all(|i| i["instance"]["state"] == "terminated"),
-        "{list}"
-    );
+    // Launched for the run, the cluster went with it.
+    cluster_gone(&double, &home);
 }
 
 #[test]
@@ -1511,24 +1516,7 @@ fn a_runpod_cluster_whose_node_never_enrolls_keeps_nothing_and_refusals_make_not
         "{err}"
     );
     assert!(err.contains("did not enroll"), "{err}");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !double.pods().is_empty() || !double.clusters().is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "left running: {:?}",
-            double.clusters()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    let list = home.json(&["list", "--all"]);
-    let instances = list["instances"].as_array().expect("instances");
-    assert_eq!(instances.len(), 2, "{list}");
-    assert!(
-        instances
-            .iter()
-            .all(|i| i["instance"]["state"] == "terminated"),
-        "{list}"
-    );
+    cluster_gone(&double, &home);
 }
 
 #[test]
