@@ -108,5 +108,5 @@ echo "== static agent (what EC2 instances install)"
 RUNCTL_STATIC_AGENT="$(scripts/build-static-agent.sh --dev | tail -1)"
 RUNCTL_STATIC_RELAY="$(scripts/build-static-agent.sh --dev --relay | tail -1)"
 export RUNCTL_STATIC_AGENT RUNCTL_STATIC_RELAY
-echo "== cargo test"
+echo "== cargo test (property tests: ${PROPTEST_CASES:-a few hundred} cases each; a release runs PROPTEST_CASES=1000000, see README)"
 cargo test --workspace --locked

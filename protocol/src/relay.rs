@@ -44,6 +44,8 @@ pub enum RelayFrameError {
     Transport(u8),
     #[error("relay frame names unknown address family {0}")]
     Family(u8),
+    #[error("relay ping or pong frame has {0} bytes after its tag")]
+    Trailing(usize),
 }
 
 const TAG_PING: u8 = 0;
@@ -84,6 +86,7 @@ impl<'a> Frame<'a> {
     pub fn decode(bytes: &'a [u8]) -> Result<Self, RelayFrameError> {
         let (&tag, rest) = bytes.split_first().ok_or(RelayFrameError::Empty)?;
         match tag {
+            TAG_PING | TAG_PONG if !rest.is_empty() => Err(RelayFrameError::Trailing(rest.len())),
             TAG_PING => Ok(Frame::Ping),
             TAG_PONG => Ok(Frame::Pong),
             TAG_DATAGRAM => {

@@ -458,3 +458,122 @@ fn a_tree_seeded_from_the_store_is_whole_and_its_own() {
     assert!(tree.manifest().entries.is_empty());
     assert_disk(&third, &[]);
 }
+
+/// Every path under `dir` with its bytes (a file), target (a link) or nothing (a
+/// directory), and its mode: the whole state of a tree on disk.
+fn disk_state(dir: &Path) -> BTreeMap<PathBuf, (u32, Vec<u8>)> {
+    let mut out = BTreeMap::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(at) = todo.pop() {
+        for entry in fs::read_dir(&at).expect("read dir") {
+            let path = entry.expect("entry").path();
+            let meta = fs::symlink_metadata(&path).expect("meta");
+            let data = if meta.file_type().is_symlink() {
+                fs::read_link(&path)
+                    .expect("link")
+                    .into_os_string()
+                    .into_encoded_bytes()
+            } else if meta.is_dir() {
+                todo.push(path.clone());
+                Vec::new()
+            } else {
+                fs::read(&path).expect("file")
+            };
+            out.insert(
+                path.strip_prefix(dir).expect("inside").to_path_buf(),
+                (meta.mode(), data),
+            );
+        }
+    }
+    out
+}
+
+/// A sync stream damaged in transit or by a hostile peer: bytes flipped, cut, inserted,
+/// in the raw (delta then tar) stream or in its zstd.
+fn damage(bytes: &mut Vec<u8>, flips: &[(usize, u8)], cut: Option<usize>, insert: &[(usize, u8)]) {
+    for (at, bits) in flips {
+        if !bytes.is_empty() {
+            let n = bytes.len();
+            bytes[at % n] ^= bits;
+        }
+    }
+    for (at, byte) in insert {
+        let at = at % (bytes.len() + 1);
+        bytes.insert(at, *byte);
+    }
+    if let Some(at) = cut
+        && !bytes.is_empty()
+    {
+        let n = bytes.len();
+        bytes.truncate(at % n);
+    }
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::test_runner::Config {
+        cases: std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(48),
+        failure_persistence: None,
+        ..proptest::test_runner::Config::default()
+    })]
+
+    /// A damaged or hostile sync stream is applied whole or not at all: on a refusal the
+    /// tree on disk is exactly what it was, nothing is written beside it, and the next
+    /// good sync still applies.
+    #[test]
+    fn a_damaged_sync_stream_applies_whole_or_not_at_all(
+        flips in proptest::collection::vec((proptest::prelude::any::<usize>(), 1u8..), 0..4),
+        cut in proptest::option::of(proptest::prelude::any::<usize>()),
+        insert in proptest::collection::vec(proptest::prelude::any::<(usize, u8)>(), 0..3),
+        raw_damage in proptest::prelude::any::<bool>(),
+    ) {
+        let parent = tempfile::tempdir().expect("tempdir");
+        let run_dir = parent.path().join("run");
+        let before = [
+            ("a.py", Want::File(b"print(1)\n", false)),
+            ("lib", Want::Dir),
+            ("lib/b.py", Want::File(b"x = 2\n", true)),
+            ("link", Want::Link("lib/b.py")),
+        ];
+        sync(&run_dir, &before);
+        let after = [
+            ("a.py", Want::File(b"print(2)\n", false)),
+            ("lib", Want::Dir),
+            ("lib/c.py", Want::File(b"x = 2\n", true)),
+            ("data", Want::Dir),
+            ("data/new.txt", Want::File(b"some new content, long enough to matter\n", false)),
+        ];
+        let (local, content) = manifest(&after);
+        let mut tree = Tree::open(&run_dir, true).expect("opens");
+        tree.refresh().expect("refresh");
+        let delta = plan(&local, tree.manifest());
+        let (packed, delta_bytes) = stream(&delta, &content);
+        let bytes = if raw_damage {
+            let mut raw = zstd::decode_all(&packed[..]).expect("zstd");
+            damage(&mut raw, &flips, cut, &insert);
+            zstd::encode_all(&raw[..], 1).expect("zstd")
+        } else {
+            let mut packed = packed;
+            damage(&mut packed, &flips, cut, &insert);
+            packed
+        };
+        let work = Tree::work_dir(&run_dir);
+        let on_disk = disk_state(&work);
+        match apply_stream(&mut tree, &bytes[..], delta_bytes, 1 << 20, None, || ()) {
+            Ok(()) => {
+                // Whatever was damaged was not what the tree is made of.
+                tree.refresh().expect("refresh");
+                proptest::prop_assert_eq!(tree.manifest(), &local);
+            }
+            Err(_) => {
+                proptest::prop_assert_eq!(disk_state(&work), on_disk, "half applied");
+                drop(tree);
+                sync(&run_dir, &after);
+            }
+        }
+        let beside: Vec<_> = fs::read_dir(parent.path())
+            .expect("read")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        proptest::prop_assert_eq!(beside, vec![std::ffi::OsString::from("run")]);
+    }
+}
