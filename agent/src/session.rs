@@ -66,6 +66,10 @@ pub async fn connect_and_serve(
             result?
         }
     };
+    let renewal = protocol::tls::validity(&identity.cert_pem).map(|validity| Renewal {
+        state_dir: config.state_dir.clone(),
+        validity,
+    });
     let client = protocol::tls::client_config(config.ca_pin, Some(&identity))?;
     let dialed = dial::dial(&config.controller, last_good.as_ref(), client.clone()).await?;
     *last_good = Some(dialed.via.clone());
@@ -103,7 +107,16 @@ pub async fn connect_and_serve(
             }
         });
     }
-    let outcome = serve(dialed.conn.clone(), runs, access, connected, stats, closing).await;
+    let outcome = serve(
+        dialed.conn.clone(),
+        runs,
+        access,
+        connected,
+        stats,
+        closing,
+        renewal,
+    )
+    .await;
     watchers.shutdown().await;
     if let Some(better) = better.lock().expect("better path lock").take() {
         *last_good = Some(better);
@@ -114,8 +127,30 @@ pub async fn connect_and_serve(
     outcome
 }
 
+/// What renewing the session's certificate needs: where the identity is kept, and the
+/// current certificate's validity (seconds since the epoch).
+#[derive(Debug, Clone)]
+pub struct Renewal {
+    pub state_dir: std::path::PathBuf,
+    pub validity: (u64, u64),
+}
+
+/// How long after an unanswered or refused renewal it is asked for again.
+const RENEW_RETRY: Duration = Duration::from_secs(600);
+
+/// When, on tokio's clock, a certificate valid for `validity` is to be renewed.
+fn renew_due(validity: (u64, u64)) -> tokio::time::Instant {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let at = identity::renew_at(validity.0, validity.1);
+    tokio::time::Instant::now() + Duration::from_secs(at.saturating_sub(now))
+}
+
 enum Event {
     Inbound(Result<Option<ControllerMsg>, FrameError>),
+    /// The certificate is due for renewal.
+    Renew,
     Stream(Result<(quinn::SendStream, quinn::RecvStream), quinn::ConnectionError>),
     Outbound(AgentMsg),
     Heartbeat,
@@ -128,7 +163,8 @@ enum Event {
     StoppedAll,
 }
 
-/// Serves one authenticated connection.
+/// Serves one authenticated connection; with `renewal`, renews its certificate when due
+/// (a controller with feature `renew`).
 pub async fn serve(
     conn: quinn::Connection,
     runs: &Arc<Runs>,
@@ -136,16 +172,20 @@ pub async fn serve(
     connected: &AtomicBool,
     mut stats: watch::Receiver<Option<Arc<StatsSample>>>,
     mut closing: watch::Receiver<bool>,
+    renewal: Option<Renewal>,
 ) -> anyhow::Result<Outcome> {
     let (mut send, mut recv) = conn.open_bi().await?;
     let ours = hello();
     write_frame(&mut send, &AgentMsg::Hello(ours.clone())).await?;
-    let reports_disk = match read_frame::<_, ControllerMsg>(&mut recv).await {
+    let (reports_disk, renews) = match read_frame::<_, ControllerMsg>(&mut recv).await {
         Ok(Some(ControllerMsg::Hello(theirs))) => {
             if let Err(e) = ours.check_peer(&theirs) {
                 bail!("{e}");
             }
-            theirs.has(protocol::Feature::Store)
+            (
+                theirs.has(protocol::Feature::Store),
+                theirs.has(protocol::Feature::Renew),
+            )
         }
         Ok(Some(ControllerMsg::Error(e))) => return Err(identity::refusal(e)),
         Ok(Some(other)) => bail!("the controller opened with {other:?} instead of Hello"),
@@ -173,6 +213,11 @@ pub async fn serve(
     let mut stopping: Option<tokio::task::JoinHandle<()>> = None;
     let mut stopped_all = false;
     let mut heartbeat = tokio::time::interval(HEARTBEAT);
+    let mut due = renewal
+        .as_ref()
+        .filter(|_| renews)
+        .map(|r| renew_due(r.validity));
+    let mut renewing: Option<identity::Renewing> = None;
 
     let result = loop {
         let event = tokio::select! {
@@ -180,6 +225,7 @@ pub async fn serve(
             stream = conn.accept_bi() => Event::Stream(stream),
             Some(msg) = out_rx.recv() => Event::Outbound(msg),
             _ = heartbeat.tick() => Event::Heartbeat,
+            () = async { tokio::time::sleep_until(due.expect("guarded")).await }, if due.is_some() => Event::Renew,
             Ok(()) = stats.changed() => Event::Stats,
             Ok(()) = disk.changed(), if reports_disk => Event::Disk,
             Ok(()) = closing.changed() => Event::Closing,
@@ -225,10 +271,38 @@ pub async fn serve(
                         "ignoring store credentials from the controller: this agent uses its host's (store_credentials = \"host\")"
                     ),
                 },
+                ControllerMsg::Renewed { cert_der } => match (renewing.take(), &renewal) {
+                    (Some(pending), Some(renewal)) => {
+                        match pending.finish(&renewal.state_dir, &cert_der) {
+                            Ok(validity) => {
+                                tracing::info!(
+                                    "renewed this agent's certificate: valid for {} s more; the next connection uses it",
+                                    validity.1.saturating_sub(validity.0)
+                                );
+                                due = Some(renew_due(validity));
+                            }
+                            Err(e) => {
+                                tracing::warn!("keeping the renewed certificate failed: {e:#}")
+                            }
+                        }
+                    }
+                    _ => tracing::warn!("ignoring a certificate this agent did not ask for"),
+                },
                 ControllerMsg::Hello(_) | ControllerMsg::Enrolled { .. } => {
                     tracing::warn!("ignoring an out-of-place message from the controller");
                 }
             },
+            Event::Renew => {
+                due = Some(tokio::time::Instant::now() + RENEW_RETRY);
+                match identity::Renewing::start() {
+                    Ok((pending, csr_der)) => {
+                        tracing::info!("asking the controller to renew this agent's certificate");
+                        write_frame(&mut send, &AgentMsg::Renew { csr_der }).await?;
+                        renewing = Some(pending);
+                    }
+                    Err(e) => tracing::warn!("making a key to renew the certificate with: {e:#}"),
+                }
+            }
             Event::Inbound(Ok(None)) => break Ok(Outcome::Disconnected),
             Event::Inbound(Err(e)) => {
                 break Err(anyhow::Error::new(e).context("reading from the controller"));

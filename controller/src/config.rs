@@ -614,6 +614,10 @@ pub struct DaemonConfig {
     /// it starts).
     #[serde(default = "default_watch_secs")]
     pub watch_secs: u64,
+    /// How long an agent's certificate is valid, in seconds (default 90 days); an agent
+    /// renews it over its session once two thirds of that are gone.
+    #[serde(default = "default_agent_cert_secs")]
+    pub agent_cert_secs: u64,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -658,6 +662,9 @@ fn default_stop_grace() -> u64 {
 fn default_watch_secs() -> u64 {
     30
 }
+fn default_agent_cert_secs() -> u64 {
+    90 * 86_400
+}
 
 impl Default for DaemonConfig {
     fn default() -> Self {
@@ -667,12 +674,16 @@ impl Default for DaemonConfig {
             token_ttl_secs: default_token_ttl(),
             stop_grace_secs: default_stop_grace(),
             watch_secs: default_watch_secs(),
+            agent_cert_secs: default_agent_cert_secs(),
         }
     }
 }
 
 impl DaemonConfig {
     fn check(&self) -> Result<(), String> {
+        if self.agent_cert_secs < 10 {
+            return Err("[daemon] agent_cert_secs must be at least 10".into());
+        }
         if let Some(relay) = &self.relay {
             match relay.rsplit_once(':') {
                 Some((host, port))
@@ -695,6 +706,9 @@ impl DaemonConfig {
     }
     pub fn watch(&self) -> Duration {
         Duration::from_secs(self.watch_secs.max(1))
+    }
+    pub fn agent_cert_lifetime(&self) -> Duration {
+        Duration::from_secs(self.agent_cert_secs)
     }
 }
 

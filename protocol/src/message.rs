@@ -53,6 +53,9 @@ pub enum Feature {
     /// The agent starts a run that has ended once more on the same log
     /// (`BulkOpen::StartAgain`): a gang restarting all its nodes together.
     StartAgain,
+    /// The agent's certificate is renewed over its session, well before it expires, with
+    /// no token (`AgentMsg::Renew`, `ControllerMsg::Renewed`).
+    Renew,
 }
 
 impl Feature {
@@ -65,6 +68,7 @@ impl Feature {
         Feature::Budget,
         Feature::Launcher,
         Feature::StartAgain,
+        Feature::Renew,
     ];
 
     pub fn name(self) -> &'static str {
@@ -77,6 +81,7 @@ impl Feature {
             Feature::Budget => "budget",
             Feature::Launcher => "launcher",
             Feature::StartAgain => "start-again",
+            Feature::Renew => "renew",
         }
     }
 }
@@ -166,6 +171,11 @@ pub enum AgentMsg {
     Error(WireError),
     /// What runctl keeps on the instance's disk, sent when it changes (feature `store`).
     Disk(DiskUse),
+    /// A request for a new certificate for this session's instance, for a new key
+    /// (feature `renew`): sent once two thirds of the current one's lifetime are gone.
+    Renew {
+        csr_der: Vec<u8>,
+    },
 }
 
 /// The disk space runctl's own files take on an instance, by kind, and the filesystem's.
@@ -233,6 +243,10 @@ pub enum ControllerMsg {
     /// replacing any given before; sent when the session starts, before a run starts, and
     /// again before they expire.
     StoreCredentials(StoreCredentials),
+    /// The certificate issued in answer to `Renew` (feature `renew`).
+    Renewed {
+        cert_der: Vec<u8>,
+    },
 }
 
 /// Temporary object-store credentials the controller hands an agent over the channel, for
@@ -808,6 +822,9 @@ mod tests {
                 free_bytes: 7,
                 total_bytes: 8,
             }),
+            AgentMsg::Renew {
+                csr_der: vec![0x30, 0x82, 1, 2],
+            },
         ];
         let mut rendered: Vec<String> = msgs.iter().map(golden).collect();
         rendered.push(golden(&SyncHave {
@@ -937,6 +954,9 @@ mod tests {
                 expires_at_ms: Some(1_700_000_900_000),
                 runs: vec![run_id()],
             }),
+            ControllerMsg::Renewed {
+                cert_der: vec![0x30, 0x82, 3, 4],
+            },
         ];
         let bulk = [
             BulkOpen::StartRun(Box::new(RunSpec {

@@ -48,6 +48,10 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// How far before its issue an agent certificate's validity starts, for clocks that lag
+/// the controller's: `not_before` is its issue time less this.
+pub const BACKDATE: Duration = Duration::from_secs(3600);
+
 fn now_offset(delta: Duration, back: bool) -> time::OffsetDateTime {
     let now = time::OffsetDateTime::now_utc();
     let delta = time::Duration::try_from(delta).unwrap_or(time::Duration::MAX);
@@ -167,7 +171,7 @@ impl CertificateAuthority {
         )];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.not_before = now_offset(Duration::from_secs(3600), true);
+        params.not_before = now_offset(BACKDATE, true);
         params.not_after = now_offset(valid_for, false);
         params.serial_number = Some(random_serial());
         let cert = params.signed_by(&csr.public_key, &self.issuer()?)?;
@@ -282,6 +286,15 @@ pub fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()
     file.write_all(bytes)?;
     file.sync_all()?;
     std::fs::rename(&tmp, path)
+}
+
+/// A certificate's validity period (PEM), as seconds since the Unix epoch: from, until.
+pub fn validity(cert_pem: &str) -> Option<(u64, u64)> {
+    let der = pem::parse(cert_pem).ok()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(der.contents()).ok()?;
+    let validity = cert.validity();
+    let secs = |t: x509_parser::time::ASN1Time| u64::try_from(t.timestamp()).ok();
+    Some((secs(validity.not_before)?, secs(validity.not_after)?))
 }
 
 /// Converts a DER certificate to PEM, for storing it.

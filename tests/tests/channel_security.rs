@@ -553,3 +553,61 @@ async fn streams_go_only_to_agents_that_serve_them_and_only_to_their_own_instanc
     );
     assert!(!old_agent.was_opened(), "nor did the old agent's");
 }
+
+#[test]
+fn an_agents_certificate_is_renewed_over_its_session_before_it_expires() {
+    // A 15-second certificate: renewed at 10 s, over the session, with no token (the
+    // enrollment token is burnt); the old one then expires and the agent goes on.
+    let home = Home::with_config("agent_cert_secs = 15\n");
+    let launched = std::time::Instant::now();
+    let out = home.run(&["launch", "--name", "renewer"]);
+    assert!(out.status.success(), "{}", tests::stderr(&out));
+    let state = home.path().join("local/renewer/state");
+    let first = agent::identity::load(&state)
+        .expect("read identity")
+        .expect("the agent enrolled");
+    let (from, until) = protocol::tls::validity(&first.cert_pem).expect("validity");
+    assert_eq!(
+        until - from,
+        15 + tls::BACKDATE.as_secs(),
+        "the configured lifetime"
+    );
+    home.wait_until("the certificate renewed", Duration::from_secs(30), || {
+        agent::identity::load(&state)
+            .ok()
+            .flatten()
+            .is_some_and(|now| now.cert_pem != first.cert_pem)
+    });
+    let renewed = agent::identity::load(&state)
+        .expect("read identity")
+        .expect("an identity");
+    assert_ne!(renewed.key_pem, first.key_pem, "a new key too");
+    let (new_from, _) = protocol::tls::validity(&renewed.cert_pem).expect("validity");
+    assert!(
+        new_from >= from + 8,
+        "renewed two thirds in: {from} -> {new_from}"
+    );
+    // Past the first certificate's end, a new session (the daemon restarted) is made
+    // with the renewed one, and the instance still runs runs.
+    let left = Duration::from_secs(17).saturating_sub(launched.elapsed());
+    std::thread::sleep(left);
+    assert!(home.run(&["shutdown"]).status.success());
+    let out = home.run(&[
+        "run",
+        "--on",
+        "renewer",
+        "--setup",
+        "none",
+        "--",
+        "echo",
+        "still here",
+    ]);
+    assert!(
+        out.status.success() && tests::stdout(&out).contains("still here"),
+        "{}\n{}",
+        tests::stderr(&out),
+        std::fs::read_to_string(home.path().join("daemon.log")).unwrap_or_default()
+    );
+    let log = std::fs::read_to_string(home.path().join("daemon.log")).unwrap_or_default();
+    assert!(log.contains("renewed renewer's certificate"), "{log}");
+}

@@ -82,7 +82,8 @@ async fn hostile_controller_with(policy: protocol::agent_config::Access) -> Host
         let connected = std::sync::atomic::AtomicBool::new(false);
         let (_stats_tx, stats) = tokio::sync::watch::channel(None);
         let (_closing_tx, closing) = tokio::sync::watch::channel(false);
-        let _ = agent::session::serve(agent_conn, &runs, &access, &connected, stats, closing).await;
+        let _ = agent::session::serve(agent_conn, &runs, &access, &connected, stats, closing, None)
+            .await;
         drop(client);
     });
     let (mut send, mut recv) = conn.accept_bi().await.expect("control stream");

@@ -17,9 +17,6 @@ use tokio::sync::mpsc;
 use super::{AgentLink, Daemon, now_ms};
 use crate::db::{InstanceState, RunState};
 
-/// How long an agent certificate is valid.
-const CERT_LIFETIME: Duration = Duration::from_secs(90 * 86_400);
-
 static NEXT_LINK_ID: AtomicUsize = AtomicUsize::new(1);
 
 fn hello() -> Hello {
@@ -252,7 +249,8 @@ async fn enroll(
             return refuse(conn, &mut send, refusal.to_wire()).await;
         }
     };
-    let cert = match d.pki.ca.sign_agent_csr(&csr_der, &instance, CERT_LIFETIME) {
+    let lifetime = d.config.daemon.agent_cert_lifetime();
+    let cert = match d.pki.ca.sign_agent_csr(&csr_der, &instance, lifetime) {
         Ok(cert) => cert,
         Err(e) => {
             let e = WireError::new(
@@ -381,6 +379,10 @@ async fn serve_agent(
                     tracing::debug!("heartbeat from {instance}: {active_runs} active runs");
                 }
                 AgentMsg::Error(e) => tracing::warn!("agent {instance} reported: {}", e.message),
+                AgentMsg::Renew { csr_der } => {
+                    let answer = renew(d, &instance, &csr_der);
+                    write_frame(&mut send, &answer).await?;
+                }
                 AgentMsg::Hello(_)
                 | AgentMsg::Enroll { .. }
                 | AgentMsg::Ready { .. }
@@ -414,6 +416,35 @@ async fn serve_agent(
     d.tasks
         .spawn(super::runs::after_disconnect(d.clone(), instance.clone()));
     result
+}
+
+/// A new certificate for `instance`, on its authenticated session (no token): the
+/// session's certificate was checked against the database when it connected, so a
+/// revoked instance never gets here.
+fn renew(d: &Daemon, instance: &InstanceName, csr_der: &[u8]) -> ControllerMsg {
+    let lifetime = d.config.daemon.agent_cert_lifetime();
+    let cert = match d.pki.ca.sign_agent_csr(csr_der, instance, lifetime) {
+        Ok(cert) => cert,
+        Err(e) => {
+            return ControllerMsg::Error(WireError::new(
+                ErrorKind::BadRequest,
+                format!("the certificate request is invalid: {e}"),
+            ));
+        }
+    };
+    if let Err(e) =
+        d.db.record_cert(protocol::Fingerprint::of_der(&cert), instance, now_ms())
+    {
+        tracing::error!("recording {instance}'s renewed certificate failed: {e:#}");
+        return ControllerMsg::Error(WireError::new(
+            ErrorKind::BadRequest,
+            "the controller could not record a new certificate; the current one stays",
+        ));
+    }
+    tracing::info!("renewed {instance}'s certificate for {lifetime:?}");
+    ControllerMsg::Renewed {
+        cert_der: cert.to_vec(),
+    }
 }
 
 /// The replays that fetch every event the database is missing; runs the agent no longer
