@@ -1839,6 +1839,18 @@ async fn replacement(ec2: &Ec2, run: &str, not: &str) -> String {
     replacements(ec2, run, &[not.to_owned()], 1).await.remove(0)
 }
 
+/// Milliseconds from `noticed` to the first output line after the run started again.
+fn notice_to_first_line(cloud: &Cloud, run_id: &str, noticed: u64) -> u64 {
+    let events = tests::events_of(cloud.cli(), run_id);
+    let first_line = events
+        .iter()
+        .skip_while(|e| e["kind"]["notice"].get("started_again").is_none())
+        .find(|e| e["kind"].get("output").is_some())
+        .expect("the replacement's first line");
+    let at = first_line["at_ms"].as_u64().expect("at_ms");
+    at.saturating_sub(noticed)
+}
+
 fn the_run(cloud: &Cloud) -> String {
     cloud.json(&["list", "--all"])["runs"][0]["id"]
         .as_str()
@@ -1900,16 +1912,9 @@ async fn a_spot_run_interrupted_is_relaunched_and_resumes_from_its_checkpoint() 
         "{err}"
     );
     // One run, one log: the replacement's lines follow the first instance's.
-    let events = tests::events_of(cloud.cli(), &run_id);
-    let first_line = events
-        .iter()
-        .skip_while(|e| e["kind"]["notice"].get("started_again").is_none())
-        .find(|e| e["kind"].get("output").is_some())
-        .expect("the replacement's first line");
-    let at = first_line["at_ms"].as_u64().expect("at_ms");
     eprintln!(
         "relaunch: spot notice to the replacement's first output line: {} ms (the test boots the replacement once it is seen running)",
-        at.saturating_sub(noticed)
+        notice_to_first_line(&cloud, &run_id, noticed)
     );
     let row = cloud.json(&["logs", &run_id]);
     assert_eq!(row["state"], "succeeded", "{row}");
@@ -2109,16 +2114,9 @@ async fn a_spot_gang_interrupted_is_relaunched_whole_and_resumes_from_node_0s_ch
             && err.contains(", 2 x $"),
         "{err}"
     );
-    let events = tests::events_of(cloud.cli(), &run_id);
-    let first_line = events
-        .iter()
-        .skip_while(|e| e["kind"]["notice"].get("started_again").is_none())
-        .find(|e| e["kind"].get("output").is_some())
-        .expect("the new gang's first line");
-    let at = first_line["at_ms"].as_u64().expect("at_ms");
     eprintln!(
         "gang relaunch: spot notice to the new gang's first output line: {} ms (the test boots the replacements once it sees both running)",
-        at.saturating_sub(noticed)
+        notice_to_first_line(&cloud, &run_id, noticed)
     );
     let row = cloud.json(&["logs", &run_id]);
     assert_eq!(row["state"], "succeeded", "{row}");
