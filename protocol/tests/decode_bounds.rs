@@ -1,8 +1,10 @@
-//! How much memory decoding a peer's frame can make this side allocate: at most
-//! `AMPLIFICATION` times the frame's bytes plus `SLACK` (serde's cautious preallocation),
+//! How much memory decoding a peer's bytes can make this side allocate: a frame of N
+//! bytes at most `AMPLIFICATION` times N plus `SLACK` (serde's cautious preallocation),
 //! for arbitrary bytes and for frames built to amplify (long runs of the smallest
-//! elements). Alone in its binary, with one test, so the counting allocator sees nothing
-//! else. Cases: `PROPTEST_CASES`, else 256.
+//! elements); a manifest or delta (a sync's blob, from an authenticated peer) at most its
+//! stated bound, `MAX_BLOB_BYTES`, plus `SLACK`, whatever its size. Alone in its binary,
+//! with one test, so the counting allocator sees nothing else. Cases: `PROPTEST_CASES`,
+//! else 256.
 
 use peakmem_alloc::{INSTRUMENTED_SYSTEM, PeakMemAlloc, PeakMemAllocTrait};
 use proptest::prelude::*;
@@ -12,7 +14,7 @@ use protocol::codec;
 static ALLOCATOR: &PeakMemAlloc<std::alloc::System> = &INSTRUMENTED_SYSTEM;
 
 /// The bound: a frame of N bytes makes at most `AMPLIFICATION * N + SLACK` bytes live.
-const AMPLIFICATION: usize = 64;
+const AMPLIFICATION: usize = 128;
 const SLACK: usize = 2 << 20;
 
 /// The most bytes live at once while `f` ran, above what was live before.
@@ -28,6 +30,9 @@ fn decode_every_message(body: &[u8]) {
     let _ = codec::decode::<protocol::BulkOpen>(body);
     let _ = codec::decode::<protocol::SyncHave>(body);
     let _ = codec::decode::<protocol::streams::ExecOpen>(body);
+}
+
+fn decode_every_blob(body: &[u8]) {
     let _ = codec::decode_blob::<protocol::Manifest>(body);
     let _ = codec::decode_blob::<protocol::delta::Delta>(body);
 }
@@ -67,11 +72,19 @@ fn decoding_a_frame_allocates_within_its_bound() {
         1usize..65536,
     );
     let worst = std::cell::Cell::new(0f64);
+    let worst_blob = std::cell::Cell::new(0usize);
     runner
         .run(&strategy, |(random, tag, element, len)| {
             // Arbitrary bytes, and a container claimed huge and filled with tiny elements
             // after each possible one-byte variant tag.
             for body in [random, amplifying(&[tag], u64::MAX >> 1, &element, len)] {
+                let blob_peak = peak_during(|| decode_every_blob(&body));
+                worst_blob.set(worst_blob.get().max(blob_peak));
+                prop_assert!(
+                    blob_peak <= codec::MAX_BLOB_BYTES + SLACK,
+                    "a blob of {} bytes made {blob_peak} bytes live",
+                    body.len()
+                );
                 let peak = peak_during(|| decode_every_message(&body));
                 let bound = AMPLIFICATION * body.len() + SLACK;
                 if body.len() >= 16384 {
@@ -87,7 +100,8 @@ fn decoding_a_frame_allocates_within_its_bound() {
         })
         .expect("within the bound");
     eprintln!(
-        "worst bytes live per frame byte (frames of 16 KiB and more): {:.1}",
-        worst.get()
+        "worst bytes live per frame byte (frames of 16 KiB and more): {:.1}; worst blob: {} bytes",
+        worst.get(),
+        worst_blob.get()
     );
 }
