@@ -308,17 +308,7 @@ async fn launch_one(
                 let pod =
                     runpod::launch::start(&api, &d.config, prepared, &name, &config, progress)
                         .await?;
-                let cloud = CloudRow {
-                    name: name.clone(),
-                    cloud_id: pod.id.clone(),
-                    region: pod.datacenter.clone(),
-                    instance_type: pod.instance_type.clone(),
-                    spot: pod.spot,
-                    price_per_hour: pod.price_per_hour,
-                    accrued_ms: 0,
-                    running_since_ms: Some(now_ms()),
-                    cluster: None,
-                };
+                let cloud = pod_record(&name, &pod, None);
                 if let Err(e) = d.db.insert_cloud(&cloud) {
                     // Without the record nothing would ever terminate it: do it now.
                     let _ = api.action(&pod.id, PodAction::Terminate).await;
@@ -355,6 +345,25 @@ async fn launch_one(
     d.db.instance(&name)
         .map_err(internal)?
         .ok_or_else(|| internal(anyhow::anyhow!("instance {name} vanished")))
+}
+
+/// The record of pod `pod`, made now for instance `name` (a member of `cluster`, if any).
+fn pod_record(
+    name: &InstanceName,
+    pod: &runpod::launch::Started,
+    cluster: Option<String>,
+) -> CloudRow {
+    CloudRow {
+        name: name.clone(),
+        cloud_id: pod.id.clone(),
+        region: pod.datacenter.clone(),
+        instance_type: pod.instance_type.clone(),
+        spot: pod.spot,
+        price_per_hour: pod.price_per_hour,
+        accrued_ms: 0,
+        running_since_ms: Some(now_ms()),
+        cluster,
+    }
 }
 
 /// Launches the `nodes` instances of a gang together, all or none: each as `launch` does
@@ -559,17 +568,7 @@ async fn launch_cluster(
         )
         .await?;
         for (name, pod) in names.iter().zip(&pods) {
-            let cloud = CloudRow {
-                name: name.clone(),
-                cloud_id: pod.id.clone(),
-                region: pod.datacenter.clone(),
-                instance_type: pod.instance_type.clone(),
-                spot: false,
-                price_per_hour: pod.price_per_hour,
-                accrued_ms: 0,
-                running_since_ms: Some(now_ms()),
-                cluster: Some(cluster.clone()),
-            };
+            let cloud = pod_record(name, pod, Some(cluster.clone()));
             if let Err(e) = d.db.insert_cloud(&cloud) {
                 // Without the records nothing would ever end it: do it now.
                 let _ = api.delete_cluster(&cluster).await;
@@ -981,12 +980,7 @@ pub(super) async fn terminate_now(d: &Arc<Daemon>, name: &InstanceName) -> Resul
     }
     shut_down_agent(d, name).await;
     let now = now_ms();
-    if let Err(e) = d.db.revoke_instance(name, now) {
-        tracing::error!("revoking {name}'s certificate failed: {e:#}");
-    }
-    if let Some(link) = d.agent(name) {
-        link.conn.close(0u32.into(), b"instance terminated");
-    }
+    cut_off(d, name, now);
     let row = d.db.instance(name).map_err(internal)?;
     match row.as_ref().map(|r| r.provider) {
         Some(ProviderKind::Local) => {
@@ -1018,6 +1012,17 @@ pub(super) async fn terminate_now(d: &Arc<Daemon>, name: &InstanceName) -> Resul
     Ok(())
 }
 
+/// Revokes `name`'s certificate and closes its agent's connection: nothing of it reaches
+/// the daemon again.
+fn cut_off(d: &Daemon, name: &InstanceName, now: u64) {
+    if let Err(e) = d.db.revoke_instance(name, now) {
+        tracing::error!("revoking {name}'s certificate failed: {e:#}");
+    }
+    if let Some(link) = d.agent(name) {
+        link.conn.close(0u32.into(), b"instance terminated");
+    }
+}
+
 /// The live instances that end with `name` (itself included): every pod of its RunPod
 /// cluster, which RunPod ends only together; else `name` alone.
 pub(super) fn ended_with(d: &Daemon, name: &InstanceName) -> Result<Vec<InstanceName>, UserError> {
@@ -1045,12 +1050,7 @@ async fn terminate_cluster(d: &Arc<Daemon>, cluster: &str) -> Result<(), UserErr
     while flushes.join_next().await.is_some() {}
     let now = now_ms();
     for member in &members {
-        if let Err(e) = d.db.revoke_instance(member, now) {
-            tracing::error!("revoking {member}'s certificate failed: {e:#}");
-        }
-        if let Some(link) = d.agent(member) {
-            link.conn.close(0u32.into(), b"instance terminated");
-        }
+        cut_off(d, member, now);
     }
     runpod_client(d)?.delete_cluster(cluster).await?;
     tracing::info!(
