@@ -618,6 +618,11 @@ pub struct DaemonConfig {
     /// renews it over its session once two thirds of that are gone.
     #[serde(default = "default_agent_cert_secs")]
     pub agent_cert_secs: u64,
+    /// How many days an ended run keeps its whole output in the database; after that its
+    /// log is compacted to its last lines and every event that is not output (see
+    /// `retention`). 0 keeps every line for ever.
+    #[serde(default = "default_keep_logs_days")]
+    pub keep_logs_days: u32,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -665,6 +670,9 @@ fn default_watch_secs() -> u64 {
 fn default_agent_cert_secs() -> u64 {
     90 * 86_400
 }
+fn default_keep_logs_days() -> u32 {
+    30
+}
 
 impl Default for DaemonConfig {
     fn default() -> Self {
@@ -675,6 +683,7 @@ impl Default for DaemonConfig {
             stop_grace_secs: default_stop_grace(),
             watch_secs: default_watch_secs(),
             agent_cert_secs: default_agent_cert_secs(),
+            keep_logs_days: default_keep_logs_days(),
         }
     }
 }

@@ -14,7 +14,7 @@ use crate::provider::ProviderKind;
 use crate::run_state::{self, Held};
 use serde::{Deserialize, Serialize};
 
-const SCHEMA_VERSION: i64 = 9;
+const SCHEMA_VERSION: i64 = 10;
 
 /// Version 2 added where each run's checkpoints go.
 const MIGRATE_1_TO_2: &str =
@@ -30,7 +30,11 @@ const MIGRATIONS: [&str; SCHEMA_VERSION as usize - 1] = [
     MIGRATE_6_TO_7,
     MIGRATE_7_TO_8,
     MIGRATE_8_TO_9,
+    MIGRATE_9_TO_10,
 ];
+
+/// Version 10: an ended run's log is compacted once it is old (`retention`): when.
+const MIGRATE_9_TO_10: &str = "ALTER TABLE runs ADD COLUMN compacted_ms INTEGER;";
 
 /// Version 9: a cloud instance may be one of a group its provider makes and ends only
 /// together (a RunPod cluster, `--nodes N --provider runpod`): the group's id.
@@ -1304,6 +1308,103 @@ impl Db {
     /// after.
     pub fn last_seq(&self, run: &RunId, source: Source) -> anyhow::Result<u64> {
         last_seq_of(&self.lock(), run, source)
+    }
+
+    /// Ended runs whose logs are still whole, with what `retention::due` decides on.
+    pub fn uncompacted_runs(&self) -> anyhow::Result<Vec<(RunId, crate::retention::Facts)>> {
+        let conn = self.lock();
+        let mut stmt = conn.prepare_cached(
+            "SELECT id, state, ended_ms FROM runs WHERE compacted_ms IS NULL AND ended_ms IS NOT NULL",
+        )?;
+        let rows = stmt
+            .query_map([], |r| {
+                let id: String = r.get(0)?;
+                let state: String = r.get(1)?;
+                Ok((
+                    parse(&id)?,
+                    crate::retention::Facts {
+                        state: parse(&state)?,
+                        ended_ms: r.get(2)?,
+                    },
+                ))
+            })?
+            .collect::<Result<_, _>>()?;
+        Ok(rows)
+    }
+
+    /// Compacts `run`'s log (see `retention`): its output and progress lines before its
+    /// last `tail` output lines are deleted, and a `Notice::Compacted` saying how many takes
+    /// the place of the last of them. Returns the lines deleted.
+    pub fn compact_run(
+        &self,
+        run: &RunId,
+        tail: u64,
+        keep_days: u32,
+        now_ms: u64,
+    ) -> anyhow::Result<u64> {
+        const SHOWN_ONLY: &str = "(kind LIKE '{\"output\":%' OR kind LIKE '{\"progress\":%')";
+        let mut conn = self.lock();
+        let tx = conn.transaction()?;
+        let first_kept: Option<u64> = tx
+            .query_row(
+                "SELECT shown FROM run_events WHERE run_id = ?1 AND kind LIKE '{\"output\":%' ORDER BY shown DESC LIMIT 1 OFFSET ?2",
+                params![run.as_str(), tail.saturating_sub(1)],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let mut removed = 0;
+        if let Some(first_kept) = first_kept {
+            let (count, last): (u64, Option<u64>) = tx.query_row(
+                &format!("SELECT COUNT(*), MAX(shown) FROM run_events WHERE run_id = ?1 AND shown < ?2 AND {SHOWN_ONLY}"),
+                params![run.as_str(), first_kept],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )?;
+            if let Some(last) = last {
+                tx.execute(
+                    &format!(
+                        "DELETE FROM run_events WHERE run_id = ?1 AND shown < ?2 AND {SHOWN_ONLY}"
+                    ),
+                    params![run.as_str(), first_kept],
+                )?;
+                let notice = protocol::EventKind::Notice(protocol::Notice::Compacted {
+                    lines: count,
+                    keep_days,
+                });
+                // Sequence 0 of node 0's first incarnation: no agent numbers an event 0.
+                tx.execute(
+                    "INSERT INTO run_events (run_id, shown, node, incarnation, seq, at_ms, kind) VALUES (?1, ?2, 0, 0, 0, ?3, ?4)",
+                    params![run.as_str(), last, now_ms, serde_json::to_string(&notice)?],
+                )?;
+                removed = count;
+            }
+        }
+        tx.execute(
+            "UPDATE runs SET compacted_ms = ?2 WHERE id = ?1",
+            params![run.as_str(), now_ms],
+        )?;
+        tx.commit()?;
+        Ok(removed)
+    }
+
+    /// The notice a compacted run's log holds in place of its removed lines.
+    pub fn compaction_notice(&self, run: &RunId) -> anyhow::Result<Option<RunEvent>> {
+        let conn = self.lock();
+        let found: Option<(u64, u64, String)> = conn
+            .query_row(
+                "SELECT shown, at_ms, kind FROM run_events WHERE run_id = ?1 AND node = 0 AND incarnation = 0 AND seq = 0",
+                [run.as_str()],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()?;
+        found
+            .map(|(seq, at_ms, kind)| {
+                Ok(RunEvent {
+                    seq,
+                    at_ms,
+                    kind: serde_json::from_str(&kind)?,
+                })
+            })
+            .transpose()
     }
 
     /// Where to start showing a run's events (a `shown` number): after the one before the

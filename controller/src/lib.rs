@@ -27,6 +27,7 @@ pub mod relaunch;
 pub mod relays;
 pub mod remote;
 pub mod report;
+pub mod retention;
 pub mod run_state;
 pub mod runfile;
 pub mod secrets;

@@ -269,6 +269,10 @@ pub fn notice_text(notice: &Notice) -> String {
         Notice::StartedAgain { attempt, cause } => {
             format!("started again (attempt {attempt}) after {cause}")
         }
+        Notice::Compacted { lines, keep_days } => format!(
+            "{lines} earlier lines of output were removed: an ended run keeps its whole output for {keep_days} days ([daemon] keep_logs_days), then its last {} lines and every other event",
+            crate::retention::TAIL_LINES
+        ),
     }
 }
 

@@ -157,7 +157,8 @@ pub fn apply(held: Held, events: &[RunEvent]) -> Change {
             | EventKind::Notice(
                 Notice::RebalanceRecommended { .. }
                 | Notice::LinesDropped { .. }
-                | Notice::LogTruncated { .. },
+                | Notice::LogTruncated { .. }
+                | Notice::Compacted { .. },
             ) => {}
         }
     }

@@ -619,6 +619,9 @@ pub enum Notice {
     /// `attempt`, and the `cause` its controller gave (a gang restarting after a node
     /// failed). An `Ended` before this one was not the run's last.
     StartedAgain { attempt: u32, cause: String },
+    /// Written by the controller, never an agent: the run's log was compacted `keep_days`
+    /// after it ended, and `lines` output lines before this notice were removed.
+    Compacted { lines: u64, keep_days: u32 },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]

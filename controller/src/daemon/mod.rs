@@ -367,6 +367,7 @@ pub async fn serve(
     }
     runs::resume_restarts(&daemon);
     daemon.tasks.spawn(runs::watch_relaunches(daemon.clone()));
+    daemon.tasks.spawn(runs::compact_logs(daemon.clone()));
 
     tokio::pin!(shutdown);
     loop {

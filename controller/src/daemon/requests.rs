@@ -253,6 +253,13 @@ async fn dispatch(
                 after: after_seq.max(start),
                 node,
             };
+            // A compacted log says so even when the lines shown start after its notice.
+            if after_seq == 0
+                && let Some(notice) = d.db.compaction_notice(&run)?
+                && notice.seq <= from.after
+            {
+                write_frame(stream, &Response::Event(notice)).await?;
+            }
             let row = stream_events(d, stream, &run, follow, from).await?;
             write_frame(stream, &Response::Run(row)).await?;
         }

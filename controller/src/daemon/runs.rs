@@ -945,6 +945,46 @@ async fn try_relaunch(
 /// every `[daemon] watch_secs`, an instance out of touch is looked up at its provider, and
 /// one that is gone gets its run relaunched (or ended, its relaunches used up). A
 /// relaunch decided before the daemon stopped and not made is made now.
+/// Compacts the logs of runs that ended `[daemon] keep_logs_days` ago (`retention`): when
+/// the daemon starts, then hourly. One run at a time, so other writers wait at most one.
+pub(super) async fn compact_logs(d: Arc<Daemon>) {
+    let mut tick = tokio::time::interval(crate::retention::EVERY);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = d.shutdown.cancelled() => return,
+        }
+        let keep_days = d.config.daemon.keep_logs_days;
+        let runs = match d.db.uncompacted_runs() {
+            Ok(runs) => runs,
+            Err(e) => {
+                tracing::error!("reading the runs whose logs may be compacted: {e:#}");
+                continue;
+            }
+        };
+        let now = now_ms();
+        for (run, _) in runs
+            .into_iter()
+            .filter(|(_, facts)| crate::retention::due(*facts, now, keep_days))
+        {
+            let d2 = d.clone();
+            let compacted = tokio::task::spawn_blocking(move || {
+                d2.db
+                    .compact_run(&run, crate::retention::TAIL_LINES, keep_days, now)
+                    .map(|lines| (run, lines))
+            })
+            .await;
+            match compacted {
+                Ok(Ok((run, lines))) => {
+                    tracing::info!("compacted the log of {run}: {lines} lines removed")
+                }
+                Ok(Err(e)) => tracing::error!("compacting a run's log failed: {e:#}"),
+                Err(e) => tracing::error!("compacting a run's log failed: {e}"),
+            }
+        }
+    }
+}
+
 pub(super) async fn watch_relaunches(d: Arc<Daemon>) {
     let mut tick = tokio::time::interval(d.config.daemon.watch());
     loop {
