@@ -275,10 +275,19 @@ impl Tree {
         fs::create_dir_all(&staging).map_err(io_err(format!("creating {}", staging.display())))?;
         let started = std::time::Instant::now();
         let mut staged = Staged::new(delta);
-        let received_bytes = self.receive(delta, stream, &mut staged, &|hash, _| {
-            staging.join(hash.to_hex())
-        })?;
-        self.stage_copies(delta, &mut staged)?;
+        let received = self
+            .receive(delta, stream, &mut staged, &|hash, _| {
+                staging.join(hash.to_hex())
+            })
+            .and_then(|bytes| self.stage_copies(delta, &mut staged).map(|()| bytes));
+        let received_bytes = match received {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                // Nothing was applied: what arrived goes now, not at the next sync.
+                let _ = fs::remove_dir_all(&staging);
+                return Err(e);
+            }
+        };
         if let Some(store) = store {
             let ingest = delta
                 .stream_order()

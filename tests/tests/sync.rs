@@ -323,6 +323,66 @@ fn an_agent_killed_mid_apply_keeps_its_tree_and_the_next_sync_completes() {
 }
 
 #[test]
+fn a_daemon_killed_mid_sync_leaves_the_tree_whole_and_the_next_sync_completes() {
+    let s = Setup::new(&[("train.py", b"print(1)\n")], &["sleep", "600"]);
+    let before = snapshot(&s.tree(), &[]);
+    write_big(&s.p("data.bin"), 300 << 20, 4);
+    write(s.project.path(), "train.py", b"print(2)\n");
+    let sync = s
+        .home
+        .cli()
+        .args(["sync", &s.run])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start sync");
+    let staging = s.tree().with_file_name("sync-staging");
+    s.home
+        .wait_until("content to arrive", Duration::from_secs(60), || {
+            std::fs::read_dir(&staging)
+                .map(|d| d.flatten().any(|e| e.metadata().is_ok_and(|m| m.len() > 0)))
+                .unwrap_or(false)
+        });
+    let daemon = s.home.daemon_pid().expect("the daemon's pid");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(daemon),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill the daemon");
+    let out = sync.wait_with_output().expect("sync ends");
+    assert!(!out.status.success(), "the cut-off sync fails");
+    assert!(
+        stderr(&out).contains("daemon"),
+        "and says the daemon went: {}",
+        stderr(&out)
+    );
+    // The agent drops the cut-off apply; until then and after, the tree is the old one.
+    assert_eq!(
+        snapshot(&s.tree(), &[]),
+        before,
+        "the previous tree is intact"
+    );
+    s.home.wait_until(
+        "the agent to drop the cut-off sync",
+        Duration::from_secs(90),
+        || !staging.exists(),
+    );
+    assert_eq!(
+        snapshot(&s.tree(), &[]),
+        before,
+        "the previous tree is intact"
+    );
+    // The next sync (the daemon started again on demand) completes; the run goes on.
+    s.home
+        .wait_until("the agent to reconnect", Duration::from_secs(90), || {
+            s.home.json(&["list"])["instances"][0]["connected"] == true
+        });
+    s.sync(&[]);
+    s.assert_in_step(&[]);
+    assert_eq!(s.home.json(&["list"])["runs"][0]["state"], "running");
+}
+
+#[test]
 fn links_that_leave_the_project_are_skipped_with_a_word() {
     let s = Setup::new(&[("a.py", b"1")], &["sleep", "600"]);
     std::os::unix::fs::symlink("/etc", s.p("etc")).expect("link");

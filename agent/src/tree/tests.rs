@@ -566,6 +566,9 @@ proptest::proptest! {
             }
             Err(_) => {
                 proptest::prop_assert_eq!(disk_state(&work), on_disk, "half applied");
+                // Nor is what arrived before the refusal kept.
+                proptest::prop_assert!(!tree.staging().exists(), "staging left behind");
+                proptest::prop_assert!(!run_dir.join("work.new").exists(), "work.new left");
                 drop(tree);
                 sync(&run_dir, &after);
             }
