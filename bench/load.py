@@ -19,6 +19,7 @@ import argparse
 import concurrent.futures
 import json
 import os
+import shutil
 import sqlite3
 import statistics
 import subprocess
@@ -166,7 +167,17 @@ def measure(env, opts):
     with concurrent.futures.ThreadPoolExecutor(opts.parallel) as pool:
         for out in pool.map(lambda n: env.run("launch", "--name", n, check=False), names):
             if out.returncode != 0:
-                raise SystemExit(f"launch failed: {out.stderr.strip()}")
+                with open(os.path.join(env.home, "swarm.log")) as f:
+                    swarm_log = f.read()[-2000:]
+                logs = []
+                for name in sorted(os.listdir(os.path.join(env.home, "local"))):
+                    log = os.path.join(env.home, "local", name, "agent.log")
+                    if name in out.stderr and os.path.exists(log):
+                        with open(log) as f:
+                            logs.append(f"{name}: {f.read()[-500:]}")
+                kept = tempfile.mkdtemp(prefix="rcload-failed-", dir="/tmp")
+                shutil.copytree(env.home, kept, ignore=shutil.ignore_patterns("*.sock"), dirs_exist_ok=True)
+                raise SystemExit(f"launch failed: {out.stderr.strip()}\nswarm log: {swarm_log}\nagent log: {logs}\nthe home is kept in {kept}")
     results["launch_s"] = time.monotonic() - t0
     deadline = time.monotonic() + 120
     while (env.report() or {}).get("connected", 0) < opts.agents:

@@ -382,6 +382,10 @@ pub struct RunRow {
 #[derive(Debug)]
 pub struct Db {
     conn: Mutex<Connection>,
+    /// A second connection for the reads that answer the CLI (`status`, `list`, `logs`)
+    /// and check where events come from: in WAL mode it reads what is committed while the
+    /// first one writes, so a long batch of events never holds them up.
+    reader: Mutex<Connection>,
 }
 
 fn token_hash(token: &EnrollToken) -> String {
@@ -395,6 +399,9 @@ impl Db {
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
+        // Run events land at the ends of many runs' key ranges at once: keep those pages
+        // in memory (32 MiB, against SQLite's 2 MiB default) instead of reading them again.
+        conn.pragma_update(None, "cache_size", -32_768)?;
         let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
         if version > SCHEMA_VERSION {
             anyhow::bail!(
@@ -412,13 +419,23 @@ impl Db {
                 format!("bringing the database schema from version {version} to {SCHEMA_VERSION}")
             })?;
         }
+        let reader = Connection::open(path)
+            .with_context(|| format!("opening database {}", path.display()))?;
+        reader.busy_timeout(std::time::Duration::from_secs(5))?;
+        reader.pragma_update(None, "query_only", true)?;
         Ok(Db {
             conn: Mutex::new(conn),
+            reader: Mutex::new(reader),
         })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
         self.conn.lock().expect("database lock is never poisoned")
+    }
+
+    /// The read-only connection: each statement sees everything committed before it.
+    fn read(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.reader.lock().expect("database lock is never poisoned")
     }
 
     pub fn setting(&self, key: &str) -> anyhow::Result<Option<String>> {
@@ -528,7 +545,7 @@ impl Db {
     }
 
     pub fn instances(&self) -> anyhow::Result<Vec<InstanceRow>> {
-        let conn = self.lock();
+        let conn = self.read();
         let mut stmt = conn.prepare(
             "SELECT name, provider, state, created_ms, terminated_ms, pid, for_run FROM instances ORDER BY created_ms, name",
         )?;
@@ -558,7 +575,7 @@ impl Db {
 
     pub fn cloud(&self, name: &InstanceName) -> anyhow::Result<Option<CloudRow>> {
         Ok(self
-            .lock()
+            .read()
             .query_row(
                 "SELECT name, cloud_id, region, instance_type, spot, price_per_hour, accrued_ms, running_since_ms, cluster FROM cloud_instances WHERE name = ?1",
                 [name.as_str()],
@@ -753,7 +770,7 @@ impl Db {
     /// A run's budget, if it has one.
     pub fn run_budget(&self, id: &RunId) -> anyhow::Result<Option<RunBudget>> {
         Ok(self
-            .lock()
+            .read()
             .query_row(
                 "SELECT max_cost, max_ms, since_ms FROM run_budgets WHERE run_id = ?1",
                 params![id.as_str()],
@@ -788,7 +805,7 @@ impl Db {
 
     pub fn run(&self, id: &RunId) -> anyhow::Result<Option<RunRow>> {
         Ok(self
-            .lock()
+            .read()
             .query_row(
                 &format!("{RUN_SELECT} WHERE id = ?1"),
                 [id.as_str()],
@@ -798,14 +815,14 @@ impl Db {
     }
 
     pub fn runs(&self) -> anyhow::Result<Vec<RunRow>> {
-        let conn = self.lock();
+        let conn = self.read();
         let mut stmt = conn.prepare(&format!("{RUN_SELECT} ORDER BY created_ms, id"))?;
         let rows = stmt.query_map([], run_row)?.collect::<Result<_, _>>()?;
         Ok(rows)
     }
 
     pub fn runs_on(&self, instance: &InstanceName) -> anyhow::Result<Vec<RunRow>> {
-        let conn = self.lock();
+        let conn = self.read();
         let mut stmt = conn.prepare(&format!(
             "{RUN_SELECT} WHERE instance = ?1 OR id IN (SELECT run_id FROM run_nodes WHERE instance = ?1) ORDER BY created_ms"
         ))?;
@@ -831,7 +848,7 @@ impl Db {
 
     /// The instances of a run's nodes, in node order: its one instance for a run of one.
     pub fn run_nodes(&self, run: &RunRow) -> anyhow::Result<Vec<InstanceName>> {
-        let conn = self.lock();
+        let conn = self.read();
         let mut stmt =
             conn.prepare_cached("SELECT instance FROM run_nodes WHERE run_id = ?1 ORDER BY node")?;
         let nodes: Vec<InstanceName> = stmt
@@ -976,178 +993,34 @@ impl Db {
     ) -> anyhow::Result<Stored> {
         let mut conn = self.lock();
         let tx = conn.transaction()?;
-        let held: Held = tx.query_row(
-            "SELECT state, spot_notice, budget_notice, exit IS NOT NULL FROM runs WHERE id = ?1",
-            [run.as_str()],
-            |r| {
-                let state: String = r.get(0)?;
-                Ok(Held {
-                    state: parse(&state)?,
-                    notices: run_state::Notices {
-                        spot: r.get(1)?,
-                        budget: r.get(2)?,
-                    },
-                    ended: r.get(3)?,
-                })
-            },
-        )?;
-        let mut fresh = Vec::with_capacity(events.len());
-        {
-            let mut shown: u64 = tx.query_row(
-                "SELECT COALESCE(MAX(shown), 0) FROM run_events WHERE run_id = ?1",
-                [run.as_str()],
-                |r| r.get(0),
-            )?;
-            let mut insert = tx.prepare_cached(
-                "INSERT OR IGNORE INTO run_events (run_id, shown, node, incarnation, seq, at_ms, kind) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            )?;
-            for event in events {
-                let stored = insert.execute(params![
-                    run.as_str(),
-                    shown + 1,
-                    source.node,
-                    source.incarnation,
-                    event.seq,
-                    event.at_ms,
-                    serde_json::to_string(&event.kind)?
-                ])?;
-                // A replayed event already moved the state when it first came.
-                if stored == 1 {
-                    shown += 1;
-                    fresh.push(event.clone());
-                }
-            }
-        }
-        // A gang's nodes each end; the run ends (or starts again) when the gang says.
-        let nodes: u32 = tx.query_row(
-            "SELECT COUNT(*) FROM run_nodes WHERE run_id = ?1",
-            [run.as_str()],
-            |r| r.get(0),
-        )?;
-        // An end from an instance the run has been relaunched from ends nothing now.
-        if source.incarnation < current_incarnation(&tx, run, source.node)? {
-            fresh.retain(|e| !matches!(e.kind, protocol::EventKind::Ended(_)));
-        }
-        let mut node_end = None;
-        if nodes > 1 {
-            // The node's attempt, and the gang's (1 until it restarts or is relaunched).
-            let (stored_attempt, gang_attempt): (u32, u32) = tx.query_row(
-                "SELECT attempt, COALESCE((SELECT restarts + relaunches FROM run_starts WHERE run_id = ?1), 0) + 1
-                 FROM run_nodes WHERE run_id = ?1 AND node = ?2",
-                params![run.as_str(), source.node],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )?;
-            let mut attempt = stored_attempt;
-            fresh.retain(|e| match &e.kind {
-                protocol::EventKind::Notice(protocol::Notice::StartedAgain {
-                    attempt: a, ..
-                }) => {
-                    attempt = *a;
-                    true
-                }
-                // An earlier attempt's end, come late, ends nothing now.
-                protocol::EventKind::Ended(end) => {
-                    if attempt == gang_attempt {
-                        node_end = Some((end.clone(), e.at_ms));
-                    }
-                    false
-                }
-                _ => true,
-            });
-            if attempt != stored_attempt {
-                tx.execute(
-                    "UPDATE run_nodes SET attempt = ?3 WHERE run_id = ?1 AND node = ?2",
-                    params![run.as_str(), source.node, attempt],
-                )?;
-            }
-        }
-        let mut change = run_state::apply(held, &fresh);
-        let mut relaunch = None;
-        if change.state == RunState::Interrupted
-            && let Some(ended) = &mut change.end
-        {
-            let instance: String = tx.query_row(
-                "SELECT instance FROM runs WHERE id = ?1",
-                [run.as_str()],
-                |r| r.get(0),
-            )?;
-            let interruption = crate::relaunch::Interruption::Notice {
-                instance,
-                at_ms: ended.at_ms,
-            };
-            match decide_relaunch(&tx, run, interruption)? {
-                Some(Ok(next)) => {
-                    relaunch = Some(next);
-                    change.end = None;
-                    change.state = RunState::Pending;
-                }
-                Some(Err(error)) => ended.error = Some(error),
-                None => {}
-            }
-        }
-        let mut restart = None;
-        if let Some((end, at_ms)) = node_end {
-            tx.execute(
-                "UPDATE run_nodes SET end_kind = ?3, end_ms = ?4 WHERE run_id = ?1 AND node = ?2 AND end_kind IS NULL",
-                params![run.as_str(), source.node, serde_json::to_string(&end)?, at_ms],
-            )?;
-            if let crate::gang::Step::End(last) = crate::gang::step(nodes, &node_ends_of(&tx, run)?)
-                && !held.ended
-            {
-                restart = restart_gang(&tx, run, &last, change.notices)?;
-                let state = RunState::after(&last.end, change.notices);
-                let mut error = crate::gang::error(&last);
-                if restart.is_none() && state == RunState::Interrupted {
-                    // The whole gang is relaunched (`--on-interrupt relaunch`).
-                    let interruption = crate::relaunch::Interruption::Notice {
-                        instance: noticed_instance(&tx, run)?,
-                        at_ms: last.at_ms,
-                    };
-                    match decide_relaunch(&tx, run, interruption)? {
-                        Some(Ok(next)) => {
-                            relaunch = Some(next);
-                            change.state = RunState::Pending;
-                        }
-                        Some(Err(why)) => error = Some(why),
-                        None => {}
-                    }
-                }
-                if restart.is_none() && relaunch.is_none() {
-                    change.state = state;
-                    change.end = Some(run_state::Ended {
-                        error,
-                        end: last.end,
-                        at_ms: last.at_ms,
-                    });
-                }
-            }
-        }
-        tx.execute(
-            "UPDATE runs SET state = ?2, spot_notice = ?3, budget_notice = ?4, started_ms = COALESCE(started_ms, ?5) WHERE id = ?1",
-            params![
-                run.as_str(),
-                text(&change.state),
-                change.notices.spot,
-                change.notices.budget,
-                change.started_ms
-            ],
-        )?;
-        let mut new_state = None;
-        if let Some(ended) = change.end {
-            tx.execute(
-                "UPDATE runs SET ended_ms = COALESCE(ended_ms, ?2), exit = ?3, error = COALESCE(error, ?4) WHERE id = ?1",
-                params![run.as_str(), ended.at_ms, serde_json::to_string(&ended.end)?, ended.error],
-            )?;
-            new_state = Some(change.state);
-        }
-        let last_seq = last_seq_of(&tx, run, source)?;
+        let stored = insert_events_in(&tx, run, source, events)?;
         tx.commit()?;
-        Ok(Stored {
-            last_seq,
-            ended: new_state,
-            restart,
-            relaunch,
-        })
+        Ok(stored)
+    }
+
+    /// Several runs' events, each as `insert_events` stores them, in one transaction (the
+    /// daemon's writer gathers what every agent sent meanwhile): one commit for all. Each
+    /// batch stands or fails alone.
+    pub fn insert_event_batches(
+        &self,
+        batches: &[(&RunId, Source, &[RunEvent])],
+    ) -> anyhow::Result<Vec<anyhow::Result<Stored>>> {
+        let mut conn = self.lock();
+        let mut tx = conn.transaction()?;
+        let mut results = Vec::with_capacity(batches.len());
+        for &(run, source, events) in batches {
+            let savepoint = tx.savepoint()?;
+            match insert_events_in(&savepoint, run, source, events) {
+                Ok(stored) => {
+                    savepoint.commit()?;
+                    results.push(Ok(stored));
+                }
+                // Dropping the savepoint rolls this batch back alone.
+                Err(e) => results.push(Err(e)),
+            }
+        }
+        tx.commit()?;
+        Ok(results)
     }
 
     /// Where events from `instance` for `run` come from: the incarnation of a node it
@@ -1158,7 +1031,7 @@ impl Db {
         instance: &InstanceName,
     ) -> anyhow::Result<Option<Source>> {
         let listed: Option<(u32, u32)> = self
-            .lock()
+            .read()
             .query_row(
                 "SELECT node, incarnation FROM run_incarnations WHERE run_id = ?1 AND instance = ?2",
                 params![run.id.as_str(), instance.as_str()],
@@ -1388,7 +1261,7 @@ impl Db {
 
     /// The notice a compacted run's log holds in place of its removed lines.
     pub fn compaction_notice(&self, run: &RunId) -> anyhow::Result<Option<RunEvent>> {
-        let conn = self.lock();
+        let conn = self.read();
         let found: Option<(u64, u64, String)> = conn
             .query_row(
                 "SELECT shown, at_ms, kind FROM run_events WHERE run_id = ?1 AND node = 0 AND incarnation = 0 AND seq = 0",
@@ -1415,7 +1288,7 @@ impl Db {
         since_ms: Option<u64>,
         tail: Option<u64>,
     ) -> anyhow::Result<u64> {
-        let conn = self.lock();
+        let conn = self.read();
         let mut after = 0u64;
         if let Some(since) = since_ms {
             let first: Option<u64> = conn.query_row(
@@ -1477,7 +1350,7 @@ impl Db {
         limit: u32,
         only: Option<u32>,
     ) -> anyhow::Result<Vec<(u32, RunEvent)>> {
-        let conn = self.lock();
+        let conn = self.read();
         let mut stmt = conn.prepare_cached(
             "SELECT shown, at_ms, kind, node FROM run_events WHERE run_id = ?1 AND shown > ?2 AND (?4 IS NULL OR node = ?4) ORDER BY shown LIMIT ?3",
         )?;
@@ -1496,6 +1369,184 @@ impl Db {
             .collect::<Result<_, _>>()?;
         Ok(rows)
     }
+}
+
+/// The body of `Db::insert_events`, on a transaction or savepoint the caller commits.
+fn insert_events_in(
+    tx: &Connection,
+    run: &RunId,
+    source: Source,
+    events: &[RunEvent],
+) -> anyhow::Result<Stored> {
+    let held: Held = tx.query_row(
+        "SELECT state, spot_notice, budget_notice, exit IS NOT NULL FROM runs WHERE id = ?1",
+        [run.as_str()],
+        |r| {
+            let state: String = r.get(0)?;
+            Ok(Held {
+                state: parse(&state)?,
+                notices: run_state::Notices {
+                    spot: r.get(1)?,
+                    budget: r.get(2)?,
+                },
+                ended: r.get(3)?,
+            })
+        },
+    )?;
+    let mut fresh = Vec::with_capacity(events.len());
+    {
+        let mut shown: u64 = tx.query_row(
+            "SELECT COALESCE(MAX(shown), 0) FROM run_events WHERE run_id = ?1",
+            [run.as_str()],
+            |r| r.get(0),
+        )?;
+        let mut insert = tx.prepare_cached(
+            "INSERT OR IGNORE INTO run_events (run_id, shown, node, incarnation, seq, at_ms, kind) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        )?;
+        for event in events {
+            let stored = insert.execute(params![
+                run.as_str(),
+                shown + 1,
+                source.node,
+                source.incarnation,
+                event.seq,
+                event.at_ms,
+                serde_json::to_string(&event.kind)?
+            ])?;
+            // A replayed event already moved the state when it first came.
+            if stored == 1 {
+                shown += 1;
+                fresh.push(event.clone());
+            }
+        }
+    }
+    // A gang's nodes each end; the run ends (or starts again) when the gang says.
+    let nodes: u32 = tx.query_row(
+        "SELECT COUNT(*) FROM run_nodes WHERE run_id = ?1",
+        [run.as_str()],
+        |r| r.get(0),
+    )?;
+    // An end from an instance the run has been relaunched from ends nothing now.
+    if source.incarnation < current_incarnation(tx, run, source.node)? {
+        fresh.retain(|e| !matches!(e.kind, protocol::EventKind::Ended(_)));
+    }
+    let mut node_end = None;
+    if nodes > 1 {
+        // The node's attempt, and the gang's (1 until it restarts or is relaunched).
+        let (stored_attempt, gang_attempt): (u32, u32) = tx.query_row(
+            "SELECT attempt, COALESCE((SELECT restarts + relaunches FROM run_starts WHERE run_id = ?1), 0) + 1
+             FROM run_nodes WHERE run_id = ?1 AND node = ?2",
+            params![run.as_str(), source.node],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        let mut attempt = stored_attempt;
+        fresh.retain(|e| match &e.kind {
+            protocol::EventKind::Notice(protocol::Notice::StartedAgain { attempt: a, .. }) => {
+                attempt = *a;
+                true
+            }
+            // An earlier attempt's end, come late, ends nothing now.
+            protocol::EventKind::Ended(end) => {
+                if attempt == gang_attempt {
+                    node_end = Some((end.clone(), e.at_ms));
+                }
+                false
+            }
+            _ => true,
+        });
+        if attempt != stored_attempt {
+            tx.execute(
+                "UPDATE run_nodes SET attempt = ?3 WHERE run_id = ?1 AND node = ?2",
+                params![run.as_str(), source.node, attempt],
+            )?;
+        }
+    }
+    let mut change = run_state::apply(held, &fresh);
+    let mut relaunch = None;
+    if change.state == RunState::Interrupted
+        && let Some(ended) = &mut change.end
+    {
+        let instance: String = tx.query_row(
+            "SELECT instance FROM runs WHERE id = ?1",
+            [run.as_str()],
+            |r| r.get(0),
+        )?;
+        let interruption = crate::relaunch::Interruption::Notice {
+            instance,
+            at_ms: ended.at_ms,
+        };
+        match decide_relaunch(tx, run, interruption)? {
+            Some(Ok(next)) => {
+                relaunch = Some(next);
+                change.end = None;
+                change.state = RunState::Pending;
+            }
+            Some(Err(error)) => ended.error = Some(error),
+            None => {}
+        }
+    }
+    let mut restart = None;
+    if let Some((end, at_ms)) = node_end {
+        tx.execute(
+            "UPDATE run_nodes SET end_kind = ?3, end_ms = ?4 WHERE run_id = ?1 AND node = ?2 AND end_kind IS NULL",
+            params![run.as_str(), source.node, serde_json::to_string(&end)?, at_ms],
+        )?;
+        if let crate::gang::Step::End(last) = crate::gang::step(nodes, &node_ends_of(tx, run)?)
+            && !held.ended
+        {
+            restart = restart_gang(tx, run, &last, change.notices)?;
+            let state = RunState::after(&last.end, change.notices);
+            let mut error = crate::gang::error(&last);
+            if restart.is_none() && state == RunState::Interrupted {
+                // The whole gang is relaunched (`--on-interrupt relaunch`).
+                let interruption = crate::relaunch::Interruption::Notice {
+                    instance: noticed_instance(tx, run)?,
+                    at_ms: last.at_ms,
+                };
+                match decide_relaunch(tx, run, interruption)? {
+                    Some(Ok(next)) => {
+                        relaunch = Some(next);
+                        change.state = RunState::Pending;
+                    }
+                    Some(Err(why)) => error = Some(why),
+                    None => {}
+                }
+            }
+            if restart.is_none() && relaunch.is_none() {
+                change.state = state;
+                change.end = Some(run_state::Ended {
+                    error,
+                    end: last.end,
+                    at_ms: last.at_ms,
+                });
+            }
+        }
+    }
+    tx.execute(
+        "UPDATE runs SET state = ?2, spot_notice = ?3, budget_notice = ?4, started_ms = COALESCE(started_ms, ?5) WHERE id = ?1",
+        params![
+            run.as_str(),
+            text(&change.state),
+            change.notices.spot,
+            change.notices.budget,
+            change.started_ms
+        ],
+    )?;
+    let mut new_state = None;
+    if let Some(ended) = change.end {
+        tx.execute(
+            "UPDATE runs SET ended_ms = COALESCE(ended_ms, ?2), exit = ?3, error = COALESCE(error, ?4) WHERE id = ?1",
+            params![run.as_str(), ended.at_ms, serde_json::to_string(&ended.end)?, ended.error],
+        )?;
+        new_state = Some(change.state);
+    }
+    let last_seq = last_seq_of(tx, run, source)?;
+    Ok(Stored {
+        last_seq,
+        ended: new_state,
+        restart,
+        relaunch,
+    })
 }
 
 /// The incarnation node `node` of `run` runs in now (0 until it is relaunched).

@@ -87,6 +87,9 @@ pub enum Fault {
     DownAfter(u64),
     /// Accept connections and forward nothing (a hung server).
     Blackhole,
+    /// Answer the first request of each of the next this many connections with S3's
+    /// `503 SlowDown` and close it (a throttled bucket); later ones are forwarded.
+    SlowDown(u64),
 }
 
 /// A loopback TCP proxy to `upstream` whose behaviour can be changed at any time.
@@ -95,6 +98,7 @@ pub struct FaultProxy {
     pub addr: std::net::SocketAddr,
     fault: Arc<Mutex<Fault>>,
     total: Arc<AtomicU64>,
+    slowed: Arc<AtomicU64>,
 }
 
 impl FaultProxy {
@@ -117,6 +121,7 @@ impl FaultProxy {
             addr: listener.local_addr().expect("proxy addr"),
             fault: Arc::new(Mutex::new(Fault::Pass)),
             total: Arc::default(),
+            slowed: Arc::default(),
         };
         let this = proxy.clone();
         tokio::spawn(async move {
@@ -136,6 +141,12 @@ impl FaultProxy {
     pub fn set(&self, fault: Fault) {
         *self.fault.lock().expect("fault lock") = fault;
         self.total.store(0, Ordering::SeqCst);
+        self.slowed.store(0, Ordering::SeqCst);
+    }
+
+    /// How many requests were answered `SlowDown` since the fault was set.
+    pub fn slowed_down(&self) -> u64 {
+        self.slowed.load(Ordering::SeqCst)
     }
 
     fn fault(&self) -> Fault {
@@ -150,6 +161,12 @@ impl FaultProxy {
                 let mut sink = [0u8; 65536];
                 while matches!(client.read(&mut sink).await, Ok(n) if n > 0) {}
                 return;
+            }
+            Fault::SlowDown(n) if self.slowed.fetch_add(1, Ordering::SeqCst) < n => {
+                return slow_down(client).await;
+            }
+            Fault::SlowDown(n) => {
+                self.slowed.store(n, Ordering::SeqCst);
             }
             _ => {}
         }
@@ -177,6 +194,7 @@ impl FaultProxy {
                     (limit.saturating_sub(total) as usize).min(n)
                 }
                 Fault::Blackhole => 0,
+                Fault::SlowDown(_) => n,
             };
             if allowed > 0 && cw.write_all(&buf[..allowed]).await.is_err() {
                 break;
@@ -189,4 +207,24 @@ impl FaultProxy {
         }
         up.abort();
     }
+}
+
+/// Reads a request's head and answers it as S3 does when a bucket is throttled.
+async fn slow_down(mut client: tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 64 * 1024 {
+        match client.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    let body = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message><RequestId>FAULTPROXY</RequestId></Error>";
+    let answer = format!(
+        "HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = client.write_all(answer.as_bytes()).await;
+    let _ = client.shutdown().await;
 }

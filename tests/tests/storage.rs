@@ -147,6 +147,43 @@ async fn a_server_dropping_connections_mid_transfer_costs_retries_not_data() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_throttled_bucket_answering_slowdown_costs_retries_not_data() {
+    let Some(env) = S3Env::get("slowdown") else {
+        return;
+    };
+    let proxy = FaultProxy::start(&env.endpoint).await;
+    let prefix = S3Env::unique_prefix("slowdown");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = dir.path().join("throttled.bin");
+    random_file(&src, 40 << 20);
+    // The first eight connections (the upload's first parts, in parallel, and their first
+    // retries) are answered 503 SlowDown, as S3 throttles a busy prefix.
+    proxy.set(Fault::SlowDown(8));
+    let small_parts = Tuning {
+        part_size: 5 << 20,
+        multipart_threshold: 5 << 20,
+        ..Tuning::default()
+    };
+    let engine = Engine::new(store(&proxy.endpoint(), &env.bucket).await, small_parts);
+    let key = format!("{prefix}throttled.bin");
+    let uploaded = engine
+        .upload_file(&src, &key)
+        .await
+        .expect("upload under SlowDown");
+    assert_eq!(proxy.slowed_down(), 8, "the throttling happened");
+    // Read back past the proxy: the object is whole, and its content hash is the file's.
+    let direct = Engine::new(store(&env.endpoint, &env.bucket).await, Tuning::default());
+    let dest = dir.path().join("back.bin");
+    direct
+        .download_file(&key, &dest, None)
+        .await
+        .expect("download");
+    assert_eq!(file_hash(&src), file_hash(&dest));
+    assert_eq!(uploaded.size, 40 << 20);
+    direct.delete_all(vec![key]).await.expect("delete");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_download_cut_by_the_server_going_away_resumes_where_it_stopped() {
     let Some(env) = S3Env::get("resumed download") else {
         return;

@@ -357,8 +357,14 @@ async fn serve_agent(
         match event {
             Event::Inbound(Ok(Some(msg))) => match msg {
                 AgentMsg::Events { run, events } => {
-                    if let Err(e) = on_events(d, &instance, &run, &events) {
-                        write_frame(&mut send, &ControllerMsg::Error(e)).await?;
+                    let queued = super::writer::Incoming::Events {
+                        instance: instance.clone(),
+                        run,
+                        events,
+                        reply: tx.clone(),
+                    };
+                    if d.events.send(queued).await.is_err() {
+                        break Err(anyhow::anyhow!("the event writer has stopped"));
                     }
                 }
                 AgentMsg::Stats(sample) => {
@@ -505,38 +511,6 @@ fn reconcile(
         }
     }
     Ok(replays)
-}
-
-/// Stores events from `instance` for `run`, refusing runs that belong to another instance.
-fn on_events(
-    d: &Arc<Daemon>,
-    instance: &InstanceName,
-    run: &protocol::RunId,
-    events: &[protocol::RunEvent],
-) -> Result<(), WireError> {
-    let internal = |e: anyhow::Error| WireError::new(ErrorKind::Internal, format!("{e:#}"));
-    let row = d.db.run(run).map_err(internal)?;
-    let source = match &row {
-        Some(row) => d.db.source_of(row, instance).map_err(internal)?,
-        None => None,
-    };
-    let (Some(row), Some(source)) = (row, source) else {
-        tracing::warn!("agent {instance} sent events for run {run}, which is not its own");
-        return Err(WireError::new(
-            ErrorKind::NotYourRun,
-            format!("run {run} does not belong to {instance}"),
-        ));
-    };
-    // The state follows from the events, in the transaction that stores them.
-    let stored = d.db.insert_events(run, source, events).map_err(internal)?;
-    d.bump_run(run);
-    let node_ended = events
-        .iter()
-        .any(|e| matches!(e.kind, protocol::EventKind::Ended(_)));
-    if stored.ended.is_some() || node_ended {
-        super::runs::after_node_end(d, &row, stored);
-    }
-    Ok(())
 }
 
 #[cfg(test)]

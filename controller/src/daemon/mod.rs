@@ -11,6 +11,7 @@ mod requests;
 mod runs;
 mod streams;
 pub mod sync;
+mod writer;
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -96,6 +97,8 @@ pub struct Daemon {
     stats_changed: watch::Sender<u64>,
     /// The latest disk use each agent reported (kept after it disconnects).
     disk: Mutex<HashMap<InstanceName, protocol::DiskUse>>,
+    /// The queue to the one writer of every agent's run events (`writer`).
+    events: mpsc::Sender<writer::Incoming>,
     /// Every task the daemon spawns that must finish (or be cut off) on shutdown.
     tasks: TaskTracker,
     shutdown: CancellationToken,
@@ -313,6 +316,7 @@ pub async fn serve(
         }))
     });
 
+    let (events, queue) = mpsc::channel(writer::QUEUE);
     let daemon = Arc::new(Daemon {
         home: home.clone(),
         config,
@@ -334,10 +338,12 @@ pub async fn serve(
         stats: Mutex::default(),
         disk: Mutex::default(),
         stats_changed: watch::channel(0).0,
+        events,
         tasks: TaskTracker::new(),
         shutdown: CancellationToken::new(),
         ec2: tokio::sync::OnceCell::new(),
     });
+    writer::spawn(daemon.clone(), queue);
     tracing::info!(
         "daemon {} listening: QUIC {quic_addr} (UDP and TLS over TCP), socket {}, CA {}",
         std::process::id(),
@@ -401,6 +407,8 @@ pub async fn serve(
     {
         tracing::warn!("some tasks did not finish within 5 s of shutdown");
     }
+    // Events received are stored before the daemon goes (agents would replay them anyway).
+    writer::flush(&daemon, Duration::from_secs(5)).await;
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
     let _ = std::fs::remove_file(home.pid());
     Ok(())

@@ -61,8 +61,10 @@ fn shim(config: &str) -> anyhow::Result<()> {
         .with_context(|| format!("no swarm listening on {socket}"))?;
     let path = std::fs::canonicalize(config)?;
     writeln!(stream, "{}", path.display())?;
+    eprintln!("handed {} to the swarm", path.display());
     let mut rest = Vec::new();
-    let _ = stream.read_to_end(&mut rest);
+    let read = stream.read_to_end(&mut rest);
+    eprintln!("the swarm let go of this agent ({read:?})");
     Ok(())
 }
 
@@ -141,22 +143,36 @@ async fn serve(opts: Opts) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             accepted = listener.accept() => {
-                let (stream, _) = accepted?;
+                let stream = match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        swarm.failed(format!("accepting a shim: {e}"));
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
                 let swarm = swarm.clone();
                 tokio::spawn(async move {
                     let mut reader = tokio::io::BufReader::new(stream);
                     let mut line = String::new();
-                    if reader.read_line(&mut line).await.is_err() {
+                    if let Err(e) = reader.read_line(&mut line).await {
+                        swarm.failed(format!("reading a shim's config path: {e}"));
                         return;
                     }
                     let path = PathBuf::from(line.trim_end());
+                    if path.as_os_str().is_empty() {
+                        swarm.failed(format!("a shim handed no config ({line:?})"));
+                        return;
+                    }
                     // The shim lives while this task holds its stream.
                     let mut agent = tokio::spawn(run_agent(swarm.clone(), path.clone()));
                     let mut rest = Vec::new();
                     tokio::select! {
                         _ = reader.read_to_end(&mut rest) => agent.abort(),
-                        joined = &mut agent => if let Ok(Err(e)) = joined {
-                            swarm.failed(format!("{}: {e:#}", path.display()));
+                        joined = &mut agent => match joined {
+                            Ok(Ok(())) => {}
+                            Ok(Err(e)) => swarm.failed(format!("{}: {e:#}", path.display())),
+                            Err(e) => swarm.failed(format!("{}: the agent's task failed: {e}", path.display())),
                         },
                     }
                 });
@@ -170,6 +186,7 @@ async fn serve(opts: Opts) -> anyhow::Result<()> {
 
 impl Swarm {
     fn failed(&self, what: String) {
+        eprintln!("{what}");
         self.counters.failures.fetch_add(1, Ordering::Relaxed);
         let mut errors = self.errors.lock().expect("errors lock");
         if errors.len() < 20 {
@@ -438,6 +455,7 @@ impl SimAgent {
                         }
                     }
                     ControllerMsg::Shutdown { .. } => {
+                        eprintln!("{}: shut down by the controller", self.state_dir.display());
                         for run in self.runs.lock().expect("runs lock").values() {
                             run.stop();
                         }

@@ -119,12 +119,24 @@ pub fn is_agent_alive(home: &Home, name: &InstanceName, pid: u32) -> bool {
     if kill(Pid::from_raw(pid as i32), None).is_err() {
         return false;
     }
-    match std::fs::read(format!("/proc/{pid}/cmdline")) {
-        Ok(cmdline) => {
-            String::from_utf8_lossy(&cmdline).contains(&*config_path(home, name).to_string_lossy())
-        }
-        // Without /proc (macOS) the signal probe is all there is.
-        Err(_) => true,
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok();
+    runs_config(
+        cmdline.as_deref(),
+        &config_path(home, name).to_string_lossy(),
+    )
+}
+
+/// Whether a live process whose command line is `cmdline` (`None`: no /proc to read, as
+/// on macOS) may be the agent started with `config`. An empty command line is one whose
+/// exec has not finished: a spawn returns once the exec is past its point of no return,
+/// before the kernel has set up the new program's arguments, and on a busy host that
+/// window is long enough to be seen. It is the agent's, so it counts as alive; a zombie,
+/// the other empty case, is reaped and then fails the signal probe.
+fn runs_config(cmdline: Option<&[u8]>, config: &str) -> bool {
+    match cmdline {
+        None => true,
+        Some([]) => true,
+        Some(cmdline) => String::from_utf8_lossy(cmdline).contains(config),
     }
 }
 
@@ -156,4 +168,34 @@ pub fn kill_group(pgid: u32) {
 /// The last lines of the instance's agent log, for error messages.
 pub fn log_tail(home: &Home, name: &InstanceName) -> String {
     crate::home::log_tail(&home.local_instance(name).join("agent.log"), 3)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(cmdline: Option<&[u8]>, expected: bool) {
+        assert_eq!(
+            runs_config(cmdline, "/h/local/a/agent.toml"),
+            expected,
+            "{cmdline:?}"
+        );
+    }
+
+    #[test]
+    fn whose_process_it_is() {
+        check(
+            Some(b"/bin/runctl-agent\0--config\0/h/local/a/agent.toml\0"),
+            true,
+        );
+        // A pid reused by another program, or another instance's agent.
+        check(Some(b"/usr/bin/python3\0train.py\0"), false);
+        check(
+            Some(b"/bin/runctl-agent\0--config\0/h/local/b/agent.toml\0"),
+            false,
+        );
+        // Caught mid-exec (its arguments not set up yet), or no /proc at all.
+        check(Some(b""), true);
+        check(None, true);
+    }
 }
