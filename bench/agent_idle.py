@@ -16,25 +16,11 @@ import subprocess
 import tempfile
 import time
 
+from procstat import cpu_seconds, rss_mib
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TICKS = os.sysconf("SC_CLK_TCK")
 RSS_TARGET_MIB = 25.0
 CPU_TARGET_PERCENT = 1.0
-
-
-def rss_mib(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024.0
-    raise RuntimeError(f"no VmRSS for {pid}")
-
-
-def cpu_seconds(pid):
-    """User + system CPU time of the process (all its threads), in seconds."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
 
 
 def window(pid, seconds):

@@ -112,9 +112,18 @@ impl Renewing {
 /// Enrolls over `conn` (a connection made without a client certificate) and saves the
 /// resulting identity.
 pub async fn enroll(config: &AgentConfig, conn: &quinn::Connection) -> anyhow::Result<Identity> {
+    let ours = Hello::new(concat!("runctl-agent ", env!("CARGO_PKG_VERSION")));
+    enroll_as(config, conn, ours).await
+}
+
+/// [`enroll`], opening with `ours` (the load benchmark's swarm speaks an older protocol).
+pub async fn enroll_as(
+    config: &AgentConfig,
+    conn: &quinn::Connection,
+    ours: Hello,
+) -> anyhow::Result<Identity> {
     let (key_pem, csr_der) = tls::agent_key_and_csr()?;
     let (mut send, mut recv) = conn.open_bi().await?;
-    let ours = Hello::new(concat!("runctl-agent ", env!("CARGO_PKG_VERSION")));
     write_frame(&mut send, &AgentMsg::Hello(ours.clone())).await?;
     write_frame(
         &mut send,

@@ -287,6 +287,15 @@ pub struct InstanceView {
     pub cost: Option<f64>,
     /// What runctl's own files take on its disk, as its agent last reported.
     pub disk: Option<protocol::DiskUse>,
+    /// The connected agent's software and protocol, and what to do when it is older.
+    pub agent: Option<AgentVersion>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentVersion {
+    pub software: String,
+    pub protocol: u16,
+    pub upgrade: Option<String>,
 }
 
 /// A runctl-tagged instance in the cloud that this controller did not launch (another

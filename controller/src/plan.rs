@@ -13,6 +13,18 @@ use crate::db::RunBudget;
 use crate::error::{ErrorCode, UserError};
 use crate::provider::Capabilities;
 
+/// What to tell the user about a connected agent that speaks protocol `agent` to a
+/// controller that speaks `ours` (the two are at most one apart, or the agent would not be
+/// connected): nothing when it is as new; when it is older, that its runs go on, what it
+/// cannot do, and how to upgrade it.
+pub fn agent_upgrade(agent: u16, ours: u16, software: &str) -> Option<String> {
+    (agent < ours).then(|| {
+        format!(
+            "{software} speaks protocol {agent}, this controller {ours}: its runs and logs go on, but what came since is refused for it; upgrade it (a new instance installs the matching runctl-agent)"
+        )
+    })
+}
+
 /// How agents of a remote instance reach this daemon: directly at `direct` (UDP and TCP),
 /// through the relay at `relay`, or both.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -678,5 +690,26 @@ mod tests {
         check_power(true, true, true, true, Err("spot instance"));
         check_power(false, false, false, false, Err("not a cloud instance"));
         check_power(false, false, true, true, Err("not a cloud instance"));
+    }
+
+    #[test]
+    fn agent_upgrade_table() {
+        let check = |agent, ours, expected: bool| {
+            assert_eq!(
+                agent_upgrade(agent, ours, "runctl-agent 0.1.0").is_some(),
+                expected,
+                "{agent} {ours}"
+            )
+        };
+        check(12, 12, false);
+        check(11, 12, true);
+        // A newer agent than the controller: the controller is what to upgrade, and a
+        // request it makes is one the agent knows.
+        check(13, 12, false);
+        let said = agent_upgrade(11, 12, "runctl-agent 0.0.9").expect("said");
+        assert!(
+            said.contains("protocol 11") && said.contains("upgrade"),
+            "{said}"
+        );
     }
 }

@@ -672,6 +672,7 @@ pub fn list_text(report: &ListReport, now_ms: u64) -> String {
         cloud,
         cost,
         disk,
+        agent: _,
     } in &report.instances
     {
         instances.add_row(vec![
@@ -727,6 +728,11 @@ pub fn list_text(report: &ListReport, now_ms: u64) -> String {
         text.push_str("no instances\n");
     } else {
         text.push_str(&format!("{}\n", instances.trim_fmt()));
+    }
+    for view in &report.instances {
+        if let Some(upgrade) = view.agent.as_ref().and_then(|a| a.upgrade.as_ref()) {
+            text.push_str(&format!("({}: {upgrade})\n", view.row.name));
+        }
     }
     if let Some(warning) = &report.cloud_warning {
         text.push_str(&format!(
@@ -1151,6 +1157,11 @@ mod tests {
                         free_bytes: 40_000_000_000,
                         total_bytes: 100_000_000_000,
                     }),
+                    agent: Some(crate::ipc::AgentVersion {
+                        software: "runctl-agent 0.1.0".into(),
+                        protocol: 11,
+                        upgrade: crate::plan::agent_upgrade(11, 12, "runctl-agent 0.1.0"),
+                    }),
                 },
                 InstanceView {
                     row: InstanceRow {
@@ -1177,6 +1188,7 @@ mod tests {
                     }),
                     cost: Some(0.0075),
                     disk: None,
+                    agent: None,
                 },
             ],
             runs: vec![run_row(

@@ -477,3 +477,106 @@ fn sha256_hex(data: &[u8]) -> String {
     let digest = ring::digest::digest(&ring::digest::SHA256, data);
     digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
 }
+
+/// Prints `step N` every 100 ms for `secs` seconds and saves a checkpoint (write, then
+/// rename) every 100 steps.
+fn steady(secs: u32) -> String {
+    format!(
+        "import os, time\nckpt = os.environ['RUNCTL_CHECKPOINT_DIR']\nfor i in range(1, {}):\n    print(f'step {{i}}', flush=True)\n    if i % 100 == 0:\n        tmp = os.path.join(ckpt, '.tmp')\n        with open(tmp, 'w') as f:\n            f.write(f'weights at {{i}}')\n        os.rename(tmp, os.path.join(ckpt, f'ckpt-{{i}}.txt'))\n    time.sleep(0.1)\n",
+        secs * 10 + 1
+    )
+}
+
+fn logged_steps(home: &Home, run: &str) -> Vec<String> {
+    stdout(&home.run(&["logs", run]))
+        .lines()
+        .filter(|l| l.starts_with("step "))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn an_agent_cut_off_for_a_minute_keeps_training_and_pushing_and_the_controller_catches_up() {
+    cut_off("p", Duration::from_secs(60));
+}
+
+/// The same for ten minutes: a long test, run before a release (`RUNCTL_LONG_TESTS=1`).
+#[test]
+fn an_agent_cut_off_for_ten_minutes_keeps_training_and_pushing_and_the_controller_catches_up() {
+    if std::env::var_os("RUNCTL_LONG_TESTS").is_none() {
+        eprintln!("SKIPPED: a long test (a 10-minute partition); run it with RUNCTL_LONG_TESTS=1");
+        return;
+    }
+    cut_off("q", Duration::from_secs(600));
+}
+
+/// A run on an agent whose host loses every link for `partition`, while the run prints
+/// and checkpoints: it keeps going, its checkpoints reach the store, and once the link is
+/// back the daemon has every line once, in order.
+fn cut_off(tag: &str, partition: Duration) {
+    let Some(s) = setup(tag, None) else { return };
+    wait_for_path(&s.home, "n1", "udp via relay", Duration::from_secs(30));
+    // The run outlasts the partition by 20 s.
+    let secs = partition.as_secs() as u32 + 20;
+    let total = secs * 10;
+    let root = project(&[("train.py", &steady(secs))]);
+    let dir = root.path().display().to_string();
+    let started = s.home.json(&[
+        "run",
+        "--on",
+        "n1",
+        "--detach",
+        "--keep-checkpoints",
+        "0",
+        "--root",
+        &dir,
+        "--workdir",
+        &dir,
+        "--",
+        "python3",
+        "train.py",
+    ]);
+    let run = started["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{started}"))
+        .to_owned();
+    s.home
+        .wait_until("the first steps", Duration::from_secs(30), || {
+            logged_steps(&s.home, &run).len() >= 20
+        });
+
+    // Nothing in or out of the agent's host but loopback, for a minute.
+    s.net.nft(
+        "alan",
+        "table inet partition {\n  chain in {\n    type filter hook input priority -10;\n    iifname != \"lo\" drop\n  }\n  chain out {\n    type filter hook output priority -10;\n    oifname != \"lo\" drop\n  }\n}\n",
+    );
+    let cut = std::time::Instant::now();
+    s.home.wait_until(
+        "the daemon to see the agent gone",
+        Duration::from_secs(60),
+        || s.home.json(&["list"])["instances"][0]["connected"] == false,
+    );
+    let during = logged_steps(&s.home, &run).len();
+    std::thread::sleep(partition.saturating_sub(cut.elapsed()));
+    assert_eq!(
+        logged_steps(&s.home, &run).len(),
+        during,
+        "nothing reached the daemon during the partition"
+    );
+    assert_eq!(s.home.json(&["list"])["runs"][0]["state"], "running");
+    s.net.nft("alan", "delete table inet partition\n");
+
+    // The agent redials (its backoff is capped at 15 s) and the daemon replays the minute
+    // it missed; the run, which never stopped, finishes. Every step once, in order.
+    let out = s.home.run(&["logs", "--follow", &run]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let steps = logged_steps(&s.home, &run);
+    let expected: Vec<String> = (1..=total).map(|i| format!("step {i}")).collect();
+    assert_eq!(steps, expected, "every step once, in order");
+    // Every checkpoint saved, during the partition too, is in the store.
+    let (names, latest) = s.home.checkpoint_names(&run);
+    assert_eq!(latest, Some(format!("ckpt-{total}.txt")), "{names:?}");
+    for i in (100..=total).step_by(100) {
+        assert!(names.contains(&format!("ckpt-{i}.txt")), "{names:?}");
+    }
+}

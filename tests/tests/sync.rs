@@ -54,6 +54,29 @@ impl Setup {
             .join("work")
     }
 
+    /// A sync of a 300 MB file (content from `seed`) and a changed `train.py`, started
+    /// and waited for until its content is arriving in the agent's staging area.
+    fn sync_under_way(&self, seed: u64) -> std::process::Child {
+        write_big(&self.p("data.bin"), 300 << 20, seed);
+        write(self.project.path(), "train.py", b"print(2)\n");
+        let sync = self
+            .home
+            .cli()
+            .args(["--output", "json", "sync", &self.run])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start sync");
+        let staging = self.tree().with_file_name("sync-staging");
+        self.home
+            .wait_until("content to arrive", Duration::from_secs(60), || {
+                std::fs::read_dir(&staging)
+                    .map(|d| d.flatten().any(|e| e.metadata().is_ok_and(|m| m.len() > 0)))
+                    .unwrap_or(false)
+            });
+        sync
+    }
+
     fn p(&self, rel: &str) -> PathBuf {
         self.project.path().join(rel)
     }
@@ -278,24 +301,8 @@ fn watch_pushes_each_save() {
 fn an_agent_killed_mid_apply_keeps_its_tree_and_the_next_sync_completes() {
     let s = Setup::new(&[("train.py", b"print(1)\n")], &["sleep", "600"]);
     let before = snapshot(&s.tree(), &[]);
-    write_big(&s.p("data.bin"), 300 << 20, 3);
-    write(s.project.path(), "train.py", b"print(2)\n");
-    let sync = s
-        .home
-        .cli()
-        .args(["--output", "json", "sync", &s.run])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start sync");
     // Kill the agent while content is arriving in its staging area.
-    let staging = s.tree().with_file_name("sync-staging");
-    s.home
-        .wait_until("content to arrive", Duration::from_secs(60), || {
-            std::fs::read_dir(&staging)
-                .map(|d| d.flatten().any(|e| e.metadata().is_ok_and(|m| m.len() > 0)))
-                .unwrap_or(false)
-        });
+    let sync = s.sync_under_way(3);
     s.home.kill_agent();
     // Restarted at once, as systemd would: its new connection replaces the dead one, so
     // the cut-off sync fails now rather than at the idle timeout.
@@ -326,23 +333,8 @@ fn an_agent_killed_mid_apply_keeps_its_tree_and_the_next_sync_completes() {
 fn a_daemon_killed_mid_sync_leaves_the_tree_whole_and_the_next_sync_completes() {
     let s = Setup::new(&[("train.py", b"print(1)\n")], &["sleep", "600"]);
     let before = snapshot(&s.tree(), &[]);
-    write_big(&s.p("data.bin"), 300 << 20, 4);
-    write(s.project.path(), "train.py", b"print(2)\n");
-    let sync = s
-        .home
-        .cli()
-        .args(["sync", &s.run])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start sync");
+    let sync = s.sync_under_way(4);
     let staging = s.tree().with_file_name("sync-staging");
-    s.home
-        .wait_until("content to arrive", Duration::from_secs(60), || {
-            std::fs::read_dir(&staging)
-                .map(|d| d.flatten().any(|e| e.metadata().is_ok_and(|m| m.len() > 0)))
-                .unwrap_or(false)
-        });
     let daemon = s.home.daemon_pid().expect("the daemon's pid");
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(daemon),
@@ -351,11 +343,8 @@ fn a_daemon_killed_mid_sync_leaves_the_tree_whole_and_the_next_sync_completes() 
     .expect("kill the daemon");
     let out = sync.wait_with_output().expect("sync ends");
     assert!(!out.status.success(), "the cut-off sync fails");
-    assert!(
-        stderr(&out).contains("daemon"),
-        "and says the daemon went: {}",
-        stderr(&out)
-    );
+    let said = format!("{}{}", stdout(&out), stderr(&out));
+    assert!(said.contains("daemon"), "and says the daemon went: {said}");
     // The agent drops the cut-off apply; until then and after, the tree is the old one.
     assert_eq!(
         snapshot(&s.tree(), &[]),

@@ -292,6 +292,7 @@ async fn serve_agent(
 ) -> anyhow::Result<()> {
     let store = theirs.has(protocol::Feature::Store);
     let handed = theirs.has(protocol::Feature::StoreCredentials);
+    let (theirs_version, theirs_software) = (theirs.protocol_version, theirs.software.clone());
     let runs = match read_frame::<_, AgentMsg>(&mut recv).await {
         Ok(Some(AgentMsg::Ready { runs })) => runs,
         Ok(Some(_)) => {
@@ -332,6 +333,11 @@ async fn serve_agent(
         previous
             .conn
             .close(0u32.into(), b"replaced by a newer connection");
+    }
+    if let Some(upgrade) =
+        crate::plan::agent_upgrade(theirs_version, protocol::PROTOCOL_VERSION, &theirs_software)
+    {
+        tracing::warn!("agent {instance}: {upgrade}");
     }
     d.db.set_instance_state(&instance, InstanceState::Running, now_ms())?;
     d.bump_agents();

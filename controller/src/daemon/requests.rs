@@ -56,7 +56,17 @@ async fn serve(d: &Arc<Daemon>, stream: &mut UnixStream) -> anyhow::Result<()> {
 
 fn view(d: &Daemon, row: crate::db::InstanceRow) -> InstanceView {
     let cloud = d.db.cloud(&row.name).ok().flatten();
+    let agent = d.agent(&row.name).map(|link| crate::ipc::AgentVersion {
+        software: link.hello.software.clone(),
+        protocol: link.hello.protocol_version,
+        upgrade: crate::plan::agent_upgrade(
+            link.hello.protocol_version,
+            protocol::PROTOCOL_VERSION,
+            &link.hello.software,
+        ),
+    });
     InstanceView {
+        agent,
         disk: d.disk.lock().expect("disk lock").get(&row.name).cloned(),
         connected: d.connected(&row.name),
         path: d.agent_path(&row.name),

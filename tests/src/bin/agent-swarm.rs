@@ -31,6 +31,10 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt};
 use tokio::sync::{mpsc, watch};
 
 const SOCKET_ENV: &str = "RUNCTL_SWARM_SOCKET";
+/// The features the current protocol added over the previous one: an agent of the
+/// previous protocol (`--previous-protocol`) does not announce them. Keep in step with
+/// `protocol::PROTOCOL_VERSION`.
+const ADDED_IN_CURRENT: &[&str] = &["renew"];
 /// Events per `Events` frame at most (an agent bounds its batches by bytes; these lines
 /// are about 90 bytes, so this is well under its 512 KiB).
 const BATCH_EVENTS: u64 = 1000;
@@ -49,7 +53,7 @@ fn main() -> anyhow::Result<()> {
                 .block_on(serve(opts))
         }
         _ => bail!(
-            "usage: agent-swarm serve --socket PATH --report PATH [--lines N] [--rate LINES_PER_S] [--stats-ms MS]\n       agent-swarm --config PATH (as the daemon's agent binary, with {SOCKET_ENV} set)"
+            "usage: agent-swarm serve --socket PATH --report PATH [--lines N] [--rate LINES_PER_S] [--stats-ms MS] [--previous-protocol]\n       agent-swarm --config PATH (as the daemon's agent binary, with {SOCKET_ENV} set)"
         ),
     }
 }
@@ -74,6 +78,7 @@ struct Opts {
     lines: u64,
     rate: u64,
     stats: Duration,
+    previous: bool,
 }
 
 impl Opts {
@@ -84,9 +89,14 @@ impl Opts {
             lines: 60_000,
             rate: 1000,
             stats: Duration::from_secs(1),
+            previous: false,
         };
         let mut it = args.iter();
         while let Some(flag) = it.next() {
+            if flag == "--previous-protocol" {
+                opts.previous = true;
+                continue;
+            }
             let value = it.next().with_context(|| format!("{flag} needs a value"))?;
             match flag.as_str() {
                 "--socket" => opts.socket = value.into(),
@@ -118,6 +128,8 @@ struct Counters {
 }
 
 struct Swarm {
+    /// The `Hello` every agent opens with.
+    hello: protocol::Hello,
     lines: u64,
     rate: u64,
     stats: Duration,
@@ -130,7 +142,19 @@ async fn serve(opts: Opts) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&opts.socket);
     let listener = tokio::net::UnixListener::bind(&opts.socket)
         .with_context(|| format!("listening on {}", opts.socket.display()))?;
+    let mut hello = session::hello();
+    if opts.previous {
+        // An agent of the previous protocol: its version, without what came since. Its
+        // messages are the current types' encodings, which the golden tests hold equal to
+        // the previous protocol's for every message it sends.
+        hello.protocol_version = protocol::PROTOCOL_VERSION - 1;
+        hello.software = "runctl-agent (previous protocol)".into();
+        hello
+            .features
+            .retain(|f| !ADDED_IN_CURRENT.contains(&f.as_str()));
+    }
     let swarm = Arc::new(Swarm {
+        hello,
         lines: opts.lines,
         rate: opts.rate,
         stats: opts.stats,
@@ -242,7 +266,7 @@ async fn run_agent(swarm: Arc<Swarm>, config_path: PathBuf) -> anyhow::Result<()
         None => {
             let client = protocol::tls::client_config(config.ca_pin, None)?;
             let dialed = dial::dial(&config.controller, None, client).await?;
-            let result = identity::enroll(&config, &dialed.conn).await;
+            let result = identity::enroll_as(&config, &dialed.conn, swarm.hello.clone()).await;
             dialed.endpoint.close(0u32.into(), b"");
             let identity = result?;
             swarm.counters.enrolled.fetch_add(1, Ordering::Relaxed);
@@ -397,7 +421,7 @@ impl SimAgent {
     /// Serves one session; `Ok(true)` when the controller asked the agent to shut down.
     async fn session(self: &Arc<Self>, conn: quinn::Connection) -> anyhow::Result<bool> {
         let (mut send, mut recv) = conn.open_bi().await?;
-        let ours = session::hello();
+        let ours = self.swarm.hello.clone();
         write_frame(&mut send, &AgentMsg::Hello(ours.clone())).await?;
         match read_frame::<_, ControllerMsg>(&mut recv).await? {
             Some(ControllerMsg::Hello(theirs)) => ours.check_peer(&theirs)?,
