@@ -30,6 +30,32 @@ pub fn due(run: Facts, now_ms: u64, keep_days: u32) -> bool {
         .is_some_and(|ended| now_ms.saturating_sub(ended) >= u64::from(keep_days) * DAY_MS)
 }
 
+/// A project's stat cache unused this long is deleted: without one, the next sync of that
+/// project hashes its files once more, nothing else.
+pub const STAT_CACHE_DAYS: u64 = 30;
+
+/// A file of the daemon's sync dir, with what decides whether it is kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncFile {
+    /// A project's stat cache, last written at `modified_ms`.
+    StatCache { modified_ms: u64 },
+    /// What the daemon remembers of an agent's tree of a run: whether that agent's
+    /// instance is still there (not terminated, and the run known).
+    Tree { instance_live: bool },
+}
+
+/// Whether the daemon deletes a file of its sync dir at `now_ms`. A tree is kept while its
+/// instance lives (its trees seed new runs there); a stat cache while it has been used in
+/// the last `STAT_CACHE_DAYS`.
+pub fn sync_file_due(file: SyncFile, now_ms: u64) -> bool {
+    match file {
+        SyncFile::StatCache { modified_ms } => {
+            now_ms.saturating_sub(modified_ms) >= STAT_CACHE_DAYS * DAY_MS
+        }
+        SyncFile::Tree { instance_live } => !instance_live,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -62,5 +88,37 @@ mod tests {
         check(RunState::Failed, None, 400 * day, 30, false);
         // The clock set back before the run ended.
         check(RunState::Succeeded, Some(40 * day), 10 * day, 30, false);
+    }
+
+    #[test]
+    fn sync_files() {
+        let day = DAY_MS;
+        let check = |file, now, expected| {
+            assert_eq!(sync_file_due(file, now), expected, "{file:?} at {now}");
+        };
+        check(SyncFile::StatCache { modified_ms: 0 }, 30 * day, true);
+        check(SyncFile::StatCache { modified_ms: 0 }, 30 * day - 1, false);
+        // The clock set back: kept.
+        check(
+            SyncFile::StatCache {
+                modified_ms: 40 * day,
+            },
+            day,
+            false,
+        );
+        check(
+            SyncFile::Tree {
+                instance_live: true,
+            },
+            1000 * day,
+            false,
+        );
+        check(
+            SyncFile::Tree {
+                instance_live: false,
+            },
+            0,
+            true,
+        );
     }
 }

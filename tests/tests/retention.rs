@@ -59,3 +59,32 @@ fn an_old_runs_log_is_compacted_when_the_daemon_starts_and_logs_says_so() {
     let list = home.json(&["list"]);
     assert_eq!(list["runs"][0]["state"], "succeeded", "{list}");
 }
+
+#[test]
+fn the_sync_dir_drops_trees_of_gone_instances_and_stat_caches_unused_for_a_month() {
+    let home = Home::new();
+    let out = home.run(&["run", "--", "echo", "hi"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(home.run(&["shutdown"]).status.success());
+    let sync = home.path().join("sync");
+    let stale = sync.join("stat-0123456789abcdef.cache");
+    let fresh = sync.join("stat-fedcba9876543210.cache");
+    let orphan = sync.join("run-aaaaaaaaaaaa.tree");
+    for path in [&stale, &fresh, &orphan] {
+        std::fs::write(path, b"x").expect("write");
+    }
+    let month_ago = std::time::SystemTime::now() - Duration::from_secs(31 * 86_400);
+    std::fs::File::options()
+        .write(true)
+        .open(&stale)
+        .expect("open")
+        .set_modified(month_ago)
+        .expect("age the cache");
+
+    // The daemon prunes when it starts.
+    assert!(home.run(&["status"]).status.success());
+    home.wait_until("the sync dir to be pruned", Duration::from_secs(20), || {
+        !stale.exists() && !orphan.exists()
+    });
+    assert!(fresh.exists(), "a cache used lately stays");
+}

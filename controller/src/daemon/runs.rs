@@ -945,8 +945,9 @@ async fn try_relaunch(
 /// every `[daemon] watch_secs`, an instance out of touch is looked up at its provider, and
 /// one that is gone gets its run relaunched (or ended, its relaunches used up). A
 /// relaunch decided before the daemon stopped and not made is made now.
-/// Compacts the logs of runs that ended `[daemon] keep_logs_days` ago (`retention`): when
-/// the daemon starts, then hourly. One run at a time, so other writers wait at most one.
+/// Compacts the logs of runs that ended `[daemon] keep_logs_days` ago and prunes the sync
+/// dir (`retention`): when the daemon starts, then hourly. One run at a time, so other
+/// writers wait at most one.
 pub(super) async fn compact_logs(d: Arc<Daemon>) {
     let mut tick = tokio::time::interval(crate::retention::EVERY);
     loop {
@@ -955,6 +956,7 @@ pub(super) async fn compact_logs(d: Arc<Daemon>) {
             () = d.shutdown.cancelled() => return,
         }
         let keep_days = d.config.daemon.keep_logs_days;
+        super::sync::prune_files(&d, now_ms());
         let runs = match d.db.uncompacted_runs() {
             Ok(runs) => runs,
             Err(e) => {

@@ -571,6 +571,61 @@ pub(super) fn forget_tree(d: &Daemon, key: &TreeKey) {
     let _ = std::fs::remove_file(d.home.sync_dir().join(key.file_name()));
 }
 
+/// Deletes what the sync dir holds that is no longer of use (`retention::sync_file_due`):
+/// trees of runs whose instance is gone (a crash can leave them behind) and stat caches of
+/// projects not synced for a month.
+pub(super) fn prune_files(d: &Daemon, now_ms: u64) {
+    use crate::retention::{SyncFile, sync_file_due};
+    let dir = d.home.sync_dir();
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Some(key) = TreeKey::from_file_name(&name) {
+            let file = SyncFile::Tree {
+                instance_live: tree_instance_live(d, &key),
+            };
+            if sync_file_due(file, now_ms) {
+                tracing::info!("forgetting the tree of {} (its instance is gone)", key.run);
+                forget_tree(d, &key);
+            }
+        } else if name.starts_with("stat-") && name.ends_with(".cache") {
+            let modified_ms = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(now_ms, |t| t.as_millis() as u64);
+            if sync_file_due(SyncFile::StatCache { modified_ms }, now_ms) {
+                tracing::info!("deleting {name}, a stat cache unused for a month");
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+}
+
+/// Whether the instance whose tree `key` is still there (an unknown run has none).
+fn tree_instance_live(d: &Daemon, key: &TreeKey) -> bool {
+    let Ok(Some(row)) = d.db.run(&key.run) else {
+        return false;
+    };
+    let instance = match key.node {
+        0 => Some(row.instance.clone()),
+        n => {
+            d.db.run_nodes(&row)
+                .ok()
+                .and_then(|nodes| nodes.get(n as usize).cloned())
+        }
+    };
+    // Unreadable is kept: only what is known to be gone is deleted.
+    match instance.map(|name| d.db.instance(&name)) {
+        Some(Ok(Some(instance))) => instance.state != crate::db::InstanceState::Terminated,
+        Some(Ok(None)) | None => false,
+        Some(Err(_)) => true,
+    }
+}
+
 /// Loads the remembered trees of every run (at daemon start).
 pub fn load_trees(dir: &Path) -> HashMap<TreeKey, Manifest> {
     let mut trees = HashMap::new();
