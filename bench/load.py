@@ -33,6 +33,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU_TARGET_CORES = 0.5
 RSS_TARGET_MIB = 300.0
 STATUS_TARGET_MS = 200.0
+# A run's states once it is over (`list --output json`).
+ENDED = ("succeeded", "failed", "stopped", "interrupted", "budget_exceeded")
 
 
 def event_rows(db):
@@ -195,7 +197,7 @@ def measure(env, opts):
         listed = json.loads(env.run("--output", "json", "list", "--all").stdout) if ended == len(runs) else None
         if listed is not None:
             states = {r["id"]: r["state"] for r in listed.get("runs", [])}
-            if all(states.get(r) not in (None, "running", "starting") for r in runs):
+            if all(states.get(r) in ENDED for r in runs):
                 break
         if time.monotonic() > deadline:
             raise SystemExit(f"runs did not all end: {ended} of {len(runs)}")
