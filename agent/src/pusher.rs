@@ -5,7 +5,9 @@
 //! What counts as saved: a top-level file closed after writing, or renamed into place; a
 //! top-level directory renamed into place, or one that has been quiet for [`QUIET`]. Names
 //! that look temporary (hidden, `*.tmp`, `*.partial`, ...) are never uploaded. A file that
-//! changes while it is being read is not recorded and goes again. Every upload ends with
+//! changes while it is being read is not recorded and goes again. One saved while its disk
+//! filled may be cut short (`checkpoints::cut_short`): it is renamed `NAME.incomplete` and
+//! never uploaded. Every upload ends with
 //! the checkpoint's record and `LATEST` (see `storage::checkpoints`); retention then prunes.
 //! At start the dir is rescanned against the records in the store, so what a previous
 //! agent did not finish is uploaded now; at the end of the run [`Pusher::finish`] rescans
@@ -237,13 +239,19 @@ impl State {
         }
     }
 
-    /// Marks `name` saved, unless the store already holds this very version.
+    /// Marks `name` saved, unless the store already holds this very version, or the disk
+    /// filled as it was saved.
     fn ready(&mut self, name: &str) {
         let path = self.dir.join(name);
         let Ok(local) = checkpoints::local_files(name, &path) else {
             return; // gone already
         };
         if self.uploaded.get(name) == Some(&(local.bytes, local.saved_ms)) {
+            return;
+        }
+        let free = crate::usage::free_and_total(&self.dir).ok().map(|(f, _)| f);
+        if crate::checkpoints::cut_short(free) {
+            self.set_aside(name, free.unwrap_or(0));
             return;
         }
         self.order += 1;
@@ -361,6 +369,29 @@ impl State {
                 });
             }
         }
+    }
+
+    /// Renames a checkpoint that may be cut short out of the way, and says so.
+    fn set_aside(&mut self, name: &str, free: u64) {
+        let aside = crate::checkpoints::set_aside_name(name);
+        let kept = match std::fs::rename(self.dir.join(name), self.dir.join(&aside)) {
+            Ok(()) => format!("kept on the instance as {aside}"),
+            Err(e) => format!("setting it aside as {aside} failed: {e}"),
+        };
+        self.pending.remove(name);
+        self.append(CheckpointEvent {
+            name: name.to_owned(),
+            url: self.dest.join(name).to_string(),
+            bytes: 0,
+            files: 0,
+            outcome: CheckpointOutcome::Failed {
+                message: format!(
+                    "its disk was full as it was saved ({} free in {}), so it may be cut short: it is not uploaded, and is {kept}. Free space on the instance and save again",
+                    protocol::agent_config::DiskSize::Bytes(free),
+                    self.dir.display()
+                ),
+            },
+        });
     }
 
     async fn prune(&mut self) {

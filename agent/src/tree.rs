@@ -614,7 +614,12 @@ impl Tree {
             }
             let to = dest(&hash, path);
             let got = staged.put(&mut entry, &to, hash).map_err(|e| match e {
-                SyncError::Io { source, .. } => map(source),
+                SyncError::Io { source, context } if context == READING_CONTENT => map(source),
+                // The instance's side failed (its disk filled): name the file.
+                SyncError::Io { source, .. } => SyncError::Io {
+                    context: format!("writing {path} on the instance"),
+                    source,
+                },
                 other => other,
             })?;
             if got != hash {
@@ -944,7 +949,7 @@ impl Staged {
                 Ok(0) => break,
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(io_err("reading content")(e)),
+                Err(e) => return Err(io_err(READING_CONTENT)(e)),
             };
             hasher.update(&self.buf[..n]);
             out.write_all(&self.buf[..n])
@@ -965,6 +970,10 @@ impl Staged {
         Ok(hasher.finalize().into())
     }
 }
+
+/// The context of a failure to read content while staging it (the stream, or a local copy
+/// source), as opposed to writing it.
+const READING_CONTENT: &str = "reading content";
 
 /// The most threads a seed copies files with.
 const SEED_THREADS: usize = 8;

@@ -230,7 +230,7 @@ pub fn checkpoint_text(c: &CheckpointEvent) -> String {
             *ms as f64 / 1000.0
         ),
         CheckpointOutcome::Failed { message } => {
-            format!("checkpoint {} not uploaded yet: {message}", c.name)
+            format!("checkpoint {} not uploaded: {message}", c.name)
         }
         CheckpointOutcome::Pruned => {
             format!("checkpoint {} deleted from {} (retention)", c.name, c.url)

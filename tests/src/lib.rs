@@ -390,6 +390,36 @@ fn walk(
     }
 }
 
+/// A small tmpfs mounted over `dir` (created if missing), unmounted (lazily, so a process
+/// still in it does not keep it) on drop: a disk that fills on cue.
+#[derive(Debug)]
+pub struct SmallDisk(PathBuf);
+
+impl SmallDisk {
+    /// Mounts a tmpfs of `size` (as `mount -o size=` takes it: `64m`) over `dir`; `None`,
+    /// with a SKIPPED line naming `test`, without root.
+    pub fn mount(test: &str, dir: &Path, size: &str) -> Option<SmallDisk> {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("SKIPPED {test}: mounting a small tmpfs needs root");
+            return None;
+        }
+        std::fs::create_dir_all(dir).expect("mkdir");
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .expect("mount");
+        assert!(status.success(), "mounting a tmpfs over {}", dir.display());
+        Some(SmallDisk(dir.to_owned()))
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
 /// Kills every process in network namespace `ns` and deletes it (with the veth ends in it).
 pub fn delete_netns(ns: &str) {
     if let Ok(out) = Command::new("ip").args(["netns", "pids", ns]).output() {

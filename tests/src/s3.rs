@@ -90,6 +90,10 @@ pub enum Fault {
     /// Answer the first request of each of the next this many connections with S3's
     /// `503 SlowDown` and close it (a throttled bucket); later ones are forwarded.
     SlowDown(u64),
+    /// The first connection to carry this many bytes to the server stops there: it
+    /// reads nothing more from the client and forwards nothing either way, but stays
+    /// open (a server, or a path, that hangs mid-upload). Other connections pass.
+    StallUpOnceAfter(u64),
 }
 
 /// A loopback TCP proxy to `upstream` whose behaviour can be changed at any time.
@@ -99,6 +103,7 @@ pub struct FaultProxy {
     fault: Arc<Mutex<Fault>>,
     total: Arc<AtomicU64>,
     slowed: Arc<AtomicU64>,
+    stalled: Arc<AtomicU64>,
 }
 
 impl FaultProxy {
@@ -122,6 +127,7 @@ impl FaultProxy {
             fault: Arc::new(Mutex::new(Fault::Pass)),
             total: Arc::default(),
             slowed: Arc::default(),
+            stalled: Arc::default(),
         };
         let this = proxy.clone();
         tokio::spawn(async move {
@@ -142,6 +148,12 @@ impl FaultProxy {
         *self.fault.lock().expect("fault lock") = fault;
         self.total.store(0, Ordering::SeqCst);
         self.slowed.store(0, Ordering::SeqCst);
+        self.stalled.store(0, Ordering::SeqCst);
+    }
+
+    /// How many connections have stalled since the fault was set.
+    pub fn stalled(&self) -> u64 {
+        self.stalled.load(Ordering::SeqCst)
     }
 
     /// How many requests were answered `SlowDown` since the fault was set.
@@ -175,16 +187,27 @@ impl FaultProxy {
         };
         let (mut cr, mut cw) = client.into_split();
         let (mut sr, mut sw) = server.into_split();
-        let up = tokio::spawn(async move {
-            let _ = tokio::io::copy(&mut cr, &mut sw).await;
-            let _ = sw.shutdown().await;
-        });
+        let hung = Arc::new(tokio::sync::Notify::new());
+        let up = {
+            let (this, hung) = (self.clone(), hung.clone());
+            tokio::spawn(async move { this.forward_up(&mut cr, &mut sw, &hung).await })
+        };
         let mut carried = 0u64;
         let mut buf = vec![0u8; 64 * 1024];
         loop {
-            let n = match sr.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => n,
+            let n = tokio::select! {
+                read = sr.read(&mut buf) => match read {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                },
+                // The upload stalled: this connection hangs, both ways, until the fault
+                // changes (the client must notice on its own).
+                () = hung.notified() => {
+                    while matches!(self.fault(), Fault::StallUpOnceAfter(_)) {
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    }
+                    break;
+                }
             };
             let allowed = match self.fault() {
                 Fault::Pass => n,
@@ -194,7 +217,7 @@ impl FaultProxy {
                     (limit.saturating_sub(total) as usize).min(n)
                 }
                 Fault::Blackhole => 0,
-                Fault::SlowDown(_) => n,
+                Fault::SlowDown(_) | Fault::StallUpOnceAfter(_) => n,
             };
             if allowed > 0 && cw.write_all(&buf[..allowed]).await.is_err() {
                 break;
@@ -206,6 +229,47 @@ impl FaultProxy {
             }
         }
         up.abort();
+    }
+
+    /// Copies the client's bytes to the server; returns when the client is done, or
+    /// without closing anything when this connection is the one to stall.
+    async fn forward_up(
+        &self,
+        client: &mut tokio::net::tcp::OwnedReadHalf,
+        server: &mut tokio::net::tcp::OwnedWriteHalf,
+        hung: &tokio::sync::Notify,
+    ) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut carried = 0u64;
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = match client.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            let allowed = match self.fault() {
+                Fault::StallUpOnceAfter(limit) if self.stalled.load(Ordering::SeqCst) == 0 => {
+                    (limit.saturating_sub(carried) as usize).min(n)
+                }
+                _ => n,
+            };
+            if allowed > 0 && server.write_all(&buf[..allowed]).await.is_err() {
+                break;
+            }
+            carried += allowed as u64;
+            if allowed < n {
+                if self.stalled.fetch_add(1, Ordering::SeqCst) == 0 {
+                    hung.notify_one();
+                    std::future::pending::<()>().await;
+                }
+                // Another connection stalled first: forward the rest.
+                if server.write_all(&buf[allowed..n]).await.is_err() {
+                    break;
+                }
+                carried += (n - allowed) as u64;
+            }
+        }
+        let _ = server.shutdown().await;
     }
 }
 

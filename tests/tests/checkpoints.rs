@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use tests::s3::{Fault, FaultProxy, S3Env};
-use tests::{Home, stderr, stdout};
+use tests::{Home, SmallDisk, stderr, stdout};
 
 const TRAINER: &str = "tests/fixtures/ckpt_trainer.py";
 
@@ -376,4 +376,65 @@ fn bad_credentials_and_a_missing_bucket_are_explained() {
     // And as JSON for scripts.
     let json: Value = home.json(&["s3", "ls", "s3://runctl-missing-bucket/"]);
     assert_eq!(json["error"]["code"], "not_found", "{json}");
+}
+
+#[test]
+fn a_checkpoint_cut_short_by_a_full_disk_is_held_back_and_latest_stays_whole() {
+    let Some(env) = S3Env::get("checkpoint on a full disk") else {
+        return;
+    };
+    let (home, _) = s3_home(&env, &env.endpoint, "full-disk");
+    std::fs::write(
+        home.path().join("config.toml"),
+        format!(
+            "{}[agent]\nmin_free = \"1MiB\"\n",
+            std::fs::read_to_string(home.path().join("config.toml")).expect("config")
+        ),
+    )
+    .expect("config");
+    // The instance's whole disk (its agent state, runs and checkpoints) is 48 MiB.
+    let Some(_disk) = SmallDisk::mount(
+        "checkpoint on a full disk",
+        &home.path().join("local"),
+        "48m",
+    ) else {
+        return;
+    };
+    let out = home.run(&["run", "--keep", "--", "python3", TRAINER, "fill-disk"]);
+    let err = stderr(&out);
+    assert_ne!(
+        out.status.code(),
+        Some(0),
+        "the trainer died of ENOSPC\n{err}"
+    );
+    let run = run_id(&err);
+    let instance = err
+        .split_whitespace()
+        .find(|w| w.starts_with("local-"))
+        .expect("the instance is named");
+    // The good checkpoint is in the store and is LATEST; the torn one never reached it.
+    let (names, latest) = checkpoint_names(&home, &run);
+    assert_eq!(names, ["step-1.bin"], "{err}");
+    assert_eq!(latest.as_deref(), Some("step-1.bin"));
+    assert!(
+        err.contains("checkpoint step-2.bin not uploaded")
+            && err.contains("disk")
+            && err.contains("cut short"),
+        "the user is told why: {err}"
+    );
+    assert!(
+        err.contains("No space left"),
+        "the trainer's own error: {err}"
+    );
+    // On the instance, the torn file is kept aside, under a name nothing resumes from.
+    let dir = home
+        .path()
+        .join("local")
+        .join(instance)
+        .join("state/runs")
+        .join(&run)
+        .join("checkpoints");
+    assert!(dir.join("step-2.bin.incomplete").is_file());
+    assert!(!dir.join("step-2.bin").exists());
+    let _ = home.run(&["terminate", instance]);
 }

@@ -6,6 +6,7 @@ use std::path::Path;
 
 use storage::transfer::{ContentHash, Engine, Tuning, part_size, verify_file};
 use storage::{ObjectStore, Store, StoreConfig, StoreError};
+use tests::SmallDisk;
 use tests::s3::{Fault, FaultProxy, S3Env};
 
 async fn store(endpoint: &str, bucket: &str) -> Store {
@@ -257,26 +258,11 @@ async fn a_disk_filling_during_a_pull_fails_clearly_and_presents_nothing() {
     let Some(env) = S3Env::get("disk full") else {
         return;
     };
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("SKIPPED disk full during a pull: mounting a small tmpfs needs root");
-        return;
-    }
     let dir = tempfile::tempdir().expect("tempdir");
     let small = dir.path().join("small");
-    std::fs::create_dir(&small).expect("mkdir");
-    let status = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=24m", "tmpfs"])
-        .arg(&small)
-        .status()
-        .expect("mount");
-    assert!(status.success());
-    struct Unmount<'a>(&'a Path);
-    impl Drop for Unmount<'_> {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg(self.0).status();
-        }
-    }
-    let _unmount = Unmount(&small);
+    let Some(_disk) = SmallDisk::mount("disk full during a pull", &small, "24m") else {
+        return;
+    };
     let prefix = S3Env::unique_prefix("disk-full");
     let src = dir.path().join("big.bin");
     random_file(&src, 48 << 20);
@@ -303,4 +289,46 @@ fn content_hash_of_an_empty_file_is_stable() {
     let a = ContentHash::of_file(&p, 8 << 20).expect("hash");
     let b = ContentHash::of_file(&p, 8 << 20).expect("hash");
     assert_eq!(a, b);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_stalled_mid_part_is_abandoned_and_retried_not_hung() {
+    let Some(env) = S3Env::get("stalled upload") else {
+        return;
+    };
+    let proxy = FaultProxy::start(&env.endpoint).await;
+    let prefix = S3Env::unique_prefix("stalled");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = dir.path().join("stalled.bin");
+    random_file(&src, 40 << 20);
+    // One part's connection hangs 3 MiB into its body: the server holds it open and reads
+    // nothing more, as a wedged load balancer does. No error ever comes back on it.
+    proxy.set(Fault::StallUpOnceAfter(3 << 20));
+    let small_parts = Tuning {
+        part_size: 5 << 20,
+        multipart_threshold: 5 << 20,
+        ..Tuning::default()
+    };
+    let engine = Engine::new(store(&proxy.endpoint(), &env.bucket).await, small_parts);
+    let key = format!("{prefix}stalled.bin");
+    let started = std::time::Instant::now();
+    let uploaded = tokio::time::timeout(
+        std::time::Duration::from_secs(120),
+        engine.upload_file(&src, &key),
+    )
+    .await
+    .expect("the stalled upload was given up on and retried, not waited on forever")
+    .expect("upload past a stall");
+    eprintln!("upload with one stalled part took {:?}", started.elapsed());
+    assert_eq!(proxy.stalled(), 1, "a part's connection stalled");
+    let direct = Engine::new(store(&env.endpoint, &env.bucket).await, Tuning::default());
+    let dest = dir.path().join("back.bin");
+    direct
+        .download_file(&key, &dest, None)
+        .await
+        .expect("download");
+    assert_eq!(file_hash(&src), file_hash(&dest));
+    assert_eq!(uploaded.size, 40 << 20);
+    proxy.set(Fault::Pass);
+    direct.delete_all(vec![key]).await.expect("delete");
 }

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use tests::{Home, snapshot, stderr};
+use tests::{Home, SmallDisk, snapshot, stderr};
 
 fn write(root: &Path, rel: &str, content: &[u8]) {
     let path = root.join(rel);
@@ -408,29 +408,11 @@ fn pruning_keeps_the_newest_runs_and_the_newest_checkpoint_and_survives_a_crash(
 
 #[test]
 fn a_disk_too_full_to_start_a_run_refuses_it_and_says_what_takes_the_space() {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("SKIPPED disk too full for a run: mounting a small tmpfs needs root");
-        return;
-    }
     let home = Home::with_config("[agent]\nmin_free = \"24MiB\"\n");
     let local = home.path().join("local");
-    std::fs::create_dir_all(&local).expect("mkdir");
-    let status = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=64m", "tmpfs"])
-        .arg(&local)
-        .status()
-        .expect("mount");
-    assert!(status.success());
-    struct Unmount(PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount")
-                .arg("-l")
-                .arg(&self.0)
-                .status();
-        }
-    }
-    let _unmount = Unmount(local.clone());
+    let Some(_disk) = SmallDisk::mount("disk too full for a run", &local, "64m") else {
+        return;
+    };
     let project = tempfile::tempdir().expect("tempdir");
     write(
         project.path(),
@@ -464,4 +446,56 @@ fn a_disk_too_full_to_start_a_run_refuses_it_and_says_what_takes_the_space() {
             .is_file()
     );
     let _ = home.run(&["terminate", &instance]);
+}
+
+#[test]
+fn a_disk_filling_during_a_sync_fails_it_clearly_and_leaves_every_tree_whole() {
+    let home = Home::with_config("[agent]\nmin_free = \"1MiB\"\n");
+    let local = home.path().join("local");
+    let Some(_disk) = SmallDisk::mount("disk full during a sync", &local, "48m") else {
+        return;
+    };
+    let project = project(50);
+    let workdir = project.path().to_str().expect("utf8");
+    let instance = kept_run(&home, workdir, &["true"]);
+    let first = runs_of(&home)[0].clone();
+    let first_tree = run_dir(&home, &instance, &first).join("work");
+    let before = snapshot(&first_tree, &[]);
+    let free_before = free_bytes(&local);
+    // 64 MB that does not compress: more than the instance's disk holds.
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let noise: Vec<u8> = (0..64 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    write(project.path(), "weights.bin", &noise);
+    let out = home.run(&["run", "--on", &instance, "--workdir", workdir, "--", "true"]);
+    let err = stderr(&out);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("No space left"),
+        "the user is told the disk is full: {err}"
+    );
+    // The first run's tree is as it was, and what the failed sync wrote is gone.
+    assert_eq!(snapshot(&first_tree, &[]), before);
+    let free_after = free_bytes(&local);
+    assert!(
+        free_after + (1 << 20) >= free_before,
+        "the failed sync left {} bytes behind",
+        free_before.saturating_sub(free_after)
+    );
+    // With the file gone again, the next run syncs and runs.
+    std::fs::remove_file(project.path().join("weights.bin")).expect("rm");
+    let out = home.run(&["run", "--on", &instance, "--workdir", workdir, "--", "true"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let _ = home.run(&["terminate", &instance]);
+}
+
+fn free_bytes(path: &Path) -> u64 {
+    let st = nix::sys::statvfs::statvfs(path).expect("statvfs");
+    st.blocks_available() as u64 * st.fragment_size() as u64
 }

@@ -407,6 +407,13 @@ async fn exchange(
     let written = written.map_err(|e| UserError::new(ErrorCode::Internal, format!("{e}")))?;
     let done: Option<SyncDone> = read_frame(&mut recv).await.map_err(|e| lost(&e))?;
     if let Err(e) = written {
+        // The agent stopped the stream because applying failed on its side (its disk
+        // filled, a path was refused): its reason is the one to give, not the stop.
+        if stopped_by_peer(&e)
+            && let Some(SyncDone { result: Err(why) }) = done
+        {
+            return Err(refused(&params.run, why));
+        }
         return Err(UserError::new(ErrorCode::BadInput, format!("{e:#}"))
             .resolve("sync again; files edited during a sync are sent by the next one"));
     }
@@ -430,6 +437,17 @@ async fn exchange(
         have.manifest_bytes,
         seeded,
     ))
+}
+
+/// Whether writing the stream failed because the agent stopped reading it.
+fn stopped_by_peer(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .and_then(|inner| inner.downcast_ref::<quinn::WriteError>())
+            .is_some_and(|w| matches!(w, quinn::WriteError::Stopped(_)))
+    })
 }
 
 /// What an exchange did: the scan, the delta (applied, or planned when dry), the
