@@ -12,6 +12,11 @@
 //! At start the dir is rescanned against the records in the store, so what a previous
 //! agent did not finish is uploaded now; at the end of the run [`Pusher::finish`] rescans
 //! and drains the queue before the run's `Ended` is written.
+//!
+//! Up to [`IN_FLIGHT`] checkpoints upload at once, newest first, so a save never waits
+//! behind an older one still uploading: on a spot interruption the checkpoint saved on the
+//! signal goes out alongside the big one saved a minute before, and the end of an
+//! interrupted run waits only for the newest ([`Finish::Newest`]).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -35,11 +40,23 @@ pub const QUIET: Duration = Duration::from_secs(2);
 /// How long the end of a run waits for its checkpoints to reach the store.
 pub const FINISH_BOUND: Duration = Duration::from_secs(600);
 const TICK: Duration = Duration::from_millis(250);
+/// Checkpoints uploading at once (their parts share the engine's concurrency).
+pub const IN_FLIGHT: usize = 2;
+
+/// What the end of a run waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finish {
+    /// Every checkpoint saved is in the store.
+    All,
+    /// The newest checkpoint saved is in the store (the host is going away: older ones
+    /// still uploading go on while it lasts, and a later start of the agent uploads them).
+    Newest,
+}
 
 /// The push side of one run's checkpoint dir.
 #[derive(Debug, Clone)]
 pub struct Pusher {
-    tx: mpsc::UnboundedSender<oneshot::Sender<()>>,
+    tx: mpsc::UnboundedSender<(Finish, oneshot::Sender<()>)>,
 }
 
 impl Pusher {
@@ -70,17 +87,18 @@ impl Pusher {
             uploaded: HashMap::new(),
             failures: HashMap::new(),
             order: 0,
+            newest: None,
             in_store: in_store(dir),
         };
         tokio::spawn(state.run(watcher, fs_rx, rx));
         Ok(Pusher { tx })
     }
 
-    /// Rescans the dir, uploads everything not yet in the store, and returns when done (or
-    /// after a bound; what is left stays on disk for the next start of the agent).
-    pub async fn finish(&self) {
+    /// Rescans the dir, uploads what `what` asks for, and returns when done (or after a
+    /// bound; what is left stays on disk for the next start of the agent).
+    pub async fn finish(&self, what: Finish) {
         let (tx, rx) = oneshot::channel();
-        if self.tx.send(tx).is_ok() {
+        if self.tx.send((what, tx)).is_ok() {
             let _ = rx.await;
         }
     }
@@ -102,6 +120,8 @@ struct State {
     /// Failed uploads: name -> (failures so far, not before).
     failures: HashMap<String, (u32, Instant)>,
     order: u64,
+    /// The checkpoint saved last (the highest order given).
+    newest: Option<String>,
     /// Complete in the store now: name -> (bytes, save time), kept in `PUSHED_FILE`.
     in_store: std::collections::BTreeMap<String, (u64, i64)>,
 }
@@ -123,14 +143,24 @@ pub fn in_store(dir: &Path) -> std::collections::BTreeMap<String, (u64, i64)> {
         .unwrap_or_default()
 }
 
-type Upload = tokio::task::JoinHandle<(String, Result<CheckpointRecord, StoreError>)>;
+/// Whether the end of a run has what `what` waits for: `waiting`, whether any checkpoint
+/// is still pending or uploading; `newest_waiting`, whether the one saved last is.
+pub fn finished(what: Finish, waiting: bool, newest_waiting: bool) -> bool {
+    match what {
+        Finish::All => !waiting,
+        Finish::Newest => !newest_waiting,
+    }
+}
+
+type Uploaded = (String, Result<CheckpointRecord, StoreError>);
+type Upload = std::pin::Pin<Box<dyn std::future::Future<Output = Uploaded> + Send>>;
 
 impl State {
     async fn run(
         mut self,
         _watcher: notify::RecommendedWatcher,
         mut fs: mpsc::UnboundedReceiver<notify::Result<notify::Event>>,
-        mut finish: mpsc::UnboundedReceiver<oneshot::Sender<()>>,
+        mut finish: mpsc::UnboundedReceiver<(Finish, oneshot::Sender<()>)>,
     ) {
         match checkpoints::list(self.engine.store(), &self.prefix).await {
             Ok(records) => {
@@ -141,44 +171,56 @@ impl State {
             Err(e) => tracing::warn!("listing the checkpoints in {}: {e}", self.dest),
         }
         self.rescan(false);
-        let mut inflight: Option<(String, Upload)> = None;
-        let mut finishing: Option<(oneshot::Sender<()>, Instant)> = None;
+        let mut inflight: tokio::task::JoinSet<Uploaded> = tokio::task::JoinSet::new();
+        let mut uploading: Vec<String> = Vec::new();
+        let mut finishing: Option<(Finish, oneshot::Sender<()>, Instant)> = None;
         let mut tick = tokio::time::interval(TICK);
         loop {
-            if inflight.is_none() {
-                inflight = self.next_upload();
+            while uploading.len() < IN_FLIGHT
+                && let Some((name, upload)) = self.next_upload(&uploading)
+            {
+                uploading.push(name);
+                inflight.spawn(upload);
             }
-            if let Some((reply, deadline)) = finishing.take() {
-                if inflight.is_none() && self.pending.is_empty() {
+            if let Some((what, reply, deadline)) = finishing.take() {
+                if self.finished(what, &uploading) {
                     let _ = reply.send(());
+                    // What still uploads goes on while the host lasts.
+                    inflight.detach_all();
                     return;
                 }
                 if Instant::now() >= deadline {
-                    let left: Vec<_> = self.pending.keys().cloned().collect();
+                    let left: Vec<_> = self.pending.keys().chain(&uploading).cloned().collect();
                     tracing::error!(
                         "checkpoints not uploaded within {FINISH_BOUND:?}, left on disk for the agent's next start: {left:?}"
                     );
                     let _ = reply.send(());
+                    inflight.detach_all();
                     return;
                 }
-                finishing = Some((reply, deadline));
+                finishing = Some((what, reply, deadline));
             }
             tokio::select! {
                 Some(event) = fs.recv() => match event {
                     Ok(event) => self.on_event(event),
                     Err(e) => tracing::warn!("watching {}: {e}", self.dir.display()),
                 },
-                Some(reply) = finish.recv() => {
+                Some((what, reply)) = finish.recv() => {
                     self.rescan(true);
-                    finishing = Some((reply, Instant::now() + FINISH_BOUND));
+                    finishing = Some((what, reply, Instant::now() + FINISH_BOUND));
                 }
-                done = async { (&mut inflight.as_mut().expect("guarded").1).await }, if inflight.is_some() => {
-                    inflight = None;
-                    match done {
-                        Ok((name, result)) => self.on_done(name, result).await,
-                        Err(e) => tracing::error!("a checkpoint upload task failed: {e}"),
+                Some(done) = inflight.join_next(), if !inflight.is_empty() => match done {
+                    Ok((name, result)) => {
+                        uploading.retain(|n| *n != name);
+                        self.on_done(name, result).await;
                     }
-                }
+                    Err(e) => {
+                        // Not expected (an upload task panicked): forget what it held, and
+                        // the next rescan queues it again.
+                        tracing::error!("a checkpoint upload task failed: {e}");
+                        uploading.retain(|n| self.pending.contains_key(n));
+                    }
+                },
                 _ = tick.tick() => {
                     let quiet: Vec<String> = self
                         .dirty
@@ -193,6 +235,16 @@ impl State {
                 }
             }
         }
+    }
+
+    /// Whether the end of the run has what `what` waits for, with `uploading` in flight.
+    fn finished(&self, what: Finish, uploading: &[String]) -> bool {
+        let waiting = |name: &String| self.pending.contains_key(name) || uploading.contains(name);
+        finished(
+            what,
+            !self.pending.is_empty() || !uploading.is_empty(),
+            self.newest.as_ref().is_some_and(waiting),
+        )
     }
 
     /// The top-level name an event path belongs to, and whether it is that entry itself.
@@ -256,6 +308,7 @@ impl State {
         }
         self.order += 1;
         self.pending.insert(name.to_owned(), self.order);
+        self.newest = Some(name.to_owned());
     }
 
     /// Queues every checkpoint in the dir the store lacks, oldest first so the newest gets
@@ -288,13 +341,15 @@ impl State {
         }
     }
 
-    /// Starts uploading the newest pending checkpoint whose retry time has come.
-    fn next_upload(&mut self) -> Option<(String, Upload)> {
+    /// The upload of the newest pending checkpoint whose retry time has come and that is
+    /// not `uploading` already.
+    fn next_upload(&mut self, uploading: &[String]) -> Option<(String, Upload)> {
         let now = Instant::now();
         let name = loop {
             let name = self
                 .pending
                 .iter()
+                .filter(|(name, _)| !uploading.contains(*name))
                 .filter(|(name, _)| self.failures.get(*name).is_none_or(|(_, at)| *at <= now))
                 .max_by_key(|(_, order)| **order)
                 .map(|(name, _)| name.clone())?;
@@ -313,11 +368,11 @@ impl State {
             self.dir.join(&name),
             name.clone(),
         );
-        let task = tokio::spawn(async move {
+        let upload = async move {
             let result = checkpoints::push(&engine, &prefix, &key, &path).await;
             (key, result)
-        });
-        Some((name, task))
+        };
+        Some((name, Box::pin(upload)))
     }
 
     async fn on_done(&mut self, name: String, result: Result<CheckpointRecord, StoreError>) {
@@ -439,5 +494,29 @@ impl State {
         if let Err(e) = self.log.append(EventKind::Checkpoint(event)) {
             tracing::warn!("run log write failed: {e}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn what_the_end_of_a_run_waits_for() {
+        let check = |what, waiting, newest_waiting, expected: bool| {
+            assert_eq!(
+                finished(what, waiting, newest_waiting),
+                expected,
+                "{what:?} {waiting} {newest_waiting}"
+            );
+        };
+        check(Finish::All, false, false, true);
+        check(Finish::All, true, false, false);
+        check(Finish::All, true, true, false);
+        // Interrupted: an older checkpoint still uploading does not hold the end back...
+        check(Finish::Newest, true, false, true);
+        check(Finish::Newest, false, false, true);
+        // ...the newest does.
+        check(Finish::Newest, true, true, false);
     }
 }

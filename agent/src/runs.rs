@@ -840,7 +840,7 @@ fn finish_lost_run(
             let engine = data::engine(&conn, &url).map_err(anyhow::Error::msg)?;
             let dir = run_dir.join(CHECKPOINT_DIR);
             let pusher = Pusher::start(&dir, engine, url, saved.checkpoints.keep, log.clone())?;
-            pusher.finish().await;
+            pusher.finish(crate::pusher::Finish::All).await;
             anyhow::Ok(())
         }
         .await;

@@ -8,7 +8,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
 use nix::sys::signal::{Signal, killpg};
@@ -22,7 +22,7 @@ use crate::checkpoints;
 use crate::data;
 use crate::eventlog::EventLog;
 use crate::lines::{LineSplitter, Piece, Redactor};
-use crate::pusher::Pusher;
+use crate::pusher::{Finish, Pusher};
 use crate::setup::Step;
 use protocol::restart::{self, History};
 
@@ -107,6 +107,8 @@ pub struct Handle {
     /// The current process (and process group) id; 0 while none runs.
     pid: Arc<AtomicU32>,
     spot_signal: Signal,
+    /// Set by [`Handle::interrupt`]: the host is going away.
+    interrupted: Arc<AtomicBool>,
 }
 
 impl Handle {
@@ -128,6 +130,7 @@ impl Handle {
 
     /// Sends the job's spot signal to the current process group; no restart follows.
     pub fn interrupt(&self) -> bool {
+        self.interrupted.store(true, Ordering::SeqCst);
         self.tx.send(Control::Interrupt).is_ok()
     }
 
@@ -153,8 +156,9 @@ pub fn spawn(job: Job, log: Arc<EventLog>) -> Handle {
         tx,
         pid: Arc::new(AtomicU32::new(0)),
         spot_signal: job.spot_signal,
+        interrupted: Arc::default(),
     };
-    let pid = handle.pid.clone();
+    let (pid, interrupted) = (handle.pid.clone(), handle.interrupted.clone());
     tokio::spawn(async move {
         let mut pull = None;
         let end = supervise(&job, &log, rx, &pid, &mut pull).await;
@@ -175,8 +179,14 @@ pub fn spawn(job: Job, log: Arc<EventLog>) -> Handle {
             );
         }
         if let Some(pusher) = &job.pusher {
-            // Every checkpoint the run saved reaches the store before it is over.
-            pusher.finish().await;
+            // Every checkpoint the run saved reaches the store before it is over; when
+            // the host is going away, the newest one (older ones go on uploading while
+            // it lasts, and the agent's next start finishes them if the disk survives).
+            let what = match interrupted.load(Ordering::SeqCst) {
+                true => Finish::Newest,
+                false => Finish::All,
+            };
+            pusher.finish(what).await;
         }
         record_end(&log, end).await;
     });

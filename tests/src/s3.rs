@@ -94,6 +94,9 @@ pub enum Fault {
     /// reads nothing more from the client and forwards nothing either way, but stays
     /// open (a server, or a path, that hangs mid-upload). Other connections pass.
     StallUpOnceAfter(u64),
+    /// Everything sent to the server, over all connections together, paced to this many
+    /// bytes a second (a slow uplink); answers pass freely.
+    ThrottleUp(u64),
 }
 
 /// A loopback TCP proxy to `upstream` whose behaviour can be changed at any time.
@@ -104,6 +107,10 @@ pub struct FaultProxy {
     total: Arc<AtomicU64>,
     slowed: Arc<AtomicU64>,
     stalled: Arc<AtomicU64>,
+    /// Bytes sent to the server since the fault was set.
+    up: Arc<AtomicU64>,
+    /// When the throttled uplink is next free.
+    paced: Arc<tokio::sync::Mutex<tokio::time::Instant>>,
 }
 
 impl FaultProxy {
@@ -128,6 +135,8 @@ impl FaultProxy {
             total: Arc::default(),
             slowed: Arc::default(),
             stalled: Arc::default(),
+            up: Arc::default(),
+            paced: Arc::new(tokio::sync::Mutex::new(tokio::time::Instant::now())),
         };
         let this = proxy.clone();
         tokio::spawn(async move {
@@ -149,6 +158,12 @@ impl FaultProxy {
         self.total.store(0, Ordering::SeqCst);
         self.slowed.store(0, Ordering::SeqCst);
         self.stalled.store(0, Ordering::SeqCst);
+        self.up.store(0, Ordering::SeqCst);
+    }
+
+    /// Bytes sent to the server since the fault was set.
+    pub fn sent_up(&self) -> u64 {
+        self.up.load(Ordering::SeqCst)
     }
 
     /// How many connections have stalled since the fault was set.
@@ -217,7 +232,7 @@ impl FaultProxy {
                     (limit.saturating_sub(total) as usize).min(n)
                 }
                 Fault::Blackhole => 0,
-                Fault::SlowDown(_) | Fault::StallUpOnceAfter(_) => n,
+                Fault::SlowDown(_) | Fault::StallUpOnceAfter(_) | Fault::ThrottleUp(_) => n,
             };
             if allowed > 0 && cw.write_all(&buf[..allowed]).await.is_err() {
                 break;
@@ -251,12 +266,17 @@ impl FaultProxy {
                 Fault::StallUpOnceAfter(limit) if self.stalled.load(Ordering::SeqCst) == 0 => {
                     (limit.saturating_sub(carried) as usize).min(n)
                 }
+                Fault::ThrottleUp(rate) => {
+                    self.pace(n, rate).await;
+                    n
+                }
                 _ => n,
             };
             if allowed > 0 && server.write_all(&buf[..allowed]).await.is_err() {
                 break;
             }
             carried += allowed as u64;
+            self.up.fetch_add(allowed as u64, Ordering::SeqCst);
             if allowed < n {
                 if self.stalled.fetch_add(1, Ordering::SeqCst) == 0 {
                     hung.notify_one();
@@ -270,6 +290,18 @@ impl FaultProxy {
             }
         }
         let _ = server.shutdown().await;
+    }
+
+    /// Waits for the throttled uplink's turn to carry `n` bytes at `rate` bytes a second.
+    async fn pace(&self, n: usize, rate: u64) {
+        let took = std::time::Duration::from_secs_f64(n as f64 / rate.max(1) as f64);
+        let done = {
+            let mut next = self.paced.lock().await;
+            let start = (*next).max(tokio::time::Instant::now());
+            *next = start + took;
+            *next
+        };
+        tokio::time::sleep_until(done).await;
     }
 }
 

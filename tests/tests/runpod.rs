@@ -3,6 +3,7 @@
 //! running or billed, checked against the double's own state.
 
 use std::time::{Duration, Instant};
+use tests::s3::{Fault, FaultProxy};
 
 use controller::error::ErrorCode;
 use controller::provider::runpod::{
@@ -341,6 +342,18 @@ fn runpod_home_with(
     extra: &str,
 ) -> Option<(tests::Home, tests::s3::S3Env)> {
     let s3 = tests::s3::S3Env::get(test)?;
+    let endpoint = s3.endpoint.clone();
+    runpod_home_via(double, test, s3, &endpoint, extra)
+}
+
+/// [`runpod_home_with`], its store reached at `endpoint` (a fault proxy in front of it).
+fn runpod_home_via(
+    double: &RunPodDouble,
+    test: &str,
+    s3: tests::s3::S3Env,
+    endpoint: &str,
+    extra: &str,
+) -> Option<(tests::Home, tests::s3::S3Env)> {
     let Some(agent) = std::env::var("RUNCTL_STATIC_AGENT")
         .ok()
         .filter(|a| !a.is_empty())
@@ -361,7 +374,7 @@ fn runpod_home_with(
          controller_endpoint = \"127.0.0.1:{port}\"\n\
          artifacts = \"s3://{bucket}/{prefix}artifacts\"\n\
          agent_binary = \"{agent}\"\nenroll_timeout_secs = 60\n{extra}",
-        storage = s3.config_toml(&s3.endpoint),
+        storage = s3.config_toml(endpoint),
         api = double.api(),
         graphql = double.graphql(),
         bucket = s3.bucket,
@@ -754,6 +767,99 @@ fn an_interrupted_pod_signals_its_run_which_ends_interrupted_with_its_last_check
     assert_eq!(latest.as_deref(), Some("final.bin"));
     let logs = tests::stdout(&home.run(&["logs", &run]));
     assert!(logs.contains("interrupted: saving"), "{logs}");
+}
+
+#[test]
+fn a_pod_interrupted_mid_upload_still_gets_its_final_checkpoint_out_and_presents_nothing_torn() {
+    let double = RunPodDouble::start();
+    let Some(s3) = tests::s3::S3Env::get("runpod_spot_mid_upload") else {
+        return;
+    };
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let proxy = rt.block_on(FaultProxy::start(&s3.endpoint));
+    let Some((home, s3)) = runpod_home_via(
+        &double,
+        "runpod_spot_mid_upload",
+        s3,
+        &proxy.endpoint(),
+        "store_profile = \"pods\"\n",
+    ) else {
+        return;
+    };
+    let (_profile, profile_env, _) = expiring_profile(&s3, 3600);
+    let (project, base) = trainer_project(&s3, "runpod_spot_mid_upload");
+    let cue = project.path().join("cue");
+    let mut cmd = cli(&home, &s3, Some(KEY));
+    cmd.envs(profile_env);
+    let run = detach_on_pod(
+        &double,
+        cmd,
+        &["--spot"],
+        &base,
+        project.path(),
+        &[
+            "python3",
+            "pod_trainer.py",
+            "spot-big",
+            cue.to_str().expect("utf8"),
+        ],
+    );
+    let prefix = format!("{base}/{run}/");
+    home.wait_until("step-1.bin in the store", Duration::from_secs(60), || {
+        objects_under(&home, &s3, &prefix).contains("step-1.bin")
+    });
+    // A slow uplink (4 MB/s): big.bin (40 MB) takes ten seconds to upload. The spot
+    // notice comes a quarter of the way in, and the pod is killed 5 s after it.
+    proxy.set(Fault::ThrottleUp(4_000_000));
+    std::fs::write(&cue, b"").expect("cue");
+    home.wait_until(
+        "big.bin a quarter uploaded",
+        Duration::from_secs(60),
+        || proxy.sent_up() > 10_000_000,
+    );
+    let id = double.pods()[0]["id"].as_str().expect("pod id").to_owned();
+    double.interrupt(&id);
+    home.wait_until(
+        "the run to end interrupted",
+        Duration::from_secs(30),
+        || {
+            home.json(&["logs", &run])
+                .get("state")
+                .is_some_and(|s| s == "interrupted")
+        },
+    );
+    // The checkpoint saved on the signal got out ahead of the older one still uploading,
+    // and LATEST names it.
+    let (names, latest) = home.checkpoint_names(&run);
+    assert!(
+        names.contains(&"final.bin".to_owned()),
+        "{names:?}\npod: {}",
+        pod_logs(&double)
+    );
+    assert_eq!(latest.as_deref(), Some("final.bin"));
+    // big.bin is in the store whole, or not at all: never a torn object under its name.
+    proxy.set(Fault::Pass);
+    let listed = objects_under(&home, &s3, &prefix);
+    if names.contains(&"big.bin".to_owned()) {
+        let out = tempfile::tempdir().expect("tempdir");
+        let got = home.run(&[
+            "checkpoint",
+            "download",
+            &run,
+            "big.bin",
+            "--to",
+            &out.path().display().to_string(),
+        ]);
+        assert!(got.status.success(), "{}", tests::stderr(&got));
+        assert_eq!(
+            std::fs::metadata(out.path().join("big.bin"))
+                .expect("big.bin")
+                .len(),
+            40_000_000
+        );
+    } else {
+        assert!(!listed.contains("/big.bin\""), "{listed}");
+    }
 }
 
 #[test]
