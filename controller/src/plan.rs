@@ -25,6 +25,43 @@ pub fn agent_upgrade(agent: u16, ours: u16, software: &str) -> Option<String> {
     })
 }
 
+/// What the daemon does at start with an instance a previous daemon was launching when
+/// it died (its record still says launching).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InterruptedLaunch {
+    /// Wait out the rest of its enrollment window, as the launch would have; an instance
+    /// whose agent does not come is terminated then.
+    Watch,
+    /// Terminate it now, for the reason given.
+    Terminate(String),
+    /// The provider may have made it, but no record says which: find it by its name tag
+    /// and terminate it.
+    FindAndTerminate(String),
+}
+
+/// The choice for an interrupted launch of a `remote` instance (`recorded`: its cloud
+/// record was written), made for a run that has (`run_started`) or has not started, or
+/// for no run (`for_run` false: `launch`, or `run --keep`, whose instance is the user's).
+pub fn interrupted_launch(
+    remote: bool,
+    recorded: bool,
+    for_run: bool,
+    run_started: bool,
+) -> InterruptedLaunch {
+    let why = "the daemon stopped while launching it";
+    if remote && !recorded {
+        return InterruptedLaunch::FindAndTerminate(format!(
+            "{why}, before it recorded the provider's id"
+        ));
+    }
+    if for_run && !run_started {
+        return InterruptedLaunch::Terminate(format!(
+            "{why} for a run that never started (run it again)"
+        ));
+    }
+    InterruptedLaunch::Watch
+}
+
 /// How agents of a remote instance reach this daemon: directly at `direct` (UDP and TCP),
 /// through the relay at `relay`, or both.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -690,6 +727,32 @@ mod tests {
         check_power(true, true, true, true, Err("spot instance"));
         check_power(false, false, false, false, Err("not a cloud instance"));
         check_power(false, false, true, true, Err("not a cloud instance"));
+    }
+
+    #[test]
+    fn interrupted_launch_table() {
+        use InterruptedLaunch::*;
+        let check = |remote, recorded, for_run, started, expected: &str| {
+            let got = interrupted_launch(remote, recorded, for_run, started);
+            let kind = match got {
+                Watch => "watch",
+                Terminate(_) => "terminate",
+                FindAndTerminate(_) => "find",
+            };
+            assert_eq!(kind, expected, "{remote} {recorded} {for_run} {started}");
+        };
+        // A cloud instance made but not recorded: only its tag says it is ours.
+        check(true, false, false, false, "find");
+        check(true, false, true, true, "find");
+        // Made for a run that never started: nobody will use it.
+        check(true, true, true, false, "terminate");
+        check(false, false, true, false, "terminate");
+        // The user's own instance (launch, run --keep), or a run already on it: it goes
+        // on if its agent comes in time, as the launch would have.
+        check(true, true, false, false, "watch");
+        check(false, false, false, false, "watch");
+        check(true, true, true, true, "watch");
+        check(false, false, true, true, "watch");
     }
 
     #[test]

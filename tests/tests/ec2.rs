@@ -1173,6 +1173,53 @@ async fn an_instance_whose_agent_never_enrolls_is_terminated() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_daemon_killed_mid_launch_leaves_no_instance_running_unwatched() {
+    let Some(env) = ec2_env("killed_mid_launch") else {
+        return;
+    };
+    let cloud = Cloud::new(&env, "killed-mid-launch", "eu-west-3", "");
+    cloud.enroll_timeout(8);
+    let ec2 = cloud.ec2().await;
+    // One launch recorded its instance, then the daemon died while it waited for the
+    // agent (which never comes); the other died between RunInstances and recording the id.
+    let (_, watched) = cloud.launch(&["g5.xlarge"]);
+    let (unrecorded_name, unrecorded) = cloud.launch(&["g5.xlarge"]);
+    let pid = cloud.home.daemon_pid().expect("daemon pid");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill daemon");
+    cloud
+        .home
+        .wait_until("the daemon to be gone", Duration::from_secs(10), || {
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err()
+        });
+    let db = rusqlite::Connection::open(cloud.home.path().join("state.db")).expect("db");
+    db.execute(
+        "DELETE FROM cloud_instances WHERE name = ?1",
+        [&unrecorded_name],
+    )
+    .expect("forget the id");
+    drop(db);
+    // The next command brings a daemon back: it finds the unrecorded one by its name tag
+    // and ends it at once, and ends the other when its enrollment window closes.
+    let list = cloud.json(&["list"]);
+    assert_eq!(
+        list["instances"].as_array().map(Vec::len),
+        Some(2),
+        "{list}"
+    );
+    wait_state(&ec2, &unrecorded, "terminated").await;
+    wait_state(&ec2, &watched, "terminated").await;
+    assert_eq!(live(&ec2).await, 0, "no instance is left running");
+    let list = cloud.json(&["list", "--all"]);
+    for row in list["instances"].as_array().expect("instances") {
+        assert_eq!(row["instance"]["state"], "terminated", "{row}");
+    }
+}
+
 /// `relay launch` against moto: refusals first (nothing launched), then a relay with the
 /// relay's tags, IMDSv2, a public address and a group admitting its one port; runs never
 /// see it; its user-data boots the static relay, which takes this daemon's registration;

@@ -492,3 +492,103 @@ fn a_local_agent_whose_home_is_deleted_stops_redialling() {
         },
     );
 }
+
+/// A home whose local agent starts only once the file `go` exists in `scratch`, as a
+/// cloud instance takes a while to boot: a daemon killed meanwhile dies after the instance
+/// is recorded, before it enrolls.
+fn slow_booting_home(scratch: &std::path::Path) -> Home {
+    let slow = scratch.join("slow-agent");
+    std::fs::write(
+        &slow,
+        format!(
+            "#!/bin/sh\nwhile [ ! -e {go} ]; do sleep 0.1; done\nexec {agent} \"$@\"\n",
+            go = scratch.join("go").display(),
+            agent = tests::bin("runctl-agent").display()
+        ),
+    )
+    .expect("write");
+    std::fs::set_permissions(&slow, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    Home::with_config(&format!("[local]\nagent_binary = \"{}\"\n", slow.display()))
+}
+
+/// Starts `args` and SIGKILLs the daemon once `list` shows an instance launching; the
+/// command's output.
+fn kill_daemon_mid_launch(home: &Home, args: &[&str]) -> std::process::Output {
+    let cmd = home
+        .cli()
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    home.wait_until("an instance launching", Duration::from_secs(20), || {
+        home.daemon_pid().is_some() && stdout(&home.run(&["list"])).contains("launching")
+    });
+    let pid = home.daemon_pid().expect("daemon pid");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill daemon");
+    cmd.wait_with_output().expect("wait")
+}
+
+/// The state and agent pid of the only instance `list` shows.
+fn only_instance(home: &Home) -> (String, Option<i32>) {
+    let list = home.json(&["list", "--all"]);
+    let instances = list["instances"].as_array().expect("instances");
+    assert_eq!(instances.len(), 1, "{list}");
+    let instance = &instances[0]["instance"];
+    (
+        instance["state"].as_str().expect("state").to_owned(),
+        instance["pid"].as_i64().map(|p| p as i32),
+    )
+}
+
+#[test]
+fn a_daemon_killed_mid_launch_terminates_an_instance_made_for_a_run_that_never_started() {
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let home = slow_booting_home(scratch.path());
+    let out = kill_daemon_mid_launch(&home, &["run", "--", "echo", "ran"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("the daemon closed the connection"),
+        "{}",
+        stderr(&out)
+    );
+    let (_, pid) = only_instance(&home);
+    // The next command brings a daemon back; it ends the instance nobody will use, and
+    // its agent with it.
+    home.wait_until(
+        "the instance to be terminated",
+        Duration::from_secs(20),
+        || only_instance(&home).0 == "terminated",
+    );
+    let pid = pid.expect("the agent's pid was recorded");
+    home.wait_until("its agent to be gone", Duration::from_secs(10), || {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err()
+    });
+    assert_eq!(home.json(&["list"])["runs"], serde_json::json!([]));
+}
+
+#[test]
+fn a_daemon_killed_mid_launch_still_brings_up_an_instance_the_user_asked_for() {
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let home = slow_booting_home(scratch.path());
+    let out = kill_daemon_mid_launch(&home, &["launch"]);
+    assert!(!out.status.success());
+    assert_eq!(only_instance(&home).0, "launching");
+    std::fs::write(scratch.path().join("go"), b"").expect("boot");
+    // The daemon that comes back watches the launch to its end, as the first would have.
+    home.wait_until("the instance to come up", Duration::from_secs(30), || {
+        only_instance(&home).0 == "running"
+    });
+    let name = home.json(&["list"])["instances"][0]["instance"]["name"]
+        .as_str()
+        .expect("name")
+        .to_owned();
+    let ran = home.run(&["run", "--on", &name, "--", "echo", "on it"]);
+    assert!(ran.status.success(), "{}", stderr(&ran));
+    assert!(stdout(&ran).contains("on it"));
+    let _ = home.run(&["terminate", &name]);
+}

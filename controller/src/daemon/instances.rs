@@ -893,6 +893,121 @@ async fn come_up_or_go(
     Err(e)
 }
 
+/// At start: each instance a previous daemon was launching when it died goes on as its
+/// launch would have, or is terminated (`plan::interrupted_launch`). Without this a
+/// daemon killed mid-launch left an instance made for a run that never started running,
+/// and billed, with nothing watching it.
+pub(super) fn recover_launches(d: &Arc<Daemon>) {
+    let rows = match d.db.instances() {
+        Ok(rows) => rows,
+        Err(e) => {
+            tracing::error!("reading the instances at start: {e:#}");
+            return;
+        }
+    };
+    for row in rows
+        .into_iter()
+        .filter(|r| r.state == InstanceState::Launching)
+    {
+        let recorded = matches!(d.db.cloud(&row.name), Ok(Some(_)));
+        let run_started = row.for_run.as_ref().is_some_and(
+            |run| matches!(d.db.run(run), Ok(Some(r)) if r.state != RunState::Pending),
+        );
+        let choice = plan::interrupted_launch(
+            row.provider.capabilities().remote,
+            recorded,
+            row.for_run.is_some(),
+            run_started,
+        );
+        let d2 = d.clone();
+        d.tasks
+            .spawn(async move { recover_launch(&d2, row, choice).await });
+    }
+}
+
+async fn recover_launch(d: &Arc<Daemon>, row: InstanceRow, choice: plan::InterruptedLaunch) {
+    let name = &row.name;
+    match choice {
+        plan::InterruptedLaunch::Watch => {
+            tracing::info!("{name} was launching when the daemon stopped: waiting for its agent");
+            let age = Duration::from_millis(now_ms().saturating_sub(row.created_ms));
+            let started = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
+            let (quiet, _) = tokio::sync::mpsc::unbounded_channel();
+            tokio::select! {
+                () = d.shutdown.cancelled() => {}
+                _ = come_up_or_go(d, name, started, &quiet) => {}
+            }
+        }
+        plan::InterruptedLaunch::Terminate(why) => {
+            tracing::warn!("terminating {name}: {why}");
+            if let Err(e) = terminate_now(d, name).await {
+                tracing::error!(
+                    "terminating {name} failed: {}; terminate it with runctl-controller terminate {name}",
+                    e.message
+                );
+            }
+        }
+        plan::InterruptedLaunch::FindAndTerminate(why) => {
+            tracing::warn!("terminating {name} wherever its provider made it: {why}");
+            match terminate_unrecorded(d, &row).await {
+                Ok(ids) => {
+                    tracing::info!("{name}: terminated {ids:?} found by name");
+                    record_terminated(d, name, now_ms());
+                }
+                Err(e) => tracing::error!(
+                    "finding {name} at its provider failed: {}; look for it by its name (runctl-{name}) in the console",
+                    e.message
+                ),
+            }
+        }
+    }
+}
+
+/// Terminates whatever the provider holds under instance `row`'s name (its `runctl:instance`
+/// tag on EC2, its pod name on RunPod); returns the provider's ids of what it ended.
+async fn terminate_unrecorded(
+    d: &Arc<Daemon>,
+    row: &InstanceRow,
+) -> Result<Vec<String>, UserError> {
+    let name = row.name.as_str();
+    let mut ended = Vec::new();
+    match row.provider {
+        ProviderKind::Local => {}
+        ProviderKind::Ec2 => {
+            let ec2 = ec2_client(d).await?;
+            let found = ec2
+                .describe(
+                    &[],
+                    &[
+                        ec2::filter(&format!("tag:{}", ec2::INSTANCE_TAG), &[name]),
+                        ec2::filter(
+                            "instance-state-name",
+                            &["pending", "running", "stopping", "stopped"],
+                        ),
+                    ],
+                    "finding an instance by its name",
+                )
+                .await?;
+            for id in found.iter().filter_map(|i| i.instance_id()) {
+                ec2.terminate(id).await?;
+                ended.push(id.to_owned());
+            }
+        }
+        ProviderKind::Runpod => {
+            let api = runpod_client(d)?;
+            let pod_name = format!("{}{name}", runpod::launch::NAME_PREFIX);
+            for pod in api.pods().await?.into_iter().filter(|p| p.name == pod_name) {
+                match api.action(&pod.id, PodAction::Terminate).await {
+                    Err(e) if e.code == ErrorCode::NotFound => {}
+                    other => other?,
+                }
+                ended.push(pod.id);
+            }
+        }
+    }
+    Ok(ended)
+}
+
 /// Waits for the provider to say the instance runs, then for its agent; says each phase.
 async fn wait_until_enrolled(
     d: &Arc<Daemon>,

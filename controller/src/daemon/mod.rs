@@ -372,6 +372,7 @@ pub async fn serve(
         ));
     }
     runs::resume_restarts(&daemon);
+    instances::recover_launches(&daemon);
     daemon.tasks.spawn(runs::watch_relaunches(daemon.clone()));
     daemon.tasks.spawn(runs::compact_logs(daemon.clone()));
 
