@@ -25,7 +25,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -615,11 +615,11 @@ impl<S: ObjectStore + Clone + 'static> Engine<S> {
             .map(|&i| part.min(meta.size - i * part))
             .sum();
         self.progress.add_bytes(already);
-        let state = Arc::new(tokio::sync::Mutex::new((record, Instant::now())));
+        let state = Arc::new(tokio::sync::Mutex::new(record));
         let in_flight = Arc::new(Semaphore::new(self.tuning.parts_per_object.max(1)));
         let mut tasks = JoinSet::new();
         for index in 0..count {
-            if state.lock().await.0.done.contains(&index) {
+            if state.lock().await.done.contains(&index) {
                 continue;
             }
             let (engine, file, key, etag, state, record_path) = (
@@ -652,19 +652,19 @@ impl<S: ObjectStore + Clone + 'static> Engine<S> {
                     .await?;
                 engine.progress.add_bytes(len);
                 let mut guard = state.lock().await;
-                guard.0.done.insert(index);
-                // Persist progress at most once a second, data first.
-                if guard.1.elapsed() >= Duration::from_secs(1) {
-                    guard.1 = Instant::now();
-                    let record = serde_json::to_vec(&guard.0).expect("a record serializes");
-                    let (file, record_path) = (file.clone(), record_path.clone());
-                    blocking(move || {
-                        file.sync_data()
-                            .map_err(StoreError::io("syncing a partial download"))?;
-                        write_record(&record_path, &record)
-                    })
-                    .await?;
-                }
+                guard.done.insert(index);
+                // Persist progress with each part, data first, so a process killed
+                // mid-pull resumes from every part it completed (a part is at least
+                // 32 MiB: one sync each costs little). Parts in flight complete together,
+                // so a time-based throttle here recorded only the first of them.
+                let record = serde_json::to_vec(&*guard).expect("a record serializes");
+                let (file, record_path) = (file.clone(), record_path.clone());
+                blocking(move || {
+                    file.sync_data()
+                        .map_err(StoreError::io("syncing a partial download"))?;
+                    write_record(&record_path, &record)
+                })
+                .await?;
                 Ok::<u64, StoreError>(len)
             });
         }
@@ -680,7 +680,7 @@ impl<S: ObjectStore + Clone + 'static> Engine<S> {
             }
         }
         // Whatever happened, keep the record of what is held, for the next try.
-        let record = serde_json::to_vec(&state.lock().await.0).expect("a record serializes");
+        let record = serde_json::to_vec(&*state.lock().await).expect("a record serializes");
         let (f, rp) = (file.clone(), record_path.to_owned());
         let saved = blocking(move || {
             f.sync_data()

@@ -97,6 +97,9 @@ pub enum Fault {
     /// Everything sent to the server, over all connections together, paced to this many
     /// bytes a second (a slow uplink); answers pass freely.
     ThrottleUp(u64),
+    /// Everything the server sends, over all connections together, paced to this many
+    /// bytes a second (a slow downlink).
+    ThrottleDown(u64),
 }
 
 /// A loopback TCP proxy to `upstream` whose behaviour can be changed at any time.
@@ -159,6 +162,11 @@ impl FaultProxy {
         self.slowed.store(0, Ordering::SeqCst);
         self.stalled.store(0, Ordering::SeqCst);
         self.up.store(0, Ordering::SeqCst);
+    }
+
+    /// Bytes the server sent since the fault was set.
+    pub fn sent_down(&self) -> u64 {
+        self.total.load(Ordering::SeqCst)
     }
 
     /// Bytes sent to the server since the fault was set.
@@ -233,6 +241,10 @@ impl FaultProxy {
                 }
                 Fault::Blackhole => 0,
                 Fault::SlowDown(_) | Fault::StallUpOnceAfter(_) | Fault::ThrottleUp(_) => n,
+                Fault::ThrottleDown(rate) => {
+                    self.pace(n, rate).await;
+                    n
+                }
             };
             if allowed > 0 && cw.write_all(&buf[..allowed]).await.is_err() {
                 break;

@@ -438,3 +438,88 @@ fn a_checkpoint_cut_short_by_a_full_disk_is_held_back_and_latest_stays_whole() {
     assert!(!dir.join("step-2.bin").exists());
     let _ = home.run(&["terminate", instance]);
 }
+
+#[test]
+fn an_agent_killed_mid_pull_presents_nothing_partial_and_the_next_pull_resumes() {
+    let Some(env) = S3Env::get("agent killed mid-pull") else {
+        return;
+    };
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let proxy = rt.block_on(FaultProxy::start(&env.endpoint));
+    let (home, _) = s3_home(&env, &proxy.endpoint(), "killed-mid-pull");
+    let src = tempfile::tempdir().expect("tempdir");
+    // Ten parts of 32 MiB: the agent fetches eight at a time.
+    const SIZE: usize = 320 << 20;
+    std::fs::write(src.path().join("a.bin"), content("a", SIZE)).expect("write");
+    let prefix = format!("s3://{}/{}", env.bucket, S3Env::unique_prefix("pulled"));
+    run_ok(
+        &home,
+        &[
+            "s3",
+            "cp",
+            "--recursive",
+            &src.path().display().to_string(),
+            &prefix,
+        ],
+    );
+    let launched = home.json(&["launch", "--name", "pull-box"]);
+    assert_eq!(launched["connected"], true, "{launched}");
+    // A slow link (64 MB/s): the agent dies once the first eight parts are in, most of
+    // the way into the pull.
+    proxy.set(Fault::ThrottleDown(64_000_000));
+    let data = format!("{prefix}=ds");
+    let mut attached = home
+        .cli()
+        .args(["run", "--on", "pull-box", "--data", &data, "--"])
+        .args(["python3", TRAINER, "data"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("run");
+    home.wait_until("most of the pull", Duration::from_secs(60), || {
+        proxy.sent_down() > (SIZE as u64) * 85 / 100
+    });
+    home.kill_agent();
+    let run = home.json(&["list"])["runs"][0]["id"]
+        .as_str()
+        .expect("run id")
+        .to_owned();
+    let data_dir = home.path().join("local/pull-box/state/data/ds");
+    assert!(
+        !data_dir.join("a.bin").exists(),
+        "nothing partial under the real name"
+    );
+    // The agent comes back (as systemd would start it): the run is over, and says why.
+    proxy.set(Fault::Pass);
+    let mut agent = home.restart_agent("pull-box");
+    home.wait_until("the run to end", Duration::from_secs(30), || {
+        home.json(&["logs", &run])
+            .get("state")
+            .is_some_and(|s| s == "failed")
+    });
+    let _ = attached.kill();
+    let _ = attached.wait();
+    let logs = stderr(&home.run(&["logs", &run]));
+    assert!(logs.contains("agent"), "the run's end says why: {logs}");
+    // The next pull takes up where the first stopped: what arrived is not fetched again.
+    let (o, e) = run_ok(
+        &home,
+        &[
+            "run", "--on", "pull-box", "--data", &data, "--", "python3", TRAINER, "data",
+        ],
+    );
+    assert_eq!(o, format!("data ds/a.bin {SIZE}\n"), "{e}");
+    let fetched = proxy.sent_down();
+    eprintln!("the pull after the restart fetched {fetched} of {SIZE} bytes");
+    assert!(
+        fetched <= (SIZE as u64) / 4,
+        "the second pull fetched {fetched} of {SIZE} bytes"
+    );
+    assert_eq!(
+        std::fs::read(data_dir.join("a.bin")).expect("read"),
+        content("a", SIZE)
+    );
+    let _ = home.run(&["terminate", "pull-box"]);
+    let _ = agent.kill();
+    let _ = agent.wait();
+}
