@@ -3,6 +3,7 @@
 //! keeps its own tree, and the agent's store survives between runs.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use tests::{Home, SmallDisk, snapshot, stderr};
 
@@ -498,4 +499,130 @@ fn a_disk_filling_during_a_sync_fails_it_clearly_and_leaves_every_tree_whole() {
 fn free_bytes(path: &Path) -> u64 {
     let st = nix::sys::statvfs::statvfs(path).expect("statvfs");
     st.blocks_available() as u64 * st.fragment_size() as u64
+}
+
+#[test]
+fn an_agent_killed_mid_setup_saves_no_half_built_environment_and_the_next_run_sets_up_afresh() {
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let bin = scratch.path().join("bin");
+    let waiting = scratch.path().join("uv-waiting");
+    let real_uv = which("uv");
+    let Some(real_uv) = real_uv else {
+        eprintln!("SKIPPED agent killed mid-setup: no uv in PATH (scripts/test.sh installs it)");
+        return;
+    };
+    // A uv that hangs (as a big install does) until the test has killed the agent.
+    write(
+        &bin,
+        "uv",
+        format!(
+            "#!/bin/sh\ntouch {waiting}\nwhile [ ! -e {go} ]; do sleep 0.1; done\nexec {real} \"$@\"\n",
+            waiting = waiting.display(),
+            go = scratch.path().join("go").display(),
+            real = real_uv.display()
+        )
+        .as_bytes(),
+    );
+    std::fs::set_permissions(
+        bin.join("uv"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod");
+    let home = Home::new();
+    // The daemon (and so the local agent it starts) finds that uv first.
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let started = home
+        .cli()
+        .env("PATH", &path)
+        .arg("status")
+        .output()
+        .expect("status");
+    assert!(started.status.success(), "{}", stderr(&started));
+    let project = tempfile::tempdir().expect("tempdir");
+    let wheel = wheel(project.path(), "tinypkg", 7);
+    write(
+        project.path(),
+        "requirements.txt",
+        format!("./{wheel}\n").as_bytes(),
+    );
+    write(
+        project.path(),
+        "show.py",
+        b"import tinypkg\nprint('value', tinypkg.VALUE)\n",
+    );
+    let workdir = project.path().to_str().expect("utf8");
+    let mut first = home
+        .cli()
+        .args([
+            "run",
+            "--keep",
+            "--workdir",
+            workdir,
+            "--",
+            "python3",
+            "show.py",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("run");
+    home.wait_until("setup to be under way", Duration::from_secs(60), || {
+        waiting.exists()
+    });
+    let instance = instance_of(&home);
+    let run = runs_of(&home)[0].clone();
+    home.kill_agent();
+    let _ = first.kill();
+    let _ = first.wait();
+    // The hung setup step dies too, as on EC2 systemd (KillMode=mixed) ends what is left
+    // in the agent's cgroup before it starts the agent again.
+    tests::kill_processes_with_arg(&scratch.path().display().to_string());
+    let mut agent = home.restart_agent(&instance);
+    home.wait_until("the run to end as lost", Duration::from_secs(30), || {
+        home.json(&["logs", &run])
+            .get("state")
+            .is_some_and(|s| s == "failed")
+    });
+    // Nothing half-built was kept for later runs to reuse.
+    let envs = home.path().join("local").join(&instance).join("state/envs");
+    let kept: Vec<_> = std::fs::read_dir(&envs)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(kept.is_empty(), "{kept:?}");
+    // The next run sets up afresh and runs; the one after reuses what it built.
+    std::fs::write(scratch.path().join("go"), b"").expect("go");
+    let run_on = |expect_reuse: bool| {
+        let out = home.run(&[
+            "run",
+            "--on",
+            &instance,
+            "--workdir",
+            workdir,
+            "--",
+            "python3",
+            "show.py",
+        ]);
+        let err = stderr(&out);
+        assert!(out.status.success(), "{err}");
+        assert!(tests::stdout(&out).contains("value 7"));
+        assert_eq!(err.contains("environment reused"), expect_reuse, "{err}");
+        assert_eq!(err.contains("setup: "), !expect_reuse, "{err}");
+    };
+    run_on(false);
+    run_on(true);
+    let _ = home.run(&["terminate", &instance]);
+    let _ = agent.kill();
+    let _ = agent.wait();
+}
+
+fn which(program: &str) -> Option<PathBuf> {
+    std::env::var("PATH")
+        .ok()?
+        .split(':')
+        .map(|dir| Path::new(dir).join(program))
+        .find(|p| p.is_file())
 }
