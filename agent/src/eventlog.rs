@@ -12,7 +12,6 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use protocol::codec::{self, HEADER_BYTES, MAX_FRAME_BYTES};
 use protocol::{EventKind, Notice, RunEvent};
@@ -56,10 +55,7 @@ struct Writer {
 
 /// Wall-clock milliseconds since the Unix epoch (0 if the clock is before it).
 pub(crate) fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    protocol::clock::now_ms()
 }
 
 fn segment_name(first_seq: u64) -> String {

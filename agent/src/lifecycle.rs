@@ -56,7 +56,7 @@ impl std::fmt::Display for Reason {
 
 /// Now, as RFC 3339 (UTC, seconds), as EC2 writes a notice's time.
 pub fn rfc3339_now() -> String {
-    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+    humantime::format_rfc3339_seconds(protocol::clock::now()).to_string()
 }
 
 /// What a pod asks RunPod for when it powers off: `stop` (its volume kept) for a run

@@ -140,9 +140,7 @@ const RENEW_RETRY: Duration = Duration::from_secs(600);
 
 /// When, on tokio's clock, a certificate valid for `validity` is to be renewed.
 fn renew_due(validity: (u64, u64)) -> tokio::time::Instant {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    let now = protocol::clock::now_secs();
     let at = identity::renew_at(validity.0, validity.1);
     tokio::time::Instant::now() + Duration::from_secs(at.saturating_sub(now))
 }

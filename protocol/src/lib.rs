@@ -9,6 +9,7 @@
 pub mod agent_config;
 pub mod budget;
 pub mod carrier;
+pub mod clock;
 pub mod codec;
 pub mod copy;
 pub mod delta;

@@ -48,12 +48,16 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// How far before its issue an agent certificate's validity starts, for clocks that lag
-/// the controller's: `not_before` is its issue time less this.
-pub const BACKDATE: Duration = Duration::from_secs(3600);
+/// How far before its issue every certificate's validity starts (`not_before` is its issue
+/// time less this), for clocks behind the issuer's or set back since: an instance whose
+/// clock lags the laptop's, or a laptop whose clock NTP steps back after a wrong hardware
+/// clock. With an hour, a clock set back an hour refused every certificate issued in the
+/// hour before, so agents could not reconnect. Trust rests on the CA pin and the
+/// per-connection fingerprint lookup, not on `not_before`, so two days costs nothing.
+pub const BACKDATE: Duration = Duration::from_secs(2 * 86_400);
 
 fn now_offset(delta: Duration, back: bool) -> time::OffsetDateTime {
-    let now = time::OffsetDateTime::now_utc();
+    let now = time::OffsetDateTime::from(crate::clock::now());
     let delta = time::Duration::try_from(delta).unwrap_or(time::Duration::MAX);
     if back { now - delta } else { now + delta }
 }
@@ -92,7 +96,7 @@ impl CertificateAuthority {
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        params.not_before = now_offset(Duration::from_secs(3600), true);
+        params.not_before = now_offset(BACKDATE, true);
         params.not_after = now_offset(Duration::from_secs(10 * 365 * 86_400), false);
         params.serial_number = Some(random_serial());
         let cert = params.self_signed(&key)?;
@@ -143,7 +147,7 @@ impl CertificateAuthority {
             .push(DnType::CommonName, SERVER_NAME);
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.not_before = now_offset(Duration::from_secs(3600), true);
+        params.not_before = now_offset(BACKDATE, true);
         params.not_after = now_offset(Duration::from_secs(5 * 365 * 86_400), false);
         params.serial_number = Some(random_serial());
         let cert = params.signed_by(&key, &self.issuer()?)?;
@@ -192,7 +196,7 @@ impl CertificateAuthority {
             .push(DnType::CommonName, RELAY_CLIENT_NAME);
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.not_before = now_offset(Duration::from_secs(3600), true);
+        params.not_before = now_offset(BACKDATE, true);
         params.not_after = now_offset(Duration::from_secs(5 * 365 * 86_400), false);
         params.serial_number = Some(random_serial());
         let cert = params.signed_by(&key, &self.issuer()?)?;
@@ -218,7 +222,7 @@ pub fn self_signed_relay_identity() -> Result<Identity, TlsError> {
         .distinguished_name
         .push(DnType::CommonName, RELAY_NAME);
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-    params.not_before = now_offset(Duration::from_secs(3600), true);
+    params.not_before = now_offset(BACKDATE, true);
     params.not_after = now_offset(Duration::from_secs(10 * 365 * 86_400), false);
     params.serial_number = Some(random_serial());
     let cert = params.self_signed(&key)?;
@@ -389,13 +393,14 @@ pub fn server_config(
         .allow_unauthenticated()
         .build()
         .map_err(|e| TlsError::Quic(e.to_string()))?;
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(
-            vec![server.cert_der()?, ca.cert_der().clone()],
-            server.key_der()?,
-        )?;
+    let mut tls =
+        rustls::ServerConfig::builder_with_details(provider(), Arc::new(crate::clock::Clock))
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(
+                vec![server.cert_der()?, ca.cert_der().clone()],
+                server.key_der()?,
+            )?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let quic = QuicServerConfig::try_from(tls).map_err(|e| TlsError::Quic(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
@@ -423,10 +428,11 @@ pub fn client_config(
         pin: ca_pin,
         algorithms: provider().signature_verification_algorithms,
     });
-    let builder = rustls::ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .dangerous()
-        .with_custom_certificate_verifier(verifier);
+    let builder =
+        rustls::ClientConfig::builder_with_details(provider(), Arc::new(crate::clock::Clock))
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier);
     let mut tls = match client {
         Some(id) => builder.with_client_auth_cert(vec![id.cert_der()?], id.key_der()?)?,
         None => builder.with_no_client_auth(),
@@ -448,13 +454,14 @@ pub fn datagram_server_config(
     ca: &CertificateAuthority,
     server: &Identity,
 ) -> Result<rustls::ServerConfig, TlsError> {
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_no_client_auth()
-        .with_single_cert(
-            vec![server.cert_der()?, ca.cert_der().clone()],
-            server.key_der()?,
-        )?;
+    let mut tls =
+        rustls::ServerConfig::builder_with_details(provider(), Arc::new(crate::clock::Clock))
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![server.cert_der()?, ca.cert_der().clone()],
+                server.key_der()?,
+            )?;
     tls.alpn_protocols = vec![crate::carrier::ALPN_DATAGRAMS.to_vec()];
     Ok(tls)
 }
@@ -471,12 +478,13 @@ pub fn outer_client_config(
     alpn: &[u8],
     client: Option<(&Identity, &CertificateDer<'static>)>,
 ) -> Result<rustls::ClientConfig, TlsError> {
-    let builder = rustls::ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(OuterServerVerifier {
-            algorithms: provider().signature_verification_algorithms,
-        }));
+    let builder =
+        rustls::ClientConfig::builder_with_details(provider(), Arc::new(crate::clock::Clock))
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(OuterServerVerifier {
+                algorithms: provider().signature_verification_algorithms,
+            }));
     let mut tls = match client {
         Some((id, ca)) => {
             builder.with_client_auth_cert(vec![id.cert_der()?, ca.clone()], id.key_der()?)?
@@ -499,10 +507,11 @@ pub fn relay_server_config(
         pin: ca_pin,
         algorithms: provider().signature_verification_algorithms,
     });
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(vec![relay.cert_der()?], relay.key_der()?)?;
+    let mut tls =
+        rustls::ServerConfig::builder_with_details(provider(), Arc::new(crate::clock::Clock))
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(vec![relay.cert_der()?], relay.key_der()?)?;
     tls.alpn_protocols = vec![
         crate::carrier::ALPN_DATAGRAMS.to_vec(),
         crate::relay::ALPN_REGISTER.to_vec(),

@@ -92,6 +92,8 @@ pub struct Home {
     pub dir: tempfile::TempDir,
     /// The network namespace its CLI (and so its daemon) runs in, for the netns tests.
     pub netns: Option<String>,
+    /// The clock-offset file its CLI, daemon and local agents read (`protocol::clock`).
+    pub clock: Option<PathBuf>,
 }
 
 impl Default for Home {
@@ -118,7 +120,29 @@ impl Home {
             format!("[daemon]\nlisten = \"127.0.0.1:0\"\nstop_grace_secs = 3\n{extra}"),
         )
         .expect("write config");
-        Home { dir, netns: None }
+        Home {
+            dir,
+            netns: None,
+            clock: None,
+        }
+    }
+
+    /// The same home, its CLI, daemon and local agents reading their wall clock through
+    /// the test hook (`protocol::clock`), moved with [`Home::set_clock_offset`].
+    pub fn with_clock_hook(mut self) -> Self {
+        let file = self.path().join("clock-offset");
+        std::fs::write(&file, "0").expect("write clock offset");
+        self.clock = Some(file);
+        self
+    }
+
+    /// Moves the hooked wall clock to `secs` from the real one (a jump, as an NTP step
+    /// makes); every process of this home sees it at its next reading.
+    pub fn set_clock_offset(&self, secs: i64) {
+        let file = self.clock.as_ref().expect("a home with_clock_hook");
+        let tmp = file.with_extension("tmp");
+        std::fs::write(&tmp, secs.to_string()).expect("write clock offset");
+        std::fs::rename(&tmp, file).expect("move clock offset");
     }
 
     /// The same home, with its CLI and daemon run inside network namespace `netns`.
@@ -138,6 +162,9 @@ impl Home {
             .env("RUNCTL_AGENT_BIN", bin("runctl-agent"))
             .env_remove("RUNCTL_OUTPUT")
             .current_dir(repo_root());
+        if let Some(clock) = &self.clock {
+            cmd.env(protocol::clock::OFFSET_FILE_ENV, clock);
+        }
         cmd
     }
 
@@ -312,6 +339,11 @@ impl CountedRun {
             got: Vec::new(),
             total,
         }
+    }
+
+    /// The `run` process's id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Reads until `n` lines have been shown.

@@ -592,3 +592,36 @@ fn a_daemon_killed_mid_launch_still_brings_up_an_instance_the_user_asked_for() {
     assert!(stdout(&ran).contains("on it"));
     let _ = home.run(&["terminate", &name]);
 }
+
+#[test]
+fn the_clock_jumping_an_hour_forward_and_back_loses_no_line_trips_no_cap_and_breaks_no_reconnect() {
+    // One host: the daemon and the local agent read the same (hooked) wall clock.
+    let home = Home::new().with_clock_hook();
+    let mut attached = tests::CountedRun::start(&home, &["--max-hours", "1"], 300, 0.05);
+    // Whatever happens, the test ends: a run that cannot reconnect would wait forever.
+    let pid = attached.pid() as i32;
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(120));
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    });
+    attached.read(20);
+    // Forward an hour: on the wall clock the run is past its 1-hour cap.
+    home.set_clock_offset(3600);
+    attached.read(100);
+    // Back an hour and a minute: before every certificate of this home was issued. The
+    // daemon dies, and the next one and the agent must still take each other's.
+    home.set_clock_offset(-3660);
+    let daemon = home.daemon_pid().expect("daemon pid");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(daemon),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill daemon");
+    let err = attached.finish();
+    assert!(err.contains("reconnecting"), "{err}");
+    let run = home.json(&["list"])["runs"][0].clone();
+    assert_eq!(run["state"], "succeeded", "{run}");
+}

@@ -18,7 +18,7 @@ use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::Context;
 use nix::fcntl::{Flock, FlockArg};
@@ -37,10 +37,7 @@ use crate::pki::{self, Pki};
 const PORT_SETTING: &str = "quic_port";
 
 pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    protocol::clock::now_ms()
 }
 
 /// A connected agent.
