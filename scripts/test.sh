@@ -110,6 +110,6 @@ RUNCTL_STATIC_RELAY="$(scripts/build-static-agent.sh --dev --relay | tail -1)"
 export RUNCTL_STATIC_AGENT RUNCTL_STATIC_RELAY
 echo "== cargo test (property tests: ${PROPTEST_CASES:-a few hundred} cases each; a release runs PROPTEST_CASES=1000000, see README)"
 if [ -z "${RUNCTL_LONG_TESTS:-}" ]; then
-    echo "== long tests (a 10-minute partition) are SKIPPED; a release runs them with RUNCTL_LONG_TESTS=1"
+    echo "== long tests (a 10-minute partition, 20 % packet loss) are SKIPPED; a release runs them with RUNCTL_LONG_TESTS=1"
 fi
 cargo test --workspace --locked

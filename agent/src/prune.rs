@@ -4,7 +4,8 @@
 //!
 //! The rules, in order:
 //! 1. An active run loses nothing, and neither does the run about to start.
-//! 2. Ended runs beyond the newest `keep_runs` lose their trees and environments.
+//! 2. Ended runs beyond the newest `keep_runs` lose their trees and environments, and
+//!    their logs once the controller has said it stored them whole (`ControllerMsg::Stored`).
 //! 3. An ended run's checkpoints that are complete in the object store go, except its
 //!    newest `keep_local_checkpoints` (at least its newest); one not (yet) in the store
 //!    is never deleted.
@@ -39,6 +40,8 @@ pub struct RunFacts {
     /// Its tree and environment (what pruning the run frees); 0 once pruned.
     pub bytes: u64,
     pub checkpoints: Vec<CheckpointFacts>,
+    /// Its log is on disk and the controller has stored it whole.
+    pub log_stored: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,8 +71,10 @@ pub struct Facts {
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Plan {
-    /// Runs whose trees and environments go (their logs stay).
+    /// Runs whose trees and environments go.
     pub runs: Vec<RunId>,
+    /// Runs whose logs go (the controller holds them).
+    pub logs: Vec<RunId>,
     /// (run, checkpoint name) to delete from the instance's disk.
     pub checkpoints: Vec<(RunId, String)>,
     pub envs: Vec<String>,
@@ -81,6 +86,7 @@ pub struct Plan {
 impl Plan {
     pub fn is_empty(&self) -> bool {
         self.runs.is_empty()
+            && self.logs.is_empty()
             && self.checkpoints.is_empty()
             && self.envs.is_empty()
             && self.records.is_empty()
@@ -115,6 +121,9 @@ pub fn plan(facts: &Facts, limits: &Limits) -> Plan {
             out.runs.push(run.run.clone());
             pruned.insert(&run.run);
             total -= run.bytes;
+        }
+        if rank >= keep && run.log_stored {
+            out.logs.push(run.run.clone());
         }
         let mut stored: Vec<&CheckpointFacts> =
             run.checkpoints.iter().filter(|c| c.in_store).collect();
@@ -221,6 +230,7 @@ mod tests {
                     in_store: *in_store,
                 })
                 .collect(),
+            log_stored: false,
         }
     }
 
@@ -240,6 +250,46 @@ mod tests {
             budget_bytes,
             keep_local_checkpoints,
         }
+    }
+
+    #[test]
+    fn logs_go_beyond_keep_runs_once_the_controller_holds_them() {
+        let stored = |n, active, at| RunFacts {
+            log_stored: true,
+            ..run(n, active, at, 0, &[])
+        };
+        let check = |runs: Vec<RunFacts>, keep: u32, expected: &[u8]| {
+            let facts = Facts {
+                runs,
+                envs: vec![],
+                records: vec![],
+            };
+            let got = plan(&facts, &limits(keep, ROOMY, 1)).logs;
+            assert_eq!(got, expected.iter().map(|n| id(*n)).collect::<Vec<_>>());
+        };
+        // Newest first: beyond the newest one, both older logs go.
+        check(
+            vec![
+                stored(1, false, 1),
+                stored(2, false, 2),
+                stored(3, false, 3),
+            ],
+            1,
+            &[2, 1],
+        );
+        // One the controller has not confirmed stays, whatever its age.
+        check(
+            vec![
+                stored(1, false, 1),
+                run(2, false, 2, 0, &[]),
+                stored(3, false, 3),
+            ],
+            1,
+            &[1],
+        );
+        // An active run's log never goes.
+        check(vec![stored(1, true, 1), stored(2, false, 2)], 0, &[2]);
+        check(vec![stored(1, false, 1)], 1, &[]);
     }
 
     #[test]

@@ -191,14 +191,26 @@ impl Runs {
 
     /// Prunes ended runs' files (see `prune`); blocking.
     pub fn prune(&self) -> protocol::DiskUse {
-        self.workspace.prune(&self.active_set())
+        let used = self.workspace.prune(&self.active_set());
+        self.forget_pruned_logs();
+        used
+    }
+
+    /// Closes the logs pruning deleted (ended runs the controller holds).
+    fn forget_pruned_logs(&self) {
+        let runs_dir = self.runs_dir.clone();
+        self.lock().retain(|run, entry| {
+            !entry.log.cursor().ended || runs_dir.join(run.as_str()).join(LOG_DIR).exists()
+        });
     }
 
     /// Prunes, then refuses unless there is room for `run` to start; blocking.
     pub fn make_room(&self, run: &RunId) -> Result<(), String> {
         let mut active = self.active_set();
         active.insert(run.clone());
-        self.workspace.make_room(&active)
+        let room = self.workspace.make_room(&active);
+        self.forget_pruned_logs();
+        room
     }
 
     pub fn active(&self) -> u32 {
@@ -644,6 +656,22 @@ impl Runs {
             {
                 tracing::warn!("run log write failed: {e}");
             }
+        }
+    }
+
+    /// The controller has stored `run`'s events through `seq`: once that covers the whole
+    /// of an ended log, the run is marked so pruning may delete the log.
+    pub fn mark_stored(&self, run: &RunId, seq: u64) {
+        let Some(log) = self.log(run) else { return };
+        let cursor = log.cursor();
+        if !cursor.ended || seq < cursor.last_seq {
+            return;
+        }
+        let mark = self.run_dir(run).join(crate::workspace::STORED_MARK);
+        if !mark.exists()
+            && let Err(e) = std::fs::write(&mark, b"")
+        {
+            tracing::warn!(%run, "marking the run's log as stored: {e}");
         }
     }
 

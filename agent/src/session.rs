@@ -286,6 +286,9 @@ pub async fn serve(
                     }
                     _ => tracing::warn!("ignoring a certificate this agent did not ask for"),
                 },
+                ControllerMsg::Stored { run, through_seq } => {
+                    runs.mark_stored(&run, through_seq);
+                }
                 ControllerMsg::Hello(_) | ControllerMsg::Enrolled { .. } => {
                     tracing::warn!("ignoring an out-of-place message from the controller");
                 }

@@ -47,6 +47,9 @@ impl Default for DiskLimits {
 
 /// Marks a run directory whose tree and environment were pruned.
 const PRUNED_MARK: &str = "pruned";
+/// Marks a run directory whose ended log the controller has stored whole (it stays after
+/// the log is pruned: the run started, and is not a tree waiting for its start).
+pub const STORED_MARK: &str = "log-stored";
 /// What pruning a run removes from its directory.
 const PRUNABLE: &[&str] = &[
     "work",
@@ -116,6 +119,7 @@ impl Workspace {
         if !plan.is_empty() {
             tracing::info!(
                 runs = plan.runs.len(),
+                logs = plan.logs.len(),
                 checkpoints = plan.checkpoints.len(),
                 envs = plan.envs.len(),
                 records = plan.records.len(),
@@ -125,6 +129,11 @@ impl Workspace {
         for run in &plan.runs {
             if let Err(e) = self.prune_run(run) {
                 tracing::warn!(%run, "pruning the run's tree: {e}");
+            }
+        }
+        for run in &plan.logs {
+            if let Err(e) = trash_and_remove(&self.run_dir(run), LOG_DIR) {
+                tracing::warn!(%run, "deleting the run's log (the controller holds it): {e}");
             }
         }
         for (run, name) in &plan.checkpoints {
@@ -197,7 +206,9 @@ impl Workspace {
                 newest_mtime_ms(&log).unwrap_or_else(|| newest_mtime_ms(&dir).unwrap_or(0));
             // A tree synced for a run that has not started yet (or is being synced now)
             // counts as active for a day.
-            let unstarted = !log.exists() && now.saturating_sub(last_used_ms) < 86_400_000;
+            let unstarted = !log.exists()
+                && !dir.join(STORED_MARK).exists()
+                && now.saturating_sub(last_used_ms) < 86_400_000;
             let is_active = active.contains(&run) || unstarted;
             let bytes = if dir.join(PRUNED_MARK).exists() {
                 0
@@ -230,6 +241,7 @@ impl Workspace {
                 last_used_ms,
                 bytes,
                 checkpoints,
+                log_stored: log.exists() && dir.join(STORED_MARK).exists(),
             });
         }
         for (saved, used, _) in self.envs.list() {
@@ -270,7 +282,9 @@ impl Workspace {
                 };
                 disk.runs += 1;
                 let dir = entry.path();
-                let ended = dir.join(LOG_DIR).exists() && !active.contains(&run);
+                // Started (a log, or one the controller holds and pruning deleted) and over.
+                let started = dir.join(LOG_DIR).exists() || dir.join(STORED_MARK).exists();
+                let ended = started && !active.contains(&run);
                 disk.ended_runs += u32::from(ended);
                 disk.envs_bytes += du.add(&dir.join("venv"));
                 disk.checkpoints_bytes += du.add(&dir.join(CHECKPOINT_DIR));

@@ -34,4 +34,4 @@ pub use stats::{GpuStats, HostStats, RunStats, StatsSample};
 
 /// The version of the agent-controller protocol this build speaks. Bump it on any change
 /// to the messages; the golden encodings in `message` tests make such a change visible.
-pub const PROTOCOL_VERSION: u16 = 12;
+pub const PROTOCOL_VERSION: u16 = 13;

@@ -56,6 +56,9 @@ pub enum Feature {
     /// The agent's certificate is renewed over its session, well before it expires, with
     /// no token (`AgentMsg::Renew`, `ControllerMsg::Renewed`).
     Renew,
+    /// The controller says when it has stored an ended run's whole log
+    /// (`ControllerMsg::Stored`), so the agent may delete its own copy when it prunes.
+    Stored,
 }
 
 impl Feature {
@@ -69,6 +72,7 @@ impl Feature {
         Feature::Launcher,
         Feature::StartAgain,
         Feature::Renew,
+        Feature::Stored,
     ];
 
     pub fn name(self) -> &'static str {
@@ -82,6 +86,7 @@ impl Feature {
             Feature::Launcher => "launcher",
             Feature::StartAgain => "start-again",
             Feature::Renew => "renew",
+            Feature::Stored => "stored",
         }
     }
 }
@@ -246,6 +251,13 @@ pub enum ControllerMsg {
     /// The certificate issued in answer to `Renew` (feature `renew`).
     Renewed {
         cert_der: Vec<u8>,
+    },
+    /// The controller has stored the events of `run` through `through_seq` (feature
+    /// `stored`): sent once it has stored an ended run's `Ended`, and when a session starts
+    /// for each ended run it holds whole. The agent's log of that run is then only a copy.
+    Stored {
+        run: RunId,
+        through_seq: u64,
     },
 }
 
@@ -959,6 +971,10 @@ mod tests {
             }),
             ControllerMsg::Renewed {
                 cert_der: vec![0x30, 0x82, 3, 4],
+            },
+            ControllerMsg::Stored {
+                run: run_id(),
+                through_seq: 812,
             },
         ];
         let bulk = [

@@ -438,6 +438,28 @@ fn the_relay_killed_and_restarted_mid_run_loses_and_repeats_no_line() {
     drop(agent);
 }
 
+/// Writes `count` blobs of 2 MiB of incompressible bytes into `root`, and `check.py`,
+/// which prints each one's SHA-256; returns what it must print.
+fn blobs(root: &std::path::Path, count: u64) -> Vec<String> {
+    let mut expected = Vec::new();
+    for i in 0..count {
+        let mut data = vec![0u8; 2 * 1024 * 1024];
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15 ^ i;
+        for chunk in data.chunks_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+        }
+        let name = format!("blob-{i:03}.bin");
+        expected.push(format!("{} {name}", sha256_hex(&data)));
+        std::fs::write(root.join(&name), &data).expect("write");
+    }
+    let check = "import glob, hashlib\nfor p in sorted(glob.glob('blob-*.bin')):\n    print(hashlib.sha256(open(p, 'rb').read()).hexdigest(), p)\n";
+    std::fs::write(root.join("check.py"), check).expect("write");
+    expected
+}
+
 #[test]
 fn five_percent_loss_during_a_100_mb_sync_still_delivers_the_tree_exactly() {
     let Some(s) = setup("d", None) else { return };
@@ -447,29 +469,182 @@ fn five_percent_loss_during_a_100_mb_sync_still_delivers_the_tree_exactly() {
         "table inet loss {\n  chain lossy {\n    type filter hook forward priority 0;\n    meta l4proto udp numgen random mod 100 < 5 drop\n  }\n}\n",
     );
     let root = tempfile::tempdir().expect("tempdir");
-    for i in 0..50 {
-        let mut data = vec![0u8; 2 * 1024 * 1024];
-        let mut x: u64 = 0x9e37_79b9_7f4a_7c15 ^ i;
-        for chunk in data.chunks_mut(8) {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
-        }
-        let name = format!("blob-{i:02}.bin");
-        std::fs::write(root.path().join(&name), &data).expect("write");
-    }
-    let check = "import glob, hashlib\nfor p in sorted(glob.glob('blob-*.bin')):\n    print(hashlib.sha256(open(p, 'rb').read()).hexdigest(), p)\n";
-    std::fs::write(root.path().join("check.py"), check).expect("write");
+    let local = blobs(root.path(), 50);
     let (out, errors) = run_on(&s.home, root.path(), &["python3", "check.py"]);
-    let local: Vec<String> = (0..50)
-        .map(|i| {
-            let name = format!("blob-{i:02}.bin");
-            let data = std::fs::read(root.path().join(&name)).expect("read");
-            format!("{} {name}", sha256_hex(&data))
-        })
-        .collect();
     assert_eq!(out.lines().collect::<Vec<_>>(), local, "{errors}");
+    drop(s.relay);
+}
+
+/// SeaweedFS inside `pub`, at 198.18.1.1: a store the agent reaches only across its NAT
+/// (and whatever loss the test puts there), and the daemon across its own.
+struct PubStore {
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+impl PubStore {
+    const ENDPOINT: &str = "http://198.18.1.1:8333";
+
+    fn start(net: &Net) -> Option<PubStore> {
+        let Ok(weed) = which_weed() else {
+            eprintln!("SKIPPED: no `weed` (scripts/test.sh installs SeaweedFS)");
+            return None;
+        };
+        let dir = tempfile::tempdir().expect("tempdir");
+        let child = Command::new("ip")
+            .args(["netns", "exec", &net.ns("pub")])
+            .arg(weed)
+            .args([
+                "mini",
+                "-ip=198.18.1.1",
+                "-ip.bind=0.0.0.0",
+                "-s3.port=8333",
+            ])
+            .args(["-s3.autoCreateBucket=false", "-admin.ui=false"])
+            .args(["-s3.port.iceberg=0", "-s3.port.lance=0"])
+            .arg(format!("-dir={}", dir.path().display()))
+            .env("S3_BUCKET", "runctl-test")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start weed");
+        Some(PubStore { child, _dir: dir })
+    }
+}
+
+impl Drop for PubStore {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn which_weed() -> Result<std::path::PathBuf, ()> {
+    std::env::var("PATH")
+        .unwrap_or_default()
+        .split(':')
+        .map(|d| std::path::Path::new(d).join("weed"))
+        .find(|p| p.is_file())
+        .ok_or(())
+}
+
+#[test]
+fn five_percent_loss_during_a_200_mb_sync_and_a_1_gib_checkpoint_delivers_both_exactly() {
+    lossy_sync_and_checkpoint("l", 5);
+}
+
+/// The same at 20 % loss: a long test, run before a release (`RUNCTL_LONG_TESTS=1`).
+#[test]
+fn twenty_percent_loss_during_a_200_mb_sync_and_a_1_gib_checkpoint_delivers_both_exactly() {
+    if std::env::var_os("RUNCTL_LONG_TESTS").is_none() {
+        eprintln!("SKIPPED: a long test (20 % loss); run it with RUNCTL_LONG_TESTS=1");
+        return;
+    }
+    lossy_sync_and_checkpoint("m", 20);
+}
+
+/// A run whose agent loses `percent` of its packets, both ways and every kind (QUIC to
+/// the daemon, TCP to the store): a 200 MB tree arrives exactly, and the 1 GiB checkpoint
+/// it saves reaches the store whole and comes back byte for byte.
+fn lossy_sync_and_checkpoint(tag: &str, percent: u32) {
+    let Some(s) = setup(tag, None) else { return };
+    let Some(_store) = PubStore::start(&s.net) else {
+        return;
+    };
+    let config = s.home.path().join("config.toml");
+    let text = std::fs::read_to_string(&config).expect("config");
+    std::fs::write(
+        &config,
+        format!(
+            "{text}[storage]\nbackend = \"s3\"\nendpoint_url = \"{}\"\nregion = \"us-east-1\"\nforce_path_style = true\ncheckpoints = \"s3://runctl-test/lossy-{tag}\"\n",
+            PubStore::ENDPOINT
+        ),
+    )
+    .expect("config");
+    // The config is read when the daemon starts: start it again with the store.
+    let _ = s.home.run(&["shutdown"]);
+    s.home
+        .wait_until("the store in pub", Duration::from_secs(60), || {
+            s.home
+                .run(&["s3", "ls", "s3://runctl-test/"])
+                .status
+                .success()
+        });
+    wait_for_path(&s.home, "n1", "udp via relay", Duration::from_secs(30));
+    s.net.nft(
+        "anat",
+        &format!(
+            "table inet loss {{\n  chain lossy {{\n    type filter hook forward priority 0;\n    numgen random mod 100 < {percent} counter drop\n  }}\n}}\n"
+        ),
+    );
+    let root = tempfile::tempdir().expect("tempdir");
+    let local = blobs(root.path(), 100);
+    let save = "import hashlib, os, random\nblock = random.Random(7).randbytes(1 << 20)\nckpt = os.environ['RUNCTL_CHECKPOINT_DIR']\nh = hashlib.sha256()\nwith open(os.path.join(ckpt, '.big'), 'wb') as f:\n    for _ in range(1024):\n        f.write(block)\n        h.update(block)\nos.rename(os.path.join(ckpt, '.big'), os.path.join(ckpt, 'big.bin'))\nprint('saved', h.hexdigest(), flush=True)\n";
+    std::fs::write(root.path().join("save.py"), save).expect("write");
+    let started = std::time::Instant::now();
+    let (out, errors) = run_on(
+        &s.home,
+        root.path(),
+        &["sh", "-c", "python3 check.py && python3 save.py"],
+    );
+    eprintln!(
+        "{percent} % loss: 200 MB synced, checked, 1 GiB saved and pushed in {:?}",
+        started.elapsed()
+    );
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        lines[..100],
+        local.iter().map(String::as_str).collect::<Vec<_>>()[..],
+        "{errors}"
+    );
+    let saved = lines[100]
+        .strip_prefix("saved ")
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(
+        errors.contains("runctl: checkpoint big.bin saved to s3://"),
+        "{errors}"
+    );
+    // Back from the store (the daemon's side has no loss), byte for byte.
+    let run = s.home.json(&["list"])["runs"][0]["id"]
+        .as_str()
+        .expect("run id")
+        .to_owned();
+    let back = tempfile::tempdir().expect("tempdir");
+    let got = s.home.run(&[
+        "checkpoint",
+        "download",
+        &run,
+        "big.bin",
+        "--to",
+        &back.path().display().to_string(),
+    ]);
+    assert!(got.status.success(), "{}", stderr(&got));
+    let data = std::fs::read(back.path().join("big.bin")).expect("read");
+    assert_eq!(data.len(), 1 << 30);
+    assert_eq!(sha256_hex(&data), saved);
+    // The loss was real: the kernel dropped packets of this run.
+    let listed = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &s.net.ns("anat"),
+            "nft",
+            "list",
+            "table",
+            "inet",
+            "loss",
+        ])
+        .output()
+        .expect("nft list");
+    let listed = String::from_utf8_lossy(&listed.stdout).into_owned();
+    let dropped: u64 = listed
+        .split("packets ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no counter in {listed}"));
+    eprintln!("{percent} % loss: the kernel dropped {dropped} packets");
+    assert!(dropped > 10_000, "{listed}");
     drop(s.relay);
 }
 

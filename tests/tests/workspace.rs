@@ -345,8 +345,17 @@ fn pruning_keeps_the_newest_runs_and_the_newest_checkpoint_and_survives_a_crash(
         std::time::Duration::from_secs(20),
         || runs.iter().all(|r| checkpoints(r) == ["step-2.pt"]),
     );
-    // The newest run is whole; every run's log is still there to read.
+    // The newest run is whole. The older runs' logs are gone from the instance once the
+    // controller said it stored them (the newest keeps its own), and every run's log is
+    // still there to read, from the controller.
     assert!(dir(&runs[2]).join("work/save.py").is_file());
+    home.wait_until(
+        "the older runs' logs deleted from the instance",
+        std::time::Duration::from_secs(20),
+        || !dir(&runs[0]).join("log").exists() && !dir(&runs[1]).join("log").exists(),
+    );
+    assert!(dir(&runs[2]).join("log").exists());
+    assert!(dir(&runs[0]).join("log-stored").exists());
     for run in &runs {
         let out = home.run(&["logs", run]);
         assert!(tests::stdout(&out).contains("saved"), "{}", stderr(&out));

@@ -249,18 +249,10 @@ async fn enroll(
             return refuse(conn, &mut send, refusal.to_wire()).await;
         }
     };
-    let lifetime = d.config.daemon.agent_cert_lifetime();
-    let cert = match d.pki.ca.sign_agent_csr(&csr_der, &instance, lifetime) {
+    let cert = match issue_cert(d, &instance, &csr_der) {
         Ok(cert) => cert,
-        Err(e) => {
-            let e = WireError::new(
-                ErrorKind::BadRequest,
-                format!("the certificate request is invalid: {e}"),
-            );
-            return refuse(conn, &mut send, e).await;
-        }
+        Err(e) => return refuse(conn, &mut send, e).await,
     };
-    d.db.record_cert(protocol::Fingerprint::of_der(&cert), &instance, now_ms())?;
     tracing::info!("enrolled {instance}");
     write_frame(&mut send, &ControllerMsg::Hello(ours)).await?;
     write_frame(
@@ -293,6 +285,7 @@ async fn serve_agent(
     let store = theirs.has(protocol::Feature::Store);
     let handed = theirs.has(protocol::Feature::StoreCredentials);
     let (theirs_version, theirs_software) = (theirs.protocol_version, theirs.software.clone());
+    let theirs_stored = theirs.has(protocol::Feature::Stored);
     let runs = match read_frame::<_, AgentMsg>(&mut recv).await {
         Ok(Some(AgentMsg::Ready { runs })) => runs,
         Ok(Some(_)) => {
@@ -348,7 +341,7 @@ async fn serve_agent(
     );
 
     // Written before the loop starts draining `rx`, so they go straight to the stream.
-    for msg in reconcile(d, &instance, &runs)? {
+    for msg in reconcile(d, &instance, &runs, theirs_stored)? {
         write_frame(&mut send, &msg).await?;
     }
 
@@ -434,29 +427,47 @@ async fn serve_agent(
 /// session's certificate was checked against the database when it connected, so a
 /// revoked instance never gets here.
 fn renew(d: &Daemon, instance: &InstanceName, csr_der: &[u8]) -> ControllerMsg {
+    match issue_cert(d, instance, csr_der) {
+        Ok(cert) => {
+            tracing::info!(
+                "renewed {instance}'s certificate for {:?}",
+                d.config.daemon.agent_cert_lifetime()
+            );
+            ControllerMsg::Renewed {
+                cert_der: cert.to_vec(),
+            }
+        }
+        Err(e) => ControllerMsg::Error(e),
+    }
+}
+
+/// Signs `csr_der` for `instance` (the configured lifetime) and records the certificate,
+/// so the next connection with it is let in: enrollment and renewal alike.
+fn issue_cert(
+    d: &Daemon,
+    instance: &InstanceName,
+    csr_der: &[u8],
+) -> Result<rustls::pki_types::CertificateDer<'static>, WireError> {
     let lifetime = d.config.daemon.agent_cert_lifetime();
-    let cert = match d.pki.ca.sign_agent_csr(csr_der, instance, lifetime) {
-        Ok(cert) => cert,
-        Err(e) => {
-            return ControllerMsg::Error(WireError::new(
+    let cert = d
+        .pki
+        .ca
+        .sign_agent_csr(csr_der, instance, lifetime)
+        .map_err(|e| {
+            WireError::new(
                 ErrorKind::BadRequest,
                 format!("the certificate request is invalid: {e}"),
-            ));
-        }
-    };
-    if let Err(e) =
-        d.db.record_cert(protocol::Fingerprint::of_der(&cert), instance, now_ms())
-    {
-        tracing::error!("recording {instance}'s renewed certificate failed: {e:#}");
-        return ControllerMsg::Error(WireError::new(
-            ErrorKind::BadRequest,
-            "the controller could not record a new certificate; the current one stays",
-        ));
-    }
-    tracing::info!("renewed {instance}'s certificate for {lifetime:?}");
-    ControllerMsg::Renewed {
-        cert_der: cert.to_vec(),
-    }
+            )
+        })?;
+    d.db.record_cert(protocol::Fingerprint::of_der(&cert), instance, now_ms())
+        .map_err(|e| {
+            tracing::error!("recording {instance}'s certificate failed: {e:#}");
+            WireError::new(
+                ErrorKind::Internal,
+                "the controller could not record the certificate; try again",
+            )
+        })?;
+    Ok(cert)
 }
 
 /// The replays that fetch every event the database is missing; runs the agent no longer
@@ -465,6 +476,7 @@ fn reconcile(
     d: &Arc<Daemon>,
     instance: &InstanceName,
     cursors: &[RunCursor],
+    stored_acks: bool,
 ) -> anyhow::Result<Vec<ControllerMsg>> {
     let mut replays = Vec::new();
     for cursor in cursors {
@@ -485,6 +497,12 @@ fn reconcile(
             replays.push(ControllerMsg::Replay {
                 run: cursor.run.clone(),
                 after_seq: have,
+            });
+        } else if stored_acks {
+            // Held whole here: the agent's copy may go when it prunes.
+            replays.push(ControllerMsg::Stored {
+                run: cursor.run.clone(),
+                through_seq: have,
             });
         }
         // A stop asked for while the agent was out of reach is delivered now.

@@ -131,6 +131,9 @@ fn store(d: &Arc<Daemon>, batch: Vec<Incoming>) {
                             .events
                             .iter()
                             .any(|e| matches!(e.kind, protocol::EventKind::Ended(_)));
+                        if node_ended {
+                            ack_stored(d, o);
+                        }
                         if stored.ended.is_some() || node_ended {
                             super::runs::after_node_end(d, &o.row, stored);
                         }
@@ -151,6 +154,35 @@ fn store(d: &Arc<Daemon>, batch: Vec<Incoming>) {
     }
     for done in flushes {
         let _ = done.send(());
+    }
+}
+
+/// Tells an agent that announced `stored` that its node's log of a run, through its
+/// `Ended`, is committed here. Best effort: a full queue drops it, and the next session's
+/// reconciliation says it again.
+fn ack_stored(d: &Daemon, o: &Owned) {
+    let Some(last) = o.events.last() else { return };
+    if !d
+        .agent(&o.instance)
+        .is_some_and(|link| link.hello.has(protocol::Feature::Stored))
+    {
+        return;
+    }
+    // What the database holds through, not what this batch carried.
+    let through_seq = match d.db.last_seq(&o.row.id, o.source) {
+        Ok(have) if have >= last.seq => have,
+        _ => return,
+    };
+    let ack = ControllerMsg::Stored {
+        run: o.row.id.clone(),
+        through_seq,
+    };
+    if o.reply.try_send(ack).is_err() {
+        tracing::debug!(
+            "could not tell {} that run {} is stored",
+            o.instance,
+            o.row.id
+        );
     }
 }
 

@@ -34,7 +34,7 @@ const SOCKET_ENV: &str = "RUNCTL_SWARM_SOCKET";
 /// The features the current protocol added over the previous one: an agent of the
 /// previous protocol (`--previous-protocol`) does not announce them. Keep in step with
 /// `protocol::PROTOCOL_VERSION`.
-const ADDED_IN_CURRENT: &[&str] = &["renew"];
+const ADDED_IN_CURRENT: &[&str] = &["stored"];
 /// Events per `Events` frame at most (an agent bounds its batches by bytes; these lines
 /// are about 90 bytes, so this is well under its 512 KiB).
 const BATCH_EVENTS: u64 = 1000;
