@@ -644,7 +644,7 @@ fn lossy_sync_and_checkpoint(tag: &str, percent: u32) {
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no counter in {listed}"));
     eprintln!("{percent} % loss: the kernel dropped {dropped} packets");
-    assert!(dropped > 10_000, "{listed}");
+    assert!(dropped > 1_000, "{listed}");
     drop(s.relay);
 }
 
