@@ -693,6 +693,19 @@ impl Db {
     }
 
     /// The instance a certificate was issued to, and whether it has been revoked.
+    /// Whether an agent of `instance` has ever enrolled (a certificate was issued to it).
+    pub fn has_enrolled(&self, instance: &InstanceName) -> anyhow::Result<bool> {
+        let conn = self.read();
+        let found: Option<i64> = conn
+            .query_row(
+                "SELECT 1 FROM certs WHERE instance = ?1 LIMIT 1",
+                [instance.as_str()],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(found.is_some())
+    }
+
     pub fn cert(&self, fingerprint: Fingerprint) -> anyhow::Result<Option<(InstanceName, bool)>> {
         let row: Option<(String, Option<u64>)> = self
             .lock()

@@ -37,29 +37,48 @@ pub enum InterruptedLaunch {
     /// The provider may have made it, but no record says which: find it by its name tag
     /// and terminate it.
     FindAndTerminate(String),
+    /// Nothing: it is a stopped instance started again (its agent has enrolled before and
+    /// comes back, or the user acts), or its run's own machinery (a relaunch, a gang
+    /// restart) owns it.
+    Leave,
+}
+
+/// Whom an instance was launched for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LaunchedFor {
+    /// The user (`launch`, `run --keep`): the instance is theirs.
+    User,
+    /// A run that has never started (`run` starts it once the instance is up).
+    UnstartedRun,
+    /// A run that has started before (a spot relaunch's replacement, a gang's node).
+    Run,
 }
 
 /// The choice for an interrupted launch of a `remote` instance (`recorded`: its cloud
-/// record was written), made for a run that has (`run_started`) or has not started, or
-/// for no run (`for_run` false: `launch`, or `run --keep`, whose instance is the user's).
+/// record was written; `enrolled`: an agent of it has enrolled before, so this is a start
+/// after a stop), launched `for` whom.
 pub fn interrupted_launch(
     remote: bool,
     recorded: bool,
-    for_run: bool,
-    run_started: bool,
+    enrolled: bool,
+    launched_for: LaunchedFor,
 ) -> InterruptedLaunch {
     let why = "the daemon stopped while launching it";
+    if enrolled {
+        return InterruptedLaunch::Leave;
+    }
     if remote && !recorded {
         return InterruptedLaunch::FindAndTerminate(format!(
             "{why}, before it recorded the provider's id"
         ));
     }
-    if for_run && !run_started {
-        return InterruptedLaunch::Terminate(format!(
+    match launched_for {
+        LaunchedFor::UnstartedRun => InterruptedLaunch::Terminate(format!(
             "{why} for a run that never started (run it again)"
-        ));
+        )),
+        LaunchedFor::User => InterruptedLaunch::Watch,
+        LaunchedFor::Run => InterruptedLaunch::Leave,
     }
-    InterruptedLaunch::Watch
 }
 
 /// How agents of a remote instance reach this daemon: directly at `direct` (UDP and TCP),
@@ -732,27 +751,37 @@ mod tests {
     #[test]
     fn interrupted_launch_table() {
         use InterruptedLaunch::*;
-        let check = |remote, recorded, for_run, started, expected: &str| {
-            let got = interrupted_launch(remote, recorded, for_run, started);
+        use LaunchedFor::*;
+        let check = |remote, recorded, enrolled, launched_for, expected: &str| {
+            let got = interrupted_launch(remote, recorded, enrolled, launched_for);
             let kind = match got {
                 Watch => "watch",
                 Terminate(_) => "terminate",
                 FindAndTerminate(_) => "find",
+                Leave => "leave",
             };
-            assert_eq!(kind, expected, "{remote} {recorded} {for_run} {started}");
+            assert_eq!(
+                kind, expected,
+                "{remote} {recorded} {enrolled} {launched_for:?}"
+            );
         };
         // A cloud instance made but not recorded: only its tag says it is ours.
-        check(true, false, false, false, "find");
-        check(true, false, true, true, "find");
+        check(true, false, false, User, "find");
+        check(true, false, false, UnstartedRun, "find");
+        check(true, false, false, Run, "find");
         // Made for a run that never started: nobody will use it.
-        check(true, true, true, false, "terminate");
-        check(false, false, true, false, "terminate");
-        // The user's own instance (launch, run --keep), or a run already on it: it goes
-        // on if its agent comes in time, as the launch would have.
-        check(true, true, false, false, "watch");
-        check(false, false, false, false, "watch");
-        check(true, true, true, true, "watch");
-        check(false, false, true, true, "watch");
+        check(true, true, false, UnstartedRun, "terminate");
+        check(false, false, false, UnstartedRun, "terminate");
+        // The user's own: it goes on if its agent comes in time, as the launch would have.
+        check(true, true, false, User, "watch");
+        check(false, false, false, User, "watch");
+        // A run's replacement or node: the run's own machinery owns it.
+        check(true, true, false, Run, "leave");
+        // Started again after a stop (its agent enrolled before): never terminated here,
+        // however long its agent takes.
+        check(true, true, true, User, "leave");
+        check(true, true, true, UnstartedRun, "leave");
+        check(true, false, true, User, "leave");
     }
 
     #[test]

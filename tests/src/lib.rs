@@ -422,6 +422,19 @@ fn walk(
     }
 }
 
+/// `len` bytes that do not compress (xorshift from `seed`): the same for the same seed.
+pub fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut data = vec![0u8; len];
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15 ^ seed;
+    for chunk in data.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+    }
+    data
+}
+
 /// A small tmpfs mounted over `dir` (created if missing), unmounted (lazily, so a process
 /// still in it does not keep it) on drop: a disk that fills on cue.
 #[derive(Debug)]

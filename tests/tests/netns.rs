@@ -443,14 +443,7 @@ fn the_relay_killed_and_restarted_mid_run_loses_and_repeats_no_line() {
 fn blobs(root: &std::path::Path, count: u64) -> Vec<String> {
     let mut expected = Vec::new();
     for i in 0..count {
-        let mut data = vec![0u8; 2 * 1024 * 1024];
-        let mut x: u64 = 0x9e37_79b9_7f4a_7c15 ^ i;
-        for chunk in data.chunks_mut(8) {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
-        }
+        let data = tests::noise(2 * 1024 * 1024, i);
         let name = format!("blob-{i:03}.bin");
         expected.push(format!("{} {name}", sha256_hex(&data)));
         std::fs::write(root.join(&name), &data).expect("write");

@@ -714,6 +714,25 @@ fn a_pod_is_handed_store_credentials_renewed_and_waits_for_them_while_the_laptop
     });
 }
 
+/// Starts `argv` of the pod trainer's project (made for `test`), detached, on a new pod
+/// with `extra` launch options, its store credentials from an expiring profile: the run's
+/// id, the project, the checkpoint base, and the profile (kept alive by the caller).
+fn trainer_on_pod(
+    double: &RunPodDouble,
+    home: &tests::Home,
+    s3: &tests::s3::S3Env,
+    test: &str,
+    extra: &[&str],
+    argv: &[&str],
+) -> (String, tempfile::TempDir, String, tempfile::TempDir) {
+    let (profile, profile_env, _) = expiring_profile(s3, 3600);
+    let (project, base) = trainer_project(s3, test);
+    let mut cmd = cli(home, s3, Some(KEY));
+    cmd.envs(profile_env);
+    let run = detach_on_pod(double, cmd, extra, &base, project.path(), argv);
+    (run, project, base, profile)
+}
+
 #[test]
 fn an_interrupted_pod_signals_its_run_which_ends_interrupted_with_its_last_checkpoint_kept() {
     let double = RunPodDouble::start();
@@ -721,16 +740,12 @@ fn an_interrupted_pod_signals_its_run_which_ends_interrupted_with_its_last_check
     else {
         return;
     };
-    let (_profile, profile_env, _) = expiring_profile(&s3, 3600);
-    let (project, base) = trainer_project(&s3, "runpod_spot");
-    let mut cmd = cli(&home, &s3, Some(KEY));
-    cmd.envs(profile_env);
-    let run = detach_on_pod(
+    let (run, _project, base, _profile) = trainer_on_pod(
         &double,
-        cmd,
+        &home,
+        &s3,
+        "runpod_spot",
         &["--spot"],
-        &base,
-        project.path(),
         &["python3", "pod_trainer.py", "spot", "-"],
     );
     let prefix = format!("{base}/{run}/");
@@ -786,17 +801,15 @@ fn a_pod_interrupted_mid_upload_still_gets_its_final_checkpoint_out_and_presents
     ) else {
         return;
     };
-    let (_profile, profile_env, _) = expiring_profile(&s3, 3600);
-    let (project, base) = trainer_project(&s3, "runpod_spot_mid_upload");
-    let cue = project.path().join("cue");
-    let mut cmd = cli(&home, &s3, Some(KEY));
-    cmd.envs(profile_env);
-    let run = detach_on_pod(
+    // The trainer waits for this file (outside its project) before its big save.
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let cue = scratch.path().join("cue");
+    let (run, _project, base, _profile) = trainer_on_pod(
         &double,
-        cmd,
+        &home,
+        &s3,
+        "runpod_spot_mid_upload",
         &["--spot"],
-        &base,
-        project.path(),
         &[
             "python3",
             "pod_trainer.py",
@@ -869,17 +882,13 @@ fn a_cost_cap_on_a_pod_stops_its_run_the_graceful_way_at_the_pods_price() {
     else {
         return;
     };
-    let (_profile, profile_env, _) = expiring_profile(&s3, 3600);
-    let (project, base) = trainer_project(&s3, "runpod_budget");
-    let mut cmd = cli(&home, &s3, Some(KEY));
-    cmd.envs(profile_env);
     // $1.64/h: two cents last 44 s from the launch.
-    let run = detach_on_pod(
+    let (run, _project, _base, _profile) = trainer_on_pod(
         &double,
-        cmd,
+        &home,
+        &s3,
+        "runpod_budget",
         &["--max-cost", "0.02"],
-        &base,
-        project.path(),
         &["python3", "pod_trainer.py", "spot", "-"],
     );
     let status = home.json(&["status"]);

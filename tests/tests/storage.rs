@@ -24,15 +24,7 @@ async fn store(endpoint: &str, bucket: &str) -> Store {
 }
 
 fn random_file(path: &Path, len: usize) {
-    let mut data = vec![0u8; len];
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15 ^ len as u64;
-    for chunk in data.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
-    }
-    std::fs::write(path, data).expect("write");
+    std::fs::write(path, tests::noise(len, len as u64)).expect("write");
 }
 
 fn file_hash(path: &Path) -> blake3::Hash {

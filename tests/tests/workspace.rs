@@ -182,9 +182,9 @@ with zipfile.ZipFile("{file}", "w") as z:
     file
 }
 
-#[test]
-fn an_environment_is_reused_on_the_same_key_and_never_changed_by_a_run() {
-    let home = Home::new();
+/// A project whose requirements.txt installs `tinypkg` (VALUE = 7) from a wheel beside it,
+/// with `show` as show.py; the wheel's file name.
+fn tinypkg_project(show: &[u8]) -> (tempfile::TempDir, String) {
     let project = tempfile::tempdir().expect("tempdir");
     let wheel = wheel(project.path(), "tinypkg", 7);
     write(
@@ -192,9 +192,14 @@ fn an_environment_is_reused_on_the_same_key_and_never_changed_by_a_run() {
         "requirements.txt",
         format!("./{wheel}\n").as_bytes(),
     );
-    write(
-        project.path(),
-        "show.py",
+    write(project.path(), "show.py", show);
+    (project, wheel)
+}
+
+#[test]
+fn an_environment_is_reused_on_the_same_key_and_never_changed_by_a_run() {
+    let home = Home::new();
+    let (project, wheel) = tinypkg_project(
         b"import tinypkg, sys\nprint('value', tinypkg.VALUE)\ntry:\n    import extra_mod\n    print('extra seen')\nexcept ImportError:\n    print('no extra')\n",
     );
     // Writes a module into the run's environment, as an install inside the run would.
@@ -473,16 +478,7 @@ fn a_disk_filling_during_a_sync_fails_it_clearly_and_leaves_every_tree_whole() {
     let before = snapshot(&first_tree, &[]);
     let free_before = free_bytes(&local);
     // 64 MB that does not compress: more than the instance's disk holds.
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    let noise: Vec<u8> = (0..64 << 20)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
-    write(project.path(), "weights.bin", &noise);
+    write(project.path(), "weights.bin", &tests::noise(64 << 20, 1));
     let out = home.run(&["run", "--on", &instance, "--workdir", workdir, "--", "true"]);
     let err = stderr(&out);
     assert!(!out.status.success(), "{err}");
@@ -551,18 +547,7 @@ fn an_agent_killed_mid_setup_saves_no_half_built_environment_and_the_next_run_se
         .output()
         .expect("status");
     assert!(started.status.success(), "{}", stderr(&started));
-    let project = tempfile::tempdir().expect("tempdir");
-    let wheel = wheel(project.path(), "tinypkg", 7);
-    write(
-        project.path(),
-        "requirements.txt",
-        format!("./{wheel}\n").as_bytes(),
-    );
-    write(
-        project.path(),
-        "show.py",
-        b"import tinypkg\nprint('value', tinypkg.VALUE)\n",
-    );
+    let (project, _) = tinypkg_project(b"import tinypkg\nprint('value', tinypkg.VALUE)\n");
     let workdir = project.path().to_str().expect("utf8");
     let mut first = home
         .cli()

@@ -910,14 +910,21 @@ pub(super) fn recover_launches(d: &Arc<Daemon>) {
         .filter(|r| r.state == InstanceState::Launching)
     {
         let recorded = matches!(d.db.cloud(&row.name), Ok(Some(_)));
-        let run_started = row.for_run.as_ref().is_some_and(
-            |run| matches!(d.db.run(run), Ok(Some(r)) if r.state != RunState::Pending),
-        );
+        // Unknown is taken as enrolled: nothing is terminated on a guess.
+        let enrolled = d.db.has_enrolled(&row.name).unwrap_or(true);
+        let launched_for = match &row.for_run {
+            None => plan::LaunchedFor::User,
+            Some(run) => match d.db.run(run) {
+                Ok(None) => plan::LaunchedFor::UnstartedRun,
+                Ok(Some(r)) if r.started_ms.is_none() => plan::LaunchedFor::UnstartedRun,
+                _ => plan::LaunchedFor::Run,
+            },
+        };
         let choice = plan::interrupted_launch(
             row.provider.capabilities().remote,
             recorded,
-            row.for_run.is_some(),
-            run_started,
+            enrolled,
+            launched_for,
         );
         let d2 = d.clone();
         d.tasks
@@ -928,6 +935,7 @@ pub(super) fn recover_launches(d: &Arc<Daemon>) {
 async fn recover_launch(d: &Arc<Daemon>, row: InstanceRow, choice: plan::InterruptedLaunch) {
     let name = &row.name;
     match choice {
+        plan::InterruptedLaunch::Leave => {}
         plan::InterruptedLaunch::Watch => {
             tracing::info!("{name} was launching when the daemon stopped: waiting for its agent");
             let age = Duration::from_millis(now_ms().saturating_sub(row.created_ms));
