@@ -1178,7 +1178,7 @@ async fn a_daemon_killed_mid_launch_leaves_no_instance_running_unwatched() {
     let Some(env) = ec2_env("killed_mid_launch") else {
         return;
     };
-    let cloud = Cloud::new(&env, "killed-mid-launch", "eu-west-3", "");
+    let cloud = Cloud::new(&env, "killed-mid-launch", "eu-south-2", "");
     cloud.enroll_timeout(8);
     let ec2 = cloud.ec2().await;
     // One launch recorded its instance, then the daemon died while it waited for the
