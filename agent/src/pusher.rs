@@ -153,7 +153,6 @@ pub fn finished(what: Finish, waiting: bool, newest_waiting: bool) -> bool {
 }
 
 type Uploaded = (String, Result<CheckpointRecord, StoreError>);
-type Upload = std::pin::Pin<Box<dyn std::future::Future<Output = Uploaded> + Send>>;
 
 impl State {
     async fn run(
@@ -177,10 +176,9 @@ impl State {
         let mut tick = tokio::time::interval(TICK);
         loop {
             while uploading.len() < IN_FLIGHT
-                && let Some((name, upload)) = self.next_upload(&uploading)
+                && let Some(name) = self.next_upload(&uploading, &mut inflight)
             {
                 uploading.push(name);
-                inflight.spawn(upload);
             }
             if let Some((what, reply, deadline)) = finishing.take() {
                 if self.finished(what, &uploading) {
@@ -230,7 +228,7 @@ impl State {
                         .collect();
                     for name in quiet {
                         self.dirty.remove(&name);
-                        self.ready(&name);
+                        self.ready(&name, true);
                     }
                 }
             }
@@ -272,11 +270,13 @@ impl State {
                 continue;
             };
             match event.kind {
-                FsEvent::Access(AccessKind::Close(AccessMode::Write)) if top => self.ready(&name),
+                FsEvent::Access(AccessKind::Close(AccessMode::Write)) if top => {
+                    self.ready(&name, true)
+                }
                 FsEvent::Modify(ModifyKind::Name(_)) if top => {
                     // Renamed into place: a whole file, or a whole directory.
                     self.dirty.remove(&name);
-                    self.ready(&name);
+                    self.ready(&name, true);
                 }
                 FsEvent::Create(CreateKind::Folder) if top => {
                     self.dirty.insert(name, Instant::now());
@@ -291,9 +291,10 @@ impl State {
         }
     }
 
-    /// Marks `name` saved, unless the store already holds this very version, or the disk
-    /// filled as it was saved.
-    fn ready(&mut self, name: &str) {
+    /// Marks `name` saved, unless the store already holds this very version, or (`just_saved`:
+    /// it was saved a moment ago, not found at the agent's start) the disk filled as it
+    /// was saved.
+    fn ready(&mut self, name: &str, just_saved: bool) {
         let path = self.dir.join(name);
         let Ok(local) = checkpoints::local_files(name, &path) else {
             return; // gone already
@@ -301,7 +302,9 @@ impl State {
         if self.uploaded.get(name) == Some(&(local.bytes, local.saved_ms)) {
             return;
         }
-        let free = crate::usage::free_and_total(&self.dir).ok().map(|(f, _)| f);
+        let free = just_saved
+            .then(|| crate::usage::free_and_total(&self.dir).ok().map(|(f, _)| f))
+            .flatten();
         if crate::checkpoints::cut_short(free) {
             self.set_aside(name, free.unwrap_or(0));
             return;
@@ -313,7 +316,9 @@ impl State {
 
     /// Queues every checkpoint in the dir the store lacks, oldest first so the newest gets
     /// the highest order; with `all`, directories still changing count as saved too (the
-    /// run is over: they are as complete as they will get).
+    /// run is over: they are as complete as they will get), and a full disk sets a save
+    /// aside as it would on its event. At the agent's start (not `all`) the disk's state
+    /// now says nothing of how a file was written then.
     fn rescan(&mut self, all: bool) {
         let Ok(entries) = std::fs::read_dir(&self.dir) else {
             return;
@@ -337,13 +342,17 @@ impl State {
         }
         for (_, name) in found {
             self.dirty.remove(&name);
-            self.ready(&name);
+            self.ready(&name, all);
         }
     }
 
-    /// The upload of the newest pending checkpoint whose retry time has come and that is
-    /// not `uploading` already.
-    fn next_upload(&mut self, uploading: &[String]) -> Option<(String, Upload)> {
+    /// Starts, in `inflight`, the upload of the newest pending checkpoint whose retry time
+    /// has come and that is not `uploading` already; its name.
+    fn next_upload(
+        &mut self,
+        uploading: &[String],
+        inflight: &mut tokio::task::JoinSet<Uploaded>,
+    ) -> Option<String> {
         let now = Instant::now();
         let name = loop {
             let name = self
@@ -368,11 +377,11 @@ impl State {
             self.dir.join(&name),
             name.clone(),
         );
-        let upload = async move {
+        inflight.spawn(async move {
             let result = checkpoints::push(&engine, &prefix, &key, &path).await;
             (key, result)
-        };
-        Some((name, Box::pin(upload)))
+        });
+        Some(name)
     }
 
     async fn on_done(&mut self, name: String, result: Result<CheckpointRecord, StoreError>) {

@@ -139,32 +139,32 @@ async fn a_server_dropping_connections_mid_transfer_costs_retries_not_data() {
     engine.delete_all(vec![key]).await.expect("delete");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_throttled_bucket_answering_slowdown_costs_retries_not_data() {
-    let Some(env) = S3Env::get("slowdown") else {
-        return;
-    };
+/// Uploads 40 MiB in 5 MiB parts through a fault proxy set to `fault`, within 120 s (a
+/// fault must cost retries, never a hang), then reads it back past the proxy: the object
+/// is whole and its content hash is the file's. The proxy, for its counters.
+async fn upload_through(test: &str, fault: Fault) -> Option<FaultProxy> {
+    let env = S3Env::get(test)?;
     let proxy = FaultProxy::start(&env.endpoint).await;
-    let prefix = S3Env::unique_prefix("slowdown");
+    let key = format!("{}faulty.bin", S3Env::unique_prefix("faulty"));
     let dir = tempfile::tempdir().expect("tempdir");
-    let src = dir.path().join("throttled.bin");
+    let src = dir.path().join("faulty.bin");
     random_file(&src, 40 << 20);
-    // The first eight connections (the upload's first parts, in parallel, and their first
-    // retries) are answered 503 SlowDown, as S3 throttles a busy prefix.
-    proxy.set(Fault::SlowDown(8));
+    proxy.set(fault);
     let small_parts = Tuning {
         part_size: 5 << 20,
         multipart_threshold: 5 << 20,
         ..Tuning::default()
     };
     let engine = Engine::new(store(&proxy.endpoint(), &env.bucket).await, small_parts);
-    let key = format!("{prefix}throttled.bin");
-    let uploaded = engine
-        .upload_file(&src, &key)
-        .await
-        .expect("upload under SlowDown");
-    assert_eq!(proxy.slowed_down(), 8, "the throttling happened");
-    // Read back past the proxy: the object is whole, and its content hash is the file's.
+    let started = std::time::Instant::now();
+    let uploaded = tokio::time::timeout(
+        std::time::Duration::from_secs(120),
+        engine.upload_file(&src, &key),
+    )
+    .await
+    .expect("the upload was retried, not waited on forever")
+    .expect("upload under the fault");
+    eprintln!("{test}: the upload took {:?}", started.elapsed());
     let direct = Engine::new(store(&env.endpoint, &env.bucket).await, Tuning::default());
     let dest = dir.path().join("back.bin");
     direct
@@ -174,6 +174,17 @@ async fn a_throttled_bucket_answering_slowdown_costs_retries_not_data() {
     assert_eq!(file_hash(&src), file_hash(&dest));
     assert_eq!(uploaded.size, 40 << 20);
     direct.delete_all(vec![key]).await.expect("delete");
+    Some(proxy)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_throttled_bucket_answering_slowdown_costs_retries_not_data() {
+    // The first eight connections (the upload's first parts, in parallel, and their first
+    // retries) are answered 503 SlowDown, as S3 throttles a busy prefix.
+    let Some(proxy) = upload_through("slowdown", Fault::SlowDown(8)).await else {
+        return;
+    };
+    assert_eq!(proxy.slowed_down(), 8, "the throttling happened");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -285,42 +296,12 @@ fn content_hash_of_an_empty_file_is_stable() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upload_stalled_mid_part_is_abandoned_and_retried_not_hung() {
-    let Some(env) = S3Env::get("stalled upload") else {
-        return;
-    };
-    let proxy = FaultProxy::start(&env.endpoint).await;
-    let prefix = S3Env::unique_prefix("stalled");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let src = dir.path().join("stalled.bin");
-    random_file(&src, 40 << 20);
     // One part's connection hangs 3 MiB into its body: the server holds it open and reads
     // nothing more, as a wedged load balancer does. No error ever comes back on it.
-    proxy.set(Fault::StallUpOnceAfter(3 << 20));
-    let small_parts = Tuning {
-        part_size: 5 << 20,
-        multipart_threshold: 5 << 20,
-        ..Tuning::default()
+    let Some(proxy) = upload_through("stalled upload", Fault::StallUpOnceAfter(3 << 20)).await
+    else {
+        return;
     };
-    let engine = Engine::new(store(&proxy.endpoint(), &env.bucket).await, small_parts);
-    let key = format!("{prefix}stalled.bin");
-    let started = std::time::Instant::now();
-    let uploaded = tokio::time::timeout(
-        std::time::Duration::from_secs(120),
-        engine.upload_file(&src, &key),
-    )
-    .await
-    .expect("the stalled upload was given up on and retried, not waited on forever")
-    .expect("upload past a stall");
-    eprintln!("upload with one stalled part took {:?}", started.elapsed());
     assert_eq!(proxy.stalled(), 1, "a part's connection stalled");
-    let direct = Engine::new(store(&env.endpoint, &env.bucket).await, Tuning::default());
-    let dest = dir.path().join("back.bin");
-    direct
-        .download_file(&key, &dest, None)
-        .await
-        .expect("download");
-    assert_eq!(file_hash(&src), file_hash(&dest));
-    assert_eq!(uploaded.size, 40 << 20);
     proxy.set(Fault::Pass);
-    direct.delete_all(vec![key]).await.expect("delete");
 }

@@ -977,33 +977,22 @@ async fn terminate_unrecorded(
     d: &Arc<Daemon>,
     row: &InstanceRow,
 ) -> Result<Vec<String>, UserError> {
-    let name = row.name.as_str();
     let mut ended = Vec::new();
     match row.provider {
         ProviderKind::Local => {}
         ProviderKind::Ec2 => {
             let ec2 = ec2_client(d).await?;
-            let found = ec2
-                .describe(
-                    &[],
-                    &[
-                        ec2::filter(&format!("tag:{}", ec2::INSTANCE_TAG), &[name]),
-                        ec2::filter(
-                            "instance-state-name",
-                            &["pending", "running", "stopping", "stopped"],
-                        ),
-                    ],
-                    "finding an instance by its name",
-                )
-                .await?;
-            for id in found.iter().filter_map(|i| i.instance_id()) {
-                ec2.terminate(id).await?;
-                ended.push(id.to_owned());
+            for i in ec2.instances(&[]).await? {
+                let live = !matches!(i.state.as_str(), "shutting-down" | "terminated");
+                if live && i.name.as_deref() == Some(row.name.as_str()) {
+                    ec2.terminate(&i.id).await?;
+                    ended.push(i.id);
+                }
             }
         }
         ProviderKind::Runpod => {
             let api = runpod_client(d)?;
-            let pod_name = format!("{}{name}", runpod::launch::NAME_PREFIX);
+            let pod_name = runpod::launch::pod_name(&row.name);
             for pod in api.pods().await?.into_iter().filter(|p| p.name == pod_name) {
                 match api.action(&pod.id, PodAction::Terminate).await {
                     Err(e) if e.code == ErrorCode::NotFound => {}

@@ -194,7 +194,7 @@ pub async fn start(
     let opts = &prepared.opts;
     let cfg = &config.runpod;
     let args = start_command(prepared, std::slice::from_ref(agent_config))?;
-    let pod_name = format!("{NAME_PREFIX}{name}");
+    let pod_name = pod_name(name);
     let image = opts.image.clone().unwrap_or_else(|| cfg.image.clone());
     let datacenter = prepared.datacenter.clone();
     let gpu = GpuConfig {
@@ -292,6 +292,11 @@ fn mounts(opts: &RunpodLaunch, volume_gb: u32) -> Mounts {
 }
 
 /// What RunPod calls a run's gang: `runctl-gang-RUN`.
+/// The RunPod name of the pod that is runctl instance `name`.
+pub fn pod_name(name: &InstanceName) -> String {
+    format!("{NAME_PREFIX}{name}")
+}
+
 pub fn cluster_name(run: &RunId) -> String {
     format!("{NAME_PREFIX}gang-{run}")
 }
