@@ -476,7 +476,7 @@ struct PubStore {
 }
 
 impl PubStore {
-    const ENDPOINT: &str = "http://198.18.1.1:8333";
+    const ENDPOINT: &str = "http://198.18.1.1:8433";
 
     fn start(net: &Net) -> Option<PubStore> {
         let Ok(weed) = which_weed() else {
@@ -491,11 +491,17 @@ impl PubStore {
                 "mini",
                 "-ip=198.18.1.1",
                 "-ip.bind=0.0.0.0",
-                "-s3.port=8333",
+                "-s3.port=8433",
             ])
             .args(["-s3.autoCreateBucket=false", "-admin.ui=false"])
             .args(["-s3.port.iceberg=0", "-s3.port.lance=0"])
             .arg(format!("-dir={}", dir.path().display()))
+            // Ports of its own: SeaweedFS names its Unix sockets after them
+            // (/tmp/seaweedfs-*-<port>.sock, gRPC's too), and a network namespace does not
+            // separate the filesystem, so with the defaults it took over the sockets of the
+            // S3 server scripts/test.sh runs on the host, and each reached the other.
+            .args(["-master.port=9433", "-volume.port=8180", "-filer.port=8988"])
+            .args(["-admin.port=23746", "-webdav.port=7433"])
             .env("S3_BUCKET", "runctl-test")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
