@@ -236,14 +236,20 @@ impl Home {
             .expect("restart the agent")
     }
 
-    /// Polls `check` until it holds, failing after `bound`.
+    /// Polls `check` until it holds, failing after `bound` with the end of the daemon's log.
     pub fn wait_until(&self, what: &str, bound: Duration, mut check: impl FnMut() -> bool) {
         let deadline = Instant::now() + bound;
         while !check() {
-            assert!(
-                Instant::now() < deadline,
-                "timed out after {bound:?} waiting for {what}"
-            );
+            if Instant::now() >= deadline {
+                let log =
+                    std::fs::read_to_string(self.path().join("daemon.log")).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(30).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                panic!(
+                    "timed out after {bound:?} waiting for {what}; the daemon's log ends:\n{}",
+                    tail.join("\n")
+                );
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
     }

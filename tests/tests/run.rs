@@ -521,7 +521,7 @@ fn kill_daemon_mid_launch(home: &Home, args: &[&str]) -> std::process::Output {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn");
-    home.wait_until("an instance launching", Duration::from_secs(20), || {
+    home.wait_until("an instance launching", Duration::from_secs(60), || {
         home.daemon_pid().is_some() && stdout(&home.run(&["list"])).contains("launching")
     });
     let pid = home.daemon_pid().expect("daemon pid");
@@ -561,11 +561,11 @@ fn a_daemon_killed_mid_launch_terminates_an_instance_made_for_a_run_that_never_s
     // its agent with it.
     home.wait_until(
         "the instance to be terminated",
-        Duration::from_secs(20),
+        Duration::from_secs(60),
         || only_instance(&home).0 == "terminated",
     );
     let pid = pid.expect("the agent's pid was recorded");
-    home.wait_until("its agent to be gone", Duration::from_secs(10), || {
+    home.wait_until("its agent to be gone", Duration::from_secs(30), || {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err()
     });
     assert_eq!(home.json(&["status"])["runs_active"], 0);
@@ -580,7 +580,7 @@ fn a_daemon_killed_mid_launch_still_brings_up_an_instance_the_user_asked_for() {
     assert_eq!(only_instance(&home).0, "launching");
     std::fs::write(scratch.path().join("go"), b"").expect("boot");
     // The daemon that comes back watches the launch to its end, as the first would have.
-    home.wait_until("the instance to come up", Duration::from_secs(30), || {
+    home.wait_until("the instance to come up", Duration::from_secs(60), || {
         only_instance(&home).0 == "running"
     });
     let name = home.json(&["list"])["instances"][0]["instance"]["name"]
