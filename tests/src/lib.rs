@@ -94,6 +94,8 @@ pub struct Home {
     pub netns: Option<String>,
     /// The clock-offset file its CLI, daemon and local agents read (`protocol::clock`).
     pub clock: Option<PathBuf>,
+    /// The agent binary its local instances run (`RUNCTL_AGENT_BIN`), when not the built one.
+    pub agent_bin: Option<PathBuf>,
 }
 
 impl Default for Home {
@@ -124,6 +126,7 @@ impl Home {
             dir,
             netns: None,
             clock: None,
+            agent_bin: None,
         }
     }
 
@@ -159,7 +162,12 @@ impl Home {
     pub fn cli(&self) -> Command {
         let mut cmd = in_netns(self.netns.as_deref(), &bin("runctl-controller"));
         cmd.env("RUNCTL_HOME", self.path())
-            .env("RUNCTL_AGENT_BIN", bin("runctl-agent"))
+            .env(
+                "RUNCTL_AGENT_BIN",
+                self.agent_bin
+                    .clone()
+                    .unwrap_or_else(|| bin("runctl-agent")),
+            )
             .env_remove("RUNCTL_OUTPUT")
             .current_dir(repo_root());
         if let Some(clock) = &self.clock {

@@ -508,7 +508,9 @@ fn slow_booting_home(scratch: &std::path::Path) -> Home {
     )
     .expect("write");
     std::fs::set_permissions(&slow, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    Home::with_config(&format!("[local]\nagent_binary = \"{}\"\n", slow.display()))
+    let mut home = Home::new();
+    home.agent_bin = Some(slow);
+    home
 }
 
 /// Starts `args` and SIGKILLs the daemon once `list` shows an instance launching; the
